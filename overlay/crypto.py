@@ -51,7 +51,7 @@ def public_key(private: bytes) -> bytes:
 def dh(private: bytes, public: bytes) -> bytes:
     """X25519 shared secret. Raises DecryptError for a low-order public key (all-zero output)."""
     try:
-        out = _nacl.crypto_scalarmult(private, public)
+        out = _nacl.crypto_scalarmult(bytes(private), bytes(public))
     except Exception as e:  # libsodium refuses low-order points
         raise DecryptError("invalid public key") from e
     if out == bytes(32):

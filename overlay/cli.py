@@ -1,0 +1,414 @@
+"""The ``overlay`` command (typer + rich).
+
+Every command takes ``--home DIR`` (or ``OVERLAY_HOME``). Commands other than ``server``, ``up``
+and ``service`` talk to the running daemon over its local API socket. User mistakes end with one
+red line and exit status 1, never a traceback; ``--json`` output follows the schema in
+docs/json.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from overlay.node import api
+from overlay.node.home import Home, HomeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="overlay: a zero-configuration peer-to-peer VPN.")
+admin_app = typer.Typer(no_args_is_help=True, help="Owner commands for a network.")
+service_app = typer.Typer(no_args_is_help=True, help="Run the node as a systemd user service.")
+app.add_typer(admin_app, name="admin")
+app.add_typer(service_app, name="service")
+
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
+
+
+def fail(message: str, code: str = "error", as_json: bool = False) -> NoReturn:
+    if as_json:
+        print(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def daemon_call(home: Optional[Path], cmd: str, as_json: bool = False, **args) -> dict:
+    h = Home(home)
+    try:
+        return api.call(h.socket_path, cmd, **args)
+    except api.DaemonNotRunning:
+        fail(f"overlay is not running for {h.path} (start it with `overlay up --server HOST:PORT --name NAME"
+             f"{' --home ' + str(home) if home else ''}`)", "not_running", as_json)
+    except api.ApiError as e:
+        fail(e.message, e.code, as_json)
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _password(password: Optional[str]) -> str:
+    if password is None:
+        password = typer.prompt("Network password", hide_input=True)
+    return password
+
+
+# ---------------------------------------------------------------------------- server and node
+@app.command()
+def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:PORT for TCP control and UDP."),
+           data: Path = typer.Option(..., "--data", help="Directory for the server key and database."),
+           pool: str = typer.Option("100.64.0.0/10", "--pool", help="Virtual IPv4 pool (CIDR)."),
+           log_level: str = typer.Option("info", "--log-level")):
+    """Run a mediation server in the foreground."""
+    import ipaddress
+
+    from overlay.node.control_client import parse_hostport
+    from overlay.server.app import run_server
+    try:
+        host, port = parse_hostport(listen)
+        ipaddress.IPv4Network(pool)
+    except ValueError as e:
+        fail(str(e))
+    _logging(log_level)
+    try:
+        asyncio.run(run_server(data, host, port, pool))
+    except OSError as e:
+        fail(f"cannot listen on {listen}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT."),
+       name: Optional[str] = typer.Option(None, "--name", help="This node's name (a DNS label)."),
+       via_proxy: Optional[str] = typer.Option(None, "--via-proxy",
+                                               help="Reach the server through http://… or socks5://… proxy."),
+       home: Optional[Path] = HomeOpt,
+       log_level: str = typer.Option("info", "--log-level")):
+    """Start the node daemon in the foreground."""
+    from overlay.control.messages import RequestError, normalize_name
+    from overlay.node.control_client import parse_hostport
+    from overlay.node.daemon import DaemonError, run_daemon
+    h = Home(home)
+    try:
+        cfg = h.config()
+    except HomeError as e:
+        fail(str(e))
+    server = server or cfg.get("server")
+    name = name or cfg.get("name")
+    via_proxy = via_proxy or cfg.get("via_proxy")
+    if not server:
+        fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
+    if not name:
+        fail("no name given: use --name NAME (or `name = \"NAME\"` in config.toml)")
+    try:
+        parse_hostport(server)
+        normalize_name(name, "node name")
+    except ValueError as e:
+        fail(str(e))
+    except RequestError as e:
+        fail(e.message)
+    if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
+        fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
+    _logging(log_level)
+    try:
+        asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy))
+    except (DaemonError, HomeError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def down(home: Optional[Path] = HomeOpt):
+    """Stop the running daemon."""
+    daemon_call(home, "down")
+    out.print("overlay stopped")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+# ---------------------------------------------------------------------------- status
+@app.command()
+def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """This node, its server connection, networks and peers."""
+    st = daemon_call(home, "status", as_json)
+    st.pop("ok", None)
+    if as_json:
+        print_json(st)
+        return
+    node, srv = st["node"], st["server"]
+    conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{srv['state']}[/]"
+    out.print(f"[bold]{node['name']}[/]  {node['virtual_ip'] or '-'}  server {srv['address']} {conn}")
+    if srv.get("error"):
+        out.print(f"  [red]{srv['error']}[/]", soft_wrap=True)
+    if not st["networks"]:
+        out.print("no networks (overlay create NET / overlay join NET)")
+    for net in st["networks"]:
+        flags = [net["role"] or ""]
+        if net["locked"]:
+            flags.append("locked")
+        if net["approval"]:
+            flags.append("approval")
+        if net["max_members"]:
+            flags.append(f"max {net['max_members']}")
+        t = Table(title=f"{net['name']} ({', '.join(f for f in flags if f)})", title_justify="left")
+        for col in ("name", "virtual ip", "status", "role", "path"):
+            t.add_column(col)
+        peers = {p["key"]: p for p in st["peers"]}
+        for m in net["members"]:
+            p = peers.get(m["key"], {})
+            state = "[green]online[/]" if m["online"] else "[dim]offline[/]"
+            path = "this node" if m["self"] else (p.get("path") or "-")
+            if p.get("rtt_ms") is not None:
+                path += f" {p['rtt_ms']:.1f} ms"
+            t.add_row(m["name"], m["ip"], state, m["role"], path)
+        out.print(t)
+
+
+# ---------------------------------------------------------------------------- networks
+@app.command()
+def create(network: str,
+           password: Optional[str] = typer.Option(None, "--password", help="Network password (prompted if absent)."),
+           approval: bool = typer.Option(False, "--approval", help="New members need the owner's approval."),
+           max_members: int = typer.Option(0, "--max-members", help="Member limit (0: none)."),
+           home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Create a network; you become its owner."""
+    r = daemon_call(home, "create", as_json, network=network, password=_password(password),
+                    approval=approval, max_members=max_members)
+    print_json(r) if as_json else out.print(f"created network [bold]{r['network']}[/]")
+
+
+@app.command()
+def join(network: str,
+         password: Optional[str] = typer.Option(None, "--password", help="Network password (prompted if absent)."),
+         home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Join a network."""
+    r = daemon_call(home, "join", as_json, network=network, password=_password(password))
+    if as_json:
+        print_json(r)
+    elif r.get("status") == "pending":
+        out.print(f"asked to join [bold]{r['network']}[/]; waiting for the owner's approval")
+    else:
+        out.print(f"joined network [bold]{r['network']}[/]")
+
+
+@app.command()
+def leave(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Leave a network."""
+    r = daemon_call(home, "leave", as_json, network=network)
+    print_json(r) if as_json else out.print(
+        f"left network [bold]{r['network']}[/]" + (" (it had no other members and was deleted)" if r.get("deleted") else ""))
+
+
+@app.command()
+def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message to send."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Print messages live."),
+         history: bool = typer.Option(False, "--history", help="Show the last messages kept by the server."),
+         home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Send a chat message to a network, or read its chat."""
+    if text is None and not (follow or history):
+        fail("give a message to send, or --history / --follow to read")
+    if text is not None:
+        r = daemon_call(home, "chat", as_json, network=network, text=text)
+        if as_json:
+            print_json(r)
+    if history:
+        r = daemon_call(home, "history", as_json, network=network)
+        for m in r["messages"]:
+            _print_chat(m, as_json)
+    if follow:
+        h = Home(home)
+        try:
+            for ev in api.stream(h.socket_path, "follow", network=network.lower()):
+                if ev.get("t") == "chat":
+                    _print_chat(ev, as_json)
+                elif ev.get("t") == "removed":
+                    fail(f"removed from {ev['network']} ({ev.get('reason')})", "removed", as_json)
+        except api.DaemonNotRunning:
+            fail(f"overlay is not running for {h.path}", "not_running", as_json)
+        except api.ApiError as e:
+            fail(e.message, e.code, as_json)
+        except KeyboardInterrupt:
+            pass
+
+
+def _print_chat(m: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({k: m[k] for k in ("network", "id", "from", "from_key", "text", "ts")}), flush=True)
+    else:
+        ts = datetime.fromtimestamp(m["ts"]).strftime("%H:%M:%S")
+        out.print(f"[dim]{ts}[/] [bold]{m['from']}[/]@{m['network']}: {m['text']}", highlight=False)
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- admin
+def _admin(home, network, action, as_json=False, **kw) -> dict:
+    return daemon_call(home, "admin", as_json, network=network, action=action, **kw)
+
+
+@admin_app.command("lock")
+def admin_lock(network: str, home: Optional[Path] = HomeOpt):
+    """Refuse new members."""
+    _admin(home, network, "lock")
+    out.print(f"{network} is locked: no new members")
+
+
+@admin_app.command("unlock")
+def admin_unlock(network: str, home: Optional[Path] = HomeOpt):
+    """Accept new members again."""
+    _admin(home, network, "unlock")
+    out.print(f"{network} is unlocked")
+
+
+@admin_app.command("approval")
+def admin_approval(network: str, mode: str = typer.Argument(..., help="on or off"),
+                   home: Optional[Path] = HomeOpt):
+    """Require (on) or stop requiring (off) the owner's approval for joins."""
+    if mode not in ("on", "off"):
+        fail("approval mode must be 'on' or 'off'")
+    _admin(home, network, f"approval-{mode}")
+    out.print(f"{network}: approval {mode}")
+
+
+@admin_app.command("pending")
+def admin_pending(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """List join requests waiting for approval."""
+    r = _admin(home, network, "pending", as_json)
+    if as_json:
+        print_json({"pending": r["pending"]})
+        return
+    if not r["pending"]:
+        out.print("no pending requests")
+    for p in r["pending"]:
+        out.print(f"{p['name']}  {p['key']}")
+
+
+def _targeted(action: str, verb: str):
+    def cmd(network: str, name: str, home: Optional[Path] = HomeOpt):
+        _admin(home, network, action, target=name)
+        out.print(f"{name} {verb} ({network})")
+    cmd.__doc__ = f"{action.capitalize()} a member by name."
+    return cmd
+
+
+admin_app.command("approve")(_targeted("approve", "approved"))
+admin_app.command("reject")(_targeted("reject", "rejected"))
+admin_app.command("kick")(_targeted("kick", "kicked"))
+admin_app.command("ban")(_targeted("ban", "banned"))
+admin_app.command("unban")(_targeted("unban", "unbanned"))
+admin_app.command("transfer")(_targeted("transfer", "now owns the network"))
+
+
+@admin_app.command("limit")
+def admin_limit(network: str, count: int = typer.Argument(..., help="Maximum members (0: no limit)."),
+                home: Optional[Path] = HomeOpt):
+    """Set the member limit."""
+    _admin(home, network, "limit", value=count)
+    out.print(f"{network}: member limit {count or 'none'}")
+
+
+@admin_app.command("delete")
+def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
+                 home: Optional[Path] = HomeOpt):
+    """Delete a network for everyone."""
+    if not yes and not typer.confirm(f"Delete network {network} for all its members?"):
+        raise typer.Exit(1)
+    _admin(home, network, "delete")
+    out.print(f"deleted network {network}")
+
+
+# ---------------------------------------------------------------------------- keys and service
+@app.command("forget-server")
+def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server."),
+                  home: Optional[Path] = HomeOpt):
+    """Forget a server's pinned key (after the server was really reinstalled)."""
+    if Home(home).forget_server(server):
+        out.print(f"forgot the key of {server}; it will be pinned again on the next connection")
+    else:
+        fail(f"no pinned key for {server}")
+
+
+def _unit_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "systemd" / "user" / "overlay.service"
+
+
+@service_app.command("install")
+def service_install(server: Optional[str] = typer.Option(None, "--server"),
+                    name: Optional[str] = typer.Option(None, "--name"),
+                    home: Optional[Path] = HomeOpt):
+    """Write and enable a systemd user unit running `overlay up` (no admin rights needed)."""
+    h = Home(home)
+    cfg = h.config()
+    server = server or cfg.get("server")
+    name = name or cfg.get("name")
+    if not server or not name:
+        fail("give --server and --name (or set them in config.toml)")
+    unit = _unit_path()
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    exe = shutil.which("overlay") or f"{sys.executable} -m overlay"
+    unit.write_text(
+        "[Unit]\nDescription=overlay VPN node\nAfter=network-online.target\n\n"
+        "[Service]\n"
+        f"ExecStart={exe} up --home {h.path.resolve()} --server {server} --name {name}\n"
+        "Restart=on-failure\nRestartSec=5\n\n"
+        "[Install]\nWantedBy=default.target\n")
+    out.print(f"wrote {unit}")
+    _systemctl("enable", "--now", "overlay.service")
+
+
+@service_app.command("uninstall")
+def service_uninstall():
+    """Stop, disable and remove the systemd user unit."""
+    unit = _unit_path()
+    if not unit.exists():
+        fail(f"no unit installed at {unit}")
+    _systemctl("disable", "--now", "overlay.service")
+    unit.unlink()
+    out.print(f"removed {unit}")
+    _systemctl("daemon-reload")
+
+
+def _systemctl(*args: str) -> None:
+    if shutil.which("systemctl") is None:
+        err.print(f"[yellow]systemctl not found; run `systemctl --user {' '.join(args)}` where systemd runs[/]")
+        return
+    r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
+    if r.returncode == 0 and args != ("daemon-reload",):
+        r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        err.print(f"[yellow]systemctl --user {' '.join(args)} failed: {(r.stderr or r.stdout).strip()}[/]")
+    elif args != ("daemon-reload",):
+        out.print(f"systemctl --user {' '.join(args)}: done")
+
+
+def main() -> None:
+    try:
+        app()
+    except HomeError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Control-protocol messages: names, bounds and validation shared by server and node.
+
+Every message is a JSON object with a type ``t``. Requests from a node carry an integer ``id``;
+the server answers each with ``{"t": "ok", "id": ...}`` or
+``{"t": "error", "id": ..., "code": ..., "message": ...}``. Everything else the server sends is
+an event without ``id``. ``validate_request`` checks a decoded request against the schema below
+so the server core only ever sees well-typed, bounded input.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+PROTOCOL_VERSION = 1
+
+MAX_NAME = 32
+MAX_PASSWORD = 256
+MAX_CHAT = 1000
+CHAT_HISTORY = 100
+MEMBER_BATCH = 200  # members per "members" event, so every frame stays far below 64 KiB
+
+_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``code`` is stable (scripts match on it)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def normalize_name(name: object, what: str = "name") -> str:
+    """Names of nodes and networks are DNS labels (they resolve as ``peer`` and ``peer.network``)."""
+    if not isinstance(name, str):
+        raise RequestError("bad_request", f"{what} must be a string")
+    n = name.strip().lower()
+    if not _NAME_RE.match(n):
+        raise RequestError(
+            "invalid_name",
+            f"invalid {what} {name[:40]!r}: use 1-{MAX_NAME} letters, digits or '-', "
+            "starting and ending with a letter or digit",
+        )
+    return n
+
+
+def key_to_text(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def key_from_text(text: str) -> bytes:
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise ValueError("not a base64 key") from None
+    if len(key) != 32:
+        raise ValueError("a key is 32 bytes")
+    return key
+
+
+# type -> {field: (python type, required)}
+_STR, _INT, _BOOL = str, int, bool
+REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
+    "hello": {"name": (_STR, True), "version": (_INT, True)},
+    "ping": {},
+    "create": {"network": (_STR, True), "password": (_STR, True),
+               "approval": (_BOOL, False), "max_members": (_INT, False)},
+    "join": {"network": (_STR, True), "password": (_STR, True)},
+    "leave": {"network": (_STR, True)},
+    "chat": {"network": (_STR, True), "text": (_STR, True)},
+    "history": {"network": (_STR, True)},
+    "members": {"network": (_STR, True)},
+    "admin": {"network": (_STR, True), "action": (_STR, True),
+              "target": (_STR, False), "value": (_INT, False)},
+}
+
+ADMIN_ACTIONS = {
+    "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
+    "kick", "ban", "unban", "limit", "delete", "transfer",
+}
+ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer"}
+
+
+def validate_request(msg: dict) -> dict:
+    """Return ``msg`` if it is a well-formed request, else raise RequestError."""
+    t = msg.get("t")
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**53:
+        raise RequestError("bad_request", "request without a valid integer id")
+    if not isinstance(t, str):
+        raise RequestError("bad_request", "request without a type")
+    schema = REQUEST_SCHEMA.get(t)
+    if schema is None:
+        raise RequestError("unknown_type", f"unknown request type {t[:32]!r}")
+    for field, (typ, required) in schema.items():
+        if field not in msg:
+            if required:
+                raise RequestError("bad_request", f"{t}: missing field {field!r}")
+            continue
+        v = msg[field]
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise RequestError("bad_request", f"{t}: field {field!r} must be {typ.__name__}")
+    extra = set(msg) - set(schema) - {"t", "id"}
+    if extra:
+        raise RequestError("bad_request", f"{t}: unexpected field(s) {sorted(extra)[:5]}")
+    if "password" in msg and not 1 <= len(msg["password"]) <= MAX_PASSWORD:
+        raise RequestError("bad_request", f"password must be 1-{MAX_PASSWORD} characters")
+    if t == "chat" and not 1 <= len(msg["text"]) <= MAX_CHAT:
+        raise RequestError("bad_request", f"chat text must be 1-{MAX_CHAT} characters")
+    if t == "admin":
+        if msg["action"] not in ADMIN_ACTIONS:
+            raise RequestError("bad_request", f"unknown admin action {msg['action'][:32]!r}")
+        if msg["action"] in ADMIN_NEEDS_TARGET and "target" not in msg:
+            raise RequestError("bad_request", f"admin {msg['action']} needs a member name")
+        if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
+            raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
+    if "max_members" in msg and not 0 <= msg["max_members"] <= 65535:
+        raise RequestError("bad_request", "max_members must be 0-65535 (0 = no limit)")
+    return msg
+
+
+def ok(rid: int, **fields) -> dict:
+    return {"t": "ok", "id": rid, **fields}
+
+
+def error(rid: int | None, code: str, message: str) -> dict:
+    return {"t": "error", "id": rid, "code": code, "message": message}

@@ -1,0 +1,342 @@
+"""Packet formats: IPv4, ICMP echo / unreachable, UDP and TCP (with options), parse and emit.
+
+The smoltcp ``wire`` layer in Python: parsers turn bytes into small immutable records and
+raise :class:`WireError` (with the reason) on anything malformed, truncated or unsupported;
+emitters build complete packets with correct checksums. Nothing here keeps state.
+
+Checksums use the RFC 1071 one's-complement sum computed as ``int.from_bytes(data) % 0xFFFF``
+(2**16 is 1 modulo 0xFFFF, so the remainder is the folded sum; CPython does it at C speed).
+The only corner: the remainder is 0 both for all-zero data and for a one's-complement sum of
+0xFFFF ("negative zero"), which is what any non-zero data summing to a multiple of 0xFFFF gives.
+A packet with a pseudo-header is never all zero, so there we treat remainder 0 as 0xFFFF.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import NamedTuple
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+IPV4_HEADER_LEN = 20
+UDP_HEADER_LEN = 8
+TCP_HEADER_LEN = 20
+DEFAULT_TTL = 64
+MAX_IPV4_LEN = 65535
+
+# TCP flags
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+
+# TCP option kinds
+OPT_END = 0
+OPT_NOP = 1
+OPT_MSS = 2
+OPT_WSCALE = 3
+OPT_SACK_PERMITTED = 4
+OPT_SACK = 5
+OPT_TIMESTAMP = 8
+MAX_SACK_BLOCKS = 4  # 4 * 8 + 2 bytes fit in the 40-byte option space without timestamps
+
+ICMP_ECHO_REPLY = 0
+ICMP_DEST_UNREACHABLE = 3
+ICMP_ECHO_REQUEST = 8
+ICMP_PORT_UNREACHABLE = 3  # code under ICMP_DEST_UNREACHABLE
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_TCP = struct.Struct("!HHIIBBHHH")
+_ICMP = struct.Struct("!BBHHH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_PSEUDO = struct.Struct("!4s4sxBH")
+
+
+class WireError(ValueError):
+    """A packet is malformed, truncated, fails its checksum or uses something we do not support."""
+
+
+def checksum_sum(data: bytes | bytearray | memoryview) -> int:
+    """One's-complement 16-bit sum of ``data`` (odd length padded with a zero byte), 0..0xFFFE.
+
+    The value is additive: sums of consecutive even-length parts add up (then ``% 0xFFFF``).
+    """
+    n = int.from_bytes(data, "big")
+    if len(data) & 1:
+        n <<= 8
+    return n % 0xFFFF
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The Internet checksum to put in a header whose checksum field is zero in ``data``."""
+    s = (checksum_sum(data) + initial) % 0xFFFF
+    # s == 0 means the true sum is 0xFFFF (data is never all zero here), whose complement is 0
+    return 0xFFFF - s if s else 0
+
+
+def checksum_ok(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
+    """True if ``data`` (checksum field included) plus ``initial`` sums to 0xFFFF."""
+    return (checksum_sum(data) + initial) % 0xFFFF == 0
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Checksum sum of the IPv4 pseudo-header used by TCP and UDP."""
+    return checksum_sum(_PSEUDO.pack(src, dst, proto, length))
+
+
+def ip_to_bytes(ip: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(ip).packed
+    except ValueError as e:
+        raise ValueError(f"not an IPv4 address: {ip!r}") from e
+
+
+def ip_to_str(ip: bytes) -> str:
+    return str(ipaddress.IPv4Address(ip))
+
+
+# ---------------------------------------------------------------- IPv4
+
+
+class Ipv4Packet(NamedTuple):
+    src: bytes  # 4 bytes
+    dst: bytes
+    proto: int
+    ttl: int
+    ident: int
+    payload: bytes  # the transport segment (options stripped, padding beyond total length cut)
+    header: bytes  # the IP header as received (ICMP errors quote it)
+
+
+def parse_ipv4(packet: bytes) -> Ipv4Packet:
+    """Parse and verify one IPv4 packet. Fragments are refused (we never send any, the tunnel MTU
+    is set so peers do not either); options are skipped; trailing link padding is ignored."""
+    n = len(packet)
+    if n < IPV4_HEADER_LEN:
+        raise WireError(f"IPv4 packet too short ({n} bytes)")
+    vihl, _tos, total, ident, frag, ttl, proto, _csum, src, dst = _IPV4.unpack_from(packet)
+    if vihl >> 4 != 4:
+        raise WireError(f"not IPv4 (version {vihl >> 4})")
+    ihl = (vihl & 0x0F) * 4
+    if ihl < IPV4_HEADER_LEN:
+        raise WireError(f"IPv4 header length {ihl} < 20")
+    if total < ihl or total > n:
+        raise WireError(f"IPv4 total length {total} inconsistent (header {ihl}, have {n})")
+    header = packet[:ihl]
+    if not checksum_ok(header):
+        raise WireError("IPv4 header checksum mismatch")
+    if frag & 0x2000 or frag & 0x1FFF:
+        raise WireError("IPv4 fragments are not supported")
+    return Ipv4Packet(src, dst, proto, ttl, ident, packet[ihl:total], header)
+
+
+def build_ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = DEFAULT_TTL, ident: int = 0) -> bytes:
+    """An IPv4 packet with the Don't Fragment bit (path MTU is the tunnel's, known in advance)."""
+    total = IPV4_HEADER_LEN + len(payload)
+    if total > MAX_IPV4_LEN:
+        raise WireError(f"IPv4 packet too long ({total} bytes)")
+    hdr = _IPV4.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, ttl, proto, 0, src, dst)
+    c = checksum(hdr)
+    return hdr[:10] + _U16.pack(c) + hdr[12:] + payload
+
+
+# ---------------------------------------------------------------- ICMP
+
+
+class IcmpMessage(NamedTuple):
+    type: int
+    code: int
+    rest: int  # the 4 bytes after the checksum (echo: ident << 16 | seq)
+    data: bytes
+
+
+def parse_icmp(payload: bytes) -> IcmpMessage:
+    if len(payload) < 8:
+        raise WireError(f"ICMP message too short ({len(payload)} bytes)")
+    if not checksum_ok(payload):
+        raise WireError("ICMP checksum mismatch")
+    t, code, _c, hi, lo = _ICMP.unpack_from(payload)
+    return IcmpMessage(t, code, hi << 16 | lo, payload[8:])
+
+
+def build_icmp(type_: int, code: int, rest: int, data: bytes) -> bytes:
+    body = _ICMP.pack(type_, code, 0, rest >> 16 & 0xFFFF, rest & 0xFFFF) + data
+    return body[:2] + _U16.pack(checksum(body)) + body[4:]
+
+
+def build_port_unreachable(original: Ipv4Packet) -> bytes:
+    """ICMP payload for "port unreachable": the offending header plus its first 8 payload bytes."""
+    return build_icmp(ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, 0, original.header + original.payload[:8])
+
+
+# ---------------------------------------------------------------- UDP
+
+
+class UdpDatagram(NamedTuple):
+    src_port: int
+    dst_port: int
+    data: bytes
+
+
+def parse_udp(ip: Ipv4Packet) -> UdpDatagram:
+    seg = ip.payload
+    if len(seg) < UDP_HEADER_LEN:
+        raise WireError(f"UDP datagram too short ({len(seg)} bytes)")
+    sport, dport, length, csum = _UDP.unpack_from(seg)
+    if length < UDP_HEADER_LEN or length > len(seg):
+        raise WireError(f"UDP length {length} inconsistent (have {len(seg)})")
+    seg = seg[:length]
+    if csum and not checksum_ok(seg, pseudo_header_sum(ip.src, ip.dst, PROTO_UDP, length)):
+        raise WireError("UDP checksum mismatch")
+    if dport == 0:
+        raise WireError("UDP destination port 0")
+    return UdpDatagram(sport, dport, seg[UDP_HEADER_LEN:])
+
+
+def build_udp(src: bytes, dst: bytes, sport: int, dport: int, data: bytes) -> bytes:
+    """A UDP datagram (transport part only) with its checksum; 0 is sent as 0xFFFF (RFC 768)."""
+    length = UDP_HEADER_LEN + len(data)
+    hdr = _UDP.pack(sport, dport, length, 0)
+    c = checksum(hdr + data, pseudo_header_sum(src, dst, PROTO_UDP, length))
+    return hdr[:6] + _U16.pack(c or 0xFFFF) + data
+
+
+# ---------------------------------------------------------------- TCP
+
+
+class TcpSegment(NamedTuple):
+    src_port: int
+    dst_port: int
+    seq: int
+    ack: int
+    flags: int
+    window: int  # raw 16-bit field, unscaled
+    data: bytes
+    mss: int | None = None
+    wscale: int | None = None
+    sack_permitted: bool = False
+    sack: tuple[tuple[int, int], ...] = ()
+    timestamp: tuple[int, int] | None = None
+
+    @property
+    def seg_len(self) -> int:
+        """Sequence space the segment occupies: data plus one each for SYN and FIN."""
+        return len(self.data) + (self.flags & SYN != 0) + (self.flags & FIN != 0)
+
+
+def _parse_tcp_options(opts: bytes, seg: dict) -> None:
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == OPT_END:
+            return
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise WireError("TCP option truncated")
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            raise WireError(f"TCP option {kind} has bad length {length}")
+        body = opts[i + 2 : i + length]
+        if kind == OPT_MSS:
+            if length != 4:
+                raise WireError("TCP MSS option length != 4")
+            seg["mss"] = _U16.unpack(body)[0]
+        elif kind == OPT_WSCALE:
+            if length != 3:
+                raise WireError("TCP window scale option length != 3")
+            seg["wscale"] = min(body[0], 14)  # RFC 7323: larger shifts are treated as 14
+        elif kind == OPT_SACK_PERMITTED:
+            if length != 2:
+                raise WireError("TCP SACK-permitted option length != 2")
+            seg["sack_permitted"] = True
+        elif kind == OPT_SACK:
+            if (length - 2) % 8 or length == 2:
+                raise WireError(f"TCP SACK option length {length} invalid")
+            seg["sack"] = tuple(struct.unpack_from("!II", body, j) for j in range(0, length - 2, 8))
+        elif kind == OPT_TIMESTAMP:
+            if length != 10:
+                raise WireError("TCP timestamp option length != 10")
+            seg["timestamp"] = struct.unpack("!II", body)
+        i += length
+
+
+def parse_tcp(ip: Ipv4Packet) -> TcpSegment:
+    seg = ip.payload
+    n = len(seg)
+    if n < TCP_HEADER_LEN:
+        raise WireError(f"TCP segment too short ({n} bytes)")
+    if not checksum_ok(seg, pseudo_header_sum(ip.src, ip.dst, PROTO_TCP, n)):
+        raise WireError("TCP checksum mismatch")
+    sport, dport, seq, ack, off, flags, window, _c, _urg = _TCP.unpack_from(seg)
+    hlen = (off >> 4) * 4
+    if hlen < TCP_HEADER_LEN or hlen > n:
+        raise WireError(f"TCP data offset {hlen} invalid (segment {n} bytes)")
+    if sport == 0 or dport == 0:
+        raise WireError("TCP port 0")
+    if hlen == TCP_HEADER_LEN:
+        return TcpSegment(sport, dport, seq, ack, flags & 0x3F, window, seg[hlen:])
+    opts: dict = {}
+    _parse_tcp_options(seg[TCP_HEADER_LEN:hlen], opts)
+    return TcpSegment(sport, dport, seq, ack, flags & 0x3F, window, seg[hlen:], **opts)
+
+
+def tcp_options(
+    *,
+    mss: int | None = None,
+    wscale: int | None = None,
+    sack_permitted: bool = False,
+    sack: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (),
+    timestamp: tuple[int, int] | None = None,
+) -> bytes:
+    """Encode TCP options, NOP-padded to a multiple of 4 bytes (at most 40)."""
+    out = bytearray()
+    if mss is not None:
+        out += struct.pack("!BBH", OPT_MSS, 4, mss)
+    if sack_permitted:
+        out += b"\x01\x01\x04\x02"
+    if timestamp is not None:
+        out += b"\x01\x01" + struct.pack("!BBII", OPT_TIMESTAMP, 10, *timestamp)
+    if wscale is not None:
+        out += struct.pack("!BBBB", OPT_NOP, OPT_WSCALE, 3, wscale)
+    if sack:
+        blocks = list(sack)[:MAX_SACK_BLOCKS]
+        out += struct.pack("!BBBB", OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks))
+        for left, right in blocks:
+            out += _U32.pack(left & 0xFFFFFFFF) + _U32.pack(right & 0xFFFFFFFF)
+    if len(out) % 4:
+        out += b"\x01" * (4 - len(out) % 4)
+    if len(out) > 40:
+        raise WireError(f"TCP options too long ({len(out)} bytes)")
+    return bytes(out)
+
+
+def build_tcp(
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    data: bytes = b"",
+    options: bytes = b"",
+) -> bytes:
+    """A TCP segment (transport part only) with its checksum. ``options`` from :func:`tcp_options`."""
+    hlen = TCP_HEADER_LEN + len(options)
+    hdr = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, hlen << 2, flags, window, 0, 0) + options
+    length = hlen + len(data)
+    # header is even-length, so the sums of the parts add up
+    s = checksum_sum(hdr) + checksum_sum(data) + pseudo_header_sum(src, dst, PROTO_TCP, length)
+    s %= 0xFFFF
+    c = 0xFFFF - s if s else 0
+    return hdr[:16] + _U16.pack(c) + hdr[18:] + data

@@ -1,0 +1,215 @@
+"""The node's connection to the mediation server (asyncio glue around ``Channel``).
+
+Connects directly or through an HTTP CONNECT / SOCKS5 proxy (python-socks), checks the server's
+key against the pin in ``known_servers`` (trust on first use), says hello, then runs requests and
+delivers server events. On any failure it reconnects with exponential backoff and jitter; a
+pinned-key mismatch or a refused hello keeps retrying slowly so a fixed config is picked up
+without restarting the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Awaitable, Callable
+
+from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
+from overlay.control.messages import PROTOCOL_VERSION, RequestError
+from overlay.node.home import Home, ServerKeyChanged
+
+log = logging.getLogger("overlay.node")
+
+PING_INTERVAL = 15.0
+REQUEST_TIMEOUT = 20.0
+CONNECT_TIMEOUT = 10.0
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+FATAL_RETRY = 30.0  # wrong server key, name taken: retry slowly
+
+
+class NotConnected(Exception):
+    pass
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+        return text, default_port
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r}: port must be a number") from None
+    if not host or not 0 < p < 65536:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host, p
+
+
+class ControlClient:
+    def __init__(self, home: Home, server: str, name: str, private_key: bytes, *,
+                 via_proxy: str | None = None,
+                 on_event: Callable[[dict], None] = lambda ev: None,
+                 on_session: Callable[[dict], Awaitable[None] | None] = lambda hello: None):
+        self.home = home
+        self.server = server
+        self.host, self.port = parse_hostport(server)
+        self.name = name
+        self.private_key = private_key
+        self.via_proxy = via_proxy
+        self.on_event = on_event
+        self.on_session = on_session
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self.hello: dict | None = None
+        self.server_key: bytes | None = None
+        self._channel: Channel | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 1
+        self.connects = 0
+
+    # ------------------------------------------------------------------ public
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    async def request(self, msg: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
+        if not self.connected:
+            raise NotConnected(f"not connected to the server {self.server} ({self.last_error or self.state})")
+        return await self._request(msg, timeout)
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            fatal = False
+            try:
+                await self._session()
+                backoff = BACKOFF_MIN
+            except ServerKeyChanged as e:
+                fatal = True
+                self._fail(str(e), level=logging.ERROR)
+            except RequestError as e:  # hello refused
+                fatal = True
+                self._fail(f"server refused this node: {e.message}", level=logging.ERROR)
+            except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError, NotConnected) as e:
+                self._fail(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            except Exception as e:  # python-socks errors and anything unexpected: keep the daemon alive
+                self._fail(f"{type(e).__name__}: {e}")
+            delay = FATAL_RETRY if fatal else backoff * random.uniform(0.5, 1.5)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+            await asyncio.sleep(delay)
+
+    def _fail(self, message: str, level: int = logging.WARNING) -> None:
+        self.state = "error" if level >= logging.ERROR else "connecting"
+        if message != self.last_error:
+            log.log(level, "server %s: %s", self.server, message)
+        self.last_error = message
+
+    # ------------------------------------------------------------------ one session
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.via_proxy:
+            from python_socks.async_.asyncio import Proxy
+            proxy = Proxy.from_url(self.via_proxy)
+            sock = await proxy.connect(dest_host=self.host, dest_port=self.port, timeout=CONNECT_TIMEOUT)
+            return await asyncio.open_connection(sock=sock)
+        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT)
+
+    async def _session(self) -> None:
+        reader, writer = await self._open()
+        self._writer = writer
+        ch = self._channel = Channel(initiator=True, static_private=self.private_key)
+        reader_task = None
+        try:
+            writer.write(ch.data_to_send())
+            # handshake: read until established
+            while not ch.established:
+                data = await asyncio.wait_for(reader.read(65536), CONNECT_TIMEOUT)
+                if not data:
+                    raise ConnectionError("server closed the connection during the handshake")
+                ch.receive_data(data)
+                while (ev := ch.next_event()) is not None:
+                    if isinstance(ev, Handshaked):
+                        if self.home.check_server_key(self.server, ev.remote_static):
+                            log.info("pinned the key of server %s (first contact)", self.server)
+                        self.server_key = ev.remote_static
+                    else:
+                        self._dispatch(ev)
+                writer.write(ch.data_to_send())
+            reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
+            self.state = "hello"
+            hello = await self._request({"t": "hello", "name": self.name, "version": PROTOCOL_VERSION},
+                                        REQUEST_TIMEOUT)
+            self.hello = hello
+            self.state = "connected"
+            self.last_error = None
+            self.connects += 1
+            log.info("connected to %s as %s (%s)", self.server, hello["name"], hello["ip"])
+            r = self.on_session(hello)
+            if asyncio.iscoroutine(r):
+                await r
+            while True:
+                done, _ = await asyncio.wait({reader_task}, timeout=PING_INTERVAL)
+                if done:
+                    reader_task.result()  # raises why the connection ended
+                    raise ConnectionError("server closed the connection")
+                await self._request({"t": "ping"}, REQUEST_TIMEOUT)
+        finally:
+            if self.state == "connected":
+                self.state = "connecting"
+            if reader_task is not None:
+                reader_task.cancel()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(NotConnected("connection to the server was lost"))
+            self._pending.clear()
+            self._channel = None
+            writer.close()
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            ch = self._channel
+            ch.receive_data(data)
+            while (ev := ch.next_event()) is not None:
+                self._dispatch(ev)
+
+    def _dispatch(self, ev) -> None:
+        if not isinstance(ev, Message):
+            return
+        body = ev.body
+        t = body.get("t")
+        if t in ("ok", "error"):
+            fut = self._pending.pop(body.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+            elif t == "error":
+                log.warning("server: %s", body.get("message"))
+            return
+        try:
+            self.on_event(body)
+        except Exception:
+            log.exception("handling server event %s", t)
+
+    async def _request(self, msg: dict, timeout: float) -> dict:
+        ch = self._channel
+        if ch is None:
+            raise NotConnected("not connected")
+        rid = self._next_id
+        self._next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        ch.send({**msg, "id": rid})
+        self._writer.write(ch.data_to_send())
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(rid, None)
+            raise NotConnected(f"the server did not answer within {timeout:.0f} s") from None
+        if reply["t"] == "error":
+            raise RequestError(reply.get("code", "error"), reply.get("message", "request refused"))
+        return reply

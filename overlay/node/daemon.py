@@ -1,0 +1,218 @@
+"""The node daemon (``overlay up``): server connection, local API, and (later) the data plane.
+
+It holds the node's view of its networks (``NodeState``), serves the CLI over the local API socket
+and forwards network commands to the mediation server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections import deque
+
+from overlay.control.messages import RequestError, key_to_text, normalize_name
+from overlay.node import api
+from overlay.node.control_client import ControlClient, NotConnected
+from overlay.node.home import Home, HomeError
+from overlay.node.state import NodeState
+
+log = logging.getLogger("overlay.node")
+
+FOLLOW_QUEUE = 1000
+
+
+class DaemonError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, home: Home, *, server: str, name: str, via_proxy: str | None = None):
+        self.home = home
+        self.private_key = home.private_key()
+        from overlay import crypto
+        self.public_key = crypto.public_key(self.private_key)
+        self.name = normalize_name(name, "node name")
+        self.state = NodeState()
+        self.state.me = {"name": self.name, "key": key_to_text(self.public_key)}
+        self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
+                                    on_event=self._on_event, on_session=self._on_session)
+        self._followers: set[asyncio.Queue] = set()
+        self._api_server: asyncio.AbstractServer | None = None
+        self._stop = asyncio.Event()
+        self.events: deque = deque(maxlen=200)  # recent notable changes, for `overlay status`
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        await self._start_api()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        client = loop.create_task(self.client.run())
+        try:
+            await self._stop.wait()
+        finally:
+            client.cancel()
+            self._api_server.close()
+            try:
+                os.unlink(self.home.socket_path)
+            except FileNotFoundError:
+                pass
+            log.info("daemon stopped")
+
+    async def _start_api(self) -> None:
+        self.home.ensure()
+        path = self.home.socket_path
+        if path.exists():
+            try:
+                api.call(path, "ping", timeout=2)
+            except (api.DaemonNotRunning, api.ApiError, OSError):
+                path.unlink()  # stale socket from a killed daemon
+            else:
+                raise DaemonError(f"a daemon is already running for {self.home.path} "
+                                  f"(stop it with `overlay down --home {self.home.path}`)")
+        old = os.umask(0o177)
+        try:
+            self._api_server = await asyncio.start_unix_server(self._api_conn, path=str(path), limit=api.MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    # ------------------------------------------------------------------ server events
+    def _on_session(self, hello: dict) -> None:
+        self.state.networks.clear()
+        self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
+
+    def _on_event(self, ev: dict) -> None:
+        change = self.state.apply(ev)
+        if change:
+            log.info("%s", change)
+            self.events.append(change)
+        if ev.get("t") in ("chat", "removed", "join_request", "join_approved", "join_rejected", "members",
+                           "member_left"):
+            for q in list(self._followers):
+                if q.full():
+                    q.get_nowait()  # a slow follower loses the oldest line, never blocks the daemon
+                q.put_nowait(ev)
+
+    # ------------------------------------------------------------------ local API
+    async def _api_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                req = json.loads(line)
+                cmd = req.pop("cmd")
+            except (ValueError, KeyError, AttributeError):
+                await self._reply(writer, {"ok": False, "code": "bad_request", "error": "malformed API request"})
+                return
+            if cmd == "follow":
+                await self._follow(req, reader, writer)
+                return
+            try:
+                reply = await self._command(cmd, req)
+                reply = {"ok": True, **reply}
+            except RequestError as e:
+                reply = {"ok": False, "code": e.code, "error": e.message}
+            except NotConnected as e:
+                reply = {"ok": False, "code": "not_connected", "error": str(e)}
+            except (TypeError, KeyError, ValueError) as e:
+                reply = {"ok": False, "code": "bad_request", "error": f"bad arguments for {cmd}: {e}"}
+            await self._reply(writer, reply)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, obj: dict) -> None:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+
+    async def _follow(self, req: dict, reader, writer) -> None:
+        network = req.get("network")
+        q: asyncio.Queue = asyncio.Queue(FOLLOW_QUEUE)
+        self._followers.add(q)
+        try:
+            await self._reply(writer, {"ok": True, "t": "following", "network": network})
+            eof = asyncio.get_running_loop().create_task(reader.read(1))
+            while True:
+                get = asyncio.get_running_loop().create_task(q.get())
+                done, _ = await asyncio.wait({get, eof}, return_when=asyncio.FIRST_COMPLETED)
+                if eof in done:
+                    get.cancel()
+                    return
+                ev = get.result()
+                if network and ev.get("network") != network:
+                    continue
+                await self._reply(writer, {"ok": True, **ev})
+        finally:
+            self._followers.discard(q)
+
+    async def _server(self, msg: dict) -> dict:
+        reply = await self.client.request(msg)
+        reply.pop("t", None)
+        reply.pop("id", None)
+        return reply
+
+    async def _command(self, cmd: str, a: dict) -> dict:
+        if cmd == "ping":
+            return {}
+        if cmd == "status":
+            return self.status()
+        if cmd == "down":
+            asyncio.get_running_loop().call_soon(self._stop.set)
+            return {}
+        if cmd == "create":
+            msg = {"t": "create", "network": a["network"], "password": a["password"]}
+            if a.get("approval"):
+                msg["approval"] = True
+            if a.get("max_members"):
+                msg["max_members"] = int(a["max_members"])
+            return await self._server(msg)
+        if cmd == "join":
+            return await self._server({"t": "join", "network": a["network"], "password": a["password"]})
+        if cmd == "leave":
+            return await self._server({"t": "leave", "network": a["network"]})
+        if cmd == "chat":
+            return await self._server({"t": "chat", "network": a["network"], "text": a["text"]})
+        if cmd == "history":
+            name = normalize_name(a["network"], "network name")
+            await self._server({"t": "history", "network": name})
+            view = self.state.networks.get(name)
+            return {"network": name, "messages": list(view.chat) if view else []}
+        if cmd == "admin":
+            msg = {"t": "admin", "network": a["network"], "action": a["action"]}
+            if a.get("target") is not None:
+                msg["target"] = a["target"]
+            if a.get("value") is not None:
+                msg["value"] = int(a["value"])
+            return await self._server(msg)
+        raise RequestError("unknown_command", f"unknown command {cmd!r}")
+
+    def status(self) -> dict:
+        c = self.client
+        me = dict(self.state.me)
+        return {
+            "node": {"name": me.get("name", self.name), "public_key": me.get("key"),
+                     "virtual_ip": me.get("ip"), "home": str(self.home.path)},
+            "server": {"address": c.server, "state": c.state, "connected": c.connected,
+                       "error": c.last_error,
+                       "key": key_to_text(c.server_key) if c.server_key else None},
+            "networks": self.state.status(),
+            "peers": [
+                {**p, "path": None, "rtt_ms": None} for p in sorted(self.state.peers().values(),
+                                                                    key=lambda p: p["name"])
+            ],
+        }
+
+
+async def run_daemon(home: Home, *, server: str, name: str, via_proxy: str | None) -> None:
+    try:
+        daemon = Daemon(home, server=server, name=name, via_proxy=via_proxy)
+    except HomeError as e:
+        raise DaemonError(str(e)) from None
+    await daemon.run()

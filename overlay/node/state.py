@@ -1,0 +1,116 @@
+"""The node's view of its networks and peers, rebuilt from server events (sans-I/O).
+
+``apply(event)`` folds one server event into the view and returns a short description of what
+changed for the log (or None). ``peers()`` merges members of every network into one entry per node
+key, which is what the tunnel layer needs: a peer is someone sharing at least one network.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from overlay.control.messages import CHAT_HISTORY
+
+
+@dataclass
+class Member:
+    name: str
+    key: str
+    ip: str
+    online: bool
+    role: str
+
+
+@dataclass
+class NetworkView:
+    name: str
+    info: dict = field(default_factory=dict)
+    members: dict[str, Member] = field(default_factory=dict)   # key -> member
+    chat: deque = field(default_factory=lambda: deque(maxlen=CHAT_HISTORY))
+
+
+class NodeState:
+    def __init__(self) -> None:
+        self.networks: dict[str, NetworkView] = {}
+        self.me: dict = {}
+
+    def reset(self) -> None:
+        """Forget everything the server told us (before a fresh snapshot after reconnecting)."""
+        for net in self.networks.values():
+            net.members.clear()
+        self.networks = {n: v for n, v in self.networks.items() if n in self.me.get("networks", [])}
+
+    def apply(self, ev: dict) -> str | None:
+        t = ev.get("t")
+        if t == "network":
+            info = ev["network"]
+            view = self.networks.setdefault(info["name"], NetworkView(info["name"]))
+            view.info = info
+            return None
+        if t == "members":
+            view = self.networks.setdefault(ev["network"], NetworkView(ev["network"]))
+            changes = []
+            for m in ev["members"]:
+                old = view.members.get(m["key"])
+                new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"])
+                view.members[m["key"]] = new
+                if old is None:
+                    changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
+                elif old.online != new.online:
+                    changes.append(f"{new.name} is {'online' if new.online else 'offline'}")
+            return "; ".join(changes) or None
+        if t == "member_left":
+            view = self.networks.get(ev["network"])
+            if view is not None:
+                m = view.members.pop(ev["key"], None)
+                if m is not None:
+                    return f"{m.name} {ev.get('reason', 'left')} {view.name}"
+            return None
+        if t == "removed":
+            self.networks.pop(ev["network"], None)
+            return f"removed from {ev['network']} ({ev.get('reason')})"
+        if t == "chat":
+            view = self.networks.get(ev["network"])
+            if view is not None and not any(c["id"] == ev["id"] for c in view.chat):
+                view.chat.append(ev)
+                if len(view.chat) > 1 and view.chat[-2]["id"] > ev["id"]:  # history arrived late
+                    view.chat = deque(sorted(view.chat, key=lambda c: c["id"]), maxlen=CHAT_HISTORY)
+            return None
+        if t == "join_request":
+            return f"{ev['name']} asks to join {ev['network']} (overlay admin approve {ev['network']} {ev['name']})"
+        if t in ("join_approved", "join_rejected"):
+            return f"join request for {ev['network']} {t.split('_')[1]}"
+        return None
+
+    def peers(self) -> dict[str, dict]:
+        """key -> {name, ip, online, networks} for every node sharing a network with us."""
+        out: dict[str, dict] = {}
+        mine = self.me.get("key")
+        for view in self.networks.values():
+            for m in view.members.values():
+                if m.key == mine:
+                    continue
+                p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
+                                           "online": m.online, "networks": []})
+                p["networks"].append(view.name)
+        return out
+
+    def status(self) -> list[dict]:
+        nets = []
+        for view in sorted(self.networks.values(), key=lambda v: v.name):
+            info = view.info
+            nets.append({
+                "name": view.name,
+                "role": info.get("role"),
+                "owner": info.get("owner"),
+                "locked": bool(info.get("locked")),
+                "approval": bool(info.get("approval")),
+                "max_members": info.get("max_members", 0),
+                "members": [
+                    {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,
+                     "self": m.key == self.me.get("key")}
+                    for m in sorted(view.members.values(), key=lambda m: m.name)
+                ],
+            })
+        return nets

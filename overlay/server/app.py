@@ -1,0 +1,291 @@
+"""asyncio glue of the mediation server: TCP control port + UDP port with the same number.
+
+Thin by design: each TCP connection is a ``Channel`` (Noise XX + framing) feeding validated
+requests into the sans-I/O ``Mediator``; its ``outgoing`` events are written to whichever
+connections are online. Bounds: handshake deadline, idle deadline, per-connection request rate,
+write-buffer cap (a node that does not read is dropped and resyncs when it reconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from overlay import crypto
+from overlay.control import passwords
+from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
+from overlay.control.messages import RequestError, error, key_to_text, validate_request
+from overlay.server.mediator import DEFAULT_POOL, Mediator
+from overlay.server.store import Store
+
+log = logging.getLogger("overlay.server")
+
+HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 45.0            # nodes ping every 15 s
+RATE = 20.0                    # requests per second per connection, sustained
+BURST = 60.0
+ABUSE_LIMIT = 200              # refused requests before the connection is closed
+MAX_WRITE_BUFFER = 4 * 1024 * 1024
+
+
+def load_or_create_key(path: Path) -> bytes:
+    if path.exists():
+        key = bytes.fromhex(path.read_text().strip())
+        if len(key) != 32:
+            raise SystemExit(f"{path}: not a 32-byte hex key")
+        return key
+    key = crypto.generate_private_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return key
+
+
+class ControlConnection(asyncio.Protocol):
+    def __init__(self, server: "MediationServer"):
+        self.server = server
+        self.channel = Channel(initiator=False, static_private=server.private_key)
+        self.transport: asyncio.Transport | None = None
+        self.key: bytes | None = None      # authenticated node key
+        self.registered = False            # hello accepted
+        self.last_rx = time.monotonic()
+        self.tokens = BURST
+        self.refused = 0
+        self.peer = "?"
+        self.closed = False
+        self._queue: asyncio.Queue | None = None  # serialises requests that await (password hashing)
+        self._worker: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.server.connections.add(self)
+        self._queue = asyncio.Queue(maxsize=16)
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    def data_received(self, data: bytes):
+        self.last_rx = time.monotonic()
+        try:
+            self.channel.receive_data(data)
+            while (ev := self.channel.next_event()) is not None:
+                if isinstance(ev, Handshaked):
+                    self.key = ev.remote_static
+                elif isinstance(ev, Message):
+                    self._on_message(ev.body)
+        except ProtocolError as e:
+            log.info("%s: protocol error: %s", self.peer, e)
+            self.close(error(None, "protocol", str(e)) if self.channel.established else None)
+            return
+        self.flush()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._worker:
+            self._worker.cancel()
+        self.server.unregister(self)
+
+    # ------------------------------------------------------------ requests
+    def _on_message(self, body: dict) -> None:
+        now = time.monotonic()
+        self.tokens = min(BURST, self.tokens + (now - getattr(self, "_t_tokens", now)) * RATE)
+        self._t_tokens = now
+        rid = body.get("id") if isinstance(body.get("id"), int) else None
+        if self.tokens < 1:
+            self._refuse(error(rid, "rate_limited", "too many requests; slow down"))
+            return
+        self.tokens -= 1
+        try:
+            msg = validate_request(body)
+        except RequestError as e:
+            self._refuse(error(rid, e.code, e.message))
+            return
+        if not self.registered and msg["t"] != "hello":
+            self._refuse(error(rid, "hello_first", "send hello before any other request"))
+            return
+        try:
+            self._queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            self._refuse(error(rid, "rate_limited", "too many requests in flight; slow down"))
+
+    def _refuse(self, reply: dict) -> None:
+        self.refused += 1
+        self.send(reply)
+        if self.refused > ABUSE_LIMIT:
+            self.close(error(None, "abuse", "too many refused requests; closing"))
+
+    async def _work(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            try:
+                reply = await self.server.dispatch(self, msg)
+            except RequestError as e:
+                reply = error(msg["id"], e.code, e.message)
+            except Exception:  # a bug must not take the server down
+                log.exception("internal error handling %s", msg.get("t"))
+                reply = error(msg["id"], "internal", "internal server error")
+            if self.closed:
+                return
+            self.send(reply)
+            self.server.deliver()
+            self.flush()
+
+    # ------------------------------------------------------------ output
+    def send(self, msg: dict) -> None:
+        if self.closed or not self.channel.established:
+            return
+        try:
+            self.channel.send(msg)
+        except ProtocolError as e:
+            log.error("cannot send %s: %s", msg.get("t"), e)
+
+    def flush(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        data = self.channel.data_to_send()
+        if data:
+            if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                log.warning("%s: not reading its messages; dropping the connection", self.peer)
+                self.transport.abort()
+                return
+            self.transport.write(data)
+
+    def close(self, final: dict | None = None) -> None:
+        if self.closed:
+            return
+        if final is not None:
+            self.send(final)
+        self.flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class MediationServer:
+    def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.private_key = load_or_create_key(self.data_dir / "server.key")
+        self.public_key = crypto.public_key(self.private_key)
+        self.store = Store(self.data_dir / "overlay.db")
+        self.mediator = Mediator(self.store, pool)
+        self.host, self.port = host, port
+        self.connections: set[ControlConnection] = set()
+        self.sessions: dict[bytes, ControlConnection] = {}
+        self._hash_slots = asyncio.Semaphore(2)
+        self._tcp: asyncio.base_events.Server | None = None
+        self._udp = None
+        self._reaper: asyncio.Task | None = None
+        self.udp_handler = None  # set by the tunnel layer (STUN, relay)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tcp = await loop.create_server(lambda: ControlConnection(self), self.host, self.port,
+                                             reuse_address=True)
+        self.port = self._tcp.sockets[0].getsockname()[1]
+        self._udp, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(self.host, self.port))
+        self._reaper = loop.create_task(self._reap())
+        log.info("mediation server on %s:%d (tcp+udp), key %s", self.host, self.port,
+                 key_to_text(self.public_key))
+
+    async def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        if self._tcp:
+            self._tcp.close()
+        for c in list(self.connections):
+            c.close()
+        if self._udp:
+            self._udp.close()
+        self.store.close()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for c in list(self.connections):
+                limit = IDLE_TIMEOUT if c.registered else HANDSHAKE_TIMEOUT
+                if now - c.last_rx > limit:
+                    log.info("%s: silent for %.0f s; closing", c.peer, now - c.last_rx)
+                    c.close()
+                    c.transport.abort()
+
+    # ------------------------------------------------------------ glue to the mediator
+    async def dispatch(self, conn: ControlConnection, msg: dict) -> dict:
+        m = self.mediator
+        now = time.time()
+        t = msg["t"]
+        if t == "hello":
+            if conn.registered:
+                raise RequestError("bad_request", "hello already received")
+            old = self.sessions.get(conn.key)
+            if old is not None and old is not conn:
+                old.close(error(None, "replaced", "this node connected again from elsewhere"))
+                self.unregister(old)
+            reply = m.hello(conn.key, msg, now)
+            conn.registered = True
+            self.sessions[conn.key] = conn
+            log.info("%s: node %s (%s) online", conn.peer, reply["name"], reply["ip"])
+            return reply
+        if t == "create":
+            m.create_precheck(conn.key, msg)
+            async with self._hash_slots:
+                h = await asyncio.to_thread(passwords.hash_password, msg["password"])
+            return m.handle(conn.key, msg, time.time(), password_hash=h)
+        if t == "join":
+            stored = m.join_precheck(conn.key, msg, now)
+            async with self._hash_slots:
+                good = await asyncio.to_thread(passwords.verify_password, stored, msg["password"])
+            return m.handle(conn.key, msg, time.time(), password_ok=good)
+        return m.handle(conn.key, msg, now)
+
+    def unregister(self, conn: ControlConnection) -> None:
+        if conn.key is not None and self.sessions.get(conn.key) is conn:
+            del self.sessions[conn.key]
+            self.mediator.disconnect(conn.key, time.time())
+            log.info("%s: node offline", conn.peer)
+            self.deliver()
+
+    def deliver(self) -> None:
+        out = self.mediator.outgoing
+        touched = set()
+        while out:
+            key, msg = out.popleft()
+            c = self.sessions.get(key)
+            if c is not None:
+                c.send(msg)
+                touched.add(c)
+        for c in touched:
+            c.flush()
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: MediationServer):
+        self.server = server
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        handler = self.server.udp_handler
+        if handler is not None:
+            handler(self.transport, data, addr)
+
+
+async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL) -> None:
+    server = MediationServer(data_dir, host, port, pool)
+    await server.start()
+    print(f"overlay server listening on {host}:{server.port} (tcp+udp)", flush=True)
+    print(f"server key {key_to_text(server.public_key)}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.close()

@@ -1,0 +1,379 @@
+"""The mediation server's logic, sans-I/O: networks, membership, presence, chat, admin.
+
+The asyncio glue (overlay/server/app.py) authenticates a connection (Noise XX), validates each
+request (overlay/control/messages.py) and calls ``hello`` / ``handle`` / ``disconnect`` with the
+node's public key and ``now``. Replies are returned; events for other nodes are appended to
+``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online.
+
+Argon2id hashing is slow on purpose, so the glue does it off the event loop: it calls
+``join_precheck`` (rate limits, existence) to get the stored hash, verifies the password in a
+thread, and passes the verdict to ``handle`` as ``password_ok``; for ``create`` it passes the new
+hash as ``password_hash``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+
+from overlay.control.messages import (
+    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_to_text, normalize_name, ok,
+)
+from overlay.server.store import Store
+
+FAILED_JOIN_WINDOW = 60.0
+FAILED_JOINS_PER_NODE = 5
+FAILED_JOINS_PER_NETWORK = 20
+MAX_PENDING = 100
+MAX_NETWORKS_PER_NODE = 64
+DEFAULT_POOL = "100.64.0.0/10"
+
+
+@dataclass
+class _Window:
+    """Failure timestamps in a sliding window (bounded by the limit it enforces)."""
+    times: deque = field(default_factory=deque)
+
+    def count(self, now: float) -> int:
+        while self.times and self.times[0] <= now - FAILED_JOIN_WINDOW:
+            self.times.popleft()
+        return len(self.times)
+
+    def retry_after(self, now: float) -> int:
+        return max(1, int(self.times[0] + FAILED_JOIN_WINDOW - now + 0.999))
+
+
+class Mediator:
+    def __init__(self, store: Store, pool: str = DEFAULT_POOL):
+        self.store = store
+        self.pool = ipaddress.IPv4Network(pool)
+        if self.pool.num_addresses < 4:
+            raise ValueError(f"address pool {pool} is too small")
+        self.online: set[bytes] = set()
+        self.outgoing: deque[tuple[bytes, dict]] = deque()
+        self._fail_node: dict[bytes, _Window] = {}
+        self._fail_net: dict[str, _Window] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _push(self, key: bytes, msg: dict) -> None:
+        if key in self.online:
+            self.outgoing.append((key, msg))
+
+    def _push_members(self, network: str, msg: dict, exclude: bytes | None = None) -> None:
+        for k in self.store.members(network):
+            if k != exclude:
+                self._push(k, msg)
+
+    def _member_record(self, network, key: bytes, node=None) -> dict:
+        node = node or self.store.node(key)
+        return {"name": node.name, "key": key_to_text(key), "ip": node.vip,
+                "online": key in self.online, "role": "owner" if key == network.owner else "member"}
+
+    def _network_info(self, network, key: bytes) -> dict:
+        owner = self.store.node(network.owner)
+        return {"name": network.name, "owner": owner.name if owner else None,
+                "role": "owner" if key == network.owner else "member",
+                "locked": network.locked, "approval": network.approval,
+                "max_members": network.max_members, "count": self.store.member_count(network.name)}
+
+    def _send_network(self, key: bytes, name: str) -> None:
+        """Push a full snapshot of one network to ``key``: info, then members in batches."""
+        net = self.store.network(name)
+        self._push(key, {"t": "network", "network": self._network_info(net, key)})
+        members = self.store.members(name)
+        nodes = self.store.nodes(members)
+        for i in range(0, len(members), MEMBER_BATCH):
+            batch = [self._member_record(net, k, nodes[k]) for k in members[i:i + MEMBER_BATCH]]
+            self._push(key, {"t": "members", "network": name, "members": batch})
+
+    def _broadcast_info(self, name: str) -> None:
+        net = self.store.network(name)
+        for k in self.store.members(name):
+            self._push(k, {"t": "network", "network": self._network_info(net, k)})
+
+    def _announce_member(self, name: str, key: bytes) -> None:
+        net = self.store.network(name)
+        rec = self._member_record(net, key)
+        self._push_members(name, {"t": "members", "network": name, "members": [rec]}, exclude=key)
+
+    def _network_for(self, key: bytes, raw_name: str, *, member: bool = True, owner: bool = False):
+        name = normalize_name(raw_name, "network name")
+        net = self.store.network(name)
+        if net is None or (member and not self.store.is_member(name, key)):
+            if net is None:
+                raise RequestError("unknown_network", f"network {name!r} does not exist")
+            raise RequestError("not_member", f"you are not a member of {name!r}")
+        if owner and net.owner != key:
+            raise RequestError("not_owner", f"only the owner of {name!r} can do that")
+        return net
+
+    def _name_clash(self, network: str, key: bytes, name: str) -> bytes | None:
+        members = [k for k in self.store.members(network) if k != key]
+        for k, node in self.store.nodes(members).items():
+            if node.name == name:
+                return k
+        return None
+
+    def _member_by_name(self, network: str, name: str) -> bytes:
+        target = normalize_name(name, "member name")
+        for k, node in self.store.nodes(self.store.members(network)).items():
+            if node.name == target:
+                return k
+        raise RequestError("unknown_member", f"no member named {target!r} in {network!r}")
+
+    def _allocate_vip(self) -> str:
+        used = self.store.used_vips()
+        for addr in self.pool.hosts():
+            s = str(addr)
+            if s not in used:
+                return s
+        raise RequestError("pool_exhausted", f"the server's address pool {self.pool} is exhausted")
+
+    # ------------------------------------------------------------------ session
+    def hello(self, key: bytes, msg: dict, now: float) -> dict:
+        if msg["version"] != PROTOCOL_VERSION:
+            raise RequestError("version", f"protocol version {msg['version']} not supported "
+                                          f"(server speaks {PROTOCOL_VERSION})")
+        name = normalize_name(msg["name"], "node name")
+        node = self.store.node(key)
+        if node is None:
+            self.store.add_node(key, name, self._allocate_vip(), now)
+        else:
+            if node.name != name:
+                for net in self.store.networks_of(key):
+                    if self._name_clash(net, key, name):
+                        raise RequestError("name_taken",
+                                           f"the name {name!r} is already taken in network {net!r}")
+            self.store.update_node(key, name, now)
+        node = self.store.node(key)
+        self.online.add(key)
+        networks = self.store.networks_of(key)
+        for net in networks:
+            self._send_network(key, net)
+            self._announce_member(net, key)
+        for net in self.store.owned_networks(key):
+            for k in self.store.pending(net):
+                self._push(key, self._join_request_event(net, k))
+        return ok(msg["id"], name=node.name, ip=node.vip, key=key_to_text(key),
+                  networks=networks, pool=str(self.pool))
+
+    def disconnect(self, key: bytes, now: float) -> None:
+        if key not in self.online:
+            return
+        self.online.discard(key)
+        self.store.update_node(key, self.store.node(key).name, now)
+        for net in self.store.networks_of(key):
+            self._announce_member(net, key)
+
+    # ------------------------------------------------------------------ requests
+    def handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
+               password_hash: bytes | None = None) -> dict:
+        t = msg["t"]
+        if t == "ping":
+            return ok(msg["id"], t_server=now)
+        if t == "create":
+            return self._create(key, msg, now, password_hash)
+        if t == "join":
+            return self._join(key, msg, now, password_ok)
+        if t == "leave":
+            return self._leave(key, msg)
+        if t == "chat":
+            return self._chat(key, msg, now)
+        if t == "history":
+            net = self._network_for(key, msg["network"])
+            for cid, sender, name, text, ts in self.store.chat_history(net.name):
+                self._push(key, {"t": "chat", "network": net.name, "id": cid, "from": name,
+                                 "from_key": key_to_text(sender), "text": text, "ts": ts, "history": True})
+            return ok(msg["id"])
+        if t == "members":
+            net = self._network_for(key, msg["network"])
+            self._send_network(key, net.name)
+            return ok(msg["id"])
+        if t == "admin":
+            return self._admin(key, msg, now)
+        raise RequestError("unknown_type", f"unknown request type {t!r}")
+
+    def create_precheck(self, key: bytes, msg: dict) -> str:
+        """Everything that can refuse a create before the (slow) password hashing."""
+        name = normalize_name(msg["network"], "network name")
+        if self.store.network(name) is not None:
+            raise RequestError("network_exists", f"network {name!r} already exists")
+        if len(self.store.networks_of(key)) >= MAX_NETWORKS_PER_NODE:
+            raise RequestError("too_many_networks", f"a node may be in at most {MAX_NETWORKS_PER_NODE} networks")
+        return name
+
+    def _create(self, key: bytes, msg: dict, now: float, password_hash: bytes | None) -> dict:
+        name = self.create_precheck(key, msg)
+        if password_hash is None:
+            raise RequestError("internal", "password was not hashed")
+        self.store.add_network(name, password_hash, key, msg.get("approval", False),
+                               msg.get("max_members", 0), now)
+        self._send_network(key, name)
+        return ok(msg["id"], network=name)
+
+    def join_precheck(self, key: bytes, msg: dict, now: float) -> bytes:
+        """Everything that can refuse a join before the (slow) password check; returns the hash."""
+        name = normalize_name(msg["network"], "network name")
+        for window, limit in ((self._fail_node.get(key), FAILED_JOINS_PER_NODE),
+                              (self._fail_net.get(name), FAILED_JOINS_PER_NETWORK)):
+            if window is not None and window.count(now) >= limit:
+                raise RequestError("rate_limited", f"too many failed join attempts; try again in "
+                                                   f"{window.retry_after(now)} s")
+        net = self.store.network(name)
+        if net is None:
+            raise RequestError("unknown_network", f"network {name!r} does not exist")
+        if self.store.is_member(name, key):
+            raise RequestError("already_member", f"you are already a member of {name!r}")
+        if self.store.is_banned(name, key):
+            raise RequestError("banned", f"you are banned from {name!r}")
+        return net.pw_hash
+
+    def _record_failure(self, key: bytes, network: str, now: float) -> None:
+        for table, k in ((self._fail_node, key), (self._fail_net, network)):
+            w = table.get(k)
+            if w is None:
+                if len(table) > 100_000:  # bound memory under a flood of distinct keys
+                    table.clear()
+                w = table[k] = _Window()
+            w.times.append(now)
+
+    def _join(self, key: bytes, msg: dict, now: float, password_ok: bool | None) -> dict:
+        self.join_precheck(key, msg, now)
+        name = normalize_name(msg["network"], "network name")
+        net = self.store.network(name)
+        if not password_ok:
+            self._record_failure(key, name, now)
+            raise RequestError("wrong_password", f"wrong password for network {name!r}")
+        if net.locked:
+            raise RequestError("locked", f"network {name!r} is locked: its owner is not accepting new members")
+        if net.max_members and self.store.member_count(name) >= net.max_members:
+            raise RequestError("full", f"network {name!r} is full ({net.max_members} members)")
+        node = self.store.node(key)
+        if self._name_clash(name, key, node.name):
+            raise RequestError("name_taken", f"the name {node.name!r} is already taken in network {name!r}; "
+                                             "restart with another --name")
+        if len(self.store.networks_of(key)) >= MAX_NETWORKS_PER_NODE:
+            raise RequestError("too_many_networks", f"a node may be in at most {MAX_NETWORKS_PER_NODE} networks")
+        if net.approval:
+            if len(self.store.pending(name)) >= MAX_PENDING:
+                raise RequestError("too_many_pending", f"network {name!r} has too many pending requests")
+            self.store.add_pending(name, key, now)
+            self._push(net.owner, self._join_request_event(name, key))
+            return ok(msg["id"], network=name, status="pending")
+        self._admit(name, key, now)
+        return ok(msg["id"], network=name, status="joined")
+
+    def _join_request_event(self, network: str, key: bytes) -> dict:
+        node = self.store.node(key)
+        return {"t": "join_request", "network": network, "name": node.name, "key": key_to_text(key)}
+
+    def _admit(self, name: str, key: bytes, now: float) -> None:
+        self.store.add_member(name, key, now)
+        self._send_network(key, name)
+        self._announce_member(name, key)
+        self._broadcast_info(name)
+
+    def _remove(self, name: str, key: bytes, reason: str) -> None:
+        self.store.remove_member(name, key)
+        self._push(key, {"t": "removed", "network": name, "reason": reason})
+        self._push_members(name, {"t": "member_left", "network": name, "key": key_to_text(key),
+                                  "reason": reason})
+        self._broadcast_info(name)
+
+    def _leave(self, key: bytes, msg: dict) -> dict:
+        net = self._network_for(key, msg["network"])
+        if net.owner == key:
+            if self.store.member_count(net.name) > 1:
+                raise RequestError("owner_cannot_leave",
+                                   f"you own {net.name!r}: hand it to another member first "
+                                   f"(overlay admin transfer {net.name} NAME) or delete it")
+            self.store.delete_network(net.name)
+            self._push(key, {"t": "removed", "network": net.name, "reason": "left"})
+            return ok(msg["id"], network=net.name, deleted=True)
+        self._remove(net.name, key, "left")
+        return ok(msg["id"], network=net.name)
+
+    def _chat(self, key: bytes, msg: dict, now: float) -> dict:
+        net = self._network_for(key, msg["network"])
+        node = self.store.node(key)
+        cid = self.store.add_chat(net.name, key, node.name, msg["text"], now)
+        ev = {"t": "chat", "network": net.name, "id": cid, "from": node.name,
+              "from_key": key_to_text(key), "text": msg["text"], "ts": now}
+        self._push_members(net.name, ev)
+        return ok(msg["id"], chat_id=cid)
+
+    def _admin(self, key: bytes, msg: dict, now: float) -> dict:
+        action = msg["action"]
+        net = self._network_for(key, msg["network"], owner=True)
+        name = net.name
+        rid = msg["id"]
+        if action in ("lock", "unlock"):
+            self.store.set_network(name, locked=int(action == "lock"))
+        elif action in ("approval-on", "approval-off"):
+            self.store.set_network(name, approval=int(action == "approval-on"))
+        elif action == "limit":
+            self.store.set_network(name, max_members=msg["value"])
+        elif action == "pending":
+            nodes = self.store.nodes(self.store.pending(name))
+            return ok(rid, pending=[{"name": n.name, "key": key_to_text(k)} for k, n in nodes.items()])
+        elif action in ("approve", "reject"):
+            target = self._pending_by_name(name, msg["target"])
+            if action == "approve":
+                self._admit(name, target, now)
+                self._push(target, {"t": "join_approved", "network": name})
+            else:
+                self.store.remove_pending(name, target)
+                self._push(target, {"t": "join_rejected", "network": name})
+            return ok(rid)
+        elif action in ("kick", "ban"):
+            target = self._target_member_or_pending(name, msg["target"], allow_pending=action == "ban")
+            if target == key:
+                raise RequestError("bad_request", "you cannot kick or ban yourself")
+            if action == "ban":
+                self.store.ban(name, target)
+            if self.store.is_member(name, target):
+                self._remove(name, target, "banned" if action == "ban" else "kicked")
+            else:
+                self.store.remove_pending(name, target)
+            return ok(rid)
+        elif action == "unban":
+            target = normalize_name(msg["target"], "member name")
+            for k, node in self.store.nodes(self.store.bans(name)).items():
+                if node.name == target:
+                    self.store.unban(name, k)
+                    return ok(rid)
+            raise RequestError("unknown_member", f"no banned node named {target!r} in {name!r}")
+        elif action == "delete":
+            members = self.store.members(name)
+            self.store.delete_network(name)
+            for k in members:
+                self._push(k, {"t": "removed", "network": name, "reason": "deleted"})
+            return ok(rid)
+        elif action == "transfer":
+            target = self._member_by_name(name, msg["target"])
+            if target == key:
+                raise RequestError("bad_request", "you already own this network")
+            self.store.set_network(name, owner=target)
+            net = self.store.network(name)
+            for k in (key, target):
+                rec = self._member_record(net, k)
+                self._push_members(name, {"t": "members", "network": name, "members": [rec]})
+        self._broadcast_info(name)
+        return ok(rid)
+
+    def _pending_by_name(self, network: str, raw: str) -> bytes:
+        target = normalize_name(raw, "member name")
+        for k, node in self.store.nodes(self.store.pending(network)).items():
+            if node.name == target:
+                return k
+        raise RequestError("unknown_member", f"no pending request from {target!r} in {network!r}")
+
+    def _target_member_or_pending(self, network: str, raw: str, allow_pending: bool) -> bytes:
+        try:
+            return self._member_by_name(network, raw)
+        except RequestError:
+            if not allow_pending:
+                raise
+            return self._pending_by_name(network, raw)
+

@@ -1,0 +1,191 @@
+"""Persistent state of the mediation server: SQLite under ``--data``.
+
+Nodes (key, name, virtual IP), networks (password hash, owner, settings), members, pending join
+requests, bans and the last chat messages survive a server restart. Writes are tiny and rare next
+to the control traffic, so every call commits (WAL mode keeps that cheap).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from overlay.control.messages import CHAT_HISTORY
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    key BLOB PRIMARY KEY, name TEXT NOT NULL, vip TEXT NOT NULL UNIQUE, created REAL NOT NULL,
+    last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS networks (
+    name TEXT PRIMARY KEY, pw_hash BLOB NOT NULL, owner BLOB NOT NULL, locked INTEGER NOT NULL DEFAULT 0,
+    approval INTEGER NOT NULL DEFAULT 0, max_members INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
+    joined REAL NOT NULL, PRIMARY KEY (network, key));
+CREATE INDEX IF NOT EXISTS members_by_key ON members(key);
+CREATE TABLE IF NOT EXISTS pending (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
+    requested REAL NOT NULL, PRIMARY KEY (network, key));
+CREATE TABLE IF NOT EXISTS bans (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
+    PRIMARY KEY (network, key));
+CREATE TABLE IF NOT EXISTS chat (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE,
+    sender BLOB NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS chat_by_network ON chat(network, id);
+"""
+
+
+@dataclass
+class Network:
+    name: str
+    owner: bytes
+    locked: bool
+    approval: bool
+    max_members: int
+    pw_hash: bytes
+
+
+@dataclass
+class Node:
+    key: bytes
+    name: str
+    vip: str
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _one(self, sql: str, *args):
+        return self.db.execute(sql, args).fetchone()
+
+    # ---------------------------------------------------------------- nodes
+    def node(self, key: bytes) -> Node | None:
+        row = self._one("SELECT key, name, vip FROM nodes WHERE key=?", key)
+        return Node(*row) if row else None
+
+    def nodes(self, keys: list[bytes]) -> dict[bytes, Node]:
+        out = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            q = ",".join("?" * len(chunk))
+            for row in self.db.execute(f"SELECT key, name, vip FROM nodes WHERE key IN ({q})", chunk):
+                out[row[0]] = Node(*row)
+        return out
+
+    def used_vips(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT vip FROM nodes")}
+
+    def add_node(self, key: bytes, name: str, vip: str, now: float) -> None:
+        self.db.execute("INSERT INTO nodes VALUES (?,?,?,?,?)", (key, name, vip, now, now))
+
+    def update_node(self, key: bytes, name: str, now: float) -> None:
+        self.db.execute("UPDATE nodes SET name=?, last_seen=? WHERE key=?", (name, now, key))
+
+    # ---------------------------------------------------------------- networks
+    def network(self, name: str) -> Network | None:
+        row = self._one(
+            "SELECT name, owner, locked, approval, max_members, pw_hash FROM networks WHERE name=?", name)
+        if not row:
+            return None
+        return Network(row[0], row[1], bool(row[2]), bool(row[3]), row[4], row[5])
+
+    def add_network(self, name: str, pw_hash: bytes, owner: bytes, approval: bool, max_members: int,
+                    now: float) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO networks (name, pw_hash, owner, approval, max_members, created) "
+                            "VALUES (?,?,?,?,?,?)", (name, pw_hash, owner, int(approval), max_members, now))
+            self.db.execute("INSERT INTO members VALUES (?,?,?)", (name, owner, now))
+
+    def set_network(self, name: str, **fields) -> None:
+        allowed = {"locked", "approval", "max_members", "owner"}
+        assert set(fields) <= allowed
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE networks SET {cols} WHERE name=?", (*fields.values(), name))
+
+    def delete_network(self, name: str) -> None:
+        self.db.execute("DELETE FROM networks WHERE name=?", (name,))
+
+    def networks_of(self, key: bytes) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT network FROM members WHERE key=? ORDER BY joined", (key,))]
+
+    def owned_networks(self, key: bytes) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM networks WHERE owner=?", (key,))]
+
+    # ---------------------------------------------------------------- members
+    def members(self, network: str) -> list[bytes]:
+        return [r[0] for r in self.db.execute(
+            "SELECT key FROM members WHERE network=? ORDER BY joined", (network,))]
+
+    def member_count(self, network: str) -> int:
+        return self._one("SELECT COUNT(*) FROM members WHERE network=?", network)[0]
+
+    def is_member(self, network: str, key: bytes) -> bool:
+        return self._one("SELECT 1 FROM members WHERE network=? AND key=?", network, key) is not None
+
+    def add_member(self, network: str, key: bytes, now: float) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM pending WHERE network=? AND key=?", (network, key))
+            self.db.execute("INSERT OR IGNORE INTO members VALUES (?,?,?)", (network, key, now))
+
+    def remove_member(self, network: str, key: bytes) -> None:
+        self.db.execute("DELETE FROM members WHERE network=? AND key=?", (network, key))
+
+    def peers_of(self, key: bytes) -> set[bytes]:
+        """Every node sharing at least one network with ``key`` (excluding itself)."""
+        rows = self.db.execute(
+            "SELECT DISTINCT m2.key FROM members m1 JOIN members m2 ON m1.network=m2.network "
+            "WHERE m1.key=? AND m2.key<>?", (key, key))
+        return {r[0] for r in rows}
+
+    # ---------------------------------------------------------------- pending / bans
+    def pending(self, network: str) -> list[bytes]:
+        return [r[0] for r in self.db.execute(
+            "SELECT key FROM pending WHERE network=? ORDER BY requested", (network,))]
+
+    def add_pending(self, network: str, key: bytes, now: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO pending VALUES (?,?,?)", (network, key, now))
+
+    def remove_pending(self, network: str, key: bytes) -> None:
+        self.db.execute("DELETE FROM pending WHERE network=? AND key=?", (network, key))
+
+    def is_banned(self, network: str, key: bytes) -> bool:
+        return self._one("SELECT 1 FROM bans WHERE network=? AND key=?", network, key) is not None
+
+    def bans(self, network: str) -> list[bytes]:
+        return [r[0] for r in self.db.execute("SELECT key FROM bans WHERE network=?", (network,))]
+
+    def ban(self, network: str, key: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO bans VALUES (?,?)", (network, key))
+
+    def unban(self, network: str, key: bytes) -> bool:
+        return self.db.execute("DELETE FROM bans WHERE network=? AND key=?", (network, key)).rowcount > 0
+
+    # ---------------------------------------------------------------- chat
+    def add_chat(self, network: str, sender: bytes, name: str, text: str, now: float) -> int:
+        with self.db:
+            self.db.execute("BEGIN")
+            cid = self.db.execute("INSERT INTO chat (network, sender, name, text, ts) VALUES (?,?,?,?,?)",
+                                  (network, sender, name, text, now)).lastrowid
+            self.db.execute(
+                "DELETE FROM chat WHERE network=? AND id NOT IN "
+                "(SELECT id FROM chat WHERE network=? ORDER BY id DESC LIMIT ?)",
+                (network, network, CHAT_HISTORY))
+        return cid
+
+    def chat_history(self, network: str) -> list[tuple[int, bytes, str, str, float]]:
+        rows = self.db.execute(
+            "SELECT id, sender, name, text, ts FROM chat WHERE network=? ORDER BY id DESC LIMIT ?",
+            (network, CHAT_HISTORY)).fetchall()
+        return rows[::-1]

@@ -1,0 +1,90 @@
+"""Transport keypairs: one AEAD per direction, a send counter and a replay window.
+
+A peer holds up to three (wireguard-go's rotation): ``current`` sends; ``previous`` still
+decrypts packets in flight across a rekey; ``next`` is a responder's fresh keypair, promoted to
+current once the initiator proves it has it by sending the first packet under it (key
+confirmation, so a replayed initiation can never make us send under keys nobody holds).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from overlay import crypto
+from overlay.wire.replay import ReplayWindow
+
+if TYPE_CHECKING:
+    from overlay.wire.peer import Peer
+
+REKEY_AFTER_MESSAGES = 1 << 60
+REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+REKEY_AFTER_TIME = 120.0
+REJECT_AFTER_TIME = 180.0
+
+
+class Keypair:
+    __slots__ = ("send", "receive", "send_counter", "replay", "created", "is_initiator", "local_index", "remote_index", "peer")
+
+    def __init__(
+        self, send_key: bytes, receive_key: bytes, is_initiator: bool,
+        local_index: int, remote_index: int, peer: Peer, now: float,
+    ):
+        self.send = crypto.Aead(send_key)
+        self.receive = crypto.Aead(receive_key)
+        self.send_counter = 0
+        self.replay = ReplayWindow()
+        self.created = now
+        self.is_initiator = is_initiator
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.peer = peer
+
+    def can_send(self, now: float) -> bool:
+        return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
+
+    def needs_rekey(self, now: float) -> bool:
+        """Only the initiator rekeys on age, so both ends do not start handshakes at once."""
+        return self.send_counter >= REKEY_AFTER_MESSAGES or (
+            self.is_initiator and now - self.created >= REKEY_AFTER_TIME
+        )
+
+
+class Keypairs:
+    __slots__ = ("previous", "current", "next")
+
+    def __init__(self) -> None:
+        self.previous: Keypair | None = None
+        self.current: Keypair | None = None
+        self.next: Keypair | None = None
+
+    def all(self) -> list[Keypair]:
+        return [k for k in (self.previous, self.current, self.next) if k is not None]
+
+    def install(self, keypair: Keypair) -> list[Keypair]:
+        """Rotate in a freshly derived keypair; returns the keypairs dropped (to unindex)."""
+        dropped: list[Keypair] = []
+        if keypair.is_initiator:
+            if self.next is not None:
+                dropped += [k for k in (self.previous, self.current) if k is not None]
+                self.previous, self.next = self.next, None
+            else:
+                if self.previous is not None:
+                    dropped.append(self.previous)
+                self.previous = self.current
+            self.current = keypair
+        else:
+            dropped += [k for k in (self.previous, self.next) if k is not None]
+            self.previous = None
+            self.next = keypair
+        return dropped
+
+    def confirm(self) -> list[Keypair]:
+        """Promote ``next`` to current (its first packet arrived); returns the keypairs dropped."""
+        dropped = [self.previous] if self.previous is not None else []
+        self.previous, self.current, self.next = self.current, self.next, None
+        return dropped
+
+    def clear(self) -> list[Keypair]:
+        dropped = self.all()
+        self.previous = self.current = self.next = None
+        return dropped
