@@ -240,7 +240,9 @@ def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message 
         h = Home(home)
         try:
             for ev in api.stream(h.socket_path, "follow", network=network.lower()):
-                if ev.get("t") == "chat":
+                if ev.get("t") == "following":
+                    err.print(f"following chat of {network.lower()} (Ctrl-C to stop)")
+                elif ev.get("t") == "chat":
                     _print_chat(ev, as_json)
                 elif ev.get("t") == "removed":
                     fail(f"removed from {ev['network']} ({ev.get('reason')})", "removed", as_json)

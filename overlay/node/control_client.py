@@ -52,6 +52,7 @@ class ControlClient:
     def __init__(self, home: Home, server: str, name: str, private_key: bytes, *,
                  via_proxy: str | None = None,
                  on_event: Callable[[dict], None] = lambda ev: None,
+                 on_reset: Callable[[], None] = lambda: None,
                  on_session: Callable[[dict], Awaitable[None] | None] = lambda hello: None):
         self.home = home
         self.server = server
@@ -60,6 +61,7 @@ class ControlClient:
         self.private_key = private_key
         self.via_proxy = via_proxy
         self.on_event = on_event
+        self.on_reset = on_reset
         self.on_session = on_session
         self.state = "connecting"
         self.last_error: str | None = None
@@ -140,6 +142,7 @@ class ControlClient:
                 writer.write(ch.data_to_send())
             reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
             self.state = "hello"
+            self.on_reset()  # the server answers hello with fresh snapshots of our networks
             hello = await self._request({"t": "hello", "name": self.name, "version": PROTOCOL_VERSION},
                                         REQUEST_TIMEOUT)
             self.hello = hello

@@ -38,7 +38,8 @@ class Daemon:
         self.state = NodeState()
         self.state.me = {"name": self.name, "key": key_to_text(self.public_key)}
         self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
-                                    on_event=self._on_event, on_session=self._on_session)
+                                    on_event=self._on_event, on_reset=self.state.networks.clear,
+                                    on_session=self._on_session)
         self._followers: set[asyncio.Queue] = set()
         self._api_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
@@ -82,7 +83,6 @@ class Daemon:
 
     # ------------------------------------------------------------------ server events
     def _on_session(self, hello: dict) -> None:
-        self.state.networks.clear()
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
 
     def _on_event(self, ev: dict) -> None:

@@ -35,12 +35,6 @@ class NodeState:
         self.networks: dict[str, NetworkView] = {}
         self.me: dict = {}
 
-    def reset(self) -> None:
-        """Forget everything the server told us (before a fresh snapshot after reconnecting)."""
-        for net in self.networks.values():
-            net.members.clear()
-        self.networks = {n: v for n, v in self.networks.items() if n in self.me.get("networks", [])}
-
     def apply(self, ev: dict) -> str | None:
         t = ev.get("t")
         if t == "network":

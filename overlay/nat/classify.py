@@ -1,0 +1,195 @@
+"""NAT classification and port prediction from STUN observations made on one local socket.
+
+What the mediation server must offer: STUN Binding on two public IP addresses x two UDP ports
+(four endpoints: ip1:p1, ip1:p2, ip2:p1, ip2:p2). ``NatProbe`` queries them from the node's one
+socket in a fixed order, staggered so the NAT sees the first packets in that order. From the
+mapped addresses:
+
+- no answer at all: UDP blocked; mapped == local: no NAT.
+- same mapping for every endpoint: endpoint-independent mapping (hole punching works with any
+  filtering behaviour, since the peer can learn the one mapping).
+- ip1:p1 and ip1:p2 share a mapping but ip2 differs: address-dependent; all differ:
+  address-and-port-dependent. With one server address only, "endpoint-dependent".
+- for destination-dependent mappings, the deltas between consecutive new mappings tell
+  sequential allocation (the most common delta, with the share of deltas agreeing as
+  confidence; three deltas, i.e. four endpoints, are needed for full confidence) from random.
+  Sequential NATs are then beaten by probing the predicted next ports.
+
+Filtering behaviour is not measured (that needs RFC 5780 CHANGE-REQUEST from a second server
+address): simultaneous probing from both sides opens the filters whatever they are.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .candidate import Addr, normalize
+from .stun import StunTransaction
+
+EIM = "endpoint-independent"
+ADM = "address-dependent"
+APDM = "address-and-port-dependent"
+EDM = "endpoint-dependent"  # varies by destination; only one server address to tell which kind
+UNKNOWN = "unknown"
+
+SEQUENTIAL = "sequential"
+RANDOM = "random"
+
+MAX_DELTA = 64  # larger steps are indistinguishable from random allocation in practice
+_PORT_LOW, _PORT_SPAN = 1024, 65536 - 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One Binding transaction: the server endpoint queried and the mapping it saw (None: no answer)."""
+
+    server: Addr
+    mapped: Addr | None
+
+
+@dataclass(frozen=True, slots=True)
+class NatReport:
+    udp: bool  # at least one server answered
+    local: Addr
+    public: Addr | None  # mapping seen by the first server that answered (server-reflexive)
+    behind_nat: bool | None
+    mapping: str  # EIM / ADM / APDM / EDM / UNKNOWN
+    port_preserved: bool  # the NAT kept our local port
+    allocation: str | None  # SEQUENTIAL / RANDOM for destination-dependent mappings
+    delta: int  # port step between consecutive new mappings (sequential allocation)
+    confidence: float  # 0..1, share of observed deltas equal to ``delta``, scaled down below 3 deltas
+    last_port: int | None  # newest mapped port, the base of the prediction
+    public_ips: tuple[str, ...] = ()
+
+    @property
+    def varies_by_destination(self) -> bool:
+        return self.mapping in (ADM, APDM, EDM)
+
+    @property
+    def predictable(self) -> bool:
+        return self.varies_by_destination and self.allocation == SEQUENTIAL
+
+    def predicted_ports(self, count: int) -> list[int]:
+        """The next ``count`` ports this NAT should hand out for new destinations (empty if unpredictable)."""
+        if not self.predictable or self.last_port is None:
+            return []
+        out = []
+        for i in range(1, count + 1):
+            p = self.last_port + self.delta * i
+            out.append(_PORT_LOW + (p - _PORT_LOW) % _PORT_SPAN)
+        return out
+
+
+def classify(local: Addr, observations: Sequence[Observation]) -> NatReport:
+    """Classify from observations listed in the order their first requests were sent."""
+    local = normalize(local)
+    answered = [o for o in observations if o.mapped is not None]
+    if not answered:
+        return NatReport(False, local, None, None, UNKNOWN, False, None, 0, 0.0, None)
+    public = answered[0].mapped
+    assert public is not None
+    behind = public != local
+    port_preserved = behind and public[1] == local[1]
+    ips = tuple(dict.fromkeys(o.mapped[0] for o in answered if o.mapped))
+    # one mapping per distinct server endpoint, in first-send order
+    per_server: dict[Addr, Addr] = {}
+    for o in answered:
+        per_server.setdefault(o.server, o.mapped)  # type: ignore[arg-type]
+    mappings = list(per_server.values())
+    if len(per_server) < 2:
+        mapping = EIM if not behind else UNKNOWN
+        return NatReport(True, local, public, behind, mapping, port_preserved, None, 0, 0.0, public[1], ips)
+    if len(set(mappings)) == 1:
+        return NatReport(True, local, public, behind, EIM, port_preserved, None, 0, 0.0, public[1], ips)
+    mapping = _dependency(per_server)
+    allocation, delta, confidence = _allocation([m[1] for m in mappings])
+    return NatReport(True, local, public, behind, mapping, port_preserved, allocation, delta, confidence, mappings[-1][1], ips)
+
+
+def _dependency(per_server: dict[Addr, Addr]) -> str:
+    """Address-dependent if endpoints sharing an IP share a mapping, else address-and-port-dependent."""
+    by_ip: dict[str, set[Addr]] = {}
+    for server, mapped in per_server.items():
+        by_ip.setdefault(server[0], set()).add(mapped)
+    same_ip_groups = [m for ip, m in by_ip.items() if sum(1 for s in per_server if s[0] == ip) > 1]
+    if not same_ip_groups:
+        return EDM
+    # the mappings differ somewhere (checked by the caller): across addresses only, or per port
+    return ADM if all(len(m) == 1 for m in same_ip_groups) else APDM
+
+
+def _allocation(ports: list[int]) -> tuple[str, int, float]:
+    """(SEQUENTIAL|RANDOM, delta, confidence) from ports of consecutive new mappings."""
+    uniq = list(dict.fromkeys(ports))  # address-dependent NATs repeat a mapping per address
+    deltas = [b - a for a, b in zip(uniq, uniq[1:])]
+    if not deltas:
+        return RANDOM, 0, 0.0
+    delta, agree = Counter(deltas).most_common(1)[0]
+    confidence = agree / max(len(deltas), 3)
+    if delta == 0 or abs(delta) > MAX_DELTA or agree * 2 <= len(deltas) and len(deltas) > 1:
+        return RANDOM, 0, 0.0
+    return SEQUENTIAL, delta, confidence
+
+
+class NatProbe:
+    """Sans-I/O: query every STUN endpoint from one socket, then ``report()``.
+
+    Transactions run in parallel but start ``stagger`` seconds apart, so a sequential NAT
+    allocates in list order even though the answers may come back in any order.
+    """
+
+    def __init__(
+        self,
+        local: Addr,
+        servers: Sequence[Addr],
+        now: float,
+        *,
+        stagger: float = 0.02,
+        rto: float = 0.25,
+        rc: int = 4,
+        rm: int = 4,
+    ):
+        if not 1 <= len(servers) <= 8:
+            raise ValueError("between 1 and 8 STUN endpoints")
+        self.local = normalize(local)
+        self._servers = [normalize(s) for s in servers]
+        self._starts = [now + i * stagger for i in range(len(servers))]
+        self._params = (rto, rc, rm)
+        self._tx: list[StunTransaction | None] = [None] * len(servers)
+        self.handle_timer(now)
+
+    @property
+    def done(self) -> bool:
+        return all(t is not None and t.done for t in self._tx)
+
+    def report(self) -> NatReport:
+        obs = [Observation(s, t.result if t else None) for s, t in zip(self._servers, self._tx)]
+        return classify(self.local, obs)
+
+    def get_timer(self) -> float | None:
+        times = [t.get_timer() if t else s for s, t in zip(self._starts, self._tx)]
+        pending = [x for x in times if x is not None]
+        return min(pending) if pending else None
+
+    def handle_timer(self, now: float) -> None:
+        rto, rc, rm = self._params
+        for i, (server, start) in enumerate(zip(self._servers, self._starts)):
+            tx = self._tx[i]
+            if tx is None:
+                if now >= start:
+                    self._tx[i] = StunTransaction(server, now, rto=rto, rc=rc, rm=rm)
+            else:
+                tx.handle_timer(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        out: list[tuple[bytes, Addr]] = []
+        for tx in self._tx:
+            if tx is not None:
+                out += tx.datagrams_to_send(now)
+        return out
+
+    def receive(self, datagram: bytes, addr: Addr, now: float) -> bool:
+        """True if the datagram answered one of our transactions."""
+        return any(tx is not None and tx.receive(datagram, addr, now) for tx in self._tx)

@@ -1,0 +1,352 @@
+"""Per-peer path state machine (sans-I/O): punch, confirm, choose, keep alive, fall back, re-probe.
+
+Life of a peer path:
+
+1. ``set_remote_candidates`` (from the mediation server or a CallMeMaybe) and ``start_punch(at)``
+   at the common start time the server gave both sides. Every candidate gets a discovery Ping in
+   each of several rounds (0, 0.2, 0.5, 1, 2, 3, 4 s after ``at``), predicted ports first.
+2. An authenticated Pong echoing one of our fresh tx_ids, from the address we pinged, confirms
+   that address with an RTT sample. An authenticated Ping is answered with a Pong and, if its
+   source is not a fresh confirmed path, challenged with our own Ping (peer-reflexive
+   candidate: how symmetric NATs are traversed). Pings alone never move the path: they can be
+   replayed, our tx_ids cannot.
+3. The best confirmed path wins: a LAN address (RFC 1918 / CGNAT / ULA) before anything else,
+   then the lowest RTT with a small IPv6 credit; a confirmed current path is only replaced by a
+   clearly better one (hysteresis: 10 ms or 20 %), or when it stops answering.
+4. No path within ``direct_timeout`` (5 s): state RELAY (traffic goes through the relay, which the
+   caller already uses while ``current_path`` is None); probing continues with exponential
+   backoff and upgrades to direct at the first pong.
+5. The chosen path gets a Ping every ``keepalive_interval`` (25 s, under Linux's 30 s unreplied UDP
+   conntrack timeout; the Pong refreshes the peer's NAT the same way). An unanswered Ping is
+   retried every ``retry_interval``; after ``dead_after`` the path is dropped: another fresh
+   confirmed path takes over, or the state falls back to RELAY and the candidates are re-probed.
+   The caller should then refresh its own candidates (STUN) and send ``call_me_maybe`` over the
+   relay, since a rebinding NAT invalidates the server-reflexive address the peer knows.
+6. Roaming / NAT rebinding: a Ping from a new source address triggers a challenge of that address
+   and a liveness check of the current one; if the current path fails its check while the new
+   address confirmed, the path moves there within ``retry_interval``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .candidate import KINDS, PEER, Addr, Candidate, is_ipv6, is_lan, normalize
+from .disco import MAX_CANDIDATES, CallMeMaybe, DiscoCodec, DiscoMessage, Ping, Pong, new_tx_id
+
+IDLE, PUNCHING, DIRECT, RELAY = "idle", "punching", "direct", "relay"
+
+_KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+_MAX_PENDING = 512
+_MAX_OUT = 512
+_MAX_EVENTS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TraversalConfig:
+    keepalive_interval: float = 25.0
+    direct_timeout: float = 5.0
+    punch_offsets: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0, 2.0, 3.0, 4.0)
+    retry_interval: float = 1.0
+    dead_after: float = 5.0
+    backoff_initial: float = 5.0
+    # capped at the typical 30 s NAT mapping lifetime, so two backing-off sides still overlap
+    backoff_max: float = 30.0
+    switch_abs: float = 0.010
+    switch_rel: float = 0.2
+    ipv6_credit: float = 0.010
+    max_candidates: int = 64
+    max_peer_reflexive: int = 16
+    # a peer's ping triggers at most one challenge ping per address per this interval
+    trigger_interval: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (0 < self.retry_interval < self.dead_after < self.keepalive_interval):
+            raise ValueError("need 0 < retry_interval < dead_after < keepalive_interval")
+        if self.direct_timeout <= 0 or not 0 < self.backoff_initial <= self.backoff_max:
+            raise ValueError("bad direct_timeout / backoff")
+        if not 1 <= len(self.punch_offsets) <= 16 or min(self.punch_offsets) < 0:
+            raise ValueError("1..16 non-negative punch offsets")
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    """The path to use changed. ``path`` None means: send through the relay."""
+
+    path: Addr | None
+    rtt: float | None
+    reason: str  # confirmed | better | roamed | failover | lost | no direct path
+
+
+@dataclass(slots=True)
+class _Path:
+    addr: Addr
+    rtt: float
+    last_pong: float
+    last_sent: float
+    unanswered_since: float | None
+    lan: bool
+    score_credit: float
+
+
+class PeerPath:
+    """Direct-path discovery and maintenance towards one peer (identified by its public key)."""
+
+    def __init__(self, disco: DiscoCodec, peer_key: bytes, config: TraversalConfig | None = None):
+        self.disco = disco
+        self.peer_key = peer_key
+        self.config = config or TraversalConfig()
+        self.state = IDLE
+        self.current_path: Addr | None = None
+        self._remote: dict[Addr, str] = {}
+        self._paths: dict[Addr, _Path] = {}
+        self._pending: OrderedDict[bytes, tuple[Addr, float]] = OrderedDict()
+        self._last_ping: dict[Addr, float] = {}
+        self._rounds: list[float] = []
+        self._relay_deadline: float | None = None
+        self._backoff_at: float | None = None
+        self._backoff = self.config.backoff_initial
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: deque[PathChanged] = deque(maxlen=_MAX_EVENTS)
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed RTT of the current direct path."""
+        p = self._paths.get(self.current_path) if self.current_path else None
+        return p.rtt if p else None
+
+    @property
+    def remote_candidates(self) -> list[Candidate]:
+        return [Candidate(a, k) for a, k in self._remote.items()]
+
+    def set_remote_candidates(self, candidates: Iterable[Candidate]) -> None:
+        """Replace the peer's advertised candidates (peer-reflexive ones we learned are kept)."""
+        new: dict[Addr, str] = {}
+        for c in candidates:
+            if len(new) >= self.config.max_candidates:
+                break
+            new.setdefault(normalize(c.addr), c.kind)
+        for addr, kind in self._remote.items():
+            if kind == PEER:
+                new.setdefault(addr, kind)
+        self._remote = new
+
+    def start_punch(self, at: float) -> None:
+        """Probe every candidate in rounds starting at ``at`` (the server's common start time)."""
+        self._rounds = sorted(at + o for o in self.config.punch_offsets)
+        self._backoff_at = None
+        self._backoff = self.config.backoff_initial
+        if self.current_path is None:
+            self._relay_deadline = at + self.config.direct_timeout
+            if self.state == IDLE:
+                self.state = PUNCHING
+
+    def call_me_maybe(self, local_candidates: Iterable[Candidate], now: float) -> bytes:
+        """A sealed CallMeMaybe with our candidates, for the caller to send over the relay; punches now."""
+        msg = CallMeMaybe(new_tx_id(), tuple(local_candidates)[:MAX_CANDIDATES])
+        self.start_punch(now)
+        return self.disco.seal(self.peer_key, msg)
+
+    def receive(self, msg: DiscoMessage, addr: Addr | None, now: float) -> None:
+        """Dispatch an opened discovery message from this peer (``addr`` None: came via the relay)."""
+        if isinstance(msg, CallMeMaybe):
+            self.receive_call_me_maybe(msg, now)
+        elif addr is None:
+            return  # pings and pongs only mean something for the address they travelled
+        elif isinstance(msg, Ping):
+            self.receive_ping(msg, addr, now)
+        elif isinstance(msg, Pong):
+            self.receive_pong(msg, addr, now)
+
+    def receive_call_me_maybe(self, msg: CallMeMaybe, now: float) -> None:
+        self.set_remote_candidates(msg.candidates)
+        self.start_punch(now)
+
+    def receive_ping(self, ping: Ping, addr: Addr, now: float) -> None:
+        addr = normalize(addr)
+        self._queue(self.disco.seal(self.peer_key, Pong(ping.tx_id, addr)), addr)
+        path = self._paths.get(addr)
+        if path is None or now - path.last_pong > self.config.keepalive_interval:
+            self._learn(addr)
+            if now - self._last_ping.get(addr, float("-inf")) >= self.config.trigger_interval:
+                self._send_ping(addr, now)
+        cur = self._paths.get(self.current_path) if self.current_path else None
+        if cur is not None and addr != cur.addr and cur.unanswered_since is None:
+            self._send_ping(cur.addr, now)  # the peer sends from elsewhere: is the current path alive?
+
+    def receive_pong(self, pong: Pong, addr: Addr, now: float) -> None:
+        addr = normalize(addr)
+        entry = self._pending.pop(pong.tx_id, None)
+        if entry is None:
+            return  # not ours, already answered, or forgotten
+        dst, sent = entry
+        if addr != dst:
+            # answered from another address than the one pinged: challenge that one instead
+            self._learn(addr)
+            self._send_ping(addr, now)
+            return
+        sample = max(now - sent, 0.0)
+        path = self._paths.get(addr)
+        if path is None:
+            self._evict_paths()
+            credit = self.config.ipv6_credit if is_ipv6(addr) else 0.0
+            path = _Path(addr, sample, now, sent, None, is_lan(addr), credit)
+            self._paths[addr] = path
+        else:
+            path.rtt += (sample - path.rtt) / 8
+            path.last_pong = now
+        path.unanswered_since = None
+        self._select(now)
+
+    # ------------------------------------------------------------------ outputs
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> PathChanged | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        times = []
+        if self._rounds:
+            times.append(self._rounds[0])
+        if self._relay_deadline is not None:
+            times.append(self._relay_deadline)
+        if self._backoff_at is not None:
+            times.append(self._backoff_at)
+        cur = self._paths.get(self.current_path) if self.current_path else None
+        if cur is not None:
+            c = self.config
+            if cur.unanswered_since is None:
+                times.append(cur.last_sent + c.keepalive_interval)
+            else:
+                times.append(min(cur.unanswered_since + c.dead_after, cur.last_sent + c.retry_interval))
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        c = self.config
+        due_rounds = 0
+        while self._rounds and self._rounds[0] <= now:
+            self._rounds.pop(0)
+            due_rounds += 1
+        if due_rounds:
+            self._probe_all(now)
+        if self._relay_deadline is not None and now >= self._relay_deadline:
+            self._relay_deadline = None
+            if self.current_path is None:
+                if self.state != RELAY:
+                    self.state = RELAY
+                    self._events.append(PathChanged(None, None, "no direct path"))
+                self._backoff = c.backoff_initial
+                self._backoff_at = now + self._backoff
+        if self._backoff_at is not None and now >= self._backoff_at:
+            if self.current_path is None:
+                self._probe_all(now)
+                self._backoff = min(self._backoff * 2, c.backoff_max)
+                self._backoff_at = now + self._backoff
+            else:
+                self._backoff_at = None
+        cur = self._paths.get(self.current_path) if self.current_path else None
+        if cur is None:
+            return
+        if cur.unanswered_since is not None:
+            if now - cur.unanswered_since >= c.dead_after:
+                self._lose_current(now)
+            elif now - cur.last_sent >= c.retry_interval and not self._select(now):
+                self._send_ping(cur.addr, now)
+        elif now >= cur.last_sent + c.keepalive_interval:
+            self._send_ping(cur.addr, now)
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue(self, datagram: bytes, addr: Addr) -> None:
+        if len(self._out) < _MAX_OUT:
+            self._out.append((datagram, addr))
+
+    def _send_ping(self, addr: Addr, now: float) -> None:
+        tx = new_tx_id()
+        if len(self._pending) >= _MAX_PENDING:
+            self._pending.popitem(last=False)
+        self._pending[tx] = (addr, now)
+        if len(self._last_ping) >= _MAX_PENDING:
+            self._last_ping.clear()  # only rate-limits triggered pings; forgetting is harmless
+        self._last_ping[addr] = now
+        path = self._paths.get(addr)
+        if path is not None:
+            path.last_sent = now
+            if path.unanswered_since is None:
+                path.unanswered_since = now
+        self._queue(self.disco.seal(self.peer_key, Ping(tx)), addr)
+
+    def _probe_all(self, now: float) -> None:
+        order = sorted(self._remote.items(), key=lambda item: _KIND_ORDER[item[1]])
+        addrs = [a for a, _ in order] + [a for a in self._paths if a not in self._remote]
+        for addr in addrs:
+            self._send_ping(addr, now)
+
+    def _learn(self, addr: Addr) -> None:
+        """Remember a peer-reflexive address, forgetting the oldest one beyond the bound."""
+        if addr in self._remote:
+            return
+        learned = [a for a, k in self._remote.items() if k == PEER and a != self.current_path]
+        if len(learned) >= self.config.max_peer_reflexive:
+            del self._remote[learned[0]]
+        self._remote[addr] = PEER
+
+    def _evict_paths(self) -> None:
+        limit = self.config.max_candidates + self.config.max_peer_reflexive
+        if len(self._paths) >= limit:
+            stale = min((p for p in self._paths.values() if p.addr != self.current_path), key=lambda p: p.last_pong)
+            del self._paths[stale.addr]
+
+    def _key(self, p: _Path) -> tuple[int, float]:
+        return (0 if p.lan else 1, p.rtt - p.score_credit)
+
+    def _healthy(self, p: _Path, now: float) -> bool:
+        c = self.config
+        if now - p.last_pong > c.keepalive_interval + c.dead_after:
+            return False
+        return p.unanswered_since is None or now - p.unanswered_since < c.retry_interval
+
+    def _select(self, now: float) -> bool:
+        """Switch to the best healthy confirmed path if warranted; True if the path changed."""
+        healthy = [p for p in self._paths.values() if self._healthy(p, now)]
+        if not healthy:
+            return False
+        best = min(healthy, key=self._key)
+        cur = self._paths.get(self.current_path) if self.current_path else None
+        if cur is best:
+            return False
+        if cur is None:
+            reason = "confirmed"
+        elif not self._healthy(cur, now):
+            reason = "roamed"
+        else:
+            (bt, bs), (ct, cs) = self._key(best), self._key(cur)
+            if bt == ct and bs >= cs - max(self.config.switch_abs, self.config.switch_rel * cs):
+                return False
+            reason = "better"
+        self._switch(best, reason)
+        return True
+
+    def _switch(self, path: _Path, reason: str) -> None:
+        self.current_path = path.addr
+        self.state = DIRECT
+        self._relay_deadline = None
+        self._backoff_at = None
+        self._events.append(PathChanged(path.addr, path.rtt, reason))
+
+    def _lose_current(self, now: float) -> None:
+        del self._paths[self.current_path]  # type: ignore[arg-type]
+        self.current_path = None
+        if self._select(now):
+            self._events[-1] = PathChanged(self.current_path, self.rtt, "failover")
+            return
+        self.state = RELAY
+        self._events.append(PathChanged(None, None, "lost"))
+        self.start_punch(now)

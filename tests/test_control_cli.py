@@ -1,0 +1,267 @@
+"""End to end through the `overlay` command: a real server and real node daemons on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from cluster import OVERLAY, Cluster, free_port
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        yield c
+
+
+def members(node, net):
+    n = node.network(net)
+    return {m["name"]: m for m in n["members"]} if n else {}
+
+
+def test_networks_presence_chat(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    c = cluster.start_node("carol")
+    d = cluster.start_node("dave")
+
+    assert "created network games" in a.ok("create", "games", "--password", "s3cret")
+    assert "wrong password" in c.fails("join", "games", "--password", "nope")
+    assert "does not exist" in c.fails("join", "nosuch", "--password", "x")
+    b.ok("join", "games", "--password", "s3cret")
+    c.ok("join", "Games", "--password", "s3cret")  # names are case-insensitive
+    d.ok("create", "other", "--password", "pw")
+
+    cluster.wait(lambda: len(members(a, "games")) == 3, what="alice sees 3 members")
+    ms = members(c, "games")
+    assert set(ms) == {"alice", "bob", "carol"}
+    assert all(m["online"] for m in ms.values())
+    ips = {m["ip"] for m in ms.values()}
+    assert len(ips) == 3 and all(ip.startswith("100.") for ip in ips)
+    assert ms["alice"]["role"] == "owner" and ms["bob"]["role"] == "member"
+
+    # isolation: dave shares no network with the others and sees none of them
+    assert {p["name"] for p in d.status()["peers"]} == set()
+    assert {p["name"] for p in a.status()["peers"]} == {"bob", "carol"}
+
+    # the CLI's --json status follows the documented schema
+    st = b.cli_status()
+    assert st["node"]["name"] == "bob" and st["node"]["virtual_ip"] == ms["bob"]["ip"]
+    assert st["server"]["connected"] is True
+    assert {"name", "key", "ip", "online", "networks", "path", "rtt_ms"} <= set(st["peers"][0])
+    human = b.ok("status")
+    assert "games" in human and "alice" in human and ms["alice"]["ip"] in human
+
+    # chat: a follower prints live messages; history is kept for later readers
+    follow = subprocess.Popen([*OVERLAY, "chat", "games", "--follow", "--json", "--home", str(c.home)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "following chat of games" in follow.stderr.readline()
+        b.ok("chat", "games", "hello from bob")
+        line = json.loads(follow.stdout.readline())
+        assert line["text"] == "hello from bob" and line["from"] == "bob" and line["network"] == "games"
+    finally:
+        follow.terminate()
+        follow.wait(5)
+    assert "not a member" in d.fails("chat", "games", "intruder")
+    hist = a.ok("chat", "games", "--history")
+    assert "bob@games: hello from bob" in hist
+
+    # presence: a killed daemon goes offline for the others, and comes back with the same IP
+    b.kill(signal.SIGKILL)
+    cluster.wait(lambda: not members(a, "games")["bob"]["online"], timeout=10, what="bob offline")
+    b.start()
+    cluster.wait(lambda: members(a, "games")["bob"]["online"], timeout=15, what="bob online again")
+    assert members(a, "games")["bob"]["ip"] == ms["bob"]["ip"]
+
+    # leave
+    c.ok("leave", "games")
+    cluster.wait(lambda: "carol" not in members(a, "games"), what="carol gone")
+    assert c.network("games") is None
+    assert "not a member" in c.fails("leave", "games")
+
+
+def test_admin_commands(cluster):
+    a = cluster.start_node("owner")
+    b = cluster.start_node("bob")
+    c = cluster.start_node("carol")
+    a.ok("create", "lan", "--password", "pw")
+
+    # lock / unlock
+    a.ok("admin", "lock", "lan")
+    assert "locked" in b.fails("join", "lan", "--password", "pw")
+    a.ok("admin", "unlock", "lan")
+    b.ok("join", "lan", "--password", "pw")
+
+    # member limit
+    a.ok("admin", "limit", "lan", "2")
+    assert "full" in c.fails("join", "lan", "--password", "pw")
+    a.ok("admin", "limit", "lan", "0")
+
+    # approval
+    a.ok("admin", "approval", "lan", "on")
+    assert "waiting for the owner's approval" in c.ok("join", "lan", "--password", "pw")
+    pending = json.loads(a.ok("admin", "pending", "lan", "--json"))["pending"]
+    assert [p["name"] for p in pending] == ["carol"]
+    a.ok("admin", "reject", "lan", "carol")
+    assert json.loads(a.ok("admin", "pending", "lan", "--json"))["pending"] == []
+    c.ok("join", "lan", "--password", "pw")
+    a.ok("admin", "approve", "lan", "carol")
+    cluster.wait(lambda: "carol" in members(b, "lan"), what="carol approved")
+    a.ok("admin", "approval", "lan", "off")
+
+    # only the owner administers
+    assert "only the owner" in b.fails("admin", "kick", "lan", "carol")
+
+    # kick: removed, may rejoin
+    a.ok("admin", "kick", "lan", "carol")
+    cluster.wait(lambda: c.network("lan") is None, what="carol kicked")
+    cluster.wait(lambda: "carol" not in members(b, "lan"), what="bob sees carol gone")
+    c.ok("join", "lan", "--password", "pw")
+
+    # ban: removed and refused; unban lets back in
+    a.ok("admin", "ban", "lan", "carol")
+    cluster.wait(lambda: c.network("lan") is None, what="carol banned")
+    assert "banned" in c.fails("join", "lan", "--password", "pw")
+    a.ok("admin", "unban", "lan", "carol")
+    c.ok("join", "lan", "--password", "pw")
+    assert "no member named" in a.fails("admin", "kick", "lan", "nobody")
+
+    # ownership transfer; the old owner can then leave
+    assert "transfer" in a.fails("leave", "lan")
+    a.ok("admin", "transfer", "lan", "bob")
+    cluster.wait(lambda: members(c, "lan").get("bob", {}).get("role") == "owner", what="bob owns lan")
+    a.ok("leave", "lan")
+
+    # delete: everyone is removed
+    b.ok("admin", "delete", "lan", "--yes")
+    cluster.wait(lambda: c.network("lan") is None and b.network("lan") is None, what="lan deleted")
+    assert "does not exist" in c.fails("join", "lan", "--password", "pw")
+
+
+def test_names_and_errors(cluster, tmp_path):
+    a = cluster.start_node("alice")
+    assert "invalid network name" in a.fails("create", "bad name!", "--password", "x")
+    a.ok("create", "net1", "--password", "x")
+    assert "already exists" in a.fails("create", "net1", "--password", "y")
+    # a second node called alice cannot join a network where the name is taken
+    dup = cluster.start_node("alice2")
+    dup.kill()
+    dup.name = "alice"
+    dup.start()
+    cluster.wait(dup.connected, what="second alice connected")
+    assert "already taken" in dup.fails("join", "net1", "--password", "x")
+
+    # commands without a daemon say so in one line
+    ghost = tmp_path / "ghost"
+    r = subprocess.run([*OVERLAY, "status", "--home", str(ghost)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*OVERLAY, "status", "--json", "--home", str(ghost)], capture_output=True, text=True,
+                       timeout=30)
+    assert json.loads(r.stdout)["error"]["code"] == "not_running"
+    # bad arguments to up
+    r = subprocess.run([*OVERLAY, "up", "--server", "nohostport", "--name", "x", "--home", str(ghost)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+    # a second daemon on the same home is refused
+    r = subprocess.run([*OVERLAY, "up", "--server", cluster.server_addr, "--name", "alice",
+                        "--home", str(a.home)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "already running" in r.stderr
+
+
+def test_key_and_socket_permissions(cluster):
+    a = cluster.start_node("alice")
+    assert (a.home / "node.key").stat().st_mode & 0o777 == 0o600
+    assert (a.home / "overlay.sock").stat().st_mode & 0o777 == 0o600
+    assert (a.home / "known_servers").read_text().startswith(cluster.server_addr + " ")
+
+
+def test_server_restart_persists_everything(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    c = cluster.start_node("carol")
+    a.ok("create", "keep", "--password", "pw")
+    b.ok("join", "keep", "--password", "pw")
+    c.ok("join", "keep", "--password", "pw")
+    a.ok("admin", "ban", "keep", "carol")
+    b.ok("chat", "keep", "before the restart")
+    before = members(a, "keep")
+
+    cluster.stop_server()
+    cluster.wait(lambda: not a.connected(), what="alice notices the server is gone")
+    cluster.start_server()
+    # nodes reconnect by themselves
+    cluster.wait(lambda: a.connected() and b.connected(), timeout=30, what="nodes reconnected")
+    cluster.wait(lambda: members(a, "keep").get("bob", {}).get("online"), timeout=15, what="bob back")
+    after = members(a, "keep")
+    assert {k: v["ip"] for k, v in after.items()} == {k: v["ip"] for k, v in before.items()}
+    assert "banned" in c.fails("join", "keep", "--password", "pw")
+    assert "before the restart" in a.ok("chat", "keep", "--history")
+
+
+def test_server_key_change_is_refused(tmp_path):
+    with Cluster(tmp_path) as c:
+        c.start_server(data="server1")
+        a = c.start_node("alice")
+        c.stop_server()
+        c.start_server(data="server2")  # same address, new key
+        c.wait(lambda: a.status()["server"]["state"] == "error", timeout=20, what="key mismatch reported")
+        st = a.status()["server"]
+        assert "forget-server" in st["error"] and not st["connected"]
+        assert "forget-server" in a.proc.output()
+        a.ok("forget-server", c.server_addr)
+        a.kill(signal.SIGTERM)
+        a.start()
+        c.wait(a.connected, timeout=20, what="reconnected after forgetting the key")
+
+
+@pytest.mark.parametrize("kind", ["socks5", "http"])
+def test_node_reaches_server_through_proxy(tmp_path, kind):
+    tool = {"socks5": "microsocks", "http": "tinyproxy"}[kind]
+    if shutil.which(tool) is None:
+        pytest.skip(f"needs `{tool}` (apt-get install {tool}; .ci/run does)")
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        port = free_port()
+        if kind == "socks5":
+            proxy = subprocess.Popen([tool, "-i", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = f"socks5://127.0.0.1:{port}"
+        else:
+            conf = tmp_path / "tinyproxy.conf"
+            conf.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 600\nAllow 127.0.0.1\n"
+                            f"ConnectPort {c.port}\nMaxClients 20\n")
+            proxy = subprocess.Popen([tool, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            url = f"http://127.0.0.1:{port}"
+        try:
+            a = c.start_node("alice", "--via-proxy", url)
+            a.ok("create", "proxied", "--password", "pw")
+            # the connection really goes through the proxy: kill it and the node loses the server
+            proxy.kill()
+            proxy.wait(5)
+            c.wait(lambda: not a.connected(), timeout=60, what="connection dropped with the proxy")
+        finally:
+            proxy.kill()
+
+
+def test_service_install_writes_user_unit(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PATH": "/usr/bin:/bin"}
+    env["PATH"] = os.path.dirname(sys.executable) + ":/nonexistent"  # no systemctl: unit written, warning
+    home = tmp_path / "home"
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--name", "svc",
+                        "--home", str(home)], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "cfg" / "systemd" / "user" / "overlay.service"
+    text = unit.read_text()
+    assert "ExecStart=" in text and "up --home" in text and "--server 127.0.0.1:9 --name svc" in text
+    assert "WantedBy=default.target" in text
+    r = subprocess.run([*OVERLAY, "service", "uninstall"], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0 and not unit.exists()
