@@ -404,6 +404,17 @@ def _systemctl(*args: str) -> None:
         out.print(f"systemctl --user {' '.join(args)}: done")
 
 
+@app.command()
+def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to keep homes and logs.")):
+    """Run a local server and two nodes, create and join a network, chat, and stop."""
+    from overlay.demo import run_demo
+    try:
+        rc = run_demo(workdir, say=lambda s: out.print(s, highlight=False, soft_wrap=True))
+    except RuntimeError as e:
+        fail(str(e))
+    raise typer.Exit(rc)
+
+
 def main() -> None:
     try:
         app()

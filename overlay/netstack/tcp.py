@@ -117,6 +117,7 @@ class TcpConnection:
         self.remote_ip_bytes = remote_ip
         self.remote_port = remote_port
         self.passive = passive
+        self.half_open_slot = False  # counts against its listener's backlog while SYN-RECEIVED
         self.state = S.CLOSED
         self.error: str | None = None  # why the connection ended abnormally
         self._syn_seen: TcpSegment | None = None  # the peer's SYN (its options shape our SYN-ACK)

@@ -82,6 +82,7 @@ class Harness:
             endpoint=_hostport(args.endpoint) if args.endpoint else None,
             persistent_keepalive=args.persistent_keepalive,
         )
+        self.device.force_under_load = args.under_load
         self.ping_target = ipaddress.IPv4Address(args.ping).packed if args.ping else None
         self.ping_seq = 0
         self.echo_replies_sent = 0
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="our IPv4 address inside the tunnel")
     parser.add_argument("--persistent-keepalive", type=float, default=None)
     parser.add_argument("--initiate", action="store_true", help="send a handshake initiation at start")
+    parser.add_argument("--under-load", action="store_true", help="demand cookies (mac2) from every handshake")
     parser.add_argument("--ping", help="inner IPv4 address to send an echo request to every second")
     args = parser.parse_args(argv)
 

@@ -1,0 +1,349 @@
+"""The userspace IPv4 host: one address, TCP connections, UDP sockets, ICMP echo; sans-I/O.
+
+Feed it inbound IPv4 packets with :meth:`Stack.receive_packet`, drain what it wants to send
+with :meth:`Stack.packets_to_send`, run :meth:`Stack.handle_timer` at :meth:`Stack.get_timer`,
+and take application events from :meth:`Stack.next_event`. Every call takes ``now`` (seconds on
+any monotonic clock) so tests can drive hours of timers in milliseconds.
+
+Security posture (ARCHITECTURE.md): only listened TCP ports accept connections; a SYN to any
+other port is answered with RST and reported as :class:`~overlay.netstack.events.PortRefused`.
+Malformed packets are counted in ``stats`` and dropped; nothing a peer sends can raise here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections import deque
+
+from .. import crypto
+from . import events
+from .tcp import MASK32, TcpConfig, TcpConnection, TcpState
+from .udp import UdpSocket
+from .wire import (
+    ACK,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    IPV4_HEADER_LEN,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    RST,
+    SYN,
+    TCP_HEADER_LEN,
+    TcpSegment,
+    WireError,
+    build_icmp,
+    build_ipv4,
+    build_port_unreachable,
+    build_tcp,
+    build_udp,
+    ip_to_bytes,
+    ip_to_str,
+    parse_icmp,
+    parse_ipv4,
+    parse_tcp,
+    parse_udp,
+)
+
+EPHEMERAL_PORTS = range(49152, 65536)
+MIN_MTU = 576
+MAX_MTU = 65535
+_ISN_TICKS = 250_000  # RFC 6528: the clock component advances every 4 microseconds
+
+
+class Stack:
+    """A userspace TCP/IP host with one IPv4 address.
+
+    ``mtu`` is the tunnel's inner MTU (packets we send never exceed it; the TCP MSS we announce
+    is ``mtu - 40``). ``tcp`` tunes TCP (buffers, timers, congestion control).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        mtu: int = 1400,
+        now: float,
+        tcp: TcpConfig | None = None,
+        listen_backlog: int = 128,
+        icmp_errors_per_second: int = 100,
+    ):
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
+        self.address = address
+        self._addr = ip_to_bytes(address)
+        self.mtu = mtu
+        self.now = now
+        self.tcp_config = tcp or TcpConfig()
+        self.listen_backlog = listen_backlog
+        self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}
+        self._listeners: dict[int, int] = {}  # port -> connections still in SYN-RECEIVED
+        self._udp: dict[int, UdpSocket] = {}
+        self._out: list[bytes] = []
+        self._events: deque = deque()
+        self._dirty: dict[TcpConnection, None] = {}  # insertion-ordered set
+        self._isn_secret = os.urandom(16)
+        self._ident = random.getrandbits(16)
+        self._icmp_budget = icmp_errors_per_second
+        self._icmp_rate = icmp_errors_per_second
+        self._icmp_window = now
+        self.stats = dict.fromkeys(
+            ("rx_packets", "tx_packets", "malformed", "not_for_us", "unknown_proto", "rst_sent", "backlog_full",
+             "udp_dropped", "icmp_echo"),
+            0,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def connections(self) -> list[TcpConnection]:
+        return list(self._conns.values())
+
+    def listen(self, port: int) -> None:
+        """Accept TCP connections to ``port`` (they arrive as IncomingConnection events)."""
+        _check_port(port)
+        self._listeners.setdefault(port, 0)
+
+    def unlisten(self, port: int) -> None:
+        """Stop accepting on ``port``; established connections are not touched."""
+        self._listeners.pop(port, None)
+
+    def connect(self, dst_ip: str, dst_port: int, now: float, *, src_port: int | None = None) -> TcpConnection:
+        """Active open. Returns at once in SYN-SENT; ``Connected`` or ``ConnectionRefused`` /
+        ``TimedOut`` follows as an event."""
+        _check_port(dst_port)
+        self.now = now
+        dst = ip_to_bytes(dst_ip)
+        if src_port is None:
+            src_port = self._ephemeral_port(dst, dst_port)
+        else:
+            _check_port(src_port)
+        key = (dst, dst_port, src_port)
+        if key in self._conns:
+            raise OSError(f"connection {ip_to_str(dst)}:{dst_port} from port {src_port} already exists")
+        conn = self._new_conn(dst, dst_port, src_port, now, passive=False)
+        self._conns[key] = conn
+        conn._start_active(now)
+        return conn
+
+    def udp_bind(self, port: int, *, max_queued: int = 256) -> UdpSocket:
+        """Bind a UDP port; 0 picks an ephemeral one."""
+        if port == 0:
+            free = [p for p in random.sample(EPHEMERAL_PORTS, 64) if p not in self._udp]
+            if not free:
+                raise OSError("no free UDP port")
+            port = free[0]
+        _check_port(port)
+        if port in self._udp:
+            raise OSError(f"UDP port {port} already bound")
+        sock = UdpSocket(self, port, max_queued)
+        self._udp[port] = sock
+        return sock
+
+    def receive_packet(self, ip_packet: bytes, now: float) -> None:
+        """Process one inbound IPv4 packet (from the tunnel). Never raises for bad input."""
+        self.now = now
+        self.stats["rx_packets"] += 1
+        try:
+            ip = parse_ipv4(ip_packet)
+            if ip.dst != self._addr:
+                self.stats["not_for_us"] += 1
+                return
+            src0 = ip.src[0]
+            if src0 == 0 or src0 >= 224 or src0 == 127 or ip.src == self._addr:
+                self.stats["not_for_us"] += 1  # martian source: never answer it
+                return
+            if ip.proto == PROTO_TCP:
+                self._receive_tcp(ip.src, parse_tcp(ip), now)
+            elif ip.proto == PROTO_UDP:
+                self._receive_udp(ip, now)
+            elif ip.proto == PROTO_ICMP:
+                self._receive_icmp(ip)
+            else:
+                self.stats["unknown_proto"] += 1
+        except WireError:
+            self.stats["malformed"] += 1
+
+    def packets_to_send(self, now: float | None = None) -> list[bytes]:
+        """Outbound IPv4 packets queued so far, including output made due by application calls
+        (send, recv opening the window, close). ``now`` defaults to the last time seen."""
+        if now is not None:
+            self.now = now
+        if self._dirty:
+            dirty = self._dirty
+            self._dirty = {}
+            t = self.now
+            for conn in dirty:
+                if conn.state is not TcpState.CLOSED:
+                    conn._output(t)
+                    conn._update_deadline()
+        out = self._out
+        if out:
+            self._out = []
+            self.stats["tx_packets"] += len(out)
+        return out
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` should next run (None: no timer pending)."""
+        best = None
+        for conn in self._conns.values():
+            d = conn.deadline
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
+
+    def handle_timer(self, now: float) -> None:
+        self.now = now
+        for conn in [c for c in self._conns.values() if c.deadline is not None and c.deadline <= now]:
+            if conn.state is not TcpState.CLOSED:
+                conn._on_timer(now)
+
+    def next_event(self) -> events.Event | None:
+        if not self._events:
+            return None
+        ev = self._events.popleft()
+        if type(ev) is events.DatagramReceived:
+            ev.socket.queued -= 1
+        return ev
+
+    # ------------------------------------------------------------------ TCP dispatch
+
+    def _receive_tcp(self, src: bytes, seg: TcpSegment, now: float) -> None:
+        key = (src, seg.src_port, seg.dst_port)
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn._on_segment(seg, now)
+            if conn.half_open_slot and conn.state is not TcpState.SYN_RECEIVED:
+                self._release_half_open(conn)
+            return
+        flags = seg.flags
+        if flags & RST:
+            return
+        port = seg.dst_port
+        if flags & SYN and not flags & ACK and port in self._listeners:
+            if self._listeners[port] >= self.listen_backlog:
+                self.stats["backlog_full"] += 1
+                return  # the peer retransmits its SYN; maybe there is room then
+            self._listeners[port] += 1
+            conn = self._new_conn(src, seg.src_port, port, now, passive=True)
+            conn.half_open_slot = True
+            self._conns[key] = conn
+            conn._start_passive(seg, now)
+            return
+        self._send_rst_for(self._addr, src, seg)
+        if flags & SYN and not flags & ACK:
+            self._event(events.PortRefused(port, (ip_to_str(src), seg.src_port)))
+
+    def _release_half_open(self, conn: TcpConnection) -> None:
+        """The connection left SYN-RECEIVED: it no longer counts against the listen backlog."""
+        conn.half_open_slot = False
+        port = conn.local_port
+        if self._listeners.get(port, 0) > 0:
+            self._listeners[port] -= 1
+
+    def _new_conn(self, remote: bytes, rport: int, lport: int, now: float, passive: bool) -> TcpConnection:
+        return TcpConnection(
+            self, self.tcp_config, self._addr, lport, remote, rport, self._isn(remote, rport, lport, now),
+            self.mtu - IPV4_HEADER_LEN - TCP_HEADER_LEN, passive,
+        )
+
+    def _isn(self, remote: bytes, rport: int, lport: int, now: float) -> int:
+        """RFC 6528: ISN = M + F(4-tuple, secret), M a 4 microsecond clock."""
+        f = crypto.mac(self._isn_secret, self._addr, remote, struct.pack("!HH", lport, rport))
+        return (int(now * _ISN_TICKS) + int.from_bytes(f[:4], "big")) & MASK32
+
+    def _ephemeral_port(self, dst: bytes, dport: int) -> int:
+        for _ in range(64):
+            p = random.choice(EPHEMERAL_PORTS)
+            if (dst, dport, p) not in self._conns:
+                return p
+        for p in EPHEMERAL_PORTS:
+            if (dst, dport, p) not in self._conns:
+                return p
+        raise OSError("no free ephemeral port")
+
+    def _send_rst_for(self, local: bytes, remote: bytes, seg: TcpSegment) -> None:
+        """RST answering ``seg`` (RFC 9293 §3.10.7.1): take its ACK as our sequence number,
+        else acknowledge everything it occupied."""
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            tcp = build_tcp(local, remote, seg.dst_port, seg.src_port, seg.ack, 0, RST, 0)
+        else:
+            tcp = build_tcp(local, remote, seg.dst_port, seg.src_port, 0, seg.seq + seg.seg_len, RST | ACK, 0)
+        self.stats["rst_sent"] += 1
+        self._out.append(build_ipv4(local, remote, PROTO_TCP, tcp, ident=self._next_ident()))
+
+    # ------------------------------------------------------------------ UDP and ICMP
+
+    def _receive_udp(self, ip, now: float) -> None:
+        dgram = parse_udp(ip)
+        sock = self._udp.get(dgram.dst_port)
+        if sock is None:
+            if self._icmp_allowed(now):
+                self._out.append(build_ipv4(self._addr, ip.src, PROTO_ICMP, build_port_unreachable(ip), ident=self._next_ident()))
+            return
+        if sock.queued >= sock.max_queued:
+            sock.dropped += 1
+            self.stats["udp_dropped"] += 1
+            return
+        sock.queued += 1
+        self._events.append(events.DatagramReceived(sock, dgram.data, (ip_to_str(ip.src), dgram.src_port)))
+
+    def _receive_icmp(self, ip) -> None:
+        msg = parse_icmp(ip.payload)
+        if msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
+            self.stats["icmp_echo"] += 1
+            reply = build_icmp(ICMP_ECHO_REPLY, 0, msg.rest, msg.data)
+            self._out.append(build_ipv4(self._addr, ip.src, PROTO_ICMP, reply, ident=self._next_ident()))
+
+    def _icmp_allowed(self, now: float) -> bool:
+        """Token bucket for ICMP errors, so we cannot be used to reflect floods."""
+        if now - self._icmp_window >= 1.0:
+            self._icmp_window = now
+            self._icmp_budget = self._icmp_rate
+        if self._icmp_budget <= 0:
+            return False
+        self._icmp_budget -= 1
+        return True
+
+    def _emit_udp(self, sport: int, addr: tuple[str, int], data: bytes) -> None:
+        dst = ip_to_bytes(addr[0])
+        _check_port(addr[1])
+        self._out.append(build_ipv4(self._addr, dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data), ident=self._next_ident()))
+
+    def _udp_unbind(self, sock: UdpSocket) -> None:
+        if self._udp.get(sock.port) is sock:
+            del self._udp[sock.port]
+
+    # ------------------------------------------------------------------ called by connections
+
+    def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes, options: bytes) -> None:
+        local, remote = conn.local_ip_bytes, conn.remote_ip_bytes
+        tcp = build_tcp(local, remote, conn.local_port, conn.remote_port, seq, ack, flags, window, data, options)
+        self._out.append(build_ipv4(local, remote, PROTO_TCP, tcp, ident=self._next_ident()))
+
+    def _event(self, ev: object) -> None:
+        self._events.append(ev)
+
+    def _mark_dirty(self, conn: TcpConnection) -> None:
+        self._dirty[conn] = None
+
+    def _remove(self, conn: TcpConnection) -> None:
+        key = (conn.remote_ip_bytes, conn.remote_port, conn.local_port)
+        if self._conns.get(key) is conn:
+            del self._conns[key]
+        if conn.half_open_slot:
+            self._release_half_open(conn)
+        self._dirty.pop(conn, None)
+
+    def _next_ident(self) -> int:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
+
+
+def _check_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1..65535")

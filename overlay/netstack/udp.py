@@ -1,0 +1,44 @@
+"""UDP sockets of the userspace stack: bound ports whose datagrams arrive as stack events."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .wire import IPV4_HEADER_LEN, UDP_HEADER_LEN
+
+if TYPE_CHECKING:
+    from .stack import Stack
+
+
+class UdpSocket:
+    """A bound UDP port. Inbound datagrams become ``DatagramReceived`` events; at most
+    ``max_queued`` of them wait in the event queue at a time (later ones are dropped, as UDP may)."""
+
+    def __init__(self, stack: Stack, port: int, max_queued: int = 256):
+        self._stack = stack
+        self.port = port
+        self.max_queued = max_queued
+        self.queued = 0  # DatagramReceived events not yet taken by next_event()
+        self.dropped = 0
+        self.closed = False
+
+    @property
+    def max_datagram(self) -> int:
+        """Largest payload that fits the MTU (we never fragment)."""
+        return self._stack.mtu - IPV4_HEADER_LEN - UDP_HEADER_LEN
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Queue one datagram to ``addr``; ValueError if it would need fragmenting."""
+        if self.closed:
+            raise OSError("UDP socket is closed")
+        if len(data) > self.max_datagram:
+            raise ValueError(f"UDP payload of {len(data)} bytes exceeds {self.max_datagram} (MTU {self._stack.mtu})")
+        self._stack._emit_udp(self.port, addr, data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stack._udp_unbind(self)
+
+    def __repr__(self) -> str:
+        return f"<UdpSocket port {self.port}{' closed' if self.closed else ''}>"
