@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from overlay import crypto  # noqa: E402
 from overlay.control import passwords  # noqa: E402
-from overlay.control.channel import Channel, Message  # noqa: E402
-from overlay.control.messages import PROTOCOL_VERSION  # noqa: E402
+from overlay.control.rawclient import RawClient  # noqa: E402
 from overlay.server.store import Store  # noqa: E402
 
 OVERLAY = [sys.executable, "-m", "overlay"]
@@ -42,54 +41,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-class SimNode:
-    """A node that speaks the real protocol and records events with arrival times."""
-
-    def __init__(self, name: str, key: bytes):
-        self.name, self.key = name, key
-        self.events: list[tuple[float, dict]] = []
-        self.waiters: list[tuple[callable, asyncio.Future]] = []
-
-    async def connect(self, port: int) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-        self.ch = Channel(initiator=True, static_private=self.key)
-        self.writer.write(self.ch.data_to_send())
-        while not self.ch.established:
-            self.ch.receive_data(await self.reader.read(65536))
-            while self.ch.next_event():
-                pass
-            self.writer.write(self.ch.data_to_send())
-        self.ch.send({"t": "hello", "id": 1, "name": self.name, "version": PROTOCOL_VERSION})
-        self.writer.write(self.ch.data_to_send())
-        self.task = asyncio.get_running_loop().create_task(self._read())
-        await self.wait_for(lambda m: m.get("t") == "ok" and m.get("id") == 1)
-
-    async def _read(self) -> None:
-        while data := await self.reader.read(65536):
-            self.ch.receive_data(data)
-            while (ev := self.ch.next_event()) is not None:
-                if isinstance(ev, Message):
-                    now = time.monotonic()
-                    self.events.append((now, ev.body))
-                    for cond, fut in list(self.waiters):
-                        if not fut.done() and cond(ev.body):
-                            fut.set_result(now)
-            if len(self.events) > 10000:
-                del self.events[:5000]
-
-    async def wait_for(self, cond, timeout: float = 30.0) -> float:
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters.append((cond, fut))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self.waiters.remove((cond, fut))
-
-    def close(self) -> None:
-        self.task.cancel()
-        self.writer.close()
 
 
 def prepare_db(data: Path, keys: list[bytes], per_net: int, watcher: bytes, peer_key: bytes) -> None:
@@ -139,10 +90,10 @@ async def main_async(args) -> None:
                 await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
         idle = rss_kib(server.pid)
-        nodes = [SimNode(f"n{i}", k) for i, k in enumerate(keys)]
+        nodes = [RawClient(f"n{i}", k) for i, k in enumerate(keys)]
         t0 = time.monotonic()
         for i in range(0, len(nodes), 50):
-            await asyncio.gather(*(n.connect(port) for n in nodes[i:i + 50]))
+            await asyncio.gather(*(n.connect("127.0.0.1", port) for n in nodes[i:i + 50]))
         t_connect = time.monotonic() - t0
         await asyncio.sleep(1.0)
         loaded = rss_kib(server.pid)
@@ -150,8 +101,8 @@ async def main_async(args) -> None:
               f"{loaded / 1024:.1f} MiB ({(loaded - idle) / len(nodes):.1f} KiB per node); "
               f"connect+hello of all: {t_connect:.1f} s")
 
-        watcher = SimNode(f"n{args.nodes}", watcher_key)
-        await watcher.connect(port)
+        watcher = RawClient(f"n{args.nodes}", watcher_key)
+        await watcher.connect("127.0.0.1", port)
         peer_b64 = __import__("base64").b64encode(crypto.public_key(peer_priv)).decode()
 
         def presence(online: bool):
@@ -161,17 +112,19 @@ async def main_async(args) -> None:
         ups, downs = [], []
         for _ in range(args.runs):
             t_start = time.monotonic()
-            fut = asyncio.ensure_future(watcher.wait_for(presence(True), 60))
+            fut = watcher.expect(presence(True))
             p = subprocess.Popen([*OVERLAY, "up", "--server", f"127.0.0.1:{port}", "--name", peer_name,
                                   "--home", str(peer_home), "--log-level", "warning"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ups.append(await fut - t_start)
+            await asyncio.wait_for(fut, 60)
+            ups.append(time.monotonic() - t_start)
             await asyncio.sleep(0.3)
-            fut = asyncio.ensure_future(watcher.wait_for(presence(False), 60))
+            fut = watcher.expect(presence(False))
             t_kill = time.monotonic()
             p.send_signal(signal.SIGKILL)
             p.wait()
-            downs.append(await fut - t_kill)
+            await asyncio.wait_for(fut, 60)
+            downs.append(time.monotonic() - t_kill)
             await asyncio.sleep(0.2)
         print(f"presence online: process start -> watcher sees it: median {statistics.median(ups) * 1000:.0f} ms "
               f"(min {min(ups) * 1000:.0f}, max {max(ups) * 1000:.0f}; includes Python start-up)")

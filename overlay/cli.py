@@ -74,6 +74,7 @@ def _password(password: Optional[str]) -> str:
 def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:PORT for TCP control and UDP."),
            data: Path = typer.Option(..., "--data", help="Directory for the server key and database."),
            pool: str = typer.Option("100.64.0.0/10", "--pool", help="Virtual IPv4 pool (CIDR)."),
+           relay_rate: int = typer.Option(2048, "--relay-rate", help="Relay bandwidth cap per node, KiB/s."),
            log_level: str = typer.Option("info", "--log-level")):
     """Run a mediation server in the foreground."""
     import ipaddress
@@ -87,7 +88,7 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         fail(str(e))
     _logging(log_level)
     try:
-        asyncio.run(run_server(data, host, port, pool))
+        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024))
     except OSError as e:
         fail(f"cannot listen on {listen}: {e.strerror or e}")
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ so the server core only ever sees well-typed, bounded input.
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 PROTOCOL_VERSION = 1
@@ -74,7 +75,15 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "members": {"network": (_STR, True)},
     "admin": {"network": (_STR, True), "action": (_STR, True),
               "target": (_STR, False), "value": (_INT, False)},
+    # data plane introduction (see overlay/node/dataplane.py)
+    "endpoints": {"candidates": (list, True), "nat": (dict, False)},
+    "punch": {"peer": (_STR, True)},
+    "relay": {"to": (_STR, True), "data": (_STR, True)},   # fire and forget: no reply
 }
+
+MAX_CANDIDATES = 16
+CANDIDATE_KINDS = {"lan", "srflx", "magic", "predicted", "peer"}
+MAX_RELAY_B64 = 4096
 
 ADMIN_ACTIONS = {
     "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
@@ -116,6 +125,24 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", f"admin {msg['action']} needs a member name")
         if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
             raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
+    if t == "endpoints":
+        cands = msg["candidates"]
+        if len(cands) > MAX_CANDIDATES:
+            raise RequestError("bad_request", f"at most {MAX_CANDIDATES} candidates")
+        for c in cands:
+            if (not isinstance(c, dict) or set(c) != {"addr", "kind"} or not isinstance(c["addr"], str)
+                    or len(c["addr"]) > 64 or c["kind"] not in CANDIDATE_KINDS):
+                raise RequestError("bad_request", "a candidate is {addr: 'ip:port', kind: lan|srflx|magic|predicted|peer}")
+        if len(json.dumps(msg.get("nat", {}))) > 1024:
+            raise RequestError("bad_request", "nat description too large")
+    if t in ("punch", "relay"):
+        field_ = "peer" if t == "punch" else "to"
+        try:
+            key_from_text(msg[field_])
+        except ValueError:
+            raise RequestError("bad_request", f"{t}: {field_} must be a base64 node key") from None
+    if t == "relay" and len(msg["data"]) > MAX_RELAY_B64:
+        raise RequestError("bad_request", "relay payload too large")
     if "max_members" in msg and not 0 <= msg["max_members"] <= 65535:
         raise RequestError("bad_request", "max_members must be 0-65535 (0 = no limit)")
     return msg

@@ -9,6 +9,7 @@ write-buffer cap (a node that does not read is dropped and resyncs when it recon
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import time
@@ -17,7 +18,10 @@ from pathlib import Path
 from overlay import crypto
 from overlay.control import passwords
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
-from overlay.control.messages import RequestError, error, key_to_text, validate_request
+from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
+from overlay.nat import stun
+from overlay.relay import frames
+from overlay.relay.server import DEFAULT_RATE, RelayServer
 from overlay.server.mediator import DEFAULT_POOL, Mediator
 from overlay.server.store import Store
 
@@ -97,6 +101,9 @@ class ControlConnection(asyncio.Protocol):
         self.tokens = min(BURST, self.tokens + (now - getattr(self, "_t_tokens", now)) * RATE)
         self._t_tokens = now
         rid = body.get("id") if isinstance(body.get("id"), int) else None
+        if body.get("t") == "relay" and self.registered:
+            self.server.relay_over_tcp(self, body)  # byte-capped by the relay, never answered
+            return
         if self.tokens < 1:
             self._refuse(error(rid, "rate_limited", "too many requests; slow down"))
             return
@@ -168,21 +175,25 @@ class ControlConnection(asyncio.Protocol):
 
 
 class MediationServer:
-    def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL):
+    def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
+                 relay_rate: float = DEFAULT_RATE):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
         self.public_key = crypto.public_key(self.private_key)
         self.store = Store(self.data_dir / "overlay.db")
         self.mediator = Mediator(self.store, pool)
+        self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
+        self.relay = RelayServer(self._may_relay, rate=relay_rate)
+        self.mediator.udp_addr_of = self.relay.udp_address
         self.host, self.port = host, port
         self.connections: set[ControlConnection] = set()
         self.sessions: dict[bytes, ControlConnection] = {}
         self._hash_slots = asyncio.Semaphore(2)
         self._tcp: asyncio.base_events.Server | None = None
         self._udp = None
+        self.udp_transport: asyncio.DatagramTransport | None = None
         self._reaper: asyncio.Task | None = None
-        self.udp_handler = None  # set by the tunnel layer (STUN, relay)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -210,6 +221,7 @@ class MediationServer:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            self.relay.expire(now)
             for c in list(self.connections):
                 limit = IDLE_TIMEOUT if c.registered else HANDSHAKE_TIMEOUT
                 if now - c.last_rx > limit:
@@ -230,8 +242,12 @@ class MediationServer:
                 old.close(error(None, "replaced", "this node connected again from elsewhere"))
                 self.unregister(old)
             reply = m.hello(conn.key, msg, now)
+            reply["udp_token"] = base64.b64encode(self.relay.token_for(conn.key)).decode()
+            reply["udp_port"] = self.port
             conn.registered = True
             self.sessions[conn.key] = conn
+            key = conn.key
+            self.relay.tcp_sinks[key] = lambda src, payload, c=conn: self._tcp_deliver(c, src, payload)
             log.info("%s: node %s (%s) online", conn.peer, reply["name"], reply["ip"])
             return reply
         if t == "create":
@@ -249,9 +265,40 @@ class MediationServer:
     def unregister(self, conn: ControlConnection) -> None:
         if conn.key is not None and self.sessions.get(conn.key) is conn:
             del self.sessions[conn.key]
+            self.relay.tcp_sinks.pop(conn.key, None)
+            self._peer_cache.pop(conn.key, None)
             self.mediator.disconnect(conn.key, time.time())
             log.info("%s: node offline", conn.peer)
             self.deliver()
+
+    # ------------------------------------------------------------ relay
+    def _may_relay(self, src: bytes, dst: bytes) -> bool:
+        """Relay only between nodes sharing a network; cached for a few seconds per source."""
+        now = time.monotonic()
+        hit = self._peer_cache.get(src)
+        if hit is None or now - hit[0] > 5.0:
+            if len(self._peer_cache) > 100_000:
+                self._peer_cache.clear()
+            hit = self._peer_cache[src] = (now, self.store.peers_of(src))
+        return dst in hit[1]
+
+    def relay_over_tcp(self, conn: ControlConnection, body: dict) -> None:
+        """A node without UDP sends relay payloads on its control connection."""
+        try:
+            dst = key_from_text(body["to"])
+            payload = base64.b64decode(body["data"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            return
+        if not payload or len(payload) > frames.MAX_PAYLOAD:
+            return
+        out: list = []
+        self.relay.forward(conn.key, dst, payload, time.monotonic(), out)
+        for data, addr in out:
+            self.udp_transport.sendto(data, addr)
+
+    def _tcp_deliver(self, conn: ControlConnection, src: bytes, payload: bytes) -> None:
+        conn.send({"t": "relay", "from": key_to_text(src), "data": base64.b64encode(payload).decode()})
+        conn.flush()
 
     def deliver(self) -> None:
         out = self.mediator.outgoing
@@ -267,21 +314,33 @@ class MediationServer:
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
+    """The server's UDP port: STUN Binding for anyone, relay frames for registered nodes."""
+
     def __init__(self, server: MediationServer):
         self.server = server
         self.transport = None
 
     def connection_made(self, transport):
         self.transport = transport
+        self.server.udp_transport = transport
 
     def datagram_received(self, data, addr):
-        handler = self.server.udp_handler
-        if handler is not None:
-            handler(self.transport, data, addr)
+        addr = addr[:2]
+        if frames.is_relay(data):
+            for out, dst in self.server.relay.receive(data, addr, time.monotonic()):
+                self.transport.sendto(out, dst)
+        elif stun.is_stun(data):
+            reply = stun.binding_response(data, addr)
+            if reply is not None:
+                self.transport.sendto(reply, addr)
+
+    def error_received(self, exc):  # ICMP errors for departed nodes: nothing to do
+        pass
 
 
-async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL) -> None:
-    server = MediationServer(data_dir, host, port, pool)
+async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
+                     relay_rate: float = DEFAULT_RATE) -> None:
+    server = MediationServer(data_dir, host, port, pool, relay_rate)
     await server.start()
     print(f"overlay server listening on {host}:{server.port} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from overlay.control.messages import (
-    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_to_text, normalize_name, ok,
+    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok,
 )
 from overlay.server.store import Store
 
@@ -52,6 +53,9 @@ class Mediator:
             raise ValueError(f"address pool {pool} is too small")
         self.online: set[bytes] = set()
         self.outgoing: deque[tuple[bytes, dict]] = deque()
+        self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
+        # the relay tells us which UDP address a node registered from (its server-reflexive address)
+        self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
         self._fail_net: dict[str, _Window] = {}
 
@@ -162,6 +166,7 @@ class Mediator:
         if key not in self.online:
             return
         self.online.discard(key)
+        self.endpoints.pop(key, None)
         self.store.update_node(key, self.store.node(key).name, now)
         for net in self.store.networks_of(key):
             self._announce_member(net, key)
@@ -192,6 +197,11 @@ class Mediator:
             return ok(msg["id"])
         if t == "admin":
             return self._admin(key, msg, now)
+        if t == "endpoints":
+            self.endpoints[key] = {"candidates": msg["candidates"], "nat": msg.get("nat", {})}
+            return ok(msg["id"])
+        if t == "punch":
+            return self._punch(key, msg)
         raise RequestError("unknown_type", f"unknown request type {t!r}")
 
     def create_precheck(self, key: bytes, msg: dict) -> str:
@@ -361,6 +371,31 @@ class Mediator:
                 self._push_members(name, {"t": "members", "network": name, "members": [rec]})
         self._broadcast_info(name)
         return ok(rid)
+
+    # ------------------------------------------------------------------ introductions
+    def shares_network(self, a: bytes, b: bytes) -> bool:
+        return b in self.store.peers_of(a)
+
+    def candidates_of(self, key: bytes) -> list[dict]:
+        cands = list(self.endpoints.get(key, {}).get("candidates", []))
+        udp = self.udp_addr_of(key)
+        if udp is not None:
+            srflx = {"addr": f"{udp[0]}:{udp[1]}", "kind": "srflx"}
+            if srflx not in cands:
+                cands.insert(0, srflx)
+        return cands
+
+    def _punch(self, key: bytes, msg: dict) -> dict:
+        """Introduce two nodes: each gets the other's candidates and starts probing at once."""
+        peer = key_from_text(msg["peer"])
+        if peer == key or not self.shares_network(key, peer):
+            raise RequestError("not_peer", "that node shares no network with you")
+        if peer not in self.online:
+            raise RequestError("peer_offline", "that node is offline")
+        for a, b in ((key, peer), (peer, key)):
+            self._push(a, {"t": "punch", "peer": key_to_text(b), "candidates": self.candidates_of(b),
+                           "nat": self.endpoints.get(b, {}).get("nat", {})})
+        return ok(msg["id"])
 
     def _pending_by_name(self, network: str, raw: str) -> bytes:
         target = normalize_name(raw, "member name")

@@ -1,0 +1,137 @@
+"""The relay's forwarding logic, sans-I/O: who is at which UDP address, who may talk to whom, caps.
+
+A node proves it owns a UDP address by sending REGISTER with a token the server gave it over the
+authenticated control channel (``token_for(key)``: a keyed hash, so nothing per node is stored).
+DATA is forwarded only between registered nodes that share a network (``may_relay``), within a
+per-source token bucket (bytes/s). Registrations expire unless refreshed (nodes re-register every
+few seconds, which also keeps their NAT mapping toward the server alive).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Callable
+
+from overlay.relay import frames
+
+REGISTRATION_TTL = 90.0
+DEFAULT_RATE = 2 * 1024 * 1024  # bytes per second per node
+MAX_REGISTRATIONS = 100_000
+
+
+class _Bucket:
+    __slots__ = ("tokens", "t")
+
+    def __init__(self, burst: float, now: float):
+        self.tokens = burst
+        self.t = now
+
+
+class RelayServer:
+    def __init__(self, may_relay: Callable[[bytes, bytes], bool], *, rate: float = DEFAULT_RATE,
+                 secret: bytes | None = None):
+        self.may_relay = may_relay
+        self.rate = float(rate)
+        self.burst = max(self.rate, 256 * 1024.0)
+        self._secret = secret or os.urandom(32)
+        self.addr_of: dict[bytes, tuple] = {}        # key -> UDP address
+        self.key_at: dict[tuple, bytes] = {}         # UDP address -> key
+        self.seen: dict[bytes, float] = {}
+        self.tcp_sinks: dict[bytes, Callable[[bytes, bytes], None]] = {}  # key -> send(src, payload)
+        self._buckets: dict[bytes, _Bucket] = {}
+        self.stats = {"forwarded": 0, "bytes": 0, "refused": 0, "malformed": 0, "capped": 0}
+
+    def token_for(self, key: bytes) -> bytes:
+        return hmac.digest(self._secret, key, "blake2s")[:frames.TOKEN_LEN]
+
+    # ------------------------------------------------------------------ UDP side
+    def receive(self, datagram: bytes, addr: tuple, now: float) -> list[tuple[bytes, tuple]]:
+        """A relay frame from ``addr``; returns datagrams to send as (data, addr)."""
+        try:
+            t, key, rest = frames.parse(datagram)
+        except frames.FrameError:
+            self.stats["malformed"] += 1
+            return []
+        if t == frames.REGISTER:
+            if not hmac.compare_digest(rest, self.token_for(key)):
+                self.stats["refused"] += 1
+                return []
+            self._register(key, addr, now)
+            return [(frames.registered(), addr)]
+        if t != frames.DATA:
+            return []
+        src = self.key_at.get(addr)
+        if src is None:
+            self.stats["refused"] += 1
+            return [(frames.refused(key, frames.REASON_NOT_REGISTERED), addr)]
+        self.seen[src] = now
+        out: list[tuple[bytes, tuple]] = []
+        self.forward(src, key, rest, now, out, reply_to=addr)
+        return out
+
+    def forward(self, src: bytes, dst: bytes, payload: bytes, now: float,
+                out: list[tuple[bytes, tuple]], reply_to: tuple | None = None) -> bool:
+        """Forward ``payload`` from ``src`` to ``dst`` over UDP (appended to ``out``) or the TCP sink."""
+        if not self.may_relay(src, dst):
+            self.stats["refused"] += 1
+            if reply_to is not None:
+                out.append((frames.refused(dst, frames.REASON_NOT_PEER), reply_to))
+            return False
+        if not self._spend(src, len(payload), now):
+            self.stats["capped"] += 1
+            return False
+        addr = self.addr_of.get(dst)
+        if addr is not None and now - self.seen.get(dst, 0) <= REGISTRATION_TTL:
+            out.append((frames.data(src, payload), addr))
+        elif dst in self.tcp_sinks:
+            self.tcp_sinks[dst](src, payload)
+        else:
+            self.stats["refused"] += 1
+            if reply_to is not None:
+                out.append((frames.refused(dst, frames.REASON_NOT_REGISTERED), reply_to))
+            return False
+        self.stats["forwarded"] += 1
+        self.stats["bytes"] += len(payload)
+        return True
+
+    def _spend(self, key: bytes, n: int, now: float) -> bool:
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(self.burst, now)
+        b.tokens = min(self.burst, b.tokens + (now - b.t) * self.rate)
+        b.t = now
+        if b.tokens < n:
+            return False
+        b.tokens -= n
+        return True
+
+    def _register(self, key: bytes, addr: tuple, now: float) -> None:
+        old = self.addr_of.get(key)
+        if old is not None and old != addr:
+            self.key_at.pop(old, None)
+        if key not in self.addr_of and len(self.addr_of) >= MAX_REGISTRATIONS:
+            self.expire(now)
+            if len(self.addr_of) >= MAX_REGISTRATIONS:
+                return
+        prev = self.key_at.get(addr)
+        if prev is not None and prev != key:
+            self.addr_of.pop(prev, None)
+        self.addr_of[key] = addr
+        self.key_at[addr] = key
+        self.seen[key] = now
+
+    def expire(self, now: float) -> None:
+        for key, t in list(self.seen.items()):
+            if now - t > REGISTRATION_TTL:
+                self.forget(key)
+
+    def forget(self, key: bytes) -> None:
+        addr = self.addr_of.pop(key, None)
+        if addr is not None and self.key_at.get(addr) == key:
+            del self.key_at[addr]
+        self.seen.pop(key, None)
+        self._buckets.pop(key, None)
+
+    def udp_address(self, key: bytes) -> tuple | None:
+        return self.addr_of.get(key)
