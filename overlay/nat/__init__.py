@@ -14,7 +14,7 @@ WireGuard (type byte 1..4 then three zero bytes), STUN (``stun.is_stun``) and di
 from __future__ import annotations
 
 from .candidate import Addr, Candidate
-from .classify import NatProbe, NatReport, Observation, classify
+from .classify import NatProbe, NatReport, Observation
 from .disco import CallMeMaybe, DiscoCodec, DiscoError, Ping, Pong, is_disco
 from .stun import StunError, StunTransaction, binding_response, is_stun
 from .traversal import PathChanged, PeerPath, TraversalConfig
@@ -34,7 +34,7 @@ def classify_datagram(datagram: bytes) -> str:
 
 
 __all__ = [
-    "Addr", "Candidate", "NatProbe", "NatReport", "Observation", "classify", "CallMeMaybe", "DiscoCodec",
+    "Addr", "Candidate", "NatProbe", "NatReport", "Observation", "CallMeMaybe", "DiscoCodec",
     "DiscoError", "Ping", "Pong", "is_disco", "StunError", "StunTransaction", "binding_response", "is_stun",
     "PathChanged", "PeerPath", "TraversalConfig", "classify_datagram", "WIREGUARD", "STUN", "DISCO", "OTHER",
 ]
