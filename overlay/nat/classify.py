@@ -104,8 +104,8 @@ def classify(local: Addr, observations: Sequence[Observation]) -> NatReport:
     if len(set(mappings)) == 1:
         return NatReport(True, local, public, behind, EIM, port_preserved, None, 0, 0.0, public[1], ips)
     mapping = _dependency(per_server)
-    allocation, delta, confidence = _allocation([m[1] for m in mappings])
-    return NatReport(True, local, public, behind, mapping, port_preserved, allocation, delta, confidence, mappings[-1][1], ips)
+    allocation, delta, confidence, last = _allocation([m[1] for m in mappings])
+    return NatReport(True, local, public, behind, mapping, port_preserved, allocation, delta, confidence, last, ips)
 
 
 def _dependency(per_server: dict[Addr, Addr]) -> str:
@@ -120,17 +120,34 @@ def _dependency(per_server: dict[Addr, Addr]) -> str:
     return ADM if all(len(m) == 1 for m in same_ip_groups) else APDM
 
 
-def _allocation(ports: list[int]) -> tuple[str, int, float]:
-    """(SEQUENTIAL|RANDOM, delta, confidence) from ports of consecutive new mappings."""
+def _allocation(ports: list[int]) -> tuple[str, int, float, int]:
+    """(SEQUENTIAL|RANDOM, delta, confidence, last port) from the ports of consecutive new mappings.
+
+    Tried in send order first; then in ascending order, because a lost first request makes the
+    NAT allocate at the retransmission, out of send order, while the set of ports stays a run.
+    """
     uniq = list(dict.fromkeys(ports))  # address-dependent NATs repeat a mapping per address
-    deltas = [b - a for a, b in zip(uniq, uniq[1:])]
+    found = _run(uniq)
+    if found is None:
+        found = _run(sorted(uniq))
+        if found is not None and uniq[-1] < uniq[0]:  # a decrementing counter, seen out of order
+            found = (-found[0], found[1], min(uniq))
+    if found is None:
+        return RANDOM, 0, 0.0, uniq[-1]
+    delta, confidence, last = found
+    return SEQUENTIAL, delta, confidence, last
+
+
+def _run(ports: list[int]) -> tuple[int, float, int] | None:
+    """(delta, confidence, last port) if most consecutive deltas agree on a small step."""
+    # deltas modulo the dynamic port range, so a counter wrapping from 65535 to 1024 is +1
+    deltas = [(b - a + _PORT_SPAN // 2) % _PORT_SPAN - _PORT_SPAN // 2 for a, b in zip(ports, ports[1:])]
     if not deltas:
-        return RANDOM, 0, 0.0
+        return None
     delta, agree = Counter(deltas).most_common(1)[0]
-    confidence = agree / max(len(deltas), 3)
-    if delta == 0 or abs(delta) > MAX_DELTA or agree * 2 <= len(deltas) and len(deltas) > 1:
-        return RANDOM, 0, 0.0
-    return SEQUENTIAL, delta, confidence
+    if delta == 0 or abs(delta) > MAX_DELTA or (len(deltas) > 1 and agree * 2 <= len(deltas)):
+        return None
+    return delta, agree / max(len(deltas), 3), ports[-1]
 
 
 class NatProbe:
