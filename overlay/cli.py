@@ -100,6 +100,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        name: Optional[str] = typer.Option(None, "--name", help="This node's name (a DNS label)."),
        via_proxy: Optional[str] = typer.Option(None, "--via-proxy",
                                                help="Reach the server through http://… or socks5://… proxy."),
+       port: Optional[int] = typer.Option(None, "--port", help="Fixed UDP port (the 'magic' port to forward on "
+                                                                 "your router); default: any free port."),
+       keepalive: Optional[float] = typer.Option(None, "--keepalive", help="NAT keepalive interval, seconds (25)."),
        home: Optional[Path] = HomeOpt,
        log_level: str = typer.Option("info", "--log-level")):
     """Start the node daemon in the foreground."""
@@ -114,6 +117,12 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     server = server or cfg.get("server")
     name = name or cfg.get("name")
     via_proxy = via_proxy or cfg.get("via_proxy")
+    port = port if port is not None else cfg.get("port", 0)
+    keepalive = keepalive if keepalive is not None else cfg.get("keepalive", 25.0)
+    if not isinstance(port, int) or not 0 <= port < 65536:
+        fail(f"--port {port}: expected 0-65535")
+    if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
+        fail(f"--keepalive {keepalive}: expected 7-600 seconds")
     if not server:
         fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
     if not name:
@@ -129,7 +138,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     _logging(log_level)
     try:
-        asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy))
+        asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
+                               keepalive=float(keepalive)))
     except (DaemonError, HomeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -184,6 +194,43 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
                 path += f" {p['rtt_ms']:.1f} ms"
             t.add_row(m["name"], m["ip"], state, m["role"], path)
         out.print(t)
+
+
+@app.command()
+def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtual IP."),
+         count: int = typer.Option(10, "-c", "--count", help="Probes at most (stops early once direct)."),
+         until_direct: bool = typer.Option(True, "--until-direct/--no-until-direct",
+                                           help="Stop at the first answer over a direct path."),
+         home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Ping a peer through the tunnel: one line per probe with its path and round-trip time."""
+    import time
+    direct = False
+    answered = 0
+    for i in range(max(1, count)):
+        t0 = time.monotonic()
+        r = daemon_call(home, "ping_peer", as_json, peer=peer, timeout=2.0)
+        r.pop("ok", None)
+        path = r.get("path") or "no path"
+        if r["rtt_ms"] is not None:
+            answered += 1
+            direct = direct or path.startswith("direct")
+        if as_json:
+            print(json.dumps(r), flush=True)
+        elif r["rtt_ms"] is None:
+            out.print(f"timeout waiting for {r['peer']} ({r['ip']}) via {path}", highlight=False)
+        else:
+            out.print(f"pong from {r['peer']} ({r['ip']}) via {path} in {r['rtt_ms']:.1f} ms", highlight=False)
+        if direct and until_direct:
+            break
+        time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
+    if not as_json:
+        if direct:
+            out.print("direct path established")
+        elif answered:
+            out.print("no direct path yet: traffic goes through the relay")
+        else:
+            out.print(f"{peer} did not answer")
+    raise typer.Exit(0 if answered else 1)
 
 
 # ---------------------------------------------------------------------------- networks

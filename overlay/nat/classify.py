@@ -105,6 +105,11 @@ def classify(local: Addr, observations: Sequence[Observation]) -> NatReport:
         return NatReport(True, local, public, behind, EIM, port_preserved, None, 0, 0.0, public[1], ips)
     mapping = _dependency(per_server)
     allocation, delta, confidence, last = _allocation([m[1] for m in mappings])
+    if allocation == SEQUENTIAL and mapping != ADM:
+        # requests whose answers were lost after the last answered one still took ports
+        answered_at = max(i for i, o in enumerate(observations) if o.mapped is not None)
+        unanswered_new = {o.server for o in observations[answered_at + 1 :]} - set(per_server)
+        last = _PORT_LOW + (last + delta * len(unanswered_new) - _PORT_LOW) % _PORT_SPAN
     return NatReport(True, local, public, behind, mapping, port_preserved, allocation, delta, confidence, last, ips)
 
 
@@ -145,8 +150,15 @@ def _run(ports: list[int]) -> tuple[int, float, int] | None:
     if not deltas:
         return None
     delta, agree = Counter(deltas).most_common(1)[0]
-    if delta == 0 or abs(delta) > MAX_DELTA or (len(deltas) > 1 and agree * 2 <= len(deltas)):
+    if delta == 0 or abs(delta) > MAX_DELTA:
         return None
+    if len(deltas) > 1 and agree * 2 <= len(deltas):
+        # an unanswered request still took a port, leaving a gap: accept steps that are all
+        # small multiples of the smallest one, in one direction
+        delta = min(deltas, key=abs)
+        if delta == 0 or abs(delta) > MAX_DELTA or not all(d % delta == 0 and 0 < d // delta <= 4 for d in deltas):
+            return None
+        agree = deltas.count(delta)
     return delta, agree / max(len(deltas), 3), ports[-1]
 
 

@@ -18,7 +18,7 @@ import socket
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .candidate import Addr, AddressError, normalize
 
@@ -312,7 +312,6 @@ def binding_response(request: bytes, observed_addr: Addr) -> bytes | None:
     return binding_success(msg.transaction_id, observed_addr)
 
 
-@dataclass
 class StunTransaction:
     """One Binding request over UDP with RFC 8489 §6.2.1 retransmission, sans-I/O.
 
@@ -321,28 +320,23 @@ class StunTransaction:
     Path discovery uses shorter settings: a node waiting half a minute learns nothing useful.
     """
 
-    server: Addr
-    now: float
-    rto: float = 0.5
-    rc: int = 7
-    rm: int = 16
-    transaction_id: bytes = field(default_factory=new_transaction_id)
-    result: Addr | None = field(default=None, init=False)
-    error: str | None = field(default=None, init=False)
-    rtt: float | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        if not (0 < self.rto <= 10 and 1 <= self.rc <= 10 and 1 <= self.rm <= 32):
+    def __init__(self, server: Addr, now: float, *, rto: float = 0.5, rc: int = 7, rm: int = 16):
+        if not (0 < rto <= 10 and 1 <= rc <= 10 and 1 <= rm <= 32):
             raise ValueError("STUN retransmission parameters out of range")
-        self.server = normalize(self.server)
+        self.server = normalize(server)
+        self.transaction_id = new_transaction_id()
+        self.result: Addr | None = None
+        self.error: str | None = None
+        self.rtt: float | None = None
+        self._rto, self._rc, self._rm = rto, rc, rm
         self._request = binding_request(self.transaction_id, software=SOFTWARE_NAME)
         self._sends = 0
-        self._first_sent = self.now
-        self._interval = self.rto
-        self._next_send: float | None = self.now
+        self._first_sent = now
+        self._interval = rto
+        self._next_send: float | None = now
         self._deadline: float | None = None
         self._out: list[tuple[bytes, Addr]] = []
-        self.handle_timer(self.now)
+        self.handle_timer(now)
 
     @property
     def done(self) -> bool:
@@ -361,12 +355,12 @@ class StunTransaction:
             self._sends += 1
             if self._sends == 1:
                 self._first_sent = now
-            if self._sends < self.rc:
+            if self._sends < self._rc:
                 self._next_send = now + self._interval
                 self._interval *= 2
             else:
                 self._next_send = None
-                self._deadline = now + self.rm * self.rto
+                self._deadline = now + self._rm * self._rto
         elif self._deadline is not None and now >= self._deadline:
             self.error = "timeout"
 

@@ -52,8 +52,10 @@ class TraversalConfig:
     retry_interval: float = 1.0
     dead_after: float = 5.0
     backoff_initial: float = 5.0
-    # capped at the typical 30 s NAT mapping lifetime, so two backing-off sides still overlap
-    backoff_max: float = 30.0
+    # below the usual 30 s UDP mapping lifetime: probing from the relay state alone then keeps an
+    # endpoint-independent mapping (the server-reflexive address the peer knows) alive, and the
+    # two sides' probes still meet within each other's filter lifetime
+    backoff_max: float = 20.0
     switch_abs: float = 0.010
     switch_rel: float = 0.2
     ipv6_credit: float = 0.010
@@ -100,6 +102,8 @@ class PeerPath:
         self.config = config or TraversalConfig()
         self.state = IDLE
         self.current_path: Addr | None = None
+        # our address as the peer last saw it (from its Pong), e.g. to show or to advertise
+        self.observed_by_peer: Addr | None = None
         self._remote: dict[Addr, str] = {}
         self._paths: dict[Addr, _Path] = {}
         self._pending: OrderedDict[bytes, tuple[Addr, float]] = OrderedDict()
@@ -189,6 +193,7 @@ class PeerPath:
             self._learn(addr)
             self._send_ping(addr, now)
             return
+        self.observed_by_peer = pong.observed
         sample = max(now - sent, 0.0)
         path = self._paths.get(addr)
         if path is None:

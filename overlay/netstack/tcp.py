@@ -187,9 +187,12 @@ class TcpConnection:
         self._rexmit_nxt = iss
         self._lost_hi = iss
         self._rexmit_marks: dict[int, int] = {}
-        self._rexmit_una = False
+        self._rexmit_una = False  # retransmit the first unSACKed segment regardless of cwnd
+        self._tail_probe = False  # send one probe segment regardless of cwnd (RFC 8985 TLP)
+        self._probe_at: float | None = None
+        self._probe_count = 0
 
-        self.stats = {"retransmits": 0, "timeouts": 0, "fast_recoveries": 0}
+        self.stats = {"retransmits": 0, "timeouts": 0, "fast_recoveries": 0, "probes": 0}
 
     # ------------------------------------------------------------------ application API
 
@@ -455,6 +458,8 @@ class TcpConnection:
             return
 
         self._keepalive_reset(now)
+        if st is S.FIN_WAIT_2:
+            self._close_at = now + self._cfg.fin_wait_2_timeout  # the peer is alive: keep waiting
 
         if flags & RST:
             if seq == self.rcv_nxt:
@@ -561,7 +566,7 @@ class TcpConnection:
 
     def _enter_time_wait(self, now: float) -> None:
         self.state = S.TIME_WAIT
-        self._rto_at = self._persist_at = self._keepalive_at = None
+        self._rto_at = self._probe_at = self._persist_at = self._keepalive_at = None
         self._close_at = now + 2 * self._cfg.msl
         self._sb.clear()
         self._stack._event(events.Closed(self))
@@ -595,6 +600,9 @@ class TcpConnection:
                 if una < left < right <= self.snd_max:
                     new_sack |= sb.add(left, right)
 
+        if ack > self.snd_una or new_sack:
+            self._probe_count = 0
+            self._probe_at = None  # re-armed after output if data is still outstanding
         if ack > self.snd_una:
             self._on_new_ack(ack, now)
         elif self.snd_max > self.snd_una and not seg.data and not seg.flags & (SYN | FIN):
@@ -685,6 +693,7 @@ class TcpConnection:
             self._lost_hi = max(high if high is not None else 0, self.snd_una + self.mss)
             self._rexmit_marks.clear()
             self.snd_nxt = self.snd_max
+            self._rexmit_una = True  # RFC 6675 §5 (4.3): the first retransmission ignores the pipe
 
     def _check_lost_retransmission(self) -> None:
         """The retransmission at snd_una is lost if data sent after it has been SACKed."""
@@ -707,6 +716,14 @@ class TcpConnection:
             self._srtt = 0.875 * self._srtt + 0.125 * r
         cfg = self._cfg
         self._rto = min(max(self._srtt + max(0.001, 4 * self._rttvar), cfg.min_rto), cfg.max_rto)
+
+    def _pto(self) -> float:
+        """Probe timeout (RFC 8985 §7.2): two RTTs, plus the peer's delayed-ACK time when a single
+        segment is in flight, doubled per unanswered probe."""
+        pto = max(2 * self._srtt, 0.01) if self._srtt is not None else self._rto
+        if self.snd_max - self.snd_una <= self.mss:
+            pto += self._cfg.delayed_ack
+        return pto * (1 << self._probe_count)
 
     def _current_rto(self) -> float:
         return min(self._rto * (1 << self._backoff), self._cfg.max_rto)
@@ -807,6 +824,11 @@ class TcpConnection:
                     self._rtt_time = now
             if self._rto_at is None:
                 self._rto_at = now + self._current_rto()
+        if self.snd_max > self.snd_una:
+            if self._probe_at is None and self._probe_count < 2 and self.snd_nxt == self.snd_max:
+                self._probe_at = now + self._pto()
+        else:
+            self._probe_at = None
         # data waiting, nothing in flight, window too small: probe it (persist timer)
         fin_end = data_end + self._fin_queued
         if self.snd_max == self.snd_una and self.snd_nxt < fin_end:
@@ -828,6 +850,14 @@ class TcpConnection:
         if self._rexmit_una:
             self._rexmit_una = False
             seq, next_sacked = sb.next_unsacked(una)
+            if seq < snd_max:
+                return self._retransmission(seq, next_sacked, snd_max, data_end)
+        if self._tail_probe:
+            self._tail_probe = False
+            new = self._new_segment(data_end, mss)
+            if new is not None:
+                return new
+            seq, next_sacked = sb.next_unsacked(max(una, snd_max - mss))
             if seq < snd_max:
                 return self._retransmission(seq, next_sacked, snd_max, data_end)
         if self._in_recovery:
@@ -893,7 +923,7 @@ class TcpConnection:
 
     def _update_deadline(self) -> None:
         d = None
-        for t in (self._rto_at, self._delack_at, self._persist_at, self._keepalive_at, self._close_at):
+        for t in (self._rto_at, self._probe_at, self._delack_at, self._persist_at, self._keepalive_at, self._close_at):
             if t is not None and (d is None or t < d):
                 d = t
         self.deadline = d
@@ -909,6 +939,9 @@ class TcpConnection:
             self._on_rto(now)
             if self.state is S.CLOSED:
                 return
+        if self._probe_at is not None and now >= self._probe_at:
+            self._probe_at = None
+            self._on_probe()
         if self._persist_at is not None and now >= self._persist_at:
             self._persist_at = None
             self._on_persist(now)
@@ -952,13 +985,27 @@ class TcpConnection:
         self.cc.on_timeout(flight, now)
         self._in_recovery = False
         self._rexmit_marks.clear()
-        self._rexmit_una = False
+        self._rexmit_una = self._tail_probe = False
+        self._probe_at = None
         self._dupacks = 0
         self._recover = self.snd_max
         self.snd_nxt = self.snd_una  # go back N, skipping what the peer SACKed
         if self._backoff >= 2:
             self._sb.clear()  # the peer may have reneged on its SACKs
         self._rto_at = now + self._current_rto()
+
+    def _on_probe(self) -> None:
+        """Nothing heard for a probe timeout while data is outstanding: an ACK or its segment was
+        lost. Outside recovery send a tail loss probe (new data, else the last segment); in
+        recovery resend the first hole, whose retransmission was probably lost."""
+        if self.snd_max <= self.snd_una or self.state not in _CAN_SEND:
+            return
+        self.stats["probes"] += 1
+        self._probe_count += 1
+        if self._in_recovery:
+            self._rexmit_una = True
+        else:
+            self._tail_probe = True
 
     def _on_persist(self, now: float) -> None:
         self._persist_backoff += 1
@@ -995,7 +1042,7 @@ class TcpConnection:
         self._sndbuf = bytearray()
         self._ooo.clear()
         self._sb.clear()
-        self._rto_at = self._delack_at = self._persist_at = self._keepalive_at = self._close_at = None
+        self._rto_at = self._probe_at = self._delack_at = self._persist_at = self._keepalive_at = self._close_at = None
         self.deadline = None
         if error is not None and event is not None:
             self._rcvbuf = bytearray()

@@ -83,6 +83,21 @@ class ControlClient:
             raise NotConnected(f"not connected to the server {self.server} ({self.last_error or self.state})")
         return await self._request(msg, timeout)
 
+    def post(self, msg: dict) -> None:
+        """Send without waiting for the answer (an error answer is logged); dropped if offline."""
+        ch = self._channel
+        if ch is None or not ch.established or self._writer is None:
+            return
+        if msg.get("t") != "relay":  # relay frames are never answered and carry id 0
+            msg = {**msg, "id": self._next_id}
+            self._next_id += 1
+        try:
+            ch.send(msg)
+        except ProtocolError as e:
+            log.warning("cannot send %s: %s", msg.get("t"), e)
+            return
+        self._writer.write(ch.data_to_send())
+
     async def run(self) -> None:
         backoff = BACKOFF_MIN
         while True:

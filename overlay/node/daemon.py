@@ -7,6 +7,7 @@ and forwards network commands to the mediation server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -15,13 +16,18 @@ from collections import deque
 
 from overlay.control.messages import RequestError, key_to_text, normalize_name
 from overlay.node import api
+from overlay.netstack.asyncio_glue import StackDriver
+from overlay.netstack.stack import Stack
 from overlay.node.control_client import ControlClient, NotConnected
+from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.home import Home, HomeError
+from overlay.node.pinger import Pinger
 from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")
 
 FOLLOW_QUEUE = 1000
+PUNCH_RETRY = 10.0  # ask the server to introduce an online peer without a direct path at most this often
 
 
 class DaemonError(Exception):
@@ -29,7 +35,8 @@ class DaemonError(Exception):
 
 
 class Daemon:
-    def __init__(self, home: Home, *, server: str, name: str, via_proxy: str | None = None):
+    def __init__(self, home: Home, *, server: str, name: str, via_proxy: str | None = None,
+                 port: int = 0, keepalive: float = 25.0):
         self.home = home
         self.private_key = home.private_key()
         from overlay import crypto
@@ -40,6 +47,11 @@ class Daemon:
         self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
                                     on_session=self._on_session)
+        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, send_control=self.client.post)
+        self.dataplane.on_change = self._sync_paths
+        self.netstack: StackDriver | None = None
+        self._punched: dict[bytes, float] = {}
+        self.pinger = Pinger()
         self._followers: set[asyncio.Queue] = set()
         self._api_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
@@ -49,6 +61,10 @@ class Daemon:
     async def run(self) -> None:
         await self._start_api()
         loop = asyncio.get_running_loop()
+        try:
+            self.dataplane.start()
+        except OSError as e:
+            raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         client = loop.create_task(self.client.run())
@@ -57,6 +73,9 @@ class Daemon:
         finally:
             client.cancel()
             self._api_server.close()
+            if self.netstack:
+                self.netstack.close()
+            self.dataplane.close()
             try:
                 os.unlink(self.home.socket_path)
             except FileNotFoundError:
@@ -84,9 +103,82 @@ class Daemon:
     # ------------------------------------------------------------------ server events
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
+        if self.netstack is None or self.netstack.stack.address != hello["ip"]:
+            if self.netstack is not None:
+                self.netstack.close()
+            loop = asyncio.get_running_loop()
+            stack = Stack(hello["ip"], mtu=INNER_MTU, now=loop.time())
+            self.netstack = StackDriver(stack, lambda pkt: self.dataplane.send_packets([pkt]))
+            self.dataplane.inner_sink = self._inbound
+        self._punched.clear()
+        self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]))
+        self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
+        self._sync_peers()
+
+    def _inbound(self, packets: list[bytes]) -> None:
+        packets = self.pinger.intercept(packets)
+        if packets and self.netstack is not None:
+            self.netstack.receive_packets(packets)
+
+    def resolve_peer(self, text: str) -> dict:
+        """A peer by name, name.network, virtual IP or key; RequestError if none."""
+        t = text.strip().lower().rstrip(".")
+        peers = self.state.peers()
+        for p in peers.values():
+            if t in (p["name"], p["ip"], p["key"].lower()) or any(t == f"{p['name']}.{n}" for n in p["networks"]):
+                return p
+        raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
+
+    async def ping(self, target: str, timeout: float = 2.0) -> dict:
+        p = self.resolve_peer(target)
+        me = self.state.me.get("ip")
+        if not me:
+            raise NotConnected("not connected to the server yet")
+        seq, pkt = self.pinger.request(me, p["ip"])
+        fut = self.pinger.wait(seq)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        self.dataplane.send_packets([pkt])
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
+            return {"peer": p["name"], "ip": p["ip"], "seq": seq, "rtt_ms": None, "path": path}
+        rtt = (loop.time() - t0) * 1000
+        path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
+        return {"peer": p["name"], "ip": p["ip"], "seq": seq, "rtt_ms": rtt, "path": path}
+
+    def _sync_peers(self) -> None:
+        """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
+        peers = self.state.peers()
+        self.dataplane.update_peers(peers)
+        if not self.client.connected and self.client.state != "hello":
+            return
+        now = asyncio.get_running_loop().time()
+        for text, p in peers.items():
+            key = base64.b64decode(text)
+            entry = self.dataplane.peers.get(key)
+            if not p["online"] or entry is None or entry.path.current_path is not None:
+                continue
+            if now - self._punched.get(key, float("-inf")) < PUNCH_RETRY:
+                continue
+            self._punched[key] = now
+            self.client.post({"t": "punch", "peer": text})
+
+    def _sync_paths(self) -> None:
+        pass
 
     def _on_event(self, ev: dict) -> None:
+        t = ev.get("t")
+        if t == "punch":
+            self.dataplane.punch(ev)
+            return
+        if t == "relay":
+            self.dataplane.relay_from_tcp(ev)
+            return
         change = self.state.apply(ev)
+        if t in ("members", "member_left", "removed"):
+            self._sync_peers()
         if change:
             log.info("%s", change)
             self.events.append(change)
@@ -163,6 +255,8 @@ class Daemon:
             return {}
         if cmd == "status":
             return self.status()
+        if cmd == "ping_peer":
+            return await self.ping(a["peer"], float(a.get("timeout", 2.0)))
         if cmd == "down":
             asyncio.get_running_loop().call_soon(self._stop.set)
             return {}
@@ -203,16 +297,23 @@ class Daemon:
                        "error": c.last_error,
                        "key": key_to_text(c.server_key) if c.server_key else None},
             "networks": self.state.status(),
-            "peers": [
-                {**p, "path": None, "rtt_ms": None} for p in sorted(self.state.peers().values(),
-                                                                    key=lambda p: p["name"])
-            ],
+            "peers": [self._peer_status(p) for p in sorted(self.state.peers().values(), key=lambda p: p["name"])],
+            "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
+                    "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None},
         }
 
 
-async def run_daemon(home: Home, *, server: str, name: str, via_proxy: str | None) -> None:
+    def _peer_status(self, p: dict) -> dict:
+        path, rtt = self.dataplane.peer_path(base64.b64decode(p["key"]))
+        if not p["online"]:
+            path, rtt = None, None
+        return {**p, "path": path, "rtt_ms": rtt}
+
+
+async def run_daemon(home: Home, *, server: str, name: str, via_proxy: str | None, port: int = 0,
+                     keepalive: float = 25.0) -> None:
     try:
-        daemon = Daemon(home, server=server, name=name, via_proxy=via_proxy)
+        daemon = Daemon(home, server=server, name=name, via_proxy=via_proxy, port=port, keepalive=keepalive)
     except HomeError as e:
         raise DaemonError(str(e)) from None
     await daemon.run()

@@ -19,6 +19,16 @@ from collections.abc import Callable, Hashable
 from overlay import crypto
 from overlay.wire.cookie import CookieChecker
 from overlay.wire.events import EndpointChanged, Event, HandshakeCompleted, PacketReceived, PeerUnreachable
+from overlay.wire.constants import (
+    HANDSHAKE_INITIATION_RATE,
+    KEEPALIVE_TIMEOUT,
+    MAX_TIMER_HANDSHAKES,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    ZERO_KEY_MATERIAL_AFTER,
+)
 from overlay.wire.handshake import (
     Handshake,
     HandshakeError,
@@ -29,7 +39,7 @@ from overlay.wire.handshake import (
     derive_transport_keys,
     next_timestamp,
 )
-from overlay.wire.keypair import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, Keypair
+from overlay.wire.keypair import Keypair
 from overlay.wire.messages import (
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
@@ -46,21 +56,15 @@ from overlay.wire.messages import (
     parse_response,
 )
 from overlay.wire.peer import Peer
+from overlay.wire.ratelimit import RateLimiter
 
-REKEY_TIMEOUT = 5.0
-REKEY_TIMEOUT_JITTER_MAX = 0.334
-REKEY_ATTEMPT_TIME = 90.0
-KEEPALIVE_TIMEOUT = 10.0
-MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT) - 2
-HANDSHAKE_INITIATION_RATE = 1 / 50
-"""Initiations from one peer closer together than this are a flood and dropped."""
-ZERO_KEY_MATERIAL_AFTER = REJECT_AFTER_TIME * 3
 UNDER_LOAD_AFTER_TIME = 1.0
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 256
 """Above this rate of handshake messages we demand cookies (mac2) for UNDER_LOAD_AFTER_TIME.
 
-wireguard-go uses its handshake queue depth instead; a rate is the sans-I/O equivalent, and at
-~0.3 ms of Curve25519 per message this caps handshake work near 10% of one core.
+wireguard-go uses its handshake queue depth instead; a rate is the sans-I/O equivalent. A
+handshake message costs ~0.2 ms of Curve25519 and hashing here (benchmarks/bench_wire.py), so
+this bounds unauthenticated handshake work to about 5% of one core.
 """
 
 MAX_PENDING_EVENTS = 4096
@@ -68,17 +72,20 @@ MAX_PACKET_SIZE = MAX_DATAGRAM_SIZE - TRANSPORT_MIN_SIZE - 15
 """Largest inner packet: the encrypted, padded datagram must still fit in UDP."""
 
 _PAD = tuple(bytes(n) for n in range(16))
-_IPV4_LEN = struct.Struct(">H")
+_IP_LENGTH = struct.Struct(">H")
+_new_tuple = tuple.__new__
+"""Builds a NamedTuple event without its Python-level ``__new__`` (hot path only)."""
 _SENDER = struct.Struct("<I")
 
 STAT_NAMES = (
     "rx_datagrams", "malformed", "unknown_index", "expired_key", "auth_failed", "replayed",
     "bad_mac1", "cookie_sent", "cookie_received", "cookie_invalid", "handshake_invalid",
-    "handshake_replay", "handshake_flood", "initiations_rx", "initiations_tx", "responses_rx",
-    "responses_tx", "handshakes_completed", "keepalives_rx", "keepalives_tx", "packets_rx",
-    "packets_tx", "bad_inner_packet", "staged_dropped", "events_dropped", "no_endpoint",
-    "peers_unreachable",
+    "handshake_replay", "handshake_flood", "handshake_rate_limited", "initiations_rx",
+    "initiations_tx", "responses_rx", "responses_tx", "handshakes_completed", "keepalives_rx",
+    "keepalives_tx", "packets_rx", "packets_tx", "bad_inner_packet", "staged_dropped",
+    "events_dropped", "no_endpoint", "peers_unreachable",
 )
+"""Keys of ``Device.stats``: every datagram dropped is counted under one of them."""
 
 
 class Device:
@@ -92,7 +99,10 @@ class Device:
         wallclock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ):
-        """``wallclock`` gives Unix time for TAI64N initiation timestamps; ``rng`` only jitters timers."""
+        """``wallclock`` gives Unix time for TAI64N initiation timestamps; ``rng`` only jitters timers.
+
+        ``mtu`` caps WireGuard's padding of inner packets (it never pads past the inner MTU).
+        """
         self.private_key = bytes(private_key)
         self.public_key = crypto.public_key(self.private_key)
         self.mtu = mtu
@@ -102,6 +112,7 @@ class Device:
         self._wallclock = wallclock
         self._rng = rng or random.Random()
         self._checker = CookieChecker(self.public_key)
+        self._limiter = RateLimiter()
         self._peers: dict[bytes, Peer] = {}
         self._index: dict[int, Peer | Keypair] = {}
         self._out: list[tuple[bytes, Hashable]] = []
@@ -211,9 +222,15 @@ class Device:
         if len(packet) > MAX_PACKET_SIZE:
             raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_SIZE}")
         kp = peer.keypairs.current
-        if not peer.staged and kp is not None and kp.send_counter < REJECT_AFTER_MESSAGES and now - kp.created < REJECT_AFTER_TIME:
+        if (
+            not peer.staged and kp is not None
+            and kp.send_counter < REJECT_AFTER_MESSAGES and now - kp.created < REJECT_AFTER_TIME
+        ):
             self._encrypt(peer, kp, packet)
-            self._after_send(peer, kp, bool(packet), now)
+            if peer.send_keepalive_at is not None or peer.persistent_keepalive or not packet or kp.needs_rekey(now):
+                self._after_send(peer, kp, bool(packet), now)
+            elif peer.new_handshake_at is None:  # the common case of _after_send, inline
+                peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
             return
         if len(peer.staged) == peer.staged.maxlen:
             self.stats["staged_dropped"] += 1
@@ -226,11 +243,16 @@ class Device:
         ``datagram`` may be a view into the socket's receive buffer: nothing keeps a reference.
         """
         self.stats["rx_datagrams"] += 1
+        n = len(datagram)
+        if TRANSPORT_MIN_SIZE <= n <= MAX_DATAGRAM_SIZE:
+            # The type and reserved bytes read as one little-endian word: 4 means transport.
+            kind, receiver, counter = TRANSPORT_HEADER.unpack_from(datagram)
+            if kind == MSG_TRANSPORT:
+                self._receive_transport(datagram, receiver, counter, addr, now)
+                return
         t = message_type(datagram)
         try:
-            if t == MSG_TRANSPORT:
-                self._receive_transport(datagram, addr, now)
-            elif t == MSG_INITIATION:
+            if t == MSG_INITIATION:
                 self._receive_initiation(datagram, addr, now)
             elif t == MSG_RESPONSE:
                 self._receive_response(datagram, addr, now)
@@ -254,6 +276,7 @@ class Device:
                     pad = max(0, self.mtu - n)
                 if pad:
                     packet = packet + _PAD[pad]
+            self.stats["packets_tx"] += 1
         else:
             self.stats["keepalives_tx"] += 1
         counter = kp.send_counter
@@ -268,10 +291,8 @@ class Device:
         if peer.persistent_keepalive:
             peer.persistent_keepalive_at = now + peer.persistent_keepalive
         peer.send_keepalive_at = None
-        if data:
-            self.stats["packets_tx"] += 1
-            if peer.new_handshake_at is None:
-                peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        if data and peer.new_handshake_at is None:
+            peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
         if kp.needs_rekey(now):
             self._send_initiation(peer, now, retry=False)
 
@@ -295,8 +316,10 @@ class Device:
             peer.staged.append(b"")
         self._send_staged(peer, now)
 
-    def _receive_transport(self, datagram: bytes | memoryview, addr: Hashable, now: float) -> None:
-        _, receiver, counter = TRANSPORT_HEADER.unpack_from(datagram)
+    def _receive_transport(
+        self, datagram: bytes | memoryview, receiver: int, counter: int, addr: Hashable, now: float
+    ) -> None:
+        # The per-packet path: kept flat, with timer bookkeeping as plain attribute writes.
         kp = self._index.get(receiver)
         if type(kp) is not Keypair:
             self.stats["unknown_index"] += 1
@@ -315,16 +338,14 @@ class Device:
         peer = kp.peer
         if addr != peer.endpoint:
             self._roam(peer, addr)
-        if peer.keypairs.next is kp:
-            for dropped in peer.keypairs.confirm():
+        keypairs = peer.keypairs
+        if keypairs.next is kp:
+            for dropped in keypairs.confirm():
                 self._index.pop(dropped.local_index, None)
             self._handshake_complete(peer, now)
             self._send_staged(peer, now)
-        cur = peer.keypairs.current
-        if (
-            cur is not None and cur.is_initiator and not peer.sent_last_minute_handshake
-            and now - cur.created > REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
-        ):
+        cur = keypairs.current
+        if cur is not None and now > cur.last_minute_at and not peer.sent_last_minute_handshake:
             # Our sending key expires soon and the peer (responder) will not rekey by time.
             peer.sent_last_minute_handshake = True
             self._send_initiation(peer, now, retry=False)
@@ -333,7 +354,8 @@ class Device:
         peer.new_handshake_at = None
         peer.rx_bytes += len(datagram)
         peer.rx_packets += 1
-        if not packet:
+        n = len(packet)
+        if not n:
             self.stats["keepalives_rx"] += 1
             return
         if peer.send_keepalive_at is None:
@@ -341,28 +363,24 @@ class Device:
         else:
             peer.need_another_keepalive = True
         version = packet[0] >> 4
-        if version == 4:
-            if len(packet) < 20:
+        if version == 4 or version == 6:
+            # Strip WireGuard's zero padding using the IP header's own length.
+            if version == 4:
+                length = _IP_LENGTH.unpack_from(packet, 2)[0] if n >= 20 else 0
+                if length < 20:
+                    length = n + 1
+            else:
+                length = 40 + _IP_LENGTH.unpack_from(packet, 4)[0] if n >= 40 else n + 1
+            if length > n:
                 self.stats["bad_inner_packet"] += 1
                 return
-            length = _IPV4_LEN.unpack_from(packet, 2)[0]
-            if length < 20 or length > len(packet):
-                self.stats["bad_inner_packet"] += 1
-                return
-            if length != len(packet):
-                packet = packet[:length]
-        elif version == 6:
-            if len(packet) < 40:
-                self.stats["bad_inner_packet"] += 1
-                return
-            length = 40 + _IPV4_LEN.unpack_from(packet, 4)[0]
-            if length > len(packet):
-                self.stats["bad_inner_packet"] += 1
-                return
-            if length != len(packet):
+            if length != n:
                 packet = packet[:length]
         self.stats["packets_rx"] += 1
-        self._push_event(PacketReceived(peer.public_key, packet))
+        if len(self._events) < MAX_PENDING_EVENTS:
+            self._events.append(_new_tuple(PacketReceived, (peer.public_key, packet)))
+        else:
+            self.stats["events_dropped"] += 1
 
     # ------------------------------------------------------------------ handshakes
 
@@ -399,7 +417,7 @@ class Device:
             self._send_initiation(peer, now, retry=True)
 
     def _admit_handshake(self, datagram: bytes | memoryview, addr: Hashable, now: float) -> bool:
-        """mac1 always; under load also mac2, else answer with a cookie reply and drop."""
+        """mac1 always; under load also mac2 (else answer with a cookie reply) and a per-IP rate."""
         if not self._checker.check_mac1(datagram):
             self.stats["bad_mac1"] += 1
             return False
@@ -408,11 +426,15 @@ class Device:
         self._load_count += 1
         if self._load_count > UNDER_LOAD_HANDSHAKES_PER_SECOND:
             self._under_load_until = now + UNDER_LOAD_AFTER_TIME
-        if (self.force_under_load or now < self._under_load_until) and not self._checker.check_mac2(datagram, addr, now):
-            sender = _SENDER.unpack_from(datagram, 4)[0]
-            self._out.append((self._checker.create_reply(datagram, sender, addr, now), addr))
-            self.stats["cookie_sent"] += 1
-            return False
+        if self.force_under_load or now < self._under_load_until:
+            if not self._checker.check_mac2(datagram, addr, now):
+                sender = _SENDER.unpack_from(datagram, 4)[0]
+                self._out.append((self._checker.create_reply(datagram, sender, addr, now), addr))
+                self.stats["cookie_sent"] += 1
+                return False
+            if not self._limiter.allow(addr, now):
+                self.stats["handshake_rate_limited"] += 1
+                return False
         return True
 
     def _receive_initiation(self, datagram: bytes | memoryview, addr: Hashable, now: float) -> None:

@@ -11,19 +11,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from overlay import crypto
+from overlay.wire.constants import (
+    LAST_MINUTE_REKEY_AFTER,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+)
 from overlay.wire.replay import ReplayWindow
 
 if TYPE_CHECKING:
     from overlay.wire.peer import Peer
 
-REKEY_AFTER_MESSAGES = 1 << 60
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
-REKEY_AFTER_TIME = 120.0
-REJECT_AFTER_TIME = 180.0
 
 
 class Keypair:
-    __slots__ = ("send", "receive", "send_counter", "replay", "created", "is_initiator", "local_index", "remote_index", "peer")
+    __slots__ = (
+        "send", "receive", "send_counter", "replay", "created", "is_initiator", "local_index", "remote_index",
+        "peer", "rekey_at", "last_minute_at",
+    )
 
     def __init__(
         self, send_key: bytes, receive_key: bytes, is_initiator: bool,
@@ -38,15 +44,15 @@ class Keypair:
         self.local_index = local_index
         self.remote_index = remote_index
         self.peer = peer
+        # Only the initiator rekeys on age, so both ends do not start handshakes at once.
+        self.rekey_at = now + REKEY_AFTER_TIME if is_initiator else float("inf")
+        self.last_minute_at = now + LAST_MINUTE_REKEY_AFTER if is_initiator else float("inf")
 
     def can_send(self, now: float) -> bool:
         return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
 
     def needs_rekey(self, now: float) -> bool:
-        """Only the initiator rekeys on age, so both ends do not start handshakes at once."""
-        return self.send_counter >= REKEY_AFTER_MESSAGES or (
-            self.is_initiator and now - self.created >= REKEY_AFTER_TIME
-        )
+        return self.send_counter >= REKEY_AFTER_MESSAGES or now >= self.rekey_at
 
 
 class Keypairs:

@@ -1,0 +1,573 @@
+"""Drive a sans-I/O :class:`~overlay.netstack.stack.Stack` on an asyncio loop, with stream APIs.
+
+:class:`StackDriver` is bound to a ``send_packet`` callback (the tunnel). Feed it inbound IPv4
+packets with :meth:`StackDriver.receive_packet`; it runs the stack's timers with
+``loop.call_at``, flushes outbound packets once per loop iteration (so a burst of inbound packets
+read in one go is answered in one batch), and turns stack events into stream wake-ups.
+
+Streams look like asyncio's (``read``/``readexactly``/``readuntil``/``readline``;
+``write``/``drain``/``write_eof``/``close``/``wait_closed``/``get_extra_info``) and keep memory
+bounded both ways:
+
+- received bytes stay in the connection's receive buffer until the application reads them, so
+  a slow reader shrinks the advertised TCP window instead of growing a queue;
+- ``write`` hands bytes to the connection's send buffer; what does not fit waits in the writer
+  and ``await drain()`` blocks until it has all been taken (asyncio semantics: ``write`` never
+  blocks, ``drain`` is the backpressure point).
+
+A connection refused by the peer (RST to our SYN) raises :class:`ConnectionRefusedError`
+naming the address and port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import events as ev
+from .stack import Stack
+from .tcp import TcpConnection, TcpState
+from .udp import UdpSocket
+
+ClientConnected = Callable[["NetstackStreamReader", "NetstackStreamWriter"], Awaitable[None] | None]
+
+READ_CHUNK = 65536
+DEFAULT_LIMIT = 65536  # readuntil/readline search bound, like asyncio's
+
+
+class StackDriver:
+    """Runs ``stack`` on the event loop, sending its packets through ``send_packet``."""
+
+    def __init__(self, stack: Stack, send_packet: Callable[[bytes], None], *, loop: asyncio.AbstractEventLoop | None = None):
+        self.stack = stack
+        self._send_packet = send_packet
+        self._loop = loop or asyncio.get_running_loop()
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._streams: dict[TcpConnection, _Stream] = {}
+        self._connecting: dict[TcpConnection, asyncio.Future[None]] = {}
+        self._servers: dict[int, ClientConnected] = {}
+        self._udp: dict[UdpSocket, NetstackDatagramEndpoint] = {}
+        self._closing_writers: set[NetstackStreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.on_port_refused: Callable[[int, tuple[str, int]], None] | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ tunnel side
+
+    def receive_packet(self, packet: bytes) -> None:
+        """An inbound IPv4 packet from the tunnel; the answer is flushed later this loop turn."""
+        self.stack.receive_packet(packet, self._loop.time())
+        self._schedule_flush()
+
+    def receive_packets(self, packets: list[bytes]) -> None:
+        now = self._loop.time()
+        for p in packets:
+            self.stack.receive_packet(p, now)
+        self._schedule_flush()
+
+    # ------------------------------------------------------------------ application side
+
+    async def open_connection(
+        self, ip: str, port: int, *, timeout: float | None = None
+    ) -> tuple[NetstackStreamReader, NetstackStreamWriter]:
+        """Connect to ``ip``:``port`` through the stack.
+
+        Raises ConnectionRefusedError (peer answered RST: nothing listens / port not shared),
+        TimeoutError (no answer within ``timeout`` or the stack's SYN retries).
+        """
+        if self.closed:
+            raise RuntimeError("driver is closed")
+        conn = self.stack.connect(ip, port, self._loop.time())
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._connecting[conn] = fut
+        self._schedule_flush()
+        try:
+            if timeout is None:
+                await fut
+            else:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._connecting.pop(conn, None)
+            conn.abort()
+            self._schedule_flush()
+            if fut.cancelled() or not fut.done():
+                fut.cancel()
+            raise
+        return self._attach(conn)
+
+    def listen(self, port: int, client_connected_cb: ClientConnected) -> None:
+        """Accept connections to ``port``; ``client_connected_cb(reader, writer)`` runs for each
+        (a coroutine function becomes a task, like ``asyncio.start_server``)."""
+        self.stack.listen(port)
+        self._servers[port] = client_connected_cb
+
+    def unlisten(self, port: int) -> None:
+        self.stack.unlisten(port)
+        self._servers.pop(port, None)
+
+    def udp_bind(self, port: int = 0, *, max_queued: int = 256) -> NetstackDatagramEndpoint:
+        sock = self.stack.udp_bind(port, max_queued=max_queued)
+        ep = NetstackDatagramEndpoint(self, sock, max_queued)
+        self._udp[sock] = ep
+        return ep
+
+    def close(self) -> None:
+        """Abort every connection and stop the timers (the tunnel is going away)."""
+        if self.closed:
+            return
+        for conn in list(self.stack.connections):
+            conn.abort()
+        self._flush()
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fut in self._connecting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionAbortedError("netstack driver closed"))
+        self._connecting.clear()
+        for s in list(self._streams.values()):
+            s.fail(ConnectionAbortedError("netstack driver closed"))
+        for ep in self._udp.values():
+            ep._close_local()
+
+    # ------------------------------------------------------------------ internals
+
+    def _attach(self, conn: TcpConnection) -> tuple[NetstackStreamReader, NetstackStreamWriter]:
+        s = _Stream(self, conn)
+        self._streams[conn] = s
+        return s.reader, s.writer
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        stack = self.stack
+        now = self._loop.time()
+        for _ in range(8):  # events may make more output (a read opens the window) and so on
+            self._dispatch_events()
+            packets = stack.packets_to_send(now)
+            if not packets and not stack._events:
+                break
+            send = self._send_packet
+            for p in packets:
+                send(p)
+        if self._closing_writers:
+            for w in list(self._closing_writers):
+                w._check_closed()
+        self._schedule_timer()
+
+    def _schedule_timer(self) -> None:
+        if self.closed:
+            return
+        t = self.stack.get_timer()
+        if t is None:
+            return  # a stale handle firing early does no harm
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= t:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = t
+        self._timer = self._loop.call_at(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.stack.handle_timer(self._loop.time())
+        self._flush()
+
+    def _dispatch_events(self) -> None:
+        stack = self.stack
+        while (e := stack.next_event()) is not None:
+            t = type(e)
+            if t is ev.DataReceived or t is ev.EndOfStream:
+                s = self._streams.get(e.conn)
+                if s is not None:
+                    s.on_readable()
+            elif t is ev.Writable:
+                s = self._streams.get(e.conn)
+                if s is not None:
+                    s.writer._on_writable()
+            elif t is ev.IncomingConnection:
+                self._on_incoming(e.conn)
+            elif t is ev.Connected:
+                fut = self._connecting.pop(e.conn, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                elif fut is None:
+                    e.conn.abort()  # nobody waits for it any more
+            elif t is ev.ConnectionRefused:
+                self._fail(e.conn, ConnectionRefusedError(
+                    f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection "
+                    "(nothing listens there, or the peer does not share that port)"))
+            elif t is ev.TimedOut:
+                self._fail(e.conn, TimeoutError(e.conn.error or "connection timed out"))
+            elif t is ev.Reset:
+                self._fail(e.conn, ConnectionResetError(e.conn.error or "connection reset by peer"))
+            elif t is ev.Closed:
+                s = self._streams.pop(e.conn, None)
+                if s is not None:
+                    s.on_readable()
+                    s.writer._check_closed()
+            elif t is ev.PortRefused:
+                if self.on_port_refused is not None:
+                    self.on_port_refused(e.port, e.remote)
+            elif t is ev.DatagramReceived:
+                ep = self._udp.get(e.socket)
+                if ep is not None:
+                    ep._deliver(e.data, e.addr)
+
+    def _fail(self, conn: TcpConnection, exc: Exception) -> None:
+        fut = self._connecting.pop(conn, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+        s = self._streams.pop(conn, None)
+        if s is not None:
+            s.fail(exc)
+
+    def _on_incoming(self, conn: TcpConnection) -> None:
+        cb = self._servers.get(conn.local_port)
+        if cb is None:
+            conn.abort()
+            return
+        reader, writer = self._attach(conn)
+        res = cb(reader, writer)
+        if inspect.isawaitable(res):
+            task = asyncio.ensure_future(res)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+class _Stream:
+    """Glue between one connection and its reader/writer pair."""
+
+    __slots__ = ("driver", "conn", "reader", "writer")
+
+    def __init__(self, driver: StackDriver, conn: TcpConnection):
+        self.driver = driver
+        self.conn = conn
+        self.reader = NetstackStreamReader(self)
+        self.writer = NetstackStreamWriter(self)
+
+    def on_readable(self) -> None:
+        if self.writer._closed_by_app:
+            self._discard_input()
+        self.reader._wake()
+
+    def _discard_input(self) -> None:
+        """The application closed: drop what arrives so the peer is never stuck on a zero window."""
+        conn = self.conn
+        try:
+            while conn.recv(READ_CHUNK):
+                pass
+        except (BlockingIOError, ConnectionError):
+            pass
+        self.driver._schedule_flush()
+
+    def fail(self, exc: Exception) -> None:
+        self.reader._fail(exc)
+        self.writer._fail(exc)
+
+
+class NetstackStreamReader:
+    """An asyncio.StreamReader look-alike reading straight from the connection's buffer."""
+
+    def __init__(self, stream: _Stream, limit: int = DEFAULT_LIMIT):
+        self._s = stream
+        self._buf = bytearray()  # only used by readuntil/readexactly look-ahead
+        self._waiter: asyncio.Future[None] | None = None
+        self._exc: Exception | None = None
+        self._limit = limit
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        self._exc = exc
+        self._wake()
+
+    def exception(self) -> Exception | None:
+        return self._exc
+
+    def at_eof(self) -> bool:
+        return not self._buf and self._s.conn.at_eof
+
+    async def _pull(self, n: int) -> bytes:
+        """Up to ``n`` new bytes from the connection (b'' at EOF), waiting if none yet."""
+        conn = self._s.conn
+        while True:
+            try:
+                data = conn.recv(n)
+            except BlockingIOError:
+                if self._exc is not None:
+                    raise self._exc from None
+                self._waiter = self._s.driver._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            except ConnectionResetError:
+                if self._exc is not None:
+                    raise self._exc from None
+                raise
+            if data:
+                self._s.driver._schedule_flush()  # the window may have opened
+            return data
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (``n < 0``: everything until EOF); b'' at EOF."""
+        if n == 0:
+            return b""
+        if n < 0:
+            chunks = [bytes(self._buf)]
+            self._buf.clear()
+            while data := await self._pull(READ_CHUNK):
+                chunks.append(data)
+            return b"".join(chunks)
+        if self._buf:
+            data = bytes(self._buf[:n])
+            del self._buf[:n]
+            return data
+        return await self._pull(min(n, READ_CHUNK * 4))
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            data = await self._pull(max(n - len(self._buf), 1))
+            if not data:
+                partial = bytes(self._buf)
+                self._buf.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+            self._buf += data
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        start = 0
+        while True:
+            i = self._buf.find(separator, start)
+            if i >= 0:
+                end = i + len(separator)
+                data = bytes(self._buf[:end])
+                del self._buf[:end]
+                return data
+            if len(self._buf) > self._limit:
+                raise asyncio.LimitOverrunError("separator not found within the limit", len(self._buf))
+            start = max(0, len(self._buf) - len(separator) + 1)
+            data = await self._pull(self._limit)
+            if not data:
+                partial = bytes(self._buf)
+                self._buf.clear()
+                raise asyncio.IncompleteReadError(partial, None)
+            self._buf += data
+
+    async def readline(self) -> bytes:
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+
+    def __aiter__(self) -> NetstackStreamReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class NetstackStreamWriter:
+    """An asyncio.StreamWriter look-alike writing into the connection's send buffer."""
+
+    def __init__(self, stream: _Stream):
+        self._s = stream
+        self._pending = bytearray()  # bytes the connection's send buffer could not take yet
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._close_waiters: list[asyncio.Future[None]] = []
+        self._exc: Exception | None = None
+        self._eof_requested = False
+        self._closed_by_app = False
+
+    @property
+    def connection(self) -> TcpConnection:
+        return self._s.conn
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        conn = self._s.conn
+        if name == "peername":
+            return (conn.remote_ip, conn.remote_port)
+        if name == "sockname":
+            return (conn.local_ip, conn.local_port)
+        if name == "connection":
+            return conn
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._exc is not None:
+            raise self._exc
+        if self._eof_requested:
+            raise RuntimeError("write after write_eof()/close()")
+        if not data:
+            return
+        if self._pending:
+            self._pending += data
+            return
+        n = self._s.conn.send(data)
+        if n < len(data):
+            self._pending += memoryview(data)[n:]
+        self._s.driver._schedule_flush()
+
+    def writelines(self, data: list[bytes]) -> None:
+        for d in data:
+            self.write(d)
+
+    async def drain(self) -> None:
+        """Wait until everything written has been taken into the TCP send buffer."""
+        if self._exc is not None:
+            raise self._exc
+        while self._pending:
+            fut = self._s.driver._loop.create_future()
+            self._drain_waiters.append(fut)
+            await fut
+            if self._exc is not None:
+                raise self._exc
+
+    def _on_writable(self) -> None:
+        if self._pending:
+            conn = self._s.conn
+            try:
+                n = conn.send(self._pending)
+            except ConnectionError as e:
+                self._fail(e)
+                return
+            del self._pending[:n]
+        if not self._pending:
+            self._wake_drain()
+            if self._eof_requested:
+                self._s.conn.close()
+                self._s.driver._schedule_flush()
+
+    def _wake_drain(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Half-close: FIN once everything written has been sent."""
+        if self._eof_requested or self._exc is not None:
+            return
+        self._eof_requested = True
+        if not self._pending:
+            self._s.conn.close()
+            self._s.driver._schedule_flush()
+        self._s.driver._closing_writers.add(self)
+
+    def close(self) -> None:
+        """Finish sending what was written, then FIN; incoming data is discarded from now on."""
+        self._closed_by_app = True
+        self.write_eof()
+        if self._s.conn.unread:
+            self._s._discard_input()
+        self._s.reader._fail(ConnectionAbortedError("stream closed locally"))
+
+    def abort(self) -> None:
+        """Reset the connection at once."""
+        self._closed_by_app = True
+        self._s.conn.abort()
+        self._s.driver._schedule_flush()
+        self._fail(ConnectionAbortedError("stream aborted locally"))
+
+    def is_closing(self) -> bool:
+        return self._eof_requested or self._exc is not None
+
+    async def wait_closed(self) -> None:
+        """Wait until our FIN is acknowledged (or the connection ended another way)."""
+        if self._finished():
+            return
+        fut = self._s.driver._loop.create_future()
+        self._close_waiters.append(fut)
+        self._s.driver._closing_writers.add(self)
+        await fut
+
+    def _finished(self) -> bool:
+        st = self._s.conn.state
+        return self._exc is not None or st in (TcpState.CLOSED, TcpState.TIME_WAIT, TcpState.FIN_WAIT_2) or (
+            self._eof_requested and not self._pending and st is TcpState.LAST_ACK and self._s.conn.unacked == 0
+        )
+
+    def _check_closed(self) -> None:
+        if self._finished():
+            self._s.driver._closing_writers.discard(self)
+            waiters, self._close_waiters = self._close_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._pending.clear()
+        self._wake_drain()
+        self._check_closed()
+
+
+class NetstackDatagramEndpoint:
+    """A bound UDP port: ``sendto`` never blocks; ``await recvfrom()`` returns (data, (ip, port)).
+    At most ``max_queued`` datagrams wait; the oldest is dropped when more arrive."""
+
+    def __init__(self, driver: StackDriver, sock: UdpSocket, max_queued: int):
+        self._driver = driver
+        self.socket = sock
+        self._queue: deque[tuple[bytes, tuple[str, int]]] = deque(maxlen=max_queued)
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self.socket.port
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.socket.sendto(data, addr)
+        self._driver._schedule_flush()
+
+    async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
+        while not self._queue:
+            if self._closed:
+                raise EOFError("UDP endpoint closed")
+            self._waiter = self._driver._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    def _deliver(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._queue.append((data, addr))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        self.socket.close()
+        self._driver._udp.pop(self.socket, None)
+        self._close_local()
+
+    def _close_local(self) -> None:
+        self._closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

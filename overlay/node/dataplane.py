@@ -1,0 +1,408 @@
+"""The node's data plane: one UDP socket, WireGuard sessions, path discovery, relay, netstack.
+
+Datagrams on the single socket are told apart by their first bytes (WireGuard types 1-4 with
+three zero bytes, STUN with its magic cookie, discovery "OVD", relay "OVR") and fed to the
+sans-I/O cores: ``wire.Device`` (sessions), ``nat.PeerPath`` per peer (probing, choosing,
+keeping alive a direct path), ``nat.StunTransaction`` (server-reflexive address), and the relay
+framing. Inner packets go to the userspace stack (``netstack``) and come back from it.
+
+The path manager is the authority on where a peer lives: every peer starts on the relay
+(``RelayAddr``) so traffic flows at once; a confirmed discovery pong moves it to a direct address;
+losing that path moves it back to the relay while probing continues. WireGuard's own roaming is
+kept for direct addresses (a rebinding NAT shows up as an authenticated packet from a new
+address and the session follows at once), but never downgrades a working direct path to the relay.
+
+All cores are driven from the loop's reader callback and one timer; nothing here allocates a
+coroutine or a queue per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fcntl
+import ipaddress
+import logging
+import socket
+import struct
+from typing import Callable, NamedTuple
+
+from overlay.io.udp import UdpSocket, bind_udp
+from overlay.nat import disco as disco_mod
+from overlay.nat import stun
+from overlay.nat.candidate import Candidate
+from overlay.nat.traversal import PeerPath, TraversalConfig
+from overlay.relay import frames
+from overlay.wire.device import Device
+from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
+
+log = logging.getLogger("overlay.dataplane")
+
+REGISTER_INTERVAL = 10.0      # relay registration doubles as the NAT keepalive toward the server
+REGISTER_TIMEOUT = 3.0        # no REGISTERED after this: UDP to the server looks blocked
+INNER_MTU = 1380
+
+
+class RelayAddr(NamedTuple):
+    """The endpoint "through the relay, to this peer" (opaque to the WireGuard device)."""
+    key: bytes
+
+
+def interface_addresses() -> list[str]:
+    """IPv4 addresses of this host's interfaces that are up (loopback excluded)."""
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            if name == "lo":
+                continue
+            try:
+                res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            out.append(socket.inet_ntoa(res[20:24]))
+    return out
+
+
+def _fmt(addr) -> str:
+    return "relay" if isinstance(addr, RelayAddr) else f"{addr[0]}:{addr[1]}"
+
+
+class PeerEntry:
+    __slots__ = ("key", "name", "vip", "path", "endpoint", "online")
+
+    def __init__(self, key: bytes, name: str, vip: str, path: PeerPath):
+        self.key, self.name, self.vip, self.path = key, name, vip, path
+        self.endpoint: object = RelayAddr(key)
+        self.online = False
+
+
+class DataPlane:
+    def __init__(self, private_key: bytes, *, port: int = 0, keepalive: float = 25.0,
+                 send_control: Callable[[dict], None] = lambda msg: None):
+        self.private_key = private_key
+        self.device = Device(private_key)
+        self.public_key = self.device.public_key
+        self.disco = disco_mod.DiscoCodec(private_key, accept_sender=lambda k: k in self.peers)
+        self.config = TraversalConfig(keepalive_interval=keepalive)
+        self.port = port
+        self.send_control = send_control
+        self.peers: dict[bytes, PeerEntry] = {}
+        self.by_vip: dict[bytes, PeerEntry] = {}
+        self.udp: UdpSocket | None = None
+        self.server_udp: tuple[str, int] | None = None
+        self.server_is_loopback = False
+        self.udp_token: bytes | None = None
+        self.udp_ok = False           # the server acknowledged our registration
+        self.srflx: tuple[str, int] | None = None
+        self._registered_at = float("-inf")
+        self._register_sent = float("-inf")
+        self._stun: stun.StunTransaction | None = None
+        self._out: list[tuple[bytes, object]] = []
+        self._dirty_paths: set[PeerEntry] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self.inner_sink: Callable[[list[bytes]], None] = lambda packets: None
+        self.on_change: Callable[[], None] = lambda: None
+        self._inner: list[bytes] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        sock = bind_udp("0.0.0.0", self.port)
+        self.port = sock.getsockname()[1]
+        self.udp = UdpSocket(sock, self._on_datagram, on_batch=self._flush, loop=self.loop)
+        log.info("data plane on UDP port %d", self.port)
+
+    def close(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        if self.udp:
+            self.udp.close()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # ------------------------------------------------------------------ configuration from the control plane
+    def set_server(self, host: str, udp_port: int, token: bytes) -> None:
+        try:
+            ip = socket.getaddrinfo(host, udp_port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+        except socket.gaierror as e:
+            log.warning("cannot resolve server %s for UDP: %s", host, e)
+            return
+        self.server_udp = (ip, udp_port)
+        self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
+        self.udp_token = token
+        self._register_sent = float("-inf")
+        self._stun = stun.StunTransaction(self.server_udp, self.now(), rto=0.3, rc=5, rm=4)
+        self._on_timer()
+
+    def local_candidates(self) -> list[dict]:
+        addrs = ["127.0.0.1"] if self.server_is_loopback else interface_addresses()
+        cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:8]]
+        if self.srflx:
+            cands.insert(0, {"addr": f"{self.srflx[0]}:{self.srflx[1]}", "kind": "srflx"})
+        return cands
+
+    def update_peers(self, peers: dict[str, dict]) -> None:
+        """``peers``: key (base64) -> {name, ip, online}: everyone sharing a network with us."""
+        wanted = {}
+        for text, p in peers.items():
+            wanted[base64.b64decode(text)] = p
+        for key in list(self.peers):
+            if key not in wanted:
+                entry = self.peers.pop(key)
+                self.by_vip.pop(socket.inet_aton(entry.vip), None)
+                self.device.remove_peer(key)
+                self._dirty_paths.discard(entry)
+        for key, p in wanted.items():
+            entry = self.peers.get(key)
+            if entry is None:
+                entry = PeerEntry(key, p["name"], p["ip"], PeerPath(self.disco, key, self.config))
+                self.peers[key] = entry
+                self.device.add_peer(key, endpoint=entry.endpoint)
+            entry.name = p["name"]
+            if entry.vip != p["ip"]:
+                self.by_vip.pop(socket.inet_aton(entry.vip), None)
+                entry.vip = p["ip"]
+            self.by_vip[socket.inet_aton(entry.vip)] = entry
+            entry.online = p["online"]
+        self._schedule_flush()
+
+    def punch(self, ev: dict) -> None:
+        """The server introduced us to a peer: probe its candidates now."""
+        try:
+            key = base64.b64decode(ev["peer"])
+        except (KeyError, ValueError):
+            return
+        entry = self.peers.get(key)
+        if entry is None:
+            return
+        cands = []
+        for c in ev.get("candidates", []):
+            host, _, port = c["addr"].rpartition(":")
+            try:
+                cands.append(Candidate((host, int(port)), c["kind"]))
+            except (ValueError, TypeError):
+                continue
+        entry.path.set_remote_candidates(cands)
+        entry.path.start_punch(self.now())
+        self._dirty_paths.add(entry)
+        self._schedule_flush()
+
+    def relay_from_tcp(self, ev: dict) -> None:
+        """A relayed WireGuard packet that reached us over the control connection."""
+        try:
+            src = base64.b64decode(ev["from"])
+            payload = base64.b64decode(ev["data"])
+        except (KeyError, ValueError):
+            return
+        if src in self.peers:
+            self._wg_receive(payload, RelayAddr(src))
+            self._flush()
+
+    # ------------------------------------------------------------------ inner packets
+    def send_packets(self, packets: list[bytes]) -> None:
+        """Outbound inner IPv4 packets (from the netstack or a TUN device)."""
+        now = self.now()
+        for pkt in packets:
+            entry = self.by_vip.get(pkt[16:20])
+            if entry is None:
+                self.stats["no_route"] += 1
+                continue
+            self.device.send(entry.key, pkt, now)
+        self._schedule_flush()
+
+    # ------------------------------------------------------------------ input
+    def _on_datagram(self, view: memoryview, addr) -> None:
+        if len(view) < 4:
+            self.stats["not_ours"] += 1
+            return
+        b0 = view[0]
+        if 1 <= b0 <= 4 and view[1] == 0 and view[2] == 0 and view[3] == 0:
+            self._wg_receive(view, (addr[0], addr[1]))
+        elif view[:4] == frames.MAGIC:
+            self._relay_receive(bytes(view), addr)
+        elif view[:4] == disco_mod.MAGIC:
+            self._disco_receive(bytes(view), (addr[0], addr[1]))
+        elif stun.is_stun(view):
+            if self._stun is not None and self._stun.receive(bytes(view), (addr[0], addr[1]), self.now()):
+                if self._stun.result and self._stun.result != self.srflx:
+                    self.srflx = self._stun.result
+                    log.info("server sees this node at %s:%d", *self.srflx)
+                    self._publish_endpoints()
+        else:
+            self.stats["not_ours"] += 1
+
+    def _wg_receive(self, data, addr) -> None:
+        self.device.receive(data, addr, self.now())
+
+    def _relay_receive(self, data: bytes, addr) -> None:
+        if (addr[0], addr[1]) != self.server_udp:
+            self.stats["not_ours"] += 1
+            return
+        try:
+            t, key, rest = frames.parse(data)
+        except frames.FrameError:
+            self.stats["not_ours"] += 1
+            return
+        if t == frames.DATA:
+            if key in self.peers:
+                self._wg_receive(rest, RelayAddr(key))
+        elif t == frames.REGISTERED:
+            if not self.udp_ok:
+                log.info("relay registration acknowledged: UDP to the server works")
+            self.udp_ok = True
+            self._registered_at = self.now()
+        elif t == frames.REFUSED:
+            log.debug("relay refused a packet for %s: %s", base64.b64encode(key).decode(),
+                      frames.REASONS.get(rest[0], "?"))
+
+    def _disco_receive(self, data: bytes, addr) -> None:
+        try:
+            sender, msg = self.disco.open(data)
+        except disco_mod.DiscoError:
+            self.stats["disco_bad"] += 1
+            return
+        entry = self.peers.get(sender)
+        if entry is not None:
+            entry.path.receive(msg, addr, self.now())
+            self._dirty_paths.add(entry)
+
+    # ------------------------------------------------------------------ output
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dev = self.device
+        now = self.now()
+        changed = False
+        while (ev := dev.next_event()) is not None:
+            if type(ev) is PacketReceived:
+                entry = self.peers.get(ev.public_key)
+                pkt = ev.packet
+                if entry is None or len(pkt) < 20 or pkt[12:16] != socket.inet_aton(entry.vip):
+                    self.stats["spoofed"] += 1  # cryptokey routing: a peer speaks only for its own IP
+                    continue
+                self._inner.append(pkt)
+            elif type(ev) is EndpointChanged:
+                entry = self.peers.get(ev.public_key)
+                if entry is not None:
+                    if isinstance(ev.addr, RelayAddr) and entry.path.current_path is not None:
+                        dev.set_endpoint(entry.key, entry.path.current_path)  # keep the direct path
+                    else:
+                        entry.endpoint = ev.addr
+                        changed = True
+            elif type(ev) is HandshakeCompleted:
+                entry = self.peers.get(ev.public_key)
+                if entry is not None:
+                    log.info("session with %s established (%s)", entry.name, _fmt(entry.endpoint))
+            elif type(ev) is PeerUnreachable:
+                entry = self.peers.get(ev.public_key)
+                if entry is not None:
+                    log.info("%s unreachable: handshakes unanswered", entry.name)
+        if self._inner:
+            inner, self._inner = self._inner, []
+            self.inner_sink(inner)
+        out = self._out
+        for d, a in dev.datagrams_to_send():
+            out.append((d, a))
+        for entry in self._dirty_paths:
+            path = entry.path
+            for d, a in path.datagrams_to_send(now):
+                out.append((d, a))
+            while (pev := path.next_event()) is not None:
+                new = pev.path if pev.path is not None else RelayAddr(entry.key)
+                log.info("path to %s: %s (%s%s)", entry.name, _fmt(new), pev.reason,
+                         f", {pev.rtt * 1000:.1f} ms" if pev.rtt is not None else "")
+                entry.endpoint = new
+                dev.set_endpoint(entry.key, new)
+                changed = True
+        self._dirty_paths.clear()
+        if out:
+            self._send_all(out)
+            out.clear()
+        self._arm_timer()
+        if changed:
+            self.on_change()
+
+    def _send_all(self, items: list[tuple[bytes, object]]) -> None:
+        batch = []
+        for data, addr in items:
+            if isinstance(addr, RelayAddr):
+                if self.udp_ok and self.server_udp:
+                    batch.append((frames.data(addr.key, data), self.server_udp))
+                else:
+                    self.stats["relay_tcp_tx"] += 1
+                    self.send_control({"t": "relay", "id": 0, "to": base64.b64encode(addr.key).decode(),
+                                       "data": base64.b64encode(data).decode()})
+            else:
+                batch.append((data, addr))
+        if batch and self.udp:
+            self.udp.send_batch(batch)
+
+    # ------------------------------------------------------------------ timers
+    def _arm_timer(self) -> None:
+        times = [t for t in (self.device.get_timer(), self._next_register(),
+                             self._stun.get_timer() if self._stun else None) if t is not None]
+        for entry in self.peers.values():
+            t = entry.path.get_timer()
+            if t is not None:
+                times.append(t)
+        at = min(times) if times else None
+        if at == self._timer_at:
+            return
+        if self._timer:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
+
+    def _next_register(self) -> float | None:
+        if self.server_udp is None or self.udp_token is None:
+            return None
+        return self._register_sent + (REGISTER_INTERVAL if self.udp_ok else 1.0)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self.now()
+        t = self.device.get_timer()
+        if t is not None and t <= now:
+            self.device.handle_timer(now)
+        nr = self._next_register()
+        if nr is not None and nr <= now:
+            if self.udp_ok and now - self._registered_at > REGISTER_INTERVAL + REGISTER_TIMEOUT:
+                log.warning("relay registration unanswered: using the control connection for relay")
+                self.udp_ok = False
+            self._register_sent = now
+            self._out.append((frames.register(self.public_key, self.udp_token), self.server_udp))
+        if self._stun is not None:
+            t = self._stun.get_timer()
+            if t is not None and t <= now:
+                self._stun.handle_timer(now)
+            for d, a in self._stun.datagrams_to_send(now):
+                self._out.append((d, a))
+        for entry in self.peers.values():
+            t = entry.path.get_timer()
+            if t is not None and t <= now:
+                entry.path.handle_timer(now)
+                self._dirty_paths.add(entry)
+        self._flush()
+
+    def _publish_endpoints(self) -> None:
+        self.send_control({"t": "endpoints", "candidates": self.local_candidates()})
+
+    # ------------------------------------------------------------------ status
+    def peer_path(self, key: bytes) -> tuple[str | None, float | None]:
+        entry = self.peers.get(key)
+        if entry is None:
+            return None, None
+        if isinstance(entry.endpoint, RelayAddr):
+            return "relay", None
+        rtt = entry.path.rtt if entry.path.current_path == entry.endpoint else None
+        return f"direct {_fmt(entry.endpoint)}", (rtt * 1000 if rtt is not None else None)

@@ -1,0 +1,51 @@
+"""Per-source token buckets for handshakes under load (wireguard-go's ratelimiter.go).
+
+Cookies prove a source can receive at its address; this then caps how much Curve25519 work one
+source IP can make us do while we are under load: 20 handshakes/s, bursts of 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+PACKETS_PER_SECOND = 20.0
+PACKETS_BURSTABLE = 5.0
+MAX_SOURCES = 65536
+"""Tracked sources; beyond this, idle buckets are purged and new sources refused until some are."""
+
+
+def source_key(addr: Hashable) -> Hashable:
+    """The IP of an (ip, port, ...) address, so one host cannot multiply its budget with ports."""
+    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+        return addr[0]
+    return addr
+
+
+class RateLimiter:
+    __slots__ = ("_buckets",)
+
+    def __init__(self) -> None:
+        self._buckets: dict[Hashable, list[float]] = {}
+
+    def allow(self, addr: Hashable, now: float) -> bool:
+        key = source_key(addr)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_SOURCES and not self._purge(now):
+                return False
+            self._buckets[key] = [PACKETS_BURSTABLE - 1.0, now]
+            return True
+        tokens = min(PACKETS_BURSTABLE, bucket[0] + (now - bucket[1]) * PACKETS_PER_SECOND)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _purge(self, now: float) -> bool:
+        """Forget buckets that have refilled completely; True if room was made."""
+        refill = PACKETS_BURSTABLE / PACKETS_PER_SECOND
+        for key in [k for k, (_, last) in self._buckets.items() if now - last >= refill]:
+            del self._buckets[key]
+        return len(self._buckets) < MAX_SOURCES
