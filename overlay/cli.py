@@ -103,6 +103,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        port: Optional[int] = typer.Option(None, "--port", help="Fixed UDP port (the 'magic' port to forward on "
                                                                  "your router); default: any free port."),
        keepalive: Optional[float] = typer.Option(None, "--keepalive", help="NAT keepalive interval, seconds (25)."),
+       socks: Optional[str] = typer.Option(None, "--socks", help="SOCKS5 proxy address (127.0.0.1:1080), or 'off'."),
+       http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default)."),
        home: Optional[Path] = HomeOpt,
        log_level: str = typer.Option("info", "--log-level")):
     """Start the node daemon in the foreground."""
@@ -119,6 +121,20 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     via_proxy = via_proxy or cfg.get("via_proxy")
     port = port if port is not None else cfg.get("port", 0)
     keepalive = keepalive if keepalive is not None else cfg.get("keepalive", 25.0)
+    socks = socks or cfg.get("socks", "127.0.0.1:1080")
+    http_proxy = http_proxy or cfg.get("http_proxy")
+    shares, forwards = cfg.get("share", []), cfg.get("forward", [])
+    for addr, flag in ((socks, "--socks"), (http_proxy, "--http-proxy")):
+        if addr and addr != "off":
+            try:
+                parse_hostport(addr)
+            except ValueError as e:
+                fail(f"{flag}: {e}")
+    if not isinstance(shares, list) or not all(isinstance(x, dict) and "port" in x for x in shares):
+        fail("config.toml: [[share]] entries need a port")
+    if not isinstance(forwards, list) or not all(isinstance(x, dict) and "listen" in x and "peer" in x
+                                                 for x in forwards):
+        fail("config.toml: [[forward]] entries need listen and peer")
     if not isinstance(port, int) or not 0 <= port < 65536:
         fail(f"--port {port}: expected 0-65535")
     if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
@@ -139,7 +155,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     _logging(log_level)
     try:
         asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
-                               keepalive=float(keepalive)))
+                               keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
+                               shares=shares, forwards=forwards))
     except (DaemonError, HomeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -172,6 +189,13 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"[bold]{node['name']}[/]  {node['virtual_ip'] or '-'}  server {srv['address']} {conn}")
     if srv.get("error"):
         out.print(f"  [red]{srv['error']}[/]", soft_wrap=True)
+    for pr in st.get("proxies", []):
+        out.print(f"{pr['kind']} proxy on {pr['address']}", highlight=False)
+    if st.get("shares"):
+        out.print("sharing " + ", ".join(f"{x['port']}/{x['proto']}" for x in st["shares"]), highlight=False)
+    for f in st.get("forwards", []):
+        out.print(f"forward {f['proto']} {f['listen']} -> {f['peer']}:{f['peer_port']} ({f['active']} active)",
+                  highlight=False)
     if not st["networks"]:
         out.print("no networks (overlay create NET / overlay join NET)")
     for net in st["networks"]:
@@ -231,6 +255,61 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         else:
             out.print(f"{peer} did not answer")
     raise typer.Exit(0 if answered else 1)
+
+
+# ---------------------------------------------------------------------------- sharing and forwards
+def _port_proto(text: str, udp: bool = False) -> tuple[int, bool]:
+    port, slash, proto = text.partition("/")
+    if slash and proto.lower() not in ("tcp", "udp"):
+        fail(f"{text!r}: expected PORT or PORT/udp")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"{text!r}: port must be 1-65535")
+    return int(port), udp or proto.lower() == "udp"
+
+
+@app.command()
+def share(port: str = typer.Argument(..., help="PORT or PORT/udp on this machine (127.0.0.1)."),
+          udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+    """Let peers connect to a local port through the overlay."""
+    p, u = _port_proto(port, udp)
+    daemon_call(home, "share", port=p, udp=u)
+    out.print(f"sharing {'udp' if u else 'tcp'} port {p} with your peers")
+
+
+@app.command()
+def unshare(port: str = typer.Argument(..., help="PORT or PORT/udp."),
+            udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+    """Stop sharing a port."""
+    p, u = _port_proto(port, udp)
+    daemon_call(home, "unshare", port=p, udp=u)
+    out.print(f"stopped sharing {'udp' if u else 'tcp'} port {p}")
+
+
+@app.command()
+def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT or PORT/udp)."),
+            target: str = typer.Argument(..., help="PEER or PEER:PORT (default: the same port)."),
+            udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Forward 127.0.0.1:LOCAL to a peer's port: overlay forward 3389 peer-name."""
+    from proxy.forward import parse_spec
+    p, u = _port_proto(local, udp)
+    try:
+        spec = parse_spec(f"{p}{'/udp' if u else ''} {target}")
+    except ValueError as e:
+        fail(str(e))
+    r = daemon_call(home, "forward", as_json, listen=spec.listen_port, peer=spec.peer, peer_port=spec.peer_port,
+                    udp=spec.udp)
+    r.pop("ok", None)
+    print_json(r) if as_json else out.print(
+        f"forwarding {r['proto']} {r['listen']} -> {r['peer']}:{r['peer_port']}", highlight=False)
+
+
+@app.command()
+def unforward(local: str = typer.Argument(..., help="PORT or PORT/udp."),
+              udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+    """Remove a port forward."""
+    p, u = _port_proto(local, udp)
+    daemon_call(home, "unforward", listen=p, udp=u)
+    out.print(f"removed forward of {'udp' if u else 'tcp'} port {p}")
 
 
 # ---------------------------------------------------------------------------- networks

@@ -77,6 +77,8 @@ class Node:
         self.proc: Proc | None = None
 
     def start(self, *extra: str, server: str | None = None) -> "Node":
+        if "--socks" not in extra:
+            extra = ("--socks", "127.0.0.1:0", *extra)  # many nodes on one machine: any free port
         self.proc = Proc([*OVERLAY, "up", "--server", server or self.cluster.server_addr, "--name", self.name,
                           "--home", str(self.home), *extra], self.home.parent / f"{self.home.name}.log")
         return self

@@ -55,7 +55,8 @@ class UdpSocket:
 
     ``on_datagram(view, addr)`` runs for each received datagram; ``on_batch()`` (optional) runs
     once after each wakeup's batch, which is where the owner flushes its outgoing datagrams with
-    ``send_batch`` so that a burst of input produces one batch of output.
+    ``send_batch`` so that a burst of input produces one batch of output. Addresses given to
+    ``send_batch`` must be socket addresses; the node routes "via relay" paths elsewhere.
     """
 
     def __init__(

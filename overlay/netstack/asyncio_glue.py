@@ -258,19 +258,7 @@ class _Stream:
         self.writer = NetstackStreamWriter(self)
 
     def on_readable(self) -> None:
-        if self.writer._closed_by_app:
-            self._discard_input()
         self.reader._wake()
-
-    def _discard_input(self) -> None:
-        """The application closed: drop what arrives so the peer is never stuck on a zero window."""
-        conn = self.conn
-        try:
-            while conn.recv(READ_CHUNK):
-                pass
-        except (BlockingIOError, ConnectionError):
-            pass
-        self.driver._schedule_flush()
 
     def fail(self, exc: Exception) -> None:
         self.reader._fail(exc)
@@ -398,7 +386,7 @@ class NetstackStreamWriter:
         self._close_waiters: list[asyncio.Future[None]] = []
         self._exc: Exception | None = None
         self._eof_requested = False
-        self._closed_by_app = False
+        self._orphan = False  # close() rather than write_eof(): discard input, bounded FIN-WAIT-2
 
     @property
     def connection(self) -> TcpConnection:
@@ -456,7 +444,7 @@ class NetstackStreamWriter:
         if not self._pending:
             self._wake_drain()
             if self._eof_requested:
-                self._s.conn.close()
+                self._s.conn.close(orphan=self._orphan)
                 self._s.driver._schedule_flush()
 
     def _wake_drain(self) -> None:
@@ -474,21 +462,27 @@ class NetstackStreamWriter:
             return
         self._eof_requested = True
         if not self._pending:
-            self._s.conn.close()
+            self._s.conn.close(orphan=self._orphan)
             self._s.driver._schedule_flush()
         self._s.driver._closing_writers.add(self)
 
     def close(self) -> None:
-        """Finish sending what was written, then FIN; incoming data is discarded from now on."""
-        self._closed_by_app = True
-        self.write_eof()
-        if self._s.conn.unread:
-            self._s._discard_input()
+        """Finish sending what was written, then FIN; incoming data is discarded from then on
+        (so a peer still sending is never stuck on our zero window)."""
+        if self._orphan:
+            return
+        self._orphan = True
+        if self._eof_requested:
+            if not self._pending:
+                self._s.conn.close(orphan=True)
+                self._s.driver._schedule_flush()
+        else:
+            self.write_eof()
         self._s.reader._fail(ConnectionAbortedError("stream closed locally"))
 
     def abort(self) -> None:
         """Reset the connection at once."""
-        self._closed_by_app = True
+        self._orphan = True
         self._s.conn.abort()
         self._s.driver._schedule_flush()
         self._fail(ConnectionAbortedError("stream aborted locally"))

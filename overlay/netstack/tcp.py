@@ -83,7 +83,7 @@ class TcpConfig:
     max_retries: int = 15  # data retransmissions before giving up (Linux tcp_retries2)
     delayed_ack: float = 0.04
     msl: float = 30.0  # TIME-WAIT lasts 2 * MSL
-    fin_wait_2_timeout: float = 60.0  # Linux tcp_fin_timeout: peer never closes its side
+    fin_wait_2_timeout: float = 60.0  # orphaned connections only (Linux tcp_fin_timeout)
     keepalive_idle: float | None = None  # seconds of silence before probing; None disables
     keepalive_interval: float = 15.0
     keepalive_count: int = 4
@@ -118,6 +118,7 @@ class TcpConnection:
         self.remote_port = remote_port
         self.passive = passive
         self.half_open_slot = False  # counts against its listener's backlog while SYN-RECEIVED
+        self.orphan = False  # closed with orphan=True: the application reads no more
         self.state = S.CLOSED
         self.error: str | None = None  # why the connection ended abnormally
         self._syn_seen: TcpSegment | None = None  # the peer's SYN (its options shape our SYN-ACK)
@@ -189,6 +190,7 @@ class TcpConnection:
         self._rexmit_marks: dict[int, int] = {}
         self._rexmit_una = False  # retransmit the first unSACKed segment regardless of cwnd
         self._tail_probe = False  # send one probe segment regardless of cwnd (RFC 8985 TLP)
+        self._window_probe = False  # persist timer: fill a small window despite SWS avoidance
         self._probe_at: float | None = None
         self._probe_count = 0
 
@@ -287,8 +289,17 @@ class TcpConnection:
                 self._stack._mark_dirty(self)
         return data
 
-    def close(self) -> None:
-        """Send FIN after the queued data (half-close: receiving continues until the peer's FIN)."""
+    def close(self, *, orphan: bool = False) -> None:
+        """Send FIN after the queued data.
+
+        By default a half-close: receiving continues until the peer's FIN, however long that takes.
+        ``orphan=True`` means the application is done with the connection: received data is
+        discarded from now on, and if the peer never closes its side the connection is dropped
+        ``fin_wait_2_timeout`` seconds after the peer went quiet.
+        """
+        if orphan:
+            self.orphan = True
+            self._rcvbuf.clear()
         st = self.state
         if st is S.SYN_SENT:
             self._terminate(None)
@@ -301,6 +312,9 @@ class TcpConnection:
         elif st is S.CLOSE_WAIT:
             self.state = S.LAST_ACK
         else:
+            if orphan and st is S.FIN_WAIT_2 and self._close_at is None:
+                self._close_at = self._stack.now + self._cfg.fin_wait_2_timeout
+                self._update_deadline()
             return
         self._fin_queued = True
         self._stack._mark_dirty(self)
@@ -443,9 +457,15 @@ class TcpConnection:
         seg_len = seg.seg_len
         st = self.state
 
-        if st is S.SYN_RECEIVED and flags & SYN and not flags & ACK and seq == self.irs:
-            self._send_syn()  # our SYN-ACK was lost: the peer retransmitted its SYN
-            return
+        if st is S.SYN_RECEIVED and flags & SYN and seq == self.irs:
+            if not flags & ACK:
+                self._send_syn()  # our SYN-ACK was lost: the peer retransmitted its SYN
+                return
+            # simultaneous open: the peer's SYN-ACK repeats the SYN we hold; its ACK completes
+            seg = seg._replace(seq=(seg.seq + 1) & MASK32, flags=flags & ~SYN)
+            flags = seg.flags
+            seq += 1
+            seg_len -= 1
 
         if not self._acceptable(seq, seg_len):
             if not flags & RST:
@@ -458,7 +478,7 @@ class TcpConnection:
             return
 
         self._keepalive_reset(now)
-        if st is S.FIN_WAIT_2:
+        if st is S.FIN_WAIT_2 and self.orphan:
             self._close_at = now + self._cfg.fin_wait_2_timeout  # the peer is alive: keep waiting
 
         if flags & RST:
@@ -468,7 +488,7 @@ class TcpConnection:
                 elif st is S.SYN_RECEIVED:
                     self.error = f"connection refused by {self.remote_ip}:{self.remote_port}"
                     self._terminate(self.error, events.ConnectionRefused(self))
-                elif st in (S.CLOSING, S.LAST_ACK, S.TIME_WAIT):
+                elif st is S.TIME_WAIT:
                     self._terminate(None)
                 else:
                     self.error = "connection reset by peer"
@@ -525,12 +545,14 @@ class TcpConnection:
 
     def _receive_data(self, seq: int, data: bytes, now: float) -> None:
         if seq == self.rcv_nxt:
-            self._rcvbuf += data
+            if not self.orphan:
+                self._rcvbuf += data
             self.rcv_nxt += len(data)
             if self._ooo.bytes or len(self._ooo):
                 filled = False
                 while (more := self._ooo.pop_ready(self.rcv_nxt)) is not None:
-                    self._rcvbuf += more
+                    if not self.orphan:
+                        self._rcvbuf += more
                     self.rcv_nxt += len(more)
                     filled = True
                 if filled or len(self._ooo):
@@ -666,7 +688,8 @@ class TcpConnection:
             st = self.state
             if st is S.FIN_WAIT_1:
                 self.state = S.FIN_WAIT_2
-                self._close_at = now + self._cfg.fin_wait_2_timeout
+                if self.orphan:
+                    self._close_at = now + self._cfg.fin_wait_2_timeout
             elif st is S.CLOSING:
                 self._enter_time_wait(now)
             elif st is S.LAST_ACK:
@@ -904,7 +927,9 @@ class TcpConnection:
         length = end - seq
         if length <= 0:
             return None
-        if length < mss and end < data_end:
+        if self._window_probe:
+            self._window_probe = False
+        elif length < mss and end < data_end:
             in_flight = self.snd_max > self.snd_una
             if end == seq + room and in_flight:
                 return None  # cwnd-limited: wait for ACKs rather than send a runt
@@ -1014,9 +1039,14 @@ class TcpConnection:
             self._send_segment(self.snd_max, RST | ACK)
             self._terminate(self.error, events.TimedOut(self))
             return
-        # an ACK with an already acknowledged sequence number makes the peer answer with its window
-        self._send_segment(self.snd_una - 1, ACK)
-        self._persist_at = now + min(self._current_rto() * (1 << self._persist_backoff), self._cfg.max_rto)
+        if self.snd_wnd > 0:
+            self._window_probe = True  # a small window: send what fits despite SWS avoidance
+            self._output(now)
+        else:
+            # an ACK with an already acknowledged sequence number makes the peer answer with its window
+            self._send_segment(self.snd_una - 1, ACK)
+        if self.snd_max == self.snd_una:  # nothing in flight for the RTO to watch: keep probing
+            self._persist_at = now + min(self._current_rto() * (1 << self._persist_backoff), self._cfg.max_rto)
 
     def _on_keepalive(self, now: float) -> None:
         cfg = self._cfg

@@ -18,10 +18,14 @@ from overlay.control.messages import RequestError, key_to_text, normalize_name
 from overlay.node import api
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
-from overlay.node.control_client import ControlClient, NotConnected
+from overlay.node.control_client import ControlClient, NotConnected, parse_hostport
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.home import Home, HomeError
 from overlay.node.pinger import Pinger
+from overlay.node.services import OverlayDialer, Shares
+from proxy.forward import Forward
+from proxy.listen import ListenError
+from proxy.server import HttpProxyServer, SocksServer
 from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")
@@ -36,7 +40,8 @@ class DaemonError(Exception):
 
 class Daemon:
     def __init__(self, home: Home, *, server: str, name: str, via_proxy: str | None = None,
-                 port: int = 0, keepalive: float = 25.0):
+                 port: int = 0, keepalive: float = 25.0, socks: str | None = "127.0.0.1:1080",
+                 http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = ()):
         self.home = home
         self.private_key = home.private_key()
         from overlay import crypto
@@ -52,6 +57,13 @@ class Daemon:
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
+        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack)
+        self.shares = Shares()
+        self.socks_addr, self.http_addr = socks, http_proxy
+        self.proxies: list = []
+        self.forwards: dict[tuple[int, bool], Forward] = {}
+        self._initial_shares = list(shares)
+        self._initial_forwards = list(forwards)
         self._followers: set[asyncio.Queue] = set()
         self._api_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
@@ -65,6 +77,11 @@ class Daemon:
             self.dataplane.start()
         except OSError as e:
             raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e}") from None
+        try:
+            await self._start_proxies()
+        except (ListenError, ValueError) as e:
+            self.dataplane.close()
+            raise DaemonError(str(e)) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         client = loop.create_task(self.client.run())
@@ -73,6 +90,10 @@ class Daemon:
         finally:
             client.cancel()
             self._api_server.close()
+            for srv in self.proxies:
+                srv.close()
+            for fwd in self.forwards.values():
+                fwd.close()
             if self.netstack:
                 self.netstack.close()
             self.dataplane.close()
@@ -109,6 +130,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             stack = Stack(hello["ip"], mtu=INNER_MTU, now=loop.time())
             self.netstack = StackDriver(stack, lambda pkt: self.dataplane.send_packets([pkt]))
+            self.shares.attach(self.netstack)
             self.dataplane.inner_sink = self._inbound
         self._punched.clear()
         self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]))
@@ -120,14 +142,55 @@ class Daemon:
         if packets and self.netstack is not None:
             self.netstack.receive_packets(packets)
 
-    def resolve_peer(self, text: str) -> dict:
-        """A peer by name, name.network, virtual IP or key; RequestError if none."""
+    def find_peer(self, text: str) -> dict | None:
+        """A peer by name, name.network, virtual IP or key; None if no such peer."""
         t = text.strip().lower().rstrip(".")
-        peers = self.state.peers()
-        for p in peers.values():
+        for p in self.state.peers().values():
             if t in (p["name"], p["ip"], p["key"].lower()) or any(t == f"{p['name']}.{n}" for n in p["networks"]):
                 return p
-        raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
+        return None
+
+    def resolve_peer(self, text: str) -> dict:
+        p = self.find_peer(text)
+        if p is None:
+            raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
+        return p
+
+    # ------------------------------------------------------------------ proxies, forwards, shares
+    async def _start_proxies(self) -> None:
+        for addr, cls, flag in ((self.socks_addr, SocksServer, "--socks"),
+                                (self.http_addr, HttpProxyServer, "--http-proxy")):
+            if not addr or addr == "off":
+                continue
+            host, port = parse_hostport(addr)
+            srv = cls(self.dialer, host, port)
+            try:
+                await srv.start()
+            except ListenError as e:
+                raise ListenError(f"{e} (choose another address with {flag} HOST:PORT, or {flag} off)") from None
+            self.proxies.append(srv)
+            log.info("%s on %s:%d", srv.kind, *srv.address)
+        for sh in self._initial_shares:
+            self.shares.add(int(sh["port"]), sh.get("proto", "tcp") == "udp")
+        for fw in self._initial_forwards:
+            await self.add_forward(int(fw["listen"]), fw["peer"], int(fw.get("peer_port", fw["listen"])),
+                                   bool(fw.get("udp", False)))
+
+    async def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool) -> dict:
+        if (listen, udp) in self.forwards:
+            raise RequestError("forward_exists", f"port {listen}{'/udp' if udp else ''} is already forwarded")
+        fwd = Forward(self.dialer, listen, peer, peer_port, udp)
+        try:
+            await fwd.start()
+        except ListenError as e:
+            raise RequestError("port_busy", str(e)) from None
+        self.forwards[(fwd.address[1], udp)] = fwd
+        return self._forward_info(fwd)
+
+    @staticmethod
+    def _forward_info(f: Forward) -> dict:
+        return {"listen": f"{f.address[0]}:{f.address[1]}", "peer": f.peer, "peer_port": f.peer_port,
+                "proto": "udp" if f.udp else "tcp", "active": f.active}
 
     async def ping(self, target: str, timeout: float = 2.0) -> dict:
         p = self.resolve_peer(target)
@@ -255,6 +318,24 @@ class Daemon:
             return {}
         if cmd == "status":
             return self.status()
+        if cmd == "share":
+            port = int(a["port"])
+            if not 0 < port < 65536:
+                raise RequestError("bad_request", f"port {port} out of range")
+            self.shares.add(port, bool(a.get("udp")))
+            return {"shares": self.shares.listing()}
+        if cmd == "unshare":
+            if not self.shares.remove(int(a["port"]), bool(a.get("udp"))):
+                raise RequestError("not_shared", f"port {a['port']}{'/udp' if a.get('udp') else ''} is not shared")
+            return {"shares": self.shares.listing()}
+        if cmd == "forward":
+            return await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+        if cmd == "unforward":
+            fwd = self.forwards.pop((int(a["listen"]), bool(a.get("udp"))), None)
+            if fwd is None:
+                raise RequestError("not_forwarded", f"port {a['listen']}{'/udp' if a.get('udp') else ''} is not forwarded")
+            fwd.close()
+            return {}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], float(a.get("timeout", 2.0)))
         if cmd == "down":
@@ -298,6 +379,10 @@ class Daemon:
                        "key": key_to_text(c.server_key) if c.server_key else None},
             "networks": self.state.status(),
             "peers": [self._peer_status(p) for p in sorted(self.state.peers().values(), key=lambda p: p["name"])],
+            "proxies": [{"kind": "socks5" if isinstance(p, SocksServer) else "http",
+                         "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
+            "shares": self.shares.listing(),
+            "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None},
         }
@@ -310,10 +395,9 @@ class Daemon:
         return {**p, "path": path, "rtt_ms": rtt}
 
 
-async def run_daemon(home: Home, *, server: str, name: str, via_proxy: str | None, port: int = 0,
-                     keepalive: float = 25.0) -> None:
+async def run_daemon(home: Home, **kw) -> None:
     try:
-        daemon = Daemon(home, server=server, name=name, via_proxy=via_proxy, port=port, keepalive=keepalive)
+        daemon = Daemon(home, **kw)
     except HomeError as e:
         raise DaemonError(str(e)) from None
     await daemon.run()

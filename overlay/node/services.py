@@ -1,0 +1,184 @@
+"""What a userspace node offers its apps and its peers, on top of the netstack.
+
+- ``OverlayDialer``: the proxy's Dialer (proxy/dialer.py) over the userspace stack: peer names,
+  ``name.network`` and virtual IPs resolve inside the overlay; anything else is refused (no
+  accidental exit node); a reset from the peer means "that peer does not share this port".
+- ``Shares``: inbound overlay connections are accepted only on shared ports and carried to
+  127.0.0.1:port on this machine; everything else gets a reset from the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from overlay.netstack.asyncio_glue import StackDriver
+from proxy.dialer import DialTimeout, NotOverlayAddress, PeerUnreachable, PortNotShared
+from proxy.relay import relay
+
+log = logging.getLogger("overlay.node")
+
+DIAL_TIMEOUT = 10.0
+TCP_IDLE = 3600.0
+UDP_IDLE = 120.0
+MAX_UDP_FLOWS = 256
+
+
+class OverlayDialer:
+    def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None]):
+        self._find = find_peer
+        self._netstack = netstack
+
+    def resolve(self, host: str) -> str | None:
+        p = self._find(host)
+        return p["ip"] if p else None
+
+    def _target(self, host: str) -> tuple[dict, StackDriver]:
+        p = self._find(host)
+        if p is None:
+            raise NotOverlayAddress(host)
+        ns = self._netstack()
+        if ns is None:
+            raise PeerUnreachable(p["name"], "this node is not connected yet")
+        if not p["online"]:
+            raise PeerUnreachable(p["name"], "it is offline")
+        return p, ns
+
+    async def open_connection(self, host: str, port: int):
+        p, ns = self._target(host)
+        try:
+            return await ns.open_connection(p["ip"], port, timeout=DIAL_TIMEOUT)
+        except ConnectionRefusedError:
+            raise PortNotShared(p["name"], port) from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
+
+    async def open_udp(self, host: str, port: int):
+        p, ns = self._target(host)
+        return _NetstackUdpFlow(ns.udp_bind(0), (p["ip"], port))
+
+
+class _NetstackUdpFlow:
+    """A UDP flow to one (virtual IP, port) over a netstack endpoint of its own."""
+
+    def __init__(self, endpoint, dest: tuple[str, int]):
+        self._ep = endpoint
+        self._dest = dest
+
+    def send(self, data: bytes) -> None:
+        self._ep.sendto(data, self._dest)
+
+    async def recv(self) -> bytes:
+        while True:
+            data, addr = await self._ep.recvfrom()
+            if addr == self._dest:
+                return data
+
+    def close(self) -> None:
+        self._ep.close()
+
+
+class Shares:
+    """Ports this node shares with its peers (TCP and UDP), each carried to 127.0.0.1:port."""
+
+    def __init__(self) -> None:
+        self.tcp: set[int] = set()
+        self.udp: set[int] = set()
+        self._driver: StackDriver | None = None
+        self._udp_tasks: dict[int, asyncio.Task] = {}
+
+    def attach(self, driver: StackDriver) -> None:
+        """(Re)apply every share to a new stack."""
+        self._driver = driver
+        driver.on_port_refused = lambda port, remote: log.info(
+            "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1], port, port)
+        for port in self.tcp:
+            driver.listen(port, self._tcp_handler(port))
+        for port in list(self.udp):
+            self._start_udp(port)
+
+    def add(self, port: int, udp: bool) -> None:
+        if udp:
+            if port not in self.udp:
+                self.udp.add(port)
+                if self._driver is not None:
+                    self._start_udp(port)
+        elif port not in self.tcp:
+            self.tcp.add(port)
+            if self._driver is not None:
+                self._driver.listen(port, self._tcp_handler(port))
+        log.info("sharing %s port %d", "udp" if udp else "tcp", port)
+
+    def remove(self, port: int, udp: bool) -> bool:
+        if udp:
+            if port not in self.udp:
+                return False
+            self.udp.discard(port)
+            task = self._udp_tasks.pop(port, None)
+            if task:
+                task.cancel()
+        else:
+            if port not in self.tcp:
+                return False
+            self.tcp.discard(port)
+            if self._driver is not None:
+                self._driver.unlisten(port)
+        log.info("stopped sharing %s port %d", "udp" if udp else "tcp", port)
+        return True
+
+    def listing(self) -> list[dict]:
+        return ([{"port": p, "proto": "tcp"} for p in sorted(self.tcp)]
+                + [{"port": p, "proto": "udp"} for p in sorted(self.udp)])
+
+    def _tcp_handler(self, port: int):
+        async def handle(reader, writer) -> None:
+            peer = writer.get_extra_info("peername")
+            try:
+                lr, lw = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), DIAL_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as e:
+                log.info("shared port %d: nothing answers on 127.0.0.1:%d (%s)", port, port, e)
+                writer.close()
+                return
+            log.debug("shared port %d: connection from %s", port, peer)
+            await relay(reader, writer, lr, lw, TCP_IDLE)
+        return handle
+
+    def _start_udp(self, port: int) -> None:
+        ep = self._driver.udp_bind(port)
+        self._udp_tasks[port] = asyncio.get_running_loop().create_task(self._udp_share(port, ep))
+
+    async def _udp_share(self, port: int, ep) -> None:
+        """Each remote (ip, port) gets its own OS socket toward 127.0.0.1:port, idle flows expire."""
+        loop = asyncio.get_running_loop()
+        flows: dict[tuple, tuple[asyncio.DatagramTransport, list]] = {}
+
+        class Back(asyncio.DatagramProtocol):
+            def __init__(self, remote):
+                self.remote = remote
+
+            def datagram_received(self, data, addr):
+                ep.sendto(data, self.remote)
+                flows[self.remote][1][0] = loop.time()
+
+        try:
+            while True:
+                data, remote = await ep.recvfrom()
+                now = loop.time()
+                for r, (tr, seen) in list(flows.items()):
+                    if now - seen[0] > UDP_IDLE:
+                        tr.close()
+                        del flows[r]
+                if remote not in flows:
+                    if len(flows) >= MAX_UDP_FLOWS:
+                        continue
+                    tr, _ = await loop.create_datagram_endpoint(lambda r=remote: Back(r),
+                                                                remote_addr=("127.0.0.1", port))
+                    flows[remote] = (tr, [now])
+                tr, seen = flows[remote]
+                seen[0] = now
+                tr.sendto(data)
+        finally:
+            for tr, _ in flows.values():
+                tr.close()
+            ep.close()

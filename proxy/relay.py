@@ -1,0 +1,96 @@
+"""Bidirectional byte relay between two streams, shared by the proxies and the TCP forwards.
+
+Backpressure: each direction awaits ``drain()`` after every write, so at most one read buffer
+(``CHUNK`` bytes) plus the writer's high-water mark is held per direction, whatever the speed
+difference between the two ends. Half-close: EOF from one side becomes ``write_eof()`` on the
+other, and the relay ends when both directions have finished. Idle connections (no bytes read in
+either direction for ``idle_timeout`` seconds) are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from proxy.dialer import StreamReaderLike, StreamWriterLike
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+CLOSE_TIMEOUT = 5.0  # seconds to flush on close before the transport is aborted
+
+
+class _Activity:
+    __slots__ = ("last",)
+
+    def __init__(self, now: float):
+        self.last = now
+
+
+async def _pump(
+    src: StreamReaderLike, dst: StreamWriterLike, first: bytes, activity: _Activity, loop: asyncio.AbstractEventLoop
+) -> bool:
+    """Copy src to dst until EOF; returns True if dst was half-closed, False if it cannot be."""
+    if first:
+        dst.write(first)
+        await dst.drain()
+    while True:
+        data = await src.read(CHUNK)
+        if not data:
+            break
+        activity.last = loop.time()
+        dst.write(data)
+        await dst.drain()
+    if dst.can_write_eof():
+        dst.write_eof()
+        return True
+    return False
+
+
+async def relay(
+    a_reader: StreamReaderLike,
+    a_writer: StreamWriterLike,
+    b_reader: StreamReaderLike,
+    b_writer: StreamWriterLike,
+    idle_timeout: float | None,
+    a_to_b_first: bytes = b"",
+) -> None:
+    """Relay a<->b until both directions end, one fails, or the pair is idle; then close both.
+
+    ``a_to_b_first`` is data already read from ``a`` (e.g. pipelined after a proxy request).
+    """
+    loop = asyncio.get_running_loop()
+    activity = _Activity(loop.time())
+    pending = {
+        asyncio.ensure_future(_pump(a_reader, b_writer, a_to_b_first, activity, loop)),
+        asyncio.ensure_future(_pump(b_reader, a_writer, b"", activity, loop)),
+    }
+    try:
+        while pending:
+            timeout = None if idle_timeout is None else activity.last + idle_timeout - loop.time()
+            if timeout is not None and timeout <= 0:
+                log.debug("closing relay idle for %.0f s", idle_timeout)
+                break
+            done, pending = await asyncio.wait(pending, timeout=timeout)
+            # (a list, not any(): every finished task's exception must be retrieved)
+            if [t for t in done if t.exception() is not None or not t.result()]:
+                break  # an error, or an EOF we could not pass on as a half-close: end both ways
+    finally:
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(BaseException):
+                await t
+        await asyncio.gather(close_writer(a_writer), close_writer(b_writer))
+
+
+async def close_writer(writer: StreamWriterLike) -> None:
+    """Close a writer, flushing for at most ``CLOSE_TIMEOUT`` s, never raising."""
+    try:
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except Exception:
+        transport = getattr(writer, "transport", None)
+        if transport is not None:
+            transport.abort()
