@@ -75,6 +75,9 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
            data: Path = typer.Option(..., "--data", help="Directory for the server key and database."),
            pool: str = typer.Option("100.64.0.0/10", "--pool", help="Virtual IPv4 pool (CIDR)."),
            relay_rate: int = typer.Option(2048, "--relay-rate", help="Relay bandwidth cap per node, KiB/s."),
+           stun_alt_ip: Optional[str] = typer.Option(None, "--stun-alt-ip",
+                                                     help="A second public IP of this server that answers STUN "
+                                                          "on the same port (finer NAT classification)."),
            log_level: str = typer.Option("info", "--log-level")):
     """Run a mediation server in the foreground."""
     import ipaddress
@@ -88,7 +91,7 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         fail(str(e))
     _logging(log_level)
     try:
-        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024))
+        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip))
     except OSError as e:
         fail(f"cannot listen on {listen}: {e.strerror or e}")
     except KeyboardInterrupt:
@@ -255,6 +258,28 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         else:
             out.print(f"{peer} did not answer")
     raise typer.Exit(0 if answered else 1)
+
+
+@app.command()
+def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """UDP reachability, public address, NAT mapping behaviour and RTT to the server."""
+    r = daemon_call(home, "netcheck", as_json)
+    r.pop("ok", None)
+    if as_json:
+        print_json(r)
+        return
+    n = r["nat"]
+    yes = lambda b: "yes" if b else ("no" if b is not None else "unknown")  # noqa: E731
+    out.print(f"UDP to the server:        {yes(n.get('udp'))}  (relay over UDP: {yes(r['udp'])})")
+    out.print(f"public address:           {n.get('public') or '-'}  (local UDP port {r['local_port']})")
+    out.print(f"behind NAT:               {yes(n.get('behind_nat'))}")
+    out.print(f"mapping varies by dest.:  {yes(n.get('varies_by_destination'))}  ({n.get('mapping')})")
+    seq = n.get("sequential")
+    out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {n['port_delta']})" if seq else ""))
+    rtt = n.get("server_rtt_ms")
+    out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
+    out.print("candidates:               " + ", ".join(f"{c['addr']} ({c['kind']})" for c in r["candidates"]),
+              highlight=False)
 
 
 # ---------------------------------------------------------------------------- sharing and forwards

@@ -193,6 +193,12 @@ class NatProbe:
     def done(self) -> bool:
         return all(t is not None and t.done for t in self._tx)
 
+    @property
+    def rtt(self) -> float | None:
+        """The fastest answered transaction's round-trip time (None until one answers)."""
+        rtts = [t.rtt for t in self._tx if t is not None and t.rtt is not None]
+        return min(rtts) if rtts else None
+
     def report(self) -> NatReport:
         obs = [Observation(s, t.result if t else None) for s, t in zip(self._servers, self._tx)]
         return classify(self.local, obs)

@@ -743,7 +743,7 @@ class TcpConnection:
     def _pto(self) -> float:
         """Probe timeout (RFC 8985 §7.2): two RTTs, plus the peer's delayed-ACK time when a single
         segment is in flight, doubled per unanswered probe."""
-        pto = max(2 * self._srtt, 0.01) if self._srtt is not None else self._rto
+        pto = max(2 * self._srtt, 0.002) if self._srtt is not None else self._rto
         if self.snd_max - self.snd_una <= self.mss:
             pto += self._cfg.delayed_ack
         return pto * (1 << self._probe_count)

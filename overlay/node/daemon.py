@@ -133,7 +133,8 @@ class Daemon:
             self.shares.attach(self.netstack)
             self.dataplane.inner_sink = self._inbound
         self._punched.clear()
-        self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]))
+        self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
+                                  hello.get("stun_ports"), hello.get("stun_alt_ip"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
         self._sync_peers()
 
@@ -336,6 +337,13 @@ class Daemon:
                 raise RequestError("not_forwarded", f"port {a['listen']}{'/udp' if a.get('udp') else ''} is not forwarded")
             fwd.close()
             return {}
+        if cmd == "netcheck":
+            if self.dataplane.server_udp is None:
+                raise NotConnected("not connected to the server yet")
+            await asyncio.wait_for(self.dataplane.start_probe(), 10)
+            return {"udp": self.dataplane.udp_ok, "nat": self.dataplane.nat_summary(),
+                    "local_port": self.dataplane.port, "server": self.client.server,
+                    "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], float(a.get("timeout", 2.0)))
         if cmd == "down":
@@ -384,7 +392,8 @@ class Daemon:
             "shares": self.shares.listing(),
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
-                    "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None},
+                    "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
+                    "nat": self.dataplane.nat_summary()},
         }
 
 

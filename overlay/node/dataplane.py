@@ -31,6 +31,7 @@ from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
 from overlay.nat import stun
 from overlay.nat.candidate import Candidate
+from overlay.nat.classify import NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
 from overlay.relay import frames
 from overlay.wire.device import Device
@@ -40,6 +41,8 @@ log = logging.getLogger("overlay.dataplane")
 
 REGISTER_INTERVAL = 10.0      # relay registration doubles as the NAT keepalive toward the server
 REGISTER_TIMEOUT = 3.0        # no REGISTERED after this: UDP to the server looks blocked
+REPROBE_INTERVAL = 120.0      # refresh the server-reflexive address and NAT classification
+PREDICTED_PORTS = 8
 INNER_MTU = 1380
 
 
@@ -85,6 +88,7 @@ class DataPlane:
         self.disco = disco_mod.DiscoCodec(private_key, accept_sender=lambda k: k in self.peers)
         self.config = TraversalConfig(keepalive_interval=keepalive)
         self.port = port
+        self.magic_port = port != 0   # a fixed port was asked for: worth advertising as forwarded
         self.send_control = send_control
         self.peers: dict[bytes, PeerEntry] = {}
         self.by_vip: dict[bytes, PeerEntry] = {}
@@ -96,7 +100,12 @@ class DataPlane:
         self.srflx: tuple[str, int] | None = None
         self._registered_at = float("-inf")
         self._register_sent = float("-inf")
-        self._stun: stun.StunTransaction | None = None
+        self._probe: NatProbe | None = None
+        self._probe_servers: list[tuple[str, int]] = []
+        self._next_probe: float | None = None
+        self.nat: NatReport | None = None
+        self.server_rtt: float | None = None
+        self._probe_waiters: list[asyncio.Future] = []
         self._out: list[tuple[bytes, object]] = []
         self._dirty_paths: set[PeerEntry] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -126,7 +135,8 @@ class DataPlane:
         return self.loop.time()
 
     # ------------------------------------------------------------------ configuration from the control plane
-    def set_server(self, host: str, udp_port: int, token: bytes) -> None:
+    def set_server(self, host: str, udp_port: int, token: bytes, stun_ports: list[int] | None = None,
+                   stun_alt_ip: str | None = None) -> None:
         try:
             ip = socket.getaddrinfo(host, udp_port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
         except socket.gaierror as e:
@@ -136,15 +146,82 @@ class DataPlane:
         self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
         self.udp_token = token
         self._register_sent = float("-inf")
-        self._stun = stun.StunTransaction(self.server_udp, self.now(), rto=0.3, rc=5, rm=4)
-        self._on_timer()
+        servers = [(ip, p) for p in (stun_ports or [udp_port])]
+        if stun_alt_ip:
+            servers.append((stun_alt_ip, udp_port))
+        self._probe_servers = servers[:8]
+        self.start_probe()
+
+    def start_probe(self) -> asyncio.Future:
+        """(Re)learn our public address and NAT behaviour from the server's STUN ports."""
+        fut = self.loop.create_future()
+        if not self._probe_servers:
+            fut.set_result(None)
+            return fut
+        self._probe_waiters.append(fut)
+        if self._probe is None or self._probe.done:
+            self._probe = NatProbe(self._local_toward_server(), self._probe_servers, self.now(),
+                                   rto=0.3, rc=4, rm=4)
+            self._next_probe = None
+            self._on_timer()
+        return fut
+
+    def _local_toward_server(self) -> tuple[str, int]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(self.server_udp)
+                return s.getsockname()[0], self.port
+            except OSError:
+                return "0.0.0.0", self.port
+
+    def _probe_finished(self) -> None:
+        probe, self._probe = self._probe, None
+        report = probe.report()
+        self.nat = report
+        self.server_rtt = probe.rtt
+        self._next_probe = self.now() + REPROBE_INTERVAL
+        for fut in self._probe_waiters:
+            if not fut.done():
+                fut.set_result(report)
+        self._probe_waiters.clear()
+        if not report.udp:
+            log.warning("no STUN answer from the server: UDP looks blocked")
+            return
+        if report.public != self.srflx:
+            self.srflx = report.public
+            log.info("server sees this node at %s:%d (NAT mapping %s%s)", report.public[0], report.public[1],
+                     report.mapping, f", {report.allocation.lower()} ports" if report.allocation else "")
+            self._publish_endpoints()
 
     def local_candidates(self) -> list[dict]:
         addrs = ["127.0.0.1"] if self.server_is_loopback else interface_addresses()
-        cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:8]]
+        cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:6]]
         if self.srflx:
             cands.insert(0, {"addr": f"{self.srflx[0]}:{self.srflx[1]}", "kind": "srflx"})
-        return cands
+            if self.port and self.magic_port and self.srflx[1] != self.port:
+                # the "magic" port: a router forwarding this UDP port to us makes it reachable
+                cands.append({"addr": f"{self.srflx[0]}:{self.port}", "kind": "magic"})
+            if self.nat is not None and self.nat.predictable:
+                for p in self.nat.predicted_ports(PREDICTED_PORTS):
+                    cands.append({"addr": f"{self.srflx[0]}:{p}", "kind": "predicted"})
+        seen, unique = set(), []
+        for c in cands:
+            if c["addr"] not in seen:
+                seen.add(c["addr"])
+                unique.append(c)
+        return unique[:16]
+
+    def nat_summary(self) -> dict:
+        n = self.nat
+        if n is None:
+            return {}
+        return {"udp": n.udp, "public": f"{n.public[0]}:{n.public[1]}" if n.public else None,
+                "behind_nat": n.behind_nat, "mapping": n.mapping,
+                "varies_by_destination": n.varies_by_destination, "allocation": n.allocation,
+                "sequential": n.allocation == "SEQUENTIAL" if n.allocation else None,
+                "port_delta": n.delta if n.allocation == "SEQUENTIAL" else None,
+                "port_preserved": n.port_preserved,
+                "server_rtt_ms": self.server_rtt * 1000 if self.server_rtt is not None else None}
 
     def update_peers(self, peers: dict[str, dict]) -> None:
         """``peers``: key (base64) -> {name, ip, online}: everyone sharing a network with us."""
@@ -228,11 +305,9 @@ class DataPlane:
         elif view[:4] == disco_mod.MAGIC:
             self._disco_receive(bytes(view), (addr[0], addr[1]))
         elif stun.is_stun(view):
-            if self._stun is not None and self._stun.receive(bytes(view), (addr[0], addr[1]), self.now()):
-                if self._stun.result and self._stun.result != self.srflx:
-                    self.srflx = self._stun.result
-                    log.info("server sees this node at %s:%d", *self.srflx)
-                    self._publish_endpoints()
+            probe = self._probe
+            if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()) and probe.done:
+                self._probe_finished()
         else:
             self.stats["not_ours"] += 1
 
@@ -348,13 +423,13 @@ class DataPlane:
 
     # ------------------------------------------------------------------ timers
     def _arm_timer(self) -> None:
-        times = [t for t in (self.device.get_timer(), self._next_register(),
-                             self._stun.get_timer() if self._stun else None) if t is not None]
+        times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe,
+                             self._probe.get_timer() if self._probe else None) if t is not None]
         for entry in self.peers.values():
             t = entry.path.get_timer()
             if t is not None:
                 times.append(t)
-        at = min(times) if times else None
+        at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
             return
         if self._timer:
@@ -381,12 +456,17 @@ class DataPlane:
                 self.udp_ok = False
             self._register_sent = now
             self._out.append((frames.register(self.public_key, self.udp_token), self.server_udp))
-        if self._stun is not None:
-            t = self._stun.get_timer()
+        if self._next_probe is not None and self._next_probe <= now:
+            self.start_probe()
+        probe = self._probe
+        if probe is not None:
+            t = probe.get_timer()
             if t is not None and t <= now:
-                self._stun.handle_timer(now)
-            for d, a in self._stun.datagrams_to_send(now):
+                probe.handle_timer(now)
+            for d, a in probe.datagrams_to_send(now):
                 self._out.append((d, a))
+            if probe.done:
+                self._probe_finished()
         for entry in self.peers.values():
             t = entry.path.get_timer()
             if t is not None and t <= now:
@@ -395,7 +475,8 @@ class DataPlane:
         self._flush()
 
     def _publish_endpoints(self) -> None:
-        self.send_control({"t": "endpoints", "candidates": self.local_candidates()})
+        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": {
+            k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}})
 
     # ------------------------------------------------------------------ status
     def peer_path(self, key: bytes) -> tuple[str | None, float | None]:

@@ -176,7 +176,7 @@ class ControlConnection(asyncio.Protocol):
 
 class MediationServer:
     def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
-                 relay_rate: float = DEFAULT_RATE):
+                 relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
@@ -192,6 +192,9 @@ class MediationServer:
         self._hash_slots = asyncio.Semaphore(2)
         self._tcp: asyncio.base_events.Server | None = None
         self._udp = None
+        self._stun_extra: list = []
+        self.stun_ports: list[int] = []
+        self.stun_alt_ip = stun_alt_ip
         self.udp_transport: asyncio.DatagramTransport | None = None
         self._reaper: asyncio.Task | None = None
 
@@ -202,6 +205,18 @@ class MediationServer:
         self.port = self._tcp.sockets[0].getsockname()[1]
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=(self.host, self.port))
+        self.stun_ports = [self.port]
+        # Two more STUN-only ports: a node compares the mappings its NAT gives it toward three
+        # destinations to learn whether they vary by destination and whether ports run in sequence.
+        for extra in (self.port + 1, self.port + 2):
+            try:
+                tr, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self, relay=False), local_addr=(self.host, extra))
+            except OSError as e:
+                log.warning("STUN port %d unavailable (%s): NAT classification will be coarser", extra, e)
+                continue
+            self._stun_extra.append(tr)
+            self.stun_ports.append(extra)
         self._reaper = loop.create_task(self._reap())
         log.info("mediation server on %s:%d (tcp+udp), key %s", self.host, self.port,
                  key_to_text(self.public_key))
@@ -215,6 +230,8 @@ class MediationServer:
             c.close()
         if self._udp:
             self._udp.close()
+        for tr in self._stun_extra:
+            tr.close()
         self.store.close()
 
     async def _reap(self) -> None:
@@ -244,6 +261,9 @@ class MediationServer:
             reply = m.hello(conn.key, msg, now)
             reply["udp_token"] = base64.b64encode(self.relay.token_for(conn.key)).decode()
             reply["udp_port"] = self.port
+            reply["stun_ports"] = self.stun_ports
+            if self.stun_alt_ip:
+                reply["stun_alt_ip"] = self.stun_alt_ip
             conn.registered = True
             self.sessions[conn.key] = conn
             key = conn.key
@@ -316,17 +336,19 @@ class MediationServer:
 class _UdpProtocol(asyncio.DatagramProtocol):
     """The server's UDP port: STUN Binding for anyone, relay frames for registered nodes."""
 
-    def __init__(self, server: MediationServer):
+    def __init__(self, server: MediationServer, relay: bool = True):
         self.server = server
+        self.relay = relay
         self.transport = None
 
     def connection_made(self, transport):
         self.transport = transport
-        self.server.udp_transport = transport
+        if self.relay:
+            self.server.udp_transport = transport
 
     def datagram_received(self, data, addr):
         addr = addr[:2]
-        if frames.is_relay(data):
+        if self.relay and frames.is_relay(data):
             for out, dst in self.server.relay.receive(data, addr, time.monotonic()):
                 self.transport.sendto(out, dst)
         elif stun.is_stun(data):
@@ -339,8 +361,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
-                     relay_rate: float = DEFAULT_RATE) -> None:
-    server = MediationServer(data_dir, host, port, pool, relay_rate)
+                     relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None) -> None:
+    server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip)
     await server.start()
     print(f"overlay server listening on {host}:{server.port} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)
