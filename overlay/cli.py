@@ -130,7 +130,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     for addr, flag in ((socks, "--socks"), (http_proxy, "--http-proxy")):
         if addr and addr != "off":
             try:
-                parse_hostport(addr)
+                parse_hostport(addr, allow_zero=True)
             except ValueError as e:
                 fail(f"{flag}: {e}")
     if not isinstance(shares, list) or not all(isinstance(x, dict) and "port" in x for x in shares):

@@ -35,7 +35,7 @@ from . import events
 from .congestion import CONGESTION_CONTROLS
 from .reassembly import ReassemblyBuffer
 from .sack import SackScoreboard
-from .wire import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment, tcp_options
+from .wire import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment, ip_to_str, tcp_options
 
 if TYPE_CHECKING:
     from .stack import Stack
@@ -44,6 +44,7 @@ MASK32 = 0xFFFFFFFF
 HALF32 = 0x80000000
 DEFAULT_PEER_MSS = 536  # RFC 9293 §3.7.1 when the SYN carries no MSS option
 MIN_PEER_MSS = 64  # refuse to be driven into absurdly small segments by a hostile MSS option
+MAX_PROBES = 5  # loss probes (PTO doubling each time) before leaving it to the RTO
 
 
 def unwrap(value: int, reference: int) -> int:
@@ -200,14 +201,10 @@ class TcpConnection:
 
     @property
     def local_ip(self) -> str:
-        from .wire import ip_to_str
-
         return ip_to_str(self.local_ip_bytes)
 
     @property
     def remote_ip(self) -> str:
-        from .wire import ip_to_str
-
         return ip_to_str(self.remote_ip_bytes)
 
     @property
@@ -299,7 +296,10 @@ class TcpConnection:
         """
         if orphan:
             self.orphan = True
-            self._rcvbuf.clear()
+            if self._rcvbuf:
+                self._rcvbuf.clear()
+                self._ack_now = self.state in _SYNCHRONIZED  # the window reopened
+                self._stack._mark_dirty(self)
         st = self.state
         if st is S.SYN_SENT:
             self._terminate(None)
@@ -706,17 +706,19 @@ class TcpConnection:
         sb = self._sb
         sack_lost = self.sack_ok and sb.sacked_bytes > 2 * self.mss
         if sack_lost or (self._dupacks >= 3 and self.snd_una > self._recover):
-            flight = self.snd_max - self.snd_una
-            self.cc.on_congestion(flight, now)
-            self.stats["fast_recoveries"] += 1
-            self._in_recovery = True
-            self._recover = self.snd_max
-            self._rexmit_nxt = self.snd_una
-            high = sb.high
-            self._lost_hi = max(high if high is not None else 0, self.snd_una + self.mss)
-            self._rexmit_marks.clear()
-            self.snd_nxt = self.snd_max
-            self._rexmit_una = True  # RFC 6675 §5 (4.3): the first retransmission ignores the pipe
+            self._enter_recovery(now)
+
+    def _enter_recovery(self, now: float) -> None:
+        self.cc.on_congestion(self.snd_max - self.snd_una, now)
+        self.stats["fast_recoveries"] += 1
+        self._in_recovery = True
+        self._recover = self.snd_max
+        self._rexmit_nxt = self.snd_una
+        high = self._sb.high
+        self._lost_hi = max(high if high is not None else 0, self.snd_una + self.mss)
+        self._rexmit_marks.clear()
+        self.snd_nxt = self.snd_max
+        self._rexmit_una = True  # RFC 6675 §5 (4.3): the first retransmission ignores the pipe
 
     def _check_lost_retransmission(self) -> None:
         """The retransmission at snd_una is lost if data sent after it has been SACKed."""
@@ -848,7 +850,7 @@ class TcpConnection:
             if self._rto_at is None:
                 self._rto_at = now + self._current_rto()
         if self.snd_max > self.snd_una:
-            if self._probe_at is None and self._probe_count < 2 and self.snd_nxt == self.snd_max:
+            if self._probe_at is None and self._probe_count < MAX_PROBES and self.snd_nxt == self.snd_max:
                 self._probe_at = now + self._pto()
         else:
             self._probe_at = None
@@ -966,7 +968,7 @@ class TcpConnection:
                 return
         if self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
-            self._on_probe()
+            self._on_probe(now)
         if self._persist_at is not None and now >= self._persist_at:
             self._persist_at = None
             self._on_persist(now)
@@ -1019,16 +1021,20 @@ class TcpConnection:
             self._sb.clear()  # the peer may have reneged on its SACKs
         self._rto_at = now + self._current_rto()
 
-    def _on_probe(self) -> None:
-        """Nothing heard for a probe timeout while data is outstanding: an ACK or its segment was
-        lost. Outside recovery send a tail loss probe (new data, else the last segment); in
-        recovery resend the first hole, whose retransmission was probably lost."""
+    def _on_probe(self, now: float) -> None:
+        """Nothing heard for a probe timeout while data is outstanding: a segment or its ACK was
+        lost. If the peer SACKed data above snd_una, the hole is lost (what RACK concludes after
+        its reordering window): start recovery. In recovery, resend the first hole, whose
+        retransmission was probably lost. Otherwise send a tail loss probe (new data, else the
+        last segment) to draw an ACK that shows what is missing."""
         if self.snd_max <= self.snd_una or self.state not in _CAN_SEND:
             return
         self.stats["probes"] += 1
         self._probe_count += 1
         if self._in_recovery:
             self._rexmit_una = True
+        elif self.sack_ok and self._sb.sacked_bytes and self.snd_una > self._recover:
+            self._enter_recovery(now)
         else:
             self._tail_probe = True
 

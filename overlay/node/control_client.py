@@ -32,7 +32,7 @@ class NotConnected(Exception):
     pass
 
 
-def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_hostport(text: str, default_port: int | None = None, allow_zero: bool = False) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
         if default_port is None:
@@ -43,7 +43,7 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         p = int(port)
     except ValueError:
         raise ValueError(f"{text!r}: port must be a number") from None
-    if not host or not 0 < p < 65536:
+    if not host or not (0 if allow_zero else 1) <= p < 65536:
         raise ValueError(f"{text!r}: expected HOST:PORT")
     return host, p
 

@@ -163,7 +163,7 @@ class Daemon:
                                 (self.http_addr, HttpProxyServer, "--http-proxy")):
             if not addr or addr == "off":
                 continue
-            host, port = parse_hostport(addr)
+            host, port = parse_hostport(addr, allow_zero=True)
             srv = cls(self.dialer, host, port)
             try:
                 await srv.start()
