@@ -5,7 +5,7 @@ to it over real TCP sockets with a ``Channel`` (or raw bytes where the framing i
 attack). Argon2id is switched to its minimum cost so floods of joins stay fast; the limits under
 test are the server's own counters, not timing.
 
-Tests marked ``xfail(strict=True)`` pin bugs found while writing them.
+Bugs these tests found were fixed; the tests stay as regressions.
 """
 
 from __future__ import annotations
@@ -190,8 +190,6 @@ def test_hostile_input_closes_connection_and_server_survives(tmp_path, hostile):
     serve(tmp_path, body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: low-order key / deeply nested JSON escape Channel as "
-                                       "DecryptError / RecursionError; asyncio logs a fatal error")
 @pytest.mark.parametrize("hostile", ["low_order_key", "deep_json"])
 def test_hostile_input_is_a_protocol_error_not_a_crash(tmp_path, hostile, caplog):
     async def body(server):
@@ -313,8 +311,6 @@ def test_non_object_json_closes(tmp_path, plaintext):
     serve(tmp_path, body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a lone surrogate in a string field passes validation and "
-                                       "fails in SQLite -> 'internal' instead of 'bad_request'")
 def test_lone_surrogate_is_bad_request(tmp_path):
     async def body(server):
         c = await Client(server.port).connect("alice")
@@ -327,8 +323,6 @@ def test_lone_surrogate_is_bad_request(tmp_path):
     serve(tmp_path, body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate_request raises TypeError for an unhashable candidate "
-                                       "kind; it escapes data_received and asyncio kills the connection")
 def test_unhashable_candidate_kind_is_bad_request(tmp_path):
     async def body(server):
         c = await Client(server.port).connect("alice")
@@ -338,9 +332,6 @@ def test_unhashable_candidate_kind_is_bad_request(tmp_path):
     serve(tmp_path, body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a lone surrogate in a candidate addr is stored; the punch event "
-                                       "carrying it raises UnicodeEncodeError in Channel.send inside deliver(), "
-                                       "killing the *victim's* request worker (no reply, no further requests)")
 def test_surrogate_candidate_cannot_wedge_a_peer(tmp_path):
     async def body(server):
         victim = await Client(server.port).connect("victim")
@@ -531,8 +522,6 @@ def test_silent_connection_closed_after_handshake_timeout(tmp_path, monkeypatch)
     serve(tmp_path, body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the handshake 'timeout' is an idle timeout (last_rx), so a "
-                                       "client dribbling bytes never finishes the handshake and is never closed")
 def test_dribbling_handshake_closed_after_handshake_timeout(tmp_path, monkeypatch):
     monkeypatch.setattr(app, "HANDSHAKE_TIMEOUT", 1.0)
 
@@ -552,8 +541,6 @@ def test_dribbling_handshake_closed_after_handshake_timeout(tmp_path, monkeypatc
 # ============================================================================ shutdown
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MediationServer.close() closes the Store before the connections' "
-                                       "connection_lost runs; unregister() then hits 'closed database'")
 def test_close_with_connected_nodes_is_clean(tmp_path, caplog):
     async def main():
         server = MediationServer(tmp_path / "server", "127.0.0.1", 0)

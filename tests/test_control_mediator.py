@@ -6,7 +6,7 @@ except in one test that uses ``overlay.control.passwords`` end to end. Every bat
 events is checked against an isolation invariant: an event only ever goes to an online node that
 has business with the network it names.
 
-Tests marked ``xfail(strict=True)`` pin bugs found while writing them.
+Bugs these tests found were fixed; the tests stay as regressions.
 """
 
 from __future__ import annotations
@@ -310,8 +310,6 @@ def test_approval_flow(w):
     assert w.req("dave", "join", network="lan", password=PW)["status"] == "joined"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): admin pending lists requests in SQLite key order, "
-                                       "not request order (mediator.py: dict from store.nodes() loses order)")
 def test_pending_listed_in_request_order(w):
     _setup(w, "alice", approval=True)
     names = [f"p{i}" for i in range(8)]
@@ -342,32 +340,29 @@ def test_too_many_pending(w):
     w.events()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: approve does not re-check name clashes, so two nodes with "
-                                       "the same name can both be admitted (mediator.py _admin approve)")
 def test_approve_refuses_name_clash(w):
     _setup(w, "alice", approval=True)
     w.hello("b1", name="bob")
     w.hello("b2", name="bob")
     w.req("b1", "join", network="lan", password=PW)
-    w.req("b2", "join", network="lan", password=PW)
-    w.admin("alice", "lan", "approve", target="bob")
+    # a pending request holds its name: a second "bob" is refused at once, not at approval
     with pytest.raises(RequestError) as e:
-        w.admin("alice", "lan", "approve", target="bob")
+        w.req("b2", "join", network="lan", password=PW)
     assert e.value.code == "name_taken"
+    w.admin("alice", "lan", "approve", target="bob")
     names = [n.name for n in w.store.nodes(w.store.members("lan")).values()]
     assert sorted(names) == ["alice", "bob"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a node may rename (hello) into a member's name while its "
-                                       "join request is pending; approve then admits a duplicate name")
 def test_rename_while_pending_cannot_clash(w):
     _setup(w, "alice", "carol", approval=True)
     w.hello("bob")
     w.req("bob", "join", network="lan", password=PW)
     w.disconnect("bob")
-    w.hello("bob", name="carol")        # either refused here ...
-    with pytest.raises(RequestError):   # ... or at approval; never two "carol"s
-        w.admin("alice", "lan", "approve", target="carol")
+    with pytest.raises(RequestError) as e:  # renaming into a member's name is refused at hello
+        w.hello("bob", name="carol")
+    assert e.value.code == "name_taken"
+    w.admin("alice", "lan", "approve", target="bob")
     names = [n.name for n in w.store.nodes(w.store.members("lan")).values()]
     assert len(names) == len(set(names))
 

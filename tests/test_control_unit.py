@@ -7,8 +7,7 @@
 - ``NodeState.apply`` for each server event.
 - Hypothesis: arbitrary bytes into a responder ``Channel`` only ever raise ``ProtocolError``.
 
-Tests marked ``xfail(strict=True)`` pin bugs found while writing them: they fail today and will
-XPASS (and so fail the run) once fixed, so the marker gets removed with the fix.
+Bugs these tests found were fixed; the tests stay as regressions.
 """
 
 from __future__ import annotations
@@ -406,8 +405,6 @@ def test_channel_garbage_to_initiator():
     assert not a.established
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: low-order ephemeral in message 1 raises crypto.DecryptError "
-                                       "from Channel._handle_frame (write_message is outside the except)")
 def test_channel_low_order_ephemeral_in_message_1():
     b = Channel(initiator=False, static_private=crypto.generate_private_key())
     with pytest.raises(ProtocolError):
@@ -455,8 +452,6 @@ def test_channel_non_object_or_invalid_json(plaintext):
         b.receive_data(_inject(a, plaintext))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: deeply nested JSON raises RecursionError, not ProtocolError "
-                                       "(channel.py catches only ValueError/UnicodeDecodeError)")
 def test_channel_deeply_nested_json():
     a, b, _, _ = _pair()
     with pytest.raises(ProtocolError):
@@ -658,8 +653,6 @@ def test_validate_endpoints_bounds():
         validate_request(_req("endpoints", nat={"x": "y" * 1100}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unhashable candidate kind ([] or {}) raises TypeError from "
-                                       "validate_request ('c[\"kind\"] not in CANDIDATE_KINDS')")
 @pytest.mark.parametrize("kind", [[], {}, ["lan"]])
 def test_validate_endpoints_unhashable_kind(kind):
     with pytest.raises(RequestError) as e:
@@ -681,8 +674,6 @@ def test_validate_relay_size():
         validate_request(_req("relay", data="A" * (messages.MAX_RELAY_B64 + 1)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: strings with lone surrogates (JSON \\ud800) pass validation; "
-                                       "SQLite/UTF-8 encoding later fails -> 'internal' instead of bad_request")
 @pytest.mark.parametrize("t,field", [("chat", "text"), ("join", "password")])
 def test_validate_lone_surrogate_refused(t, field):
     msg = json.loads(json.dumps(_req(t)).replace(json.dumps(GOOD[t][field]), '"a\\ud800"'))

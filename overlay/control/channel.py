@@ -72,7 +72,10 @@ class Channel:
         """Queue one JSON message (after the handshake)."""
         if self._send_cs is None:
             raise ProtocolError("channel not established")
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        except (UnicodeEncodeError, ValueError, TypeError) as e:
+            raise ProtocolError(f"message cannot be encoded: {e}") from None
         if len(data) > MAX_PLAINTEXT:
             raise ProtocolError(f"message too large ({len(data)} bytes)")
         self._write_frame(self._send_cs.encrypt(b"", data))
@@ -119,7 +122,7 @@ class Channel:
             raise ProtocolError("message authentication failed (tampered, replayed or out of order)") from None
         try:
             body = json.loads(plaintext)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ProtocolError("message is not valid JSON") from None
         if not isinstance(body, dict):
             raise ProtocolError("message is not a JSON object")

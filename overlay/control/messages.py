@@ -92,8 +92,27 @@ ADMIN_ACTIONS = {
 ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer"}
 
 
+def _encodable(obj, depth: int = 0) -> bool:
+    """Every string inside is valid Unicode (JSON allows lone surrogates; UTF-8 and SQLite do not)."""
+    if depth > 8:
+        return False
+    if isinstance(obj, str):
+        try:
+            obj.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(obj, dict):
+        return all(_encodable(k, depth + 1) and _encodable(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(_encodable(v, depth + 1) for v in obj)
+    return True
+
+
 def validate_request(msg: dict) -> dict:
     """Return ``msg`` if it is a well-formed request, else raise RequestError."""
+    if not _encodable(msg):
+        raise RequestError("bad_request", "request contains invalid Unicode or is nested too deeply")
     t = msg.get("t")
     rid = msg.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**53:
@@ -131,7 +150,7 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", f"at most {MAX_CANDIDATES} candidates")
         for c in cands:
             if (not isinstance(c, dict) or set(c) != {"addr", "kind"} or not isinstance(c["addr"], str)
-                    or len(c["addr"]) > 64 or c["kind"] not in CANDIDATE_KINDS):
+                    or len(c["addr"]) > 64 or not isinstance(c["kind"], str) or c["kind"] not in CANDIDATE_KINDS):
                 raise RequestError("bad_request", "a candidate is {addr: 'ip:port', kind: lan|srflx|magic|predicted|peer}")
         if len(json.dumps(msg.get("nat", {}))) > 1024:
             raise RequestError("bad_request", "nat description too large")

@@ -111,6 +111,12 @@ class XXHandshake:
     def write_message(self, payload: bytes = b"") -> bytes:
         if self.complete or not self._my_turn():
             raise HandshakeError("not our turn to write")
+        try:
+            return self._write(payload)
+        except crypto.DecryptError as e:  # the peer's ephemeral key is a low-order point
+            raise HandshakeError(f"handshake failed ({e})") from None
+
+    def _write(self, payload: bytes) -> bytes:
         ss = self.ss
         out = bytearray()
         if self.step == 0:

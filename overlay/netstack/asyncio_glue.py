@@ -39,11 +39,23 @@ DEFAULT_LIMIT = 65536  # readuntil/readline search bound, like asyncio's
 
 
 class StackDriver:
-    """Runs ``stack`` on the event loop, sending its packets through ``send_packet``."""
+    """Runs ``stack`` on the event loop, sending its packets through ``send_packet``.
 
-    def __init__(self, stack: Stack, send_packet: Callable[[bytes], None], *, loop: asyncio.AbstractEventLoop | None = None):
+    ``send_packets``, if given, receives each flush's packets as one list instead (batched
+    encryption / sendmmsg on the tunnel side).
+    """
+
+    def __init__(
+        self,
+        stack: Stack,
+        send_packet: Callable[[bytes], None],
+        *,
+        send_packets: Callable[[list[bytes]], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
         self.stack = stack
         self._send_packet = send_packet
+        self._send_packets = send_packets
         self._loop = loop or asyncio.get_running_loop()
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -155,11 +167,17 @@ class StackDriver:
         for _ in range(8):  # events may make more output (a read opens the window) and so on
             self._dispatch_events()
             packets = stack.packets_to_send(now)
-            if not packets and not stack._events:
+            if not packets and not stack.has_events:
                 break
-            send = self._send_packet
-            for p in packets:
-                send(p)
+            if self._send_packets is not None:
+                if packets:
+                    self._send_packets(packets)
+            else:
+                send = self._send_packet
+                for p in packets:
+                    send(p)
+        else:
+            self._schedule_flush()  # still busy after several rounds: continue next loop turn
         if self._closing_writers:
             for w in list(self._closing_writers):
                 w._check_closed()

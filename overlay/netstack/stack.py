@@ -36,6 +36,7 @@ from .wire import (
     WireError,
     build_icmp,
     build_ipv4,
+    build_ipv4_tcp,
     build_port_unreachable,
     build_tcp,
     build_udp,
@@ -200,6 +201,10 @@ class Stack:
             if conn.state is not TcpState.CLOSED:
                 conn._on_timer(now)
 
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
     def next_event(self) -> events.Event | None:
         if not self._events:
             return None
@@ -321,9 +326,11 @@ class Stack:
     # ------------------------------------------------------------------ called by connections
 
     def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes, options: bytes) -> None:
-        local, remote = conn.local_ip_bytes, conn.remote_ip_bytes
-        tcp = build_tcp(local, remote, conn.local_port, conn.remote_port, seq, ack, flags, window, data, options)
-        self._out.append(build_ipv4(local, remote, PROTO_TCP, tcp, ident=self._next_ident()))
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        self._out.append(
+            build_ipv4_tcp(conn.local_ip_bytes, conn.remote_ip_bytes, ident, conn.local_port, conn.remote_port,
+                           seq, ack, flags, window, data, options)
+        )
 
     def _event(self, ev: object) -> None:
         self._events.append(ev)

@@ -54,6 +54,7 @@ _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _TCP = struct.Struct("!HHIIBBHHH")
 _ICMP = struct.Struct("!BBHHH")
+_IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _PSEUDO = struct.Struct("!4s4sxBH")
@@ -340,3 +341,39 @@ def build_tcp(
     s %= 0xFFFF
     c = 0xFFFF - s if s else 0
     return hdr[:16] + _U16.pack(c) + hdr[18:] + data
+
+
+def build_ipv4_tcp(
+    src: bytes,
+    dst: bytes,
+    ident: int,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    data: bytes = b"",
+    options: bytes = b"",
+) -> bytes:
+    """IPv4 + TCP in one go (the stack's per-segment hot path): one header pack, both checksums
+    patched in place, one copy of the payload. Same bytes as ``build_ipv4(build_tcp(...))``."""
+    hlen = TCP_HEADER_LEN + len(options)
+    total = IPV4_HEADER_LEN + hlen + len(data)
+    if total > MAX_IPV4_LEN:
+        raise WireError(f"IPv4 packet too long ({total} bytes)")
+    hdr = bytearray(
+        _IPV4_TCP.pack(
+            0x45, 0, total, ident & 0xFFFF, 0x4000, DEFAULT_TTL, PROTO_TCP, 0, src, dst,
+            sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, hlen << 2, flags, window, 0, 0,
+        )
+    )
+    if options:
+        hdr += options
+    mv = memoryview(hdr)
+    _U16.pack_into(hdr, 10, checksum(mv[:IPV4_HEADER_LEN]))
+    s = checksum_sum(mv[IPV4_HEADER_LEN:]) + checksum_sum(data) + pseudo_header_sum(src, dst, PROTO_TCP, hlen + len(data))
+    s %= 0xFFFF
+    _U16.pack_into(hdr, IPV4_HEADER_LEN + 16, 0xFFFF - s if s else 0)
+    mv.release()
+    return b"".join((hdr, data))

@@ -56,7 +56,7 @@ class ControlConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.key: bytes | None = None      # authenticated node key
         self.registered = False            # hello accepted
-        self.last_rx = time.monotonic()
+        self.last_rx = self.opened = time.monotonic()
         self.tokens = BURST
         self.refused = 0
         self.peer = "?"
@@ -85,6 +85,10 @@ class ControlConnection(asyncio.Protocol):
         except ProtocolError as e:
             log.info("%s: protocol error: %s", self.peer, e)
             self.close(error(None, "protocol", str(e)) if self.channel.established else None)
+            return
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("%s: internal error on input", self.peer)
+            self.close(error(None, "internal", "internal server error") if self.channel.established else None)
             return
         self.flush()
 
@@ -188,6 +192,7 @@ class MediationServer:
         self.mediator.udp_addr_of = self.relay.udp_address
         self.host, self.port = host, port
         self.connections: set[ControlConnection] = set()
+        self.closing = False
         self.sessions: dict[bytes, ControlConnection] = {}
         self._hash_slots = asyncio.Semaphore(2)
         self._tcp: asyncio.base_events.Server | None = None
@@ -226,8 +231,10 @@ class MediationServer:
             self._reaper.cancel()
         if self._tcp:
             self._tcp.close()
+        self.closing = True
         for c in list(self.connections):
             c.close()
+        await asyncio.sleep(0)  # let connection_lost run while the store is still open
         if self._udp:
             self._udp.close()
         for tr in self._stun_extra:
@@ -240,8 +247,11 @@ class MediationServer:
             now = time.monotonic()
             self.relay.expire(now)
             for c in list(self.connections):
-                limit = IDLE_TIMEOUT if c.registered else HANDSHAKE_TIMEOUT
-                if now - c.last_rx > limit:
+                if not c.registered and now - c.opened > HANDSHAKE_TIMEOUT:
+                    log.info("%s: no hello within %.0f s; closing", c.peer, HANDSHAKE_TIMEOUT)
+                    c.close()
+                    c.transport.abort()
+                elif c.registered and now - c.last_rx > IDLE_TIMEOUT:
                     log.info("%s: silent for %.0f s; closing", c.peer, now - c.last_rx)
                     c.close()
                     c.transport.abort()
@@ -283,6 +293,8 @@ class MediationServer:
         return m.handle(conn.key, msg, now)
 
     def unregister(self, conn: ControlConnection) -> None:
+        if self.closing:
+            return
         if conn.key is not None and self.sessions.get(conn.key) is conn:
             del self.sessions[conn.key]
             self.relay.tcp_sinks.pop(conn.key, None)

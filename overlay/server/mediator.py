@@ -113,7 +113,8 @@ class Mediator:
         return net
 
     def _name_clash(self, network: str, key: bytes, name: str) -> bytes | None:
-        members = [k for k in self.store.members(network) if k != key]
+        """Another member or pending requester of ``network`` already called ``name``."""
+        members = [k for k in self.store.members(network) + self.store.pending(network) if k != key]
         for k, node in self.store.nodes(members).items():
             if node.name == name:
                 return k
@@ -145,7 +146,7 @@ class Mediator:
             self.store.add_node(key, name, self._allocate_vip(), now)
         else:
             if node.name != name:
-                for net in self.store.networks_of(key):
+                for net in self.store.networks_of(key) + self.store.pending_networks_of(key):
                     if self._name_clash(net, key, name):
                         raise RequestError("name_taken",
                                            f"the name {name!r} is already taken in network {net!r}")
@@ -325,11 +326,15 @@ class Mediator:
         elif action == "limit":
             self.store.set_network(name, max_members=msg["value"])
         elif action == "pending":
-            nodes = self.store.nodes(self.store.pending(name))
-            return ok(rid, pending=[{"name": n.name, "key": key_to_text(k)} for k, n in nodes.items()])
+            keys = self.store.pending(name)
+            nodes = self.store.nodes(keys)
+            return ok(rid, pending=[{"name": nodes[k].name, "key": key_to_text(k)} for k in keys if k in nodes])
         elif action in ("approve", "reject"):
             target = self._pending_by_name(name, msg["target"])
             if action == "approve":
+                if self._name_clash(name, target, self.store.node(target).name):
+                    raise RequestError("name_taken", f"a member of {name!r} already has that name; "
+                                                     "reject this request or ask the node to rename")
                 self._admit(name, target, now)
                 self._push(target, {"t": "join_approved", "network": name})
             else:

@@ -154,6 +154,9 @@ class Store:
         return [r[0] for r in self.db.execute(
             "SELECT key FROM pending WHERE network=? ORDER BY requested", (network,))]
 
+    def pending_networks_of(self, key: bytes) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT network FROM pending WHERE key=?", (key,))]
+
     def add_pending(self, network: str, key: bytes, now: float) -> None:
         self.db.execute("INSERT OR REPLACE INTO pending VALUES (?,?,?)", (network, key, now))
 
