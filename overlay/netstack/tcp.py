@@ -14,6 +14,9 @@ What it implements, and where the rules come from:
 - fast retransmit / fast recovery: NewReno (RFC 6582) with SACK-based loss marking, limited
   transmit (RFC 3042), and detection of lost retransmissions (a retransmission is deemed lost
   again once data sent after it is SACKed, a sequence-based form of RACK);
+- loss probes (RFC 8985 TLP, PTO = 2 * SRTT): when a window's ACKs are lost, or its tail, a
+  probe (or, with SACK evidence, recovery) fires long before the RTO. Against Linux over a TUN
+  with 5 % loss each way this took 50 MB from ~70 s (RTO-bound) to ~3 s;
 - zero-window probing (persist timer), receiver and sender silly-window avoidance, delayed
   ACKs (every second full segment, at most ``delayed_ack`` seconds), keepalive, TIME-WAIT.
 

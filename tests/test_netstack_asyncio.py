@@ -1,0 +1,220 @@
+"""The asyncio glue: two StackDrivers joined by an in-memory link on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+import pytest
+
+from overlay.netstack import Stack, TcpConfig, TcpState
+from overlay.netstack.asyncio_glue import StackDriver
+
+A_IP, B_IP = "10.1.0.1", "10.1.0.2"
+
+
+class Link:
+    """Two drivers whose packets cross via ``call_soon`` (optionally dropping some)."""
+
+    def __init__(self, cfg: TcpConfig | None = None, loss: float = 0.0):
+        loop = asyncio.get_running_loop()
+        self.rng = random.Random(5)
+        self.loss = loss
+        self.blocked = False
+        self.a = StackDriver(Stack(A_IP, now=loop.time(), tcp=cfg), self._to(lambda: self.b))
+        to_a = self._to(lambda: self.a)
+        self.batches: list[int] = []
+
+        def batch(packets: list[bytes]) -> None:  # B uses the batched callback
+            self.batches.append(len(packets))
+            for p in packets:
+                to_a(p)
+
+        self.b = StackDriver(Stack(B_IP, now=loop.time(), tcp=cfg), lambda p: None, send_packets=batch)
+
+    def _to(self, target):
+        loop = asyncio.get_running_loop()
+
+        def send(pkt: bytes) -> None:
+            if self.blocked or (self.loss and self.rng.random() < self.loss):
+                return
+            loop.call_soon(target().receive_packet, pkt)
+
+        return send
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+def run(coro, timeout: float = 30):
+    async def main():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(main())
+
+
+def test_echo_with_stream_helpers():
+    async def main():
+        link = Link()
+
+        async def echo(reader, writer):
+            line = await reader.readline()
+            writer.write(line.upper())
+            body = await reader.readexactly(5)
+            writer.write(body[::-1])
+            await writer.drain()
+            assert await reader.read() == b""
+            writer.close()
+
+        link.b.listen(7, echo)
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 7)
+            assert writer.get_extra_info("peername") == (B_IP, 7)
+            assert writer.get_extra_info("sockname")[0] == A_IP
+            writer.write(b"hello\n")
+            assert await reader.readline() == b"HELLO\n"
+            writer.write(b"abcde")
+            assert await reader.readexactly(5) == b"edcba"
+            writer.write_eof()
+            assert await reader.read() == b""
+            await writer.wait_closed()
+            assert writer.connection.state in (TcpState.TIME_WAIT, TcpState.CLOSED)
+            assert link.batches and all(link.batches)  # B's packets went out through send_packets
+        finally:
+            link.close()
+
+    run(main())
+
+
+def test_refused_connection_raises_with_port_and_peer_is_told():
+    async def main():
+        link = Link()
+        refused = []
+        link.b.on_port_refused = lambda port, remote: refused.append((port, remote))
+        try:
+            with pytest.raises(ConnectionRefusedError, match=r"10\.1\.0\.2:3389 refused"):
+                await link.a.open_connection(B_IP, 3389)
+            assert refused and refused[0][0] == 3389 and refused[0][1][0] == A_IP
+        finally:
+            link.close()
+
+    run(main())
+
+
+def test_connect_timeout_aborts_cleanly():
+    async def main():
+        link = Link()
+        link.blocked = True
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await link.a.open_connection(B_IP, 80, timeout=0.3)
+            assert link.a.stack.connections == []
+        finally:
+            link.close()
+
+    run(main())
+
+
+def test_backpressure_both_ways_keeps_memory_bounded():
+    cfg = TcpConfig(send_buffer=64 * 1024, recv_buffer=64 * 1024)
+
+    async def main():
+        link = Link(cfg)
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+        link.b.listen(9, lambda r, w: accepted.set_result((r, w)))
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 9)
+            sreader, swriter = await accepted
+            payload = random.Random(1).randbytes(1024 * 1024)
+            writer.write(payload)
+            drain = asyncio.ensure_future(writer.drain())
+            # let the connection settle: the server application does not read
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+            server_conn = swriter.connection
+            assert not drain.done()  # 1 MiB cannot fit 64 KiB send + 64 KiB receive buffers
+            assert server_conn.unread <= 64 * 1024 + 1400
+            assert writer.connection.unacked <= 64 * 1024
+            got = hashlib.sha256()
+            n = 0
+            while n < len(payload):
+                chunk = await sreader.read(10_000)
+                assert chunk
+                got.update(chunk)
+                n += len(chunk)
+                assert server_conn.unread <= 64 * 1024 + 1400
+            await drain
+            assert got.digest() == hashlib.sha256(payload).digest()
+        finally:
+            link.close()
+
+    run(main())
+
+
+def test_transfer_over_lossy_link():
+    async def main():
+        link = Link(loss=0.05)
+        result = asyncio.get_running_loop().create_future()
+
+        async def sink(reader, writer):
+            h = hashlib.sha256()
+            while data := await reader.read(65536):
+                h.update(data)
+            result.set_result(h.hexdigest())
+            writer.close()
+
+        link.b.listen(5001, sink)
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 5001)
+            data = random.Random(2).randbytes(2_000_000)
+            for i in range(0, len(data), 100_000):
+                writer.write(data[i : i + 100_000])
+                await writer.drain()
+            writer.write_eof()
+            assert await result == hashlib.sha256(data).hexdigest()
+            assert await reader.read() == b""
+        finally:
+            link.close()
+
+    run(main(), timeout=60)
+
+
+def test_reset_surfaces_as_connection_reset_error():
+    async def main():
+        link = Link()
+        server_writer = asyncio.get_running_loop().create_future()
+        link.b.listen(10, lambda r, w: server_writer.set_result(w))
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 10)
+            (await server_writer).abort()
+            with pytest.raises(ConnectionResetError):
+                await reader.read(10)
+            with pytest.raises(ConnectionResetError):
+                writer.write(b"x")
+                await writer.drain()
+        finally:
+            link.close()
+
+    run(main())
+
+
+def test_udp_endpoints():
+    async def main():
+        link = Link()
+        try:
+            ea = link.a.udp_bind(5000)
+            eb = link.b.udp_bind(53)
+            ea.sendto(b"question", (B_IP, 53))
+            data, addr = await eb.recvfrom()
+            assert (data, addr) == (b"question", (A_IP, 5000))
+            eb.sendto(b"answer", addr)
+            assert await ea.recvfrom() == (b"answer", (B_IP, 53))
+            eb.close()
+            with pytest.raises(EOFError):
+                await eb.recvfrom()
+        finally:
+            link.close()
+
+    run(main())
