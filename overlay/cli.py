@@ -9,10 +9,12 @@ docs/json.md.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -107,6 +109,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                                  "your router); default: any free port."),
        keepalive: Optional[float] = typer.Option(None, "--keepalive", help="NAT keepalive interval, seconds (25)."),
        socks: Optional[str] = typer.Option(None, "--socks", help="SOCKS5 proxy address (127.0.0.1:1080), or 'off'."),
+       address: Optional[str] = typer.Option(None, "--address",
+                                             help="This node's inner IPv4 (default: assigned by the server)."),
+       wg_peer: list[str] = typer.Option([], "--wg-peer", help="Static WireGuard peer: "
+                                         "PUBLIC_KEY,ENDPOINT_HOST:PORT,ALLOWED_IP/PREFIX[,...] (repeatable)."),
        http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default)."),
        home: Optional[Path] = HomeOpt,
        log_level: str = typer.Option("info", "--log-level")):
@@ -142,12 +148,22 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(f"--port {port}: expected 0-65535")
     if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
         fail(f"--keepalive {keepalive}: expected 7-600 seconds")
-    if not server:
+    address = address or cfg.get("address")
+    try:
+        static_peers = [_static_peer(p) for p in cfg.get("peer", [])] + [_static_peer_arg(a) for a in wg_peer]
+        if address:
+            ipaddress.IPv4Address(address)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if not server and not static_peers:
         fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
+    if not server and not address:
+        fail("without a server, give this node's inner address with --address IP")
     if not name:
         fail("no name given: use --name NAME (or `name = \"NAME\"` in config.toml)")
     try:
-        parse_hostport(server)
+        if server:
+            parse_hostport(server)
         normalize_name(name, "node name")
     except ValueError as e:
         fail(str(e))
@@ -159,11 +175,39 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     try:
         asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
                                keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
-                               shares=shares, forwards=forwards))
+                               shares=shares, forwards=forwards, address=address, static_peers=static_peers))
     except (DaemonError, HomeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         pass
+
+
+def _static_peer(p: dict) -> dict:
+    """A [[peer]] table from config.toml: public_key, endpoint, allowed_ips, name, persistent_keepalive."""
+    from overlay.control.messages import key_from_text
+    from overlay.node.control_client import parse_hostport
+    if not isinstance(p, dict) or "public_key" not in p or "allowed_ips" not in p:
+        raise ValueError("[[peer]] needs public_key and allowed_ips")
+    key = key_from_text(p["public_key"])
+    endpoint = parse_hostport(p["endpoint"]) if p.get("endpoint") else None
+    if endpoint:
+        endpoint = (socket.gethostbyname(endpoint[0]), endpoint[1])
+    allowed = p["allowed_ips"] if isinstance(p["allowed_ips"], list) else [p["allowed_ips"]]
+    for a in allowed:
+        ipaddress.IPv4Network(a, strict=False)
+    ka = p.get("persistent_keepalive")
+    return {"key": p["public_key"], "key_bytes": key, "endpoint": endpoint, "allowed_ips": allowed,
+            "name": p.get("name") or f"wg-{p['public_key'][:6]}", "persistent_keepalive": float(ka) if ka else None}
+
+
+def _static_peer_arg(text: str) -> dict:
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) < 3:
+        raise ValueError(f"--wg-peer {text!r}: expected PUBLIC_KEY,HOST:PORT,ALLOWED_IP/PREFIX[,...]")
+    try:
+        return _static_peer({"public_key": parts[0], "endpoint": parts[1] or None, "allowed_ips": parts[2:]})
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--wg-peer {text!r}: {e}") from None
 
 
 @app.command()

@@ -39,9 +39,10 @@ class DaemonError(Exception):
 
 
 class Daemon:
-    def __init__(self, home: Home, *, server: str, name: str, via_proxy: str | None = None,
+    def __init__(self, home: Home, *, server: str | None, name: str, via_proxy: str | None = None,
                  port: int = 0, keepalive: float = 25.0, socks: str | None = "127.0.0.1:1080",
-                 http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = ()):
+                 http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
+                 address: str | None = None, static_peers: list[dict] = ()):
         self.home = home
         self.private_key = home.private_key()
         from overlay import crypto
@@ -49,10 +50,14 @@ class Daemon:
         self.name = normalize_name(name, "node name")
         self.state = NodeState()
         self.state.me = {"name": self.name, "key": key_to_text(self.public_key)}
+        # Without a server the node is a plain WireGuard endpoint for its static peers.
         self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
-                                    on_session=self._on_session)
-        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, send_control=self.client.post)
+                                    on_session=self._on_session) if server else None
+        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive,
+                                   send_control=self.client.post if self.client else lambda msg: None)
+        self.address = address
+        self.static_peers = [dict(p) for p in static_peers]
         self.dataplane.on_change = self._sync_paths
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
@@ -82,13 +87,25 @@ class Daemon:
         except (ListenError, ValueError) as e:
             self.dataplane.close()
             raise DaemonError(str(e)) from None
+        try:
+            for p in self.static_peers:
+                self.dataplane.add_static_peer(p["key_bytes"], name=p["name"], endpoint=p["endpoint"],
+                                               allowed_ips=p["allowed_ips"],
+                                               persistent_keepalive=p.get("persistent_keepalive"))
+        except ValueError as e:
+            self.dataplane.close()
+            raise DaemonError(str(e)) from None
+        if self.address:
+            self.state.me["ip"] = self.address
+            self._attach_stack(self.address)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        client = loop.create_task(self.client.run())
+        client = loop.create_task(self.client.run()) if self.client else None
         try:
             await self._stop.wait()
         finally:
-            client.cancel()
+            if client:
+                client.cancel()
             self._api_server.close()
             for srv in self.proxies:
                 srv.close()
@@ -124,19 +141,25 @@ class Daemon:
     # ------------------------------------------------------------------ server events
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
-        if self.netstack is None or self.netstack.stack.address != hello["ip"]:
-            if self.netstack is not None:
-                self.netstack.close()
-            loop = asyncio.get_running_loop()
-            stack = Stack(hello["ip"], mtu=INNER_MTU, now=loop.time())
-            self.netstack = StackDriver(stack, lambda pkt: self.dataplane.send_packets([pkt]))
-            self.shares.attach(self.netstack)
-            self.dataplane.inner_sink = self._inbound
+        self._attach_stack(self.address or hello["ip"])
         self._punched.clear()
         self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
                                   hello.get("stun_ports"), hello.get("stun_alt_ip"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
         self._sync_peers()
+
+    def _attach_stack(self, address: str) -> None:
+        """The userspace TCP/IP stack answering for our overlay address."""
+        if self.netstack is not None and self.netstack.stack.address == address:
+            return
+        if self.netstack is not None:
+            self.netstack.close()
+        loop = asyncio.get_running_loop()
+        stack = Stack(address, mtu=INNER_MTU, now=loop.time())
+        self.netstack = StackDriver(stack, lambda pkt: self.dataplane.send_packets([pkt]),
+                                    send_packets=self.dataplane.send_packets)
+        self.shares.attach(self.netstack)
+        self.dataplane.inner_sink = self._inbound
 
     def _inbound(self, packets: list[bytes]) -> None:
         packets = self.pinger.intercept(packets)
@@ -146,10 +169,18 @@ class Daemon:
     def find_peer(self, text: str) -> dict | None:
         """A peer by name, name.network, virtual IP or key; None if no such peer."""
         t = text.strip().lower().rstrip(".")
-        for p in self.state.peers().values():
+        for p in self._all_peers():
             if t in (p["name"], p["ip"], p["key"].lower()) or any(t == f"{p['name']}.{n}" for n in p["networks"]):
                 return p
         return None
+
+    def _all_peers(self) -> list[dict]:
+        """Overlay peers (sharing a network) and static WireGuard peers, as status shows them."""
+        peers = list(self.state.peers().values())
+        for sp in self.static_peers:
+            peers.append({"name": sp["name"], "key": sp["key"], "ip": sp["allowed_ips"][0].split("/")[0],
+                          "online": True, "networks": []})
+        return peers
 
     def resolve_peer(self, text: str) -> dict:
         p = self.find_peer(text)
@@ -216,7 +247,7 @@ class Daemon:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
-        if not self.client.connected and self.client.state != "hello":
+        if self.client is None or (not self.client.connected and self.client.state != "hello"):
             return
         now = asyncio.get_running_loop().time()
         for text, p in peers.items():
@@ -309,6 +340,8 @@ class Daemon:
             self._followers.discard(q)
 
     async def _server(self, msg: dict) -> dict:
+        if self.client is None:
+            raise NotConnected("this node runs without a mediation server (no --server)")
         reply = await self.client.request(msg)
         reply.pop("t", None)
         reply.pop("id", None)
@@ -342,7 +375,7 @@ class Daemon:
                 raise NotConnected("not connected to the server yet")
             await asyncio.wait_for(self.dataplane.start_probe(), 10)
             return {"udp": self.dataplane.udp_ok, "nat": self.dataplane.nat_summary(),
-                    "local_port": self.dataplane.port, "server": self.client.server,
+                    "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
                     "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], float(a.get("timeout", 2.0)))
@@ -384,9 +417,10 @@ class Daemon:
                      "virtual_ip": me.get("ip"), "home": str(self.home.path)},
             "server": {"address": c.server, "state": c.state, "connected": c.connected,
                        "error": c.last_error,
-                       "key": key_to_text(c.server_key) if c.server_key else None},
+                       "key": key_to_text(c.server_key) if c.server_key else None} if c else
+                      {"address": None, "state": "none", "connected": False, "error": None, "key": None},
             "networks": self.state.status(),
-            "peers": [self._peer_status(p) for p in sorted(self.state.peers().values(), key=lambda p: p["name"])],
+            "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p["name"])],
             "proxies": [{"kind": "socks5" if isinstance(p, SocksServer) else "http",
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
             "shares": self.shares.listing(),
@@ -395,7 +429,6 @@ class Daemon:
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary()},
         }
-
 
     def _peer_status(self, p: dict) -> dict:
         path, rtt = self.dataplane.peer_path(base64.b64decode(p["key"]))

@@ -71,12 +71,23 @@ def _fmt(addr) -> str:
 
 
 class PeerEntry:
-    __slots__ = ("key", "name", "vip", "path", "endpoint", "online")
+    """A peer: an overlay member (``path`` drives discovery) or a static WireGuard peer (no path)."""
 
-    def __init__(self, key: bytes, name: str, vip: str, path: PeerPath):
+    __slots__ = ("key", "name", "vip", "path", "endpoint", "online", "allowed")
+
+    def __init__(self, key: bytes, name: str, vip: str, path: PeerPath | None,
+                 allowed: list[ipaddress.IPv4Network] | None = None):
         self.key, self.name, self.vip, self.path = key, name, vip, path
         self.endpoint: object = RelayAddr(key)
         self.online = False
+        self.allowed = allowed or [ipaddress.IPv4Network(f"{vip}/32")]
+
+    def allows(self, src: bytes) -> bool:
+        """Cryptokey routing: may this peer send packets from ``src``?"""
+        if len(self.allowed) == 1 and self.allowed[0].prefixlen == 32:
+            return src == self.allowed[0].network_address.packed
+        a = ipaddress.IPv4Address(src)
+        return any(a in n for n in self.allowed)
 
 
 class DataPlane:
@@ -92,6 +103,7 @@ class DataPlane:
         self.send_control = send_control
         self.peers: dict[bytes, PeerEntry] = {}
         self.by_vip: dict[bytes, PeerEntry] = {}
+        self.routes: list[tuple[ipaddress.IPv4Network, PeerEntry]] = []   # static peers' prefixes
         self.udp: UdpSocket | None = None
         self.server_udp: tuple[str, int] | None = None
         self.server_is_loopback = False
@@ -229,13 +241,15 @@ class DataPlane:
         for text, p in peers.items():
             wanted[base64.b64decode(text)] = p
         for key in list(self.peers):
-            if key not in wanted:
+            if key not in wanted and self.peers[key].path is not None:
                 entry = self.peers.pop(key)
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
                 self.device.remove_peer(key)
                 self._dirty_paths.discard(entry)
         for key, p in wanted.items():
             entry = self.peers.get(key)
+            if entry is not None and entry.path is None:
+                continue  # configured as a static WireGuard peer: that configuration wins
             if entry is None:
                 entry = PeerEntry(key, p["name"], p["ip"], PeerPath(self.disco, key, self.config))
                 self.peers[key] = entry
@@ -244,9 +258,40 @@ class DataPlane:
             if entry.vip != p["ip"]:
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
                 entry.vip = p["ip"]
+                entry.allowed = [ipaddress.IPv4Network(f"{entry.vip}/32")]
             self.by_vip[socket.inet_aton(entry.vip)] = entry
             entry.online = p["online"]
         self._schedule_flush()
+
+    def add_static_peer(self, key: bytes, *, name: str, endpoint: tuple[str, int] | None,
+                        allowed_ips: list[str], persistent_keepalive: float | None = None) -> None:
+        """A plain WireGuard peer from the configuration (e.g. a stock wireguard-go): fixed endpoint,
+        allowed IPs routed to it, WireGuard's own roaming, no discovery."""
+        nets = [ipaddress.IPv4Network(a, strict=False) for a in allowed_ips]
+        if not nets:
+            raise ValueError(f"static peer {name}: allowed_ips is empty")
+        entry = PeerEntry(key, name, str(nets[0].network_address), None, nets)
+        entry.online = True
+        entry.endpoint = endpoint
+        self.peers[key] = entry
+        self.device.add_peer(key, endpoint=endpoint, persistent_keepalive=persistent_keepalive)
+        for n in nets:
+            if n.prefixlen == 32:
+                self.by_vip[n.network_address.packed] = entry
+            else:
+                self.routes.append((n, entry))
+        self.routes.sort(key=lambda r: -r[0].prefixlen)  # longest prefix first
+        if self.loop is not None:
+            self._schedule_flush()
+
+    def _route(self, dst: bytes) -> PeerEntry | None:
+        entry = self.by_vip.get(dst)
+        if entry is None and self.routes:
+            a = ipaddress.IPv4Address(dst)
+            for net, e in self.routes:
+                if a in net:
+                    return e
+        return entry
 
     def punch(self, ev: dict) -> None:
         """The server introduced us to a peer: probe its candidates now."""
@@ -255,7 +300,7 @@ class DataPlane:
         except (KeyError, ValueError):
             return
         entry = self.peers.get(key)
-        if entry is None:
+        if entry is None or entry.path is None:
             return
         cands = []
         for c in ev.get("candidates", []):
@@ -285,7 +330,7 @@ class DataPlane:
         """Outbound inner IPv4 packets (from the netstack or a TUN device)."""
         now = self.now()
         for pkt in packets:
-            entry = self.by_vip.get(pkt[16:20])
+            entry = self._route(pkt[16:20])
             if entry is None:
                 self.stats["no_route"] += 1
                 continue
@@ -342,7 +387,7 @@ class DataPlane:
             self.stats["disco_bad"] += 1
             return
         entry = self.peers.get(sender)
-        if entry is not None:
+        if entry is not None and entry.path is not None:
             entry.path.receive(msg, addr, self.now())
             self._dirty_paths.add(entry)
 
@@ -361,14 +406,15 @@ class DataPlane:
             if type(ev) is PacketReceived:
                 entry = self.peers.get(ev.public_key)
                 pkt = ev.packet
-                if entry is None or len(pkt) < 20 or pkt[12:16] != socket.inet_aton(entry.vip):
+                if entry is None or len(pkt) < 20 or not entry.allows(pkt[12:16]):
                     self.stats["spoofed"] += 1  # cryptokey routing: a peer speaks only for its own IP
                     continue
                 self._inner.append(pkt)
             elif type(ev) is EndpointChanged:
                 entry = self.peers.get(ev.public_key)
                 if entry is not None:
-                    if isinstance(ev.addr, RelayAddr) and entry.path.current_path is not None:
+                    if (isinstance(ev.addr, RelayAddr) and entry.path is not None
+                            and entry.path.current_path is not None):
                         dev.set_endpoint(entry.key, entry.path.current_path)  # keep the direct path
                     else:
                         entry.endpoint = ev.addr
@@ -426,7 +472,7 @@ class DataPlane:
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe,
                              self._probe.get_timer() if self._probe else None) if t is not None]
         for entry in self.peers.values():
-            t = entry.path.get_timer()
+            t = entry.path.get_timer() if entry.path is not None else None
             if t is not None:
                 times.append(t)
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
@@ -468,6 +514,8 @@ class DataPlane:
             if probe.done:
                 self._probe_finished()
         for entry in self.peers.values():
+            if entry.path is None:
+                continue
             t = entry.path.get_timer()
             if t is not None and t <= now:
                 entry.path.handle_timer(now)
@@ -483,7 +531,11 @@ class DataPlane:
         entry = self.peers.get(key)
         if entry is None:
             return None, None
+        if entry.endpoint is None:
+            return None, None
         if isinstance(entry.endpoint, RelayAddr):
             return "relay", None
+        if entry.path is None:
+            return f"direct {_fmt(entry.endpoint)} (static)", None
         rtt = entry.path.rtt if entry.path.current_path == entry.endpoint else None
         return f"direct {_fmt(entry.endpoint)}", (rtt * 1000 if rtt is not None else None)
