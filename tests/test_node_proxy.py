@@ -1,0 +1,212 @@
+"""Apps reach peers by name through real daemons: SOCKS5, HTTP proxy, forwards, shares.
+
+Everything goes app -> proxy/forward on alice -> alice's userspace TCP/IP stack -> WireGuard ->
+bob's stack -> bob's shared port -> a server on bob's 127.0.0.1. Clients are real: curl and
+python-socks, plus a raw SOCKS5 UDP ASSOCIATE client.
+"""
+
+from __future__ import annotations
+
+import http.server
+import functools
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+from python_socks.sync import Proxy
+
+from cluster import OVERLAY, Cluster, free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("proxy")
+    www = tmp / "www"
+    www.mkdir()
+    blob = os.urandom(1024 * 1024)
+    (www / "blob.bin").write_bytes(blob)
+    (www / "hello.txt").write_text("hello from bob\n")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+
+    def echo_loop():
+        while True:
+            try:
+                data, addr = echo.recvfrom(65536)
+            except OSError:
+                return
+            echo.sendto(b"echo:" + data, addr)
+    threading.Thread(target=echo_loop, daemon=True).start()
+
+    with Cluster(tmp) as c:
+        c.start_server()
+        alice = c.start_node("alice", "--http-proxy", "127.0.0.1:0")
+        bob = c.start_node("bob")
+        alice.ok("create", "lan", "--password", "pw")
+        bob.ok("join", "lan", "--password", "pw")
+        c.wait(lambda: (alice.peer("bob") or {}).get("online"), what="alice sees bob")
+        web, udp = httpd.server_address[1], echo.getsockname()[1]
+        bob.ok("share", str(web))
+        bob.ok("share", f"{udp}/udp")
+        proxies = {p["kind"]: p["address"] for p in alice.status()["proxies"]}
+        yield {"c": c, "alice": alice, "bob": bob, "web": web, "udp": udp, "blob": blob,
+               "socks": proxies["socks5"], "http": proxies["http"]}
+    httpd.shutdown()
+    echo.close()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl")
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], capture_output=True, timeout=60)
+
+
+def test_curl_socks5_by_name(net, tmp_path):
+    out = tmp_path / "b"
+    for host in ("bob", "bob.lan", "BOB"):
+        r = curl("--socks5-hostname", net["socks"], "-o", str(out), f"http://{host}:{net['web']}/blob.bin")
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == net["blob"]
+    # by virtual IP too
+    ip = net["alice"].peer("bob")["ip"]
+    r = curl("--socks5", net["socks"], f"http://{ip}:{net['web']}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n"
+
+
+def test_curl_http_proxy_plain_and_connect(net):
+    r = curl("-x", f"http://{net['http']}", f"http://bob:{net['web']}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n", r.stderr
+    r = curl("-p", "-x", f"http://{net['http']}", f"http://bob.lan:{net['web']}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n", r.stderr
+
+
+def test_python_socks_client(net):
+    s = Proxy.from_url(f"socks5://{net['socks']}", rdns=True).connect(dest_host="bob", dest_port=net["web"], timeout=20)
+    with s:
+        s.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: bob\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.0 200") and data.endswith(b"hello from bob\n")
+
+
+def test_unshared_port_is_named(net):
+    port = free_port()
+    r = curl("-x", f"http://{net['http']}", f"http://bob:{port}/")
+    assert f"bob does not share port {port}".encode() in r.stdout
+    r = curl("--socks5-hostname", net["socks"], f"http://bob:{port}/")
+    assert r.returncode == 97  # SOCKS5 reply "connection refused"
+    net["c"].wait(lambda: f"bob does not share port {port}" in net["alice"].proc.output(), what="log line")
+    # and on bob's side the refusal is logged with the fix
+    net["c"].wait(lambda: f"port {port}: not shared" in net["bob"].proc.output(), what="bob's log line")
+
+
+def test_non_overlay_destinations_refused(net):
+    r = curl("-x", f"http://{net['http']}", "http://example.invalid/")
+    assert b"is not an overlay address" in r.stdout
+    r = curl("--socks5-hostname", net["socks"], "http://example.invalid/")
+    assert r.returncode == 97
+
+
+def test_tcp_forward_runtime(net):
+    a = net["alice"]
+    local = free_port()
+    assert "forwarding tcp" in a.ok("forward", str(local), f"bob:{net['web']}")
+    r = curl(f"http://127.0.0.1:{local}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n"
+    fw = a.status()["forwards"]
+    assert any((f["listen"], f["peer"], f["peer_port"], f["proto"]) == (f"127.0.0.1:{local}", "bob", net["web"], "tcp")
+               for f in fw)
+    a.ok("unforward", str(local))
+    assert all(f["listen"] != f"127.0.0.1:{local}" for f in a.status()["forwards"])
+    assert curl(f"http://127.0.0.1:{local}/hello.txt").returncode == 7
+    assert "not forwarded" in a.fails("unforward", str(local))
+    # a forward to a port bob does not share logs the reason
+    port, local2 = free_port(), free_port()
+    a.ok("forward", str(local2), f"bob:{port}")
+    curl(f"http://127.0.0.1:{local2}/")
+    net["c"].wait(lambda: f"bob does not share port {port}" in a.proc.output(), what="forward log")
+    a.ok("unforward", str(local2))
+
+
+def test_udp_forward_and_share(net):
+    a = net["alice"]
+    local = free_port()
+    a.ok("forward", f"{local}/udp", f"bob:{net['udp']}")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        for i in range(10):  # the first datagrams may race the flow setup
+            s.sendto(b"ping%d" % i, ("127.0.0.1", local))
+            try:
+                data, _ = s.recvfrom(65536)
+                break
+            except socket.timeout:
+                continue
+        else:
+            pytest.fail("no UDP echo through the forward")
+        assert data.startswith(b"echo:ping")
+    finally:
+        s.close()
+        a.ok("unforward", f"{local}/udp")
+
+
+def test_socks5_udp_associate(net):
+    host, port = net["socks"].rsplit(":", 1)
+    ctl = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        ctl.sendall(b"\x05\x01\x00")
+        assert ctl.recv(2) == b"\x05\x00"
+        ctl.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("0.0.0.0") + struct.pack("!H", 0))
+        rep = ctl.recv(10)
+        assert rep[1] == 0, rep
+        relay = (socket.inet_ntoa(rep[4:8]), struct.unpack("!H", rep[8:10])[0])
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(2)
+        name = b"bob"
+        hdr = b"\x00\x00\x00\x03" + bytes([len(name)]) + name + struct.pack("!H", net["udp"])
+        try:
+            for _ in range(10):
+                u.sendto(hdr + b"via socks", relay)
+                try:
+                    data, _ = u.recvfrom(65536)
+                    break
+                except socket.timeout:
+                    continue
+            else:
+                pytest.fail("no UDP answer through SOCKS5 UDP ASSOCIATE")
+            assert data.endswith(b"echo:via socks")
+        finally:
+            u.close()
+    finally:
+        ctl.close()
+
+
+def test_proxy_address_errors(net, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        home = tmp_path / "h"
+        r = subprocess.run([*OVERLAY, "up", "--server", net["c"].server_addr, "--name", "late", "--home", str(home),
+                            "--socks", f"127.0.0.1:{busy.getsockname()[1]}"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 1 and "in use" in r.stderr and "--socks" in r.stderr, r.stderr
+        r = subprocess.run([*OVERLAY, "up", "--server", net["c"].server_addr, "--name", "late", "--home", str(home),
+                            "--socks", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "without authentication" in r.stderr, r.stderr
+    finally:
+        busy.close()
