@@ -237,7 +237,8 @@ class OsDialer:
     async def open_connection(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         ip = self._require(host)
         try:
-            return await asyncio.wait_for(asyncio.open_connection(ip, port), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                return await asyncio.open_connection(ip, port)
         except TimeoutError:
             raise DialTimeout(host, port, self.connect_timeout) from None
         except ConnectionRefusedError:

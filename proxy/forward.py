@@ -8,13 +8,14 @@ with the dialer's message ("laptop does not share port 3389") and close the clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.dialer import Dialer, DialError
 from proxy.listen import bound_address, create_udp_endpoint, format_address, is_loopback, start_tcp_server
-from proxy.relay import close_writer, relay
+from proxy.relay import close_now, close_writer, relay
 from proxy.udpflows import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -154,12 +155,16 @@ class Forward:
                 log.warning("forward %s: %s", self, e.message)
                 return
             await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
-        except ConnectionError as e:
+        except OSError as e:
             log.debug("forward %s: %s", self, e)
+        except asyncio.CancelledError:
+            pass  # close(); see _ProxyServer._accept for why the task must not end cancelled
         except Exception:
             log.exception("forward %s: unexpected error", self)
         finally:
             self._clients.discard(task)
+            close_now(writer)
+        with contextlib.suppress(asyncio.CancelledError):
             await close_writer(writer)
 
 

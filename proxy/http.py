@@ -21,7 +21,6 @@ every malformed input raises :class:`HttpProxyError` carrying the status to answ
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,7 +198,7 @@ def _basic_credentials(headers: list[tuple[str, str]]) -> tuple[str, str] | None
         return None
     try:
         decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII input
         return None
     user, colon, password = decoded.partition(":")
     return (user, password) if colon else None

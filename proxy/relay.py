@@ -10,7 +10,6 @@ either direction for ``idle_timeout`` seconds) are closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from proxy.dialer import StreamReaderLike, StreamWriterLike
@@ -77,18 +76,28 @@ async def relay(
             if [t for t in done if t.exception() is not None or not t.result()]:
                 break  # an error, or an EOF we could not pass on as a half-close: end both ways
     finally:
+        # Close before awaiting anything: if this task is cancelled while it waits below, the
+        # sockets are still released.
+        close_now(a_writer)
+        close_now(b_writer)
         for t in pending:
             t.cancel()
-        for t in pending:
-            with contextlib.suppress(BaseException):
-                await t
+        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(close_writer(a_writer), close_writer(b_writer))
 
 
-async def close_writer(writer: StreamWriterLike) -> None:
-    """Close a writer, flushing for at most ``CLOSE_TIMEOUT`` s, never raising."""
+def close_now(writer: StreamWriterLike) -> None:
+    """Start closing a writer (flushes in the background), never raising."""
     try:
         writer.close()
+    except Exception:
+        log.debug("closing %r failed", writer, exc_info=True)
+
+
+async def close_writer(writer: StreamWriterLike) -> None:
+    """Close a writer, flushing for at most ``CLOSE_TIMEOUT`` s, never raising (but cancellable)."""
+    close_now(writer)
+    try:
         await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
     except Exception:
         transport = getattr(writer, "transport", None)

@@ -18,7 +18,7 @@ from typing import Any
 from proxy import http, socks5
 from proxy.dialer import Dialer, DialError, StreamReaderLike, StreamWriterLike
 from proxy.listen import ListenError, bound_address, format_address, is_loopback, start_tcp_server
-from proxy.relay import CHUNK, close_writer, relay
+from proxy.relay import CHUNK, close_now, close_writer, relay
 from proxy.udpflows import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,11 @@ class _ProxyServer:
             raise RuntimeError(f"{self.kind} not started")
         return bound_address(self._server.sockets)
 
+    @property
+    def active(self) -> int:
+        """Client connections being served (for status displays)."""
+        return len(self._clients)
+
     def close(self) -> None:
         """Stop listening and drop every client connection."""
         if self._server is not None:
@@ -98,12 +103,18 @@ class _ProxyServer:
         self._clients.add(task)
         try:
             await self._serve(reader, writer)
-        except (ConnectionError, TimeoutError) as e:
+        except OSError as e:  # resets, broken pipes, the handshake timeout
             log.debug("%s client %s: %s", self.kind, writer.get_extra_info("peername"), e)
+        except asyncio.CancelledError:
+            # close(): end quietly. (Python 3.11's start_server callback calls exception() on the
+            # finished task, which raises for a cancelled one and logs a spurious error.)
+            pass
         except Exception:
             log.exception("%s: unexpected error serving %s", self.kind, writer.get_extra_info("peername"))
         finally:
             self._clients.discard(task)
+            close_now(writer)
+        with contextlib.suppress(asyncio.CancelledError):
             await close_writer(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -380,10 +391,9 @@ class HttpProxyServer(_ProxyServer):
             if not progress.started:
                 writer.write(http.error_response(e.status, e.message))
         finally:
-            for task in (body, response):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            body.cancel()
+            response.cancel()
+            await asyncio.gather(body, response, return_exceptions=True)
 
     async def _send_body(
         self, framer: http.BodyFramer, data: bytes, reader: asyncio.StreamReader, up_writer: StreamWriterLike

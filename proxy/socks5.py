@@ -154,7 +154,6 @@ class ServerConnection:
         self._buf = bytearray()
         self._out = bytearray()
         self.state = State.GREETING
-        self.command: int | None = None
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -287,7 +286,6 @@ class ServerConnection:
                 host = _decode_domain(addr[1:])
             except ValueError as e:
                 raise self._fail(REP_HOST_UNREACHABLE, str(e)) from None
-        self.command = cmd
         self.state = State.WAIT_REPLY
         return Request(cmd, host, port)
 
