@@ -265,3 +265,31 @@ def test_service_install_writes_user_unit(tmp_path):
     assert "WantedBy=default.target" in text
     r = subprocess.run([*OVERLAY, "service", "uninstall"], capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 0 and not unit.exists()
+
+
+def test_config_file_example_and_shares(cluster, tmp_path):
+    """config.example.toml parses, and a config.toml is honoured: server, name, socks, shares, forwards."""
+    import tomllib
+    from pathlib import Path
+    example = tomllib.loads((Path(__file__).parent.parent / "config.example.toml").read_text())
+    assert {"server", "name", "port", "keepalive", "socks"} <= set(example)
+    from cluster import Node
+    home = tmp_path / "home-cfg"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'server = "{cluster.server_addr}"\nname = "fromcfg"\nsocks = "127.0.0.1:0"\nkeepalive = 20\n'
+        '[[share]]\nport = 8123\n[[share]]\nport = 27015\nproto = "udp"\n'
+        '[[forward]]\nlisten = 0\npeer = "nobody"\npeer_port = 80\n')
+    n = Node(cluster, "fromcfg", home)
+    n.proc = __import__("cluster").Proc([*OVERLAY, "up", "--home", str(home)], tmp_path / "cfg.log")
+    cluster.nodes.append(n)
+    cluster.wait(n.connected, what="node from config connected")
+    st = n.status()
+    assert st["node"]["name"] == "fromcfg"
+    assert {(s["port"], s["proto"]) for s in st["shares"]} == {(8123, "tcp"), (27015, "udp")}
+    assert st["forwards"][0]["peer"] == "nobody" and st["forwards"][0]["peer_port"] == 80
+    bad = tmp_path / "home-bad"
+    bad.mkdir()
+    (bad / "config.toml").write_text("server = [broken")
+    r = subprocess.run([*OVERLAY, "up", "--home", str(bad)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "config.toml" in r.stderr and "Traceback" not in r.stderr
