@@ -31,7 +31,7 @@ from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
 from overlay.nat import stun
 from overlay.nat.candidate import Candidate
-from overlay.nat.classify import NatProbe, NatReport
+from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
 from overlay.relay import frames
 from overlay.wire.device import Device
@@ -230,8 +230,8 @@ class DataPlane:
         return {"udp": n.udp, "public": f"{n.public[0]}:{n.public[1]}" if n.public else None,
                 "behind_nat": n.behind_nat, "mapping": n.mapping,
                 "varies_by_destination": n.varies_by_destination, "allocation": n.allocation,
-                "sequential": n.allocation == "SEQUENTIAL" if n.allocation else None,
-                "port_delta": n.delta if n.allocation == "SEQUENTIAL" else None,
+                "sequential": n.allocation == SEQUENTIAL if n.allocation else None,
+                "port_delta": n.delta if n.allocation == SEQUENTIAL else None,
                 "port_preserved": n.port_preserved,
                 "server_rtt_ms": self.server_rtt * 1000 if self.server_rtt is not None else None}
 
