@@ -120,6 +120,10 @@ class DataPlane:
         self._probe_waiters: list[asyncio.Future] = []
         self._out: list[tuple[bytes, object]] = []
         self._dirty_paths: set[PeerEntry] = set()
+        # earliest discovery timer over all peers; only discovery input or timers move it, so it is
+        # recomputed then, not on every data packet
+        self._paths_at: float | None = None
+        self._paths_stale = True
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
@@ -261,6 +265,7 @@ class DataPlane:
                 entry.allowed = [ipaddress.IPv4Network(f"{entry.vip}/32")]
             self.by_vip[socket.inet_aton(entry.vip)] = entry
             entry.online = p["online"]
+        self._paths_stale = True
         self._schedule_flush()
 
     def add_static_peer(self, key: bytes, *, name: str, endpoint: tuple[str, int] | None,
@@ -344,7 +349,7 @@ class DataPlane:
             return
         b0 = view[0]
         if 1 <= b0 <= 4 and view[1] == 0 and view[2] == 0 and view[3] == 0:
-            self._wg_receive(view, (addr[0], addr[1]))
+            self.device.receive(view, addr, self.loop.time())
         elif view[:4] == frames.MAGIC:
             self._relay_receive(bytes(view), addr)
         elif view[:4] == disco_mod.MAGIC:
@@ -433,6 +438,8 @@ class DataPlane:
         out = self._out
         for d, a in dev.datagrams_to_send():
             out.append((d, a))
+        if self._dirty_paths:
+            self._paths_stale = True
         for entry in self._dirty_paths:
             path = entry.path
             for d, a in path.datagrams_to_send(now):
@@ -469,12 +476,12 @@ class DataPlane:
 
     # ------------------------------------------------------------------ timers
     def _arm_timer(self) -> None:
-        times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe,
+        if self._paths_stale:
+            pt = [t for e in self.peers.values() if e.path is not None and (t := e.path.get_timer()) is not None]
+            self._paths_at = min(pt) if pt else None
+            self._paths_stale = False
+        times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
                              self._probe.get_timer() if self._probe else None) if t is not None]
-        for entry in self.peers.values():
-            t = entry.path.get_timer() if entry.path is not None else None
-            if t is not None:
-                times.append(t)
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
             return
@@ -513,13 +520,15 @@ class DataPlane:
                 self._out.append((d, a))
             if probe.done:
                 self._probe_finished()
-        for entry in self.peers.values():
-            if entry.path is None:
-                continue
-            t = entry.path.get_timer()
-            if t is not None and t <= now:
-                entry.path.handle_timer(now)
-                self._dirty_paths.add(entry)
+        if self._paths_at is not None and self._paths_at <= now:
+            for entry in self.peers.values():
+                if entry.path is None:
+                    continue
+                t = entry.path.get_timer()
+                if t is not None and t <= now:
+                    entry.path.handle_timer(now)
+                    self._dirty_paths.add(entry)
+            self._paths_stale = True
         self._flush()
 
     def _publish_endpoints(self) -> None:
