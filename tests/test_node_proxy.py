@@ -210,3 +210,35 @@ def test_proxy_address_errors(net, tmp_path):
         assert r.returncode == 1 and "without authentication" in r.stderr, r.stderr
     finally:
         busy.close()
+
+
+def test_daemon_proxies_survive_garbage(net):
+    """Malformed and random input to the daemon's SOCKS5 and HTTP ports: a reply or a clean close,
+    and the daemon keeps serving real clients afterwards."""
+    import random
+    rng = random.Random(1234)
+    samples = [b"", b"\x05", b"\x05\x01", b"\x05\xff" + b"\x00" * 255, b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",
+               b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"a" * 255, b"GET / HTTP/1.1\r\n\r\n",
+               b"CONNECT bob:99999 HTTP/1.1\r\n\r\n", b"GET http://bob:" + b"9" * 100 + b"/ HTTP/1.1\r\n\r\n",
+               b"X" * 70000, b"GET / HTTP/1.1\r\n" + b"H: v\r\n" * 200 + b"\r\n"]
+    samples += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 300))) for _ in range(40)]
+    for addr in (net["socks"], net["http"]):
+        host, port = addr.rsplit(":", 1)
+        for data in samples:
+            s = socket.create_connection((host, int(port)), timeout=5)
+            try:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(5)
+                while s.recv(65536):  # a reply, then a close; never a hang
+                    pass
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            finally:
+                s.close()
+    assert net["alice"].proc.alive()
+    r = curl("--socks5-hostname", net["socks"], f"http://bob:{net['web']}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n"
+    r = curl("-x", f"http://{net['http']}", f"http://bob:{net['web']}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n"
+    assert "Traceback" not in net["alice"].proc.output()
