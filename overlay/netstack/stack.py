@@ -70,12 +70,16 @@ class Stack:
         tcp: TcpConfig | None = None,
         listen_backlog: int = 128,
         icmp_errors_per_second: int = 100,
+        verify_checksums: bool = True,
     ):
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
         self.address = address
         self._addr = ip_to_bytes(address)
         self.mtu = mtu
+        # False when every packet arrives through an authenticated tunnel (Poly1305 already
+        # guarantees integrity; Linux WireGuard marks such packets CHECKSUM_UNNECESSARY too)
+        self.verify_checksums = verify_checksums
         self.now = now
         self.tcp_config = tcp or TcpConfig()
         self.listen_backlog = listen_backlog
@@ -148,7 +152,7 @@ class Stack:
         self.now = now
         self.stats["rx_packets"] += 1
         try:
-            ip = parse_ipv4(ip_packet)
+            ip = parse_ipv4(ip_packet, self.verify_checksums)
             if ip.dst != self._addr:
                 self.stats["not_for_us"] += 1
                 return
@@ -157,7 +161,7 @@ class Stack:
                 self.stats["not_for_us"] += 1  # martian source: never answer it
                 return
             if ip.proto == PROTO_TCP:
-                self._receive_tcp(ip.src, parse_tcp(ip), now)
+                self._receive_tcp(ip.src, parse_tcp(ip, self.verify_checksums), now)
             elif ip.proto == PROTO_UDP:
                 self._receive_udp(ip, now)
             elif ip.proto == PROTO_ICMP:
@@ -284,7 +288,7 @@ class Stack:
     # ------------------------------------------------------------------ UDP and ICMP
 
     def _receive_udp(self, ip, now: float) -> None:
-        dgram = parse_udp(ip)
+        dgram = parse_udp(ip, self.verify_checksums)
         sock = self._udp.get(dgram.dst_port)
         if sock is None:
             if self._icmp_allowed(now):
@@ -298,7 +302,7 @@ class Stack:
         self._events.append(events.DatagramReceived(sock, dgram.data, (ip_to_str(ip.src), dgram.src_port)))
 
     def _receive_icmp(self, ip) -> None:
-        msg = parse_icmp(ip.payload)
+        msg = parse_icmp(ip.payload, self.verify_checksums)
         if msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
             self.stats["icmp_echo"] += 1
             reply = build_icmp(ICMP_ECHO_REPLY, 0, msg.rest, msg.data)

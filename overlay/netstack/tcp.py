@@ -682,7 +682,7 @@ class TcpConnection:
                 self._rexmit_marks.clear()  # go-back-N after a timeout is complete
             elif self._rexmit_marks:
                 self._check_lost_retransmission()
-            if acked > 0 and old_una >= self.iss + 1:
+            if acked > 0 and old_una >= self.iss + 1 and self._cwnd_limited(self.snd_max - old_una):
                 self.cc.on_ack(acked, now, self._srtt)
         # RTO restarts on new data acknowledged (RFC 6298 §5.3)
         self._rto_at = now + self._current_rto() if self.snd_max > self.snd_una else None
@@ -722,6 +722,14 @@ class TcpConnection:
         self._rexmit_marks.clear()
         self.snd_nxt = self.snd_max
         self._rexmit_una = True  # RFC 6675 §5 (4.3): the first retransmission ignores the pipe
+
+    def _cwnd_limited(self, flight: int) -> bool:
+        """Was the congestion window what limited sending (RFC 7661; Linux tcp_is_cwnd_limited)?
+        When the peer's window or the app limits us, growing cwnd would only store up a burst."""
+        cwnd = self.cc.cwnd
+        if cwnd < self.cc.ssthresh:
+            return 2 * flight >= cwnd
+        return flight + self.mss >= cwnd
 
     def _check_lost_retransmission(self) -> None:
         """The retransmission at snd_una is lost if data sent after it has been SACKed."""
