@@ -114,6 +114,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        wg_peer: list[str] = typer.Option([], "--wg-peer", help="Static WireGuard peer: "
                                          "PUBLIC_KEY,ENDPOINT_HOST:PORT,ALLOWED_IP/PREFIX[,...] (repeatable)."),
        http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default)."),
+       proxy_user: list[str] = typer.Option([], "--proxy-user", help="USER:PASSWORD required by the SOCKS5 and "
+                                            "HTTP proxies (repeatable); needed to listen beyond loopback."),
        home: Optional[Path] = HomeOpt,
        log_level: str = typer.Option("info", "--log-level")):
     """Start the node daemon in the foreground."""
@@ -133,6 +135,14 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     socks = socks or cfg.get("socks", "127.0.0.1:1080")
     http_proxy = http_proxy or cfg.get("http_proxy")
     shares, forwards = cfg.get("share", []), cfg.get("forward", [])
+    proxy_users = dict(cfg.get("proxy_users", {}))
+    for pu in proxy_user:
+        user, sep, pw = pu.partition(":")
+        if not sep or not user or not pw:
+            fail(f"--proxy-user {pu!r}: expected USER:PASSWORD")
+        proxy_users[user] = pw
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in proxy_users.items()):
+        fail("config.toml: proxy_users maps user names to non-empty password strings")
     for addr, flag in ((socks, "--socks"), (http_proxy, "--http-proxy")):
         if addr and addr != "off":
             try:
@@ -175,7 +185,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     try:
         asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
                                keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
-                               shares=shares, forwards=forwards, address=address, static_peers=static_peers))
+                               shares=shares, forwards=forwards, address=address, static_peers=static_peers,
+                               proxy_users=proxy_users or None))
     except (DaemonError, HomeError) as e:
         fail(str(e))
     except KeyboardInterrupt:

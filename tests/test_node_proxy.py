@@ -242,3 +242,20 @@ def test_daemon_proxies_survive_garbage(net):
     r = curl("-x", f"http://{net['http']}", f"http://bob:{net['web']}/hello.txt")
     assert r.returncode == 0 and r.stdout == b"hello from bob\n"
     assert "Traceback" not in net["alice"].proc.output()
+
+
+def test_proxy_beyond_loopback_needs_users(net, tmp_path):
+    """With --proxy-user the SOCKS5 proxy may listen on every address, and demands the password."""
+    from cluster import Node
+    c = net["c"]
+    n = Node(c, "carol", tmp_path / "home-carol")
+    n.start("--socks", "0.0.0.0:0", "--proxy-user", "u:secret")
+    c.nodes.append(n)
+    c.wait(n.connected, what="carol connected")
+    n.ok("join", "lan", "--password", "pw")
+    c.wait(lambda: (n.peer("bob") or {}).get("online"), what="carol sees bob")
+    port = n.status()["proxies"][0]["address"].rsplit(":", 1)[1]
+    r = curl("--socks5-hostname", f"127.0.0.1:{port}", f"http://bob:{net['web']}/hello.txt")
+    assert r.returncode == 97  # no credentials: refused
+    r = curl("-x", f"socks5h://u:secret@127.0.0.1:{port}", f"http://bob:{net['web']}/hello.txt")
+    assert r.returncode == 0 and r.stdout == b"hello from bob\n", r.stderr

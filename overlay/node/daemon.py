@@ -44,7 +44,8 @@ class Daemon:
     def __init__(self, home: Home, *, server: str | None, name: str, via_proxy: str | None = None,
                  port: int = 0, keepalive: float = 25.0, socks: str | None = "127.0.0.1:1080",
                  http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
-                 address: str | None = None, static_peers: list[dict] = ()):
+                 address: str | None = None, static_peers: list[dict] = (),
+                 proxy_users: dict[str, str] | None = None):
         self.home = home
         self.private_key = home.private_key()
         from overlay import crypto
@@ -67,6 +68,7 @@ class Daemon:
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack)
         self.shares = Shares()
         self.socks_addr, self.http_addr = socks, http_proxy
+        self.proxy_users = dict(proxy_users) if proxy_users else None
         self.proxies: list = []
         self.forwards: dict[tuple[int, bool], Forward] = {}
         self._initial_shares = list(shares)
@@ -200,7 +202,7 @@ class Daemon:
             if not addr or addr == "off":
                 continue
             host, port = parse_hostport(addr, allow_zero=True)
-            srv = cls(self.dialer, host, port)
+            srv = cls(self.dialer, host, port, self.proxy_users)
             try:
                 await srv.start()
             except ListenError as e:
