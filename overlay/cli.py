@@ -290,7 +290,7 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
     answered = 0
     for i in range(max(1, count)):
         t0 = time.monotonic()
-        r = daemon_call(home, "ping_peer", as_json, peer=peer, timeout=2.0)
+        r = daemon_call(home, "ping_peer", as_json, peer=peer, wait=2.0)
         r.pop("ok", None)
         path = r.get("path") or "no path"
         if r["rtt_ms"] is not None:

@@ -77,6 +77,10 @@ def test_networks_presence_chat(cluster):
     # presence: a killed daemon goes offline for the others, and comes back with the same IP
     b.kill(signal.SIGKILL)
     cluster.wait(lambda: not members(a, "games")["bob"]["online"], timeout=10, what="bob offline")
+    # a probe that goes unanswered is a timeout line, not an error (the API call outlives the probe)
+    r = a.run("ping", "bob", "-c", "1", "--json")
+    probe = json.loads(r.stdout.splitlines()[0])
+    assert r.returncode == 1 and probe["peer"] == "bob" and probe["rtt_ms"] is None
     b.start()
     cluster.wait(lambda: members(a, "games")["bob"]["online"], timeout=15, what="bob online again")
     assert members(a, "games")["bob"]["ip"] == ms["bob"]["ip"]

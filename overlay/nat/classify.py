@@ -62,6 +62,17 @@ class NatReport:
     confidence: float  # 0..1, share of observed deltas equal to ``delta``, scaled down below 3 deltas
     last_port: int | None  # newest mapped port, the base of the prediction
     public_ips: tuple[str, ...] = ()
+    observed_ports: tuple[int, ...] = ()  # the distinct mapped ports the servers saw
+
+    def gap_ports(self, count: int = 8) -> list[int]:
+        """Ports inside the observed sequential run that no server saw: another flow of this host
+        (e.g. a punch toward a peer that started during the probe) took them."""
+        if not self.predictable or len(self.observed_ports) < 2:
+            return []
+        seen = set(self.observed_ports)
+        lo, hi = min(seen), max(seen)
+        step = abs(self.delta) or 1
+        return [p for p in range(lo + step, hi, step) if p not in seen][:count]
 
     @property
     def varies_by_destination(self) -> bool:
@@ -110,7 +121,8 @@ def classify(local: Addr, observations: Sequence[Observation]) -> NatReport:
         answered_at = max(i for i, o in enumerate(observations) if o.mapped is not None)
         unanswered_new = {o.server for o in observations[answered_at + 1 :]} - set(per_server)
         last = _PORT_LOW + (last + delta * len(unanswered_new) - _PORT_LOW) % _PORT_SPAN
-    return NatReport(True, local, public, behind, mapping, port_preserved, allocation, delta, confidence, last, ips)
+    return NatReport(True, local, public, behind, mapping, port_preserved, allocation, delta, confidence, last, ips,
+                     tuple(dict.fromkeys(m[1] for m in mappings)))
 
 
 def _dependency(per_server: dict[Addr, Addr]) -> str:

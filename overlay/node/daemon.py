@@ -61,7 +61,7 @@ class Daemon:
                                    send_control=self.client.post if self.client else lambda msg: None)
         self.address = address
         self.static_peers = [dict(p) for p in static_peers]
-        self.dataplane.on_change = self._sync_paths
+        self.dataplane.on_endpoints = self._repunch
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
@@ -267,8 +267,10 @@ class Daemon:
             self._punched[key] = now
             self.client.post({"t": "punch", "peer": text})
 
-    def _sync_paths(self) -> None:
-        pass
+    def _repunch(self) -> None:
+        """Our candidates changed (first probe, rebinding): ask for fresh introductions."""
+        self._punched.clear()
+        self._sync_peers()
 
     def _on_event(self, ev: dict) -> None:
         t = ev.get("t")
@@ -385,7 +387,7 @@ class Daemon:
                     "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
                     "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
-            return await self.ping(a["peer"], float(a.get("timeout", 2.0)))
+            return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
         if cmd == "down":
             asyncio.get_running_loop().call_soon(self._stop.set)
             return {}

@@ -128,7 +128,7 @@ class DataPlane:
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self.inner_sink: Callable[[list[bytes]], None] = lambda packets: None
-        self.on_change: Callable[[], None] = lambda: None
+        self.on_endpoints: Callable[[], None] = lambda: None  # our candidates changed: re-introduce
         self._inner: list[bytes] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0}
@@ -208,6 +208,7 @@ class DataPlane:
             log.info("server sees this node at %s:%d (NAT mapping %s%s)", report.public[0], report.public[1],
                      report.mapping, f", {report.allocation.lower()} ports" if report.allocation else "")
             self._publish_endpoints()
+            self.on_endpoints()
 
     def local_candidates(self) -> list[dict]:
         addrs = ["127.0.0.1"] if self.server_is_loopback else interface_addresses()
@@ -218,7 +219,7 @@ class DataPlane:
                 # the "magic" port: a router forwarding this UDP port to us makes it reachable
                 cands.append({"addr": f"{self.srflx[0]}:{self.port}", "kind": "magic"})
             if self.nat is not None and self.nat.predictable:
-                for p in self.nat.predicted_ports(PREDICTED_PORTS):
+                for p in self.nat.gap_ports() + self.nat.predicted_ports(PREDICTED_PORTS):
                     cands.append({"addr": f"{self.srflx[0]}:{p}", "kind": "predicted"})
         seen, unique = set(), []
         for c in cands:
@@ -451,13 +452,13 @@ class DataPlane:
                 entry.endpoint = new
                 dev.set_endpoint(entry.key, new)
                 changed = True
+                if pev.path is None and pev.reason == "lost":
+                    self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
         if out:
             self._send_all(out)
             out.clear()
         self._arm_timer()
-        if changed:
-            self.on_change()
 
     def _send_all(self, items: list[tuple[bytes, object]]) -> None:
         batch = []

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -208,8 +209,16 @@ class MediationServer:
         self._tcp = await loop.create_server(lambda: ControlConnection(self), self.host, self.port,
                                              reuse_address=True)
         self.port = self._tcp.sockets[0].getsockname()[1]
+        # With a second STUN address the wildcard socket and one bound to that address share the
+        # port (SO_REUSEADDR): requests to the alternate IP must be answered *from* it, or every
+        # filtering NAT drops the answer.
+        reuse = bool(self.stun_alt_ip)
         self._udp, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(self.host, self.port))
+            lambda: _UdpProtocol(self), sock=_udp_socket(self.host, self.port, reuse))
+        if self.stun_alt_ip:
+            tr, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self, relay=False), sock=_udp_socket(self.stun_alt_ip, self.port, True))
+            self._stun_extra.append(tr)
         self.stun_ports = [self.port]
         # Two more STUN-only ports: a node compares the mappings its NAT gives it toward three
         # destinations to learn whether they vary by destination and whether ports run in sequence.
@@ -343,6 +352,18 @@ class MediationServer:
                 touched.add(c)
         for c in touched:
             c.flush()
+
+
+def _udp_socket(host: str, port: int, reuse: bool) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

@@ -1,0 +1,145 @@
+"""Real processes in the real-kernel NAT lab: time to a direct path per NAT pair, and relay throughput.
+
+    sudo python benchmarks/bench_lab.py [--runs 3] [--mb 32]
+
+Builds the NAT lab (tests/natlab.py: network namespaces + nftables NATs), one ``overlay server`` and
+one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (tests/lab_overlay.py).
+
+- time to direct: both nodes of every pair are started fresh (b first, then a, whose arrival makes
+  the server introduce them); the clock runs from "both connected" (status) to "both show a direct
+  path". Median (and all runs) per pair; "relay" when no direct path came within the window.
+- throughput of one TCP stream through ``overlay forward`` -> ``overlay share``: over the relay
+  (two random-symmetric nodes), with the server's default per-node relay cap and uncapped, and over
+  a direct path (port-restricted pair) for comparison.
+
+Needs root (network namespaces); prints the reason and exits 0 elsewhere, like the lab tests skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import lab  # noqa: E402
+import natlab  # noqa: E402
+from lab_overlay import LabNode, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener  # noqa: E402
+
+PAIRS = [
+    ("none", "none"),
+    ("port_restricted", "port_restricted"),
+    ("full_cone", "port_restricted"),
+    ("symmetric_sequential", "port_restricted"),
+    ("symmetric_sequential", "full_cone"),
+    ("symmetric_random", "symmetric_random"),
+    ("symmetric_random", "port_restricted"),
+]
+SHORT = {"none": "n", "full_cone": "fc", "restricted": "rc", "port_restricted": "pr",
+         "symmetric_sequential": "ss", "symmetric_random": "sr"}
+WINDOW = 20.0  # seconds to wait for a direct path after both are online
+UNCAPPED = 1 << 20  # --relay-rate in KiB/s: far above what one stream reaches
+
+
+def time_to_direct(ol: OverlayLab, pairs: list[tuple[LabNode, LabNode]]) -> list[float | None]:
+    """One run for every pair at once: fresh start (b, then a); seconds from both online to both
+    direct, None if not within WINDOW."""
+    for a, b in pairs:
+        a.stop()
+        b.stop()
+    for _, b in pairs:
+        b.restart()
+    ol.wait_connected(*(b for _, b in pairs), timeout=60)
+    for a, _ in pairs:
+        a.restart()
+    online: list[float | None] = [None] * len(pairs)
+    result: list[float | None] = [None] * len(pairs)
+    start = time.monotonic()
+    while True:
+        now = time.monotonic()
+        for i, (a, b) in enumerate(pairs):
+            if online[i] is None:
+                if a.connected():
+                    online[i] = now
+                continue
+            if result[i] is None and a.path_to(b.name, direct=True) and b.path_to(a.name, direct=True):
+                result[i] = now - online[i]
+        if None not in online and all(r is not None or now - t > WINDOW for r, t in zip(result, online)):
+            return result
+        if now - start > WINDOW + 60:
+            raise RuntimeError(f"nodes did not come online\n{ol.dump()}")
+        time.sleep(0.05)
+
+
+def stream_mbps(nl: natlab.NatLab, a: LabNode, b: LabNode, megabytes: int, port: int) -> float:
+    """MB/s of one TCP stream b -> a through ``overlay forward PORT b:APP`` (sha256 checked)."""
+    listener = tcp_listener(nl, b.host)
+    b.ok("share", str(listener.getsockname()[1]))
+    a.ok("forward", str(port), f"{b.name}:{listener.getsockname()[1]}")
+    data = os.urandom(megabytes << 20)
+    serve_once(listener, data, timeout=300)
+    t0 = time.monotonic()
+    with tcp_connect(nl, a.host, port, timeout=60) as conn:
+        n, digest = fetch(conn, deadline=300)
+    elapsed = time.monotonic() - t0
+    listener.close()
+    if (n, digest) != (len(data), hashlib.sha256(data).hexdigest()):
+        raise RuntimeError(f"stream corrupted: {n} of {len(data)} bytes")
+    return n / elapsed / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="time-to-direct runs per pair (median)")
+    ap.add_argument("--mb", type=int, default=32, help="megabytes per throughput stream")
+    args = ap.parse_args()
+    reason = lab.lab_skip_reason("conntrack")
+    if reason:
+        print(f"bench_lab skipped: {reason}")
+        return 0
+    with natlab.NatLab() as nl:
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server("--relay-rate", str(UNCAPPED))
+            pairs = []
+            for i, (x, y) in enumerate(PAIRS):
+                sa, sb = nl.add_site(f"t{i}a", x), nl.add_site(f"t{i}b", y)
+                pairs.append((ol.start_node(sa.hosts[0].name, f"t{i}a"), ol.start_node(sb.hosts[0].name, f"t{i}b")))
+            for i, (a, b) in enumerate(pairs):
+                ol.pair(a, b, f"tnet{i}")
+            runs = [time_to_direct(ol, pairs) for _ in range(args.runs)]
+            print(f"time from both nodes online to both direct ({args.runs} runs, window {WINDOW:.0f} s):")
+            for i, (x, y) in enumerate(PAIRS):
+                got = [r[i] for r in runs]
+                done = [t for t in got if t is not None]
+                med = f"{statistics.median(done):6.2f} s" if len(done) == len(got) else "   relay" if not done \
+                    else f"{statistics.median(done):6.2f} s ({len(got) - len(done)} runs relay)"
+                shown = ", ".join("relay" if t is None else f"{t:.2f}" for t in got)
+                print(f"  {SHORT[x]:>2}-{SHORT[y]:<2} {x:>20} / {y:<20} median {med}   [{shown}]")
+
+            sr = next(p for p, xy in zip(pairs, PAIRS) if xy == ("symmetric_random", "symmetric_random"))
+            pr = next(p for p, xy in zip(pairs, PAIRS) if xy == ("port_restricted", "port_restricted"))
+            ol.wait(lambda: sr[0].path_to(sr[1].name) == "relay", 20, "sr pair on the relay")
+            ol.wait(lambda: pr[0].path_to(pr[1].name, direct=True), 20, "pr pair direct")
+            print(f"one TCP stream through overlay forward, {args.mb} MB:")
+            print(f"  relay (sr-sr), uncapped server:        {stream_mbps(nl, *sr, args.mb, 18080):7.2f} MB/s")
+            print(f"  direct (pr-pr):                        {stream_mbps(nl, *pr, args.mb, 18080):7.2f} MB/s")
+            ol.stop_server()
+            ol.start_server()  # default --relay-rate (2048 KiB/s per node)
+            ol.wait(lambda: all(n.connected() for n in sr), 60, "sr pair reconnected")
+            ol.wait(lambda: sr[0].status()["udp"]["server_udp"] and sr[1].status()["udp"]["server_udp"], 30,
+                    "relay registrations")
+            capped_mb = max(4, args.mb // 4)
+            print(f"  relay (sr-sr), default cap, {capped_mb} MB:     {stream_mbps(nl, *sr, capped_mb, 18081):7.2f} MB/s")
+        finally:
+            ol.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
