@@ -215,7 +215,29 @@ class OverlayLab:
         # unread bytes queued at the server's sockets (Recv-Q) tell "server stuck" from "network broken"
         ss = self.nl.run("pub", ["ss", "-tuan", f"( sport = :{SERVER_PORT} )"], check=False, timeout=5)
         parts.append(f"----- sockets of the server's port in pub\n{ss.stdout[-tail:]}")
+        parts.append(self._diagnose())
         return "\n".join(parts)
+
+    def _diagnose(self) -> str:
+        """Where a stalled server is: its Python stacks, and whether the network still reaches it."""
+        out = []
+        for proc in self.servers:
+            pid = proc.popen.pid
+            if pid and shutil.which("py-spy"):
+                r = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                   timeout=20)
+                out.append(f"----- py-spy dump of the server\n{r.stdout[-4000:]}{r.stderr[-500:]}")
+        if self.nodes:
+            host = self.nodes[0].host
+            r = self.nl.run(host, ["ping", "-c", "1", "-W", "1", "198.51.100.10"], check=False, timeout=5)
+            out.append(f"----- ping server from {host}: rc {r.returncode}\n{r.stdout[-300:]}")
+        for cmd in (["nft", "list", "ruleset"], ["conntrack", "-S"], ["ip", "-s", "link"]):
+            r = self.nl.run("pub", cmd, check=False, timeout=5)
+            out.append(f"----- pub: {' '.join(cmd)}\n{(r.stdout + r.stderr)[-3000:]}")
+        text = "\n".join(out)
+        with open("/tmp/overlay-lab-diagnosis.txt", "a") as f:
+            f.write(text + "\n")
+        return text
 
 
 def tcp_listener(nl: natlab.NatLab, host: str) -> socket.socket:

@@ -108,6 +108,13 @@ NS_PREFIX = "ovnat"  # every lab namespace name starts with this, then the lab i
 
 _WAN = "wan"  # router's public interface (names are per namespace, so they can repeat)
 _LAN = "lan"  # router's LAN bridge
+
+
+def _fixed_mac() -> str:
+    """A random locally administered unicast MAC, set on a bridge so it never changes."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 _ETH = "eth0"  # a host's only interface
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -229,7 +236,10 @@ class NatLab:
             self.pub = self._netns("pub")
             self._ip(
                 self.pub,
-                "link add br0 type bridge",
+                # A bridge without an address of its own takes its lowest port's MAC, and changes it
+                # when ports come and go: every neighbour's ARP entry for the server then points at
+                # a MAC nobody has, and the whole lab goes silent for the ARP cache's lifetime.
+                f"link add br0 address {_fixed_mac()} type bridge",
                 *(f"addr add {ip}/24 dev br0" for ip in SERVER_IPS),
                 "link set br0 up",
             )
@@ -286,7 +296,7 @@ class NatLab:
             gw = lan[1]
             self._ip(
                 router,
-                f"link add {_LAN} type bridge",
+                f"link add {_LAN} address {_fixed_mac()} type bridge",
                 f"addr add {gw}/{lan.prefixlen} dev {_LAN}",
                 f"link set {_LAN} up",
             )

@@ -205,36 +205,27 @@ def test_lan_pair_goes_direct_over_lan(env):
 
 def test_keepalive_outlives_nat_mapping_timeout(env):
     """Mappings that expire after 10 s unreplied / 15 s answered: with ``--keepalive 7`` the direct
-    path (the very same NAT mappings) survives more than twice that. A control pair whose mappings
-    live only 1-2 s loses its path, proving the lab's timeouts bite."""
+    path (the very same NAT mappings) survives more than twice that. (That these lab timeouts do
+    expire idle mappings is proven by tests/test_natlab.py::test_mapping_expires_with_lowered_timeout.)"""
     nl, ol = env
     unreplied, stream = 10, 15
     main = [nl.add_site("kaa", "port_restricted"), nl.add_site("kab", "port_restricted")]
-    ctrl = [nl.add_site("kca", "port_restricted"), nl.add_site("kcb", "port_restricted")]
     a, b = (ol.start_node(s.hosts[0].name, s.name, keepalive=7) for s in main)
-    c, d = (ol.start_node(s.hosts[0].name, s.name, keepalive=7) for s in ctrl)
     try:
         ol.pair(a, b, "kanet")
-        ol.pair(c, d, "kcnet")
         before = wait_direct(ol, a, b)
-        ctrl_before = wait_direct(ol, c, d)
         for s in main:
             nl.set_udp_timeouts(unreplied, stream, site=s)
-        for s in ctrl:
-            nl.set_udp_timeouts(1, 2, site=s)
-        ctrl_changed = False
         end = time.monotonic() + 2 * stream + 3
         while time.monotonic() < end:
             now = (a.path_to("kab"), b.path_to("kaa"))
             assert now == before, f"direct path changed despite keepalives: {before} -> {now}\n{ol.dump()}"
-            ctrl_changed = ctrl_changed or (c.path_to("kcb"), d.path_to("kca")) != ctrl_before
             time.sleep(0.5)
-        assert ctrl_changed, f"control pair kept {ctrl_before} although its mappings live 2 s: lab timeouts ineffective?"
         assert ping_paths(a.answered("kab"))[-1] == before[0]
     finally:
-        for s in main + ctrl:
+        for s in main:
             nl.set_udp_timeouts(*natlab.DEFAULT_UDP_TIMEOUTS, site=s)
-        ol.stop_nodes(a, b, c, d)
+        ol.stop_nodes(a, b)
 
 
 # ---------------------------------------------------------------------- 4. NAT rebinding mid-transfer
