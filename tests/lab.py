@@ -26,7 +26,26 @@ def lab_skip_reason(*tools: str) -> str | None:
             return f"real-kernel lab needs `{t}` (apt-get install it; .ci/run does)"
     if not os.path.exists("/dev/net/tun") and "tun" in tools:
         return "needs /dev/net/tun"
-    return None
+    return _netns_probe()
+
+
+_probe_result: list[str | None] = []
+
+
+def _netns_probe() -> str | None:
+    """Can this machine really make a namespace with a veth pair? (Root in a container may not.)"""
+    if not _probe_result:
+        name = f"ovprobe-{uuid.uuid4().hex[:6]}"
+        try:
+            sh("ip", "netns", "add", name)
+            sh("ip", "netns", "exec", name, "ip", "link", "add", "pa", "type", "veth", "peer", "name", "pb")
+            _probe_result.append(None)
+        except (subprocess.SubprocessError, OSError) as e:
+            err = getattr(e, "stderr", "") or str(e)
+            _probe_result.append(f"network namespaces are not usable here ({err.strip()[:120]})")
+        finally:
+            sh("ip", "netns", "del", name, check=False)
+    return _probe_result[0]
 
 
 def require_lab(*tools: str) -> None:

@@ -202,7 +202,7 @@ def test_server_restart_persists_everything(cluster):
     cluster.wait(lambda: not a.connected(), what="alice notices the server is gone")
     cluster.start_server()
     # nodes reconnect by themselves
-    cluster.wait(lambda: a.connected() and b.connected(), timeout=30, what="nodes reconnected")
+    cluster.wait(lambda: a.connected() and b.connected() and c.connected(), timeout=40, what="nodes reconnected")
     cluster.wait(lambda: members(a, "keep").get("bob", {}).get("online"), timeout=15, what="bob back")
     after = members(a, "keep")
     assert {k: v["ip"] for k, v in after.items()} == {k: v["ip"] for k, v in before.items()}
