@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import signal
-from collections import deque
 
+from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
 from overlay.node import api
 from overlay.netstack.asyncio_glue import StackDriver
@@ -48,7 +48,6 @@ class Daemon:
                  proxy_users: dict[str, str] | None = None):
         self.home = home
         self.private_key = home.private_key()
-        from overlay import crypto
         self.public_key = crypto.public_key(self.private_key)
         self.name = normalize_name(name, "node name")
         self.state = NodeState()
@@ -76,7 +75,6 @@ class Daemon:
         self._followers: set[asyncio.Queue] = set()
         self._api_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
-        self.events: deque = deque(maxlen=200)  # recent notable changes, for `overlay status`
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -285,7 +283,6 @@ class Daemon:
             self._sync_peers()
         if change:
             log.info("%s", change)
-            self.events.append(change)
         if ev.get("t") in ("chat", "removed", "join_request", "join_approved", "join_rejected", "members",
                            "member_left"):
             for q in list(self._followers):

@@ -407,7 +407,6 @@ class DataPlane:
         self._flush_scheduled = False
         dev = self.device
         now = self.now()
-        changed = False
         while (ev := dev.next_event()) is not None:
             if type(ev) is PacketReceived:
                 entry = self.peers.get(ev.public_key)
@@ -424,7 +423,6 @@ class DataPlane:
                         dev.set_endpoint(entry.key, entry.path.current_path)  # keep the direct path
                     else:
                         entry.endpoint = ev.addr
-                        changed = True
             elif type(ev) is HandshakeCompleted:
                 entry = self.peers.get(ev.public_key)
                 if entry is not None:
@@ -451,7 +449,6 @@ class DataPlane:
                          f", {pev.rtt * 1000:.1f} ms" if pev.rtt is not None else "")
                 entry.endpoint = new
                 dev.set_endpoint(entry.key, new)
-                changed = True
                 if pev.path is None and pev.reason == "lost":
                     self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
