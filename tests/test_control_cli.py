@@ -257,12 +257,12 @@ def test_node_reaches_server_through_proxy(tmp_path, kind):
 
 
 def test_service_install_writes_user_unit(tmp_path):
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PATH": "/usr/bin:/bin"}
-    env["PATH"] = os.path.dirname(sys.executable) + ":/nonexistent"  # no systemctl: unit written, warning
+    # a PATH without systemctl: the unit is written and the enable step only warns
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PATH": os.path.dirname(sys.executable)}
     home = tmp_path / "home"
     r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--name", "svc",
                         "--home", str(home)], capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "systemctl" in r.stderr, r.stderr
     unit = tmp_path / "cfg" / "systemd" / "user" / "overlay.service"
     text = unit.read_text()
     assert "ExecStart=" in text and "up --home" in text and "--server 127.0.0.1:9 --name svc" in text
