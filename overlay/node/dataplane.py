@@ -333,7 +333,8 @@ class DataPlane:
 
     # ------------------------------------------------------------------ inner packets
     def send_packets(self, packets: list[bytes]) -> None:
-        """Outbound inner IPv4 packets (from the netstack or a TUN device)."""
+        """Outbound inner IPv4 packets (from the netstack or a TUN device), sent at once: callers
+        hand over whole batches, and waiting for another loop turn would only add latency."""
         now = self.now()
         for pkt in packets:
             entry = self._route(pkt[16:20])
@@ -341,7 +342,7 @@ class DataPlane:
                 self.stats["no_route"] += 1
                 continue
             self.device.send(entry.key, pkt, now)
-        self._schedule_flush()
+        self._flush()
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, view: memoryview, addr) -> None:
