@@ -91,6 +91,12 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         ipaddress.IPv4Network(pool)
     except ValueError as e:
         fail(str(e))
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        if not os.access(data, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        fail(f"cannot use data directory {data}: {e.strerror or e}")
     _logging(log_level)
     try:
         asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip))

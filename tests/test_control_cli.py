@@ -170,6 +170,10 @@ def test_names_and_errors(cluster, tmp_path):
     r = subprocess.run([*OVERLAY, "status", "--json", "--home", str(ghost)], capture_output=True, text=True,
                        timeout=30)
     assert json.loads(r.stdout)["error"]["code"] == "not_running"
+    # a server that cannot use its data directory says so
+    r = subprocess.run([*OVERLAY, "server", "--listen", "127.0.0.1:9", "--data", "/proc/overlay-cannot"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "data directory" in r.stderr and "Traceback" not in r.stderr
     # bad arguments to up
     r = subprocess.run([*OVERLAY, "up", "--server", "nohostport", "--name", "x", "--home", str(ghost)],
                        capture_output=True, text=True, timeout=30)
