@@ -436,14 +436,12 @@ class DataPlane:
             inner, self._inner = self._inner, []
             self.inner_sink(inner)
         out = self._out
-        for d, a in dev.datagrams_to_send():
-            out.append((d, a))
+        out.extend(dev.datagrams_to_send())
         if self._dirty_paths:
             self._paths_stale = True
         for entry in self._dirty_paths:
             path = entry.path
-            for d, a in path.datagrams_to_send(now):
-                out.append((d, a))
+            out.extend(path.datagrams_to_send(now))
             while (pev := path.next_event()) is not None:
                 new = pev.path if pev.path is not None else RelayAddr(entry.key)
                 log.info("path to %s: %s (%s%s)", entry.name, _fmt(new), pev.reason,
@@ -515,8 +513,7 @@ class DataPlane:
             t = probe.get_timer()
             if t is not None and t <= now:
                 probe.handle_timer(now)
-            for d, a in probe.datagrams_to_send(now):
-                self._out.append((d, a))
+            self._out.extend(probe.datagrams_to_send(now))
             if probe.done:
                 self._probe_finished()
         if self._paths_at is not None and self._paths_at <= now:
