@@ -122,6 +122,15 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default)."),
        proxy_user: list[str] = typer.Option([], "--proxy-user", help="USER:PASSWORD required by the SOCKS5 and "
                                             "HTTP proxies (repeatable); needed to listen beyond loopback."),
+       tun: bool = typer.Option(False, "--tun", help="Attach a TUN device (full IP: the kernel reaches peers "
+                                                      "by virtual IP). Needs root or a device from "
+                                                      "`overlay setup-interface`."),
+       tap: bool = typer.Option(False, "--tap", help="Attach a TAP device (Ethernet: broadcast, multicast, "
+                                                      "IPX; LAN games)."),
+       dev: Optional[str] = typer.Option(None, "--dev", help="Name of the TUN/TAP device (ovl0)."),
+       only_shared: Optional[bool] = typer.Option(None, "--only-shared/--all-inbound",
+                                                  help="TUN/TAP: let peers reach only shared ports (plus replies "
+                                                       "and ping); default: everything, like a LAN."),
        home: Optional[Path] = HomeOpt,
        log_level: str = typer.Option("info", "--log-level")):
     """Start the node daemon in the foreground."""
@@ -165,6 +174,27 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
         fail(f"--keepalive {keepalive}: expected 7-600 seconds")
     address = address or cfg.get("address")
+    if tun and tap:
+        fail("--tun and --tap exclude each other: choose one")
+    interface = "tun" if tun else "tap" if tap else cfg.get("interface", "none")
+    if interface not in ("tun", "tap", "none"):
+        fail(f"config.toml: interface = {interface!r}: expected \"tun\", \"tap\" or \"none\"")
+    interface = None if interface == "none" else interface
+    dev = dev or cfg.get("dev")
+    only_shared = only_shared if only_shared is not None else cfg.get("only_shared", False)
+    if not isinstance(only_shared, bool):
+        fail("config.toml: only_shared must be true or false")
+    if dev is not None or only_shared:
+        if interface is None:
+            fail(f"{'--dev' if dev is not None else '--only-shared'} needs --tun or --tap")
+    if dev is not None:
+        from overlay.iface.tuntap import DeviceError, valid_name
+        try:
+            valid_name(dev)
+        except DeviceError as e:
+            fail(f"--dev: {e}")
+    if interface and not sys.platform.startswith("linux"):
+        fail(f"--{interface} needs Linux; elsewhere use the SOCKS5 / HTTP proxy and forwards")
     try:
         static_peers = [_static_peer(p) for p in cfg.get("peer", [])] + [_static_peer_arg(a) for a in wg_peer]
         if address:
@@ -192,7 +222,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
                                keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
                                shares=shares, forwards=forwards, address=address, static_peers=static_peers,
-                               proxy_users=proxy_users or None))
+                               proxy_users=proxy_users or None, interface=interface, dev=dev,
+                               only_shared=only_shared))
     except (DaemonError, HomeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -225,6 +256,57 @@ def _static_peer_arg(text: str) -> dict:
         return _static_peer({"public_key": parts[0], "endpoint": parts[1] or None, "allowed_ips": parts[2:]})
     except (ValueError, OSError) as e:
         raise ValueError(f"--wg-peer {text!r}: {e}") from None
+
+
+@app.command("setup-interface")
+def setup_interface(user: str = typer.Option(..., "--user", help="The user who will run `overlay up` unprivileged."),
+                    tun: bool = typer.Option(False, "--tun", help="Make a TUN device."),
+                    tap: bool = typer.Option(False, "--tap", help="Make a TAP device."),
+                    dev: str = typer.Option("ovl0", "--dev", help="Device name."),
+                    address: Optional[str] = typer.Option(None, "--address",
+                                                          help="The node's VIRTUAL_IP/PREFIX, as the error of "
+                                                               "`overlay up` names it."),
+                    remove: bool = typer.Option(False, "--remove", help="Delete the device instead.")):
+    """Run once as root: a persistent TUN/TAP device that USER's node may use without admin rights."""
+    import pwd
+
+    from overlay.iface.tuntap import DeviceError, make_persistent, remove_persistent, valid_name
+    if tun == tap:
+        fail("give exactly one of --tun and --tap")
+    kind = "tun" if tun else "tap"
+    try:
+        valid_name(dev)
+        pw = pwd.getpwnam(user)
+    except DeviceError as e:
+        fail(str(e))
+    except KeyError:
+        fail(f"no user named {user!r}")
+    net = None
+    if address:
+        try:
+            net = ipaddress.IPv4Interface(address)
+        except ValueError as e:
+            fail(f"--address {address!r}: {e}")
+    try:
+        if remove:
+            remove_persistent(dev, kind)
+            out.print(f"removed {kind.upper()} device {dev}")
+            return
+        make_persistent(dev, kind, pw.pw_uid, pw.pw_gid)
+        from overlay.iface.netconfig import NetConfig
+        from overlay.node.dataplane import INNER_MTU
+        nc = NetConfig(dev, kind, broadcast_route=True)
+        try:
+            nc.prepare(INNER_MTU)
+            if net is not None:
+                nc.apply(str(net.ip), net.network.prefixlen, INNER_MTU)
+        finally:
+            nc.close()   # keep what was added: the device is persistent
+    except DeviceError as e:
+        fail(str(e))
+    out.print(f"{kind.upper()} device {dev} is ready for {user}"
+              + (f" with {address}" if address else "")
+              + f": run `overlay up --{kind} --dev {dev} ...` as {user}")
 
 
 @app.command()

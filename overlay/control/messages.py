@@ -64,7 +64,7 @@ def key_from_text(text: str) -> bytes:
 # type -> {field: (python type, required)}
 _STR, _INT, _BOOL = str, int, bool
 REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
-    "hello": {"name": (_STR, True), "version": (_INT, True)},
+    "hello": {"name": (_STR, True), "version": (_INT, True), "iface": (_STR, False)},
     "ping": {},
     "create": {"network": (_STR, True), "password": (_STR, True),
                "approval": (_BOOL, False), "max_members": (_INT, False)},

@@ -58,6 +58,7 @@ class ControlClient:
         self.server = server
         self.host, self.port = parse_hostport(server)
         self.name = name
+        self.hello_extra: dict = {}   # more hello fields (the kernel interface kind)
         self.private_key = private_key
         self.via_proxy = via_proxy
         self.on_event = on_event
@@ -158,7 +159,8 @@ class ControlClient:
             reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
             self.state = "hello"
             self.on_reset()  # the server answers hello with fresh snapshots of our networks
-            hello = await self._request({"t": "hello", "name": self.name, "version": PROTOCOL_VERSION},
+            hello = await self._request({"t": "hello", "name": self.name, "version": PROTOCOL_VERSION,
+                                         **self.hello_extra},
                                         REQUEST_TIMEOUT)
             self.hello = hello
             self.state = "connected"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from overlay.netstack.tcp import TcpConfig
 from overlay.node.control_client import ControlClient, NotConnected, parse_hostport
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.home import Home, HomeError
+from overlay.node.inbound_filter import InboundFilter
+from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
 from overlay.node.pinger import Pinger
 from overlay.node.services import OverlayDialer, Shares
 from proxy.forward import Forward
@@ -45,7 +48,8 @@ class Daemon:
                  port: int = 0, keepalive: float = 25.0, socks: str | None = "127.0.0.1:1080",
                  http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
                  address: str | None = None, static_peers: list[dict] = (),
-                 proxy_users: dict[str, str] | None = None):
+                 proxy_users: dict[str, str] | None = None, interface: str | None = None,
+                 dev: str | None = None, only_shared: bool = False):
         self.home = home
         self.private_key = home.private_key()
         self.public_key = crypto.public_key(self.private_key)
@@ -58,14 +62,22 @@ class Daemon:
                                     on_session=self._on_session) if server else None
         self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive,
                                    send_control=self.client.post if self.client else lambda msg: None)
+        self.shares = Shares()
         self.address = address
         self.static_peers = [dict(p) for p in static_peers]
         self.dataplane.on_endpoints = self._repunch
+        self.kernel_if: KernelInterface | None = None
+        if interface:
+            self.kernel_if = KernelInterface(
+                interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
+                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if only_shared else None)
+            if self.client:
+                self.client.hello_extra["iface"] = interface
+        self._fatal: str | None = None
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
-        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack)
-        self.shares = Shares()
+        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None)
         self.socks_addr, self.http_addr = socks, http_proxy
         self.proxy_users = dict(proxy_users) if proxy_users else None
         self.proxies: list = []
@@ -84,10 +96,16 @@ class Daemon:
             self.dataplane.start()
         except OSError as e:
             raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e}") from None
+        if self.kernel_if is not None:
+            try:
+                self.kernel_if.open()
+            except DeviceError as e:
+                self.dataplane.close()
+                raise DaemonError(str(e)) from None
         try:
             await self._start_proxies()
         except (ListenError, ValueError) as e:
-            self.dataplane.close()
+            self._close_data()
             raise DaemonError(str(e)) from None
         try:
             for p in self.static_peers:
@@ -95,11 +113,14 @@ class Daemon:
                                                allowed_ips=p["allowed_ips"],
                                                persistent_keepalive=p.get("persistent_keepalive"))
         except ValueError as e:
-            self.dataplane.close()
+            self._close_data()
             raise DaemonError(str(e)) from None
         if self.address:
             self.state.me["ip"] = self.address
             self._attach_stack(self.address)
+            if self._fatal:
+                self._close_data()
+                raise DaemonError(self._fatal)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         client = loop.create_task(self.client.run()) if self.client else None
@@ -115,12 +136,19 @@ class Daemon:
                 fwd.close()
             if self.netstack:
                 self.netstack.close()
-            self.dataplane.close()
+            self._close_data()
             try:
                 os.unlink(self.home.socket_path)
             except FileNotFoundError:
                 pass
             log.info("daemon stopped")
+        if self._fatal:
+            raise DaemonError(self._fatal)
+
+    def _close_data(self) -> None:
+        if self.kernel_if is not None:
+            self.kernel_if.close()
+        self.dataplane.close()
 
     async def _start_api(self) -> None:
         self.home.ensure()
@@ -143,6 +171,7 @@ class Daemon:
     # ------------------------------------------------------------------ server events
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
+        self.dataplane.set_pool(hello.get("pool"))
         self._attach_stack(self.address or hello["ip"])
         self._punched.clear()
         self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
@@ -151,7 +180,17 @@ class Daemon:
         self._sync_peers()
 
     def _attach_stack(self, address: str) -> None:
-        """The userspace TCP/IP stack answering for our overlay address."""
+        """The userspace TCP/IP stack answering for our overlay address, or the kernel interface."""
+        if self.kernel_if is not None:
+            pool = self.dataplane.pool or ipaddress.IPv4Network(f"{address}/24", strict=False)
+            try:
+                self.kernel_if.configure(address, pool)
+            except DeviceError as e:
+                self._fatal = str(e)
+                self._stop.set()
+                return
+            self.dataplane.inner_sink = self._inbound
+            return
         if self.netstack is not None and self.netstack.stack.address == address:
             return
         if self.netstack is not None:
@@ -168,7 +207,11 @@ class Daemon:
 
     def _inbound(self, packets: list[bytes]) -> None:
         packets = self.pinger.intercept(packets)
-        if packets and self.netstack is not None:
+        if not packets:
+            return
+        if self.kernel_if is not None:
+            self.kernel_if.deliver(packets)
+        elif self.netstack is not None:
             self.netstack.receive_packets(packets)
 
     def find_peer(self, text: str) -> dict | None:
@@ -252,6 +295,8 @@ class Daemon:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
+        if self.kernel_if is not None:
+            self.kernel_if.set_peers()
         if self.client is None or (not self.client.connected and self.client.state != "hello"):
             return
         now = asyncio.get_running_loop().time()
@@ -429,6 +474,7 @@ class Daemon:
             "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p["name"])],
             "proxies": [{"kind": "socks5" if isinstance(p, SocksServer) else "http",
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
+            "interface": self.kernel_if.info() if self.kernel_if is not None else None,
             "shares": self.shares.listing(),
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,

@@ -27,6 +27,7 @@ import socket
 import struct
 from typing import Callable, NamedTuple
 
+from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
 from overlay.nat import stun
@@ -44,6 +45,29 @@ REGISTER_TIMEOUT = 3.0        # no REGISTERED after this: UDP to the server look
 REPROBE_INTERVAL = 120.0      # refresh the server-reflexive address and NAT classification
 PREDICTED_PORTS = 8
 INNER_MTU = 1380
+"""Largest inner IP packet: 1380 + 32 (WireGuard) + 37 (relay framing) + 8 (UDP) + 20 (IPv4) = 1477,
+under the 1500 of an Ethernet path; a TAP frame adds its 14-byte header and the inner type byte."""
+GROUP_RATE = 200.0
+"""Broadcast, multicast and non-IP Ethernet frames a node may send, and accept from each peer, per
+second (ZeroTier caps the same traffic with its multicastLimit): mDNS, SSDP and game discovery
+need a few a second; more is a flood that would reach every member of every network."""
+GROUP_BURST = 400.0
+
+
+class TokenBucket:
+    __slots__ = ("tokens", "at")
+
+    def __init__(self) -> None:
+        self.tokens, self.at = GROUP_BURST, 0.0
+
+    def take(self, now: float) -> bool:
+        tokens = min(GROUP_BURST, self.tokens + (now - self.at) * GROUP_RATE)
+        self.at = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
 
 
 class RelayAddr(NamedTuple):
@@ -51,18 +75,24 @@ class RelayAddr(NamedTuple):
     key: bytes
 
 
-def interface_addresses() -> list[str]:
-    """IPv4 addresses of this host's interfaces that are up (loopback excluded)."""
+def interface_addresses(exclude_ifaces: tuple[str, ...] = (),
+                        exclude_net: ipaddress.IPv4Network | None = None) -> list[str]:
+    """IPv4 addresses of this host's interfaces that are up (loopback excluded), except those of
+    ``exclude_ifaces`` and inside ``exclude_net``: the overlay's own interface and pool must never
+    be offered as a path (that would be a tunnel inside the tunnel)."""
     out = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
-            if name == "lo":
+            if name == "lo" or name in exclude_ifaces:
                 continue
             try:
                 res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
             except OSError:
                 continue
-            out.append(socket.inet_ntoa(res[20:24]))
+            addr = socket.inet_ntoa(res[20:24])
+            if exclude_net is not None and ipaddress.IPv4Address(addr) in exclude_net:
+                continue
+            out.append(addr)
     return out
 
 
@@ -73,7 +103,7 @@ def _fmt(addr) -> str:
 class PeerEntry:
     """A peer: an overlay member (``path`` drives discovery) or a static WireGuard peer (no path)."""
 
-    __slots__ = ("key", "name", "vip", "path", "endpoint", "online", "allowed")
+    __slots__ = ("key", "name", "vip", "path", "endpoint", "online", "allowed", "iface", "group_rx")
 
     def __init__(self, key: bytes, name: str, vip: str, path: PeerPath | None,
                  allowed: list[ipaddress.IPv4Network] | None = None):
@@ -81,6 +111,8 @@ class PeerEntry:
         self.endpoint: object = RelayAddr(key)
         self.online = False
         self.allowed = allowed or [ipaddress.IPv4Network(f"{vip}/32")]
+        self.iface: str | None = None       # "tun" / "tap" for a member with a kernel interface
+        self.group_rx = TokenBucket()       # broadcast / multicast / frames accepted from it
 
     def allows(self, src: bytes) -> bool:
         """Cryptokey routing: may this peer send packets from ``src``?"""
@@ -128,10 +160,18 @@ class DataPlane:
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self.inner_sink: Callable[[list[bytes]], None] = lambda packets: None
+        # Ethernet frames from TAP members, (key, frame): only a TAP node sets this
+        self.frame_sink: Callable[[list[tuple[bytes, bytes]]], None] | None = None
+        self.pool: ipaddress.IPv4Network | None = None
+        self.pool_broadcast = b"\xff\xff\xff\xff"
+        self.own_ifaces: tuple[str, ...] = ()
+        self._group_tx = TokenBucket()
+        self._frames: list[tuple[bytes, bytes]] = []
         self.on_endpoints: Callable[[], None] = lambda: None  # our candidates changed: re-introduce
         self._inner: list[bytes] = []
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0}
+        self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
+                      "group_capped": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -211,7 +251,7 @@ class DataPlane:
             self.on_endpoints()
 
     def local_candidates(self) -> list[dict]:
-        addrs = ["127.0.0.1"] if self.server_is_loopback else interface_addresses()
+        addrs = ["127.0.0.1"] if self.server_is_loopback else interface_addresses(self.own_ifaces, self.pool)
         cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:6]]
         if self.srflx:
             cands.insert(0, {"addr": f"{self.srflx[0]}:{self.srflx[1]}", "kind": "srflx"})
@@ -260,6 +300,7 @@ class DataPlane:
                 self.peers[key] = entry
                 self.device.add_peer(key, endpoint=entry.endpoint)
             entry.name = p["name"]
+            entry.iface = p.get("iface")
             if entry.vip != p["ip"]:
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
                 entry.vip = p["ip"]
@@ -332,17 +373,54 @@ class DataPlane:
             self._flush()
 
     # ------------------------------------------------------------------ inner packets
+    def set_pool(self, pool: str | None) -> None:
+        self.pool = ipaddress.IPv4Network(pool) if pool else None
+        self.pool_broadcast = self.pool.broadcast_address.packed if self.pool else b"\xff\xff\xff\xff"
+
+    def is_group(self, dst: bytes) -> bool:
+        """Multicast (224.0.0.0/4), limited broadcast or the pool's broadcast address."""
+        return 224 <= dst[0] <= 239 or dst == b"\xff\xff\xff\xff" or dst == self.pool_broadcast
+
     def send_packets(self, packets: list[bytes]) -> None:
-        """Outbound inner IPv4 packets (from the netstack or a TUN device), sent at once: callers
-        hand over whole batches, and waiting for another loop turn would only add latency."""
+        """Outbound inner IPv4 packets (from the netstack or a TUN/TAP device), sent at once:
+        callers hand over whole batches, and waiting for another loop turn would only add latency.
+        Broadcast and multicast go to every online member with a kernel interface (rate capped)."""
         now = self.now()
+        send = self.device.send
         for pkt in packets:
-            entry = self._route(pkt[16:20])
+            dst = pkt[16:20]
+            entry = self.by_vip.get(dst)
             if entry is None:
-                self.stats["no_route"] += 1
-                continue
-            self.device.send(entry.key, pkt, now)
+                if self.is_group(dst):
+                    self._send_group(pkt, now, False)
+                    continue
+                entry = self._route(dst)
+                if entry is None:
+                    self.stats["no_route"] += 1
+                    continue
+            send(entry.key, pkt, now)
         self._flush()
+
+    def send_frames(self, frames: list[tuple[bytes | None, bytes]]) -> None:
+        """Ethernet frames from our TAP device: (key, frame) to one TAP member, (None, frame) to all."""
+        now = self.now()
+        for key, frame in frames:
+            if key is None:
+                self._send_group(L2_PREFIX + frame, now, True)
+            else:
+                entry = self.peers.get(key)
+                if entry is not None and entry.online and entry.iface == "tap":
+                    self.device.send(key, L2_PREFIX + frame, now)
+        self._flush()
+
+    def _send_group(self, pkt: bytes, now: float, tap_only: bool) -> None:
+        if not self._group_tx.take(now):
+            self.stats["group_capped"] += 1
+            return
+        for entry in self.peers.values():
+            if entry.online and entry.path is not None and (
+                    entry.iface == "tap" or (entry.iface == "tun" and not tap_only)):
+                self.device.send(entry.key, pkt, now)
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, view: memoryview, addr) -> None:
@@ -412,9 +490,20 @@ class DataPlane:
             if type(ev) is PacketReceived:
                 entry = self.peers.get(ev.public_key)
                 pkt = ev.packet
+                if pkt[0] == L2_FRAME:
+                    if entry is not None and self.frame_sink is not None and entry.group_rx.take(now):
+                        self._frames.append((entry.key, pkt[1:]))
+                    else:
+                        self.stats["group_capped"] += 1
+                    continue
                 if entry is None or len(pkt) < 20 or not entry.allows(pkt[12:16]):
                     self.stats["spoofed"] += 1  # cryptokey routing: a peer speaks only for its own IP
                     continue
+                dst = pkt[16:20]
+                if dst[0] >= 224 or dst == self.pool_broadcast:
+                    if not self.is_group(dst) or not entry.group_rx.take(now):
+                        self.stats["group_capped"] += 1
+                        continue
                 self._inner.append(pkt)
             elif type(ev) is EndpointChanged:
                 entry = self.peers.get(ev.public_key)
@@ -435,6 +524,9 @@ class DataPlane:
         if self._inner:
             inner, self._inner = self._inner, []
             self.inner_sink(inner)
+        if self._frames:
+            frames, self._frames = self._frames, []
+            self.frame_sink(frames)
         out = self._out
         out.extend(dev.datagrams_to_send())
         if self._dirty_paths:

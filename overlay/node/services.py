@@ -14,7 +14,7 @@ import logging
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import StackDriver
-from proxy.dialer import DialTimeout, NotOverlayAddress, PeerUnreachable, PortNotShared
+from proxy.dialer import ConnectionRefused, DialTimeout, NotOverlayAddress, OsDialer, PeerUnreachable, PortNotShared
 from proxy.relay import relay
 
 log = logging.getLogger("overlay.node")
@@ -26,13 +26,24 @@ MAX_UDP_FLOWS = 256
 
 
 class OverlayDialer:
-    def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None]):
+    def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None],
+                 kernel: bool = False):
         self._find = find_peer
         self._netstack = netstack
+        # a TUN/TAP node: its kernel routes the pool through the device, so ordinary sockets reach peers
+        self._os = OsDialer(allow=["0.0.0.0/0"], connect_timeout=DIAL_TIMEOUT) if kernel else None
 
     def resolve(self, host: str) -> str | None:
         p = self._find(host)
         return p["ip"] if p else None
+
+    def _online(self, host: str) -> dict:
+        p = self._find(host)
+        if p is None:
+            raise NotOverlayAddress(host)
+        if not p["online"]:
+            raise PeerUnreachable(p["name"], "it is offline")
+        return p
 
     def _target(self, host: str) -> tuple[dict, StackDriver]:
         p = self._find(host)
@@ -46,6 +57,14 @@ class OverlayDialer:
         return p, ns
 
     async def open_connection(self, host: str, port: int):
+        if self._os is not None:
+            p = self._online(host)
+            try:
+                return await self._os.open_connection(p["ip"], port)
+            except ConnectionRefused:
+                raise PortNotShared(p["name"], port) from None
+            except DialTimeout:
+                raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
         p, ns = self._target(host)
         try:
             return await ns.open_connection(p["ip"], port, timeout=DIAL_TIMEOUT)
@@ -55,6 +74,8 @@ class OverlayDialer:
             raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
 
     async def open_udp(self, host: str, port: int):
+        if self._os is not None:
+            return await self._os.open_udp(self._online(host)["ip"], port)
         p, ns = self._target(host)
         return _NetstackUdpFlow(ns.udp_bind(0), (p["ip"], port))
 

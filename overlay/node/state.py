@@ -20,6 +20,7 @@ class Member:
     ip: str
     online: bool
     role: str
+    iface: str | None = None   # "tun" / "tap": the member runs a kernel interface
 
 
 @dataclass
@@ -47,7 +48,8 @@ class NodeState:
             changes = []
             for m in ev["members"]:
                 old = view.members.get(m["key"])
-                new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"])
+                new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
+                             m.get("iface") if m.get("iface") in ("tun", "tap") else None)
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -86,7 +88,7 @@ class NodeState:
                 if m.key == mine:
                     continue
                 p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
-                                           "online": m.online, "networks": []})
+                                           "online": m.online, "iface": m.iface, "networks": []})
                 p["networks"].append(view.name)
         return out
 
@@ -103,7 +105,7 @@ class NodeState:
                 "max_members": info.get("max_members", 0),
                 "members": [
                     {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,
-                     "self": m.key == self.me.get("key")}
+                     "iface": m.iface, "self": m.key == self.me.get("key")}
                     for m in sorted(view.members.values(), key=lambda m: m.name)
                 ],
             })

@@ -54,6 +54,7 @@ class Mediator:
         self.online: set[bytes] = set()
         self.outgoing: deque[tuple[bytes, dict]] = deque()
         self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
+        self.iface: dict[bytes, str] = {}        # online node -> "tun" / "tap" (its kernel interface)
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
@@ -71,8 +72,12 @@ class Mediator:
 
     def _member_record(self, network, key: bytes, node=None) -> dict:
         node = node or self.store.node(key)
-        return {"name": node.name, "key": key_to_text(key), "ip": node.vip,
-                "online": key in self.online, "role": "owner" if key == network.owner else "member"}
+        rec = {"name": node.name, "key": key_to_text(key), "ip": node.vip,
+               "online": key in self.online, "role": "owner" if key == network.owner else "member"}
+        iface = self.iface.get(key)
+        if iface:
+            rec["iface"] = iface   # only while online with a kernel interface
+        return rec
 
     def _network_info(self, network, key: bytes) -> dict:
         owner = self.store.node(network.owner)
@@ -153,6 +158,10 @@ class Mediator:
             self.store.update_node(key, name, now)
         node = self.store.node(key)
         self.online.add(key)
+        if msg.get("iface") in ("tun", "tap"):
+            self.iface[key] = msg["iface"]
+        else:
+            self.iface.pop(key, None)
         networks = self.store.networks_of(key)
         for net in networks:
             self._send_network(key, net)
@@ -168,6 +177,7 @@ class Mediator:
             return
         self.online.discard(key)
         self.endpoints.pop(key, None)
+        self.iface.pop(key, None)
         self.store.update_node(key, self.store.node(key).name, now)
         for net in self.store.networks_of(key):
             self._announce_member(net, key)

@@ -1,0 +1,175 @@
+"""The TAP edge, sans-I/O: Ethernet frames on the device side, plain IP or frames on the tunnel side.
+
+What crosses the tunnel:
+- IPv4 always travels as a plain IP packet, unicast or broadcast or multicast, so TUN nodes,
+  userspace nodes and stock WireGuard peers understand what a TAP node sends. Frames arriving at
+  a TAP node are rebuilt from the packet: destination our MAC (or the broadcast / IPv4 multicast
+  MAC), source the sending peer's MAC.
+- ARP never needs to leave the node for an overlay address: every node's MAC is derived from its
+  public key (``node_mac``), so a request for a peer's virtual IP is answered here, whatever kind
+  of node the peer is. Requests for addresses outside the pool (set by hand on a TAP member) go
+  to the TAP members as frames.
+- Every other EtherType (IPX 0x8137, 802.3 raw and 802.2 LLC frames whose type field is a length,
+  IPv6, VLAN tags...) travels as an Ethernet frame inside the tunnel, with the inner type byte
+  ``L2_FRAME`` in front (its high nibble is neither 4 nor 6, so it is never mistaken for IP):
+  unicast to the TAP member owning the destination MAC, broadcast and multicast to all of them.
+
+A peer's frame is written to our device only if its source MAC is that peer's, its destination is
+us or a group address, it is not IPv4 (which must come plain, through cryptokey routing), and an
+ARP inside it does not claim an overlay address other than the peer's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+
+L2_FRAME = 0x1E
+"""First byte of an inner packet that carries an Ethernet frame (high nibble 1: not IPv4/IPv6)."""
+L2_PREFIX = bytes([L2_FRAME])
+ETH_HEADER = 14
+ETH_IPV4 = b"\x08\x00"
+ETH_ARP = b"\x08\x06"
+BROADCAST_MAC = b"\xff" * 6
+GATEWAY_MAC = b"\x02\x00\x5e\x00\x00\x01"
+"""Source MAC of IPv4 from addresses that are no node's (routed by a static WireGuard peer)."""
+_ARP_HEAD = bytes.fromhex("0001080006040002")   # Ethernet, IPv4, hlen 6, plen 4, op reply
+_ARP_REQUEST = b"\x00\x01"
+
+# what from_device() asks the caller to do with a frame
+SEND_IP = 0     # payload: an IPv4 packet for the data plane to route (unicast, broadcast or multicast)
+REPLY = 1       # payload: a frame to write back to our own device (an ARP answer)
+FLOOD = 2       # payload: a frame for every TAP member
+UNICAST = 3     # payload: a frame for the TAP member ``key``
+DROP = 4
+
+
+def node_mac(public_key: bytes) -> bytes:
+    """A node's stable, locally administered unicast MAC, derived from its public key."""
+    h = hashlib.blake2s(public_key, digest_size=6, person=b"ovl-mac").digest()
+    return bytes([(h[0] & 0xFC) | 0x02]) + h[1:]
+
+
+def fmt_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def ipv4_group_mac(dst: bytes) -> bytes:
+    """The Ethernet destination for an IPv4 destination that is not a unicast address."""
+    if 224 <= dst[0] <= 239:
+        return b"\x01\x00\x5e" + bytes([dst[1] & 0x7F, dst[2], dst[3]])
+    return BROADCAST_MAC
+
+
+class TapEdge:
+    def __init__(self, mac: bytes, pool: ipaddress.IPv4Network | None = None):
+        self.mac = mac
+        self.ip: bytes = b""
+        self.pool = pool
+        self.mac_of_ip: dict[bytes, bytes] = {}       # every peer's virtual IP -> its MAC
+        self.key_of_mac: dict[bytes, bytes] = {}      # TAP members' MAC -> key
+        self.mac_of_key: dict[bytes, bytes] = {}
+        self._hdr_to_me: dict[bytes, bytes] = {}      # peer IP -> 14-byte header "to us, from it, IPv4"
+        self.stats = {"arp_answered": 0, "dropped": 0, "bad_frames": 0}
+
+    def set_address(self, ip: str, pool: ipaddress.IPv4Network | None) -> None:
+        self.ip = ipaddress.IPv4Address(ip).packed
+        self.pool = pool
+
+    def set_peers(self, peers) -> None:
+        """``peers``: (key, virtual IP as 4 bytes, is_tap) for every peer."""
+        self.mac_of_ip.clear()
+        self.key_of_mac.clear()
+        self.mac_of_key.clear()
+        self._hdr_to_me.clear()
+        for key, vip, tap in peers:
+            mac = node_mac(key)
+            self.mac_of_key[key] = mac
+            self.mac_of_ip[vip] = mac
+            self._hdr_to_me[vip] = self.mac + mac + ETH_IPV4
+            if tap:
+                self.key_of_mac[mac] = key
+
+    def _in_pool(self, addr: bytes) -> bool:
+        return self.pool is not None and ipaddress.IPv4Address(addr) in self.pool
+
+    # ------------------------------------------------------------------ device -> tunnel
+    def from_device(self, frame: bytes) -> tuple[int, bytes, bytes | None]:
+        n = len(frame)
+        if n < ETH_HEADER:
+            return DROP, frame, None
+        etype = frame[12:14]
+        if etype == ETH_IPV4:
+            pkt = frame[ETH_HEADER:]
+            if len(pkt) < 20:
+                return DROP, frame, None
+            total = (pkt[2] << 8) | pkt[3]
+            if total < len(pkt):
+                pkt = pkt[:total]   # Ethernet padding
+            return SEND_IP, pkt, None
+        if etype == ETH_ARP:
+            return self._arp(frame)
+        dst = frame[:6]
+        if dst[0] & 1:
+            return FLOOD, frame, None
+        key = self.key_of_mac.get(dst)
+        if key is not None:
+            return UNICAST, frame, key
+        self.stats["dropped"] += 1
+        return DROP, frame, None
+
+    def _arp(self, frame: bytes) -> tuple[int, bytes, bytes | None]:
+        if len(frame) < 42:
+            return DROP, frame, None
+        sha, spa, tpa = frame[22:28], frame[28:32], frame[38:42]
+        if frame[20:22] == _ARP_REQUEST:
+            if tpa == self.ip or tpa == spa:
+                return DROP, frame, None   # our own probes and gratuitous announcements
+            mac = self.mac_of_ip.get(tpa)
+            if mac is not None:
+                self.stats["arp_answered"] += 1
+                return REPLY, sha + mac + ETH_ARP + _ARP_HEAD + mac + tpa + sha + spa, None
+            if self._in_pool(tpa):
+                return DROP, frame, None   # an overlay address nobody holds
+        dst = frame[:6]
+        if dst[0] & 1:
+            return FLOOD, frame, None
+        key = self.key_of_mac.get(dst)
+        return (UNICAST, frame, key) if key is not None else (DROP, frame, None)
+
+    # ------------------------------------------------------------------ tunnel -> device
+    def header_for(self, packet: bytes) -> bytes:
+        """The Ethernet header that delivers a peer's IPv4 ``packet`` to our device. The source MAC
+        is the sender's (cryptokey routing vouched for the source address); a source that is no
+        node (behind a static WireGuard peer) appears behind ``GATEWAY_MAC``."""
+        src, dst = packet[12:16], packet[16:20]
+        if dst == self.ip:
+            hdr = self._hdr_to_me.get(src)
+            if hdr is not None:
+                return hdr
+            return self.mac + GATEWAY_MAC + ETH_IPV4
+        return ipv4_group_mac(dst) + self.mac_of_ip.get(src, GATEWAY_MAC) + ETH_IPV4
+
+    def admit_frame(self, key: bytes, frame: bytes) -> bool:
+        """May this frame from peer ``key`` be written to our device? (see the module docstring)"""
+        if len(frame) < ETH_HEADER or frame[6:12] != self.mac_of_key.get(key):
+            self.stats["bad_frames"] += 1
+            return False
+        dst = frame[:6]
+        if not (dst[0] & 1) and dst != self.mac:
+            self.stats["bad_frames"] += 1
+            return False
+        etype = frame[12:14]
+        if etype == ETH_IPV4:
+            self.stats["bad_frames"] += 1
+            return False
+        if etype == ETH_ARP:
+            if len(frame) < 42 or frame[22:28] != frame[6:12]:
+                self.stats["bad_frames"] += 1
+                return False
+            spa = frame[28:32]
+            if self._in_pool(spa) and self.mac_of_ip.get(spa) != frame[6:12]:
+                self.stats["bad_frames"] += 1
+                return False
+        return True
+

@@ -1,0 +1,162 @@
+"""The node's kernel interface (``--tun`` / ``--tap``): one more source and sink of inner packets.
+
+Beside the userspace stack this is the other local endpoint of the data plane: batches read from
+the device go to ``DataPlane.send_packets`` (IPv4) or ``send_frames`` (TAP frames that are not
+IPv4); what peers send comes back through ``deliver`` / ``deliver_frames`` and is written to the
+device. A TAP device adds the Ethernet edge (``overlay.iface.ethernet``). The kernel receives
+only unicast addressed to this node and broadcast / multicast; with ``--only-shared`` the inbound
+filter (``overlay.node.inbound_filter``) narrows that to shared ports and replies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from overlay.iface import ethernet
+from overlay.iface.ethernet import FLOOD, REPLY, SEND_IP, UNICAST, TapEdge, fmt_mac, node_mac
+from overlay.iface.tuntap import DeviceError, TunTap, device_exists, open_device
+from overlay.node.dataplane import INNER_MTU, DataPlane
+from overlay.node.inbound_filter import InboundFilter
+
+log = logging.getLogger("overlay.iface")
+
+DEFAULT_NAME = "ovl0"
+
+
+class KernelInterface:
+    def __init__(self, kind: str, name: str, dataplane: DataPlane, public_key: bytes, *,
+                 only_shared: InboundFilter | None = None, broadcast_route: bool = True):
+        if kind not in ("tun", "tap"):
+            raise ValueError(f"unknown interface kind {kind!r}")
+        self.kind, self.name = kind, name
+        self.dp = dataplane
+        self.filter = only_shared
+        self.broadcast_route = broadcast_route
+        self.mac = node_mac(public_key) if kind == "tap" else None
+        self.edge = TapEdge(self.mac) if kind == "tap" else None
+        self.dev: TunTap | None = None
+        self.net = None            # NetConfig, once the node has an address
+        self.created = False       # this process created the device (it goes when we close it)
+        self.address: str | None = None
+        self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        existed = device_exists(self.name)
+        fd = open_device(self.name, self.kind)
+        self.created = not existed
+        self.dev = TunTap(fd, self.name, self.kind, self._from_tap if self.edge else self._from_tun,
+                          read_size=INNER_MTU + 64)
+        self.dev.start()
+        self.dp.own_ifaces = (self.name,)
+        if self.edge:
+            self.dp.frame_sink = self.deliver_frames
+        log.info("%s device %s %s%s", self.kind.upper(), self.name, "created" if self.created else "attached",
+                 f", MAC {fmt_mac(self.mac)}" if self.mac else "")
+
+    def configure(self, address: str, network: ipaddress.IPv4Network) -> None:
+        """Give the device our address in ``network`` (the pool), the MTU, and bring it up."""
+        from overlay.iface.netconfig import NetConfig   # pyroute2 only when a device is used
+        if self.net is None:
+            self.net = NetConfig(self.name, self.kind, broadcast_route=self.broadcast_route)
+        self.net.apply(address, network.prefixlen, INNER_MTU)
+        if address != self.address:
+            log.info("%s holds %s/%d, MTU %d", self.name, address, network.prefixlen, self.net.mtu)
+        self.address = address
+        self._ip = socket.inet_aton(address)
+        if self.edge:
+            self.edge.set_address(address, network)
+
+    def close(self) -> None:
+        if self.net is not None:
+            self.net.undo()
+            self.net = None
+        if self.dev is not None:
+            self.dev.close()
+            self.dev = None
+
+    def set_peers(self) -> None:
+        """The data plane's peers changed: refresh the TAP edge's MAC and ARP tables."""
+        if self.edge:
+            self.edge.set_peers((e.key, socket.inet_aton(e.vip), e.iface == "tap")
+                                for e in self.dp.peers.values() if e.path is not None)
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "name": self.name,
+                "mtu": self.net.mtu if self.net is not None else None,
+                "mac": fmt_mac(self.mac) if self.mac else None}
+
+    # ------------------------------------------------------------------ device -> tunnel
+    def _from_tun(self, packets: list[bytes]) -> None:
+        out = []
+        filt = self.filter
+        now = self.dp.now() if filt else 0.0
+        for p in packets:
+            if p[0] >> 4 != 4:
+                self.stats["not_ipv4"] += 1   # IPv6 router solicitations and the like: inner traffic is IPv4
+                continue
+            if filt:
+                filt.outbound(p, now)
+            out.append(p)
+        self.dp.send_packets(out)
+
+    def _from_tap(self, frames: list[bytes]) -> None:
+        edge = self.edge
+        ips, l2, replies = [], [], []
+        filt = self.filter
+        now = self.dp.now() if filt else 0.0
+        for f in frames:
+            action, payload, key = edge.from_device(f)
+            if action == SEND_IP:
+                if filt:
+                    filt.outbound(payload, now)
+                ips.append(payload)
+            elif action == REPLY:
+                replies.append(payload)
+            elif action == FLOOD:
+                l2.append((None, payload))
+            elif action == UNICAST:
+                l2.append((key, payload))
+        if replies:
+            self.dev.write(replies)
+        if ips:
+            self.dp.send_packets(ips)
+        if l2:
+            self.dp.send_frames(l2)
+
+    # ------------------------------------------------------------------ tunnel -> device
+    def deliver(self, packets: list[bytes]) -> None:
+        """IPv4 packets from peers (cryptokey routing already checked their sources)."""
+        dev = self.dev
+        if dev is None:
+            return
+        me = getattr(self, "_ip", None)
+        filt = self.filter
+        now = self.dp.now() if filt else 0.0
+        ok = []
+        for p in packets:
+            dst = p[16:20]
+            if dst != me and not (dst[0] >= 224 or dst == self.dp.pool_broadcast):
+                self.stats["not_for_us"] += 1   # never route a peer's packet on to another host
+                continue
+            if filt and not filt.admit(p, now):
+                self.stats["filtered"] += 1
+                continue
+            ok.append(p)
+        if self.edge:
+            header = self.edge.header_for
+            dev.write_framed([(header(p), p) for p in ok])
+        else:
+            dev.write(ok)
+
+    def deliver_frames(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Ethernet frames from TAP members (rate capped by the data plane)."""
+        if self.dev is None or self.edge is None:
+            return
+        admit = self.edge.admit_frame
+        self.dev.write([f for key, f in frames if admit(key, f)])
+
+
+__all__ = ["KernelInterface", "DeviceError", "DEFAULT_NAME", "ethernet"]
