@@ -266,6 +266,8 @@ def setup_interface(user: str = typer.Option(..., "--user", help="The user who w
                     address: Optional[str] = typer.Option(None, "--address",
                                                           help="The node's VIRTUAL_IP/PREFIX, as the error of "
                                                                "`overlay up` names it."),
+                    mac: Optional[str] = typer.Option(None, "--mac", help="TAP: the node's MAC, as the error of "
+                                                                       "`overlay up` names it."),
                     remove: bool = typer.Option(False, "--remove", help="Delete the device instead.")):
     """Run once as root: a persistent TUN/TAP device that USER's node may use without admin rights."""
     import pwd
@@ -299,7 +301,7 @@ def setup_interface(user: str = typer.Option(..., "--user", help="The user who w
         try:
             nc.prepare(INNER_MTU)
             if net is not None:
-                nc.apply(str(net.ip), net.network.prefixlen, INNER_MTU)
+                nc.apply(str(net.ip), net.network.prefixlen, INNER_MTU, mac if kind == "tap" else None)
         finally:
             nc.close()   # keep what was added: the device is persistent
     except DeviceError as e:

@@ -59,11 +59,11 @@ class NetConfig:
             raise DeviceError(f"interface {self.name} vanished")
         return idx[0]
 
-    def _state(self) -> tuple[int, bool, list[tuple[str, int]]]:
+    def _state(self) -> tuple[int, bool, list[tuple[str, int]], str | None]:
         def read():
             link = self.ipr.get_links(self.index)[0]
             addrs = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in self.ipr.get_addr(index=self.index, family=2)]
-            return link.get_attr("IFLA_MTU"), bool(link["flags"] & 1), addrs
+            return link.get_attr("IFLA_MTU"), bool(link["flags"] & 1), addrs, link.get_attr("IFLA_ADDRESS")
         return self._run(read)
 
     def prepare(self, mtu: int) -> None:
@@ -73,11 +73,14 @@ class NetConfig:
         if missing:
             raise DeviceError(f"cannot set up {self.name}: {missing[0]}")
 
-    def apply(self, address: str, prefixlen: int, mtu: int) -> None:
+    def apply(self, address: str, prefixlen: int, mtu: int, mac: str | None = None) -> None:
         """Make the device hold ``address/prefixlen`` (and no other address of ours), MTU at most
-        ``mtu``, up. Raises DeviceError naming the command to run when privileges are missing."""
-        cur_mtu, up, addrs = self._state()
+        ``mtu``, the MAC ``mac`` (TAP), up. Raises DeviceError naming the command to run when
+        privileges are missing."""
+        cur_mtu, up, addrs, cur_mac = self._state()
         missing: list[str] = []
+        if mac and cur_mac != mac:
+            self._try(lambda: self.ipr.link("set", index=self.index, address=mac), missing)
         net = ipaddress.IPv4Network(f"{address}/{prefixlen}", strict=False)
         for a, plen in list(self.added_addrs):
             if (a, plen) != (address, prefixlen):
@@ -96,7 +99,8 @@ class NetConfig:
             self._try(lambda: self.ipr.link("set", index=self.index, state="up"), missing)
         if missing:
             raise DeviceError(f"{self.kind.upper()} device {self.name} is not set up and changing it needs admin "
-                              f"rights: run once as root: {setup_hint(self.kind, self.name, f'{address}/{prefixlen}')}")
+                              f"rights: run once as root: "
+                              f"{setup_hint(self.kind, self.name, f'{address}/{prefixlen}', mac)}")
         self.mtu = min(cur_mtu, mtu)
         if self.broadcast_route and LIMITED_BROADCAST not in self.added_routes:
             try:

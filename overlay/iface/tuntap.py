@@ -51,12 +51,14 @@ def device_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def setup_hint(kind: str, name: str, address: str | None = None) -> str:
+def setup_hint(kind: str, name: str, address: str | None = None, mac: str | None = None) -> str:
     """The one-time command an administrator runs so that this user can run the node unprivileged."""
     user = _user()
     cmd = f"sudo overlay setup-interface --{kind} --dev {name} --user {user}"
     if address:
         cmd += f" --address {address}"
+    if mac:
+        cmd += f" --mac {mac}"
     return cmd
 
 

@@ -61,7 +61,7 @@ class KernelInterface:
         from overlay.iface.netconfig import NetConfig   # pyroute2 only when a device is used
         if self.net is None:
             self.net = NetConfig(self.name, self.kind, broadcast_route=self.broadcast_route)
-        self.net.apply(address, network.prefixlen, INNER_MTU)
+        self.net.apply(address, network.prefixlen, INNER_MTU, fmt_mac(self.mac) if self.mac else None)
         if address != self.address:
             log.info("%s holds %s/%d, MTU %d", self.name, address, network.prefixlen, self.net.mtu)
         self.address = address
