@@ -146,7 +146,15 @@ def machine() -> str:
     except (OSError, subprocess.SubprocessError):
         wg = "?"
     return (f"machine: {model}, {os.cpu_count()} cores, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, wireguard-go {wg}")
+            f"Python {platform.python_version()}, wireguard-go {wg}; {loadavg()}")
+
+
+def loadavg() -> str:
+    """Other work on the machine skews every figure: say how busy it was."""
+    try:
+        return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average ?"
 
 
 def med(values: list[float]) -> float:
@@ -263,7 +271,7 @@ def run(args: argparse.Namespace) -> None:
                 for reverse in (False, True):
                     for line in bf.profile(lb, args.time, reverse, args.top, args.keep_profiles):
                         print(line)
-        print(f"\ntotal time {time.monotonic() - t0:.0f} s")
+        print(f"\ntotal time {time.monotonic() - t0:.0f} s; {loadavg()}")
     except BaseException:
         for label, p in lb.procs:
             if p.poll() is not None and p.returncode not in (0, -15):
