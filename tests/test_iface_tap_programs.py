@@ -37,6 +37,7 @@ import pytest
 
 import lab
 import natlab
+import lab_overlay
 from lab_overlay import LabNode, OverlayLab
 
 pytestmark = pytest.mark.netns
@@ -282,10 +283,12 @@ def _start_avahi(p: Pair, host: str, hostname: str, services: dict[str, str]) ->
     return Avahi(dbus, daemon, bus)
 
 
-def _browse(p: Pair, host: str, bus: str) -> list[list[str]]:
-    """``avahi-browse -rtp _overlaytest._tcp`` in ``host``: the resolved ("=") records, split."""
+def _browse(p: Pair, host: str, bus: str, last: list[str]) -> list[list[str]]:
+    """``avahi-browse -rtp _overlaytest._tcp`` in ``host``: the resolved ("=") records, split
+    (``last`` keeps the raw output for the failure message)."""
     r = p.nl.run(host, ["timeout", "10", "avahi-browse", "-rtp", SERVICE_TYPE],
                  env={"DBUS_SYSTEM_BUS_ADDRESS": bus}, check=False, timeout=15)
+    last[:] = [f"avahi-browse rc {r.returncode}:\n{r.stdout}{r.stderr}"]
     return [line.split(";") for line in r.stdout.splitlines() if line.startswith("=;")]
 
 
@@ -295,7 +298,7 @@ def test_avahi_service_resolved_across_tap(pair: Pair):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (apt-get install avahi-daemon avahi-utils dbus-daemon util-linux)")
     token = os.urandom(6).hex()
-    name = f"overlay test {token}"
+    name = f"overlay-test-{token}"   # no spaces: avahi-browse -p escapes them (\\032)
     host_a, host_b = f"ovl-alice-{token[:4]}", f"ovl-bob-{token[:4]}"
     av_a = _start_avahi(pair, "a1", host_a, {
         "overlaytest.service": SERVICE_XML.format(name=name, type=SERVICE_TYPE, port=SERVICE_PORT, token=token)})
@@ -310,11 +313,13 @@ def test_avahi_service_resolved_across_tap(pair: Pair):
             raise AssertionError(f"avahi did not start: {e}\n{_logs(*procs)}") from None
         t0 = time.monotonic()
         found: list[list[str]] = []
+        last: list[str] = []
 
         def resolved():
-            found[:] = [rec for rec in _browse(pair, "b1", av_b.bus) if rec[3] == name]
+            found[:] = [rec for rec in _browse(pair, "b1", av_b.bus, last) if rec[3] == name]
             return found
-        pair.ol.wait(resolved, 30, f"avahi-browse in b1 resolving {name!r}", interval=0.2)
+        lab_overlay.wait(resolved, 20, f"avahi-browse in b1 resolving {name!r}", interval=0.2,
+                         on_fail=lambda: f"{''.join(last)}\n{_logs(*procs)}\n{pair.ol.dump()}")
         print(f"\navahi at bob resolved alice's service in {(time.monotonic() - t0) * 1000:.0f} ms: {found}")
         rec = found[0]
         # =;IFACE;PROTO;NAME;TYPE;DOMAIN;HOSTNAME;ADDRESS;PORT;TXT

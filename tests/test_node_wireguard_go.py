@@ -49,7 +49,8 @@ def wait(cond, timeout: float, what: str):
 
 
 @pytest.fixture
-def wg_node(tmp_path):
+def wg_node(tmp_path, request):
+    extra = list(getattr(request, "param", []))   # more `overlay up` options (--tun)
     lab.require_lab("wireguard-go", "wg", "ping", "curl", "tun")
     wg_ns, node_ns = lab.Netns("wg"), lab.Netns("node")
     ifname = f"wgn{uuid.uuid4().hex[:8]}"
@@ -75,7 +76,7 @@ def wg_node(tmp_path):
         procs.append(node_ns.popen(
             sys.executable, "-m", "overlay", "up", "--name", "ovl", "--home", str(home), "--socks", "off",
             "--address", NODE_INNER, "--port", str(NODE_UDP[1]),
-            "--wg-peer", f"{b64(crypto.public_key(wg_priv))},{WG_UDP[0]}:{WG_UDP[1]},{WG_INNER}/32",
+            "--wg-peer", f"{b64(crypto.public_key(wg_priv))},{WG_UDP[0]}:{WG_UDP[1]},{WG_INNER}/32", *extra,
             stdout=log, stderr=subprocess.STDOUT, env=env))
         wait(lambda: (home / "overlay.sock").exists(), 20, "the node's API socket")
 
@@ -137,3 +138,29 @@ def test_wireguard_go_reaches_the_userspace_stack(wg_node, tmp_path):
 
     st = overlay("status", "--json")
     assert st.returncode == 0 and '"direct 10.99.0.1:51820 (static)"' in st.stdout
+
+
+@pytest.mark.parametrize("wg_node", [["--tun", "--dev", "ovw0"]], indirect=True)
+def test_wireguard_go_and_a_tun_node_kernel_to_kernel(wg_node, tmp_path):
+    """A TUN node and stock wireguard-go: both kernels talk, plain IPv4 on the wire both ways."""
+    wg_ns, node_ns, ifname, overlay, procs = wg_node
+    wait(lambda: "ovw0" in node_ns.run("ip", "-br", "addr", "show", "dev", "ovw0", check=False).stdout
+         and NODE_INNER in node_ns.run("ip", "-br", "addr", "show", "dev", "ovw0", check=False).stdout,
+         20, "the node's TUN device holding its address")
+    for ns, dst in ((wg_ns, NODE_INNER), (node_ns, WG_INNER)):
+        r = ns.run("ping", "-c", "3", "-i", "0.3", "-W", "3", dst, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(2 * 1024 * 1024)
+    (www / "blob.bin").write_bytes(blob)
+    # the node's kernel serves; the kernel behind wireguard-go fetches (no share needed: a LAN)
+    procs.append(node_ns.popen(sys.executable, "-m", "http.server", "8000", "--bind", NODE_INNER,
+                               "--directory", str(www), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    got = tmp_path / "got.bin"
+    r = wg_ns.run("curl", "-sS", "--retry", "5", "--retry-connrefused", "--max-time", "60", "-o", str(got),
+                  f"http://{NODE_INNER}:8000/blob.bin", check=False, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(blob).digest()
+    st = overlay("status", "--json")
+    assert st.returncode == 0 and '"kind": "tun"' in st.stdout

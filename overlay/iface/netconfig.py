@@ -116,6 +116,17 @@ class NetConfig:
                 else:
                     log.warning("cannot route limited broadcast through %s: %s", self.name, e)
 
+    def add_route(self, dst: str) -> None:
+        """Route ``dst`` (a static WireGuard peer's allowed prefix) through the device."""
+        if dst in self.added_routes:
+            return
+        missing: list[str] = []
+        if self._try(lambda: self.ipr.route("add", dst=dst, oif=self.index), missing):
+            self.added_routes.append(dst)
+        elif missing:
+            log.warning("no route for %s through %s without admin rights: sudo ip route add %s dev %s",
+                        dst, self.name, dst, self.name)
+
     def _try(self, op, missing: list[str]) -> bool:
         try:
             self._run(op)

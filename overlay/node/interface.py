@@ -62,6 +62,11 @@ class KernelInterface:
         if self.net is None:
             self.net = NetConfig(self.name, self.kind, broadcast_route=self.broadcast_route)
         self.net.apply(address, network.prefixlen, INNER_MTU, fmt_mac(self.mac) if self.mac else None)
+        for entry in self.dp.peers.values():   # static WireGuard peers' prefixes beyond the pool
+            if entry.path is None:
+                for net in entry.allowed:
+                    if not net.subnet_of(network):
+                        self.net.add_route(str(net))
         if address != self.address:
             log.info("%s holds %s/%d, MTU %d", self.name, address, network.prefixlen, self.net.mtu)
         self.address = address
