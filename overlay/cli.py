@@ -337,6 +337,10 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"[bold]{node['name']}[/]  {node['virtual_ip'] or '-'}  server {srv['address']} {conn}")
     if srv.get("error"):
         out.print(f"  [red]{srv['error']}[/]", soft_wrap=True)
+    iface = st.get("interface")
+    if iface:
+        out.print(f"{iface['kind'].upper()} device {iface['name']}, MTU {iface['mtu'] or '-'}"
+                  + (f", MAC {iface['mac']}" if iface.get("mac") else ""), highlight=False)
     for pr in st.get("proxies", []):
         out.print(f"{pr['kind']} proxy on {pr['address']}", highlight=False)
     if st.get("shares"):
@@ -364,7 +368,8 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             path = "this node" if m["self"] else (p.get("path") or "-")
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
-            t.add_row(m["name"], m["ip"], state, m["role"], path)
+            role = m["role"] + (f" ({m['iface']})" if m.get("iface") else "")
+            t.add_row(m["name"], m["ip"], state, role, path)
         out.print(t)
 
 

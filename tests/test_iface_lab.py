@@ -198,6 +198,8 @@ def test_tap_mac_and_arp(world):
     assert st["interface"] == {"kind": "tap", "name": "ovl0", "mtu": INNER_MTU, "mac": mac}
     link = json.loads(w.run(w.tap1, "ip", "-j", "link", "show", "dev", "ovl0").stdout)[0]
     assert link["address"] == mac
+    text = w.tap1.ok("status")
+    assert f"TAP device ovl0, MTU {INNER_MTU}, MAC {mac}" in text and "member (tun)" in text, text
     vip2 = w.vip(w.tap2)
     w.ping(w.tap1, vip2, 1)
     neigh = json.loads(w.run(w.tap1, "ip", "-j", "neigh", "show", vip2, "dev", "ovl0").stdout)

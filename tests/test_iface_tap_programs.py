@@ -7,13 +7,14 @@ joined to one network, hold ``ovl0`` with their virtual IPs. Across them:
    through ``/usr/games/openarena-server``) runs headless on one host; the other host finds it the
    way the game client's "Local" server list does (``CL_LocalServers``): the connectionless packet
    ``\\xff\\xff\\xff\\xffgetinfo xxx`` broadcast to 255.255.255.255, ports 27960-27963. The
-   ``infoResponse`` must come from the server's virtual IP with the challenge, host name and map.
+   ``infoResponse`` must come from the server's virtual IP with the challenge, host name and map;
+   a getinfo to the pool's broadcast address 100.127.255.255 finds it too.
 2. **mDNS / DNS-SD**: an ``avahi-daemon`` (with its own D-Bus daemon, run directory and services
    directory, all private to the host) on each host, bound to ``ovl0``; a static service published
    on one is resolved by ``avahi-browse -rtp`` on the other, with the first node's virtual IP.
 3. **IPX**: Ethernet II (0x8137), 802.2 LLC (DSAP/SSAP 0xE0) and raw 802.3 (0xFFFF) IPX frames sent
-   with an AF_PACKET socket on one ``ovl0`` to the broadcast MAC arrive byte-identical on the
-   other's (an ETH_P_ALL socket).
+   with an AF_PACKET socket on one ``ovl0`` to the broadcast MAC (and one to the peer's MAC) arrive
+   byte-identical on the other's (an ETH_P_ALL socket), short frames without padding.
 
 Each program's missing piece skips its test with the reason (``apt-get install openarena-server
 avahi-daemon avahi-utils dbus-daemon``). Namespaces share the filesystem, so every path a program
@@ -111,6 +112,7 @@ OPENARENA = "/usr/games/openarena-server"          # Debian's wrapper: ioq3ded +
 OPENARENA_DATA = "/usr/lib/openarena-server/baseoa/pak0.pk3"
 Q3_PORT = 27960                                    # PORT_SERVER; the LAN browser tries 4 ports from it
 Q3_MAP = "oa_dm1"                                  # in pak1-maps.pk3 (openarena-data)
+POOL_BROADCAST = "100.127.255.255"                 # broadcast address of the pool 100.64.0.0/10
 
 
 def _q3_info(packet: bytes) -> dict[str, str] | None:
@@ -190,6 +192,10 @@ def test_openarena_server_found_by_lan_broadcast(pair: Pair):
         assert info.get("hostname") == hostname, info
         assert info.get("mapname") == Q3_MAP, info
         assert info.get("clients") == "0", info
+
+        # games that broadcast on the interface's own broadcast address (the pool's) find it too
+        info, addr = _getinfo_until(client, [(POOL_BROADCAST, Q3_PORT)], 10)
+        assert addr == (pair.vip_a, Q3_PORT) and info.get("hostname") == hostname, (addr, info)
     finally:
         srv.stop()
 
@@ -298,7 +304,7 @@ def test_avahi_service_resolved_across_tap(pair: Pair):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (apt-get install avahi-daemon avahi-utils dbus-daemon util-linux)")
     token = os.urandom(6).hex()
-    name = f"overlay-test-{token}"   # no spaces: avahi-browse -p escapes them (\\032)
+    name = f"overlay-test-{token}"   # no spaces: avahi-browse -p prints them as \032
     host_a, host_b = f"ovl-alice-{token[:4]}", f"ovl-bob-{token[:4]}"
     av_a = _start_avahi(pair, "a1", host_a, {
         "overlaytest.service": SERVICE_XML.format(name=name, type=SERVICE_TYPE, port=SERVICE_PORT, token=token)})
@@ -342,7 +348,7 @@ def test_avahi_service_resolved_across_tap(pair: Pair):
 
 ETH_P_ALL = 0x0003
 ETH_P_IPX = 0x8137
-PACKET_OUTGOING = 4
+PACKET_HOST, PACKET_BROADCAST, PACKET_OUTGOING = 0, 1, 4
 ETH_MIN = 60   # a minimum Ethernet frame without FCS: shorter ones may be zero-padded to it
 
 
@@ -353,33 +359,38 @@ def _ipx(payload: bytes, src_node: bytes) -> bytes:
                        b"\0\0\0\0", b"\xff" * 6, 0x4000, b"\0\0\0\0", src_node, 0x4001) + payload
 
 
-def _frames(src_mac: bytes) -> dict[str, bytes]:
-    """The three IPX framings, each with a random payload: a long and a short (< 60 bytes) one."""
+def _frames(src_mac: bytes, peer_mac: bytes) -> dict[str, tuple[bytes, int]]:
+    """The three IPX framings to the broadcast MAC, each with a long and a short (< 60 bytes)
+    random payload, and one Ethernet II frame unicast to the peer's MAC: label -> (frame, the
+    packet type the receiver must see)."""
     out = {}
+    dst = b"\xff" * 6
     for size, tag in ((300, "long"), (4, "short")):
-        def ipx() -> bytes:
-            return _ipx(os.urandom(size), src_mac)
-        dst = b"\xff" * 6
-        eth2 = dst + src_mac + struct.pack(">H", ETH_P_IPX) + ipx()
-        llc_body = b"\xe0\xe0\x03" + ipx()                # 802.2 LLC: DSAP E0, SSAP E0, UI
+        eth2 = dst + src_mac + struct.pack(">H", ETH_P_IPX) + _ipx(os.urandom(size), src_mac)
+        llc_body = b"\xe0\xe0\x03" + _ipx(os.urandom(size), src_mac)   # 802.2 LLC: DSAP E0, SSAP E0, UI
         llc = dst + src_mac + struct.pack(">H", len(llc_body)) + llc_body
-        raw_body = ipx()                                  # "raw 802.3": the IPX header right away
+        raw_body = _ipx(os.urandom(size), src_mac)                     # "raw 802.3": IPX right away
         raw = dst + src_mac + struct.pack(">H", len(raw_body)) + raw_body
-        out[f"ethernet_ii-{tag}"], out[f"802.2_llc-{tag}"], out[f"802.3_raw-{tag}"] = eth2, llc, raw
+        out[f"ethernet_ii-{tag}"] = (eth2, PACKET_BROADCAST)
+        out[f"802.2_llc-{tag}"] = (llc, PACKET_BROADCAST)
+        out[f"802.3_raw-{tag}"] = (raw, PACKET_BROADCAST)
+    out["ethernet_ii-unicast"] = (peer_mac + src_mac + struct.pack(">H", ETH_P_IPX)
+                                  + _ipx(os.urandom(100), src_mac), PACKET_HOST)
     return out
 
 
 def test_ipx_frames_cross_byte_identical(pair: Pair):
-    """IPX in its three Ethernet framings, broadcast on alice's ovl0, reaches bob's ovl0 unchanged."""
+    """IPX in its three Ethernet framings, broadcast on alice's ovl0 (and once unicast to bob's MAC),
+    reaches bob's ovl0 unchanged."""
     nl = pair.nl
     rx = nl.socket("b1", socket.AF_PACKET, socket.SOCK_RAW)
     rx.bind((DEV, ETH_P_ALL))          # every frame of b1's ovl0, 802.3 length-field frames too
     tx = nl.socket("a1", socket.AF_PACKET, socket.SOCK_RAW)
     tx.bind((DEV, ETH_P_IPX))
     src_mac = tx.getsockname()[4]      # ovl0's MAC: a TAP peer only accepts frames from the node's own
-    frames = _frames(src_mac)
+    frames = _frames(src_mac, rx.getsockname()[4])
     padded = {}
-    for label, frame in frames.items():
+    for label, (frame, pkttype) in frames.items():
         got = None
         for _attempt in range(3):     # a lost UDP datagram is not the product's fault: resend twice
             tx.send(frame)
@@ -398,7 +409,7 @@ def test_ipx_frames_cross_byte_identical(pair: Pair):
                 break
         assert got is not None, f"{label}: frame {frame.hex()} never reached b1's {DEV}\n{pair.ol.dump()}"
         data, addr = got
-        assert addr[0] == DEV and addr[4] == src_mac, (label, addr)
+        assert addr[0] == DEV and addr[2] == pkttype and addr[4] == src_mac, (label, addr)
         if data != frame:
             pad = data[len(frame):]
             assert data[:len(frame)] == frame, (f"{label}: frame changed on the way\n sent {frame.hex()}\n"
