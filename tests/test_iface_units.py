@@ -1,0 +1,186 @@
+"""Sans-I/O parts of the TUN/TAP modes: the TAP edge, the --only-shared filter, group fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import socket
+import struct
+
+from overlay import crypto
+from overlay.iface import ethernet as eth
+from overlay.netstack.wire import ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP, build_icmp, build_ipv4
+from overlay.node.dataplane import GROUP_BURST, DataPlane
+from overlay.node.inbound_filter import InboundFilter
+
+POOL = ipaddress.IPv4Network("100.64.0.0/10")
+ME, PEER_TAP, PEER_TUN = b"\x64\x40\x00\x01", b"\x64\x40\x00\x02", b"\x64\x40\x00\x03"
+K_TAP, K_TUN = b"\x01" * 32, b"\x02" * 32
+MY_MAC = eth.node_mac(b"\x00" * 32)
+
+
+def edge() -> eth.TapEdge:
+    e = eth.TapEdge(MY_MAC)
+    e.set_address("100.64.0.1", POOL)
+    e.set_peers([(K_TAP, PEER_TAP, True), (K_TUN, PEER_TUN, False)])
+    return e
+
+
+def arp_request(sha: bytes, spa: bytes, tpa: bytes) -> bytes:
+    return (eth.BROADCAST_MAC + sha + eth.ETH_ARP + bytes.fromhex("0001080006040001") + sha + spa
+            + b"\x00" * 6 + tpa)
+
+
+def test_node_mac_is_stable_unicast_and_locally_administered():
+    k = crypto.public_key(crypto.generate_private_key())
+    m = eth.node_mac(k)
+    assert m == eth.node_mac(k) and len(m) == 6
+    assert m[0] & 0x02 and not m[0] & 0x01
+    assert eth.node_mac(k) != eth.node_mac(bytes(32))
+
+
+def test_arp_for_a_peer_is_answered_for_any_kind_of_peer():
+    e = edge()
+    for vip, key in ((PEER_TAP, K_TAP), (PEER_TUN, K_TUN)):
+        action, reply, _ = e.from_device(arp_request(MY_MAC, ME, vip))
+        peer_mac = eth.node_mac(key)
+        assert action == eth.REPLY
+        assert reply[:6] == MY_MAC and reply[6:12] == peer_mac and reply[12:14] == eth.ETH_ARP
+        htype, ptype, hlen, plen, op = struct.unpack("!HHBBH", reply[14:22])
+        assert (htype, ptype, hlen, plen, op) == (1, 0x0800, 6, 4, 2)
+        assert reply[22:28] == peer_mac and reply[28:32] == vip and reply[32:38] == MY_MAC and reply[38:42] == ME
+    # an overlay address nobody holds: no answer, not flooded; an address outside the pool: flooded
+    assert e.from_device(arp_request(MY_MAC, ME, b"\x64\x40\x00\x63"))[0] == eth.DROP
+    assert e.from_device(arp_request(MY_MAC, ME, b"\xc0\xa8\x01\x05"))[0] == eth.FLOOD
+    # our own probes stay here
+    assert e.from_device(arp_request(MY_MAC, ME, ME))[0] == eth.DROP
+
+
+def test_non_ip_frames_flood_or_go_to_the_owner_of_the_mac():
+    e = edge()
+    ipx = eth.BROADCAST_MAC + MY_MAC + b"\x81\x37" + b"\xff\xff" + b"\x00\x1e" + bytes(26)
+    assert e.from_device(ipx) == (eth.FLOOD, ipx, None)
+    llc = eth.BROADCAST_MAC + MY_MAC + struct.pack("!H", 33) + b"\xe0\xe0\x03" + bytes(30)   # 802.2 LLC IPX
+    assert e.from_device(llc)[0] == eth.FLOOD
+    to_tap = eth.node_mac(K_TAP) + MY_MAC + b"\x81\x37" + bytes(30)
+    assert e.from_device(to_tap) == (eth.UNICAST, to_tap, K_TAP)
+    to_tun = eth.node_mac(K_TUN) + MY_MAC + b"\x81\x37" + bytes(30)       # a TUN node has no Ethernet
+    assert e.from_device(to_tun)[0] == eth.DROP
+    multicast_v6 = b"\x33\x33\x00\x00\x00\x01" + MY_MAC + b"\x86\xdd" + bytes(40)
+    assert e.from_device(multicast_v6)[0] == eth.FLOOD
+
+
+def test_ipv4_frames_become_plain_packets_without_padding():
+    e = edge()
+    pkt = build_ipv4(ME, PEER_TUN, PROTO_UDP, b"\x00\x01\x00\x02\x00\x0a\x00\x00hi")
+    frame = eth.node_mac(K_TUN) + MY_MAC + eth.ETH_IPV4 + pkt + bytes(60 - 14 - len(pkt))
+    assert e.from_device(frame) == (eth.SEND_IP, pkt, None)
+
+
+def test_headers_toward_our_device():
+    e = edge()
+    uni = build_ipv4(PEER_TAP, ME, PROTO_UDP, bytes(10))
+    assert e.header_for(uni) == MY_MAC + eth.node_mac(K_TAP) + eth.ETH_IPV4
+    bcast = build_ipv4(PEER_TUN, b"\xff\xff\xff\xff", PROTO_UDP, bytes(10))
+    assert e.header_for(bcast) == eth.BROADCAST_MAC + eth.node_mac(K_TUN) + eth.ETH_IPV4
+    mdns = build_ipv4(PEER_TUN, socket.inet_aton("224.0.0.251"), PROTO_UDP, bytes(10))
+    assert e.header_for(mdns)[:6] == bytes.fromhex("01005e0000fb")
+    stranger = build_ipv4(b"\x0a\x00\x00\x07", ME, PROTO_UDP, bytes(10))   # behind a static peer
+    assert e.header_for(stranger)[6:12] == eth.GATEWAY_MAC
+
+
+def test_frames_from_peers_are_checked():
+    e = edge()
+    tap_mac = eth.node_mac(K_TAP)
+    good = eth.BROADCAST_MAC + tap_mac + b"\x81\x37" + bytes(30)
+    assert e.admit_frame(K_TAP, good)
+    assert not e.admit_frame(K_TUN, good)                                          # not its MAC
+    assert not e.admit_frame(K_TAP, eth.node_mac(K_TUN) + tap_mac + b"\x81\x37" + bytes(30))  # not to us
+    assert e.admit_frame(K_TAP, MY_MAC + tap_mac + b"\x81\x37" + bytes(30))
+    assert not e.admit_frame(K_TAP, MY_MAC + tap_mac + eth.ETH_IPV4 + bytes(40))   # IPv4 must come plain
+    own = arp_request(tap_mac, PEER_TAP, b"\xc0\xa8\x01\x05")
+    assert e.admit_frame(K_TAP, own)
+    poison = arp_request(tap_mac, PEER_TUN, b"\xc0\xa8\x01\x05")                   # claims another's VIP
+    assert not e.admit_frame(K_TAP, poison)
+    assert not e.admit_frame(K_TAP, good[:10])
+
+
+def udp(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    return build_ipv4(src, dst, PROTO_UDP, struct.pack("!HHHH", sport, dport, 12, 0) + b"data")
+
+
+def tcp(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    return build_ipv4(src, dst, 6, struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x02, 65535, 0, 0))
+
+
+def test_only_shared_filter():
+    f = InboundFilter({22}, {27015})
+    assert f.admit(tcp(PEER_TUN, ME, 40000, 22), 0)
+    assert not f.admit(tcp(PEER_TUN, ME, 40000, 23), 0)
+    assert f.admit(udp(PEER_TUN, ME, 5000, 27015), 0)
+    assert not f.admit(udp(PEER_TUN, ME, 5000, 27016), 0)
+    # replies to our own flows, until they expire
+    f.outbound(udp(ME, PEER_TUN, 27016, 53), 0)
+    assert f.admit(udp(PEER_TUN, ME, 53, 27016), 1)
+    assert not f.admit(udp(PEER_TAP, ME, 53, 27016), 1)         # another peer, same ports
+    assert not f.admit(udp(PEER_TUN, ME, 53, 27016), 1000)      # expired
+    f.outbound(tcp(ME, PEER_TUN, 50000, 80), 0)
+    assert f.admit(tcp(PEER_TUN, ME, 80, 50000), 10)
+    # ping both ways; an echo reply only for our own request
+    echo = build_ipv4(PEER_TUN, ME, PROTO_ICMP, build_icmp(ICMP_ECHO_REQUEST, 0, 7 << 16 | 1, b"x"))
+    assert f.admit(echo, 0)
+    reply = build_ipv4(PEER_TUN, ME, PROTO_ICMP, build_icmp(0, 0, 9 << 16 | 1, b"x"))
+    assert not f.admit(reply, 0)
+    f.outbound(build_ipv4(ME, PEER_TUN, PROTO_ICMP, build_icmp(ICMP_ECHO_REQUEST, 0, 9 << 16 | 1, b"x")), 0)
+    assert f.admit(reply, 1)
+    # an ICMP error about our own flow, and not about someone else's
+    ours = udp(ME, PEER_TUN, 27016, 9999)
+    f.outbound(ours, 0)
+    err = build_ipv4(PEER_TUN, ME, PROTO_ICMP, build_icmp(3, 3, 0, ours[:28]))
+    assert f.admit(err, 1)
+    other = build_ipv4(PEER_TUN, ME, PROTO_ICMP, build_icmp(3, 3, 0, udp(ME, PEER_TUN, 1, 2)[:28]))
+    assert not f.admit(other, 1)
+    assert not f.admit(b"\x45" + bytes(10), 0)
+
+
+def test_only_shared_flow_table_is_bounded():
+    f = InboundFilter(set(), set(), max_flows=100)
+    for port in range(1000, 1300):
+        f.outbound(udp(ME, PEER_TUN, port, 53), 0)
+    assert len(f.flows) == 100
+    assert f.admit(udp(PEER_TUN, ME, 53, 1299), 1) and not f.admit(udp(PEER_TUN, ME, 53, 1000), 1)
+
+
+def test_group_fan_out_and_caps():
+    async def main():
+        dp = DataPlane(crypto.generate_private_key())
+        dp.loop = asyncio.get_running_loop()
+        dp.set_pool("100.64.0.0/10")
+        keys = {kind: crypto.public_key(crypto.generate_private_key()) for kind in ("tap", "tun", "user", "off")}
+        peers = {}
+        for i, (kind, k) in enumerate(keys.items()):
+            p = {"name": kind, "ip": f"100.64.0.{i + 2}", "online": kind != "off"}
+            if kind in ("tap", "tun", "off"):
+                p["iface"] = "tap" if kind == "off" else kind
+            peers[base64.b64encode(k).decode()] = p
+        dp.update_peers(peers)
+        sent = []
+        dp.device.send = lambda key, pkt, now: sent.append((key, pkt))
+        dp._flush = lambda: None
+        dp.now = lambda: 1000.0     # one instant: no refill between the sends below
+        bcast = udp(b"\x64\x40\x00\x01", b"\xff\xff\xff\xff", 1, 2)
+        dp.send_packets([bcast, udp(b"\x64\x40\x00\x01", b"\x64\x7f\xff\xff", 1, 2),
+                         udp(b"\x64\x40\x00\x01", socket.inet_aton("239.255.255.250"), 1, 1900)])
+        assert sorted(k for k, _ in sent) == sorted([keys["tap"], keys["tun"]] * 3)
+        sent.clear()
+        dp.send_frames([(None, eth.BROADCAST_MAC + bytes(6) + b"\x81\x37" + bytes(30))])
+        assert [k for k, _ in sent] == [keys["tap"]] and sent[0][1][0] == eth.L2_FRAME
+        sent.clear()
+        dp.send_frames([(keys["tun"], bytes(40))])      # a unicast frame for a TUN member: nowhere
+        assert sent == []
+        dp.send_packets([bcast] * 2000)                 # same instant: only the burst leaves
+        assert len(sent) == 2 * (GROUP_BURST - 4)
+        assert dp.stats["group_capped"] == 2000 - (GROUP_BURST - 4)
+
+    asyncio.run(main())
