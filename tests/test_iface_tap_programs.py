@@ -13,8 +13,9 @@ joined to one network, hold ``ovl0`` with their virtual IPs. Across them:
    directory, all private to the host) on each host, bound to ``ovl0``; a static service published
    on one is resolved by ``avahi-browse -rtp`` on the other, with the first node's virtual IP.
 3. **IPX**: Ethernet II (0x8137), 802.2 LLC (DSAP/SSAP 0xE0) and raw 802.3 (0xFFFF) IPX frames sent
-   with an AF_PACKET socket on one ``ovl0`` to the broadcast MAC (and one to the peer's MAC) arrive
-   byte-identical on the other's (an ETH_P_ALL socket), short frames without padding.
+   with an AF_PACKET socket on one ``ovl0`` to the broadcast MAC (short ones, long ones, one as
+   large as the MTU allows, and one unicast to the peer's MAC) arrive byte-identical on the
+   other's (an ETH_P_ALL socket); frames under 60 bytes arrive without padding.
 
 Each program's missing piece skips its test with the reason (``apt-get install openarena-server
 avahi-daemon avahi-utils dbus-daemon``). Namespaces share the filesystem, so every path a program
@@ -37,8 +38,8 @@ from pathlib import Path
 import pytest
 
 import lab
-import natlab
 import lab_overlay
+import natlab
 from lab_overlay import LabNode, OverlayLab
 
 pytestmark = pytest.mark.netns
@@ -87,8 +88,9 @@ def pair():
         ol.wait(lambda: _dev_addr(nl, "a1") == vip_a, 10, f"{DEV} in a1 holding {vip_a}")
         ol.wait(lambda: _dev_addr(nl, "b1") == vip_b, 10, f"{DEV} in b1 holding {vip_b}")
         for host in ("a1", "b1"):   # as root the node routes limited broadcast to the overlay
-            r = nl.run(host, ["ip", "-4", "route", "get", "255.255.255.255"], check=False, timeout=5)
-            assert f"dev {DEV}" in r.stdout, f"{host}: 255.255.255.255 not routed to {DEV}: {r.stdout}{r.stderr}"
+            ol.wait(lambda: f"dev {DEV} " in nl.run(host, ["ip", "-4", "route", "get", "255.255.255.255"],
+                                                    check=False, timeout=5).stdout,
+                    10, f"{host}: route 255.255.255.255/32 dev {DEV}")
         yield Pair(nl, ol, a, b, vip_a, vip_b, tmp)
     finally:
         ol.close()
@@ -264,7 +266,8 @@ class Avahi:
     bus: str          # DBUS_SYSTEM_BUS_ADDRESS for clients
 
 
-def _start_avahi(p: Pair, host: str, hostname: str, services: dict[str, str]) -> Avahi:
+def _start_avahi(p: Pair, host: str, hostname: str, services: dict[str, str],
+                 procs: list[natlab.Proc]) -> Avahi:
     """A private D-Bus system bus and an avahi-daemon on ``ovl0`` in ``host``. avahi-daemon keeps its
     pid file in /run/avahi-daemon and reads /etc/avahi/services, fixed paths every host would share:
     it runs in its own mount namespace with a tmpfs on /run and a per-host services directory."""
@@ -279,13 +282,18 @@ def _start_avahi(p: Pair, host: str, hostname: str, services: dict[str, str]) ->
     bus = f"unix:path={sock}"
     dbus = p.nl.popen(host, ["dbus-daemon", f"--config-file={d / 'dbus.conf'}", "--nofork", "--print-address"],
                       label=f"dbus-{host}")
-    dbus.wait_for(bus, timeout=10)
+    procs.append(dbus)
+    try:
+        dbus.wait_for(bus, timeout=10)
+    except (RuntimeError, TimeoutError) as e:
+        raise AssertionError(f"private dbus-daemon in {host} did not start: {e}") from None
     script = ("set -e; mount -t tmpfs -o size=1m,mode=755 ovl-avahi-run /run; "
               f"mount --bind {svc} /etc/avahi/services; "
               f"exec avahi-daemon --file={d / 'avahi-daemon.conf'} --no-drop-root --no-chroot --no-rlimits "
               "--no-proc-title")
     daemon = p.nl.popen(host, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                         env={"DBUS_SYSTEM_BUS_ADDRESS": bus}, label=f"avahi-{host}")
+    procs.append(daemon)
     return Avahi(dbus, daemon, bus)
 
 
@@ -306,11 +314,12 @@ def test_avahi_service_resolved_across_tap(pair: Pair):
     token = os.urandom(6).hex()
     name = f"overlay-test-{token}"   # no spaces: avahi-browse -p prints them as \032
     host_a, host_b = f"ovl-alice-{token[:4]}", f"ovl-bob-{token[:4]}"
-    av_a = _start_avahi(pair, "a1", host_a, {
-        "overlaytest.service": SERVICE_XML.format(name=name, type=SERVICE_TYPE, port=SERVICE_PORT, token=token)})
-    av_b = _start_avahi(pair, "b1", host_b, {})
-    procs = (av_a.daemon, av_b.daemon, av_a.dbus, av_b.dbus)
+    procs: list[natlab.Proc] = []
     try:
+        av_a = _start_avahi(pair, "a1", host_a, {
+            "overlaytest.service": SERVICE_XML.format(name=name, type=SERVICE_TYPE, port=SERVICE_PORT,
+                                                      token=token)}, procs)
+        av_b = _start_avahi(pair, "b1", host_b, {}, procs)
         try:
             for av in (av_a, av_b):
                 av.daemon.wait_for("Server startup complete", timeout=15)
@@ -359,10 +368,10 @@ def _ipx(payload: bytes, src_node: bytes) -> bytes:
                        b"\0\0\0\0", b"\xff" * 6, 0x4000, b"\0\0\0\0", src_node, 0x4001) + payload
 
 
-def _frames(src_mac: bytes, peer_mac: bytes) -> dict[str, tuple[bytes, int]]:
+def _frames(src_mac: bytes, peer_mac: bytes, mtu: int) -> dict[str, tuple[bytes, int]]:
     """The three IPX framings to the broadcast MAC, each with a long and a short (< 60 bytes)
-    random payload, and one Ethernet II frame unicast to the peer's MAC: label -> (frame, the
-    packet type the receiver must see)."""
+    random payload, one Ethernet II frame as large as the device's MTU allows, and one unicast to
+    the peer's MAC: label -> (frame, the packet type the receiver must see)."""
     out = {}
     dst = b"\xff" * 6
     for size, tag in ((300, "long"), (4, "short")):
@@ -374,6 +383,8 @@ def _frames(src_mac: bytes, peer_mac: bytes) -> dict[str, tuple[bytes, int]]:
         out[f"ethernet_ii-{tag}"] = (eth2, PACKET_BROADCAST)
         out[f"802.2_llc-{tag}"] = (llc, PACKET_BROADCAST)
         out[f"802.3_raw-{tag}"] = (raw, PACKET_BROADCAST)
+    out["ethernet_ii-mtu"] = (dst + src_mac + struct.pack(">H", ETH_P_IPX) + _ipx(os.urandom(mtu - 30), src_mac),
+                              PACKET_BROADCAST)
     out["ethernet_ii-unicast"] = (peer_mac + src_mac + struct.pack(">H", ETH_P_IPX)
                                   + _ipx(os.urandom(100), src_mac), PACKET_HOST)
     return out
@@ -388,7 +399,8 @@ def test_ipx_frames_cross_byte_identical(pair: Pair):
     tx = nl.socket("a1", socket.AF_PACKET, socket.SOCK_RAW)
     tx.bind((DEV, ETH_P_IPX))
     src_mac = tx.getsockname()[4]      # ovl0's MAC: a TAP peer only accepts frames from the node's own
-    frames = _frames(src_mac, rx.getsockname()[4])
+    mtu = int(nl.run("a1", ["cat", f"/sys/class/net/{DEV}/mtu"], timeout=5).stdout)
+    frames = _frames(src_mac, rx.getsockname()[4], mtu)
     padded = {}
     for label, (frame, pkttype) in frames.items():
         got = None
@@ -417,5 +429,5 @@ def test_ipx_frames_cross_byte_identical(pair: Pair):
             assert len(frame) < ETH_MIN and len(data) == ETH_MIN and pad == bytes(len(pad)), (
                 f"{label}: {len(pad)} unexpected trailing bytes {pad.hex()} after a {len(frame)}-byte frame")
             padded[label] = len(pad)
-    print(f"\nIPX frames received byte-identical on b1's {DEV}: {sorted(frames)}; "
-          f"zero-padded to {ETH_MIN} bytes: {padded or 'none'}")
+    print(f"\nIPX frames received intact on b1's {DEV} (MTU {mtu}): {sorted(frames)}; "
+          f"zero-padded to {ETH_MIN} bytes on the way: {padded or 'none (all byte-identical)'}")

@@ -184,3 +184,91 @@ def test_group_fan_out_and_caps():
         assert dp.stats["group_capped"] == 2000 - (GROUP_BURST - 4)
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- TUN offloads
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from overlay.iface import offload  # noqa: E402
+from overlay.netstack.wire import checksum_ok, pseudo_header_sum  # noqa: E402
+
+SRC, DST = socket.inet_aton("100.64.0.1"), socket.inet_aton("100.64.0.2")
+TS_OPTION = b"\x01\x01\x08\x0a" + struct.pack("!II", 12345, 678)
+
+
+def tcp_segment(seq: int, payload: bytes, flags: int = 0x10, ipid: int = 1, options: bytes = TS_OPTION) -> bytes:
+    thl = 20 + len(options)
+    th = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 99, (thl // 4) << 4, flags, 512, 0, 0) + options
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + thl + len(payload), ipid, 0x4000, 64, 6, 0, SRC, DST))
+    from overlay.netstack.wire import checksum as ck
+    struct.pack_into("!H", ip, 10, ck(ip))
+    seg = bytearray(th + payload)
+    struct.pack_into("!H", seg, 16, ck(seg, pseudo_header_sum(SRC, DST, 6, len(seg))))
+    return bytes(ip) + bytes(seg)
+
+
+def valid(pkt: bytes) -> bool:
+    ihl = (pkt[0] & 15) * 4
+    total = struct.unpack_from("!H", pkt, 2)[0]
+    return (total == len(pkt) and checksum_ok(pkt[:ihl])
+            and checksum_ok(pkt[ihl:], pseudo_header_sum(pkt[12:16], pkt[16:20], pkt[9], len(pkt) - ihl)))
+
+
+def super_packet(seq: int, data: bytes, mss: int, flags: int) -> bytes:
+    """What the kernel hands over with TSO: one header, all the data, a partial checksum."""
+    p = bytearray(tcp_segment(seq, data, flags))
+    struct.pack_into("!H", p, 36, pseudo_header_sum(SRC, DST, 6, len(p) - 20))
+    return offload.VNET_HDR.pack(offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 52, mss, 20, 16) + bytes(p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=20000), mss=st.integers(100, 1400),
+       seq=st.integers(0, 2**32 - 1), fin=st.booleans())
+def test_split_then_coalesce_round_trip(data, mss, seq, fin):
+    flags = 0x18 | (0x01 if fin else 0)
+    segs: list = []
+    offload.split(super_packet(seq, data, mss, flags), segs)
+    assert len(segs) == -(-len(data) // mss)
+    assert all(valid(s) for s in segs)
+    assert b"".join(s[52:] for s in segs) == data
+    assert [struct.unpack_from("!I", s, 24)[0] for s in segs] == [(seq + i * mss) % 2**32 for i in range(len(segs))]
+    assert all(s[33] == 0x10 for s in segs[:-1]) and segs[-1][33] == flags   # FIN/PSH only on the last
+    # and back: one super-packet (FIN ends runs: then the last segment is written alone)
+    writes = offload.coalesce(segs)
+    again: list = []
+    for hdr, pkt in writes:
+        fl, gso, _, size, _, _ = offload.VNET_HDR.unpack(hdr)
+        if gso == offload.GSO_NONE:
+            assert fl == offload.F_DATA_VALID and valid(pkt)
+            again.append(pkt)
+        else:
+            offload.split(hdr + pkt, again)
+    assert [a[20:] for a in again] == [s[20:] for s in segs]
+    assert len(writes) == (1 if len(segs) == 1 or not fin else 2) if len(segs) <= offload.MAX_SEGMENTS else True
+
+
+def test_coalesce_keeps_order_and_refuses_what_it_must():
+    a = [tcp_segment(1000 + i * 100, bytes([i]) * 100) for i in range(5)]
+    gap = tcp_segment(1000 + 7 * 100, b"g" * 100)                # not in sequence
+    other_ts = tcp_segment(1500, b"t" * 100, options=b"\x01\x01\x08\x0a" + struct.pack("!II", 1, 2))
+    syn = tcp_segment(0, b"", flags=0x02)
+    udp_pkt = udp(SRC, DST, 1, 2)
+    writes = offload.coalesce(a + [gap, udp_pkt, syn])
+    kinds = [offload.VNET_HDR.unpack(h)[1] for h, _ in writes]
+    assert kinds == [offload.GSO_TCPV4, 0, 0, 0]
+    assert writes[0][1][52:] == b"".join(bytes([i]) * 100 for i in range(5))
+    # different timestamps: no coalescing (the kernel would refuse the merged options)
+    writes = offload.coalesce([a[0], tcp_segment(1100, b"t" * 100, options=b"\x01\x01\x08\x0a" + struct.pack("!II", 1, 2))])
+    assert [offload.VNET_HDR.unpack(h)[1] for h, _ in writes] == [0, 0]
+    assert other_ts  # built above for the same reason
+
+
+def test_split_completes_a_partial_checksum():
+    p = bytearray(udp(SRC, DST, 1000, 2000))
+    struct.pack_into("!H", p, 26, pseudo_header_sum(SRC, DST, 17, len(p) - 20))
+    out: list = []
+    offload.split(offload.VNET_HDR.pack(offload.F_NEEDS_CSUM, 0, 0, 0, 20, 6) + bytes(p), out)
+    assert checksum_ok(out[0][20:], pseudo_header_sum(SRC, DST, 17, len(p) - 20))
+    out.clear()
+    offload.split(offload.VNET_HDR.pack(0, 7, 0, 0, 0, 0) + bytes(p), out, st := offload.OffloadStats())
+    assert out == [] and st.dropped == 1

@@ -33,6 +33,8 @@ TUNSETGROUP = 0x400454CE
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
 IFNAMSIZ = 16
 KINDS = {"tun": IFF_TUN, "tap": IFF_TAP}
 
@@ -70,8 +72,12 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def open_device(name: str, kind: str) -> int:
-    """Open (creating if needed) the TUN/TAP device ``name``; return its non-blocking descriptor."""
+def open_device(name: str, kind: str, offload: int = 0) -> tuple[int, int]:
+    """Open (creating if needed) the TUN/TAP device ``name``; return its non-blocking descriptor.
+
+    ``offload``: TUN_F_* flags (``overlay.iface.offload``) to ask for; then every read and write
+    carries a virtio_net_hdr. If the kernel refuses them the device is opened without. Returns the
+    descriptor and the offload flags in force."""
     valid_name(name)
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -81,7 +87,8 @@ def open_device(name: str, kind: str) -> int:
         raise DeviceError(f"cannot open /dev/net/tun: permission denied (run as root, or once: "
                           f"{setup_hint(kind, name)})") from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), KINDS[kind] | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
+                                               KINDS[kind] | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)))
     except OSError as e:
         os.close(fd)
         if e.errno == errno.EPERM:
@@ -98,12 +105,19 @@ def open_device(name: str, kind: str) -> int:
             raise DeviceError(f"device {name} exists and is not a {kind.upper()} device (a {other} device "
                               f"or another kind of link): choose another with --dev NAME") from None
         raise DeviceError(f"cannot open {kind.upper()} device {name}: {e.strerror}") from None
-    return fd
+    if offload:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+        except OSError as e:
+            log.info("%s: no TUN offloads (%s): one packet per read and write", name, e.strerror)
+            os.close(fd)
+            return open_device(name, kind, 0)
+    return fd, offload
 
 
 def make_persistent(name: str, kind: str, uid: int, gid: int | None = None) -> None:
     """Create (or re-own) a persistent device that user ``uid`` may open without privileges."""
-    fd = open_device(name, kind)
+    fd, _ = open_device(name, kind)
     try:
         fcntl.ioctl(fd, TUNSETOWNER, uid)
         if gid is not None:
@@ -116,7 +130,7 @@ def make_persistent(name: str, kind: str, uid: int, gid: int | None = None) -> N
 
 
 def remove_persistent(name: str, kind: str) -> None:
-    fd = open_device(name, kind)
+    fd, _ = open_device(name, kind)
     try:
         fcntl.ioctl(fd, TUNSETPERSIST, 0)
     finally:
