@@ -65,7 +65,11 @@ def world():
         w.tap1 = ol.start_node("pa1", "tap1", "--tap")
         w.tap2 = ol.start_node("pb1", "tap2", "--tap")
         w.tap3 = ol.start_node("pc1", "tap3", "--tap")
+        # the userspace node runs with no capabilities at all: it needs no privileges, mixed or not
         w.user = ol.start_node("us1", "user1")
+        w.user.stop()
+        w.user.argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *w.user.argv]
+        w.user.restart()
         w.guard = ol.start_node("os1", "guard", "--tun", "--only-shared")
         nodes = [w.tun1, w.tun2, w.tap1, w.tap2, w.tap3, w.user, w.guard]
         ol.pair(nodes[0], nodes[1], NET, *nodes[2:])
@@ -121,6 +125,8 @@ def test_tun_device_holds_the_address(world):
     routes = w.run(w.tun1, "ip", "route", "show", "dev", "ovl0").stdout
     assert "100.64.0.0/10" in routes and "255.255.255.255" in routes
     assert w.user.status()["interface"] is None
+    caps = w.run(w.user, "grep", "CapEff", f"/proc/{w.user.proc.popen.pid}/status").stdout
+    assert caps.split()[1] == "0000000000000000", caps   # the userspace node holds no capability
     # every member learns who has a kernel interface
     kinds = {p["name"]: p["iface"] for p in w.user.status()["peers"]}
     assert kinds == {"tun1": "tun", "tun2": "tun", "tap1": "tap", "tap2": "tap", "tap3": "tap", "guard": "tun"}
