@@ -25,14 +25,16 @@ Measured:
   interleaved rounds over (TUN, TAP, wireguard-go) x (A->B, B->A); medians, and the ratio
   overlay / wireguard-go of the medians of this run.
 - CPU: user + system seconds (``/proc/PID/stat`` utime + stime, all threads) used by the two
-  tunnel processes (the two overlay daemons / the two wireguard-go) during each transfer, and
-  the same per GB delivered (what the tunnel costs, independent of the rate it reached).
+  tunnel processes (the two overlay daemons / the two wireguard-go) during each transfer, the
+  kernel's (system) share of it, and the same per GB delivered (what the tunnel costs,
+  independent of the rate it reached: on a shared machine the rate moves more than the cost).
 - latency: ``ping -c PINGS -i 0.01`` (after a warm-up) to B's tunnel address and to B's veth
   address (the plain path), in 3 interleaved rounds, median and p90 of all replies; and a 1-byte
   TCP ping-pong (TCP_NODELAY, ``--rtt-count`` round trips). "added" = median - veth median.
 - ``--profile`` (needs ``pip install py-spy``): one more transfer per direction through the TUN
   pair with py-spy attached to both daemons (bench_forward.py's report: idle share, then the
-  functions with the most busy samples).
+  functions with the most busy samples; the event loop's thread only). py-spy samples wall
+  time: a line making a syscall also collects the time the process waits for a CPU after it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_forward as bf  # noqa: E402  (puts the repo and tests/ on sys.path)
 import lab  # noqa: E402
-from bench_forward import OVERLAY, BenchError, cpu_seconds, wait  # noqa: E402
+from bench_forward import CLK_TCK, OVERLAY, BenchError, wait  # noqa: E402
 from overlay.node import api  # noqa: E402
 
 PAIRS = {"tun": "10.81.0", "tap": "10.82.0"}    # underlay /24 of each overlay namespace pair
@@ -63,6 +65,24 @@ SERVER_PORT = 7777
 IPERF_PORT = 5201
 ECHO_PORT = 5301
 PING_RE = re.compile(r"time=([\d.]+) ms")
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far, all threads (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+class MainThreadProfile(bf.Profile):
+    """bench_forward's profile summary, over the event loop's thread only: a TUN/TAP node also has
+    a netlink worker thread (pyroute2), idle in queue.get, which py-spy --idle would count as busy."""
+
+    def __init__(self, text: str):
+        super().__init__("\n".join(line for line in text.splitlines()
+                                    if "(threading.py:" not in line.split(";", 1)[0]))
 
 
 class TunLab(bf.Lab):
@@ -145,6 +165,8 @@ def machine() -> str:
         wg = wg.split()[1] if len(wg.split()) > 1 else "?"
     except (OSError, subprocess.SubprocessError):
         wg = "?"
+    if re.fullmatch(r"v0\.0\.\d{8}", wg) and wg < "v0.0.20230223":
+        wg += " (older than its TUN offloads of v0.0.20230223)"
     return (f"machine: {model}, {os.cpu_count()} cores, Linux {platform.release()}, "
             f"Python {platform.python_version()}, wireguard-go {wg}; {loadavg()}")
 
@@ -192,16 +214,20 @@ def run(args: argparse.Namespace) -> None:
             "wireguard-go": ("wgA", bf.WG_B, bf.IPERF_PLAIN, lb.wg_pids),
         }
         gbps: dict[tuple, list[float]] = collections.defaultdict(list)
-        cpu: dict[tuple, list[tuple[float, float]]] = collections.defaultdict(list)
+        cpu: dict[tuple, list[tuple[float, float]]] = collections.defaultdict(list)   # per run: (A, B)
+        sys_share: dict[tuple, list[float]] = collections.defaultdict(list)
         gbytes: dict[tuple, list[float]] = collections.defaultdict(list)
         retrans: dict[tuple, list] = collections.defaultdict(list)
         for i in range(args.runs):
             for name, (tag, host, port, pids) in paths.items():
                 for reverse in (False, True):
-                    before = [cpu_seconds(p) for p in pids]
+                    before = [cpu_times(p) for p in pids]
                     res = lb.iperf(tag, host, port, args.time, reverse)
-                    used = tuple(cpu_seconds(p) - b for p, b in zip(pids, before))
+                    after = [cpu_times(p) for p in pids]
+                    used = tuple(sum(a) - sum(b) for a, b in zip(after, before))
+                    system = sum(a[1] - b[1] for a, b in zip(after, before))
                     cpu[(name, reverse)].append(used)
+                    sys_share[(name, reverse)].append(100 * system / max(sum(used), 1e-9))
                     gbps[(name, reverse)].append(res["gbps"])
                     gbytes[(name, reverse)].append(res["gbps"] * args.time / 8)
                     retrans[(name, reverse)].append(res["retransmits"])
@@ -227,7 +253,8 @@ def run(args: argparse.Namespace) -> None:
 
         # ------------------------------------------------------------------ report
         print(f"\nOne TCP stream (iperf3 -t {args.time}, receiver-side rate), median of {args.runs} interleaved "
-              f"runs; CPU = user+sys seconds of the two tunnel processes during each {args.time} s run")
+              f"runs;\nCPU s = user+sys seconds of the two tunnel processes during each {args.time} s run (A + B), "
+              f"sys% = the kernel's share of it, CPU s/GB = per GB delivered")
         rows = []
         for reverse in (False, True):
             wg = med(gbps[("wireguard-go", reverse)])
@@ -239,9 +266,11 @@ def run(args: argparse.Namespace) -> None:
                 rows.append([name, "B->A (-R)" if reverse else "A->B", f"{g:.3f}",
                              " ".join(f"{v:.3f}" for v in gbps[key]),
                              "1.00x" if name == "wireguard-go" else f"{g / wg:.2f}x",
-                             f"{med(tot):.2f}", f"{med([a for a, _ in cpu[key]]):.2f} + {med([b for _, b in cpu[key]]):.2f}",
-                             f"{med(per_gb):.2f}", " ".join(str(r) for r in retrans[key])])
-        for line in table(["path", "direction", "Gbit/s", "runs", "/wg-go", "CPU s", "A + B", "CPU s/GB",
+                             f"{med(tot):.2f}",
+                             f"{med([a for a, _ in cpu[key]]):.2f} + {med([b for _, b in cpu[key]]):.2f}",
+                             f"{med(sys_share[key]):.0f}%", f"{med(per_gb):.2f}",
+                             " ".join(str(r) for r in retrans[key])])
+        for line in table(["path", "direction", "Gbit/s", "runs", "/wg-go", "CPU s", "A + B", "sys%", "CPU s/GB",
                            "retransmits"], rows):
             print(line)
 
@@ -267,6 +296,7 @@ def run(args: argparse.Namespace) -> None:
                 # point it at the TUN pair instead.
                 lb.node_pids = {"alpha": tun["pids"][0], "bravo": tun["pids"][1]}
                 lb.iperf = _iperf_to(lb, tun["a"], tun["vip_b"], IPERF_PORT)
+                bf.Profile = MainThreadProfile
                 print(f"\nProfile of the TUN nodes (py-spy, 250 Hz, --nonblocking, {args.time} s transfer)")
                 for reverse in (False, True):
                     for line in bf.profile(lb, args.time, reverse, args.top, args.keep_profiles):

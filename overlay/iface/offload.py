@@ -54,19 +54,25 @@ class OffloadStats:
         self.split_in = self.split_out = self.coalesced_in = self.coalesced_out = self.dropped = 0
 
 
-def split(buf: bytes | memoryview, out: list[bytes], stats: OffloadStats | None = None) -> None:
-    """Append the IP packets carried by one read (virtio_net_hdr + packet) to ``out``."""
-    if len(buf) <= VNET_HDR_LEN:
+def split(buf: bytes | memoryview, out: list[bytes], stats: OffloadStats | None = None, l2: int = 0) -> None:
+    """Append the IP packets carried by one read (virtio_net_hdr + packet) to ``out``. ``l2``:
+    the length of a link-layer header before the IP packet (14 on TAP), left out of the output."""
+    if len(buf) <= VNET_HDR_LEN + l2:
         return
     flags, gso, _, gso_size, cstart, coff = VNET_HDR.unpack_from(buf)
+    split_packet(flags, gso, gso_size, cstart - l2, coff, memoryview(buf)[VNET_HDR_LEN + l2:], out, stats)
+
+
+def split_packet(flags: int, gso: int, gso_size: int, cstart: int, coff: int, pkt, out: list[bytes],
+                 stats: OffloadStats | None = None) -> None:
     gso &= ~GSO_ECN
     if gso == GSO_NONE:
         if not flags & F_NEEDS_CSUM:
-            out.append(bytes(buf[VNET_HDR_LEN:]))
+            out.append(bytes(pkt))
             return
-        pkt = bytearray(buf[VNET_HDR_LEN:])
+        pkt = bytearray(pkt)
         field = cstart + coff
-        if field + 2 > len(pkt) or cstart >= len(pkt):
+        if field + 2 > len(pkt) or not 0 <= cstart < len(pkt):
             if stats:
                 stats.dropped += 1
             return
@@ -76,7 +82,6 @@ def split(buf: bytes | memoryview, out: list[bytes], stats: OffloadStats | None 
         _U16.pack_into(pkt, field, c)
         out.append(bytes(pkt))
         return
-    pkt = buf[VNET_HDR_LEN:]
     if gso != GSO_TCPV4 or len(pkt) < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6 or not gso_size:
         if stats:
             stats.dropped += 1
@@ -121,8 +126,9 @@ def split(buf: bytes | memoryview, out: list[bytes], stats: OffloadStats | None 
         stats.split_out += i
 
 
-def coalesce(packets: list[bytes], stats: OffloadStats | None = None) -> list[tuple[bytes, bytes]]:
-    """(virtio_net_hdr, packet) writes for a batch of IPv4 packets, TCP data runs coalesced."""
+def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 0) -> list[tuple[bytes, bytes]]:
+    """(virtio_net_hdr, packet) writes for a batch of IPv4 packets, TCP data runs coalesced.
+    ``l2``: the length of the link-layer header the caller writes between the two (14 on TAP)."""
     out: list = []            # (header, packet) or a _Run being built
     runs: dict[bytes, _Run] = {}
     for p in packets:
@@ -154,7 +160,7 @@ def coalesce(packets: list[bytes], stats: OffloadStats | None = None) -> list[tu
         if type(item) is tuple:
             writes.append(item)
         else:
-            writes.append(item.finish(stats))
+            writes.append(item.finish(stats, l2))
     return writes
 
 
@@ -187,7 +193,7 @@ class _Run:
         self.psh = bool(p[33] & _TCP_PSH)
         return True
 
-    def finish(self, stats: OffloadStats | None) -> tuple[bytes, bytes]:
+    def finish(self, stats: OffloadStats | None, l2: int = 0) -> tuple[bytes, bytes]:
         first = self.first
         if len(self.parts) == 1:
             return HDR_VALID, first
@@ -205,4 +211,4 @@ class _Run:
             stats.coalesced_in += len(self.parts)
             stats.coalesced_out += 1
         pkt = b"".join([bytes(head), *(p[hl:] for p in self.parts)])
-        return VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, hl, self.size, 20, 16), pkt
+        return VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, hl + l2, self.size, 20 + l2, 16), pkt

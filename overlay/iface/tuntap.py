@@ -182,8 +182,8 @@ class TunTap:
                 self.stats["tx_errors"] += 1  # EIO while the link is down, EINVAL for a runt
         self.stats["tx"] += len(packets)
 
-    def write_framed(self, frames: list[tuple[bytes, bytes]]) -> None:
-        """Write (header, payload) pairs as one frame each, without joining them in Python."""
+    def write_framed(self, frames: list[tuple[bytes, ...]]) -> None:
+        """Write (header, [header,] payload) tuples as one frame each, without joining them in Python."""
         fd, writev = self.fd, os.writev
         for hp in frames:
             try:

@@ -42,9 +42,9 @@ class KernelInterface:
         self.created = False       # this process created the device (it goes when we close it)
         self.address: str | None = None
         self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0}
-        # TCP segmentation / coalescing with the kernel (TUN only): see overlay.iface.offload.
-        # OVERLAY_TUN_OFFLOAD=0 turns it off, for measuring what it brings.
-        self.offload = kind == "tun" and os.environ.get("OVERLAY_TUN_OFFLOAD", "1") != "0"
+        # TCP segmentation / coalescing with the kernel: see overlay.iface.offload. Every read and
+        # write then carries a virtio_net_hdr. OVERLAY_TUN_OFFLOAD=0 turns it off, for measuring.
+        self.offload = os.environ.get("OVERLAY_TUN_OFFLOAD", "1") != "0"
         self.vnet = False
         self.offload_stats = offload.OffloadStats()
 
@@ -125,6 +125,8 @@ class KernelInterface:
         ips, l2, replies = [], [], []
         filt = self.filter
         now = self.dp.now() if filt else 0.0
+        if self.vnet:
+            frames = self._unwrap_vnet(frames, ips)
         for f in frames:
             action, payload, key = edge.from_device(f)
             if action == SEND_IP:
@@ -138,11 +140,43 @@ class KernelInterface:
             elif action == UNICAST:
                 l2.append((key, payload))
         if replies:
-            self.dev.write(replies)
+            self._write_frames(replies)
         if ips:
             self.dp.send_packets(ips)
         if l2:
             self.dp.send_frames(l2)
+
+    def _unwrap_vnet(self, bufs: list[bytes], ips: list[bytes]) -> list[bytes]:
+        """TAP reads with a virtio_net_hdr: IPv4 super-packets and partial checksums go through
+        ``offload.split_packet`` straight to ``ips``; the frames left are returned bare."""
+        frames = []
+        l2 = ethernet.ETH_HEADER
+        for b in bufs:
+            if len(b) < offload.VNET_HDR_LEN + l2:
+                continue
+            flags, gso, _, size, cstart, coff = offload.VNET_HDR.unpack_from(b)
+            if not (flags & offload.F_NEEDS_CSUM or gso):
+                frames.append(b[offload.VNET_HDR_LEN:])
+            elif b[22:24] == ethernet.ETH_IPV4:
+                offload.split_packet(flags, gso, size, cstart - l2, coff, memoryview(b)[offload.VNET_HDR_LEN + l2:],
+                                     ips, self.offload_stats)
+            elif not gso:
+                out: list[bytes] = []   # IPv6 and others: complete the checksum, keep the frame
+                offload.split_packet(flags, gso, size, cstart, coff, memoryview(b)[offload.VNET_HDR_LEN:], out)
+                frames.extend(out)
+            else:
+                self.offload_stats.dropped += 1
+        if self.filter:
+            now = self.dp.now()
+            for p in ips:
+                self.filter.outbound(p, now)
+        return frames
+
+    def _write_frames(self, frames: list[bytes]) -> None:
+        if self.vnet:
+            self.dev.write_framed([(offload.HDR_VALID, f) for f in frames])
+        else:
+            self.dev.write(frames)
 
     # ------------------------------------------------------------------ tunnel -> device
     def deliver(self, packets: list[bytes]) -> None:
@@ -165,7 +199,11 @@ class KernelInterface:
             ok.append(p)
         if self.edge:
             header = self.edge.header_for
-            dev.write_framed([(header(p), p) for p in ok])
+            if self.vnet:
+                dev.write_framed([(vh, header(p), p) for vh, p in offload.coalesce(ok, self.offload_stats,
+                                                                                   ethernet.ETH_HEADER)])
+            else:
+                dev.write_framed([(header(p), p) for p in ok])
         elif self.vnet:
             dev.write_framed(offload.coalesce(ok, self.offload_stats))
         else:
@@ -176,7 +214,7 @@ class KernelInterface:
         if self.dev is None or self.edge is None:
             return
         admit = self.edge.admit_frame
-        self.dev.write([f for key, f in frames if admit(key, f)])
+        self._write_frames([f for key, f in frames if admit(key, f)])
 
 
 __all__ = ["KernelInterface", "DeviceError", "DEFAULT_NAME", "ethernet"]
