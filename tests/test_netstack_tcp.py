@@ -488,8 +488,8 @@ def test_udp_echo_and_port_unreachable():
     p.run(0.01)
     icmp = [wire.parse_icmp(wire.parse_ipv4(pkt).payload) for _, n, pkt in p.log if n == "b" and wire.parse_ipv4(pkt).proto == 1]
     assert [(m.type, m.code) for m in icmp] == [(3, 3)]
-    with pytest.raises(ValueError):
-        ua.sendto(bytes(1400), (B_IP, 53))
+    with pytest.raises(OSError, match="exceeds 65507"):
+        ua.sendto(bytes(65508), (B_IP, 53))
 
 
 def test_udp_queue_is_bounded():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import functools
+import json
 import os
 import shutil
 import socket
@@ -162,6 +163,98 @@ def test_udp_forward_and_share(net):
     finally:
         s.close()
         a.ok("unforward", f"{local}/udp")
+
+
+def udp_round_trips(sock: socket.socket, dest, make, sizes, expect) -> None:
+    """Send one datagram of each size (retrying while the flow is set up) and check its echo."""
+    for size in sizes:
+        for _ in range(10):
+            sock.sendto(make(size), dest)
+            try:
+                data, _ = sock.recvfrom(65536)
+                break
+            except socket.timeout:
+                continue
+        else:
+            pytest.fail(f"no UDP echo of a {size}-byte datagram")
+        assert data == expect(size), f"{size}-byte datagram came back as {len(data)} bytes"
+
+
+LARGE = [1353, 1400, 2000, 9000, 32768, 65507 - len("echo:")]
+
+
+def test_udp_datagrams_larger_than_the_mtu_cross_a_forward_and_socks(net):
+    """IP fragmentation and reassembly in the userspace stacks of both nodes (inner MTU 1380)."""
+    a = net["alice"]
+    local = free_port()
+    a.ok("forward", f"{local}/udp", f"bob:{net['udp']}")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    payload = lambda n: bytes(range(256)) * (n // 256) + b"z" * (n % 256)  # noqa: E731
+    try:
+        udp_round_trips(s, ("127.0.0.1", local), payload, LARGE, lambda n: b"echo:" + payload(n))
+        # a burst of iperf3-sized datagrams: no log line per datagram
+        for _ in range(200):
+            s.sendto(payload(32768), ("127.0.0.1", local))
+    finally:
+        s.close()
+        a.ok("unforward", f"{local}/udp")
+    host, port = net["socks"].rsplit(":", 1)
+    ctl = socket.create_connection((host, int(port)), timeout=10)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(3)
+    try:
+        ctl.sendall(b"\x05\x01\x00")
+        assert ctl.recv(2) == b"\x05\x00"
+        ctl.sendall(b"\x05\x03\x00\x01" + socket.inet_aton("0.0.0.0") + struct.pack("!H", 0))
+        rep = ctl.recv(10)
+        assert rep[1] == 0, rep
+        relay = (socket.inet_ntoa(rep[4:8]), struct.unpack("!H", rep[8:10])[0])
+        hdr = b"\x00\x00\x00\x03\x03bob" + struct.pack("!H", net["udp"])
+        # the reply carries a SOCKS header too, so it must stay within 65,507 bytes
+        udp_round_trips(u, relay, lambda n: hdr + payload(n), [1400, 2000, 32768, 60000],
+                        lambda n: hdr + b"echo:" + payload(n))
+    finally:
+        u.close()
+        ctl.close()
+    log = a.proc.output() + net["bob"].proc.output()
+    assert "Traceback" not in log and "exceeds" not in log, log[-3000:]
+
+
+def test_iperf3_udp_default_through_a_forward(net):
+    """Default ``iperf3 -u``: 32 KB datagrams (25 IP fragments each over the tunnel) at 1 Mbit/s."""
+    if shutil.which("iperf3") is None:
+        pytest.skip("needs iperf3")
+    a, b = net["alice"], net["bob"]
+    port, local = free_port(), free_port()
+    srv = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"], stdout=subprocess.DEVNULL)
+    try:
+        b.ok("share", str(port))
+        b.ok("share", f"{port}/udp")
+        a.ok("forward", str(local), f"bob:{port}")
+        a.ok("forward", f"{local}/udp", f"bob:{port}")
+        net["c"].wait(lambda: _tcp_listening(port), what="iperf3 server")
+        r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(local), "-u", "-t", "2", "-J"],
+                           capture_output=True, text=True, timeout=60)
+        result = json.loads(r.stdout)
+        assert "error" not in result, result["error"]
+        assert result["start"]["test_start"]["blksize"] > 1380
+        received = result["end"]["sum_received"]
+        assert received["packets"] > 0 and received["lost_percent"] < 10, received
+    finally:
+        srv.kill()
+        srv.wait()
+        a.run("unforward", str(local))
+        a.run("unforward", f"{local}/udp")
+        b.run("unshare", str(port))
+        b.run("unshare", f"{port}/udp")
+
+
+def _tcp_listening(port: int) -> bool:
+    """Whether something listens on TCP ``port`` (without connecting: iperf3 -1 takes one client)."""
+    with open("/proc/net/tcp") as f:
+        return any(int(cols[1].split(":")[1], 16) == port and cols[3] == "0A"
+                   for cols in (line.split() for line in list(f)[1:]))
 
 
 def test_socks5_udp_associate(net):

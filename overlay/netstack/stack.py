@@ -5,9 +5,13 @@ with :meth:`Stack.packets_to_send`, run :meth:`Stack.handle_timer` at :meth:`Sta
 and take application events from :meth:`Stack.next_event`. Every call takes ``now`` (seconds on
 any monotonic clock) so tests can drive hours of timers in milliseconds.
 
-Security posture (ARCHITECTURE.md): only listened TCP ports accept connections; a SYN to any
+Security posture: only listened TCP ports accept connections; a SYN to any
 other port is answered with RST and reported as :class:`~overlay.netstack.events.PortRefused`.
 Malformed packets are counted in ``stats`` and dropped; nothing a peer sends can raise here.
+
+IP fragments are reassembled within fixed bounds (``fragments.py``); UDP datagrams and ICMP echo
+replies larger than the MTU are sent as fragments, as Linux sends them over a TUN device. TCP
+never needs fragments (its MSS follows the MTU).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import deque
 
 from .. import crypto
 from . import events
+from .fragments import Reassembler
 from .tcp import MASK32, TcpConfig, TcpConnection, TcpState
 from .udp import UdpSocket
 from .wire import (
@@ -36,6 +41,7 @@ from .wire import (
     WireError,
     build_icmp,
     build_ipv4,
+    build_ipv4_fragments,
     build_ipv4_tcp,
     build_port_unreachable,
     build_tcp,
@@ -71,6 +77,7 @@ class Stack:
         listen_backlog: int = 128,
         icmp_errors_per_second: int = 100,
         verify_checksums: bool = True,
+        reassembler: Reassembler | None = None,
     ):
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
@@ -94,9 +101,10 @@ class Stack:
         self._icmp_budget = icmp_errors_per_second
         self._icmp_rate = icmp_errors_per_second
         self._icmp_window = now
+        self.fragments = reassembler or Reassembler()  # its own counters: ``fragments.stats``
         self.stats = dict.fromkeys(
             ("rx_packets", "tx_packets", "malformed", "not_for_us", "unknown_proto", "rst_sent", "backlog_full",
-             "udp_dropped", "icmp_echo"),
+             "udp_dropped", "icmp_echo", "rx_fragments", "tx_fragmented"),
             0,
         )
 
@@ -160,6 +168,11 @@ class Stack:
             if src0 == 0 or src0 >= 224 or src0 == 127 or ip.src == self._addr:
                 self.stats["not_for_us"] += 1  # martian source: never answer it
                 return
+            if ip.frag:
+                self.stats["rx_fragments"] += 1
+                ip = self.fragments.add(ip, now)
+                if ip is None:
+                    return
             if ip.proto == PROTO_TCP:
                 self._receive_tcp(ip.src, parse_tcp(ip, self.verify_checksums), now)
             elif ip.proto == PROTO_UDP:
@@ -192,7 +205,7 @@ class Stack:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next run (None: no timer pending)."""
-        best = None
+        best = self.fragments.next_deadline()
         for conn in self._conns.values():
             d = conn.deadline
             if d is not None and (best is None or d < best):
@@ -201,6 +214,8 @@ class Stack:
 
     def handle_timer(self, now: float) -> None:
         self.now = now
+        if self.fragments:
+            self.fragments.expire(now)
         for conn in [c for c in self._conns.values() if c.deadline is not None and c.deadline <= now]:
             if conn.state is not TcpState.CLOSED:
                 conn._on_timer(now)
@@ -306,7 +321,7 @@ class Stack:
         if msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
             self.stats["icmp_echo"] += 1
             reply = build_icmp(ICMP_ECHO_REPLY, 0, msg.rest, msg.data)
-            self._out.append(build_ipv4(self._addr, ip.src, PROTO_ICMP, reply, ident=self._next_ident()))
+            self._send_ip(ip.src, PROTO_ICMP, reply)
 
     def _icmp_allowed(self, now: float) -> bool:
         """Token bucket for ICMP errors, so we cannot be used to reflect floods."""
@@ -321,7 +336,15 @@ class Stack:
     def _emit_udp(self, sport: int, addr: tuple[str, int], data: bytes) -> None:
         dst = ip_to_bytes(addr[0])
         _check_port(addr[1])
-        self._out.append(build_ipv4(self._addr, dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data), ident=self._next_ident()))
+        self._send_ip(dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data))
+
+    def _send_ip(self, dst: bytes, proto: int, payload: bytes) -> None:
+        """One IPv4 packet, or fragments of at most the MTU when it does not fit."""
+        if IPV4_HEADER_LEN + len(payload) <= self.mtu:
+            self._out.append(build_ipv4(self._addr, dst, proto, payload, ident=self._next_ident()))
+            return
+        self.stats["tx_fragmented"] += 1
+        self._out.extend(build_ipv4_fragments(self._addr, dst, proto, payload, self.mtu, ident=self._next_ident()))
 
     def _udp_unbind(self, sock: UdpSocket) -> None:
         if self._udp.get(sock.port) is sock:

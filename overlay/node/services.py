@@ -15,6 +15,7 @@ from typing import Callable
 
 from overlay.netstack.asyncio_glue import StackDriver
 from proxy.dialer import DialTimeout, NotOverlayAddress, PeerUnreachable, PortNotShared
+from proxy.ratelog import RateLimitedLog
 from proxy.relay import relay
 
 log = logging.getLogger("overlay.node")
@@ -152,13 +153,17 @@ class Shares:
         """Each remote (ip, port) gets its own OS socket toward 127.0.0.1:port, idle flows expire."""
         loop = asyncio.get_running_loop()
         flows: dict[tuple, tuple[asyncio.DatagramTransport, list]] = {}
+        too_big = RateLimitedLog(log)
 
         class Back(asyncio.DatagramProtocol):
             def __init__(self, remote):
                 self.remote = remote
 
             def datagram_received(self, data, addr):
-                ep.sendto(data, self.remote)
+                try:
+                    ep.sendto(data, self.remote)
+                except OSError as e:
+                    too_big.warning("shared udp port %d: reply of %d bytes dropped: %s", port, len(data), e.strerror or e)
                 flows[self.remote][1][0] = loop.time()
 
         try:
