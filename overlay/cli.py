@@ -107,8 +107,11 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
 
 
 @app.command()
-def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT."),
-       name: Optional[str] = typer.Option(None, "--name", help="This node's name (a DNS label)."),
+def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT (default: "
+                                                                  "config.toml, else the last one used)."),
+       name: Optional[str] = typer.Option(None, "--name", help="This node's name, a DNS label (default: "
+                                                              "config.toml, else the last one used, else the "
+                                                              "host name)."),
        via_proxy: Optional[str] = typer.Option(None, "--via-proxy",
                                                help="Reach the server through http://… or socks5://… proxy."),
        port: Optional[int] = typer.Option(None, "--port", help="Fixed UDP port (the 'magic' port to forward on "
@@ -128,13 +131,15 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     from overlay.control.messages import RequestError, normalize_name
     from overlay.node.control_client import parse_hostport
     from overlay.node.daemon import DaemonError, run_daemon
+    from overlay.node.prefs import Prefs, hostname_label
     h = Home(home)
     try:
         cfg = h.config()
+        last = Prefs(h.path)  # what the last `overlay up` ran with
     except HomeError as e:
         fail(str(e))
-    server = server or cfg.get("server")
-    name = name or cfg.get("name")
+    server = server or cfg.get("server") or last.server
+    name = name or cfg.get("name") or last.name or hostname_label()
     via_proxy = via_proxy or cfg.get("via_proxy")
     port = port if port is not None else cfg.get("port", 0)
     keepalive = keepalive if keepalive is not None else cfg.get("keepalive", 25.0)

@@ -301,3 +301,66 @@ def test_config_file_example_and_shares(cluster, tmp_path):
     (bad / "config.toml").write_text("server = [broken")
     r = subprocess.run([*OVERLAY, "up", "--home", str(bad)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "config.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_up_alone_brings_the_node_back_with_its_shares_and_forwards(cluster, tmp_path):
+    """prefs.json: the last --server / --name, runtime shares and forwards survive down / up."""
+    from cluster import Node, Proc
+    from overlay.node.prefs import hostname_label
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port := free_port())],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        b.ok("share", str(port))
+        b.ok("share", "27016/udp")
+        b.ok("share", "27017")
+        b.ok("unshare", "27017")
+        local, gone = free_port(), free_port()
+        a.ok("forward", str(local), f"bob:{port}")
+        a.ok("forward", str(gone), "bob:22")
+        a.ok("unforward", str(gone))
+        for n in (a, b):
+            n.ok("down")
+            cluster.wait(lambda n=n: not n.proc.alive(), what=f"{n.name} stopped")
+            # `overlay up` alone: no --server, no --name
+            n.proc = Proc([*OVERLAY, "up", "--socks", "127.0.0.1:0", "--home", str(n.home)],
+                          tmp_path / f"again-{n.name}.log")
+        for n in (a, b):
+            cluster.wait(n.connected, what=f"{n.name} back")
+            assert n.status()["node"]["name"] == n.name
+            assert n.status()["server"]["address"] == cluster.server_addr
+        assert {(s["port"], s["proto"]) for s in b.status()["shares"]} == {(port, "tcp"), (27016, "udp")}
+        assert [(f["listen"], f["peer"], f["peer_port"]) for f in a.status()["forwards"]] == [
+            (f"127.0.0.1:{local}", "bob", port)]
+        cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob again")
+        r = subprocess.run(["curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{local}/"], capture_output=True,
+                           timeout=30)
+        assert r.returncode == 0 and b"Directory listing" in r.stdout, r.stderr
+    finally:
+        web.kill()
+        web.wait()
+    # a fresh home with only --server: the host name is the node's name
+    fresh = Node(cluster, "fresh", tmp_path / "home-fresh")
+    fresh.proc = Proc([*OVERLAY, "up", "--server", cluster.server_addr, "--socks", "127.0.0.1:0",
+                       "--home", str(fresh.home)], tmp_path / "fresh.log")
+    cluster.nodes.append(fresh)
+    cluster.wait(fresh.connected, what="node named after the host")
+    assert fresh.status()["node"]["name"] == hostname_label()
+    # flags still override, and are remembered in turn
+    fresh.ok("down")
+    cluster.wait(lambda: not fresh.proc.alive(), what="fresh stopped")
+    fresh.proc = Proc([*OVERLAY, "up", "--name", "renamed", "--socks", "127.0.0.1:0", "--home", str(fresh.home)],
+                      tmp_path / "renamed.log")
+    cluster.wait(fresh.connected, what="renamed node")
+    assert fresh.status()["node"]["name"] == "renamed"
+    assert json.loads((fresh.home / "prefs.json").read_text())["name"] == "renamed"
+    # an unreadable prefs.json is a one-line error naming it
+    broken = tmp_path / "home-broken"
+    broken.mkdir()
+    (broken / "prefs.json").write_text("{not json")
+    r = subprocess.run([*OVERLAY, "up", "--home", str(broken)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "prefs.json" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -840,3 +840,13 @@ def test_state_join_request_and_verdicts():
     assert "approved" in s.apply({"t": "join_approved", "network": "lan"})
     assert "rejected" in s.apply({"t": "join_rejected", "network": "lan"})
     assert s.apply({"t": "something-new"}) is None
+
+
+def test_hostname_as_node_name():
+    from overlay.control.messages import normalize_name
+    from overlay.node.prefs import hostname_label
+    assert hostname_label("My_Laptop.example.org") == "my-laptop"
+    assert hostname_label("--x--") == "x"
+    assert hostname_label("___") is None
+    long = hostname_label("a" * 40 + "-b")
+    assert normalize_name(long) == long and len(long) == 32

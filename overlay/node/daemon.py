@@ -23,6 +23,7 @@ from overlay.node.control_client import ControlClient, NotConnected, parse_hostp
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.home import Home, HomeError
 from overlay.node.pinger import Pinger
+from overlay.node.prefs import Prefs
 from overlay.node.services import OverlayDialer, Shares
 from proxy.forward import Forward
 from proxy.listen import ListenError
@@ -47,6 +48,7 @@ class Daemon:
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None):
         self.home = home
+        self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
         self.public_key = crypto.public_key(self.private_key)
         self.name = normalize_name(name, "node name")
@@ -79,6 +81,7 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self._start_api()
+        self.prefs.remember(server=self.client.server if self.client else None, name=self.name)
         loop = asyncio.get_running_loop()
         try:
             self.dataplane.start()
@@ -212,6 +215,21 @@ class Daemon:
         for fw in self._initial_forwards:
             await self.add_forward(int(fw["listen"]), fw["peer"], int(fw.get("peer_port", fw["listen"])),
                                    bool(fw.get("udp", False)))
+        await self._restore_runtime()
+
+    async def _restore_runtime(self) -> None:
+        """Shares and forwards added at run time before the last stop (prefs.json)."""
+        for sh in self.prefs.shares:
+            self.shares.add(sh["port"], sh["proto"] == "udp")
+        for fw in self.prefs.forwards:
+            if (fw["listen"], fw["udp"]) in self.forwards:
+                continue
+            try:
+                await self.add_forward(fw["listen"], fw["peer"], fw["peer_port"], fw["udp"])
+            except RequestError as e:
+                    log.warning("forward %d%s -> %s:%d not restored: %s (overlay unforward %d%s drops it)",
+                            fw["listen"], "/udp" if fw["udp"] else "", fw["peer"], fw["peer_port"], e.message,
+                            fw["listen"], "/udp" if fw["udp"] else "")
 
     async def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool) -> dict:
         if (listen, udp) in self.forwards:
@@ -363,15 +381,20 @@ class Daemon:
             if not 0 < port < 65536:
                 raise RequestError("bad_request", f"port {port} out of range")
             self.shares.add(port, bool(a.get("udp")))
+            self.prefs.add_share(port, bool(a.get("udp")))
             return {"shares": self.shares.listing()}
         if cmd == "unshare":
             if not self.shares.remove(int(a["port"]), bool(a.get("udp"))):
                 raise RequestError("not_shared", f"port {a['port']}{'/udp' if a.get('udp') else ''} is not shared")
+            self.prefs.remove_share(int(a["port"]), bool(a.get("udp")))
             return {"shares": self.shares.listing()}
         if cmd == "forward":
-            return await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            r = await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            self.prefs.add_forward(int(r["listen"].rsplit(":", 1)[1]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            return r
         if cmd == "unforward":
             fwd = self.forwards.pop((int(a["listen"]), bool(a.get("udp"))), None)
+            self.prefs.remove_forward(int(a["listen"]), bool(a.get("udp")))
             if fwd is None:
                 raise RequestError("not_forwarded", f"port {a['listen']}{'/udp' if a.get('udp') else ''} is not forwarded")
             fwd.close()
