@@ -363,8 +363,10 @@ def share(port: str = typer.Argument(..., help="PORT or PORT/udp on this machine
           udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
     """Let peers connect to a local port through the overlay."""
     p, u = _port_proto(port, udp)
-    daemon_call(home, "share", port=p, udp=u)
+    r = daemon_call(home, "share", port=p, udp=u)
     out.print(f"sharing {'udp' if u else 'tcp'} port {p} with your peers")
+    if r.get("warning"):
+        err.print(f"[yellow]warning:[/] {r['warning']}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -385,3 +385,26 @@ def test_kernel_large_ping_is_reassembled_and_answered(tunlab):
 
     require_tun("ping")
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_kernel_sees_connection_refused_when_nothing_listens_behind_a_deferred_port(tunlab):
+    """listen(prepare=...) refusing: ICMP port unreachable, which Linux reports as ECONNREFUSED."""
+    async def main():
+        glue = TunGlue(tunlab.fd)
+        asked = []
+
+        async def prepare(remote):
+            asked.append(remote)
+            return None
+
+        glue.driver.listen(5006, lambda r, w, x: w.close(), prepare=prepare)
+        try:
+            proc = await run_in_ns(tunlab.ns, KERNEL_REFUSED, STACK_IP, "5006")
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert out.decode().strip() == "refused", out.decode() + err.decode()
+            assert len(asked) == 1 and asked[0][0] == KERNEL_IP
+        finally:
+            glue.close()
+
+    asyncio.run(main())

@@ -115,6 +115,39 @@ def test_unshared_port_is_named(net):
     net["c"].wait(lambda: f"port {port}: not shared" in net["bob"].proc.output(), what="bob's log line")
 
 
+def test_shared_port_with_nothing_listening_is_refused_and_named(net):
+    a, b = net["alice"], net["bob"]
+    port = free_port()
+    r = b.run("share", str(port))
+    assert r.returncode == 0 and f"warning: nothing listens on 127.0.0.1:{port} yet" in r.stderr, r.stderr
+    try:
+        r = curl("-x", f"http://{net['http']}", f"http://bob:{port}/")
+        assert f"bob shares port {port} but nothing listens there".encode() in r.stdout, r.stdout
+        r = curl("--socks5-hostname", net["socks"], f"http://bob:{port}/")
+        assert r.returncode == 97  # SOCKS5 reply "connection refused", as for an unshared port
+        local = free_port()
+        a.ok("forward", str(local), f"bob:{port}")
+        curl(f"http://127.0.0.1:{local}/")
+        net["c"].wait(lambda: f"bob shares port {port} but nothing listens there" in a.proc.output(),
+                      what="forward log")
+        a.ok("unforward", str(local))
+        net["c"].wait(lambda: f"shared port {port}: nothing listens on 127.0.0.1:{port}" in b.proc.output(),
+                      what="bob's log line")
+        # once something listens, the same share works, and sharing warns no more
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", port))
+        srv.listen()
+        try:
+            r = b.run("share", str(port))
+            assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+            r = curl("--socks5-hostname", net["socks"], "--max-time", "2", f"http://bob:{port}/")
+            assert r.returncode == 28  # connected; our listener never answers: curl's timeout
+        finally:
+            srv.close()
+    finally:
+        b.ok("unshare", str(port))
+
+
 def test_non_overlay_destinations_refused(net):
     r = curl("-x", f"http://{net['http']}", "http://example.invalid/")
     assert b"is not an overlay address" in r.stdout

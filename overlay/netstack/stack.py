@@ -28,8 +28,10 @@ from .tcp import MASK32, TcpConfig, TcpConnection, TcpState
 from .udp import UdpSocket
 from .wire import (
     ACK,
+    ICMP_DEST_UNREACHABLE,
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
+    ICMP_PORT_UNREACHABLE,
     IPV4_HEADER_LEN,
     PROTO_ICMP,
     PROTO_TCP,
@@ -55,6 +57,7 @@ from .wire import (
 )
 
 EPHEMERAL_PORTS = range(49152, 65536)
+REQUEST_TIMEOUT = 30.0  # a deferred SYN nobody answered: the next retransmission asks again
 MIN_MTU = 576
 MAX_MTU = 65535
 _ISN_TICKS = 250_000  # RFC 6528: the clock component advances every 4 microseconds
@@ -92,6 +95,8 @@ class Stack:
         self.listen_backlog = listen_backlog
         self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}
         self._listeners: dict[int, int] = {}  # port -> connections still in SYN-RECEIVED
+        self._deferred: set[int] = set()  # listened ports whose SYNs wait for accept_request()
+        self._requests: dict[tuple[bytes, int, int], tuple[TcpSegment, float]] = {}  # SYNs awaiting an answer
         self._udp: dict[int, UdpSocket] = {}
         self._out: list[bytes] = []
         self._events: deque = deque()
@@ -114,14 +119,60 @@ class Stack:
     def connections(self) -> list[TcpConnection]:
         return list(self._conns.values())
 
-    def listen(self, port: int) -> None:
-        """Accept TCP connections to ``port`` (they arrive as IncomingConnection events)."""
+    def listen(self, port: int, *, defer: bool = False) -> None:
+        """Accept TCP connections to ``port`` (they arrive as IncomingConnection events).
+
+        ``defer``: each SYN first becomes a ConnectionRequest event and the handshake only goes on
+        once the application calls :meth:`accept_request` (say, after reaching the service the
+        port leads to), or the peer gets ICMP port unreachable from :meth:`refuse_request`. At
+        most ``listen_backlog`` requests per port wait for an answer."""
         _check_port(port)
         self._listeners.setdefault(port, 0)
+        if defer:
+            self._deferred.add(port)
+        else:
+            self._deferred.discard(port)
 
     def unlisten(self, port: int) -> None:
         """Stop accepting on ``port``; established connections are not touched."""
         self._listeners.pop(port, None)
+        self._deferred.discard(port)
+        for key in [k for k in self._requests if k[2] == port]:
+            del self._requests[key]
+
+    def accept_request(self, req: events.ConnectionRequest, now: float) -> TcpConnection | None:
+        """Go on with the handshake of a deferred SYN; None if the request is gone (port no longer
+        listened, or it waited longer than REQUEST_TIMEOUT and the peer's retransmission made a
+        new one)."""
+        self.now = now
+        entry = self._requests.pop(req.key, None)
+        if entry is None or req.port not in self._listeners or req.key in self._conns:
+            return None
+        seg = entry[0]
+        src = req.key[0]
+        self._listeners[req.port] += 1
+        conn = self._new_conn(src, seg.src_port, req.port, now, passive=True)
+        conn.half_open_slot = True
+        self._conns[req.key] = conn
+        conn._start_passive(seg, now)
+        return conn
+
+    def refuse_request(self, req: events.ConnectionRequest, now: float) -> None:
+        """Refuse a deferred SYN with ICMP port unreachable (Linux reports ECONNREFUSED for it);
+        a RST when the ICMP error budget is spent."""
+        self.now = now
+        entry = self._requests.pop(req.key, None)
+        if entry is None:
+            return
+        seg = entry[0]
+        src = req.key[0]
+        if self._icmp_allowed(now):
+            # the quoted packet: an IPv4 header and the first 8 bytes of the SYN (ports, sequence)
+            quoted = build_ipv4(src, self._addr, PROTO_TCP, struct.pack("!HHI", seg.src_port, seg.dst_port, seg.seq))
+            body = build_icmp(ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, 0, quoted)
+            self._out.append(build_ipv4(self._addr, src, PROTO_ICMP, body, ident=self._next_ident()))
+        else:
+            self._send_rst_for(self._addr, src, seg)
 
     def connect(self, dst_ip: str, dst_port: int, now: float, *, src_port: int | None = None) -> TcpConnection:
         """Active open. Returns at once in SYN-SENT; ``Connected`` or ``ConnectionRefused`` /
@@ -247,6 +298,9 @@ class Stack:
             return
         port = seg.dst_port
         if flags & SYN and not flags & ACK and port in self._listeners:
+            if port in self._deferred:
+                self._request(key, seg, now)
+                return
             if self._listeners[port] >= self.listen_backlog:
                 self.stats["backlog_full"] += 1
                 return  # the peer retransmits its SYN; maybe there is room then
@@ -259,6 +313,24 @@ class Stack:
         self._send_rst_for(self._addr, src, seg)
         if flags & SYN and not flags & ACK:
             self._event(events.PortRefused(port, (ip_to_str(src), seg.src_port)))
+
+    def _request(self, key: tuple[bytes, int, int], seg: TcpSegment, now: float) -> None:
+        """A SYN to a deferred port: one ConnectionRequest per connection attempt (retransmitted
+        SYNs are ignored while the application decides, unless it took REQUEST_TIMEOUT)."""
+        old = self._requests.get(key)
+        if old is not None and now - old[1] < REQUEST_TIMEOUT:
+            return
+        if old is None and self._waiting(key[2]) >= self.listen_backlog:
+            for k in [k for k, (_, t) in self._requests.items() if now - t >= REQUEST_TIMEOUT]:
+                del self._requests[k]
+            if self._waiting(key[2]) >= self.listen_backlog:
+                self.stats["backlog_full"] += 1
+                return
+        self._requests[key] = (seg, now)
+        self._event(events.ConnectionRequest(key[2], (ip_to_str(key[0]), key[1]), key))
+
+    def _waiting(self, port: int) -> int:
+        return sum(1 for k in self._requests if k[2] == port)
 
     def _release_half_open(self, conn: TcpConnection) -> None:
         """The connection left SYN-RECEIVED: it no longer counts against the listen backlog."""
@@ -318,10 +390,26 @@ class Stack:
 
     def _receive_icmp(self, ip) -> None:
         msg = parse_icmp(ip.payload, self.verify_checksums)
-        if msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
+        if msg.type == ICMP_DEST_UNREACHABLE and msg.code == ICMP_PORT_UNREACHABLE:
+            self._receive_port_unreachable(ip.src, msg.data)
+        elif msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
             self.stats["icmp_echo"] += 1
             reply = build_icmp(ICMP_ECHO_REPLY, 0, msg.rest, msg.data)
             self._send_ip(ip.src, PROTO_ICMP, reply)
+
+    def _receive_port_unreachable(self, src: bytes, quoted: bytes) -> None:
+        """ICMP port unreachable for one of our SYNs (the quoted header and sequence number must
+        match a connection in SYN-SENT, as Linux checks): refused, the service is not there."""
+        if len(quoted) < IPV4_HEADER_LEN + 8:
+            return
+        ihl = (quoted[0] & 0x0F) * 4
+        if quoted[9] != PROTO_TCP or quoted[12:16] != self._addr or quoted[16:20] != src or len(quoted) < ihl + 8:
+            return
+        sport, dport, seq = struct.unpack_from("!HHI", quoted, ihl)
+        conn = self._conns.get((src, dport, sport))
+        if conn is not None and conn.state is TcpState.SYN_SENT and seq == conn.iss & MASK32:
+            conn._terminate(f"nothing listens on {conn.remote_ip}:{conn.remote_port}",
+                            events.ConnectionRefused(conn, unreachable=True))
 
     def _icmp_allowed(self, now: float) -> bool:
         """Token bucket for ICMP errors, so we cannot be used to reflect floods."""

@@ -24,7 +24,7 @@ from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.home import Home, HomeError
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
-from overlay.node.services import OverlayDialer, Shares
+from overlay.node.services import OverlayDialer, Shares, nothing_listens
 from proxy.forward import Forward
 from proxy.listen import ListenError
 from proxy.server import HttpProxyServer, SocksServer
@@ -382,7 +382,11 @@ class Daemon:
                 raise RequestError("bad_request", f"port {port} out of range")
             self.shares.add(port, bool(a.get("udp")))
             self.prefs.add_share(port, bool(a.get("udp")))
-            return {"shares": self.shares.listing()}
+            reply = {"shares": self.shares.listing()}
+            if nothing_listens(port, bool(a.get("udp"))):
+                reply["warning"] = (f"nothing listens on 127.0.0.1:{port}{'/udp' if a.get('udp') else ''} yet: "
+                                    "peers are refused until something does")
+            return reply
         if cmd == "unshare":
             if not self.shares.remove(int(a["port"]), bool(a.get("udp"))):
                 raise RequestError("not_shared", f"port {a['port']}{'/udp' if a.get('udp') else ''} is not shared")
