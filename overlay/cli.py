@@ -394,6 +394,8 @@ def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT
     r.pop("ok", None)
     print_json(r) if as_json else out.print(
         f"forwarding {r['proto']} {r['listen']} -> {r['peer']}:{r['peer_port']}", highlight=False)
+    if r.get("warning") and not as_json:
+        err.print(f"[yellow]warning:[/] {r['warning']}", highlight=False, soft_wrap=True)
 
 
 @app.command()

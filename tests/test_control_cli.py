@@ -364,3 +364,25 @@ def test_up_alone_brings_the_node_back_with_its_shares_and_forwards(cluster, tmp
     (broken / "prefs.json").write_text("{not json")
     r = subprocess.run([*OVERLAY, "up", "--home", str(broken)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "prefs.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_forward_to_unknown_peer_fails_and_to_offline_member_warns(cluster):
+    a = cluster.start_node("alice")
+    c = cluster.start_node("carol")
+    a.ok("create", "lan", "--password", "pw")
+    c.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("carol") or {}).get("online"), what="alice sees carol")
+    r = a.run("forward", "9000", "nobody")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: no peer named 'nobody'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert json.loads(a.run("forward", "9000", "nobody", "--json").stdout)["error"]["code"] == "unknown_peer"
+    assert a.status()["forwards"] == []
+    r = a.run("forward", str(free_port()), "carol:22")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    c.ok("down")
+    cluster.wait(lambda: not (a.peer("carol") or {"online": True})["online"], what="carol offline")
+    local = free_port()
+    r = a.run("forward", str(local), "carol")
+    assert r.returncode == 0 and "warning: carol is offline" in r.stderr, r.stderr
+    assert json.loads(a.run("forward", str(free_port()), "carol.lan", "--json").stdout)["warning"].startswith(
+        "carol is offline")

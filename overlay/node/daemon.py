@@ -242,6 +242,18 @@ class Daemon:
         self.forwards[(fwd.address[1], udp)] = fwd
         return self._forward_info(fwd)
 
+    def _forward_target_warning(self, peer: str) -> str | None:
+        """Refuse a forward to a name no network of ours knows; a warning for an offline peer."""
+        p = self.find_peer(peer)
+        if p is None:
+            if self.client is not None and not self.client.connected:
+                return f"not connected to the server yet: cannot check that {peer} is a peer"
+            raise RequestError("unknown_peer", f"no peer named {peer!r} shares a network with this node "
+                                               "(`overlay status` lists your peers)")
+        if not p["online"]:
+            return f"{p['name']} is offline: the forward works once it is online"
+        return None
+
     @staticmethod
     def _forward_info(f: Forward) -> dict:
         return {"listen": f"{f.address[0]}:{f.address[1]}", "peer": f.peer, "peer_port": f.peer_port,
@@ -393,9 +405,10 @@ class Daemon:
             self.prefs.remove_share(int(a["port"]), bool(a.get("udp")))
             return {"shares": self.shares.listing()}
         if cmd == "forward":
+            warning = self._forward_target_warning(a["peer"])
             r = await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
             self.prefs.add_forward(int(r["listen"].rsplit(":", 1)[1]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
-            return r
+            return {**r, "warning": warning} if warning else r
         if cmd == "unforward":
             fwd = self.forwards.pop((int(a["listen"]), bool(a.get("udp"))), None)
             self.prefs.remove_forward(int(a["listen"]), bool(a.get("udp")))
