@@ -13,6 +13,8 @@ from pathlib import Path
 
 from overlay import crypto
 from overlay.control.messages import key_from_text, key_to_text
+from overlay.node.config import ConfigError
+from overlay.node.config import validate as validate_config
 
 KEY_FILE = "node.key"
 CONFIG_FILE = "config.toml"
@@ -77,9 +79,11 @@ class Home:
         if not p.exists():
             return {}
         try:
-            return tomllib.loads(p.read_text())
+            return validate_config(tomllib.loads(p.read_text()), p)
         except tomllib.TOMLDecodeError as e:
             raise HomeError(f"{p}: {e}") from None
+        except ConfigError as e:
+            raise HomeError(str(e)) from None
 
     # ------------------------------------------------------------------ known servers (TOFU)
     def _known(self) -> dict[str, str]:
