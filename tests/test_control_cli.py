@@ -137,6 +137,14 @@ def test_admin_commands(cluster):
     a.ok("admin", "unban", "lan", "carol")
     c.ok("join", "lan", "--password", "pw")
     assert "no member named" in a.fails("admin", "kick", "lan", "nobody")
+    # a kicked member can still be banned (and a name nobody had is one error line)
+    a.ok("admin", "kick", "lan", "carol")
+    cluster.wait(lambda: c.network("lan") is None, what="carol kicked again")
+    assert "carol banned (lan)" in a.ok("admin", "ban", "lan", "carol")
+    assert "banned" in c.fails("join", "lan", "--password", "pw")
+    assert "no member, pending request or former member named 'nobody'" in a.fails("admin", "ban", "lan", "nobody")
+    a.ok("admin", "unban", "lan", "carol")
+    c.ok("join", "lan", "--password", "pw")
 
     # ownership transfer; the old owner can then leave
     assert "transfer" in a.fails("leave", "lan")

@@ -405,6 +405,36 @@ def test_ban_pending_request(w):
     assert w.fails("alice", "admin", network="lan", action="kick", target="eve").code == "unknown_member"
 
 
+def test_ban_former_members_kicked_or_left(w):
+    """A kicked member, or one who left, can still be banned by name (the most recent of that name)."""
+    _setup(w, "alice", "bob", "dave")
+    w.admin("alice", "lan", "kick", target="dave")
+    w.req("bob", "leave", network="lan")
+    w.events()
+    w.admin("alice", "lan", "ban", target="dave")
+    w.admin("alice", "lan", "ban", target="bob")
+    assert w.ev("dave") == [] and w.ev("bob") == []  # not members: nothing to remove
+    assert w.fails("dave", "join", network="lan", password=PW).code == "banned"
+    assert w.fails("bob", "join", network="lan", password=PW).code == "banned"
+    err = w.fails("alice", "admin", network="lan", action="ban", target="zed")
+    assert err.code == "unknown_member" and "no member, pending request or former member named 'zed'" in err.message
+    # kick still only applies to members
+    assert w.fails("alice", "admin", network="lan", action="kick", target="dave").code == "unknown_member"
+    w.admin("alice", "lan", "unban", target="dave")
+    assert w.req("dave", "join", network="lan", password=PW)["status"] == "joined"
+
+
+def test_former_members_survive_a_server_restart(tmp_path):
+    w = World(str(tmp_path / "db.sqlite"))
+    _setup(w, "alice", "dave")
+    w.admin("alice", "lan", "kick", target="dave")
+    w.store.close()
+    w2 = World(str(tmp_path / "db.sqlite"))
+    w2.hello("alice")
+    w2.admin("alice", "lan", "ban", target="dave")
+    assert w2.store.is_banned("lan", w2.key("dave"))
+
+
 def test_transfer_and_owner_leave_rules(w):
     _setup(w, "alice", "bob")
     assert w.fails("alice", "leave", network="lan").code == "owner_cannot_leave"

@@ -342,7 +342,8 @@ class Mediator:
                 self._push(target, {"t": "join_rejected", "network": name})
             return ok(rid)
         elif action in ("kick", "ban"):
-            target = self._target_member_or_pending(name, msg["target"], allow_pending=action == "ban")
+            target = (self._ban_target(name, msg["target"]) if action == "ban"
+                      else self._member_by_name(name, msg["target"]))
             if target == key:
                 raise RequestError("bad_request", "you cannot kick or ban yourself")
             if action == "ban":
@@ -409,11 +410,15 @@ class Mediator:
                 return k
         raise RequestError("unknown_member", f"no pending request from {target!r} in {network!r}")
 
-    def _target_member_or_pending(self, network: str, raw: str, allow_pending: bool) -> bytes:
-        try:
-            return self._member_by_name(network, raw)
-        except RequestError:
-            if not allow_pending:
-                raise
-            return self._pending_by_name(network, raw)
+    def _ban_target(self, network: str, raw: str) -> bytes:
+        """Anyone the owner may ban by name: a member, a pending requester, or a former member
+        (the most recent one of that name)."""
+        target = normalize_name(raw, "member name")
+        for keys in (self.store.members(network), self.store.pending(network), self.store.former_members(network)):
+            nodes = self.store.nodes(keys)
+            for k in keys:
+                if k in nodes and nodes[k].name == target:
+                    return k
+        raise RequestError("unknown_member",
+                           f"no member, pending request or former member named {target!r} in {network!r}")
 
