@@ -55,10 +55,19 @@ def daemon_call(home: Optional[Path], cmd: str, as_json: bool = False, **args) -
     try:
         return api.call(h.socket_path, cmd, **args)
     except api.DaemonNotRunning:
-        fail(f"overlay is not running for {h.path} (start it with `overlay up --server HOST:PORT --name NAME"
-             f"{' --home ' + str(home) if home else ''}`)", "not_running", as_json)
+        fail(f"overlay is not running for {h.path} (start it with `{_up_command(h, home)}`)", "not_running", as_json)
     except api.ApiError as e:
         fail(e.message, e.code, as_json)
+
+
+def _up_command(h: Home, home: Optional[Path]) -> str:
+    """The `overlay up` that starts this home's node: bare if it ran before (prefs.json)."""
+    from overlay.node.prefs import Prefs, PrefsError
+    try:
+        ran_before = Prefs(h.path).server is not None
+    except PrefsError:
+        ran_before = False
+    return "overlay up" + ("" if ran_before else " --server HOST:PORT") + (f" --home {home}" if home else "")
 
 
 def print_json(obj) -> None:
@@ -566,10 +575,15 @@ def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do
 def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server."),
                   home: Optional[Path] = HomeOpt):
     """Forget a server's pinned key (after the server was really reinstalled)."""
-    if Home(home).forget_server(server):
-        out.print(f"forgot the key of {server}; it will be pinned again on the next connection")
-    else:
+    h = Home(home)
+    if not h.forget_server(server):
         fail(f"no pinned key for {server}")
+    try:
+        api.call(h.socket_path, "retry_server", timeout=5)
+    except (api.DaemonNotRunning, api.ApiError, OSError):
+        out.print(f"forgot the key of {server}; `overlay up` pins the new one on first contact")
+    else:
+        out.print(f"forgot the key of {server}; the running node reconnects now and pins the new one")
 
 
 def _unit_path() -> Path:

@@ -333,7 +333,7 @@ def test_proxy_address_errors(net, tmp_path):
         assert r.returncode == 1 and "in use" in r.stderr and "--socks" in r.stderr, r.stderr
         r = subprocess.run([*OVERLAY, "up", "--server", net["c"].server_addr, "--name", "late", "--home", str(home),
                             "--socks", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1 and "without authentication" in r.stderr, r.stderr
+        assert r.returncode == 1 and "without authentication" in r.stderr and "--proxy-user" in r.stderr, r.stderr
     finally:
         busy.close()
 

@@ -27,7 +27,7 @@ from overlay.node.prefs import Prefs
 from overlay.node.services import OverlayDialer, Shares, nothing_listens
 from proxy.forward import Forward
 from proxy.listen import ListenError
-from proxy.server import HttpProxyServer, SocksServer
+from proxy.server import AuthRequired, HttpProxyServer, SocksServer
 from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")
@@ -86,7 +86,8 @@ class Daemon:
         try:
             self.dataplane.start()
         except OSError as e:
-            raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e}") from None
+            raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e} (choose another "
+                              "with --port N or `port` in config.toml; 0 picks any free port)") from None
         try:
             await self._start_proxies()
         except (ListenError, ValueError) as e:
@@ -192,6 +193,8 @@ class Daemon:
 
     def resolve_peer(self, text: str) -> dict:
         p = self.find_peer(text)
+        if p is None and text.strip().lower().rstrip(".") in (self.name, self.state.me.get("ip")):
+            raise RequestError("self", f"{text} is this node (`overlay status` lists your peers)")
         if p is None:
             raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
         return p
@@ -203,9 +206,11 @@ class Daemon:
             if not addr or addr == "off":
                 continue
             host, port = parse_hostport(addr, allow_zero=True)
-            srv = cls(self.dialer, host, port, self.proxy_users)
             try:
+                srv = cls(self.dialer, host, port, self.proxy_users)
                 await srv.start()
+            except AuthRequired:
+                raise
             except ListenError as e:
                 raise ListenError(f"{e} (choose another address with {flag} HOST:PORT, or {flag} off)") from None
             self.proxies.append(srv)
@@ -238,7 +243,8 @@ class Daemon:
         try:
             await fwd.start()
         except ListenError as e:
-            raise RequestError("port_busy", str(e)) from None
+            raise RequestError("port_busy", f"{e} (forward another local port: overlay forward OTHER_PORT"
+                                            f"{'/udp' if udp else ''} {peer}:{peer_port})") from None
         self.forwards[(fwd.address[1], udp)] = fwd
         return self._forward_info(fwd)
 
@@ -261,6 +267,8 @@ class Daemon:
 
     async def ping(self, target: str, timeout: float = 2.0) -> dict:
         p = self.resolve_peer(target)
+        if not p["online"]:
+            raise RequestError("peer_offline", f"{p['name']} is offline")
         me = self.state.me.get("ip")
         if not me:
             raise NotConnected("not connected to the server yet")
@@ -425,6 +433,10 @@ class Daemon:
                     "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
+        if cmd == "retry_server":
+            if self.client is not None:
+                self.client.retry_now()
+            return {}
         if cmd == "down":
             asyncio.get_running_loop().call_soon(self._stop.set)
             return {}

@@ -107,7 +107,8 @@ class Home:
             raise ServerKeyChanged(
                 f"server {server} presented key {text} but {self.path / KNOWN_SERVERS} pins {pinned}. "
                 f"If the server was really reinstalled, run `overlay forget-server {server}` "
-                f"(with the same --home) and reconnect; otherwise someone may be impersonating it")
+                f"(with the same --home; a running node then reconnects at once); otherwise someone may be "
+                f"impersonating it")
         self.ensure()
         with open(self.path / KNOWN_SERVERS, "a") as f:
             f.write(f"{server} {text}\n")
