@@ -28,10 +28,12 @@ from rich.table import Table
 from overlay.node import api
 from overlay.node.home import Home, HomeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="overlay: a zero-configuration peer-to-peer VPN.")
-admin_app = typer.Typer(no_args_is_help=True, help="Owner commands for a network.")
-service_app = typer.Typer(no_args_is_help=True, help="Run the node as a systemd user service.")
+admin_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS, help="Owner commands for a network.")
+service_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
+                          help="Run the node as a systemd user service.")
 app.add_typer(admin_app, name="admin")
 app.add_typer(service_app, name="service")
 
@@ -40,6 +42,22 @@ err = Console(stderr=True)
 
 HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
+LogLevelOpt = typer.Option("info", "--log-level", help="Log detail: debug, info, warning or error.")
+UdpOpt = typer.Option(False, "--udp", help="UDP instead of TCP (same as PORT/udp).")
+NetworkArg = typer.Argument(..., help="Network name.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from overlay import __version__
+        print(f"overlay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """overlay: a zero-configuration peer-to-peer VPN."""
 
 
 def fail(message: str, code: str = "error", as_json: bool = False) -> NoReturn:
@@ -89,7 +107,7 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
            stun_alt_ip: Optional[str] = typer.Option(None, "--stun-alt-ip",
                                                      help="A second public IP of this server that answers STUN "
                                                           "on the same port (finer NAT classification)."),
-           log_level: str = typer.Option("info", "--log-level")):
+           log_level: str = LogLevelOpt):
     """Run a mediation server in the foreground."""
     import ipaddress
 
@@ -135,7 +153,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        proxy_user: list[str] = typer.Option([], "--proxy-user", help="USER:PASSWORD required by the SOCKS5 and "
                                             "HTTP proxies (repeatable); needed to listen beyond loopback."),
        home: Optional[Path] = HomeOpt,
-       log_level: str = typer.Option("info", "--log-level")):
+       log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
     from overlay.control.messages import RequestError, normalize_name
     from overlay.node.control_client import parse_hostport
@@ -336,6 +354,28 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
 
 
 @app.command()
+def ip(peer: Optional[str] = typer.Argument(None, help="Peer name, name.network or virtual IP (default: "
+                                                         "this node)."),
+       home: Optional[Path] = HomeOpt):
+    """Print a virtual IPv4 address, this node's or a peer's (for scripts)."""
+    st = daemon_call(home, "status")
+    if peer is None:
+        if not st["node"]["virtual_ip"]:
+            fail("this node has no virtual IP yet: it is not connected to its server (overlay status)")
+        print(st["node"]["virtual_ip"])
+        return
+    t = peer.strip().lower().rstrip(".")
+    if t in (st["node"]["name"], st["node"]["virtual_ip"]) and st["node"]["virtual_ip"]:
+        print(st["node"]["virtual_ip"])
+        return
+    for p in st["peers"]:
+        if t in (p["name"], p["ip"]) or any(t == f"{p['name']}.{n}" for n in p.get("networks", [])):
+            print(p["ip"])
+            return
+    fail(f"no peer named {peer!r} shares a network with this node (`overlay status` lists your peers)")
+
+
+@app.command()
 def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """UDP reachability, public address, NAT mapping behaviour and RTT to the server."""
     r = daemon_call(home, "netcheck", as_json)
@@ -369,7 +409,7 @@ def _port_proto(text: str, udp: bool = False) -> tuple[int, bool]:
 
 @app.command()
 def share(port: str = typer.Argument(..., help="PORT or PORT/udp on this machine (127.0.0.1)."),
-          udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+          udp: bool = UdpOpt, home: Optional[Path] = HomeOpt):
     """Let peers connect to a local port through the overlay."""
     p, u = _port_proto(port, udp)
     r = daemon_call(home, "share", port=p, udp=u)
@@ -380,7 +420,7 @@ def share(port: str = typer.Argument(..., help="PORT or PORT/udp on this machine
 
 @app.command()
 def unshare(port: str = typer.Argument(..., help="PORT or PORT/udp."),
-            udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+            udp: bool = UdpOpt, home: Optional[Path] = HomeOpt):
     """Stop sharing a port."""
     p, u = _port_proto(port, udp)
     daemon_call(home, "unshare", port=p, udp=u)
@@ -390,7 +430,7 @@ def unshare(port: str = typer.Argument(..., help="PORT or PORT/udp."),
 @app.command()
 def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT or PORT/udp)."),
             target: str = typer.Argument(..., help="PEER or PEER:PORT (default: the same port)."),
-            udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+            udp: bool = UdpOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Forward 127.0.0.1:LOCAL to a peer's port: overlay forward 3389 peer-name."""
     from proxy.forward import parse_spec
     p, u = _port_proto(local, udp)
@@ -409,7 +449,7 @@ def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT
 
 @app.command()
 def unforward(local: str = typer.Argument(..., help="PORT or PORT/udp."),
-              udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+              udp: bool = UdpOpt, home: Optional[Path] = HomeOpt):
     """Remove a port forward."""
     p, u = _port_proto(local, udp)
     daemon_call(home, "unforward", listen=p, udp=u)
@@ -418,7 +458,7 @@ def unforward(local: str = typer.Argument(..., help="PORT or PORT/udp."),
 
 # ---------------------------------------------------------------------------- networks
 @app.command()
-def create(network: str,
+def create(network: str = NetworkArg,
            password: Optional[str] = typer.Option(None, "--password", help="Network password (prompted if absent)."),
            approval: bool = typer.Option(False, "--approval", help="New members need the owner's approval."),
            max_members: int = typer.Option(0, "--max-members", help="Member limit (0: none)."),
@@ -430,7 +470,7 @@ def create(network: str,
 
 
 @app.command()
-def join(network: str,
+def join(network: str = NetworkArg,
          password: Optional[str] = typer.Option(None, "--password", help="Network password (prompted if absent)."),
          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Join a network."""
@@ -444,7 +484,7 @@ def join(network: str,
 
 
 @app.command()
-def leave(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+def leave(network: str = NetworkArg, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Leave a network."""
     r = daemon_call(home, "leave", as_json, network=network)
     print_json(r) if as_json else out.print(
@@ -452,7 +492,7 @@ def leave(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt)
 
 
 @app.command()
-def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message to send."),
+def chat(network: str = NetworkArg, text: Optional[str] = typer.Argument(None, help="Message to send."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Print messages live."),
          history: bool = typer.Option(False, "--history", help="Show the last messages kept by the server."),
          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
@@ -463,6 +503,8 @@ def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message 
         r = daemon_call(home, "chat", as_json, network=network, text=text)
         if as_json:
             print_json(r)
+        else:
+            out.print(f"sent to {network.lower()}", highlight=False)
     if history:
         r = daemon_call(home, "history", as_json, network=network)
         for m in r["messages"]:
@@ -500,21 +542,21 @@ def _admin(home, network, action, as_json=False, **kw) -> dict:
 
 
 @admin_app.command("lock")
-def admin_lock(network: str, home: Optional[Path] = HomeOpt):
+def admin_lock(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
     """Refuse new members."""
     _admin(home, network, "lock")
     out.print(f"{network} is locked: no new members")
 
 
 @admin_app.command("unlock")
-def admin_unlock(network: str, home: Optional[Path] = HomeOpt):
+def admin_unlock(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
     """Accept new members again."""
     _admin(home, network, "unlock")
     out.print(f"{network} is unlocked")
 
 
 @admin_app.command("approval")
-def admin_approval(network: str, mode: str = typer.Argument(..., help="on or off"),
+def admin_approval(network: str = NetworkArg, mode: str = typer.Argument(..., help="on or off"),
                    home: Optional[Path] = HomeOpt):
     """Require (on) or stop requiring (off) the owner's approval for joins."""
     if mode not in ("on", "off"):
@@ -524,7 +566,7 @@ def admin_approval(network: str, mode: str = typer.Argument(..., help="on or off
 
 
 @admin_app.command("pending")
-def admin_pending(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+def admin_pending(network: str = NetworkArg, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """List join requests waiting for approval."""
     r = _admin(home, network, "pending", as_json)
     if as_json:
@@ -536,24 +578,28 @@ def admin_pending(network: str, home: Optional[Path] = HomeOpt, as_json: bool = 
         out.print(f"{p['name']}  {p['key']}")
 
 
-def _targeted(action: str, verb: str):
-    def cmd(network: str, name: str, home: Optional[Path] = HomeOpt):
+def _targeted(action: str, verb: str, doc: str, who: str):
+    def cmd(network: str = NetworkArg, name: str = typer.Argument(..., help=who),
+            home: Optional[Path] = HomeOpt):
         _admin(home, network, action, target=name)
         out.print(f"{name} {verb} ({network})")
-    cmd.__doc__ = f"{action.capitalize()} a member by name."
+    cmd.__doc__ = doc
     return cmd
 
 
-admin_app.command("approve")(_targeted("approve", "approved"))
-admin_app.command("reject")(_targeted("reject", "rejected"))
-admin_app.command("kick")(_targeted("kick", "kicked"))
-admin_app.command("ban")(_targeted("ban", "banned"))
-admin_app.command("unban")(_targeted("unban", "unbanned"))
-admin_app.command("transfer")(_targeted("transfer", "now owns the network"))
+admin_app.command("approve")(_targeted("approve", "approved", "Let a pending node join.", "Name of the requester."))
+admin_app.command("reject")(_targeted("reject", "rejected", "Turn down a pending join request.",
+                                      "Name of the requester."))
+admin_app.command("kick")(_targeted("kick", "kicked", "Remove a member (it may join again).", "Member name."))
+admin_app.command("ban")(_targeted("ban", "banned", "Remove and refuse a node: member, pending or former member.",
+                                   "Node name."))
+admin_app.command("unban")(_targeted("unban", "unbanned", "Let a banned node join again.", "Node name."))
+admin_app.command("transfer")(_targeted("transfer", "now owns the network",
+                                        "Hand the network's ownership to another member.", "The new owner."))
 
 
 @admin_app.command("limit")
-def admin_limit(network: str, count: int = typer.Argument(..., help="Maximum members (0: no limit)."),
+def admin_limit(network: str = NetworkArg, count: int = typer.Argument(..., help="Maximum members (0: no limit)."),
                 home: Optional[Path] = HomeOpt):
     """Set the member limit."""
     _admin(home, network, "limit", value=count)
@@ -561,7 +607,7 @@ def admin_limit(network: str, count: int = typer.Argument(..., help="Maximum mem
 
 
 @admin_app.command("delete")
-def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
+def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):
     """Delete a network for everyone."""
     if not yes and not typer.confirm(f"Delete network {network} for all its members?"):
@@ -592,8 +638,8 @@ def _unit_path() -> Path:
 
 
 @service_app.command("install")
-def service_install(server: Optional[str] = typer.Option(None, "--server"),
-                    name: Optional[str] = typer.Option(None, "--name"),
+def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT."),
+                    name: Optional[str] = typer.Option(None, "--name", help="This node's name."),
                     home: Optional[Path] = HomeOpt):
     """Write and enable a systemd user unit running `overlay up` (no admin rights needed)."""
     h = Home(home)
@@ -652,11 +698,32 @@ def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where t
 
 
 def main() -> None:
+    """Run the CLI. Usage mistakes (unknown command or option, missing argument) are one
+    `error:` line naming the help to read, exit status 1, like every other user mistake."""
     try:
-        app()
+        from typer._click import exceptions as click  # typer >= 0.20 carries its own click
+    except ImportError:
+        from click import exceptions as click
+    no_args = getattr(click, "NoArgsIsHelpError", ())
+    try:
+        rc = app(prog_name="overlay", standalone_mode=False)
+    except no_args as e:
+        print(e.ctx.get_help())
+        rc = 0
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "overlay"
+        err.print(f"[bold red]error:[/] {e.format_message().rstrip('.')} (see `{where} --help`)", highlight=False,
+                  soft_wrap=True)
+        rc = 1
+    except click.ClickException as e:
+        err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        rc = 1
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        rc = 1
     except HomeError as e:
-        err.print(f"[bold red]error:[/] {e}")
-        sys.exit(1)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        rc = 1
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -439,3 +439,65 @@ def test_messages_name_the_fix(cluster, tmp_path):
     a.ok("down")
     cluster.wait(lambda: not a.proc.alive(), what="alice stopped")
     assert f"(start it with `overlay up --home {a.home}`)" in a.fails("status")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "error: No such command 'bogus' (see `overlay --help`)"),
+    (["share"], "error: Missing argument 'port' (see `overlay share --help`)"),
+    (["admin", "ban", "lan"], "error: Missing argument 'name' (see `overlay admin ban --help`)"),
+    (["status", "--nope"], "error: No such option: --nope"),
+    (["ping", "x", "-c", "many"], "error: Invalid value for '-c' / '--count'"),
+])
+def test_usage_errors_are_one_line_and_exit_1(args, message):
+    r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert "╭" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_version_and_completion():
+    from overlay import __version__
+    for args in (["-h"], ["--help"], ["admin", "transfer", "-h"], []):
+        r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "Usage: overlay" in r.stdout, (args, r.stderr)
+    r = subprocess.run([*OVERLAY, "admin", "transfer", "-h"], capture_output=True, text=True, timeout=30)
+    assert "Hand the network's ownership to another member" in r.stdout
+    r = subprocess.run([*OVERLAY, "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == f"overlay {__version__}\n"
+    r = subprocess.run([*OVERLAY, "--show-completion", "bash"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "_OVERLAY_COMPLETE" in r.stdout, r.stderr
+    env = {**os.environ, "_OVERLAY_COMPLETE": "complete_bash", "COMP_WORDS": "overlay admin tr", "COMP_CWORD": "2"}
+    r = subprocess.run(OVERLAY, capture_output=True, text=True, timeout=30, env=env)
+    assert r.stdout.split() == ["transfer"]
+
+
+def test_every_command_and_option_has_help_text():
+    import typer
+    from overlay.cli import app
+    missing = []
+
+    def walk(cmd, path):
+        if not (cmd.help or "").strip() and path:
+            missing.append(" ".join(path))
+        for p in cmd.params:
+            if not (getattr(p, "help", None) or "").strip():
+                missing.append(f"{' '.join(path)} {p.opts[0] if p.opts else p.name}")
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    assert missing == []
+
+
+def test_ip_prints_virtual_addresses_and_chat_confirms(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: a.peer("bob"), what="alice sees bob")
+    mine, bobs = a.status()["node"]["virtual_ip"], a.peer("bob")["ip"]
+    assert a.ok("ip") == f"{mine}\n"
+    assert a.ok("ip", "alice") == f"{mine}\n"
+    assert a.ok("ip", "bob") == a.ok("ip", "bob.lan") == a.ok("ip", bobs) == f"{bobs}\n"
+    assert a.fails("ip", "carol").startswith("error: no peer named 'carol'")
+    assert a.ok("chat", "lan", "hi bob").strip() == "sent to lan"
