@@ -519,6 +519,10 @@ def chat(network: str = NetworkArg, text: Optional[str] = typer.Argument(None, h
                     _print_chat(ev, as_json)
                 elif ev.get("t") == "removed":
                     fail(f"removed from {ev['network']} ({ev.get('reason')})", "removed", as_json)
+                elif ev.get("t") == "stopping":
+                    fail(f"overlay stopped for {h.path}: no more chat to follow (start it with "
+                         f"`{_up_command(h, home)}`)", "stopped", as_json)
+            fail(f"lost the daemon for {h.path} (it was killed?): no more chat to follow", "stopped", as_json)
         except api.DaemonNotRunning:
             fail(f"overlay is not running for {h.path}", "not_running", as_json)
         except api.ApiError as e:

@@ -501,3 +501,50 @@ def test_ip_prints_virtual_addresses_and_chat_confirms(cluster):
     assert a.ok("ip", "bob") == a.ok("ip", "bob.lan") == a.ok("ip", bobs) == f"{bobs}\n"
     assert a.fails("ip", "carol").startswith("error: no peer named 'carol'")
     assert a.ok("chat", "lan", "hi bob").strip() == "sent to lan"
+
+
+def test_down_is_clean_and_followers_are_told(cluster):
+    """`overlay down` with a chat follower, a UDP share in use and forwards: no traceback in the log,
+    and the follower says why it ends (exit 1)."""
+    import socket
+    import time
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    b.ok("share", f"{echo.getsockname()[1]}/udp")
+    local = free_port()
+    a.ok("forward", f"{local}/udp", f"bob:{echo.getsockname()[1]}")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    follower = subprocess.Popen([*OVERLAY, "chat", "lan", "--follow", "--home", str(b.home)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "following chat of lan" in follower.stderr.readline()
+        for _ in range(50):  # until bob's share has a flow toward the echo socket
+            s.sendto(b"x" * 3000, ("127.0.0.1", local))
+            echo.settimeout(0.1)
+            try:
+                echo.recvfrom(65536)
+                break
+            except socket.timeout:
+                continue
+        b.ok("down")
+        a.ok("down")
+        out, err = follower.communicate(timeout=10)
+        assert follower.returncode == 1
+        assert err.strip() == (f"error: overlay stopped for {b.home}: no more chat to follow "
+                               f"(start it with `overlay up --home {b.home}`)"), err
+        cluster.wait(lambda: not a.proc.alive() and not b.proc.alive(), what="daemons stopped")
+        time.sleep(0.2)
+        for n in (a, b):
+            log = n.proc.output()
+            assert "daemon stopped" in log
+            assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    finally:
+        s.close()
+        echo.close()
+        if follower.poll() is None:
+            follower.kill()

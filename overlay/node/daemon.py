@@ -110,6 +110,7 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
+            await self._stop_followers()
             if client:
                 client.cancel()
             self._api_server.close()
@@ -125,6 +126,17 @@ class Daemon:
             except FileNotFoundError:
                 pass
             log.info("daemon stopped")
+
+    async def _stop_followers(self, wait: float = 1.0) -> None:
+        """Tell every `chat --follow` that the daemon stops, and give them a moment to hear it."""
+        for q in list(self._followers):
+            if q.full():
+                q.get_nowait()
+            q.put_nowait({"t": "stopping"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self._followers and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _start_api(self) -> None:
         self.home.ensure()
@@ -355,6 +367,8 @@ class Daemon:
             await self._reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping; a task ending cancelled would be logged as an error
         finally:
             writer.close()
 
@@ -367,21 +381,28 @@ class Daemon:
         network = req.get("network")
         q: asyncio.Queue = asyncio.Queue(FOLLOW_QUEUE)
         self._followers.add(q)
+        loop = asyncio.get_running_loop()
+        eof = get = None
         try:
             await self._reply(writer, {"ok": True, "t": "following", "network": network})
-            eof = asyncio.get_running_loop().create_task(reader.read(1))
+            eof = loop.create_task(reader.read(1))
             while True:
-                get = asyncio.get_running_loop().create_task(q.get())
+                get = loop.create_task(q.get())
                 done, _ = await asyncio.wait({get, eof}, return_when=asyncio.FIRST_COMPLETED)
                 if eof in done:
-                    get.cancel()
                     return
                 ev = get.result()
+                if ev.get("t") == "stopping":
+                    await self._reply(writer, {"ok": True, "t": "stopping"})
+                    return
                 if network and ev.get("network") != network:
                     continue
                 await self._reply(writer, {"ok": True, **ev})
         finally:
             self._followers.discard(q)
+            for task in (eof, get):
+                if task is not None:
+                    task.cancel()
 
     async def _server(self, msg: dict) -> dict:
         if self.client is None:

@@ -212,6 +212,8 @@ class Shares:
                 tr, seen = flows[remote]
                 seen[0] = now
                 tr.sendto(data)
+        except EOFError:
+            pass  # the stack closed (daemon stopping, or a new stack took over)
         finally:
             for tr, _ in flows.values():
                 tr.close()
