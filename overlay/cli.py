@@ -636,58 +636,106 @@ def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to 
         out.print(f"forgot the key of {server}; the running node reconnects now and pins the new one")
 
 
-def _unit_path() -> Path:
+def _unit_name(h: Home) -> str:
+    """overlay.service for the default home; overlay-<hash of the home>.service for any other, so
+    each node on the machine gets its own unit."""
+    from overlay.node.home import default_home
+    if h.path.resolve() == default_home().resolve():
+        return "overlay.service"
+    import hashlib
+    return f"overlay-{hashlib.sha256(str(h.path.resolve()).encode()).hexdigest()[:8]}.service"
+
+
+def _unit_path(unit: str) -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "systemd" / "user" / "overlay.service"
+    return Path(base) / "systemd" / "user" / unit
 
 
 @service_app.command("install")
-def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT."),
-                    name: Optional[str] = typer.Option(None, "--name", help="This node's name."),
+def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT "
+                                                         "(remembered for `overlay up`, as by `up --server`)."),
+                    name: Optional[str] = typer.Option(None, "--name", help="This node's name (remembered, "
+                                                       "default: the host name)."),
                     home: Optional[Path] = HomeOpt):
-    """Write and enable a systemd user unit running `overlay up` (no admin rights needed)."""
+    """Write and enable a systemd user unit running `overlay up` for this home (no admin rights needed)."""
+    from overlay.control.messages import RequestError, normalize_name
+    from overlay.node.control_client import parse_hostport
+    from overlay.node.prefs import Prefs, hostname_label
     h = Home(home)
     cfg = h.config()
-    server = server or cfg.get("server")
-    name = name or cfg.get("name")
-    if not server or not name:
-        fail("give --server and --name (or set them in config.toml)")
-    unit = _unit_path()
-    unit.parent.mkdir(parents=True, exist_ok=True)
+    prefs = Prefs(h.path)
+    server = server or cfg.get("server") or prefs.server
+    name = name or cfg.get("name") or prefs.name or hostname_label()
+    if not server:
+        fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
+    try:
+        parse_hostport(server)
+        name = normalize_name(name, "node name")
+    except ValueError as e:
+        fail(str(e))
+    except RequestError as e:
+        fail(e.message)
+    # the unit runs a bare `overlay up`: server and name live in the home, where `up` finds them
+    h.ensure()
+    prefs.remember(server=server, name=name)
+    unit = _unit_name(h)
+    path = _unit_path(unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("overlay") or f"{sys.executable} -m overlay"
-    unit.write_text(
-        "[Unit]\nDescription=overlay VPN node\nAfter=network-online.target\n\n"
+    path.write_text(
+        f"[Unit]\nDescription=overlay VPN node ({h.path.resolve()})\nAfter=network-online.target\n\n"
         "[Service]\n"
-        f"ExecStart={exe} up --home {h.path.resolve()} --server {server} --name {name}\n"
+        f"ExecStart={exe} up --home {h.path.resolve()}\n"
         "Restart=on-failure\nRestartSec=5\n\n"
         "[Install]\nWantedBy=default.target\n")
-    out.print(f"wrote {unit}")
-    _systemctl("enable", "--now", "overlay.service")
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    _systemctl("enable", "--now", unit, written=path)
+    out.print(f"{unit} runs `overlay up --home {h.path.resolve()}` as {name} with server {server}", highlight=False, soft_wrap=True)
+    _linger_hint()
 
 
 @service_app.command("uninstall")
-def service_uninstall():
-    """Stop, disable and remove the systemd user unit."""
-    unit = _unit_path()
-    if not unit.exists():
-        fail(f"no unit installed at {unit}")
-    _systemctl("disable", "--now", "overlay.service")
-    unit.unlink()
-    out.print(f"removed {unit}")
+def service_uninstall(home: Optional[Path] = HomeOpt):
+    """Stop, disable and remove the systemd user unit of this home."""
+    unit = _unit_name(Home(home))
+    path = _unit_path(unit)
+    if not path.exists():
+        fail(f"no unit installed at {path}" + ("" if home else " (installed for another home? give its --home)"))
+    _systemctl("disable", "--now", unit, written=path)
+    path.unlink()
+    out.print(f"removed {path}", highlight=False, soft_wrap=True)
     _systemctl("daemon-reload")
 
 
-def _systemctl(*args: str) -> None:
+def _systemctl(*args: str, written: Optional[Path] = None) -> None:
+    """Run `systemctl --user ARGS` (after a daemon-reload); a failure is an error naming what to run."""
+    command = f"systemctl --user {' '.join(args)}"
     if shutil.which("systemctl") is None:
-        err.print(f"[yellow]systemctl not found; run `systemctl --user {' '.join(args)}` where systemd runs[/]")
-        return
+        fail(f"systemctl not found: {'the unit is written at ' + str(written) + '; ' if written else ''}"
+             f"run `{command}` where systemd runs")
     r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
     if r.returncode == 0 and args != ("daemon-reload",):
         r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
     if r.returncode != 0:
-        err.print(f"[yellow]systemctl --user {' '.join(args)} failed: {(r.stderr or r.stdout).strip()}[/]")
-    elif args != ("daemon-reload",):
-        out.print(f"systemctl --user {' '.join(args)}: done")
+        why = (r.stderr or r.stdout).strip().splitlines()
+        fail(f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
+             + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
+                if why and "bus" in why[-1].lower() else ""))
+    if args != ("daemon-reload",):
+        out.print(f"{command}: done", highlight=False, soft_wrap=True)
+
+
+def _linger_hint() -> None:
+    """A user service stops at logout unless the user lingers: say how to keep it running."""
+    import getpass
+    if shutil.which("loginctl") is None:
+        return
+    user = getpass.getuser()
+    r = subprocess.run(["loginctl", "show-user", user, "--property=Linger", "--value"], capture_output=True,
+                       text=True)
+    if r.returncode == 0 and r.stdout.strip() == "no":
+        err.print(f"[yellow]note:[/] the node runs only while {user} is logged in; to keep it running without "
+                  f"a login: loginctl enable-linger {user}", highlight=False, soft_wrap=True)
 
 
 @app.command()

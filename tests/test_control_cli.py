@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from cluster import OVERLAY, Cluster, free_port
 
@@ -266,19 +267,59 @@ def test_node_reaches_server_through_proxy(tmp_path, kind):
             proxy.kill()
 
 
-def test_service_install_writes_user_unit(tmp_path):
-    # a PATH without systemctl: the unit is written and the enable step only warns
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PATH": os.path.dirname(sys.executable)}
-    home = tmp_path / "home"
-    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--name", "svc",
-                        "--home", str(home)], capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 0 and "systemctl" in r.stderr, r.stderr
-    unit = tmp_path / "cfg" / "systemd" / "user" / "overlay.service"
-    text = unit.read_text()
-    assert "ExecStart=" in text and "up --home" in text and "--server 127.0.0.1:9 --name svc" in text
-    assert "WantedBy=default.target" in text
-    r = subprocess.run([*OVERLAY, "service", "uninstall"], capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 0 and not unit.exists()
+def _fake_tools(tmp_path, systemctl_ok: bool, linger: str = "no") -> dict:
+    """A PATH with only python and fake systemctl / loginctl that log their arguments."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    body = "exit 0" if systemctl_ok else 'echo "Failed to connect to bus: No medium found" >&2; exit 1'
+    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\ncase "$*" in *daemon-reload*) exit 0;; esac\n{body}\n')
+    (bin_ / "loginctl").write_text(f"#!/bin/sh\necho {linger}\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+            "PATH": f"{bin_}:{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+
+
+def test_service_install_one_unit_per_home_without_baked_settings(tmp_path):
+    env = _fake_tools(tmp_path, systemctl_ok=True)
+    homes = [tmp_path / "h1", tmp_path / "h2"]
+    units = []
+    for i, home in enumerate(homes):
+        r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--name", f"svc{i}",
+                            "--home", str(home)], capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert "loginctl enable-linger" in r.stderr  # the service must run without a login
+        unit = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("wrote "))
+        units.append(Path(unit))
+        text = Path(unit).read_text()
+        assert f"up --home {home.resolve()}\n" in text and "--server" not in text and "--name" not in text
+        assert "WantedBy=default.target" in text
+        assert json.loads((home / "prefs.json").read_text())["server"] == "127.0.0.1:9"
+    assert units[0] != units[1] and units[0].parent == tmp_path / "cfg" / "systemd" / "user"
+    assert f"systemctl --user enable --now {units[0].name}" in (tmp_path / "calls.log").read_text()
+    r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(homes[0])], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 0 and not units[0].exists() and units[1].exists(), r.stderr
+    assert f"systemctl --user disable --now {units[0].name}" in (tmp_path / "calls.log").read_text()
+
+
+def test_service_install_fails_when_systemctl_fails(tmp_path):
+    env = _fake_tools(tmp_path, systemctl_ok=False)
+    home = tmp_path / "h"
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: systemctl --user enable --now overlay-") and "Failed to connect to bus" \
+        in r.stderr and "loginctl enable-linger" in r.stderr, r.stderr
+    r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(home)], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 1 and "disable --now" in r.stderr, r.stderr
+    # no systemctl at all: an error naming the command to run elsewhere
+    env["PATH"] = os.path.dirname(sys.executable)
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and "systemctl not found" in r.stderr and "enable --now" in r.stderr, r.stderr
 
 
 def test_config_file_example_and_shares(cluster, tmp_path):
