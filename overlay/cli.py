@@ -314,6 +314,9 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
                 path += f" {p['rtt_ms']:.1f} ms"
             t.add_row(m["name"], m["ip"], state, m["role"], path)
         out.print(t)
+        for p in net.get("pending", []):
+            out.print(f"  {p['name']} asks to join {net['name']}: overlay admin approve {net['name']} {p['name']} "
+                      f"(or reject)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -351,6 +354,13 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         else:
             out.print(f"{peer} did not answer")
     raise typer.Exit(0 if answered else 1)
+
+
+@app.command()
+def rename(name: str = typer.Argument(..., help="The new name (a DNS label)."), home: Optional[Path] = HomeOpt):
+    """Rename this node in every network (refused if a member of one of them has the name)."""
+    r = daemon_call(home, "rename", name=name)
+    out.print(f"this node is now {r['name']}", highlight=False)
 
 
 @app.command()
@@ -608,6 +618,18 @@ def admin_limit(network: str = NetworkArg, count: int = typer.Argument(..., help
     """Set the member limit."""
     _admin(home, network, "limit", value=count)
     out.print(f"{network}: member limit {count or 'none'}")
+
+
+@admin_app.command("password")
+def admin_password(network: str = NetworkArg,
+                   password: Optional[str] = typer.Option(None, "--password",
+                                                          help="The new password (prompted if absent)."),
+                   home: Optional[Path] = HomeOpt):
+    """Change the network's password (members stay; new joins need the new one)."""
+    if password is None:
+        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
+    _admin(home, network, "password", password=password)
+    out.print(f"{network}: password changed")
 
 
 @admin_app.command("delete")

@@ -589,3 +589,30 @@ def test_down_is_clean_and_followers_are_told(cluster):
         echo.close()
         if follower.poll() is None:
             follower.kill()
+
+
+def test_rename_password_and_pending_requests_in_status(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    c = cluster.start_node("carol")
+    a.ok("create", "lan", "--password", "pw", "--approval")
+    # a pending request shows in the owner's status, with the command that answers it
+    assert "waiting for the owner's approval" in b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.network("lan") or {}).get("pending"), what="pending request in status")
+    assert [p["name"] for p in a.network("lan")["pending"]] == ["bob"]
+    assert "bob asks to join lan: overlay admin approve lan bob" in a.ok("status")
+    a.ok("admin", "approve", "lan", "bob")
+    cluster.wait(lambda: a.network("lan")["pending"] == [], what="request answered")
+    # the owner changes the password: members stay, joins need the new one
+    a.ok("admin", "approval", "lan", "off")
+    assert "password changed" in a.ok("admin", "password", "lan", "--password", "n3w")
+    assert "wrong password" in c.fails("join", "lan", "--password", "pw")
+    c.ok("join", "lan", "--password", "n3w")
+    assert "only the owner" in b.fails("admin", "password", "lan", "--password", "x")
+    # rename: everyone sees the new name, and it is remembered for the next `overlay up`
+    assert b.ok("rename", "robert").strip() == "this node is now robert"
+    cluster.wait(lambda: "robert" in members(a, "lan") and "bob" not in members(a, "lan"), what="alice sees robert")
+    assert b.status()["node"]["name"] == "robert"
+    assert json.loads((b.home / "prefs.json").read_text())["name"] == "robert"
+    assert "already taken" in b.fails("rename", "carol")
+    a.ok("ping", "robert", "-c", "3")

@@ -90,6 +90,9 @@ class World:
             else:
                 good = stored == fake_hash(msg["password"])
             reply = m.handle(key, msg, self.now, password_ok=good)
+        elif t == "admin" and msg["action"] == "password":  # as the glue: owner check, then hashing
+            m.admin_precheck(key, msg)
+            reply = m.handle(key, msg, self.now, password_hash=fake_hash(msg["password"]))
         else:
             reply = m.handle(key, msg, self.now)
         assert reply["t"] == "ok" and reply["id"] == msg["id"]
@@ -433,6 +436,31 @@ def test_former_members_survive_a_server_restart(tmp_path):
     w2.hello("alice")
     w2.admin("alice", "lan", "ban", target="dave")
     assert w2.store.is_banned("lan", w2.key("dave"))
+
+
+def test_owner_changes_the_password(w):
+    _setup(w, "alice", "bob")
+    w.hello("carol")
+    assert w.fails("bob", "admin", network="lan", action="password", password="x").code == "not_owner"
+    w.admin("alice", "lan", "password", password="new one")
+    assert w.members("lan") == {"alice", "bob"}  # members stay
+    assert w.fails("carol", "join", network="lan", password=PW).code == "wrong_password"
+    assert w.req("carol", "join", network="lan", password="new one")["status"] == "joined"
+
+
+def test_rename_is_announced_and_refused_on_a_clash(w):
+    _setup(w, "alice", "bob", "carol")
+    w.events()
+    assert w.req("bob", "rename", name="Bobby")["name"] == "bobby"
+    evs = w.events()
+    for who in ("alice", "carol", "bob"):
+        recs = [m for e in evs[w.key(who)] if e["t"] == "members" for m in e["members"]]
+        assert {"name": "bobby", "key": key_to_text(w.key("bob"))}.items() <= recs[-1].items(), who
+    assert w.members("lan") == {"alice", "bobby", "carol"}
+    assert w.fails("bob", "rename", name="carol").code == "name_taken"
+    w.req("alice", "rename", name="alicia")
+    owner = [e["network"]["owner"] for e in w.events()[w.key("carol")] if e["t"] == "network"]
+    assert owner == ["alicia"]
 
 
 def test_transfer_and_owner_leave_rules(w):

@@ -512,6 +512,7 @@ GOOD = {
     "history": {"network": "lan"},
     "members": {"network": "lan"},
     "admin": {"network": "lan", "action": "kick", "target": "bob"},
+    "rename": {"name": "laptop2"},
     "endpoints": {"candidates": [{"addr": "10.0.0.1:5000", "kind": "lan"}], "nat": {"type": "cone"}},
     "punch": {"peer": KEY},
     "relay": {"to": KEY, "data": "AAAA"},
@@ -693,6 +694,13 @@ def test_validate_admin_actions(action):
         with pytest.raises(RequestError):
             validate_request(msg)
         msg["value"] = 0
+    if action == "password":
+        with pytest.raises(RequestError):
+            validate_request(msg)
+        msg["password"] = "new secret"
+    else:
+        with pytest.raises(RequestError, match="only it"):
+            validate_request({**msg, "password": "x"})
     validate_request(msg)
 
 

@@ -485,7 +485,21 @@ class Daemon:
                 msg["target"] = a["target"]
             if a.get("value") is not None:
                 msg["value"] = int(a["value"])
-            return await self._server(msg)
+            if a.get("password") is not None:
+                msg["password"] = a["password"]
+            reply = await self._server(msg)
+            if a["action"] in ("approve", "reject", "ban") and a.get("target"):
+                self.state.forget_pending(normalize_name(a["network"], "network name"), a["target"].strip().lower())
+            return reply
+        if cmd == "rename":
+            name = normalize_name(a["name"], "node name")
+            if self.client is not None:
+                await self._server({"t": "rename", "name": name})
+                self.client.name = name  # the next hello (reconnect) uses it too
+            self.name = name
+            self.state.me["name"] = name
+            self.prefs.remember(server=self.client.server if self.client else None, name=name)
+            return {"name": name}
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
 
     def status(self) -> dict:

@@ -197,7 +197,9 @@ class Mediator:
             self._send_network(key, net.name)
             return ok(msg["id"])
         if t == "admin":
-            return self._admin(key, msg, now)
+            return self._admin(key, msg, now, password_hash)
+        if t == "rename":
+            return self._rename(key, msg, now)
         if t == "endpoints":
             self.endpoints[key] = {"candidates": msg["candidates"], "nat": msg.get("nat", {})}
             return ok(msg["id"])
@@ -314,7 +316,26 @@ class Mediator:
         self._push_members(net.name, ev)
         return ok(msg["id"], chat_id=cid)
 
-    def _admin(self, key: bytes, msg: dict, now: float) -> dict:
+    def admin_precheck(self, key: bytes, msg: dict) -> None:
+        """Only the owner may change a network's password: checked before the (slow) hashing."""
+        self._network_for(key, msg["network"], owner=True)
+
+    def _rename(self, key: bytes, msg: dict, now: float) -> dict:
+        """A node changes its name: refused if another member or requester of one of its networks
+        has it; members of its networks (and the node itself) get the new record at once."""
+        name = normalize_name(msg["name"], "node name")
+        networks = self.store.networks_of(key)
+        for net in networks + self.store.pending_networks_of(key):
+            if self._name_clash(net, key, name):
+                raise RequestError("name_taken", f"the name {name!r} is already taken in network {net!r}")
+        self.store.update_node(key, name, now)
+        for net in networks:
+            rec = self._member_record(self.store.network(net), key)
+            self._push_members(net, {"t": "members", "network": net, "members": [rec]})
+            self._broadcast_info(net)  # the owner's name is part of the network's info
+        return ok(msg["id"], name=name)
+
+    def _admin(self, key: bytes, msg: dict, now: float, password_hash: bytes | None = None) -> dict:
         action = msg["action"]
         net = self._network_for(key, msg["network"], owner=True)
         name = net.name
@@ -325,6 +346,11 @@ class Mediator:
             self.store.set_network(name, approval=int(action == "approval-on"))
         elif action == "limit":
             self.store.set_network(name, max_members=msg["value"])
+        elif action == "password":
+            if password_hash is None:
+                raise RequestError("bad_request", "admin password needs the new password's hash")
+            self.store.set_network(name, pw_hash=password_hash)
+            return ok(rid)
         elif action == "pending":
             keys = self.store.pending(name)
             nodes = self.store.nodes(keys)
