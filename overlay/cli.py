@@ -302,6 +302,8 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             flags.append("approval")
         if net["max_members"]:
             flags.append(f"max {net['max_members']}")
+        if net.get("away"):
+            flags.append("offline")
         t = Table(title=f"{net['name']} ({', '.join(f for f in flags if f)})", title_justify="left")
         for col in ("name", "virtual ip", "status", "role", "path"):
             t.add_column(col)
@@ -314,6 +316,8 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
                 path += f" {p['rtt_ms']:.1f} ms"
             t.add_row(m["name"], m["ip"], state, m["role"], path)
         out.print(t)
+        if net.get("away"):
+            out.print(f"  you are offline in {net['name']}: overlay online {net['name']}", highlight=False)
         for p in net.get("pending", []):
             out.print(f"  {p['name']} asks to join {net['name']}: overlay admin approve {net['name']} {p['name']} "
                       f"(or reject)", highlight=False, soft_wrap=True)
@@ -354,6 +358,21 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         else:
             out.print(f"{peer} did not answer")
     raise typer.Exit(0 if answered else 1)
+
+
+@app.command()
+def offline(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
+    """Go offline in a network without leaving it (remembered until `overlay online`)."""
+    r = daemon_call(home, "presence", network=network, online=False)
+    out.print(f"offline in {r['network']}: its members see you offline and cannot reach you through it",
+              highlight=False)
+
+
+@app.command()
+def online(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
+    """Come back online in a network after `overlay offline`."""
+    r = daemon_call(home, "presence", network=network, online=True)
+    out.print(f"online in {r['network']}", highlight=False)
 
 
 @app.command()

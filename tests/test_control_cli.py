@@ -616,3 +616,28 @@ def test_rename_password_and_pending_requests_in_status(cluster):
     assert json.loads((b.home / "prefs.json").read_text())["name"] == "robert"
     assert "already taken" in b.fails("rename", "carol")
     a.ok("ping", "robert", "-c", "3")
+
+
+def test_offline_and_online_in_a_network_without_leaving(cluster, tmp_path):
+    from cluster import Proc
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    assert "offline in lan" in b.ok("offline", "lan")
+    cluster.wait(lambda: not a.peer("bob")["online"], what="alice sees bob offline")
+    assert members(a, "lan")["bob"]["online"] is False and "bob" in members(a, "lan")
+    assert a.fails("ping", "bob", "-c", "1") == "error: bob is offline"
+    assert b.network("lan")["away"] is True and b.peer("alice") is None
+    assert "you are offline in lan: overlay online lan" in b.ok("status")
+    # remembered across a restart
+    b.ok("down")
+    cluster.wait(lambda: not b.proc.alive(), what="bob stopped")
+    b.proc = Proc([*OVERLAY, "up", "--socks", "127.0.0.1:0", "--home", str(b.home)], tmp_path / "bob-again.log")
+    cluster.wait(b.connected, what="bob back")
+    cluster.wait(lambda: b.network("lan") and b.network("lan")["away"], what="bob still offline in lan")
+    cluster.wait(lambda: a.peer("bob") and not a.peer("bob")["online"], what="alice sees bob offline again")
+    assert "online in lan" in b.ok("online", "lan")
+    cluster.wait(lambda: a.peer("bob")["online"], what="alice sees bob online")
+    a.ok("ping", "bob", "-c", "3")

@@ -463,6 +463,36 @@ def test_rename_is_announced_and_refused_on_a_clash(w):
     assert owner == ["alicia"]
 
 
+def test_offline_in_one_network_without_leaving(w):
+    _setup(w, "alice", "bob")
+    w.req("alice", "create", network="work", password=PW)
+    w.req("bob", "join", network="work", password=PW)
+    w.events()
+    assert w.req("bob", "presence", network="lan", online=False)["online"] is False
+    evs = w.events()
+    assert [m["online"] for e in evs[w.key("alice")] if e["t"] == "members" and e["network"] == "lan"
+            for m in e["members"]] == [False]
+    assert not [e for e in evs[w.key("alice")] if e["network"] == "work"]  # still online in work
+    assert w.members("lan") == {"alice", "bob"}  # still a member
+    w.req("alice", "members", network="lan")  # a fresh snapshot says the same
+    recs = {m["name"]: m["online"] for e in w.ev("alice", "members") for m in e["members"]}
+    assert recs == {"alice": True, "bob": False}
+    w.req("bob", "presence", network="lan", online=True)
+    assert [m["online"] for e in w.ev("alice", "members") for m in e["members"]] == [True]
+    assert w.fails("bob", "presence", network="nope", online=False).code == "unknown_network"
+    # a disconnect forgets it (the node sends it again after hello)
+    w.req("bob", "presence", network="lan", online=False)
+    w.disconnect("bob")
+    w.hello("bob")
+    assert bob_online(w, "lan")
+
+
+def bob_online(w, net):
+    w.events()
+    w.req("alice", "members", network=net)
+    return {m["name"]: m["online"] for e in w.ev("alice", "members") for m in e["members"]}["bob"]
+
+
 def test_transfer_and_owner_leave_rules(w):
     _setup(w, "alice", "bob")
     assert w.fails("alice", "leave", network="lan").code == "owner_cannot_leave"

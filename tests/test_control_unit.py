@@ -513,6 +513,7 @@ GOOD = {
     "members": {"network": "lan"},
     "admin": {"network": "lan", "action": "kick", "target": "bob"},
     "rename": {"name": "laptop2"},
+    "presence": {"network": "lan", "online": False},
     "endpoints": {"candidates": [{"addr": "10.0.0.1:5000", "kind": "lan"}], "nat": {"type": "cone"}},
     "punch": {"peer": KEY},
     "relay": {"to": KEY, "data": "AAAA"},

@@ -76,6 +76,7 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "admin": {"network": (_STR, True), "action": (_STR, True),
               "target": (_STR, False), "value": (_INT, False), "password": (_STR, False)},
     "rename": {"name": (_STR, True)},
+    "presence": {"network": (_STR, True), "online": (_BOOL, True)},  # go offline in one network
     # data plane introduction (see overlay/node/dataplane.py)
     "endpoints": {"candidates": (list, True), "nat": (dict, False)},
     "punch": {"peer": (_STR, True)},

@@ -160,6 +160,9 @@ class Daemon:
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
         self._attach_stack(self.address or hello["ip"])
+        self.state.away = set(self.prefs.away)
+        for net in self.state.away:  # presence per network is not kept by the server across sessions
+            self.client.post({"t": "presence", "network": net, "online": False})
         self._punched.clear()
         self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
                                   hello.get("stun_ports"), hello.get("stun_alt_ip"))
@@ -490,6 +493,14 @@ class Daemon:
             reply = await self._server(msg)
             if a["action"] in ("approve", "reject", "ban") and a.get("target"):
                 self.state.forget_pending(normalize_name(a["network"], "network name"), a["target"].strip().lower())
+            return reply
+        if cmd == "presence":
+            online = bool(a["online"])
+            reply = await self._server({"t": "presence", "network": a["network"], "online": online})
+            net = reply["network"]
+            (self.state.away.discard if online else self.state.away.add)(net)
+            self.prefs.set_away(net, not online)
+            self._sync_peers()
             return reply
         if cmd == "rename":
             name = normalize_name(a["name"], "node name")

@@ -2,6 +2,7 @@
 
 - the server and name ``overlay up`` last ran with, so ``overlay up`` alone starts the node again
   (options and config.toml still take precedence);
+- the networks it went offline in (``overlay offline NET``), until ``overlay online NET``;
 - the shares and forwards added at run time (``overlay share`` / ``forward``), restored when the
   daemon starts and dropped by ``overlay unshare`` / ``unforward``. Those from config.toml are
   not copied here: config.toml stays their single source.
@@ -31,7 +32,7 @@ class PrefsError(HomeError):
 class Prefs:
     def __init__(self, home_path: Path):
         self.path = Path(home_path) / PREFS_FILE
-        self.data: dict = {"server": None, "name": None, "shares": [], "forwards": []}
+        self.data: dict = {"server": None, "name": None, "shares": [], "forwards": [], "away": []}
         if self.path.exists():
             try:
                 loaded = json.loads(self.path.read_text())
@@ -41,11 +42,12 @@ class Prefs:
                           for s in loaded.get("shares", [])]
                 forwards = [{"listen": int(f["listen"]), "peer": str(f["peer"]), "peer_port": int(f["peer_port"]),
                              "udp": bool(f.get("udp"))} for f in loaded.get("forwards", [])]
+                away = [str(n) for n in loaded.get("away", [])]
             except (OSError, ValueError, TypeError, KeyError) as e:
                 raise PrefsError(f"{self.path}: unreadable ({e}); fix or delete it (it holds the last server, "
                                  "name, shares and forwards)") from None
             self.data.update(server=loaded.get("server"), name=loaded.get("name"), shares=shares,
-                             forwards=forwards)
+                             forwards=forwards, away=away)
 
     @property
     def server(self) -> str | None:
@@ -62,6 +64,19 @@ class Prefs:
     @property
     def forwards(self) -> list[dict]:
         return list(self.data["forwards"])
+
+    @property
+    def away(self) -> list[str]:
+        """Networks this node went offline in (`overlay offline NET`)."""
+        return list(self.data["away"])
+
+    def set_away(self, network: str, away: bool) -> None:
+        if away != (network in self.data["away"]):
+            if away:
+                self.data["away"].append(network)
+            else:
+                self.data["away"].remove(network)
+            self._save()
 
     def remember(self, *, server: str | None, name: str) -> None:
         if (self.data["server"], self.data["name"]) != (server, name):

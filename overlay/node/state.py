@@ -35,6 +35,7 @@ class NodeState:
     def __init__(self) -> None:
         self.networks: dict[str, NetworkView] = {}
         self.me: dict = {}
+        self.away: set[str] = set()  # networks this node went offline in: their members are no peers
 
     def apply(self, ev: dict) -> str | None:
         t = ev.get("t")
@@ -94,6 +95,8 @@ class NodeState:
         out: dict[str, dict] = {}
         mine = self.me.get("key")
         for view in self.networks.values():
+            if view.name in self.away:
+                continue
             for m in view.members.values():
                 if m.key == mine:
                     continue
@@ -113,6 +116,7 @@ class NodeState:
                 "locked": bool(info.get("locked")),
                 "approval": bool(info.get("approval")),
                 "max_members": info.get("max_members", 0),
+                "away": view.name in self.away,
                 "pending": [{"name": n, "key": k} for k, n in sorted(view.pending.items(), key=lambda kv: kv[1])],
                 "members": [
                     {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,

@@ -52,6 +52,7 @@ class Mediator:
         if self.pool.num_addresses < 4:
             raise ValueError(f"address pool {pool} is too small")
         self.online: set[bytes] = set()
+        self.away: dict[bytes, set[str]] = {}  # online node -> networks it went offline in (not persisted)
         self.outgoing: deque[tuple[bytes, dict]] = deque()
         self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
@@ -72,7 +73,8 @@ class Mediator:
     def _member_record(self, network, key: bytes, node=None) -> dict:
         node = node or self.store.node(key)
         return {"name": node.name, "key": key_to_text(key), "ip": node.vip,
-                "online": key in self.online, "role": "owner" if key == network.owner else "member"}
+                "online": key in self.online and network.name not in self.away.get(key, ()),
+                "role": "owner" if key == network.owner else "member"}
 
     def _network_info(self, network, key: bytes) -> dict:
         owner = self.store.node(network.owner)
@@ -167,6 +169,7 @@ class Mediator:
         if key not in self.online:
             return
         self.online.discard(key)
+        self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.store.update_node(key, self.store.node(key).name, now)
         for net in self.store.networks_of(key):
@@ -200,6 +203,8 @@ class Mediator:
             return self._admin(key, msg, now, password_hash)
         if t == "rename":
             return self._rename(key, msg, now)
+        if t == "presence":
+            return self._presence(key, msg)
         if t == "endpoints":
             self.endpoints[key] = {"candidates": msg["candidates"], "nat": msg.get("nat", {})}
             return ok(msg["id"])
@@ -289,6 +294,7 @@ class Mediator:
 
     def _remove(self, name: str, key: bytes, reason: str) -> None:
         self.store.remove_member(name, key)
+        self.away.get(key, set()).discard(name)
         self._push(key, {"t": "removed", "network": name, "reason": reason})
         self._push_members(name, {"t": "member_left", "network": name, "key": key_to_text(key),
                                   "reason": reason})
@@ -319,6 +325,21 @@ class Mediator:
     def admin_precheck(self, key: bytes, msg: dict) -> None:
         """Only the owner may change a network's password: checked before the (slow) hashing."""
         self._network_for(key, msg["network"], owner=True)
+
+    def _presence(self, key: bytes, msg: dict) -> dict:
+        """Go offline (or back online) in one network without leaving it: its members see the node
+        offline there; the node stays a member. Forgotten when the node disconnects (the node
+        sends it again after hello)."""
+        net = self._network_for(key, msg["network"])
+        away = self.away.setdefault(key, set())
+        if msg["online"]:
+            away.discard(net.name)
+        else:
+            away.add(net.name)
+        if not away:
+            del self.away[key]
+        self._announce_member(net.name, key)
+        return ok(msg["id"], network=net.name, online=msg["online"])
 
     def _rename(self, key: bytes, msg: dict, now: float) -> dict:
         """A node changes its name: refused if another member or requester of one of its networks
