@@ -3,12 +3,12 @@
 Every command takes ``--home DIR`` (or ``OVERLAY_HOME``). Commands other than ``server``, ``up``
 and ``service`` talk to the running daemon over its local API socket. User mistakes end with one
 red line and exit status 1, never a traceback; ``--json`` output follows the schema in
-docs/json.md.
+docs/json.md. Modules only some commands need (asyncio, the daemon, the server, crypto) are
+imported inside those commands, so the everyday ones (status, share, ...) start fast.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -17,13 +17,11 @@ import shutil
 import socket
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from overlay.node import api
 from overlay.node.home import Home, HomeError
@@ -109,7 +107,7 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
                                                           "on the same port (finer NAT classification)."),
            log_level: str = LogLevelOpt):
     """Run a mediation server in the foreground."""
-    import ipaddress
+    import asyncio
 
     from overlay.node.control_client import parse_hostport
     from overlay.server.app import run_server
@@ -157,7 +155,6 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     """Start the node daemon in the foreground."""
     from overlay.control.messages import RequestError, normalize_name
     from overlay.node.control_client import parse_hostport
-    from overlay.node.daemon import DaemonError, run_daemon
     from overlay.node.prefs import Prefs, hostname_label
     h = Home(home)
     try:
@@ -219,16 +216,27 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(e.message)
     if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
-    _logging(log_level)
-    try:
-        asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
-                               keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
-                               shares=shares, forwards=forwards, address=address, static_peers=static_peers,
-                               proxy_users=proxy_users or None))
-    except (DaemonError, HomeError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        pass
+    _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,
+                                    keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
+                                    shares=shares, forwards=forwards, address=address, static_peers=static_peers,
+                                    proxy_users=proxy_users or None))
+
+
+def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
+    """Become the daemon (overlay/node/run.py, same PID) without the CLI's libraries in memory;
+    the settings go through an inherited pipe."""
+    for p in settings["static_peers"]:
+        p.pop("key_bytes", None)  # rebuilt from the key text on the other side
+    data = json.dumps({**settings, "home": str(h.path), "log_level": log_level}).encode()
+    r, w = os.pipe()
+    if len(data) > 60000:  # a pipe holds 64 KiB without a reader
+        fail("too many settings for `overlay up` (more than 60 KB)")
+    os.write(w, data)
+    os.close(w)
+    os.set_inheritable(r, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "overlay.node.run", str(r), "--home", str(h.path)])
 
 
 def _static_peer(p: dict) -> dict:
@@ -304,6 +312,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             flags.append(f"max {net['max_members']}")
         if net.get("away"):
             flags.append("offline")
+        from rich.table import Table
         t = Table(title=f"{net['name']} ({', '.join(f for f in flags if f)})", title_justify="left")
         for col in ("name", "virtual ip", "status", "role", "path"):
             t.add_column(col)
@@ -564,6 +573,7 @@ def _print_chat(m: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps({k: m[k] for k in ("network", "id", "from", "from_key", "text", "ts")}), flush=True)
     else:
+        from datetime import datetime
         ts = datetime.fromtimestamp(m["ts"]).strftime("%H:%M:%S")
         out.print(f"[dim]{ts}[/] [bold]{m['from']}[/]@{m['network']}: {m['text']}", highlight=False)
         sys.stdout.flush()
@@ -790,9 +800,36 @@ def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where t
     raise typer.Exit(rc)
 
 
+def _fast_status(argv: list[str]) -> bool:
+    """`overlay status [--json] [--home DIR]`, the command people and scripts run most, parsed
+    here: typer's parameter handling imports pydantic, which costs more than the command itself
+    (benchmarks/bench_startup.py). Anything else (other options, -h) goes through typer."""
+    if not argv or argv[0] != "status":
+        return False
+    home, as_json = os.environ.get("OVERLAY_HOME") or None, False
+    rest = argv[1:]
+    while rest:
+        a = rest.pop(0)
+        if a == "--json":
+            as_json = True
+        elif a == "--home" and rest:
+            home = rest.pop(0)
+        elif a.startswith("--home=") and len(a) > 7:
+            home = a[7:]
+        else:
+            return False
+    status(home=Path(home) if home else None, as_json=as_json)
+    return True
+
+
 def main() -> None:
     """Run the CLI. Usage mistakes (unknown command or option, missing argument) are one
     `error:` line naming the help to read, exit status 1, like every other user mistake."""
+    try:
+        if _fast_status(sys.argv[1:]):
+            sys.exit(0)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
     try:
         from typer._click import exceptions as click  # typer >= 0.20 carries its own click
     except ImportError:

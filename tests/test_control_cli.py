@@ -641,3 +641,24 @@ def test_offline_and_online_in_a_network_without_leaving(cluster, tmp_path):
     assert "online in lan" in b.ok("online", "lan")
     cluster.wait(lambda: a.peer("bob")["online"], what="alice sees bob online")
     a.ok("ping", "bob", "-c", "3")
+
+
+def test_daemon_sheds_the_cli_libraries_and_status_takes_the_short_path(cluster):
+    """`overlay up` becomes overlay.node.run (same PID) without typer / pydantic in memory, and
+    `overlay status` parsed without typer prints what the typer path prints."""
+    a = cluster.start_node("alice")
+    pid = a.proc.p.pid
+    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    assert b"overlay.node.run" in cmdline
+    maps = open(f"/proc/{pid}/maps").read()
+    assert "pydantic_core" not in maps and "cryptography" in maps
+    code = ("import sys; from overlay.cli import app; "
+            "app(['status', '--json', '--home', sys.argv[1]], prog_name='overlay', standalone_mode=False)")
+    via_typer = subprocess.run([sys.executable, "-c", code, str(a.home)], capture_output=True, text=True, timeout=30)
+    short = a.run("status", "--json")
+    assert short.returncode == 0 and via_typer.returncode == 0, via_typer.stderr
+    strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in ("udp", "peers")}  # noqa: E731
+    assert strip(short.stdout) == strip(via_typer.stdout)
+    from overlay.cli import _fast_status
+    assert not _fast_status(["status", "--nope"]) and not _fast_status(["status", "-h"])
+    assert not _fast_status(["ping", "x"])

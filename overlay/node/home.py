@@ -11,10 +11,6 @@ import os
 import tomllib
 from pathlib import Path
 
-from overlay import crypto
-from overlay.control.messages import key_from_text, key_to_text
-from overlay.node.config import ConfigError
-from overlay.node.config import validate as validate_config
 
 KEY_FILE = "node.key"
 CONFIG_FILE = "config.toml"
@@ -58,6 +54,8 @@ class Home:
     # ------------------------------------------------------------------ key
     def private_key(self) -> bytes:
         """The node's X25519 key (also its WireGuard key), created 0600 on first use."""
+        from overlay import crypto  # imported here: CLI commands that never need it start faster
+        from overlay.control.messages import key_from_text, key_to_text
         p = self.path / KEY_FILE
         if p.exists():
             if p.stat().st_mode & 0o077:
@@ -75,6 +73,8 @@ class Home:
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
+        from overlay.node.config import ConfigError
+        from overlay.node.config import validate as validate_config
         p = self.config_path
         if not p.exists():
             return {}
@@ -98,6 +98,7 @@ class Home:
 
     def check_server_key(self, server: str, key: bytes) -> bool:
         """Pin on first contact; True if newly pinned. Raises ServerKeyChanged on a mismatch."""
+        from overlay.control.messages import key_to_text
         known = self._known()
         text = key_to_text(key)
         pinned = known.get(server)
