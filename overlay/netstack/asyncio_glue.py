@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +33,8 @@ from . import events as ev
 from .stack import Stack
 from .tcp import TcpConnection, TcpState
 from .udp import UdpSocket
+
+log = logging.getLogger(__name__)
 
 ClientConnected = Callable[["NetstackStreamReader", "NetstackStreamWriter"], Awaitable[None] | None]
 
@@ -303,7 +306,11 @@ class StackDriver:
 
     async def _on_request(self, req: ev.ConnectionRequest) -> None:
         prepare = self._prepare.get(req.port)
-        prepared = await prepare(req.remote) if prepare is not None else None
+        try:
+            prepared = await prepare(req.remote) if prepare is not None else None
+        except Exception:  # a bug in prepare must not leave the SYN unanswered or the task failed
+            log.exception("preparing a connection to port %d failed", req.port)
+            prepared = None
         if self.closed:
             if prepared is not None:
                 self._discard_value(req.port, prepared)
