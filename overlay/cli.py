@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
-from rich.console import Console
 
 from overlay.node import api
 from overlay.node.home import Home, HomeError
@@ -35,8 +34,22 @@ service_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
 app.add_typer(admin_app, name="admin")
 app.add_typer(service_app, name="service")
 
-out = Console()
-err = Console(stderr=True)
+class _LazyConsole:
+    """A rich Console made on first use: `status --json` and scripts never import rich."""
+
+    def __init__(self, **kw):
+        self._kw = kw
+        self._console = None
+
+    def __getattr__(self, name):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._kw)
+        return getattr(self._console, name)
+
+
+out = _LazyConsole()
+err = _LazyConsole(stderr=True)
 
 HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
