@@ -3,12 +3,12 @@
 Every command takes ``--home DIR`` (or ``OVERLAY_HOME``). Commands other than ``server``, ``up``
 and ``service`` talk to the running daemon over its local API socket. User mistakes end with one
 red line and exit status 1, never a traceback; ``--json`` output follows the schema in
-docs/json.md.
+docs/json.md. Modules only some commands need (asyncio, the daemon, the server, crypto) are
+imported inside those commands, so the everyday ones (status, share, ...) start fast.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -17,29 +17,58 @@ import shutil
 import socket
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from overlay.node import api
 from overlay.node.home import Home, HomeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="overlay: a zero-configuration peer-to-peer VPN.")
-admin_app = typer.Typer(no_args_is_help=True, help="Owner commands for a network.")
-service_app = typer.Typer(no_args_is_help=True, help="Run the node as a systemd user service.")
+admin_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS, help="Owner commands for a network.")
+service_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
+                          help="Run the node as a systemd user service.")
 app.add_typer(admin_app, name="admin")
 app.add_typer(service_app, name="service")
 
-out = Console()
-err = Console(stderr=True)
+class _LazyConsole:
+    """A rich Console made on first use: `status --json` and scripts never import rich."""
+
+    def __init__(self, **kw):
+        self._kw = kw
+        self._console = None
+
+    def __getattr__(self, name):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._kw)
+        return getattr(self._console, name)
+
+
+out = _LazyConsole()
+err = _LazyConsole(stderr=True)
 
 HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
+LogLevelOpt = typer.Option("info", "--log-level", help="Log detail: debug, info, warning or error.")
+UdpOpt = typer.Option(False, "--udp", help="UDP instead of TCP (same as PORT/udp).")
+NetworkArg = typer.Argument(..., help="Network name.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from overlay import __version__
+        print(f"overlay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """overlay: a zero-configuration peer-to-peer VPN."""
 
 
 def fail(message: str, code: str = "error", as_json: bool = False) -> NoReturn:
@@ -55,10 +84,19 @@ def daemon_call(home: Optional[Path], cmd: str, as_json: bool = False, **args) -
     try:
         return api.call(h.socket_path, cmd, **args)
     except api.DaemonNotRunning:
-        fail(f"overlay is not running for {h.path} (start it with `overlay up --server HOST:PORT --name NAME"
-             f"{' --home ' + str(home) if home else ''}`)", "not_running", as_json)
+        fail(f"overlay is not running for {h.path} (start it with `{_up_command(h, home)}`)", "not_running", as_json)
     except api.ApiError as e:
         fail(e.message, e.code, as_json)
+
+
+def _up_command(h: Home, home: Optional[Path]) -> str:
+    """The `overlay up` that starts this home's node: bare if it ran before (prefs.json)."""
+    from overlay.node.prefs import Prefs, PrefsError
+    try:
+        ran_before = Prefs(h.path).server is not None
+    except PrefsError:
+        ran_before = False
+    return "overlay up" + ("" if ran_before else " --server HOST:PORT") + (f" --home {home}" if home else "")
 
 
 def print_json(obj) -> None:
@@ -80,9 +118,9 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
            stun_alt_ip: Optional[str] = typer.Option(None, "--stun-alt-ip",
                                                      help="A second public IP of this server that answers STUN "
                                                           "on the same port (finer NAT classification)."),
-           log_level: str = typer.Option("info", "--log-level")):
+           log_level: str = LogLevelOpt):
     """Run a mediation server in the foreground."""
-    import ipaddress
+    import asyncio
 
     from overlay.node.control_client import parse_hostport
     from overlay.server.app import run_server
@@ -107,8 +145,11 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
 
 
 @app.command()
-def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT."),
-       name: Optional[str] = typer.Option(None, "--name", help="This node's name (a DNS label)."),
+def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT (default: "
+                                                                  "config.toml, else the last one used)."),
+       name: Optional[str] = typer.Option(None, "--name", help="This node's name, a DNS label (default: "
+                                                              "config.toml, else the last one used, else the "
+                                                              "host name)."),
        via_proxy: Optional[str] = typer.Option(None, "--via-proxy",
                                                help="Reach the server through http://… or socks5://… proxy."),
        port: Optional[int] = typer.Option(None, "--port", help="Fixed UDP port (the 'magic' port to forward on "
@@ -132,18 +173,19 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                   help="TUN/TAP: let peers reach only shared ports (plus replies "
                                                        "and ping); default: everything, like a LAN."),
        home: Optional[Path] = HomeOpt,
-       log_level: str = typer.Option("info", "--log-level")):
+       log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
     from overlay.control.messages import RequestError, normalize_name
     from overlay.node.control_client import parse_hostport
-    from overlay.node.daemon import DaemonError, run_daemon
+    from overlay.node.prefs import Prefs, hostname_label
     h = Home(home)
     try:
         cfg = h.config()
+        last = Prefs(h.path)  # what the last `overlay up` ran with
     except HomeError as e:
         fail(str(e))
-    server = server or cfg.get("server")
-    name = name or cfg.get("name")
+    server = server or cfg.get("server") or last.server
+    name = name or cfg.get("name") or last.name or hostname_label()
     via_proxy = via_proxy or cfg.get("via_proxy")
     port = port if port is not None else cfg.get("port", 0)
     keepalive = keepalive if keepalive is not None else cfg.get("keepalive", 25.0)
@@ -217,17 +259,28 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(e.message)
     if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
-    _logging(log_level)
-    try:
-        asyncio.run(run_daemon(h, server=server, name=name, via_proxy=via_proxy, port=port,
-                               keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
-                               shares=shares, forwards=forwards, address=address, static_peers=static_peers,
-                               proxy_users=proxy_users or None, interface=interface, dev=dev,
-                               only_shared=only_shared))
-    except (DaemonError, HomeError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        pass
+    _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,
+                                    keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
+                                    shares=shares, forwards=forwards, address=address, static_peers=static_peers,
+                                    proxy_users=proxy_users or None, interface=interface, dev=dev,
+                                    only_shared=only_shared))
+
+
+def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
+    """Become the daemon (overlay/node/run.py, same PID) without the CLI's libraries in memory;
+    the settings go through an inherited pipe."""
+    for p in settings["static_peers"]:
+        p.pop("key_bytes", None)  # rebuilt from the key text on the other side
+    data = json.dumps({**settings, "home": str(h.path), "log_level": log_level}).encode()
+    r, w = os.pipe()
+    if len(data) > 60000:  # a pipe holds 64 KiB without a reader
+        fail("too many settings for `overlay up` (more than 60 KB)")
+    os.write(w, data)
+    os.close(w)
+    os.set_inheritable(r, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "overlay.node.run", str(r), "--home", str(h.path)])
 
 
 def _static_peer(p: dict) -> dict:
@@ -358,6 +411,9 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             flags.append("approval")
         if net["max_members"]:
             flags.append(f"max {net['max_members']}")
+        if net.get("away"):
+            flags.append("offline")
+        from rich.table import Table
         t = Table(title=f"{net['name']} ({', '.join(f for f in flags if f)})", title_justify="left")
         for col in ("name", "virtual ip", "status", "role", "path"):
             t.add_column(col)
@@ -371,6 +427,11 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             role = m["role"] + (f" ({m['iface']})" if m.get("iface") else "")
             t.add_row(m["name"], m["ip"], state, role, path)
         out.print(t)
+        if net.get("away"):
+            out.print(f"  you are offline in {net['name']}: overlay online {net['name']}", highlight=False)
+        for p in net.get("pending", []):
+            out.print(f"  {p['name']} asks to join {net['name']}: overlay admin approve {net['name']} {p['name']} "
+                      f"(or reject)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -411,6 +472,50 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
 
 
 @app.command()
+def offline(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
+    """Go offline in a network without leaving it (remembered until `overlay online`)."""
+    r = daemon_call(home, "presence", network=network, online=False)
+    out.print(f"offline in {r['network']}: its members see you offline and cannot reach you through it",
+              highlight=False)
+
+
+@app.command()
+def online(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
+    """Come back online in a network after `overlay offline`."""
+    r = daemon_call(home, "presence", network=network, online=True)
+    out.print(f"online in {r['network']}", highlight=False)
+
+
+@app.command()
+def rename(name: str = typer.Argument(..., help="The new name (a DNS label)."), home: Optional[Path] = HomeOpt):
+    """Rename this node in every network (refused if a member of one of them has the name)."""
+    r = daemon_call(home, "rename", name=name)
+    out.print(f"this node is now {r['name']}", highlight=False)
+
+
+@app.command()
+def ip(peer: Optional[str] = typer.Argument(None, help="Peer name, name.network or virtual IP (default: "
+                                                         "this node)."),
+       home: Optional[Path] = HomeOpt):
+    """Print a virtual IPv4 address, this node's or a peer's (for scripts)."""
+    st = daemon_call(home, "status")
+    if peer is None:
+        if not st["node"]["virtual_ip"]:
+            fail("this node has no virtual IP yet: it is not connected to its server (overlay status)")
+        print(st["node"]["virtual_ip"])
+        return
+    t = peer.strip().lower().rstrip(".")
+    if t in (st["node"]["name"], st["node"]["virtual_ip"]) and st["node"]["virtual_ip"]:
+        print(st["node"]["virtual_ip"])
+        return
+    for p in st["peers"]:
+        if t in (p["name"], p["ip"]) or any(t == f"{p['name']}.{n}" for n in p.get("networks", [])):
+            print(p["ip"])
+            return
+    fail(f"no peer named {peer!r} shares a network with this node (`overlay status` lists your peers)")
+
+
+@app.command()
 def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """UDP reachability, public address, NAT mapping behaviour and RTT to the server."""
     r = daemon_call(home, "netcheck", as_json)
@@ -444,16 +549,18 @@ def _port_proto(text: str, udp: bool = False) -> tuple[int, bool]:
 
 @app.command()
 def share(port: str = typer.Argument(..., help="PORT or PORT/udp on this machine (127.0.0.1)."),
-          udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+          udp: bool = UdpOpt, home: Optional[Path] = HomeOpt):
     """Let peers connect to a local port through the overlay."""
     p, u = _port_proto(port, udp)
-    daemon_call(home, "share", port=p, udp=u)
+    r = daemon_call(home, "share", port=p, udp=u)
     out.print(f"sharing {'udp' if u else 'tcp'} port {p} with your peers")
+    if r.get("warning"):
+        err.print(f"[yellow]warning:[/] {r['warning']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def unshare(port: str = typer.Argument(..., help="PORT or PORT/udp."),
-            udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+            udp: bool = UdpOpt, home: Optional[Path] = HomeOpt):
     """Stop sharing a port."""
     p, u = _port_proto(port, udp)
     daemon_call(home, "unshare", port=p, udp=u)
@@ -463,7 +570,7 @@ def unshare(port: str = typer.Argument(..., help="PORT or PORT/udp."),
 @app.command()
 def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT or PORT/udp)."),
             target: str = typer.Argument(..., help="PEER or PEER:PORT (default: the same port)."),
-            udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+            udp: bool = UdpOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Forward 127.0.0.1:LOCAL to a peer's port: overlay forward 3389 peer-name."""
     from proxy.forward import parse_spec
     p, u = _port_proto(local, udp)
@@ -476,11 +583,13 @@ def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT
     r.pop("ok", None)
     print_json(r) if as_json else out.print(
         f"forwarding {r['proto']} {r['listen']} -> {r['peer']}:{r['peer_port']}", highlight=False)
+    if r.get("warning") and not as_json:
+        err.print(f"[yellow]warning:[/] {r['warning']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def unforward(local: str = typer.Argument(..., help="PORT or PORT/udp."),
-              udp: bool = typer.Option(False, "--udp"), home: Optional[Path] = HomeOpt):
+              udp: bool = UdpOpt, home: Optional[Path] = HomeOpt):
     """Remove a port forward."""
     p, u = _port_proto(local, udp)
     daemon_call(home, "unforward", listen=p, udp=u)
@@ -489,7 +598,7 @@ def unforward(local: str = typer.Argument(..., help="PORT or PORT/udp."),
 
 # ---------------------------------------------------------------------------- networks
 @app.command()
-def create(network: str,
+def create(network: str = NetworkArg,
            password: Optional[str] = typer.Option(None, "--password", help="Network password (prompted if absent)."),
            approval: bool = typer.Option(False, "--approval", help="New members need the owner's approval."),
            max_members: int = typer.Option(0, "--max-members", help="Member limit (0: none)."),
@@ -501,7 +610,7 @@ def create(network: str,
 
 
 @app.command()
-def join(network: str,
+def join(network: str = NetworkArg,
          password: Optional[str] = typer.Option(None, "--password", help="Network password (prompted if absent)."),
          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Join a network."""
@@ -515,7 +624,7 @@ def join(network: str,
 
 
 @app.command()
-def leave(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+def leave(network: str = NetworkArg, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Leave a network."""
     r = daemon_call(home, "leave", as_json, network=network)
     print_json(r) if as_json else out.print(
@@ -523,7 +632,7 @@ def leave(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt)
 
 
 @app.command()
-def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message to send."),
+def chat(network: str = NetworkArg, text: Optional[str] = typer.Argument(None, help="Message to send."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Print messages live."),
          history: bool = typer.Option(False, "--history", help="Show the last messages kept by the server."),
          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
@@ -534,6 +643,8 @@ def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message 
         r = daemon_call(home, "chat", as_json, network=network, text=text)
         if as_json:
             print_json(r)
+        else:
+            out.print(f"sent to {network.lower()}", highlight=False)
     if history:
         r = daemon_call(home, "history", as_json, network=network)
         for m in r["messages"]:
@@ -548,6 +659,10 @@ def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message 
                     _print_chat(ev, as_json)
                 elif ev.get("t") == "removed":
                     fail(f"removed from {ev['network']} ({ev.get('reason')})", "removed", as_json)
+                elif ev.get("t") == "stopping":
+                    fail(f"overlay stopped for {h.path}: no more chat to follow (start it with "
+                         f"`{_up_command(h, home)}`)", "stopped", as_json)
+            fail(f"lost the daemon for {h.path} (it was killed?): no more chat to follow", "stopped", as_json)
         except api.DaemonNotRunning:
             fail(f"overlay is not running for {h.path}", "not_running", as_json)
         except api.ApiError as e:
@@ -560,6 +675,7 @@ def _print_chat(m: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps({k: m[k] for k in ("network", "id", "from", "from_key", "text", "ts")}), flush=True)
     else:
+        from datetime import datetime
         ts = datetime.fromtimestamp(m["ts"]).strftime("%H:%M:%S")
         out.print(f"[dim]{ts}[/] [bold]{m['from']}[/]@{m['network']}: {m['text']}", highlight=False)
         sys.stdout.flush()
@@ -571,21 +687,21 @@ def _admin(home, network, action, as_json=False, **kw) -> dict:
 
 
 @admin_app.command("lock")
-def admin_lock(network: str, home: Optional[Path] = HomeOpt):
+def admin_lock(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
     """Refuse new members."""
     _admin(home, network, "lock")
     out.print(f"{network} is locked: no new members")
 
 
 @admin_app.command("unlock")
-def admin_unlock(network: str, home: Optional[Path] = HomeOpt):
+def admin_unlock(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
     """Accept new members again."""
     _admin(home, network, "unlock")
     out.print(f"{network} is unlocked")
 
 
 @admin_app.command("approval")
-def admin_approval(network: str, mode: str = typer.Argument(..., help="on or off"),
+def admin_approval(network: str = NetworkArg, mode: str = typer.Argument(..., help="on or off"),
                    home: Optional[Path] = HomeOpt):
     """Require (on) or stop requiring (off) the owner's approval for joins."""
     if mode not in ("on", "off"):
@@ -595,7 +711,7 @@ def admin_approval(network: str, mode: str = typer.Argument(..., help="on or off
 
 
 @admin_app.command("pending")
-def admin_pending(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+def admin_pending(network: str = NetworkArg, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """List join requests waiting for approval."""
     r = _admin(home, network, "pending", as_json)
     if as_json:
@@ -607,32 +723,48 @@ def admin_pending(network: str, home: Optional[Path] = HomeOpt, as_json: bool = 
         out.print(f"{p['name']}  {p['key']}")
 
 
-def _targeted(action: str, verb: str):
-    def cmd(network: str, name: str, home: Optional[Path] = HomeOpt):
+def _targeted(action: str, verb: str, doc: str, who: str):
+    def cmd(network: str = NetworkArg, name: str = typer.Argument(..., help=who),
+            home: Optional[Path] = HomeOpt):
         _admin(home, network, action, target=name)
         out.print(f"{name} {verb} ({network})")
-    cmd.__doc__ = f"{action.capitalize()} a member by name."
+    cmd.__doc__ = doc
     return cmd
 
 
-admin_app.command("approve")(_targeted("approve", "approved"))
-admin_app.command("reject")(_targeted("reject", "rejected"))
-admin_app.command("kick")(_targeted("kick", "kicked"))
-admin_app.command("ban")(_targeted("ban", "banned"))
-admin_app.command("unban")(_targeted("unban", "unbanned"))
-admin_app.command("transfer")(_targeted("transfer", "now owns the network"))
+admin_app.command("approve")(_targeted("approve", "approved", "Let a pending node join.", "Name of the requester."))
+admin_app.command("reject")(_targeted("reject", "rejected", "Turn down a pending join request.",
+                                      "Name of the requester."))
+admin_app.command("kick")(_targeted("kick", "kicked", "Remove a member (it may join again).", "Member name."))
+admin_app.command("ban")(_targeted("ban", "banned", "Remove and refuse a node: member, pending or former member.",
+                                   "Node name."))
+admin_app.command("unban")(_targeted("unban", "unbanned", "Let a banned node join again.", "Node name."))
+admin_app.command("transfer")(_targeted("transfer", "now owns the network",
+                                        "Hand the network's ownership to another member.", "The new owner."))
 
 
 @admin_app.command("limit")
-def admin_limit(network: str, count: int = typer.Argument(..., help="Maximum members (0: no limit)."),
+def admin_limit(network: str = NetworkArg, count: int = typer.Argument(..., help="Maximum members (0: no limit)."),
                 home: Optional[Path] = HomeOpt):
     """Set the member limit."""
     _admin(home, network, "limit", value=count)
     out.print(f"{network}: member limit {count or 'none'}")
 
 
+@admin_app.command("password")
+def admin_password(network: str = NetworkArg,
+                   password: Optional[str] = typer.Option(None, "--password",
+                                                          help="The new password (prompted if absent)."),
+                   home: Optional[Path] = HomeOpt):
+    """Change the network's password (members stay; new joins need the new one)."""
+    if password is None:
+        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
+    _admin(home, network, "password", password=password)
+    out.print(f"{network}: password changed")
+
+
 @admin_app.command("delete")
-def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
+def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):
     """Delete a network for everyone."""
     if not yes and not typer.confirm(f"Delete network {network} for all its members?"):
@@ -646,64 +778,117 @@ def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do
 def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server."),
                   home: Optional[Path] = HomeOpt):
     """Forget a server's pinned key (after the server was really reinstalled)."""
-    if Home(home).forget_server(server):
-        out.print(f"forgot the key of {server}; it will be pinned again on the next connection")
-    else:
+    h = Home(home)
+    if not h.forget_server(server):
         fail(f"no pinned key for {server}")
+    try:
+        api.call(h.socket_path, "retry_server", timeout=5)
+    except (api.DaemonNotRunning, api.ApiError, OSError):
+        out.print(f"forgot the key of {server}; `overlay up` pins the new one on first contact")
+    else:
+        out.print(f"forgot the key of {server}; the running node reconnects now and pins the new one")
 
 
-def _unit_path() -> Path:
+def _unit_name(h: Home) -> str:
+    """overlay.service for the default home; overlay-<hash of the home>.service for any other, so
+    each node on the machine gets its own unit."""
+    from overlay.node.home import default_home
+    if h.path.resolve() == default_home().resolve():
+        return "overlay.service"
+    import hashlib
+    return f"overlay-{hashlib.sha256(str(h.path.resolve()).encode()).hexdigest()[:8]}.service"
+
+
+def _unit_path(unit: str) -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "systemd" / "user" / "overlay.service"
+    return Path(base) / "systemd" / "user" / unit
 
 
 @service_app.command("install")
-def service_install(server: Optional[str] = typer.Option(None, "--server"),
-                    name: Optional[str] = typer.Option(None, "--name"),
+def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT "
+                                                         "(remembered for `overlay up`, as by `up --server`)."),
+                    name: Optional[str] = typer.Option(None, "--name", help="This node's name (remembered, "
+                                                       "default: the host name)."),
                     home: Optional[Path] = HomeOpt):
-    """Write and enable a systemd user unit running `overlay up` (no admin rights needed)."""
+    """Write and enable a systemd user unit running `overlay up` for this home (no admin rights needed)."""
+    from overlay.control.messages import RequestError, normalize_name
+    from overlay.node.control_client import parse_hostport
+    from overlay.node.prefs import Prefs, hostname_label
     h = Home(home)
     cfg = h.config()
-    server = server or cfg.get("server")
-    name = name or cfg.get("name")
-    if not server or not name:
-        fail("give --server and --name (or set them in config.toml)")
-    unit = _unit_path()
-    unit.parent.mkdir(parents=True, exist_ok=True)
+    prefs = Prefs(h.path)
+    server = server or cfg.get("server") or prefs.server
+    name = name or cfg.get("name") or prefs.name or hostname_label()
+    if not server:
+        fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
+    try:
+        parse_hostport(server)
+        name = normalize_name(name, "node name")
+    except ValueError as e:
+        fail(str(e))
+    except RequestError as e:
+        fail(e.message)
+    # the unit runs a bare `overlay up`: server and name live in the home, where `up` finds them
+    h.ensure()
+    prefs.remember(server=server, name=name)
+    unit = _unit_name(h)
+    path = _unit_path(unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("overlay") or f"{sys.executable} -m overlay"
-    unit.write_text(
-        "[Unit]\nDescription=overlay VPN node\nAfter=network-online.target\n\n"
+    path.write_text(
+        f"[Unit]\nDescription=overlay VPN node ({h.path.resolve()})\nAfter=network-online.target\n\n"
         "[Service]\n"
-        f"ExecStart={exe} up --home {h.path.resolve()} --server {server} --name {name}\n"
+        f"ExecStart={exe} up --home {h.path.resolve()}\n"
         "Restart=on-failure\nRestartSec=5\n\n"
         "[Install]\nWantedBy=default.target\n")
-    out.print(f"wrote {unit}")
-    _systemctl("enable", "--now", "overlay.service")
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    _systemctl("enable", "--now", unit, written=path)
+    out.print(f"{unit} runs `overlay up --home {h.path.resolve()}` as {name} with server {server}", highlight=False, soft_wrap=True)
+    _linger_hint()
 
 
 @service_app.command("uninstall")
-def service_uninstall():
-    """Stop, disable and remove the systemd user unit."""
-    unit = _unit_path()
-    if not unit.exists():
-        fail(f"no unit installed at {unit}")
-    _systemctl("disable", "--now", "overlay.service")
-    unit.unlink()
-    out.print(f"removed {unit}")
+def service_uninstall(home: Optional[Path] = HomeOpt):
+    """Stop, disable and remove the systemd user unit of this home."""
+    unit = _unit_name(Home(home))
+    path = _unit_path(unit)
+    if not path.exists():
+        fail(f"no unit installed at {path}" + ("" if home else " (installed for another home? give its --home)"))
+    _systemctl("disable", "--now", unit, written=path)
+    path.unlink()
+    out.print(f"removed {path}", highlight=False, soft_wrap=True)
     _systemctl("daemon-reload")
 
 
-def _systemctl(*args: str) -> None:
+def _systemctl(*args: str, written: Optional[Path] = None) -> None:
+    """Run `systemctl --user ARGS` (after a daemon-reload); a failure is an error naming what to run."""
+    command = f"systemctl --user {' '.join(args)}"
     if shutil.which("systemctl") is None:
-        err.print(f"[yellow]systemctl not found; run `systemctl --user {' '.join(args)}` where systemd runs[/]")
-        return
+        fail(f"systemctl not found: {'the unit is written at ' + str(written) + '; ' if written else ''}"
+             f"run `{command}` where systemd runs")
     r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
     if r.returncode == 0 and args != ("daemon-reload",):
         r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
     if r.returncode != 0:
-        err.print(f"[yellow]systemctl --user {' '.join(args)} failed: {(r.stderr or r.stdout).strip()}[/]")
-    elif args != ("daemon-reload",):
-        out.print(f"systemctl --user {' '.join(args)}: done")
+        why = (r.stderr or r.stdout).strip().splitlines()
+        fail(f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
+             + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
+                if why and "bus" in why[-1].lower() else ""))
+    if args != ("daemon-reload",):
+        out.print(f"{command}: done", highlight=False, soft_wrap=True)
+
+
+def _linger_hint() -> None:
+    """A user service stops at logout unless the user lingers: say how to keep it running."""
+    import getpass
+    if shutil.which("loginctl") is None:
+        return
+    user = getpass.getuser()
+    r = subprocess.run(["loginctl", "show-user", user, "--property=Linger", "--value"], capture_output=True,
+                       text=True)
+    if r.returncode == 0 and r.stdout.strip() == "no":
+        err.print(f"[yellow]note:[/] the node runs only while {user} is logged in; to keep it running without "
+                  f"a login: loginctl enable-linger {user}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -717,12 +902,60 @@ def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where t
     raise typer.Exit(rc)
 
 
+def _fast_status(argv: list[str]) -> bool:
+    """`overlay status [--json] [--home DIR]`, the command people and scripts run most, parsed
+    here: typer's parameter handling imports pydantic, which costs more than the command itself
+    (benchmarks/bench_startup.py). Anything else (other options, -h) goes through typer."""
+    if not argv or argv[0] != "status":
+        return False
+    home, as_json = os.environ.get("OVERLAY_HOME") or None, False
+    rest = argv[1:]
+    while rest:
+        a = rest.pop(0)
+        if a == "--json":
+            as_json = True
+        elif a == "--home" and rest:
+            home = rest.pop(0)
+        elif a.startswith("--home=") and len(a) > 7:
+            home = a[7:]
+        else:
+            return False
+    status(home=Path(home) if home else None, as_json=as_json)
+    return True
+
+
 def main() -> None:
+    """Run the CLI. Usage mistakes (unknown command or option, missing argument) are one
+    `error:` line naming the help to read, exit status 1, like every other user mistake."""
     try:
-        app()
+        if _fast_status(sys.argv[1:]):
+            sys.exit(0)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    try:
+        from typer._click import exceptions as click  # typer >= 0.20 carries its own click
+    except ImportError:
+        from click import exceptions as click
+    no_args = getattr(click, "NoArgsIsHelpError", ())
+    try:
+        rc = app(prog_name="overlay", standalone_mode=False)
+    except no_args as e:
+        print(e.ctx.get_help())
+        rc = 0
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "overlay"
+        err.print(f"[bold red]error:[/] {e.format_message().rstrip('.')} (see `{where} --help`)", highlight=False,
+                  soft_wrap=True)
+        rc = 1
+    except click.ClickException as e:
+        err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        rc = 1
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        rc = 1
     except HomeError as e:
-        err.print(f"[bold red]error:[/] {e}")
-        sys.exit(1)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        rc = 1
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,18 @@ class PortNotShared(DialError):
         self.port = port
 
 
+class NothingListens(DialError):
+    """The peer shares the port, but nothing listens behind it on the peer's machine."""
+
+    socks_reply = socks5.REP_CONNECTION_REFUSED
+    http_status = 502
+
+    def __init__(self, peer: str, port: int):
+        super().__init__(f"{peer} shares port {port} but nothing listens there")
+        self.peer = peer
+        self.port = port
+
+
 class PeerUnreachable(DialError):
     """No path to the peer (offline, no tunnel, no relay)."""
 

@@ -31,6 +31,10 @@ LINGER_TIMEOUT = 2.0  # seconds spent discarding a client's unread input after a
 LINGER_BYTES = 1 << 20
 
 
+class AuthRequired(ListenError):
+    """A proxy asked to listen beyond loopback without users to authenticate."""
+
+
 class _ProxyServer:
     """Listening socket, client bookkeeping and dial error mapping shared by both proxies."""
 
@@ -48,9 +52,10 @@ class _ProxyServer:
         max_clients: int = MAX_CLIENTS,
     ):
         if not users and not is_loopback(host):
-            raise ListenError(
+            raise AuthRequired(
                 f"refusing to run the {self.kind} on {format_address(host, port)} without authentication: "
-                "anyone who can reach it could use the overlay; configure users or listen on 127.0.0.1"
+                "anyone who can reach it could use the overlay; require users with --proxy-user USER:PASSWORD "
+                "(proxy_users in config.toml) or listen on 127.0.0.1"
             )
         self.dialer = dialer
         self.host = host

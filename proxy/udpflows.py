@@ -5,7 +5,8 @@ Either way: the first datagram for a key opens a flow (datagrams arriving meanwh
 short bounded list), replies are handed to ``on_reply``, the number of flows is bounded (the
 least recently used is closed to make room), idle flows are closed, and a destination the dialer
 refused is not re-dialled for ``retry_after`` seconds so a chatty client cannot turn every
-datagram into a dial and a log line.
+datagram into a dial and a log line. A datagram the flow cannot send (too large) is dropped with
+a rate-limited warning.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from proxy.dialer import Dialer, DialError, UdpFlow
+from proxy.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class UdpFlows(Generic[K]):
         self._max = max_flows
         self._retry = retry_after
         self._label = label
+        self._send_failed = RateLimitedLog(log)
         self._entries: OrderedDict[K, _Entry] = OrderedDict()
         self._loop = asyncio.get_running_loop()
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
@@ -84,7 +87,7 @@ class UdpFlows(Generic[K]):
         entry.deadline = now + self._idle
         self._entries.move_to_end(key)
         if entry.flow is not None:
-            entry.flow.send(data)
+            self._send(entry.flow, host, port, data)
         elif len(entry.pending) < MAX_PENDING:
             entry.pending.append(data)
 
@@ -103,7 +106,7 @@ class UdpFlows(Generic[K]):
         entry.flow = flow
         try:
             for data in entry.pending:
-                flow.send(data)
+                self._send(flow, host, port, data)
             entry.pending.clear()
             while True:
                 data = await flow.recv()
@@ -117,6 +120,13 @@ class UdpFlows(Generic[K]):
             flow.close()
             if self._entries.get(key) is entry:
                 del self._entries[key]
+
+    def _send(self, flow: UdpFlow, host: str, port: int, data: bytes) -> None:
+        try:
+            flow.send(data)
+        except OSError as e:
+            self._send_failed.warning("%s to %s:%d: datagram of %d bytes dropped: %s",
+                                      self._label, host, port, len(data), e.strerror or e)
 
     def _close_entry(self, entry: _Entry) -> None:
         if entry.task is not None:

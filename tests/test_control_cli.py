@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from cluster import OVERLAY, Cluster, free_port
 
@@ -77,10 +78,9 @@ def test_networks_presence_chat(cluster):
     # presence: a killed daemon goes offline for the others, and comes back with the same IP
     b.kill(signal.SIGKILL)
     cluster.wait(lambda: not members(a, "games")["bob"]["online"], timeout=10, what="bob offline")
-    # a probe that goes unanswered is a timeout line, not an error (the API call outlives the probe)
+    # pinging an offline peer says so at once
     r = a.run("ping", "bob", "-c", "1", "--json")
-    probe = json.loads(r.stdout.splitlines()[0])
-    assert r.returncode == 1 and probe["peer"] == "bob" and probe["rtt_ms"] is None
+    assert r.returncode == 1 and json.loads(r.stdout)["error"] == {"code": "peer_offline", "message": "bob is offline"}
     b.start()
     cluster.wait(lambda: members(a, "games")["bob"]["online"], timeout=15, what="bob online again")
     assert members(a, "games")["bob"]["ip"] == ms["bob"]["ip"]
@@ -137,6 +137,14 @@ def test_admin_commands(cluster):
     a.ok("admin", "unban", "lan", "carol")
     c.ok("join", "lan", "--password", "pw")
     assert "no member named" in a.fails("admin", "kick", "lan", "nobody")
+    # a kicked member can still be banned (and a name nobody had is one error line)
+    a.ok("admin", "kick", "lan", "carol")
+    cluster.wait(lambda: c.network("lan") is None, what="carol kicked again")
+    assert "carol banned (lan)" in a.ok("admin", "ban", "lan", "carol")
+    assert "banned" in c.fails("join", "lan", "--password", "pw")
+    assert "no member, pending request or former member named 'nobody'" in a.fails("admin", "ban", "lan", "nobody")
+    a.ok("admin", "unban", "lan", "carol")
+    c.ok("join", "lan", "--password", "pw")
 
     # ownership transfer; the old owner can then leave
     assert "transfer" in a.fails("leave", "lan")
@@ -224,10 +232,9 @@ def test_server_key_change_is_refused(tmp_path):
         st = a.status()["server"]
         assert "forget-server" in st["error"] and not st["connected"]
         assert "forget-server" in a.proc.output()
-        a.ok("forget-server", c.server_addr)
-        a.kill(signal.SIGTERM)
-        a.start()
-        c.wait(a.connected, timeout=20, what="reconnected after forgetting the key")
+        # forgetting the key is enough: the running node reconnects at once (not after 30 s)
+        assert "reconnects now" in a.ok("forget-server", c.server_addr)
+        c.wait(a.connected, timeout=8, what="reconnected after forgetting the key")
 
 
 @pytest.mark.parametrize("kind", ["socks5", "http"])
@@ -260,19 +267,59 @@ def test_node_reaches_server_through_proxy(tmp_path, kind):
             proxy.kill()
 
 
-def test_service_install_writes_user_unit(tmp_path):
-    # a PATH without systemctl: the unit is written and the enable step only warns
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PATH": os.path.dirname(sys.executable)}
-    home = tmp_path / "home"
-    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--name", "svc",
-                        "--home", str(home)], capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 0 and "systemctl" in r.stderr, r.stderr
-    unit = tmp_path / "cfg" / "systemd" / "user" / "overlay.service"
-    text = unit.read_text()
-    assert "ExecStart=" in text and "up --home" in text and "--server 127.0.0.1:9 --name svc" in text
-    assert "WantedBy=default.target" in text
-    r = subprocess.run([*OVERLAY, "service", "uninstall"], capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 0 and not unit.exists()
+def _fake_tools(tmp_path, systemctl_ok: bool, linger: str = "no") -> dict:
+    """A PATH with only python and fake systemctl / loginctl that log their arguments."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    body = "exit 0" if systemctl_ok else 'echo "Failed to connect to bus: No medium found" >&2; exit 1'
+    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\ncase "$*" in *daemon-reload*) exit 0;; esac\n{body}\n')
+    (bin_ / "loginctl").write_text(f"#!/bin/sh\necho {linger}\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+            "PATH": f"{bin_}:{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+
+
+def test_service_install_one_unit_per_home_without_baked_settings(tmp_path):
+    env = _fake_tools(tmp_path, systemctl_ok=True)
+    homes = [tmp_path / "h1", tmp_path / "h2"]
+    units = []
+    for i, home in enumerate(homes):
+        r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--name", f"svc{i}",
+                            "--home", str(home)], capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert "loginctl enable-linger" in r.stderr  # the service must run without a login
+        unit = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("wrote "))
+        units.append(Path(unit))
+        text = Path(unit).read_text()
+        assert f"up --home {home.resolve()}\n" in text and "--server" not in text and "--name" not in text
+        assert "WantedBy=default.target" in text
+        assert json.loads((home / "prefs.json").read_text())["server"] == "127.0.0.1:9"
+    assert units[0] != units[1] and units[0].parent == tmp_path / "cfg" / "systemd" / "user"
+    assert f"systemctl --user enable --now {units[0].name}" in (tmp_path / "calls.log").read_text()
+    r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(homes[0])], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 0 and not units[0].exists() and units[1].exists(), r.stderr
+    assert f"systemctl --user disable --now {units[0].name}" in (tmp_path / "calls.log").read_text()
+
+
+def test_service_install_fails_when_systemctl_fails(tmp_path):
+    env = _fake_tools(tmp_path, systemctl_ok=False)
+    home = tmp_path / "h"
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: systemctl --user enable --now overlay-") and "Failed to connect to bus" \
+        in r.stderr and "loginctl enable-linger" in r.stderr, r.stderr
+    r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(home)], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 1 and "disable --now" in r.stderr, r.stderr
+    # no systemctl at all: an error naming the command to run elsewhere
+    env["PATH"] = os.path.dirname(sys.executable)
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and "systemctl not found" in r.stderr and "enable --now" in r.stderr, r.stderr
 
 
 def test_config_file_example_and_shares(cluster, tmp_path):
@@ -301,3 +348,317 @@ def test_config_file_example_and_shares(cluster, tmp_path):
     (bad / "config.toml").write_text("server = [broken")
     r = subprocess.run([*OVERLAY, "up", "--home", str(bad)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "config.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_up_alone_brings_the_node_back_with_its_shares_and_forwards(cluster, tmp_path):
+    """prefs.json: the last --server / --name, runtime shares and forwards survive down / up."""
+    from cluster import Node, Proc
+    from overlay.node.prefs import hostname_label
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port := free_port())],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        b.ok("share", str(port))
+        b.ok("share", "27016/udp")
+        b.ok("share", "27017")
+        b.ok("unshare", "27017")
+        local, gone = free_port(), free_port()
+        a.ok("forward", str(local), f"bob:{port}")
+        a.ok("forward", str(gone), "bob:22")
+        a.ok("unforward", str(gone))
+        for n in (a, b):
+            n.ok("down")
+            cluster.wait(lambda n=n: not n.proc.alive(), what=f"{n.name} stopped")
+            # `overlay up` alone: no --server, no --name
+            n.proc = Proc([*OVERLAY, "up", "--socks", "127.0.0.1:0", "--home", str(n.home)],
+                          tmp_path / f"again-{n.name}.log")
+        for n in (a, b):
+            cluster.wait(n.connected, what=f"{n.name} back")
+            assert n.status()["node"]["name"] == n.name
+            assert n.status()["server"]["address"] == cluster.server_addr
+        assert {(s["port"], s["proto"]) for s in b.status()["shares"]} == {(port, "tcp"), (27016, "udp")}
+        assert [(f["listen"], f["peer"], f["peer_port"]) for f in a.status()["forwards"]] == [
+            (f"127.0.0.1:{local}", "bob", port)]
+        cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob again")
+        r = subprocess.run(["curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{local}/"], capture_output=True,
+                           timeout=30)
+        assert r.returncode == 0 and b"Directory listing" in r.stdout, r.stderr
+    finally:
+        web.kill()
+        web.wait()
+    # a fresh home with only --server: the host name is the node's name
+    fresh = Node(cluster, "fresh", tmp_path / "home-fresh")
+    fresh.proc = Proc([*OVERLAY, "up", "--server", cluster.server_addr, "--socks", "127.0.0.1:0",
+                       "--home", str(fresh.home)], tmp_path / "fresh.log")
+    cluster.nodes.append(fresh)
+    cluster.wait(fresh.connected, what="node named after the host")
+    assert fresh.status()["node"]["name"] == hostname_label()
+    # flags still override, and are remembered in turn
+    fresh.ok("down")
+    cluster.wait(lambda: not fresh.proc.alive(), what="fresh stopped")
+    fresh.proc = Proc([*OVERLAY, "up", "--name", "renamed", "--socks", "127.0.0.1:0", "--home", str(fresh.home)],
+                      tmp_path / "renamed.log")
+    cluster.wait(fresh.connected, what="renamed node")
+    assert fresh.status()["node"]["name"] == "renamed"
+    assert json.loads((fresh.home / "prefs.json").read_text())["name"] == "renamed"
+    # an unreadable prefs.json is a one-line error naming it
+    broken = tmp_path / "home-broken"
+    broken.mkdir()
+    (broken / "prefs.json").write_text("{not json")
+    r = subprocess.run([*OVERLAY, "up", "--home", str(broken)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "prefs.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_forward_to_unknown_peer_fails_and_to_offline_member_warns(cluster):
+    a = cluster.start_node("alice")
+    c = cluster.start_node("carol")
+    a.ok("create", "lan", "--password", "pw")
+    c.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("carol") or {}).get("online"), what="alice sees carol")
+    r = a.run("forward", "9000", "nobody")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: no peer named 'nobody'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert json.loads(a.run("forward", "9000", "nobody", "--json").stdout)["error"]["code"] == "unknown_peer"
+    assert a.status()["forwards"] == []
+    r = a.run("forward", str(free_port()), "carol:22")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    c.ok("down")
+    cluster.wait(lambda: not (a.peer("carol") or {"online": True})["online"], what="carol offline")
+    local = free_port()
+    r = a.run("forward", str(local), "carol")
+    assert r.returncode == 0 and "warning: carol is offline" in r.stderr, r.stderr
+    assert json.loads(a.run("forward", str(free_port()), "carol.lan", "--json").stdout)["warning"].startswith(
+        "carol is offline")
+
+
+def test_messages_name_the_fix(cluster, tmp_path):
+    import socket
+    a = cluster.start_node("alice")
+    c = cluster.start_node("carol")
+    a.ok("create", "lan", "--password", "pw")
+    c.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("carol") or {}).get("online"), what="alice sees carol")
+    # pinging oneself, and an offline peer
+    assert a.fails("ping", "alice") == "error: alice is this node (`overlay status` lists your peers)"
+    c.ok("down")
+    cluster.wait(lambda: not (a.peer("carol") or {"online": True})["online"], what="carol offline")
+    assert a.fails("ping", "carol", "-c", "1") == "error: carol is offline"
+    # a busy forward port names another port to use
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        msg = a.fails("forward", str(port), "carol:22")
+        assert msg == f"error: 127.0.0.1:{port} is already in use (forward another local port: " \
+                      "overlay forward OTHER_PORT carol:22)", msg
+    finally:
+        busy.close()
+    # a busy UDP port names --port
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", 0))
+    try:
+        r = subprocess.run([*OVERLAY, "up", "--server", cluster.server_addr, "--name", "x", "--socks", "off",
+                            "--port", str(udp.getsockname()[1]), "--home", str(tmp_path / "hx")],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "--port N" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        udp.close()
+    # the server going away: status says what to check, no raw exception
+    cluster.stop_server()
+    cluster.wait(lambda: "connection refused" in (a.status()["server"].get("error") or ""), timeout=30,
+                 what="server error in status")
+    err = a.status()["server"]["error"]
+    assert err == f"cannot reach the server at {cluster.server_addr}: connection refused (is `overlay server` " \
+                  "running there?)", err
+    assert "Errno" not in a.ok("status")
+    # a node that ran before is started again with `overlay up` alone
+    a.ok("down")
+    cluster.wait(lambda: not a.proc.alive(), what="alice stopped")
+    assert f"(start it with `overlay up --home {a.home}`)" in a.fails("status")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "error: No such command 'bogus' (see `overlay --help`)"),
+    (["share"], "error: Missing argument 'port' (see `overlay share --help`)"),
+    (["admin", "ban", "lan"], "error: Missing argument 'name' (see `overlay admin ban --help`)"),
+    (["status", "--nope"], "error: No such option: --nope"),
+    (["ping", "x", "-c", "many"], "error: Invalid value for '-c' / '--count'"),
+])
+def test_usage_errors_are_one_line_and_exit_1(args, message):
+    r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert "╭" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_version_and_completion():
+    from overlay import __version__
+    for args in (["-h"], ["--help"], ["admin", "transfer", "-h"], []):
+        r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "Usage: overlay" in r.stdout, (args, r.stderr)
+    r = subprocess.run([*OVERLAY, "admin", "transfer", "-h"], capture_output=True, text=True, timeout=30)
+    assert "Hand the network's ownership to another member" in r.stdout
+    r = subprocess.run([*OVERLAY, "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == f"overlay {__version__}\n"
+    r = subprocess.run([*OVERLAY, "--show-completion", "bash"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "_OVERLAY_COMPLETE" in r.stdout, r.stderr
+    env = {**os.environ, "_OVERLAY_COMPLETE": "complete_bash", "COMP_WORDS": "overlay admin tr", "COMP_CWORD": "2"}
+    r = subprocess.run(OVERLAY, capture_output=True, text=True, timeout=30, env=env)
+    assert r.stdout.split() == ["transfer"]
+
+
+def test_every_command_and_option_has_help_text():
+    import typer
+    from overlay.cli import app
+    missing = []
+
+    def walk(cmd, path):
+        if not (cmd.help or "").strip() and path:
+            missing.append(" ".join(path))
+        for p in cmd.params:
+            if not (getattr(p, "help", None) or "").strip():
+                missing.append(f"{' '.join(path)} {p.opts[0] if p.opts else p.name}")
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    assert missing == []
+
+
+def test_ip_prints_virtual_addresses_and_chat_confirms(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: a.peer("bob"), what="alice sees bob")
+    mine, bobs = a.status()["node"]["virtual_ip"], a.peer("bob")["ip"]
+    assert a.ok("ip") == f"{mine}\n"
+    assert a.ok("ip", "alice") == f"{mine}\n"
+    assert a.ok("ip", "bob") == a.ok("ip", "bob.lan") == a.ok("ip", bobs) == f"{bobs}\n"
+    assert a.fails("ip", "carol").startswith("error: no peer named 'carol'")
+    assert a.ok("chat", "lan", "hi bob").strip() == "sent to lan"
+
+
+def test_down_is_clean_and_followers_are_told(cluster):
+    """`overlay down` with a chat follower, a UDP share in use and forwards: no traceback in the log,
+    and the follower says why it ends (exit 1)."""
+    import socket
+    import time
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    b.ok("share", f"{echo.getsockname()[1]}/udp")
+    local = free_port()
+    a.ok("forward", f"{local}/udp", f"bob:{echo.getsockname()[1]}")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    follower = subprocess.Popen([*OVERLAY, "chat", "lan", "--follow", "--home", str(b.home)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "following chat of lan" in follower.stderr.readline()
+        for _ in range(50):  # until bob's share has a flow toward the echo socket
+            s.sendto(b"x" * 3000, ("127.0.0.1", local))
+            echo.settimeout(0.1)
+            try:
+                echo.recvfrom(65536)
+                break
+            except socket.timeout:
+                continue
+        b.ok("down")
+        a.ok("down")
+        out, err = follower.communicate(timeout=10)
+        assert follower.returncode == 1
+        assert err.strip() == (f"error: overlay stopped for {b.home}: no more chat to follow "
+                               f"(start it with `overlay up --home {b.home}`)"), err
+        cluster.wait(lambda: not a.proc.alive() and not b.proc.alive(), what="daemons stopped")
+        time.sleep(0.2)
+        for n in (a, b):
+            log = n.proc.output()
+            assert "daemon stopped" in log
+            assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    finally:
+        s.close()
+        echo.close()
+        if follower.poll() is None:
+            follower.kill()
+
+
+def test_rename_password_and_pending_requests_in_status(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    c = cluster.start_node("carol")
+    a.ok("create", "lan", "--password", "pw", "--approval")
+    # a pending request shows in the owner's status, with the command that answers it
+    assert "waiting for the owner's approval" in b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.network("lan") or {}).get("pending"), what="pending request in status")
+    assert [p["name"] for p in a.network("lan")["pending"]] == ["bob"]
+    assert "bob asks to join lan: overlay admin approve lan bob" in a.ok("status")
+    a.ok("admin", "approve", "lan", "bob")
+    cluster.wait(lambda: a.network("lan")["pending"] == [], what="request answered")
+    # the owner changes the password: members stay, joins need the new one
+    a.ok("admin", "approval", "lan", "off")
+    assert "password changed" in a.ok("admin", "password", "lan", "--password", "n3w")
+    assert "wrong password" in c.fails("join", "lan", "--password", "pw")
+    c.ok("join", "lan", "--password", "n3w")
+    assert "only the owner" in b.fails("admin", "password", "lan", "--password", "x")
+    # rename: everyone sees the new name, and it is remembered for the next `overlay up`
+    assert b.ok("rename", "robert").strip() == "this node is now robert"
+    cluster.wait(lambda: "robert" in members(a, "lan") and "bob" not in members(a, "lan"), what="alice sees robert")
+    assert b.status()["node"]["name"] == "robert"
+    assert json.loads((b.home / "prefs.json").read_text())["name"] == "robert"
+    assert "already taken" in b.fails("rename", "carol")
+    a.ok("ping", "robert", "-c", "3")
+
+
+def test_offline_and_online_in_a_network_without_leaving(cluster, tmp_path):
+    from cluster import Proc
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    assert "offline in lan" in b.ok("offline", "lan")
+    cluster.wait(lambda: not a.peer("bob")["online"], what="alice sees bob offline")
+    assert members(a, "lan")["bob"]["online"] is False and "bob" in members(a, "lan")
+    assert a.fails("ping", "bob", "-c", "1") == "error: bob is offline"
+    assert b.network("lan")["away"] is True and b.peer("alice") is None
+    assert "you are offline in lan: overlay online lan" in b.ok("status")
+    # remembered across a restart
+    b.ok("down")
+    cluster.wait(lambda: not b.proc.alive(), what="bob stopped")
+    b.proc = Proc([*OVERLAY, "up", "--socks", "127.0.0.1:0", "--home", str(b.home)], tmp_path / "bob-again.log")
+    cluster.wait(b.connected, what="bob back")
+    cluster.wait(lambda: b.network("lan") and b.network("lan")["away"], what="bob still offline in lan")
+    cluster.wait(lambda: a.peer("bob") and not a.peer("bob")["online"], what="alice sees bob offline again")
+    assert "online in lan" in b.ok("online", "lan")
+    cluster.wait(lambda: a.peer("bob")["online"], what="alice sees bob online")
+    a.ok("ping", "bob", "-c", "3")
+
+
+def test_daemon_sheds_the_cli_libraries_and_status_takes_the_short_path(cluster):
+    """`overlay up` becomes overlay.node.run (same PID) without typer / pydantic in memory, and
+    `overlay status` parsed without typer prints what the typer path prints."""
+    a = cluster.start_node("alice")
+    pid = a.proc.p.pid
+    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    assert b"overlay.node.run" in cmdline
+    maps = open(f"/proc/{pid}/maps").read()
+    assert "pydantic_core" not in maps and "cryptography" in maps
+    code = ("import sys; from overlay.cli import app; "
+            "app(['status', '--json', '--home', sys.argv[1]], prog_name='overlay', standalone_mode=False)")
+    via_typer = subprocess.run([sys.executable, "-c", code, str(a.home)], capture_output=True, text=True, timeout=30)
+    short = a.run("status", "--json")
+    assert short.returncode == 0 and via_typer.returncode == 0, via_typer.stderr
+    strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in ("udp", "peers")}  # noqa: E731
+    assert strip(short.stdout) == strip(via_typer.stdout)
+    from overlay.cli import _fast_status
+    assert not _fast_status(["status", "--nope"]) and not _fast_status(["status", "-h"])
+    assert not _fast_status(["ping", "x"])

@@ -90,6 +90,9 @@ class World:
             else:
                 good = stored == fake_hash(msg["password"])
             reply = m.handle(key, msg, self.now, password_ok=good)
+        elif t == "admin" and msg["action"] == "password":  # as the glue: owner check, then hashing
+            m.admin_precheck(key, msg)
+            reply = m.handle(key, msg, self.now, password_hash=fake_hash(msg["password"]))
         else:
             reply = m.handle(key, msg, self.now)
         assert reply["t"] == "ok" and reply["id"] == msg["id"]
@@ -403,6 +406,91 @@ def test_ban_pending_request(w):
     assert w.admin("alice", "lan", "pending")["pending"] == []
     assert w.fails("eve", "join", network="lan", password=PW).code == "banned"
     assert w.fails("alice", "admin", network="lan", action="kick", target="eve").code == "unknown_member"
+
+
+def test_ban_former_members_kicked_or_left(w):
+    """A kicked member, or one who left, can still be banned by name (the most recent of that name)."""
+    _setup(w, "alice", "bob", "dave")
+    w.admin("alice", "lan", "kick", target="dave")
+    w.req("bob", "leave", network="lan")
+    w.events()
+    w.admin("alice", "lan", "ban", target="dave")
+    w.admin("alice", "lan", "ban", target="bob")
+    assert w.ev("dave") == [] and w.ev("bob") == []  # not members: nothing to remove
+    assert w.fails("dave", "join", network="lan", password=PW).code == "banned"
+    assert w.fails("bob", "join", network="lan", password=PW).code == "banned"
+    err = w.fails("alice", "admin", network="lan", action="ban", target="zed")
+    assert err.code == "unknown_member" and "no member, pending request or former member named 'zed'" in err.message
+    # kick still only applies to members
+    assert w.fails("alice", "admin", network="lan", action="kick", target="dave").code == "unknown_member"
+    w.admin("alice", "lan", "unban", target="dave")
+    assert w.req("dave", "join", network="lan", password=PW)["status"] == "joined"
+
+
+def test_former_members_survive_a_server_restart(tmp_path):
+    w = World(str(tmp_path / "db.sqlite"))
+    _setup(w, "alice", "dave")
+    w.admin("alice", "lan", "kick", target="dave")
+    w.store.close()
+    w2 = World(str(tmp_path / "db.sqlite"))
+    w2.hello("alice")
+    w2.admin("alice", "lan", "ban", target="dave")
+    assert w2.store.is_banned("lan", w2.key("dave"))
+
+
+def test_owner_changes_the_password(w):
+    _setup(w, "alice", "bob")
+    w.hello("carol")
+    assert w.fails("bob", "admin", network="lan", action="password", password="x").code == "not_owner"
+    w.admin("alice", "lan", "password", password="new one")
+    assert w.members("lan") == {"alice", "bob"}  # members stay
+    assert w.fails("carol", "join", network="lan", password=PW).code == "wrong_password"
+    assert w.req("carol", "join", network="lan", password="new one")["status"] == "joined"
+
+
+def test_rename_is_announced_and_refused_on_a_clash(w):
+    _setup(w, "alice", "bob", "carol")
+    w.events()
+    assert w.req("bob", "rename", name="Bobby")["name"] == "bobby"
+    evs = w.events()
+    for who in ("alice", "carol", "bob"):
+        recs = [m for e in evs[w.key(who)] if e["t"] == "members" for m in e["members"]]
+        assert {"name": "bobby", "key": key_to_text(w.key("bob"))}.items() <= recs[-1].items(), who
+    assert w.members("lan") == {"alice", "bobby", "carol"}
+    assert w.fails("bob", "rename", name="carol").code == "name_taken"
+    w.req("alice", "rename", name="alicia")
+    owner = [e["network"]["owner"] for e in w.events()[w.key("carol")] if e["t"] == "network"]
+    assert owner == ["alicia"]
+
+
+def test_offline_in_one_network_without_leaving(w):
+    _setup(w, "alice", "bob")
+    w.req("alice", "create", network="work", password=PW)
+    w.req("bob", "join", network="work", password=PW)
+    w.events()
+    assert w.req("bob", "presence", network="lan", online=False)["online"] is False
+    evs = w.events()
+    assert [m["online"] for e in evs[w.key("alice")] if e["t"] == "members" and e["network"] == "lan"
+            for m in e["members"]] == [False]
+    assert not [e for e in evs[w.key("alice")] if e["network"] == "work"]  # still online in work
+    assert w.members("lan") == {"alice", "bob"}  # still a member
+    w.req("alice", "members", network="lan")  # a fresh snapshot says the same
+    recs = {m["name"]: m["online"] for e in w.ev("alice", "members") for m in e["members"]}
+    assert recs == {"alice": True, "bob": False}
+    w.req("bob", "presence", network="lan", online=True)
+    assert [m["online"] for e in w.ev("alice", "members") for m in e["members"]] == [True]
+    assert w.fails("bob", "presence", network="nope", online=False).code == "unknown_network"
+    # a disconnect forgets it (the node sends it again after hello)
+    w.req("bob", "presence", network="lan", online=False)
+    w.disconnect("bob")
+    w.hello("bob")
+    assert bob_online(w, "lan")
+
+
+def bob_online(w, net):
+    w.events()
+    w.req("alice", "members", network=net)
+    return {m["name"]: m["online"] for e in w.ev("alice", "members") for m in e["members"]}["bob"]
 
 
 def test_transfer_and_owner_leave_rules(w):

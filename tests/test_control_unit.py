@@ -512,6 +512,8 @@ GOOD = {
     "history": {"network": "lan"},
     "members": {"network": "lan"},
     "admin": {"network": "lan", "action": "kick", "target": "bob"},
+    "rename": {"name": "laptop2"},
+    "presence": {"network": "lan", "online": False},
     "endpoints": {"candidates": [{"addr": "10.0.0.1:5000", "kind": "lan"}], "nat": {"type": "cone"}},
     "punch": {"peer": KEY},
     "relay": {"to": KEY, "data": "AAAA"},
@@ -693,6 +695,13 @@ def test_validate_admin_actions(action):
         with pytest.raises(RequestError):
             validate_request(msg)
         msg["value"] = 0
+    if action == "password":
+        with pytest.raises(RequestError):
+            validate_request(msg)
+        msg["password"] = "new secret"
+    else:
+        with pytest.raises(RequestError, match="only it"):
+            validate_request({**msg, "password": "x"})
     validate_request(msg)
 
 
@@ -840,3 +849,13 @@ def test_state_join_request_and_verdicts():
     assert "approved" in s.apply({"t": "join_approved", "network": "lan"})
     assert "rejected" in s.apply({"t": "join_rejected", "network": "lan"})
     assert s.apply({"t": "something-new"}) is None
+
+
+def test_hostname_as_node_name():
+    from overlay.control.messages import normalize_name
+    from overlay.node.prefs import hostname_label
+    assert hostname_label("My_Laptop.example.org") == "my-laptop"
+    assert hostname_label("--x--") == "x"
+    assert hostname_label("___") is None
+    long = hostname_label("a" * 40 + "-b")
+    assert normalize_name(long) == long and len(long) == 32

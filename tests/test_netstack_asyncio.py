@@ -218,3 +218,39 @@ def test_udp_endpoints():
             link.close()
 
     run(main())
+
+
+def test_deferred_listen_accepts_refuses_and_survives_a_failing_prepare():
+    """listen(prepare=...): accepted connections get the prepared value; None refuses with
+    NothingListensError at the dialer; a prepare that raises refuses too (and is logged)."""
+    from overlay.netstack.asyncio_glue import NothingListensError
+
+    async def main():
+        link = Link()
+        verdicts = iter(["ctx", None, RuntimeError("bug")])
+        got = []
+
+        async def prepare(remote):
+            v = next(verdicts)
+            if isinstance(v, Exception):
+                raise v
+            return v
+
+        async def serve(reader, writer, prepared):
+            got.append(prepared)
+            writer.write(b"hi")
+            await writer.drain()
+            writer.close()
+
+        link.b.listen(7000, serve, prepare=prepare, discard=lambda v: None)
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 7000)
+            assert await reader.read() == b"hi" and got == ["ctx"]
+            writer.close()
+            for _ in range(2):
+                with pytest.raises(NothingListensError, match="nothing listens"):
+                    await link.a.open_connection(B_IP, 7000)
+        finally:
+            link.close()
+
+    run(main())

@@ -89,6 +89,19 @@ except OSError as e:
 """
 
 
+KERNEL_UDP_ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(30)
+print("ready", flush=True)
+for _ in range(int(sys.argv[3])):
+    data, addr = s.recvfrom(65535)
+    s.sendto(data[::-1], addr)
+    print(len(data), flush=True)
+"""
+
+
 def require_tun(*tools: str) -> None:
     # lab.require_lab("tun") would look for a program called `tun`; check the device ourselves
     lab.require_lab(*tools)
@@ -314,6 +327,83 @@ def test_stack_connect_to_closed_kernel_port_is_refused(tunlab):
         try:
             with pytest.raises(ConnectionRefusedError, match="10.99.0.1:5999 refused"):
                 await asyncio.wait_for(glue.driver.open_connection(KERNEL_IP, 5999), 20)
+        finally:
+            glue.close()
+
+    asyncio.run(main())
+
+
+UDP_SIZES = [1372, 1373, 2000, 8000, 32768, 65507]  # 1372 is the largest that fits MTU 1400
+
+
+@pytest.mark.timeout(60)
+def test_large_udp_datagrams_fragmented_both_ways(tunlab):
+    """The kernel reassembles our fragments (its socket gets whole datagrams) and we reassemble
+    the kernel's (its echo of each datagram, fragmented by Linux to the TUN MTU)."""
+    async def main():
+        glue = TunGlue(tunlab.fd)
+        sent: list[bytes] = []
+        send = glue._send
+        glue.driver._send_packet = lambda p: (sent.append(p), send(p))
+        try:
+            proc = await run_in_ns(tunlab.ns, KERNEL_UDP_ECHO, KERNEL_IP, "5005", str(len(UDP_SIZES)))
+            assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"ready"
+            ep = glue.driver.udp_bind(40000)
+            for size in UDP_SIZES:
+                data = random.Random(size).randbytes(size)
+                ep.sendto(data, (KERNEL_IP, 5005))
+                got, addr = await asyncio.wait_for(ep.recvfrom(), 10)
+                assert addr == (KERNEL_IP, 5005)
+                assert got == data[::-1], f"{size}: got {len(got)} bytes"
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, err.decode()
+            assert [int(n) for n in out.split()] == UDP_SIZES  # whole datagrams on the kernel side
+            assert max(len(p) for p in sent) <= MTU
+            assert glue.stack.stats["tx_fragmented"] == len(UDP_SIZES) - 1
+            assert glue.stack.fragments.stats["reassembled"] == len(UDP_SIZES) - 1
+            assert len(glue.stack.fragments) == 0
+        finally:
+            glue.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_kernel_large_ping_is_reassembled_and_answered(tunlab):
+    async def main():
+        glue = TunGlue(tunlab.fd)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *tunlab.ns.prefix(), "ping", "-c", "2", "-i", "0.2", "-W", "2", "-s", "5000", STACK_IP,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, out.decode() + err.decode()
+            assert "2 received" in out.decode() and "5008 bytes from" in out.decode()
+        finally:
+            glue.close()
+
+    require_tun("ping")
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_kernel_sees_connection_refused_when_nothing_listens_behind_a_deferred_port(tunlab):
+    """listen(prepare=...) refusing: ICMP port unreachable, which Linux reports as ECONNREFUSED."""
+    async def main():
+        glue = TunGlue(tunlab.fd)
+        asked = []
+
+        async def prepare(remote):
+            asked.append(remote)
+            return None
+
+        glue.driver.listen(5006, lambda r, w, x: w.close(), prepare=prepare)
+        try:
+            proc = await run_in_ns(tunlab.ns, KERNEL_REFUSED, STACK_IP, "5006")
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert out.decode().strip() == "refused", out.decode() + err.decode()
+            assert len(asked) == 1 and asked[0][0] == KERNEL_IP
         finally:
             glue.close()
 

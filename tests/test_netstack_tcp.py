@@ -17,6 +17,7 @@ from overlay.netstack import (
     Closed,
     Connected,
     ConnectionRefused,
+    ConnectionRequest,
     DatagramReceived,
     DataReceived,
     EndOfStream,
@@ -153,6 +154,52 @@ def test_syn_to_unlistened_port_gets_rst_and_events():
     assert rst.flags == wire.RST | wire.ACK
     with pytest.raises(ConnectionResetError):
         ca.send(b"x")
+
+
+def test_deferred_listen_refused_with_port_unreachable():
+    """listen(defer=True): the SYN waits for the application; refusing answers ICMP port
+    unreachable, which the connecting stack reports as ConnectionRefused(unreachable=True)."""
+    p = Pair()
+    p.b.listen(8765, defer=True)
+    ca = p.a.connect(B_IP, 8765, p.now)
+    p.run(0.01)
+    (req,) = p.events("b", ConnectionRequest)
+    assert req.port == 8765 and req.remote == (A_IP, ca.local_port)
+    assert ca.state is S.SYN_SENT and p.sent("b") == []  # no SYN-ACK yet
+    p.run(1.5)  # the SYN is retransmitted meanwhile: still one request
+    assert len(p.events("b", ConnectionRequest)) == 1
+    p.b.refuse_request(req, p.now)
+    p.run(0.01)
+    (ref,) = p.events("a", ConnectionRefused)
+    assert ref.conn is ca and ref.unreachable and ca.state is S.CLOSED
+    assert ca.error == "nothing listens on 10.0.0.2:8765"
+    assert p.b.refuse_request(req, p.now) is None  # answered once
+
+
+def test_deferred_listen_accepted_completes_the_handshake():
+    p = Pair()
+    p.b.listen(8765, defer=True)
+    ca = p.a.connect(B_IP, 8765, p.now)
+    p.run(0.01)
+    (req,) = p.events("b", ConnectionRequest)
+    cb = p.b.accept_request(req, p.now)
+    p.run(0.1)
+    assert ca.state is S.ESTABLISHED and cb.state is S.ESTABLISHED
+    (inc,) = p.events("b", IncomingConnection)
+    assert inc.conn is cb
+    assert p.b.accept_request(req, p.now) is None
+
+
+def test_deferred_requests_are_bounded_and_a_stale_one_is_asked_again():
+    p = Pair()
+    p.b.listen_backlog = 4
+    p.b.listen(8765, defer=True)
+    for _ in range(10):
+        p.a.connect(B_IP, 8765, p.now)
+    p.run(0.01)
+    assert len(p.events("b", ConnectionRequest)) == 4 and p.b.stats["backlog_full"] == 6
+    p.run(31.0)  # nobody answered: retransmitted SYNs make fresh requests once the old are stale
+    assert len(p.events("b", ConnectionRequest)) >= 8
 
 
 def test_unlisten_refuses_new_but_keeps_established():
@@ -488,8 +535,8 @@ def test_udp_echo_and_port_unreachable():
     p.run(0.01)
     icmp = [wire.parse_icmp(wire.parse_ipv4(pkt).payload) for _, n, pkt in p.log if n == "b" and wire.parse_ipv4(pkt).proto == 1]
     assert [(m.type, m.code) for m in icmp] == [(3, 3)]
-    with pytest.raises(ValueError):
-        ua.sendto(bytes(1400), (B_IP, 53))
+    with pytest.raises(OSError, match="exceeds 65507"):
+        ua.sendto(bytes(65508), (B_IP, 53))
 
 
 def test_udp_queue_is_bounded():

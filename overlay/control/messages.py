@@ -74,7 +74,9 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "history": {"network": (_STR, True)},
     "members": {"network": (_STR, True)},
     "admin": {"network": (_STR, True), "action": (_STR, True),
-              "target": (_STR, False), "value": (_INT, False)},
+              "target": (_STR, False), "value": (_INT, False), "password": (_STR, False)},
+    "rename": {"name": (_STR, True)},
+    "presence": {"network": (_STR, True), "online": (_BOOL, True)},  # go offline in one network
     # data plane introduction (see overlay/node/dataplane.py)
     "endpoints": {"candidates": (list, True), "nat": (dict, False)},
     "punch": {"peer": (_STR, True)},
@@ -87,7 +89,7 @@ MAX_RELAY_B64 = 4096
 
 ADMIN_ACTIONS = {
     "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
-    "kick", "ban", "unban", "limit", "delete", "transfer",
+    "kick", "ban", "unban", "limit", "delete", "transfer", "password",
 }
 ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer"}
 
@@ -142,6 +144,8 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", f"unknown admin action {msg['action'][:32]!r}")
         if msg["action"] in ADMIN_NEEDS_TARGET and "target" not in msg:
             raise RequestError("bad_request", f"admin {msg['action']} needs a member name")
+        if (msg["action"] == "password") != ("password" in msg):
+            raise RequestError("bad_request", "admin password (and only it) takes a new password")
         if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
             raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
     if t == "endpoints":

@@ -16,13 +16,15 @@ bounded both ways:
   blocks, ``drain`` is the backpressure point).
 
 A connection refused by the peer (RST to our SYN) raises :class:`ConnectionRefusedError`
-naming the address and port.
+naming the address and port; :class:`NothingListensError` (a subclass) when the peer answered ICMP
+port unreachable: the port is open to us but the service behind it is not running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,10 +34,16 @@ from .stack import Stack
 from .tcp import TcpConnection, TcpState
 from .udp import UdpSocket
 
+log = logging.getLogger(__name__)
+
 ClientConnected = Callable[["NetstackStreamReader", "NetstackStreamWriter"], Awaitable[None] | None]
 
 READ_CHUNK = 65536
 DEFAULT_LIMIT = 65536  # readuntil/readline search bound, like asyncio's
+
+
+class NothingListensError(ConnectionRefusedError):
+    """The peer accepts connections to the port but nothing listens behind it."""
 
 
 class StackDriver:
@@ -63,6 +71,9 @@ class StackDriver:
         self._streams: dict[TcpConnection, _Stream] = {}
         self._connecting: dict[TcpConnection, asyncio.Future[None]] = {}
         self._servers: dict[int, ClientConnected] = {}
+        self._prepare: dict[int, Callable[[tuple[str, int]], Awaitable[Any]]] = {}
+        self._discard: dict[int, Callable[[Any], None]] = {}
+        self._prepared: dict[TcpConnection, Any] = {}
         self._udp: dict[UdpSocket, NetstackDatagramEndpoint] = {}
         self._closing_writers: set[NetstackStreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -112,15 +123,28 @@ class StackDriver:
             raise
         return self._attach(conn)
 
-    def listen(self, port: int, client_connected_cb: ClientConnected) -> None:
+    def listen(self, port: int, client_connected_cb: Callable[..., Awaitable[None] | None], *,
+               prepare: Callable[[tuple[str, int]], Awaitable[Any]] | None = None,
+               discard: Callable[[Any], None] | None = None) -> None:
         """Accept connections to ``port``; ``client_connected_cb(reader, writer)`` runs for each
-        (a coroutine function becomes a task, like ``asyncio.start_server``)."""
-        self.stack.listen(port)
+        (a coroutine function becomes a task, like ``asyncio.start_server``).
+
+        ``prepare(remote)``, if given, runs when a SYN arrives, before the handshake: None refuses
+        the connection (the peer sees "port unreachable"), anything else is passed on as
+        ``client_connected_cb(reader, writer, prepared)``, or to ``discard`` if the handshake then
+        fails."""
+        self.stack.listen(port, defer=prepare is not None)
         self._servers[port] = client_connected_cb
+        if prepare is not None:
+            self._prepare[port] = prepare
+            if discard is not None:
+                self._discard[port] = discard
 
     def unlisten(self, port: int) -> None:
         self.stack.unlisten(port)
         self._servers.pop(port, None)
+        self._prepare.pop(port, None)
+        self._discard.pop(port, None)
 
     def udp_bind(self, port: int = 0, *, max_queued: int = 256) -> NetstackDatagramEndpoint:
         sock = self.stack.udp_bind(port, max_queued=max_queued)
@@ -147,6 +171,8 @@ class StackDriver:
             s.fail(ConnectionAbortedError("netstack driver closed"))
         for ep in self._udp.values():
             ep._close_local()
+        for conn in list(self._prepared):
+            self._drop_prepared(conn)
 
     # ------------------------------------------------------------------ internals
 
@@ -223,14 +249,21 @@ class StackDriver:
                 elif fut is None:
                     e.conn.abort()  # nobody waits for it any more
             elif t is ev.ConnectionRefused:
-                self._fail(e.conn, ConnectionRefusedError(
-                    f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection "
-                    "(nothing listens there, or the peer does not share that port)"))
+                if e.unreachable:
+                    self._fail(e.conn, NothingListensError(
+                        f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection: nothing listens there"))
+                else:
+                    self._fail(e.conn, ConnectionRefusedError(
+                        f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection "
+                        "(nothing listens there, or the peer does not share that port)"))
+            elif t is ev.ConnectionRequest:
+                self._spawn(self._on_request(e))
             elif t is ev.TimedOut:
                 self._fail(e.conn, TimeoutError(e.conn.error or "connection timed out"))
             elif t is ev.Reset:
                 self._fail(e.conn, ConnectionResetError(e.conn.error or "connection reset by peer"))
             elif t is ev.Closed:
+                self._drop_prepared(e.conn)
                 s = self._streams.pop(e.conn, None)
                 if s is not None:
                     s.on_readable()
@@ -244,6 +277,7 @@ class StackDriver:
                     ep._deliver(e.data, e.addr)
 
     def _fail(self, conn: TcpConnection, exc: Exception) -> None:
+        self._drop_prepared(conn)
         fut = self._connecting.pop(conn, None)
         if fut is not None and not fut.done():
             fut.set_exception(exc)
@@ -254,14 +288,54 @@ class StackDriver:
     def _on_incoming(self, conn: TcpConnection) -> None:
         cb = self._servers.get(conn.local_port)
         if cb is None:
+            self._drop_prepared(conn)
             conn.abort()
             return
         reader, writer = self._attach(conn)
-        res = cb(reader, writer)
+        if conn in self._prepared:
+            res = cb(reader, writer, self._prepared.pop(conn))
+        else:
+            res = cb(reader, writer)
         if inspect.isawaitable(res):
-            task = asyncio.ensure_future(res)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(res)
+
+    def _spawn(self, aw: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_request(self, req: ev.ConnectionRequest) -> None:
+        prepare = self._prepare.get(req.port)
+        try:
+            prepared = await prepare(req.remote) if prepare is not None else None
+        except Exception:  # a bug in prepare must not leave the SYN unanswered or the task failed
+            log.exception("preparing a connection to port %d failed", req.port)
+            prepared = None
+        if self.closed:
+            if prepared is not None:
+                self._discard_value(req.port, prepared)
+            return
+        now = self._loop.time()
+        if prepared is None:
+            self.stack.refuse_request(req, now)
+        else:
+            conn = self.stack.accept_request(req, now)
+            if conn is None:
+                self._discard_value(req.port, prepared)
+            else:
+                self._prepared[conn] = prepared
+        self._schedule_flush()
+
+    def _discard_value(self, port: int, prepared: Any) -> None:
+        discard = self._discard.get(port)
+        if discard is not None:
+            discard(prepared)
+
+    def _drop_prepared(self, conn: TcpConnection) -> None:
+        if self._prepared:
+            prepared = self._prepared.pop(conn, None)
+            if prepared is not None:
+                self._discard_value(conn.local_port, prepared)
 
 
 class _Stream:

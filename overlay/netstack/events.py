@@ -66,9 +66,22 @@ class Reset:
 
 @dataclass(slots=True)
 class ConnectionRefused:
-    """Our SYN was answered with RST: nothing listens on (conn.remote_ip, conn.remote_port)."""
+    """Our SYN was refused: answered with RST (``unreachable`` False: nothing listens, or the port is
+    not shared), or with ICMP port unreachable (``unreachable`` True: the port is open to us but the
+    service behind it is not there, see ``Stack.listen(..., defer=True)``)."""
 
     conn: TcpConnection
+    unreachable: bool = False
+
+
+@dataclass(slots=True)
+class ConnectionRequest:
+    """A SYN to a port listened with ``defer=True``: answer with ``Stack.accept_request`` (the
+    handshake goes on) or ``Stack.refuse_request`` (ICMP port unreachable)."""
+
+    port: int
+    remote: tuple[str, int]
+    key: tuple[bytes, int, int]
 
 
 @dataclass(slots=True)
@@ -104,6 +117,7 @@ Event = (
     | Closed
     | Reset
     | ConnectionRefused
+    | ConnectionRequest
     | TimedOut
     | PortRefused
     | DatagramReceived

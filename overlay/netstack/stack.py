@@ -5,9 +5,13 @@ with :meth:`Stack.packets_to_send`, run :meth:`Stack.handle_timer` at :meth:`Sta
 and take application events from :meth:`Stack.next_event`. Every call takes ``now`` (seconds on
 any monotonic clock) so tests can drive hours of timers in milliseconds.
 
-Security posture (ARCHITECTURE.md): only listened TCP ports accept connections; a SYN to any
+Security posture: only listened TCP ports accept connections; a SYN to any
 other port is answered with RST and reported as :class:`~overlay.netstack.events.PortRefused`.
 Malformed packets are counted in ``stats`` and dropped; nothing a peer sends can raise here.
+
+IP fragments are reassembled within fixed bounds (``fragments.py``); UDP datagrams and ICMP echo
+replies larger than the MTU are sent as fragments, as Linux sends them over a TUN device. TCP
+never needs fragments (its MSS follows the MTU).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from collections import deque
 
 from .. import crypto
 from . import events
+from .fragments import Reassembler
 from .tcp import MASK32, TcpConfig, TcpConnection, TcpState
 from .udp import UdpSocket
 from .wire import (
     ACK,
+    ICMP_DEST_UNREACHABLE,
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
+    ICMP_PORT_UNREACHABLE,
     IPV4_HEADER_LEN,
     PROTO_ICMP,
     PROTO_TCP,
@@ -36,6 +43,7 @@ from .wire import (
     WireError,
     build_icmp,
     build_ipv4,
+    build_ipv4_fragments,
     build_ipv4_tcp,
     build_port_unreachable,
     build_tcp,
@@ -49,6 +57,7 @@ from .wire import (
 )
 
 EPHEMERAL_PORTS = range(49152, 65536)
+REQUEST_TIMEOUT = 30.0  # a deferred SYN nobody answered: the next retransmission asks again
 MIN_MTU = 576
 MAX_MTU = 65535
 _ISN_TICKS = 250_000  # RFC 6528: the clock component advances every 4 microseconds
@@ -71,6 +80,7 @@ class Stack:
         listen_backlog: int = 128,
         icmp_errors_per_second: int = 100,
         verify_checksums: bool = True,
+        reassembler: Reassembler | None = None,
     ):
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
@@ -85,6 +95,8 @@ class Stack:
         self.listen_backlog = listen_backlog
         self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}
         self._listeners: dict[int, int] = {}  # port -> connections still in SYN-RECEIVED
+        self._deferred: set[int] = set()  # listened ports whose SYNs wait for accept_request()
+        self._requests: dict[tuple[bytes, int, int], tuple[TcpSegment, float]] = {}  # SYNs awaiting an answer
         self._udp: dict[int, UdpSocket] = {}
         self._out: list[bytes] = []
         self._events: deque = deque()
@@ -94,9 +106,10 @@ class Stack:
         self._icmp_budget = icmp_errors_per_second
         self._icmp_rate = icmp_errors_per_second
         self._icmp_window = now
+        self.fragments = reassembler or Reassembler()  # its own counters: ``fragments.stats``
         self.stats = dict.fromkeys(
             ("rx_packets", "tx_packets", "malformed", "not_for_us", "unknown_proto", "rst_sent", "backlog_full",
-             "udp_dropped", "icmp_echo"),
+             "udp_dropped", "icmp_echo", "rx_fragments", "tx_fragmented"),
             0,
         )
 
@@ -106,14 +119,60 @@ class Stack:
     def connections(self) -> list[TcpConnection]:
         return list(self._conns.values())
 
-    def listen(self, port: int) -> None:
-        """Accept TCP connections to ``port`` (they arrive as IncomingConnection events)."""
+    def listen(self, port: int, *, defer: bool = False) -> None:
+        """Accept TCP connections to ``port`` (they arrive as IncomingConnection events).
+
+        ``defer``: each SYN first becomes a ConnectionRequest event and the handshake only goes on
+        once the application calls :meth:`accept_request` (say, after reaching the service the
+        port leads to), or the peer gets ICMP port unreachable from :meth:`refuse_request`. At
+        most ``listen_backlog`` requests per port wait for an answer."""
         _check_port(port)
         self._listeners.setdefault(port, 0)
+        if defer:
+            self._deferred.add(port)
+        else:
+            self._deferred.discard(port)
 
     def unlisten(self, port: int) -> None:
         """Stop accepting on ``port``; established connections are not touched."""
         self._listeners.pop(port, None)
+        self._deferred.discard(port)
+        for key in [k for k in self._requests if k[2] == port]:
+            del self._requests[key]
+
+    def accept_request(self, req: events.ConnectionRequest, now: float) -> TcpConnection | None:
+        """Go on with the handshake of a deferred SYN; None if the request is gone (port no longer
+        listened, or it waited longer than REQUEST_TIMEOUT and the peer's retransmission made a
+        new one)."""
+        self.now = now
+        entry = self._requests.pop(req.key, None)
+        if entry is None or req.port not in self._listeners or req.key in self._conns:
+            return None
+        seg = entry[0]
+        src = req.key[0]
+        self._listeners[req.port] += 1
+        conn = self._new_conn(src, seg.src_port, req.port, now, passive=True)
+        conn.half_open_slot = True
+        self._conns[req.key] = conn
+        conn._start_passive(seg, now)
+        return conn
+
+    def refuse_request(self, req: events.ConnectionRequest, now: float) -> None:
+        """Refuse a deferred SYN with ICMP port unreachable (Linux reports ECONNREFUSED for it);
+        a RST when the ICMP error budget is spent."""
+        self.now = now
+        entry = self._requests.pop(req.key, None)
+        if entry is None:
+            return
+        seg = entry[0]
+        src = req.key[0]
+        if self._icmp_allowed(now):
+            # the quoted packet: an IPv4 header and the first 8 bytes of the SYN (ports, sequence)
+            quoted = build_ipv4(src, self._addr, PROTO_TCP, struct.pack("!HHI", seg.src_port, seg.dst_port, seg.seq))
+            body = build_icmp(ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, 0, quoted)
+            self._out.append(build_ipv4(self._addr, src, PROTO_ICMP, body, ident=self._next_ident()))
+        else:
+            self._send_rst_for(self._addr, src, seg)
 
     def connect(self, dst_ip: str, dst_port: int, now: float, *, src_port: int | None = None) -> TcpConnection:
         """Active open. Returns at once in SYN-SENT; ``Connected`` or ``ConnectionRefused`` /
@@ -160,6 +219,11 @@ class Stack:
             if src0 == 0 or src0 >= 224 or src0 == 127 or ip.src == self._addr:
                 self.stats["not_for_us"] += 1  # martian source: never answer it
                 return
+            if ip.frag:
+                self.stats["rx_fragments"] += 1
+                ip = self.fragments.add(ip, now)
+                if ip is None:
+                    return
             if ip.proto == PROTO_TCP:
                 self._receive_tcp(ip.src, parse_tcp(ip, self.verify_checksums), now)
             elif ip.proto == PROTO_UDP:
@@ -192,7 +256,7 @@ class Stack:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next run (None: no timer pending)."""
-        best = None
+        best = self.fragments.next_deadline()
         for conn in self._conns.values():
             d = conn.deadline
             if d is not None and (best is None or d < best):
@@ -201,6 +265,8 @@ class Stack:
 
     def handle_timer(self, now: float) -> None:
         self.now = now
+        if self.fragments:
+            self.fragments.expire(now)
         for conn in [c for c in self._conns.values() if c.deadline is not None and c.deadline <= now]:
             if conn.state is not TcpState.CLOSED:
                 conn._on_timer(now)
@@ -232,6 +298,9 @@ class Stack:
             return
         port = seg.dst_port
         if flags & SYN and not flags & ACK and port in self._listeners:
+            if port in self._deferred:
+                self._request(key, seg, now)
+                return
             if self._listeners[port] >= self.listen_backlog:
                 self.stats["backlog_full"] += 1
                 return  # the peer retransmits its SYN; maybe there is room then
@@ -244,6 +313,24 @@ class Stack:
         self._send_rst_for(self._addr, src, seg)
         if flags & SYN and not flags & ACK:
             self._event(events.PortRefused(port, (ip_to_str(src), seg.src_port)))
+
+    def _request(self, key: tuple[bytes, int, int], seg: TcpSegment, now: float) -> None:
+        """A SYN to a deferred port: one ConnectionRequest per connection attempt (retransmitted
+        SYNs are ignored while the application decides, unless it took REQUEST_TIMEOUT)."""
+        old = self._requests.get(key)
+        if old is not None and now - old[1] < REQUEST_TIMEOUT:
+            return
+        if old is None and self._waiting(key[2]) >= self.listen_backlog:
+            for k in [k for k, (_, t) in self._requests.items() if now - t >= REQUEST_TIMEOUT]:
+                del self._requests[k]
+            if self._waiting(key[2]) >= self.listen_backlog:
+                self.stats["backlog_full"] += 1
+                return
+        self._requests[key] = (seg, now)
+        self._event(events.ConnectionRequest(key[2], (ip_to_str(key[0]), key[1]), key))
+
+    def _waiting(self, port: int) -> int:
+        return sum(1 for k in self._requests if k[2] == port)
 
     def _release_half_open(self, conn: TcpConnection) -> None:
         """The connection left SYN-RECEIVED: it no longer counts against the listen backlog."""
@@ -303,10 +390,26 @@ class Stack:
 
     def _receive_icmp(self, ip) -> None:
         msg = parse_icmp(ip.payload, self.verify_checksums)
-        if msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
+        if msg.type == ICMP_DEST_UNREACHABLE and msg.code == ICMP_PORT_UNREACHABLE:
+            self._receive_port_unreachable(ip.src, msg.data)
+        elif msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
             self.stats["icmp_echo"] += 1
             reply = build_icmp(ICMP_ECHO_REPLY, 0, msg.rest, msg.data)
-            self._out.append(build_ipv4(self._addr, ip.src, PROTO_ICMP, reply, ident=self._next_ident()))
+            self._send_ip(ip.src, PROTO_ICMP, reply)
+
+    def _receive_port_unreachable(self, src: bytes, quoted: bytes) -> None:
+        """ICMP port unreachable for one of our SYNs (the quoted header and sequence number must
+        match a connection in SYN-SENT, as Linux checks): refused, the service is not there."""
+        if len(quoted) < IPV4_HEADER_LEN + 8:
+            return
+        ihl = (quoted[0] & 0x0F) * 4
+        if quoted[9] != PROTO_TCP or quoted[12:16] != self._addr or quoted[16:20] != src or len(quoted) < ihl + 8:
+            return
+        sport, dport, seq = struct.unpack_from("!HHI", quoted, ihl)
+        conn = self._conns.get((src, dport, sport))
+        if conn is not None and conn.state is TcpState.SYN_SENT and seq == conn.iss & MASK32:
+            conn._terminate(f"nothing listens on {conn.remote_ip}:{conn.remote_port}",
+                            events.ConnectionRefused(conn, unreachable=True))
 
     def _icmp_allowed(self, now: float) -> bool:
         """Token bucket for ICMP errors, so we cannot be used to reflect floods."""
@@ -321,7 +424,15 @@ class Stack:
     def _emit_udp(self, sport: int, addr: tuple[str, int], data: bytes) -> None:
         dst = ip_to_bytes(addr[0])
         _check_port(addr[1])
-        self._out.append(build_ipv4(self._addr, dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data), ident=self._next_ident()))
+        self._send_ip(dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data))
+
+    def _send_ip(self, dst: bytes, proto: int, payload: bytes) -> None:
+        """One IPv4 packet, or fragments of at most the MTU when it does not fit."""
+        if IPV4_HEADER_LEN + len(payload) <= self.mtu:
+            self._out.append(build_ipv4(self._addr, dst, proto, payload, ident=self._next_ident()))
+            return
+        self.stats["tx_fragmented"] += 1
+        self._out.extend(build_ipv4_fragments(self._addr, dst, proto, payload, self.mtu, ident=self._next_ident()))
 
     def _udp_unbind(self, sock: UdpSocket) -> None:
         if self._udp.get(sock.port) is sock:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
-from .wire import IPV4_HEADER_LEN, UDP_HEADER_LEN
+from .wire import MAX_UDP_PAYLOAD
 
 if TYPE_CHECKING:
     from .stack import Stack
@@ -22,17 +23,15 @@ class UdpSocket:
         self.dropped = 0
         self.closed = False
 
-    @property
-    def max_datagram(self) -> int:
-        """Largest payload that fits the MTU (we never fragment)."""
-        return self._stack.mtu - IPV4_HEADER_LEN - UDP_HEADER_LEN
+    max_datagram = MAX_UDP_PAYLOAD  # larger than the MTU is sent as IP fragments
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        """Queue one datagram to ``addr``; ValueError if it would need fragmenting."""
+        """Queue one datagram to ``addr`` (IP fragments if it does not fit the MTU); OSError
+        EMSGSIZE beyond 65,507 bytes, as from a Linux UDP socket."""
         if self.closed:
             raise OSError("UDP socket is closed")
-        if len(data) > self.max_datagram:
-            raise ValueError(f"UDP payload of {len(data)} bytes exceeds {self.max_datagram} (MTU {self._stack.mtu})")
+        if len(data) > MAX_UDP_PAYLOAD:
+            raise OSError(errno.EMSGSIZE, f"UDP payload of {len(data)} bytes exceeds {MAX_UDP_PAYLOAD} (the IPv4 maximum)")
         self._stack._emit_udp(self.port, addr, data)
 
     def close(self) -> None:

@@ -26,6 +26,12 @@ UDP_HEADER_LEN = 8
 TCP_HEADER_LEN = 20
 DEFAULT_TTL = 64
 MAX_IPV4_LEN = 65535
+MAX_UDP_PAYLOAD = MAX_IPV4_LEN - IPV4_HEADER_LEN - UDP_HEADER_LEN  # 65507, as on Linux
+
+# IPv4 flags and fragment offset (the 16-bit field after the identification)
+FLAG_DF = 0x4000
+FLAG_MF = 0x2000
+FRAG_OFFSET_MASK = 0x1FFF  # in units of 8 bytes
 
 # TCP flags
 FIN = 0x01
@@ -121,12 +127,23 @@ class Ipv4Packet(NamedTuple):
     ident: int
     payload: bytes  # the transport segment (options stripped, padding beyond total length cut)
     header: bytes  # the IP header as received (ICMP errors quote it)
+    frag: int = 0  # More Fragments flag and offset (DF masked out); non-zero: a fragment
+
+    @property
+    def frag_offset(self) -> int:
+        """Offset of this fragment's payload in the datagram, in bytes."""
+        return (self.frag & FRAG_OFFSET_MASK) * 8
+
+    @property
+    def more_fragments(self) -> bool:
+        return bool(self.frag & FLAG_MF)
 
 
 def parse_ipv4(packet: bytes, verify: bool = True) -> Ipv4Packet:
-    """Parse and verify one IPv4 packet. Fragments are refused (we never send any, the tunnel MTU
-    is set so peers do not either); options are skipped; trailing link padding is ignored.
-    ``verify=False`` skips the checksum (packets authenticated by the tunnel, as Linux WireGuard does)."""
+    """Parse and verify one IPv4 packet. A fragment parses like any packet with ``frag`` non-zero
+    (the stack reassembles it, see ``fragments.py``); options are skipped; trailing link padding is
+    ignored. ``verify=False`` skips the checksum (packets authenticated by the tunnel, as Linux
+    WireGuard does)."""
     n = len(packet)
     if n < IPV4_HEADER_LEN:
         raise WireError(f"IPv4 packet too short ({n} bytes)")
@@ -141,8 +158,9 @@ def parse_ipv4(packet: bytes, verify: bool = True) -> Ipv4Packet:
     header = packet[:ihl]
     if verify and not checksum_ok(header):
         raise WireError("IPv4 header checksum mismatch")
-    if frag & 0x2000 or frag & 0x1FFF:
-        raise WireError("IPv4 fragments are not supported")
+    frag &= FLAG_MF | FRAG_OFFSET_MASK
+    if frag:
+        return Ipv4Packet(src, dst, proto, ttl, ident, packet[ihl:total], header, frag)
     return Ipv4Packet(src, dst, proto, ttl, ident, packet[ihl:total], header)
 
 
@@ -151,9 +169,37 @@ def build_ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int =
     total = IPV4_HEADER_LEN + len(payload)
     if total > MAX_IPV4_LEN:
         raise WireError(f"IPv4 packet too long ({total} bytes)")
-    hdr = _IPV4.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, ttl, proto, 0, src, dst)
+    hdr = _IPV4.pack(0x45, 0, total, ident & 0xFFFF, FLAG_DF, ttl, proto, 0, src, dst)
     c = checksum(hdr)
     return hdr[:10] + _U16.pack(c) + hdr[12:] + payload
+
+
+def build_ipv4_fragments(
+    src: bytes, dst: bytes, proto: int, payload: bytes, mtu: int, *, ttl: int = DEFAULT_TTL, ident: int = 0
+) -> list[bytes]:
+    """``payload`` as IPv4 packets of at most ``mtu`` bytes: one packet with DF if it fits (same as
+    :func:`build_ipv4`), else RFC 791 fragments without DF, every one but the last carrying a
+    multiple of 8 payload bytes (what Linux sends for a large UDP datagram over a TUN device)."""
+    if IPV4_HEADER_LEN + len(payload) <= mtu:
+        return [build_ipv4(src, dst, proto, payload, ttl=ttl, ident=ident)]
+    total = IPV4_HEADER_LEN + len(payload)
+    if total > MAX_IPV4_LEN:
+        raise WireError(f"IPv4 packet too long ({total} bytes)")
+    step = (mtu - IPV4_HEADER_LEN) & ~7
+    if step <= 0:
+        raise WireError(f"MTU {mtu} too small to fragment")
+    out = []
+    mv = memoryview(payload)
+    n = len(payload)
+    ident &= 0xFFFF
+    for off in range(0, n, step):
+        end = min(off + step, n)
+        frag = off >> 3 | (FLAG_MF if end < n else 0)
+        hdr = bytearray(_IPV4.pack(0x45, 0, IPV4_HEADER_LEN + end - off, ident, frag, ttl, proto, 0, src, dst))
+        _U16.pack_into(hdr, 10, checksum(hdr))
+        out.append(b"".join((hdr, mv[off:end])))
+    mv.release()
+    return out
 
 
 # ---------------------------------------------------------------- ICMP

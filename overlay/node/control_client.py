@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 from typing import Awaitable, Callable
 
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
@@ -66,6 +67,7 @@ class ControlClient:
         self.on_session = on_session
         self.state = "connecting"
         self.last_error: str | None = None
+        self._retry = asyncio.Event()
         self.hello: dict | None = None
         self.server_key: bytes | None = None
         self._channel: Channel | None = None
@@ -113,12 +115,35 @@ class ControlClient:
                 fatal = True
                 self._fail(f"server refused this node: {e.message}", level=logging.ERROR)
             except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError, NotConnected) as e:
-                self._fail(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                self._fail(self._describe(e))
             except Exception as e:  # python-socks errors and anything unexpected: keep the daemon alive
                 self._fail(f"{type(e).__name__}: {e}")
             delay = FATAL_RETRY if fatal else backoff * random.uniform(0.5, 1.5)
             backoff = min(BACKOFF_MAX, backoff * 2)
-            await asyncio.sleep(delay)
+            self._retry.clear()
+            try:
+                await asyncio.wait_for(self._retry.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def retry_now(self) -> None:
+        """Skip the wait before the next connection attempt (after `overlay forget-server`)."""
+        self._retry.set()
+
+    def _describe(self, e: BaseException) -> str:
+        """A connection failure in words, with what to check."""
+        where = f"{self.host}:{self.port}"
+        if self.via_proxy:
+            where += f" through {self.via_proxy.split('@')[-1]}"
+        if isinstance(e, ConnectionRefusedError):
+            return f"cannot reach the server at {where}: connection refused (is `overlay server` running there?)"
+        if isinstance(e, socket.gaierror):
+            return f"cannot resolve {self.host!r} (check --server)"
+        if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+            return f"no answer from the server at {where} within {CONNECT_TIMEOUT:g} s (firewall, wrong address?)"
+        if isinstance(e, OSError) and e.strerror:
+            return f"cannot reach the server at {where}: {e.strerror.lower()}"
+        return f"lost the server at {where}: {e}" if str(e) else f"lost the server at {where} ({type(e).__name__})"
 
     def _fail(self, message: str, level: int = logging.WARNING) -> None:
         self.state = "error" if level >= logging.ERROR else "connecting"

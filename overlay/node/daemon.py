@@ -26,10 +26,11 @@ from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
 from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
 from overlay.node.pinger import Pinger
-from overlay.node.services import OverlayDialer, Shares
+from overlay.node.prefs import Prefs
+from overlay.node.services import OverlayDialer, Shares, nothing_listens
 from proxy.forward import Forward
 from proxy.listen import ListenError
-from proxy.server import HttpProxyServer, SocksServer
+from proxy.server import AuthRequired, HttpProxyServer, SocksServer
 from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")
@@ -51,6 +52,7 @@ class Daemon:
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
                  dev: str | None = None, only_shared: bool = False):
         self.home = home
+        self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
         self.public_key = crypto.public_key(self.private_key)
         self.name = normalize_name(name, "node name")
@@ -91,11 +93,13 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self._start_api()
+        self.prefs.remember(server=self.client.server if self.client else None, name=self.name)
         loop = asyncio.get_running_loop()
         try:
             self.dataplane.start()
         except OSError as e:
-            raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e}") from None
+            raise DaemonError(f"cannot bind UDP port {self.dataplane.port}: {e.strerror or e} (choose another "
+                              "with --port N or `port` in config.toml; 0 picks any free port)") from None
         if self.kernel_if is not None:
             try:
                 self.kernel_if.open()
@@ -127,6 +131,7 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
+            await self._stop_followers()
             if client:
                 client.cancel()
             self._api_server.close()
@@ -149,6 +154,17 @@ class Daemon:
         if self.kernel_if is not None:
             self.kernel_if.close()
         self.dataplane.close()
+
+    async def _stop_followers(self, wait: float = 1.0) -> None:
+        """Tell every `chat --follow` that the daemon stops, and give them a moment to hear it."""
+        for q in list(self._followers):
+            if q.full():
+                q.get_nowait()
+            q.put_nowait({"t": "stopping"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self._followers and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _start_api(self) -> None:
         self.home.ensure()
@@ -173,6 +189,9 @@ class Daemon:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
         self.dataplane.set_pool(hello.get("pool"))
         self._attach_stack(self.address or hello["ip"])
+        self.state.away = set(self.prefs.away)
+        for net in self.state.away:  # presence per network is not kept by the server across sessions
+            self.client.post({"t": "presence", "network": net, "online": False})
         self._punched.clear()
         self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
                                   hello.get("stun_ports"), hello.get("stun_alt_ip"))
@@ -232,6 +251,8 @@ class Daemon:
 
     def resolve_peer(self, text: str) -> dict:
         p = self.find_peer(text)
+        if p is None and text.strip().lower().rstrip(".") in (self.name, self.state.me.get("ip")):
+            raise RequestError("self", f"{text} is this node (`overlay status` lists your peers)")
         if p is None:
             raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
         return p
@@ -243,9 +264,11 @@ class Daemon:
             if not addr or addr == "off":
                 continue
             host, port = parse_hostport(addr, allow_zero=True)
-            srv = cls(self.dialer, host, port, self.proxy_users)
             try:
+                srv = cls(self.dialer, host, port, self.proxy_users)
                 await srv.start()
+            except AuthRequired:
+                raise
             except ListenError as e:
                 raise ListenError(f"{e} (choose another address with {flag} HOST:PORT, or {flag} off)") from None
             self.proxies.append(srv)
@@ -255,6 +278,21 @@ class Daemon:
         for fw in self._initial_forwards:
             await self.add_forward(int(fw["listen"]), fw["peer"], int(fw.get("peer_port", fw["listen"])),
                                    bool(fw.get("udp", False)))
+        await self._restore_runtime()
+
+    async def _restore_runtime(self) -> None:
+        """Shares and forwards added at run time before the last stop (prefs.json)."""
+        for sh in self.prefs.shares:
+            self.shares.add(sh["port"], sh["proto"] == "udp")
+        for fw in self.prefs.forwards:
+            if (fw["listen"], fw["udp"]) in self.forwards:
+                continue
+            try:
+                await self.add_forward(fw["listen"], fw["peer"], fw["peer_port"], fw["udp"])
+            except RequestError as e:
+                    log.warning("forward %d%s -> %s:%d not restored: %s (overlay unforward %d%s drops it)",
+                            fw["listen"], "/udp" if fw["udp"] else "", fw["peer"], fw["peer_port"], e.message,
+                            fw["listen"], "/udp" if fw["udp"] else "")
 
     async def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool) -> dict:
         if (listen, udp) in self.forwards:
@@ -263,9 +301,22 @@ class Daemon:
         try:
             await fwd.start()
         except ListenError as e:
-            raise RequestError("port_busy", str(e)) from None
+            raise RequestError("port_busy", f"{e} (forward another local port: overlay forward OTHER_PORT"
+                                            f"{'/udp' if udp else ''} {peer}:{peer_port})") from None
         self.forwards[(fwd.address[1], udp)] = fwd
         return self._forward_info(fwd)
+
+    def _forward_target_warning(self, peer: str) -> str | None:
+        """Refuse a forward to a name no network of ours knows; a warning for an offline peer."""
+        p = self.find_peer(peer)
+        if p is None:
+            if self.client is not None and not self.client.connected:
+                return f"not connected to the server yet: cannot check that {peer} is a peer"
+            raise RequestError("unknown_peer", f"no peer named {peer!r} shares a network with this node "
+                                               "(`overlay status` lists your peers)")
+        if not p["online"]:
+            return f"{p['name']} is offline: the forward works once it is online"
+        return None
 
     @staticmethod
     def _forward_info(f: Forward) -> dict:
@@ -274,6 +325,8 @@ class Daemon:
 
     async def ping(self, target: str, timeout: float = 2.0) -> dict:
         p = self.resolve_peer(target)
+        if not p["online"]:
+            raise RequestError("peer_offline", f"{p['name']} is offline")
         me = self.state.me.get("ip")
         if not me:
             raise NotConnected("not connected to the server yet")
@@ -362,6 +415,8 @@ class Daemon:
             await self._reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping; a task ending cancelled would be logged as an error
         finally:
             writer.close()
 
@@ -374,21 +429,28 @@ class Daemon:
         network = req.get("network")
         q: asyncio.Queue = asyncio.Queue(FOLLOW_QUEUE)
         self._followers.add(q)
+        loop = asyncio.get_running_loop()
+        eof = get = None
         try:
             await self._reply(writer, {"ok": True, "t": "following", "network": network})
-            eof = asyncio.get_running_loop().create_task(reader.read(1))
+            eof = loop.create_task(reader.read(1))
             while True:
-                get = asyncio.get_running_loop().create_task(q.get())
+                get = loop.create_task(q.get())
                 done, _ = await asyncio.wait({get, eof}, return_when=asyncio.FIRST_COMPLETED)
                 if eof in done:
-                    get.cancel()
                     return
                 ev = get.result()
+                if ev.get("t") == "stopping":
+                    await self._reply(writer, {"ok": True, "t": "stopping"})
+                    return
                 if network and ev.get("network") != network:
                     continue
                 await self._reply(writer, {"ok": True, **ev})
         finally:
             self._followers.discard(q)
+            for task in (eof, get):
+                if task is not None:
+                    task.cancel()
 
     async def _server(self, msg: dict) -> dict:
         if self.client is None:
@@ -408,15 +470,25 @@ class Daemon:
             if not 0 < port < 65536:
                 raise RequestError("bad_request", f"port {port} out of range")
             self.shares.add(port, bool(a.get("udp")))
-            return {"shares": self.shares.listing()}
+            self.prefs.add_share(port, bool(a.get("udp")))
+            reply = {"shares": self.shares.listing()}
+            if nothing_listens(port, bool(a.get("udp"))):
+                reply["warning"] = (f"nothing listens on 127.0.0.1:{port}{'/udp' if a.get('udp') else ''} yet: "
+                                    "peers are refused until something does")
+            return reply
         if cmd == "unshare":
             if not self.shares.remove(int(a["port"]), bool(a.get("udp"))):
                 raise RequestError("not_shared", f"port {a['port']}{'/udp' if a.get('udp') else ''} is not shared")
+            self.prefs.remove_share(int(a["port"]), bool(a.get("udp")))
             return {"shares": self.shares.listing()}
         if cmd == "forward":
-            return await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            warning = self._forward_target_warning(a["peer"])
+            r = await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            self.prefs.add_forward(int(r["listen"].rsplit(":", 1)[1]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            return {**r, "warning": warning} if warning else r
         if cmd == "unforward":
             fwd = self.forwards.pop((int(a["listen"]), bool(a.get("udp"))), None)
+            self.prefs.remove_forward(int(a["listen"]), bool(a.get("udp")))
             if fwd is None:
                 raise RequestError("not_forwarded", f"port {a['listen']}{'/udp' if a.get('udp') else ''} is not forwarded")
             fwd.close()
@@ -430,6 +502,10 @@ class Daemon:
                     "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
+        if cmd == "retry_server":
+            if self.client is not None:
+                self.client.retry_now()
+            return {}
         if cmd == "down":
             asyncio.get_running_loop().call_soon(self._stop.set)
             return {}
@@ -457,7 +533,29 @@ class Daemon:
                 msg["target"] = a["target"]
             if a.get("value") is not None:
                 msg["value"] = int(a["value"])
-            return await self._server(msg)
+            if a.get("password") is not None:
+                msg["password"] = a["password"]
+            reply = await self._server(msg)
+            if a["action"] in ("approve", "reject", "ban") and a.get("target"):
+                self.state.forget_pending(normalize_name(a["network"], "network name"), a["target"].strip().lower())
+            return reply
+        if cmd == "presence":
+            online = bool(a["online"])
+            reply = await self._server({"t": "presence", "network": a["network"], "online": online})
+            net = reply["network"]
+            (self.state.away.discard if online else self.state.away.add)(net)
+            self.prefs.set_away(net, not online)
+            self._sync_peers()
+            return reply
+        if cmd == "rename":
+            name = normalize_name(a["name"], "node name")
+            if self.client is not None:
+                await self._server({"t": "rename", "name": name})
+                self.client.name = name  # the next hello (reconnect) uses it too
+            self.name = name
+            self.state.me["name"] = name
+            self.prefs.remember(server=self.client.server if self.client else None, name=name)
+            return {"name": name}
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
 
     def status(self) -> dict:

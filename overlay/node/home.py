@@ -11,8 +11,6 @@ import os
 import tomllib
 from pathlib import Path
 
-from overlay import crypto
-from overlay.control.messages import key_from_text, key_to_text
 
 KEY_FILE = "node.key"
 CONFIG_FILE = "config.toml"
@@ -56,6 +54,8 @@ class Home:
     # ------------------------------------------------------------------ key
     def private_key(self) -> bytes:
         """The node's X25519 key (also its WireGuard key), created 0600 on first use."""
+        from overlay import crypto  # imported here: CLI commands that never need it start faster
+        from overlay.control.messages import key_from_text, key_to_text
         p = self.path / KEY_FILE
         if p.exists():
             if p.stat().st_mode & 0o077:
@@ -73,13 +73,17 @@ class Home:
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
+        from overlay.node.config import ConfigError
+        from overlay.node.config import validate as validate_config
         p = self.config_path
         if not p.exists():
             return {}
         try:
-            return tomllib.loads(p.read_text())
+            return validate_config(tomllib.loads(p.read_text()), p)
         except tomllib.TOMLDecodeError as e:
             raise HomeError(f"{p}: {e}") from None
+        except ConfigError as e:
+            raise HomeError(str(e)) from None
 
     # ------------------------------------------------------------------ known servers (TOFU)
     def _known(self) -> dict[str, str]:
@@ -94,6 +98,7 @@ class Home:
 
     def check_server_key(self, server: str, key: bytes) -> bool:
         """Pin on first contact; True if newly pinned. Raises ServerKeyChanged on a mismatch."""
+        from overlay.control.messages import key_to_text
         known = self._known()
         text = key_to_text(key)
         pinned = known.get(server)
@@ -103,7 +108,8 @@ class Home:
             raise ServerKeyChanged(
                 f"server {server} presented key {text} but {self.path / KNOWN_SERVERS} pins {pinned}. "
                 f"If the server was really reinstalled, run `overlay forget-server {server}` "
-                f"(with the same --home) and reconnect; otherwise someone may be impersonating it")
+                f"(with the same --home; a running node then reconnects at once); otherwise someone may be "
+                f"impersonating it")
         self.ensure()
         with open(self.path / KNOWN_SERVERS, "a") as f:
             f.write(f"{server} {text}\n")

@@ -4,22 +4,29 @@
   ``name.network`` and virtual IPs resolve inside the overlay; anything else is refused (no
   accidental exit node); a reset from the peer means "that peer does not share this port".
 - ``Shares``: inbound overlay connections are accepted only on shared ports and carried to
-  127.0.0.1:port on this machine; everything else gets a reset from the stack.
+  127.0.0.1:port on this machine; everything else gets a reset from the stack. The handshake of
+  an inbound connection only completes once 127.0.0.1:port accepted ours; if nothing listens
+  there the peer gets ICMP port unreachable, which its dialer reports as "NAME shares port N but
+  nothing listens there" (a Linux peer sees ECONNREFUSED).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Callable
 
-from overlay.netstack.asyncio_glue import StackDriver
-from proxy.dialer import ConnectionRefused, DialTimeout, NotOverlayAddress, OsDialer, PeerUnreachable, PortNotShared
+from overlay.netstack.asyncio_glue import NothingListensError, StackDriver
+from proxy.dialer import (ConnectionRefused, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
+                          PeerUnreachable, PortNotShared)
+from proxy.ratelog import RateLimitedLog
 from proxy.relay import relay
 
 log = logging.getLogger("overlay.node")
 
 DIAL_TIMEOUT = 10.0
+LOCAL_DIAL_TIMEOUT = 3.0  # below the peer's first SYN retransmission backoff adding up to DIAL_TIMEOUT
 TCP_IDLE = 3600.0
 UDP_IDLE = 120.0
 MAX_UDP_FLOWS = 256
@@ -68,6 +75,8 @@ class OverlayDialer:
         p, ns = self._target(host)
         try:
             return await ns.open_connection(p["ip"], port, timeout=DIAL_TIMEOUT)
+        except NothingListensError:
+            raise NothingListens(p["name"], port) from None
         except ConnectionRefusedError:
             raise PortNotShared(p["name"], port) from None
         except (asyncio.TimeoutError, TimeoutError):
@@ -100,6 +109,22 @@ class _NetstackUdpFlow:
         self._ep.close()
 
 
+def nothing_listens(port: int, udp: bool) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port``: we can bind it ourselves (with SO_REUSEADDR a
+    TIME_WAIT left by an earlier connection does not count; a listening socket does). No packet is
+    sent, so the service never sees a probe."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    try:
+        if not udp:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 class Shares:
     """Ports this node shares with its peers (TCP and UDP), each carried to 127.0.0.1:port."""
 
@@ -108,14 +133,16 @@ class Shares:
         self.udp: set[int] = set()
         self._driver: StackDriver | None = None
         self._udp_tasks: dict[int, asyncio.Task] = {}
+        self._refused_log = RateLimitedLog(log, interval=10.0, burst=5)
+        self._nothing_log = RateLimitedLog(log, interval=10.0, burst=5)
 
     def attach(self, driver: StackDriver) -> None:
         """(Re)apply every share to a new stack."""
         self._driver = driver
-        driver.on_port_refused = lambda port, remote: log.info(
-            "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1], port, port)
+        driver.on_port_refused = lambda port, remote: self._refused_log.log(
+            logging.INFO, "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1], port, port)
         for port in self.tcp:
-            driver.listen(port, self._tcp_handler(port))
+            self._listen(port)
         for port in list(self.udp):
             self._start_udp(port)
 
@@ -128,7 +155,7 @@ class Shares:
         elif port not in self.tcp:
             self.tcp.add(port)
             if self._driver is not None:
-                self._driver.listen(port, self._tcp_handler(port))
+                self._listen(port)
         log.info("sharing %s port %d", "udp" if udp else "tcp", port)
 
     def remove(self, port: int, udp: bool) -> bool:
@@ -152,18 +179,22 @@ class Shares:
         return ([{"port": p, "proto": "tcp"} for p in sorted(self.tcp)]
                 + [{"port": p, "proto": "udp"} for p in sorted(self.udp)])
 
-    def _tcp_handler(self, port: int):
-        async def handle(reader, writer) -> None:
-            peer = writer.get_extra_info("peername")
+    def _listen(self, port: int) -> None:
+        async def local(remote: tuple[str, int]):
+            """Reach 127.0.0.1:port before the overlay handshake completes (None: refuse it)."""
             try:
-                lr, lw = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), DIAL_TIMEOUT)
+                return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), LOCAL_DIAL_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:
-                log.info("shared port %d: nothing answers on 127.0.0.1:%d (%s)", port, port, e)
-                writer.close()
-                return
-            log.debug("shared port %d: connection from %s", port, peer)
-            await relay(reader, writer, lr, lw, TCP_IDLE)
-        return handle
+                self._nothing_log.log(logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
+                                      "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
+                                      getattr(e, "strerror", None) or "timed out")
+                return None
+
+        async def handle(reader, writer, pair) -> None:
+            log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
+            await relay(reader, writer, pair[0], pair[1], TCP_IDLE)
+
+        self._driver.listen(port, handle, prepare=local, discard=lambda pair: pair[1].close())
 
     def _start_udp(self, port: int) -> None:
         ep = self._driver.udp_bind(port)
@@ -173,13 +204,17 @@ class Shares:
         """Each remote (ip, port) gets its own OS socket toward 127.0.0.1:port, idle flows expire."""
         loop = asyncio.get_running_loop()
         flows: dict[tuple, tuple[asyncio.DatagramTransport, list]] = {}
+        too_big = RateLimitedLog(log)
 
         class Back(asyncio.DatagramProtocol):
             def __init__(self, remote):
                 self.remote = remote
 
             def datagram_received(self, data, addr):
-                ep.sendto(data, self.remote)
+                try:
+                    ep.sendto(data, self.remote)
+                except OSError as e:
+                    too_big.warning("shared udp port %d: reply of %d bytes dropped: %s", port, len(data), e.strerror or e)
                 flows[self.remote][1][0] = loop.time()
 
         try:
@@ -199,6 +234,8 @@ class Shares:
                 tr, seen = flows[remote]
                 seen[0] = now
                 tr.sendto(data)
+        except EOFError:
+            pass  # the stack closed (daemon stopping, or a new stack took over)
         finally:
             for tr, _ in flows.values():
                 tr.close()

@@ -29,12 +29,14 @@ class NetworkView:
     info: dict = field(default_factory=dict)
     members: dict[str, Member] = field(default_factory=dict)   # key -> member
     chat: deque = field(default_factory=lambda: deque(maxlen=CHAT_HISTORY))
+    pending: dict[str, str] = field(default_factory=dict)  # join requests (owners only): key -> name
 
 
 class NodeState:
     def __init__(self) -> None:
         self.networks: dict[str, NetworkView] = {}
         self.me: dict = {}
+        self.away: set[str] = set()  # networks this node went offline in: their members are no peers
 
     def apply(self, ev: dict) -> str | None:
         t = ev.get("t")
@@ -55,6 +57,8 @@ class NodeState:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
                 elif old.online != new.online:
                     changes.append(f"{new.name} is {'online' if new.online else 'offline'}")
+            for m in ev["members"]:
+                view.pending.pop(m["key"], None)  # a requester let in
             return "; ".join(changes) or None
         if t == "member_left":
             view = self.networks.get(ev["network"])
@@ -74,16 +78,27 @@ class NodeState:
                     view.chat = deque(sorted(view.chat, key=lambda c: c["id"]), maxlen=CHAT_HISTORY)
             return None
         if t == "join_request":
+            view = self.networks.get(ev["network"])
+            if view is not None:
+                view.pending[ev["key"]] = ev["name"]
             return f"{ev['name']} asks to join {ev['network']} (overlay admin approve {ev['network']} {ev['name']})"
         if t in ("join_approved", "join_rejected"):
             return f"join request for {ev['network']} {t.split('_')[1]}"
         return None
+
+    def forget_pending(self, network: str, name: str) -> None:
+        """A join request this node (the owner) answered or whose requester it banned."""
+        view = self.networks.get(network)
+        if view is not None:
+            view.pending = {k: n for k, n in view.pending.items() if n != name}
 
     def peers(self) -> dict[str, dict]:
         """key -> {name, ip, online, networks} for every node sharing a network with us."""
         out: dict[str, dict] = {}
         mine = self.me.get("key")
         for view in self.networks.values():
+            if view.name in self.away:
+                continue
             for m in view.members.values():
                 if m.key == mine:
                     continue
@@ -103,6 +118,8 @@ class NodeState:
                 "locked": bool(info.get("locked")),
                 "approval": bool(info.get("approval")),
                 "max_members": info.get("max_members", 0),
+                "away": view.name in self.away,
+                "pending": [{"name": n, "key": k} for k, n in sorted(view.pending.items(), key=lambda kv: kv[1])],
                 "members": [
                     {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,
                      "iface": m.iface, "self": m.key == self.me.get("key")}

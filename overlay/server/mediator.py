@@ -52,6 +52,7 @@ class Mediator:
         if self.pool.num_addresses < 4:
             raise ValueError(f"address pool {pool} is too small")
         self.online: set[bytes] = set()
+        self.away: dict[bytes, set[str]] = {}  # online node -> networks it went offline in (not persisted)
         self.outgoing: deque[tuple[bytes, dict]] = deque()
         self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
         self.iface: dict[bytes, str] = {}        # online node -> "tun" / "tap" (its kernel interface)
@@ -73,7 +74,8 @@ class Mediator:
     def _member_record(self, network, key: bytes, node=None) -> dict:
         node = node or self.store.node(key)
         rec = {"name": node.name, "key": key_to_text(key), "ip": node.vip,
-               "online": key in self.online, "role": "owner" if key == network.owner else "member"}
+               "online": key in self.online and network.name not in self.away.get(key, ()),
+               "role": "owner" if key == network.owner else "member"}
         iface = self.iface.get(key)
         if iface:
             rec["iface"] = iface   # only while online with a kernel interface
@@ -176,6 +178,7 @@ class Mediator:
         if key not in self.online:
             return
         self.online.discard(key)
+        self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
         self.store.update_node(key, self.store.node(key).name, now)
@@ -207,7 +210,11 @@ class Mediator:
             self._send_network(key, net.name)
             return ok(msg["id"])
         if t == "admin":
-            return self._admin(key, msg, now)
+            return self._admin(key, msg, now, password_hash)
+        if t == "rename":
+            return self._rename(key, msg, now)
+        if t == "presence":
+            return self._presence(key, msg)
         if t == "endpoints":
             self.endpoints[key] = {"candidates": msg["candidates"], "nat": msg.get("nat", {})}
             return ok(msg["id"])
@@ -297,6 +304,7 @@ class Mediator:
 
     def _remove(self, name: str, key: bytes, reason: str) -> None:
         self.store.remove_member(name, key)
+        self.away.get(key, set()).discard(name)
         self._push(key, {"t": "removed", "network": name, "reason": reason})
         self._push_members(name, {"t": "member_left", "network": name, "key": key_to_text(key),
                                   "reason": reason})
@@ -324,7 +332,41 @@ class Mediator:
         self._push_members(net.name, ev)
         return ok(msg["id"], chat_id=cid)
 
-    def _admin(self, key: bytes, msg: dict, now: float) -> dict:
+    def admin_precheck(self, key: bytes, msg: dict) -> None:
+        """Only the owner may change a network's password: checked before the (slow) hashing."""
+        self._network_for(key, msg["network"], owner=True)
+
+    def _presence(self, key: bytes, msg: dict) -> dict:
+        """Go offline (or back online) in one network without leaving it: its members see the node
+        offline there; the node stays a member. Forgotten when the node disconnects (the node
+        sends it again after hello)."""
+        net = self._network_for(key, msg["network"])
+        away = self.away.setdefault(key, set())
+        if msg["online"]:
+            away.discard(net.name)
+        else:
+            away.add(net.name)
+        if not away:
+            del self.away[key]
+        self._announce_member(net.name, key)
+        return ok(msg["id"], network=net.name, online=msg["online"])
+
+    def _rename(self, key: bytes, msg: dict, now: float) -> dict:
+        """A node changes its name: refused if another member or requester of one of its networks
+        has it; members of its networks (and the node itself) get the new record at once."""
+        name = normalize_name(msg["name"], "node name")
+        networks = self.store.networks_of(key)
+        for net in networks + self.store.pending_networks_of(key):
+            if self._name_clash(net, key, name):
+                raise RequestError("name_taken", f"the name {name!r} is already taken in network {net!r}")
+        self.store.update_node(key, name, now)
+        for net in networks:
+            rec = self._member_record(self.store.network(net), key)
+            self._push_members(net, {"t": "members", "network": net, "members": [rec]})
+            self._broadcast_info(net)  # the owner's name is part of the network's info
+        return ok(msg["id"], name=name)
+
+    def _admin(self, key: bytes, msg: dict, now: float, password_hash: bytes | None = None) -> dict:
         action = msg["action"]
         net = self._network_for(key, msg["network"], owner=True)
         name = net.name
@@ -335,6 +377,11 @@ class Mediator:
             self.store.set_network(name, approval=int(action == "approval-on"))
         elif action == "limit":
             self.store.set_network(name, max_members=msg["value"])
+        elif action == "password":
+            if password_hash is None:
+                raise RequestError("bad_request", "admin password needs the new password's hash")
+            self.store.set_network(name, pw_hash=password_hash)
+            return ok(rid)
         elif action == "pending":
             keys = self.store.pending(name)
             nodes = self.store.nodes(keys)
@@ -352,7 +399,8 @@ class Mediator:
                 self._push(target, {"t": "join_rejected", "network": name})
             return ok(rid)
         elif action in ("kick", "ban"):
-            target = self._target_member_or_pending(name, msg["target"], allow_pending=action == "ban")
+            target = (self._ban_target(name, msg["target"]) if action == "ban"
+                      else self._member_by_name(name, msg["target"]))
             if target == key:
                 raise RequestError("bad_request", "you cannot kick or ban yourself")
             if action == "ban":
@@ -419,11 +467,15 @@ class Mediator:
                 return k
         raise RequestError("unknown_member", f"no pending request from {target!r} in {network!r}")
 
-    def _target_member_or_pending(self, network: str, raw: str, allow_pending: bool) -> bytes:
-        try:
-            return self._member_by_name(network, raw)
-        except RequestError:
-            if not allow_pending:
-                raise
-            return self._pending_by_name(network, raw)
+    def _ban_target(self, network: str, raw: str) -> bytes:
+        """Anyone the owner may ban by name: a member, a pending requester, or a former member
+        (the most recent one of that name)."""
+        target = normalize_name(raw, "member name")
+        for keys in (self.store.members(network), self.store.pending(network), self.store.former_members(network)):
+            nodes = self.store.nodes(keys)
+            for k in keys:
+                if k in nodes and nodes[k].name == target:
+                    return k
+        raise RequestError("unknown_member",
+                           f"no member, pending request or former member named {target!r} in {network!r}")
 

@@ -27,6 +27,9 @@ CREATE INDEX IF NOT EXISTS members_by_key ON members(key);
 CREATE TABLE IF NOT EXISTS pending (
     network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
     requested REAL NOT NULL, PRIMARY KEY (network, key));
+CREATE TABLE IF NOT EXISTS former (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
+    PRIMARY KEY (network, key));
 CREATE TABLE IF NOT EXISTS bans (
     network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
     PRIMARY KEY (network, key));
@@ -108,7 +111,7 @@ class Store:
             self.db.execute("INSERT INTO members VALUES (?,?,?)", (name, owner, now))
 
     def set_network(self, name: str, **fields) -> None:
-        allowed = {"locked", "approval", "max_members", "owner"}
+        allowed = {"locked", "approval", "max_members", "owner", "pw_hash"}
         assert set(fields) <= allowed
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE networks SET {cols} WHERE name=?", (*fields.values(), name))
@@ -140,7 +143,16 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO members VALUES (?,?,?)", (network, key, now))
 
     def remove_member(self, network: str, key: bytes) -> None:
-        self.db.execute("DELETE FROM members WHERE network=? AND key=?", (network, key))
+        """Remove a member, remembered as a former member (the owner may still ban it by name)."""
+        with self.db:
+            self.db.execute("BEGIN")
+            if self.db.execute("DELETE FROM members WHERE network=? AND key=?", (network, key)).rowcount:
+                self.db.execute("INSERT OR REPLACE INTO former VALUES (?,?)", (network, key))
+
+    def former_members(self, network: str) -> list[bytes]:
+        """Nodes that left or were removed from ``network``, the most recent first."""
+        return [r[0] for r in self.db.execute("SELECT key FROM former WHERE network=? ORDER BY rowid DESC",
+                                              (network,))]
 
     def peers_of(self, key: bytes) -> set[bytes]:
         """Every node sharing at least one network with ``key`` (excluding itself)."""

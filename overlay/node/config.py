@@ -1,0 +1,172 @@
+"""Validation of a node's config.toml: every setting checked before anything starts.
+
+A bad setting ends ``overlay up`` with one line naming the file, the key and what is allowed
+(``~/.config/overlay/config.toml: keepalive = 3: expected a number of seconds from 7 to 600``);
+an unknown key is an error too (a typo would otherwise be silently ignored), with the closest
+known key suggested. config.example.toml documents every key checked here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+from overlay.control.messages import RequestError, normalize_name
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _str(v) -> str | None:
+    return None if isinstance(v, str) and v else "expected a non-empty string"
+
+
+def _hostport(allow_off: bool = False, allow_zero: bool = False):
+    def check(v) -> str | None:
+        what = "\"HOST:PORT\"" + (" or \"off\"" if allow_off else "")
+        if not isinstance(v, str):
+            return f"expected {what}"
+        if allow_off and v == "off":
+            return None
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not (0 if allow_zero else 1) <= int(port) <= 65535:
+            return f"expected {what}"
+        return None
+    return check
+
+
+def _int(lo: int, hi: int, what: str = "an integer"):
+    def check(v) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            return f"expected {what} from {lo} to {hi}"
+        return None
+    return check
+
+
+def _number(lo: float, hi: float, what: str):
+    def check(v) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            return f"expected {what} from {lo:g} to {hi:g}"
+        return None
+    return check
+
+
+def _bool(v) -> str | None:
+    return None if isinstance(v, bool) else "expected true or false"
+
+
+def _choice(*allowed: str):
+    def check(v) -> str | None:
+        return None if v in allowed else "expected " + " or ".join(f'"{a}"' for a in allowed)
+    return check
+
+
+def _name(v) -> str | None:
+    try:
+        normalize_name(v, "node name")
+    except RequestError:
+        return "expected a name of 1-32 letters, digits or '-', starting and ending with a letter or digit"
+    return None
+
+
+def _ipv4(v) -> str | None:
+    try:
+        ipaddress.IPv4Address(v)
+    except (ValueError, TypeError):
+        return "expected an IPv4 address such as \"10.100.0.2\""
+    return None
+
+
+def _proxy_url(v) -> str | None:
+    if isinstance(v, str) and v.startswith(("http://", "socks5://", "socks4://")):
+        return None
+    return "expected \"http://HOST:PORT\" or \"socks5://[USER:PASS@]HOST:PORT\""
+
+
+def _proxy_users(v) -> str | None:
+    if isinstance(v, dict) and all(isinstance(k, str) and k and isinstance(p, str) and p for k, p in v.items()):
+        return None
+    return "expected a table of user names to non-empty password strings, such as { alice = \"secret\" }"
+
+
+def _allowed_ips(v) -> str | None:
+    items = v if isinstance(v, list) else [v]
+    try:
+        for a in items:
+            ipaddress.IPv4Network(a, strict=False)
+    except (ValueError, TypeError):
+        return "expected an IPv4 prefix or a list of them, such as [\"10.100.0.1/32\"]"
+    return None
+
+
+Check = Callable[[object], "str | None"]
+
+TOP: dict[str, Check] = {
+    "server": _hostport(),
+    "name": _name,
+    "via_proxy": _proxy_url,
+    "port": _int(0, 65535, "a UDP port (0: any)"),
+    "keepalive": _number(7, 600, "a number of seconds"),
+    "socks": _hostport(allow_off=True, allow_zero=True),
+    "http_proxy": _hostport(allow_off=True, allow_zero=True),
+    "proxy_users": _proxy_users,
+    "address": _ipv4,
+    # kernel interface settings of `overlay up --tun/--tap` (validated further where they are used)
+    "interface": _choice("tun", "tap", "none"),
+    "dev": _str,
+    "only_shared": _bool,
+}
+
+TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
+    "share": ({"port": _int(1, 65535, "a port"), "proto": _choice("tcp", "udp")}, ("port",)),
+    "forward": ({"listen": _int(0, 65535, "a local port"), "peer": _str, "peer_port": _int(1, 65535, "a port"),
+                 "udp": _bool}, ("listen", "peer")),
+    "peer": ({"name": _str, "public_key": _str, "endpoint": _hostport(), "allowed_ips": _allowed_ips,
+              "persistent_keepalive": _number(0, 65535, "a number of seconds")}, ("public_key", "allowed_ips")),
+}
+
+
+def _unknown(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(known)
+    return f"unknown key {key!r} ({hint})"
+
+
+def validate(cfg: dict, path: Path | str) -> dict:
+    """``cfg`` unchanged if every setting is valid; else ConfigError with one line."""
+    for key, value in cfg.items():
+        if key in TABLES:
+            fields, required = TABLES[key]
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise ConfigError(f"{path}: {key}: expected [[{key}]] tables")
+            for i, table in enumerate(value, 1):
+                where = f"{path}: [[{key}]] #{i}"
+                for k, v in table.items():
+                    if k not in fields:
+                        raise ConfigError(f"{where}: {_unknown(k, fields)}")
+                    problem = fields[k](v)
+                    if problem:
+                        raise ConfigError(f"{where}: {k} = {_show(v)}: {problem}")
+                missing = [k for k in required if k not in table]
+                if missing:
+                    raise ConfigError(f"{where}: missing {' and '.join(missing)}")
+        elif key in TOP:
+            problem = TOP[key](value)
+            if problem:
+                shown = "" if key == "proxy_users" else f" = {_show(value)}"  # never echo passwords
+                raise ConfigError(f"{path}: {key}{shown}: {problem}")
+        else:
+            raise ConfigError(f"{path}: {_unknown(key, [*TOP, *TABLES])}")
+    return cfg
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."

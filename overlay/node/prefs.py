@@ -1,0 +1,127 @@
+"""What a node remembers between runs, in ``prefs.json`` in its home (0600, replaced atomically).
+
+- the server and name ``overlay up`` last ran with, so ``overlay up`` alone starts the node again
+  (options and config.toml still take precedence);
+- the networks it went offline in (``overlay offline NET``), until ``overlay online NET``;
+- the shares and forwards added at run time (``overlay share`` / ``forward``), restored when the
+  daemon starts and dropped by ``overlay unshare`` / ``unforward``. Those from config.toml are
+  not copied here: config.toml stays their single source.
+
+Kept deliberately small and readable; a file that cannot be parsed is an error naming it, never
+silently replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+from overlay.control.messages import MAX_NAME
+from overlay.node.home import HomeError
+
+PREFS_FILE = "prefs.json"
+
+
+class PrefsError(HomeError):
+    pass
+
+
+class Prefs:
+    def __init__(self, home_path: Path):
+        self.path = Path(home_path) / PREFS_FILE
+        self.data: dict = {"server": None, "name": None, "shares": [], "forwards": [], "away": []}
+        if self.path.exists():
+            try:
+                loaded = json.loads(self.path.read_text())
+                if not isinstance(loaded, dict):
+                    raise ValueError("not a JSON object")
+                shares = [{"port": int(s["port"]), "proto": "udp" if s.get("proto") == "udp" else "tcp"}
+                          for s in loaded.get("shares", [])]
+                forwards = [{"listen": int(f["listen"]), "peer": str(f["peer"]), "peer_port": int(f["peer_port"]),
+                             "udp": bool(f.get("udp"))} for f in loaded.get("forwards", [])]
+                away = [str(n) for n in loaded.get("away", [])]
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                raise PrefsError(f"{self.path}: unreadable ({e}); fix or delete it (it holds the last server, "
+                                 "name, shares and forwards)") from None
+            self.data.update(server=loaded.get("server"), name=loaded.get("name"), shares=shares,
+                             forwards=forwards, away=away)
+
+    @property
+    def server(self) -> str | None:
+        return self.data["server"]
+
+    @property
+    def name(self) -> str | None:
+        return self.data["name"]
+
+    @property
+    def shares(self) -> list[dict]:
+        return list(self.data["shares"])
+
+    @property
+    def forwards(self) -> list[dict]:
+        return list(self.data["forwards"])
+
+    @property
+    def away(self) -> list[str]:
+        """Networks this node went offline in (`overlay offline NET`)."""
+        return list(self.data["away"])
+
+    def set_away(self, network: str, away: bool) -> None:
+        if away != (network in self.data["away"]):
+            if away:
+                self.data["away"].append(network)
+            else:
+                self.data["away"].remove(network)
+            self._save()
+
+    def remember(self, *, server: str | None, name: str) -> None:
+        if (self.data["server"], self.data["name"]) != (server, name):
+            self.data.update(server=server, name=name)
+            self._save()
+
+    def add_share(self, port: int, udp: bool) -> None:
+        entry = {"port": port, "proto": "udp" if udp else "tcp"}
+        if entry not in self.data["shares"]:
+            self.data["shares"].append(entry)
+            self._save()
+
+    def remove_share(self, port: int, udp: bool) -> None:
+        entry = {"port": port, "proto": "udp" if udp else "tcp"}
+        if entry in self.data["shares"]:
+            self.data["shares"].remove(entry)
+            self._save()
+
+    def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool) -> None:
+        self._drop_forward(listen, udp)
+        self.data["forwards"].append({"listen": listen, "peer": peer, "peer_port": peer_port, "udp": udp})
+        self._save()
+
+    def remove_forward(self, listen: int, udp: bool) -> None:
+        if self._drop_forward(listen, udp):
+            self._save()
+
+    def _drop_forward(self, listen: int, udp: bool) -> bool:
+        before = len(self.data["forwards"])
+        self.data["forwards"] = [f for f in self.data["forwards"] if (f["listen"], f["udp"]) != (listen, udp)]
+        return len(self.data["forwards"]) != before
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+
+def hostname_label(hostname: str | None = None) -> str | None:
+    """The host name as a node name (first label, lower case, other characters as '-'), or None
+    if nothing usable is left."""
+    h = (hostname if hostname is not None else socket.gethostname()).split(".")[0].lower()
+    h = re.sub(r"[^a-z0-9-]+", "-", h).strip("-")[:MAX_NAME].strip("-")
+    return h or None
