@@ -35,6 +35,9 @@ Measured:
   pair with py-spy attached to both daemons (bench_forward.py's report: idle share, then the
   functions with the most busy samples; the event loop's thread only). py-spy samples wall
   time: a line making a syscall also collects the time the process waits for a CPU after it.
+
+The nodes inherit this process's environment: ``OVERLAY_TUN_OFFLOAD=0 python
+benchmarks/bench_tun.py`` measures them without TUN/TAP offloads (IFF_VNET_HDR), for comparison.
 """
 
 from __future__ import annotations
@@ -167,8 +170,15 @@ def machine() -> str:
         wg = "?"
     if re.fullmatch(r"v0\.0\.\d{8}", wg) and wg < "v0.0.20230223":
         wg += " (older than its TUN offloads of v0.0.20230223)"
+    try:
+        rev = subprocess.run(["git", "-C", str(bf.REPO), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        rev = "?"
+    offload = os.environ.get("OVERLAY_TUN_OFFLOAD")
     return (f"machine: {model}, {os.cpu_count()} cores, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, wireguard-go {wg}; {loadavg()}")
+            f"Python {platform.python_version()}, wireguard-go {wg}; {loadavg()}\n"
+            f"code: {bf.REPO} at {rev}" + (f", OVERLAY_TUN_OFFLOAD={offload}" if offload is not None else ""))
 
 
 def loadavg() -> str:
