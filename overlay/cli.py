@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from overlay.node import api
@@ -35,8 +37,31 @@ service_app = typer.Typer(no_args_is_help=True, help="Run the node as a systemd 
 app.add_typer(admin_app, name="admin")
 app.add_typer(service_app, name="service")
 
-out = Console()
-err = Console(stderr=True)
+# emoji=False: ":smile:" in a chat message stays text. Every value that did not come from this file
+# (chat text, names, server and daemon messages, command-line arguments) goes through lit().
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
+
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates that reorder what is shown
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(value: object) -> str:
+    """``value`` as text with every control character shown as an escape (ESC is ``\\x1b``)."""
+    return _INVISIBLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                          str(value))
+
+
+def lit(value: object) -> str:
+    """``value`` for a rich markup string: printed literally (no markup, no escape sequences)."""
+    text = visible(value)
+    body = text.rstrip("\\")
+    tail = len(text) - len(body)
+    if not tail:
+        return escape(body)
+    # trailing backslashes would escape whatever tag the caller puts next: double them before an empty tag
+    return escape(body) + "\\" * (2 * tail) + "[default][/default]"
+
 
 HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
@@ -46,7 +71,7 @@ def fail(message: str, code: str = "error", as_json: bool = False) -> NoReturn:
     if as_json:
         print(json.dumps({"error": {"code": code, "message": message}}))
     else:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {lit(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -249,17 +274,18 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         print_json(st)
         return
     node, srv = st["node"], st["server"]
-    conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{srv['state']}[/]"
-    out.print(f"[bold]{node['name']}[/]  {node['virtual_ip'] or '-'}  server {srv['address']} {conn}")
+    conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{lit(srv['state'])}[/]"
+    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])} {conn}")
     if srv.get("error"):
-        out.print(f"  [red]{srv['error']}[/]", soft_wrap=True)
+        out.print(f"  [red]{lit(srv['error'])}[/]", soft_wrap=True)
     for pr in st.get("proxies", []):
-        out.print(f"{pr['kind']} proxy on {pr['address']}", highlight=False)
+        out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
     if st.get("shares"):
-        out.print("sharing " + ", ".join(f"{x['port']}/{x['proto']}" for x in st["shares"]), highlight=False)
-    for f in st.get("forwards", []):
-        out.print(f"forward {f['proto']} {f['listen']} -> {f['peer']}:{f['peer_port']} ({f['active']} active)",
+        out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
                   highlight=False)
+    for f in st.get("forwards", []):
+        out.print(f"forward {lit(f['proto'])} {lit(f['listen'])} -> {lit(f['peer'])}:{lit(f['peer_port'])} "
+                  f"({lit(f['active'])} active)", highlight=False)
     if not st["networks"]:
         out.print("no networks (overlay create NET / overlay join NET)")
     for net in st["networks"]:
@@ -270,7 +296,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             flags.append("approval")
         if net["max_members"]:
             flags.append(f"max {net['max_members']}")
-        t = Table(title=f"{net['name']} ({', '.join(f for f in flags if f)})", title_justify="left")
+        t = Table(title=lit(f"{net['name']} ({', '.join(f for f in flags if f)})"), title_justify="left")
         for col in ("name", "virtual ip", "status", "role", "path"):
             t.add_column(col)
         peers = {p["key"]: p for p in st["peers"]}
@@ -280,7 +306,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             path = "this node" if m["self"] else (p.get("path") or "-")
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
-            t.add_row(m["name"], m["ip"], state, m["role"], path)
+            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(m["role"]), lit(path))
         out.print(t)
 
 
@@ -305,9 +331,10 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         if as_json:
             print(json.dumps(r), flush=True)
         elif r["rtt_ms"] is None:
-            out.print(f"timeout waiting for {r['peer']} ({r['ip']}) via {path}", highlight=False)
+            out.print(f"timeout waiting for {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)}", highlight=False)
         else:
-            out.print(f"pong from {r['peer']} ({r['ip']}) via {path} in {r['rtt_ms']:.1f} ms", highlight=False)
+            out.print(f"pong from {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)} in {r['rtt_ms']:.1f} ms",
+                      highlight=False)
         if direct and until_direct:
             break
         time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
@@ -317,7 +344,7 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         elif answered:
             out.print("no direct path yet: traffic goes through the relay")
         else:
-            out.print(f"{peer} did not answer")
+            out.print(f"{lit(peer)} did not answer")
     raise typer.Exit(0 if answered else 1)
 
 
@@ -332,14 +359,14 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     n = r["nat"]
     yes = lambda b: "yes" if b else ("no" if b is not None else "unknown")  # noqa: E731
     out.print(f"UDP to the server:        {yes(n.get('udp'))}  (relay over UDP: {yes(r['udp'])})")
-    out.print(f"public address:           {n.get('public') or '-'}  (local UDP port {r['local_port']})")
+    out.print(f"public address:           {lit(n.get('public') or '-')}  (local UDP port {lit(r['local_port'])})")
     out.print(f"behind NAT:               {yes(n.get('behind_nat'))}")
-    out.print(f"mapping varies by dest.:  {yes(n.get('varies_by_destination'))}  ({n.get('mapping')})")
+    out.print(f"mapping varies by dest.:  {yes(n.get('varies_by_destination'))}  ({lit(n.get('mapping'))})")
     seq = n.get("sequential")
-    out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {n['port_delta']})" if seq else ""))
+    out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {lit(n['port_delta'])})" if seq else ""))
     rtt = n.get("server_rtt_ms")
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
-    out.print("candidates:               " + ", ".join(f"{c['addr']} ({c['kind']})" for c in r["candidates"]),
+    out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 
 
@@ -386,7 +413,7 @@ def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT
                     udp=spec.udp)
     r.pop("ok", None)
     print_json(r) if as_json else out.print(
-        f"forwarding {r['proto']} {r['listen']} -> {r['peer']}:{r['peer_port']}", highlight=False)
+        f"forwarding {lit(r['proto'])} {lit(r['listen'])} -> {lit(r['peer'])}:{lit(r['peer_port'])}", highlight=False)
 
 
 @app.command()
@@ -408,7 +435,7 @@ def create(network: str,
     """Create a network; you become its owner."""
     r = daemon_call(home, "create", as_json, network=network, password=_password(password),
                     approval=approval, max_members=max_members)
-    print_json(r) if as_json else out.print(f"created network [bold]{r['network']}[/]")
+    print_json(r) if as_json else out.print(f"created network [bold]{lit(r['network'])}[/]")
 
 
 @app.command()
@@ -420,9 +447,9 @@ def join(network: str,
     if as_json:
         print_json(r)
     elif r.get("status") == "pending":
-        out.print(f"asked to join [bold]{r['network']}[/]; waiting for the owner's approval")
+        out.print(f"asked to join [bold]{lit(r['network'])}[/]; waiting for the owner's approval")
     else:
-        out.print(f"joined network [bold]{r['network']}[/]")
+        out.print(f"joined network [bold]{lit(r['network'])}[/]")
 
 
 @app.command()
@@ -430,7 +457,7 @@ def leave(network: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt)
     """Leave a network."""
     r = daemon_call(home, "leave", as_json, network=network)
     print_json(r) if as_json else out.print(
-        f"left network [bold]{r['network']}[/]" + (" (it had no other members and was deleted)" if r.get("deleted") else ""))
+        f"left network [bold]{lit(r['network'])}[/]" + (" (it had no other members and was deleted)" if r.get("deleted") else ""))
 
 
 @app.command()
@@ -454,7 +481,7 @@ def chat(network: str, text: Optional[str] = typer.Argument(None, help="Message 
         try:
             for ev in api.stream(h.socket_path, "follow", network=network.lower()):
                 if ev.get("t") == "following":
-                    err.print(f"following chat of {network.lower()} (Ctrl-C to stop)")
+                    err.print(f"following chat of {lit(network.lower())} (Ctrl-C to stop)")
                 elif ev.get("t") == "chat":
                     _print_chat(ev, as_json)
                 elif ev.get("t") == "removed":
@@ -472,7 +499,8 @@ def _print_chat(m: dict, as_json: bool) -> None:
         print(json.dumps({k: m[k] for k in ("network", "id", "from", "from_key", "text", "ts")}), flush=True)
     else:
         ts = datetime.fromtimestamp(m["ts"]).strftime("%H:%M:%S")
-        out.print(f"[dim]{ts}[/] [bold]{m['from']}[/]@{m['network']}: {m['text']}", highlight=False)
+        out.print(f"[dim]{ts}[/] [bold]{lit(m['from'])}[/]@{lit(m['network'])}: {lit(m['text'])}",
+                  highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
 
@@ -485,14 +513,14 @@ def _admin(home, network, action, as_json=False, **kw) -> dict:
 def admin_lock(network: str, home: Optional[Path] = HomeOpt):
     """Refuse new members."""
     _admin(home, network, "lock")
-    out.print(f"{network} is locked: no new members")
+    out.print(f"{lit(network)} is locked: no new members")
 
 
 @admin_app.command("unlock")
 def admin_unlock(network: str, home: Optional[Path] = HomeOpt):
     """Accept new members again."""
     _admin(home, network, "unlock")
-    out.print(f"{network} is unlocked")
+    out.print(f"{lit(network)} is unlocked")
 
 
 @admin_app.command("approval")
@@ -502,7 +530,7 @@ def admin_approval(network: str, mode: str = typer.Argument(..., help="on or off
     if mode not in ("on", "off"):
         fail("approval mode must be 'on' or 'off'")
     _admin(home, network, f"approval-{mode}")
-    out.print(f"{network}: approval {mode}")
+    out.print(f"{lit(network)}: approval {mode}")
 
 
 @admin_app.command("pending")
@@ -515,13 +543,13 @@ def admin_pending(network: str, home: Optional[Path] = HomeOpt, as_json: bool = 
     if not r["pending"]:
         out.print("no pending requests")
     for p in r["pending"]:
-        out.print(f"{p['name']}  {p['key']}")
+        out.print(f"{lit(p['name'])}  {lit(p['key'])}", highlight=False)
 
 
 def _targeted(action: str, verb: str):
     def cmd(network: str, name: str, home: Optional[Path] = HomeOpt):
         _admin(home, network, action, target=name)
-        out.print(f"{name} {verb} ({network})")
+        out.print(f"{lit(name)} {verb} ({lit(network)})")
     cmd.__doc__ = f"{action.capitalize()} a member by name."
     return cmd
 
@@ -539,17 +567,17 @@ def admin_limit(network: str, count: int = typer.Argument(..., help="Maximum mem
                 home: Optional[Path] = HomeOpt):
     """Set the member limit."""
     _admin(home, network, "limit", value=count)
-    out.print(f"{network}: member limit {count or 'none'}")
+    out.print(f"{lit(network)}: member limit {count or 'none'}")
 
 
 @admin_app.command("delete")
 def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):
     """Delete a network for everyone."""
-    if not yes and not typer.confirm(f"Delete network {network} for all its members?"):
+    if not yes and not typer.confirm(f"Delete network {visible(network)} for all its members?"):
         raise typer.Exit(1)
     _admin(home, network, "delete")
-    out.print(f"deleted network {network}")
+    out.print(f"deleted network {lit(network)}")
 
 
 # ---------------------------------------------------------------------------- keys and service
@@ -558,7 +586,7 @@ def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to 
                   home: Optional[Path] = HomeOpt):
     """Forget a server's pinned key (after the server was really reinstalled)."""
     if Home(home).forget_server(server):
-        out.print(f"forgot the key of {server}; it will be pinned again on the next connection")
+        out.print(f"forgot the key of {lit(server)}; it will be pinned again on the next connection")
     else:
         fail(f"no pinned key for {server}")
 
@@ -588,7 +616,7 @@ def service_install(server: Optional[str] = typer.Option(None, "--server"),
         f"ExecStart={exe} up --home {h.path.resolve()} --server {server} --name {name}\n"
         "Restart=on-failure\nRestartSec=5\n\n"
         "[Install]\nWantedBy=default.target\n")
-    out.print(f"wrote {unit}")
+    out.print(f"wrote {lit(unit)}")
     _systemctl("enable", "--now", "overlay.service")
 
 
@@ -600,21 +628,21 @@ def service_uninstall():
         fail(f"no unit installed at {unit}")
     _systemctl("disable", "--now", "overlay.service")
     unit.unlink()
-    out.print(f"removed {unit}")
+    out.print(f"removed {lit(unit)}")
     _systemctl("daemon-reload")
 
 
 def _systemctl(*args: str) -> None:
     if shutil.which("systemctl") is None:
-        err.print(f"[yellow]systemctl not found; run `systemctl --user {' '.join(args)}` where systemd runs[/]")
+        err.print(f"[yellow]systemctl not found; run `systemctl --user {lit(' '.join(args))}` where systemd runs[/]")
         return
     r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
     if r.returncode == 0 and args != ("daemon-reload",):
         r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
     if r.returncode != 0:
-        err.print(f"[yellow]systemctl --user {' '.join(args)} failed: {(r.stderr or r.stdout).strip()}[/]")
+        err.print(f"[yellow]systemctl --user {lit(' '.join(args))} failed: {lit((r.stderr or r.stdout).strip())}[/]")
     elif args != ("daemon-reload",):
-        out.print(f"systemctl --user {' '.join(args)}: done")
+        out.print(f"systemctl --user {lit(' '.join(args))}: done")
 
 
 @app.command()
@@ -632,7 +660,7 @@ def main() -> None:
     try:
         app()
     except HomeError as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {lit(e)}")
         sys.exit(1)
 
 
