@@ -117,7 +117,7 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
     except ValueError as e:
         fail(str(e))
     try:
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(data, os.W_OK):
             raise PermissionError(13, "not writable")
     except OSError as e:

@@ -23,6 +23,7 @@ from overlay.control.messages import RequestError, error, key_from_text, key_to_
 from overlay.nat import stun
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
+from overlay.server import datadir
 from overlay.server.mediator import DEFAULT_POOL, Mediator
 from overlay.server.store import Store
 
@@ -183,10 +184,12 @@ class MediationServer:
     def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
                  relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None):
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        datadir.secure(self.data_dir)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
         self.public_key = crypto.public_key(self.private_key)
+        datadir.create_private(self.data_dir / "overlay.db")
         self.store = Store(self.data_dir / "overlay.db")
+        datadir.secure(self.data_dir)       # the -wal and -shm files SQLite just created
         self.mediator = Mediator(self.store, pool)
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
         self.relay = RelayServer(self._may_relay, rate=relay_rate)
