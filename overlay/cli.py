@@ -105,6 +105,11 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
            stun_alt_ip: Optional[str] = typer.Option(None, "--stun-alt-ip",
                                                      help="A second public IP of this server that answers STUN "
                                                           "on the same port (finer NAT classification)."),
+           max_connections: int = typer.Option(10_000, "--max-connections",
+                                               help="Control connections at most (also kept below the "
+                                                    "descriptor limit)."),
+           max_per_address: int = typer.Option(64, "--max-per-address",
+                                               help="Control connections at most from one IP address."),
            log_level: str = typer.Option("info", "--log-level")):
     """Run a mediation server in the foreground."""
     import ipaddress
@@ -116,6 +121,8 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         ipaddress.IPv4Network(pool)
     except ValueError as e:
         fail(str(e))
+    if max_connections < 1 or max_per_address < 1:
+        fail("--max-connections and --max-per-address must be at least 1")
     try:
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(data, os.W_OK):
@@ -124,7 +131,8 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         fail(f"cannot use data directory {data}: {e.strerror or e}")
     _logging(log_level)
     try:
-        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip))
+        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
+                               max_per_address))
     except OSError as e:
         fail(f"cannot listen on {listen}: {e.strerror or e}")
     except KeyboardInterrupt:
