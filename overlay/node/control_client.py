@@ -166,7 +166,8 @@ class ControlClient:
             self.state = "connected"
             self.last_error = None
             self.connects += 1
-            log.info("connected to %s as %s (%s)", self.server, hello["name"], hello["ip"])
+            log.info("connected to %s as %s (%s)", self.server, hello["name"],
+                     hello["ip"] or "no address before its first network")
             r = self.on_session(hello)
             if asyncio.iscoroutine(r):
                 await r

@@ -143,7 +143,8 @@ class Daemon:
     # ------------------------------------------------------------------ server events
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
-        self._attach_stack(self.address or hello["ip"])
+        if self.address or hello["ip"]:   # none before this node's first network ("address" event)
+            self._attach_stack(self.address or hello["ip"])
         self._punched.clear()
         self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
                                   hello.get("stun_ports"), hello.get("stun_alt_ip"))
@@ -277,6 +278,10 @@ class Daemon:
             return
         if t == "relay":
             self.dataplane.relay_from_tcp(ev)
+            return
+        if t == "address":                # the server gave us our virtual IP (first network)
+            self.state.me["ip"] = ev["ip"]
+            self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)
         if t in ("members", "member_left", "removed"):

@@ -70,7 +70,7 @@ class ControlConnection(asyncio.Protocol):
         self.last_rx = self.opened = time.monotonic()
         self.tokens = BURST
         self.refused = 0
-        self.peer = "?"
+        self.peer = self.source = "?"
         self.closed = False
         self._queue: asyncio.Queue | None = None  # serialises requests that await (password hashing)
         self._worker: asyncio.Task | None = None
@@ -80,8 +80,9 @@ class ControlConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.source = peer[0] if peer else "?"
         server = self.server
-        admitted, victims = server.admission.admit(self, peer[0] if peer else "?", server.still_stranger)
+        admitted, victims = server.admission.admit(self, self.source, server.still_stranger)
         for v in victims:
             server.rlog.log(log, logging.INFO, "%s: shed to admit a new connection (%d connections)",
                             v.peer, len(server.admission))
@@ -290,6 +291,7 @@ class MediationServer:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             self.relay.expire(now)
+            self.mediator.expire(time.time())
             for c in list(self.connections):
                 if not c.registered and now - c.opened > HANDSHAKE_TIMEOUT:
                     self.rlog.log(log, logging.INFO, "%s: no hello within %.0f s; closing", c.peer, HANDSHAKE_TIMEOUT)
@@ -360,7 +362,7 @@ class MediationServer:
             if old is not None and old is not conn:
                 old.close(error(None, "replaced", "this node connected again from elsewhere"))
                 self.unregister(old)
-            reply = m.hello(conn.key, msg, now)
+            reply = m.hello(conn.key, msg, now, source=conn.source)
             reply["udp_token"] = base64.b64encode(self.relay.token_for(conn.key)).decode()
             reply["udp_port"] = self.port
             reply["stun_ports"] = self.stun_ports
@@ -390,7 +392,7 @@ class MediationServer:
         m = self.mediator
         t = msg["t"]
         if t == "create":
-            m.create_precheck(conn.key, msg)
+            m.create_precheck(conn.key, msg, now)
             async with self._hash_slots:
                 h = await asyncio.to_thread(passwords.hash_password, msg["password"])
             return m.handle(conn.key, msg, time.time(), password_hash=h)
