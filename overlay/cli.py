@@ -578,6 +578,23 @@ def admin_limit(network: str, count: int = typer.Argument(..., help="Maximum mem
     out.print(f"{lit(network)}: member limit {count or 'none'}")
 
 
+@admin_app.command("password")
+def admin_password(network: str,
+                   password: Optional[str] = typer.Option(None, "--password",
+                                                          help="The new password (prompted if absent)."),
+                   remove_members: bool = typer.Option(False, "--remove-members",
+                                                       help="Also remove every member but you (they joined "
+                                                            "with the old password) and drop pending requests."),
+                   home: Optional[Path] = HomeOpt):
+    """Change the network's password; existing members stay unless --remove-members."""
+    if password is None:
+        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
+    r = _admin(home, network, "password", password=password, value=int(remove_members))
+    out.print(f"{lit(network)}: password changed"
+              + (f"; removed {r.get('removed', 0)} member(s) who joined with the old one" if remove_members else ""),
+              highlight=False)
+
+
 @admin_app.command("delete")
 def admin_delete(network: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):

@@ -693,6 +693,10 @@ def test_validate_admin_actions(action):
         with pytest.raises(RequestError):
             validate_request(msg)
         msg["value"] = 0
+    if action == "password":
+        with pytest.raises(RequestError):
+            validate_request(msg)
+        msg["password"] = "new"
     validate_request(msg)
 
 

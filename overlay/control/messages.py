@@ -74,7 +74,7 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "history": {"network": (_STR, True)},
     "members": {"network": (_STR, True)},
     "admin": {"network": (_STR, True), "action": (_STR, True),
-              "target": (_STR, False), "value": (_INT, False)},
+              "target": (_STR, False), "value": (_INT, False), "password": (_STR, False)},
     # data plane introduction (see overlay/node/dataplane.py)
     "endpoints": {"candidates": (list, True), "nat": (dict, False)},
     "punch": {"peer": (_STR, True)},
@@ -87,7 +87,7 @@ MAX_RELAY_B64 = 4096
 
 ADMIN_ACTIONS = {
     "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
-    "kick", "ban", "unban", "limit", "delete", "transfer",
+    "kick", "ban", "unban", "limit", "delete", "transfer", "password",
 }
 ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer"}
 
@@ -144,6 +144,10 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", f"admin {msg['action']} needs a member name")
         if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
             raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
+        if (msg["action"] == "password") != ("password" in msg):
+            raise RequestError("bad_request", "admin password needs the new password (and only it carries one)")
+        if msg["action"] == "password" and msg.get("value", 0) not in (0, 1):
+            raise RequestError("bad_request", "admin password: value is 1 to remove the members, else 0")
     if t == "endpoints":
         cands = msg["candidates"]
         if len(cands) > MAX_CANDIDATES:

@@ -417,6 +417,8 @@ class Daemon:
                 msg["target"] = a["target"]
             if a.get("value") is not None:
                 msg["value"] = int(a["value"])
+            if a.get("password") is not None:
+                msg["password"] = a["password"]
             return await self._server(msg)
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
 

@@ -396,6 +396,11 @@ class MediationServer:
             async with self._hash_slots:
                 h = await asyncio.to_thread(passwords.hash_password, msg["password"])
             return m.handle(conn.key, msg, time.time(), password_hash=h)
+        if t == "admin" and msg["action"] == "password":
+            m.admin_precheck(conn.key, msg)
+            async with self._hash_slots:
+                h = await asyncio.to_thread(passwords.hash_password, msg["password"])
+            return m.handle(conn.key, msg, time.time(), password_hash=h)
         if t == "join":
             stored = m.join_precheck(conn.key, msg, now)
             async with self._hash_slots:

@@ -264,7 +264,7 @@ class Mediator:
             self._send_network(key, net.name)
             return ok(msg["id"])
         if t == "admin":
-            return self._admin(key, msg, now)
+            return self._admin(key, msg, now, password_hash)
         if t == "endpoints":
             self.endpoints[key] = {"candidates": msg["candidates"], "nat": msg.get("nat", {})}
             return ok(msg["id"])
@@ -387,7 +387,11 @@ class Mediator:
         self._push_members(net.name, ev)
         return ok(msg["id"], chat_id=cid)
 
-    def _admin(self, key: bytes, msg: dict, now: float) -> dict:
+    def admin_precheck(self, key: bytes, msg: dict) -> None:
+        """Refuse a password change by a non-owner before the (slow) hashing."""
+        self._network_for(key, msg["network"], owner=True)
+
+    def _admin(self, key: bytes, msg: dict, now: float, password_hash: bytes | None = None) -> dict:
         action = msg["action"]
         net = self._network_for(key, msg["network"], owner=True)
         name = net.name
@@ -398,6 +402,27 @@ class Mediator:
             self.store.set_network(name, approval=int(action == "approval-on"))
         elif action == "limit":
             self.store.set_network(name, max_members=msg["value"])
+        elif action == "password":
+            # New joins need the new password. Everyone who is a member now joined with an old one:
+            # with value 1 they are all removed (the owner stays) and pending requests dropped.
+            if password_hash is None:
+                raise RequestError("internal", "password was not hashed")
+            self.store.set_network(name, pw_hash=password_hash)
+            removed = 0
+            if msg.get("value") == 1:
+                gone = [k for k in self.store.members(name) if k != key]
+                for k in gone:          # all out first: no one is told of others leaving as they go
+                    self.store.remove_member(name, k)
+                for k in gone:
+                    self._push(k, {"t": "removed", "network": name, "reason": "password changed"})
+                    self._push_members(name, {"t": "member_left", "network": name, "key": key_to_text(k),
+                                              "reason": "password changed"})
+                removed = len(gone)
+                for k in self.store.pending(name):
+                    self.store.remove_pending(name, k)
+                    self._push(k, {"t": "join_rejected", "network": name})
+            self._broadcast_info(name)
+            return ok(rid, removed=removed)
         elif action == "pending":
             keys = self.store.pending(name)
             nodes = self.store.nodes(keys)

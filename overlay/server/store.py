@@ -124,7 +124,7 @@ class Store:
             self.db.execute("INSERT INTO members VALUES (?,?,?)", (name, owner, now))
 
     def set_network(self, name: str, **fields) -> None:
-        allowed = {"locked", "approval", "max_members", "owner"}
+        allowed = {"locked", "approval", "max_members", "owner", "pw_hash"}
         assert set(fields) <= allowed
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE networks SET {cols} WHERE name=?", (*fields.values(), name))
