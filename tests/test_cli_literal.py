@@ -68,3 +68,12 @@ def test_chat_with_markup_and_escapes_is_shown_literally(tmp_path):
         # a user's own argument in an error message is literal too
         err = a.fails("join", "[/x]", "--password", "pw")
         assert "invalid network name '[/x]'" in err and err.startswith("error:")
+
+
+def test_error_lines_are_literal(tmp_path):
+    """The CLI's own error lines went through markup too: "[[share]]" came out as "[]"."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('server = "127.0.0.1:9"\nname = "n"\n[[share]]\nproto = "udp"\n')
+    r = subprocess.run([*OVERLAY, "up", "--home", str(home)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "error: config.toml: [[share]] entries need a port" in r.stderr, r.stderr
