@@ -168,3 +168,11 @@ def test_real_nodes_connect_during_a_connection_flood(tmp_path):
         assert "Traceback" not in log
         assert len(log) < 300_000, f"server log grew to {len(log)} bytes"
         assert "similar lines suppressed" in log
+
+
+def test_server_raises_its_descriptor_limit_to_the_hard_limit():
+    code = ("import resource; from overlay.server.app import raise_nofile_limit; "
+            "n = raise_nofile_limit(); print(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    r = subprocess.run(["prlimit", "--nofile=256:4096", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=30)
+    assert r.stdout.split() == ["4096", "4096"], r.stdout + r.stderr

@@ -14,6 +14,7 @@ import logging
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import StackDriver
+from overlay.ratelog import LogLimiter
 from proxy.dialer import DialTimeout, NotOverlayAddress, PeerUnreachable, PortNotShared
 from proxy.relay import relay
 
@@ -87,12 +88,14 @@ class Shares:
         self.udp: set[int] = set()
         self._driver: StackDriver | None = None
         self._udp_tasks: dict[int, asyncio.Task] = {}
+        self._rlog = LogLimiter()        # a peer's connection attempts must not flood the log
 
     def attach(self, driver: StackDriver) -> None:
         """(Re)apply every share to a new stack."""
         self._driver = driver
-        driver.on_port_refused = lambda port, remote: log.info(
-            "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1], port, port)
+        driver.on_port_refused = lambda port, remote: self._rlog.log(
+            log, logging.INFO, "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1],
+            port, port)
         for port in self.tcp:
             driver.listen(port, self._tcp_handler(port))
         for port in list(self.udp):
