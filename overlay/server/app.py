@@ -462,12 +462,11 @@ class MediationServer:
 
 
 def _tcp_listener(host: str, port: int) -> socket.socket:
-    family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                               flags=socket.AI_PASSIVE)[0]
-    s = socket.socket(family, socket.SOCK_STREAM)
+    """The control port's listening socket (same address rules as the UDP socket beside it)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(addr)
+        s.bind((host, port))
         s.listen(128)
         s.setblocking(False)
     except OSError:
