@@ -9,7 +9,6 @@ import pytest
 
 from cluster import Cluster
 from test_control_mediator import PW, World
-from overlay.server import mediator as mediator_mod
 from overlay.server.mediator import NEW_NODES_PER_ADDRESS, NEW_NODES_WINDOW, NODE_TTL
 from overlay.server.vips import VipAllocator
 

@@ -167,7 +167,7 @@ def test_replayed_registration_does_not_redirect_traffic(tmp_path):
 
 def test_registration_nonce_is_bound_to_address_and_time():
     r = RelayServer(lambda s, d: True, secret=b"s" * 32)
-    key, secret = b"k" * 32, None
+    key = b"k" * 32
     secret = r.token_for(key)
     here, there = ("192.0.2.1", 4000), ("198.51.100.7", 4000)
     nonce = r.nonce_for(here, 100.0)
