@@ -533,8 +533,8 @@ async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_P
     nofile = raise_nofile_limit()
     cap = max_conns_for(nofile, max_conns)
     if cap < max_conns:
-        log.warning("descriptor limit %d allows %d control connections, not %d (raise `ulimit -Hn`)",
-                    nofile, cap, max_conns)
+        log.info("descriptor limit %d allows %d control connections, not %d (raise `ulimit -Hn`)",
+                 nofile, cap, max_conns)
     loop = asyncio.get_running_loop()
     limiter = LogLimiter()
 
