@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import OVERLAY, Cluster, Proc, _tcp_open
+from cluster import Cluster, Proc, _tcp_open
 from overlay.ratelog import LogLimiter
 from overlay.server.admission import MEMBER, STRANGER, UNAUTH, Admission, max_conns_for
 
@@ -103,6 +104,13 @@ def test_log_limiter_bounds_lines_and_counts_the_suppressed(caplog):
 
 
 # ---------------------------------------------------------------------------- the real thing
+def _with_nofile(soft: int, hard: int) -> list[str]:
+    """``python -m overlay`` with a descriptor limit of soft:hard."""
+    return [sys.executable, "-c", "import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+            "sys.argv[0] = 'overlay'; runpy.run_module('overlay', run_name='__main__')"]
+
+
 def _flood(port: int, *args: str):
     flood = subprocess.Popen([sys.executable, str(HERE / "floodtool.py"), "127.0.0.1", str(port), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -121,7 +129,7 @@ def test_real_nodes_connect_during_a_connection_flood(tmp_path):
     still connect (a new one and a restarted member), the member keeps its network, and the log
     stays small."""
     with Cluster(tmp_path) as c:
-        c.server = Proc(["prlimit", "--nofile=256:256", *OVERLAY, "server", "--listen", c.server_addr,
+        c.server = Proc([*_with_nofile(256, 256), "server", "--listen", c.server_addr,
                          "--data", str(tmp_path / "server")], tmp_path / "server.log")
         c.wait(lambda: _tcp_open(c.port), what="server listening")
         a = c.start_node("alice")
@@ -173,6 +181,6 @@ def test_real_nodes_connect_during_a_connection_flood(tmp_path):
 def test_server_raises_its_descriptor_limit_to_the_hard_limit():
     code = ("import resource; from overlay.server.app import raise_nofile_limit; "
             "n = raise_nofile_limit(); print(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
-    r = subprocess.run(["prlimit", "--nofile=256:4096", sys.executable, "-c", code], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)))
     assert r.stdout.split() == ["4096", "4096"], r.stdout + r.stderr
