@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -48,8 +49,33 @@ class _LazyConsole:
         return getattr(self._console, name)
 
 
-out = _LazyConsole()
-err = _LazyConsole(stderr=True)
+# emoji=False: ":smile:" in a chat message stays text. Every value that did not come from this file
+# (chat text, names, server and daemon messages, command-line arguments) goes through lit().
+out = _LazyConsole(emoji=False)
+err = _LazyConsole(stderr=True, emoji=False)
+
+
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates that reorder what is shown
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(value: object) -> str:
+    """``value`` as text with every control character shown as an escape (ESC is ``\\x1b``)."""
+    return _INVISIBLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                          str(value))
+
+
+def lit(value: object) -> str:
+    """``value`` for a rich markup string: printed literally (no markup, no escape sequences)."""
+    from rich.markup import escape
+    text = visible(value)
+    body = text.rstrip("\\")
+    tail = len(text) - len(body)
+    if not tail:
+        return escape(body)
+    # trailing backslashes would escape whatever tag the caller puts next: double them before an empty tag
+    return escape(body) + "\\" * (2 * tail) + "[default][/default]"
+
 
 HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
@@ -75,7 +101,7 @@ def fail(message: str, code: str = "error", as_json: bool = False) -> NoReturn:
     if as_json:
         print(json.dumps({"error": {"code": code, "message": message}}))
     else:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {lit(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -118,6 +144,11 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
            stun_alt_ip: Optional[str] = typer.Option(None, "--stun-alt-ip",
                                                      help="A second public IP of this server that answers STUN "
                                                           "on the same port (finer NAT classification)."),
+           max_connections: int = typer.Option(10_000, "--max-connections",
+                                               help="Control connections at most (also kept below the "
+                                                    "descriptor limit)."),
+           max_per_address: int = typer.Option(64, "--max-per-address",
+                                               help="Control connections at most from one IP address."),
            log_level: str = LogLevelOpt):
     """Run a mediation server in the foreground."""
     import asyncio
@@ -129,15 +160,18 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         ipaddress.IPv4Network(pool)
     except ValueError as e:
         fail(str(e))
+    if max_connections < 1 or max_per_address < 1:
+        fail("--max-connections and --max-per-address must be at least 1")
     try:
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(data, os.W_OK):
             raise PermissionError(13, "not writable")
     except OSError as e:
         fail(f"cannot use data directory {data}: {e.strerror or e}")
     _logging(log_level)
     try:
-        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip))
+        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
+                               max_per_address))
     except OSError as e:
         fail(f"cannot listen on {listen}: {e.strerror or e}")
     except KeyboardInterrupt:
@@ -386,21 +420,22 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         print_json(st)
         return
     node, srv = st["node"], st["server"]
-    conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{srv['state']}[/]"
-    out.print(f"[bold]{node['name']}[/]  {node['virtual_ip'] or '-'}  server {srv['address']} {conn}")
+    conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{lit(srv['state'])}[/]"
+    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])} {conn}")
     if srv.get("error"):
-        out.print(f"  [red]{srv['error']}[/]", soft_wrap=True)
+        out.print(f"  [red]{lit(srv['error'])}[/]", soft_wrap=True)
     iface = st.get("interface")
     if iface:
-        out.print(f"{iface['kind'].upper()} device {iface['name']}, MTU {iface['mtu'] or '-'}"
+        out.print(f"{iface['kind'].upper()} device {lit(iface['name'])}, MTU {iface['mtu'] or '-'}"
                   + (f", MAC {iface['mac']}" if iface.get("mac") else ""), highlight=False)
     for pr in st.get("proxies", []):
-        out.print(f"{pr['kind']} proxy on {pr['address']}", highlight=False)
+        out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
     if st.get("shares"):
-        out.print("sharing " + ", ".join(f"{x['port']}/{x['proto']}" for x in st["shares"]), highlight=False)
-    for f in st.get("forwards", []):
-        out.print(f"forward {f['proto']} {f['listen']} -> {f['peer']}:{f['peer_port']} ({f['active']} active)",
+        out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
                   highlight=False)
+    for f in st.get("forwards", []):
+        out.print(f"forward {lit(f['proto'])} {lit(f['listen'])} -> {lit(f['peer'])}:{lit(f['peer_port'])} "
+                  f"({lit(f['active'])} active)", highlight=False)
     if not st["networks"]:
         out.print("no networks (overlay create NET / overlay join NET)")
     for net in st["networks"]:
@@ -414,7 +449,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         if net.get("away"):
             flags.append("offline")
         from rich.table import Table
-        t = Table(title=f"{net['name']} ({', '.join(f for f in flags if f)})", title_justify="left")
+        t = Table(title=lit(f"{net['name']} ({', '.join(f for f in flags if f)})"), title_justify="left")
         for col in ("name", "virtual ip", "status", "role", "path"):
             t.add_column(col)
         peers = {p["key"]: p for p in st["peers"]}
@@ -425,7 +460,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
             role = m["role"] + (f" ({m['iface']})" if m.get("iface") else "")
-            t.add_row(m["name"], m["ip"], state, role, path)
+            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path))
         out.print(t)
         if net.get("away"):
             out.print(f"  you are offline in {net['name']}: overlay online {net['name']}", highlight=False)
@@ -455,9 +490,10 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         if as_json:
             print(json.dumps(r), flush=True)
         elif r["rtt_ms"] is None:
-            out.print(f"timeout waiting for {r['peer']} ({r['ip']}) via {path}", highlight=False)
+            out.print(f"timeout waiting for {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)}", highlight=False)
         else:
-            out.print(f"pong from {r['peer']} ({r['ip']}) via {path} in {r['rtt_ms']:.1f} ms", highlight=False)
+            out.print(f"pong from {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)} in {r['rtt_ms']:.1f} ms",
+                      highlight=False)
         if direct and until_direct:
             break
         time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
@@ -467,7 +503,7 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
         elif answered:
             out.print("no direct path yet: traffic goes through the relay")
         else:
-            out.print(f"{peer} did not answer")
+            out.print(f"{lit(peer)} did not answer")
     raise typer.Exit(0 if answered else 1)
 
 
@@ -526,14 +562,14 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     n = r["nat"]
     yes = lambda b: "yes" if b else ("no" if b is not None else "unknown")  # noqa: E731
     out.print(f"UDP to the server:        {yes(n.get('udp'))}  (relay over UDP: {yes(r['udp'])})")
-    out.print(f"public address:           {n.get('public') or '-'}  (local UDP port {r['local_port']})")
+    out.print(f"public address:           {lit(n.get('public') or '-')}  (local UDP port {lit(r['local_port'])})")
     out.print(f"behind NAT:               {yes(n.get('behind_nat'))}")
-    out.print(f"mapping varies by dest.:  {yes(n.get('varies_by_destination'))}  ({n.get('mapping')})")
+    out.print(f"mapping varies by dest.:  {yes(n.get('varies_by_destination'))}  ({lit(n.get('mapping'))})")
     seq = n.get("sequential")
-    out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {n['port_delta']})" if seq else ""))
+    out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {lit(n['port_delta'])})" if seq else ""))
     rtt = n.get("server_rtt_ms")
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
-    out.print("candidates:               " + ", ".join(f"{c['addr']} ({c['kind']})" for c in r["candidates"]),
+    out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 
 
@@ -582,9 +618,9 @@ def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT
                     udp=spec.udp)
     r.pop("ok", None)
     print_json(r) if as_json else out.print(
-        f"forwarding {r['proto']} {r['listen']} -> {r['peer']}:{r['peer_port']}", highlight=False)
+        f"forwarding {lit(r['proto'])} {lit(r['listen'])} -> {lit(r['peer'])}:{lit(r['peer_port'])}", highlight=False)
     if r.get("warning") and not as_json:
-        err.print(f"[yellow]warning:[/] {r['warning']}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {lit(r['warning'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -606,7 +642,7 @@ def create(network: str = NetworkArg,
     """Create a network; you become its owner."""
     r = daemon_call(home, "create", as_json, network=network, password=_password(password),
                     approval=approval, max_members=max_members)
-    print_json(r) if as_json else out.print(f"created network [bold]{r['network']}[/]")
+    print_json(r) if as_json else out.print(f"created network [bold]{lit(r['network'])}[/]")
 
 
 @app.command()
@@ -618,9 +654,9 @@ def join(network: str = NetworkArg,
     if as_json:
         print_json(r)
     elif r.get("status") == "pending":
-        out.print(f"asked to join [bold]{r['network']}[/]; waiting for the owner's approval")
+        out.print(f"asked to join [bold]{lit(r['network'])}[/]; waiting for the owner's approval")
     else:
-        out.print(f"joined network [bold]{r['network']}[/]")
+        out.print(f"joined network [bold]{lit(r['network'])}[/]")
 
 
 @app.command()
@@ -628,7 +664,7 @@ def leave(network: str = NetworkArg, home: Optional[Path] = HomeOpt, as_json: bo
     """Leave a network."""
     r = daemon_call(home, "leave", as_json, network=network)
     print_json(r) if as_json else out.print(
-        f"left network [bold]{r['network']}[/]" + (" (it had no other members and was deleted)" if r.get("deleted") else ""))
+        f"left network [bold]{lit(r['network'])}[/]" + (" (it had no other members and was deleted)" if r.get("deleted") else ""))
 
 
 @app.command()
@@ -654,7 +690,7 @@ def chat(network: str = NetworkArg, text: Optional[str] = typer.Argument(None, h
         try:
             for ev in api.stream(h.socket_path, "follow", network=network.lower()):
                 if ev.get("t") == "following":
-                    err.print(f"following chat of {network.lower()} (Ctrl-C to stop)")
+                    err.print(f"following chat of {lit(network.lower())} (Ctrl-C to stop)")
                 elif ev.get("t") == "chat":
                     _print_chat(ev, as_json)
                 elif ev.get("t") == "removed":
@@ -677,7 +713,8 @@ def _print_chat(m: dict, as_json: bool) -> None:
     else:
         from datetime import datetime
         ts = datetime.fromtimestamp(m["ts"]).strftime("%H:%M:%S")
-        out.print(f"[dim]{ts}[/] [bold]{m['from']}[/]@{m['network']}: {m['text']}", highlight=False)
+        out.print(f"[dim]{ts}[/] [bold]{lit(m['from'])}[/]@{lit(m['network'])}: {lit(m['text'])}",
+                  highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
 
@@ -690,14 +727,14 @@ def _admin(home, network, action, as_json=False, **kw) -> dict:
 def admin_lock(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
     """Refuse new members."""
     _admin(home, network, "lock")
-    out.print(f"{network} is locked: no new members")
+    out.print(f"{lit(network)} is locked: no new members")
 
 
 @admin_app.command("unlock")
 def admin_unlock(network: str = NetworkArg, home: Optional[Path] = HomeOpt):
     """Accept new members again."""
     _admin(home, network, "unlock")
-    out.print(f"{network} is unlocked")
+    out.print(f"{lit(network)} is unlocked")
 
 
 @admin_app.command("approval")
@@ -707,7 +744,7 @@ def admin_approval(network: str = NetworkArg, mode: str = typer.Argument(..., he
     if mode not in ("on", "off"):
         fail("approval mode must be 'on' or 'off'")
     _admin(home, network, f"approval-{mode}")
-    out.print(f"{network}: approval {mode}")
+    out.print(f"{lit(network)}: approval {mode}")
 
 
 @admin_app.command("pending")
@@ -720,14 +757,14 @@ def admin_pending(network: str = NetworkArg, home: Optional[Path] = HomeOpt, as_
     if not r["pending"]:
         out.print("no pending requests")
     for p in r["pending"]:
-        out.print(f"{p['name']}  {p['key']}")
+        out.print(f"{lit(p['name'])}  {lit(p['key'])}", highlight=False)
 
 
 def _targeted(action: str, verb: str, doc: str, who: str):
     def cmd(network: str = NetworkArg, name: str = typer.Argument(..., help=who),
             home: Optional[Path] = HomeOpt):
         _admin(home, network, action, target=name)
-        out.print(f"{name} {verb} ({network})")
+        out.print(f"{lit(name)} {verb} ({lit(network)})")
     cmd.__doc__ = doc
     return cmd
 
@@ -748,7 +785,24 @@ def admin_limit(network: str = NetworkArg, count: int = typer.Argument(..., help
                 home: Optional[Path] = HomeOpt):
     """Set the member limit."""
     _admin(home, network, "limit", value=count)
-    out.print(f"{network}: member limit {count or 'none'}")
+    out.print(f"{lit(network)}: member limit {count or 'none'}")
+
+
+@admin_app.command("password")
+def admin_password(network: str,
+                   password: Optional[str] = typer.Option(None, "--password",
+                                                          help="The new password (prompted if absent)."),
+                   remove_members: bool = typer.Option(False, "--remove-members",
+                                                       help="Also remove every member but you (they joined "
+                                                            "with the old password) and drop pending requests."),
+                   home: Optional[Path] = HomeOpt):
+    """Change the network's password; existing members stay unless --remove-members."""
+    if password is None:
+        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
+    r = _admin(home, network, "password", password=password, value=int(remove_members))
+    out.print(f"{lit(network)}: password changed"
+              + (f"; removed {r.get('removed', 0)} member(s) who joined with the old one" if remove_members else ""),
+              highlight=False)
 
 
 @admin_app.command("password")
@@ -767,10 +821,10 @@ def admin_password(network: str = NetworkArg,
 def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):
     """Delete a network for everyone."""
-    if not yes and not typer.confirm(f"Delete network {network} for all its members?"):
+    if not yes and not typer.confirm(f"Delete network {visible(network)} for all its members?"):
         raise typer.Exit(1)
     _admin(home, network, "delete")
-    out.print(f"deleted network {network}")
+    out.print(f"deleted network {lit(network)}")
 
 
 # ---------------------------------------------------------------------------- keys and service
@@ -784,9 +838,9 @@ def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to 
     try:
         api.call(h.socket_path, "retry_server", timeout=5)
     except (api.DaemonNotRunning, api.ApiError, OSError):
-        out.print(f"forgot the key of {server}; `overlay up` pins the new one on first contact")
+        out.print(f"forgot the key of {lit(server)}; `overlay up` pins the new one on first contact")
     else:
-        out.print(f"forgot the key of {server}; the running node reconnects now and pins the new one")
+        out.print(f"forgot the key of {lit(server)}; the running node reconnects now and pins the new one")
 
 
 def _unit_name(h: Home) -> str:
@@ -953,7 +1007,7 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C or end of input at a prompt
         rc = 1
     except HomeError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {lit(e)}", highlight=False, soft_wrap=True)
         rc = 1
     sys.exit(rc if isinstance(rc, int) else 0)
 

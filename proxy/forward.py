@@ -2,7 +2,8 @@
 
 ``Forward(dialer, 13389, "laptop", 3389)`` makes ``127.0.0.1:13389`` reach port 3389 of peer
 "laptop", for applications that cannot use a proxy (RDP clients, games). Dial failures are logged
-with the dialer's message ("laptop does not share port 3389") and close the client connection.
+with the dialer's message ("laptop does not share port 3389") and reset the client connection, so
+the application sees a failed connect rather than an empty stream.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from proxy.dialer import Dialer, DialError
 from proxy.listen import bound_address, create_udp_endpoint, format_address, is_loopback, start_tcp_server
-from proxy.relay import close_now, close_writer, relay
+from proxy.relay import close_now, close_writer, relay, reset_now
 from proxy.udpflows import UdpFlows
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,9 @@ class Forward:
         try:
             try:
                 up_reader, up_writer = await self.dialer.open_connection(self.peer, self.peer_port)
-            except DialError as e:
-                log.warning("forward %s: %s", self, e.message)
+            except (DialError, OSError) as e:
+                log.warning("forward %s: %s", self, getattr(e, "message", None) or e)
+                reset_now(writer)   # the application sees a failed connection, not an empty one
                 return
             await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
         except OSError as e:

@@ -10,7 +10,10 @@ either direction for ``idle_timeout`` seconds) are closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 
 from proxy.dialer import StreamReaderLike, StreamWriterLike
 
@@ -84,6 +87,19 @@ async def relay(
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(close_writer(a_writer), close_writer(b_writer))
+
+
+def reset_now(writer: StreamWriterLike) -> None:
+    """Abort a TCP connection with a reset (SO_LINGER 0), so the application at the other end
+    sees a failure (ECONNRESET) rather than a clean end-of-file; never raising."""
+    sock = writer.get_extra_info("socket")
+    transport = getattr(writer, "transport", None)
+    if sock is None or transport is None:
+        close_now(writer)
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def close_now(writer: StreamWriterLike) -> None:

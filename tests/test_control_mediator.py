@@ -123,6 +123,8 @@ class World:
                 assert self.store.network(name).owner == k, "join request to a non-owner"
             elif t in ("removed", "join_rejected"):
                 assert not self.store.is_member(name, k), f"{t} to a member"
+            elif t == "address":           # the node's own virtual IP, once it is stored
+                assert self.store.node(k).vip == msg["ip"], "address event with another address"
             else:
                 assert self.store.is_member(name, k), f"{t} event about {name} to a non-member"
             json.dumps(msg)  # every event is JSON-serialisable
@@ -169,6 +171,7 @@ def test_create_join_leave(w):
     r = w.req("alice", "create", network="  LAN ", password=PW)
     assert r["network"] == "lan"
     evs = w.ev("alice")
+    assert evs.pop(0) == {"t": "address", "ip": w.store.node(w.key("alice")).vip}   # stored on creating
     assert evs[0]["t"] == "network" and evs[0]["network"]["role"] == "owner"
     assert evs[0]["network"]["owner"] == "alice" and evs[0]["network"]["count"] == 1
     assert evs[1] == {"t": "members", "network": "lan", "members": [
@@ -180,6 +183,7 @@ def test_create_join_leave(w):
     assert r["status"] == "joined" and r["network"] == "lan"
     evs = w.events()
     bob_evs = evs[w.key("bob")]
+    assert bob_evs.pop(0) == {"t": "address", "ip": w.store.node(w.key("bob")).vip}
     assert bob_evs[0]["t"] == "network" and bob_evs[0]["network"]["role"] == "member"
     assert {m["name"] for m in bob_evs[1]["members"]} == {"alice", "bob"}
     alice_evs = evs[w.key("alice")]
@@ -328,7 +332,8 @@ def test_join_request_replayed_to_owner_on_hello(w):
     w.disconnect("alice")
     w.hello("bob")
     w.req("bob", "join", network="lan", password=PW)
-    assert w.events() == {}                       # owner offline: nothing queued
+    evs = w.events()                              # owner offline: nothing queued for her
+    assert list(evs) == [w.key("bob")] and [e["t"] for e in evs[w.key("bob")]] == ["address"]
     w.hello("alice")
     assert [e["name"] for e in w.ev("alice", "join_request")] == ["bob"]
 
@@ -570,10 +575,21 @@ def test_invalid_node_name(w):
 # ============================================================================ virtual IPs
 
 
-def test_vip_stable_and_unique(w):
+def _join_all(w: World, n: int) -> dict[int, str]:
+    """n0 creates "lan", n1.. join it; their virtual IPs from the "address" events."""
     ips = {}
-    for i in range(20):
-        ips[i] = w.hello(f"n{i}")["ip"]
+    for i in range(n):
+        assert w.hello(f"n{i}")["ip"] is None                  # a hello gives no address
+        if i == 0:
+            w.req("n0", "create", network="lan", password=PW)
+        else:
+            w.req(f"n{i}", "join", network="lan", password=PW)
+        ips[i] = w.ev(f"n{i}", "address")[0]["ip"]
+    return ips
+
+
+def test_vip_stable_and_unique(w):
+    ips = _join_all(w, 20)
     assert len(set(ips.values())) == 20
     for i in range(20):
         w.disconnect(f"n{i}")
@@ -586,11 +602,10 @@ def test_vip_stable_and_unique(w):
 def test_vip_pool_exhaustion():
     w = World(pool="10.9.0.0/29")
     try:
-        ips = [w.hello(f"n{i}")["ip"] for i in range(6)]
+        ips = list(_join_all(w, 6).values())
         assert sorted(ips) == [f"10.9.0.{i}" for i in range(1, 7)]   # hosts only: no .0 or .7
-        with pytest.raises(RequestError) as e:
-            w.hello("n6")
-        assert e.value.code == "pool_exhausted"
+        w.hello("n6")
+        assert w.fails("n6", "join", network="lan", password=PW).code == "pool_exhausted"
         assert w.store.node(w.key("n6")) is None
         assert w.hello("n3")["ip"] == ips[3]                          # existing nodes unaffected
     finally:

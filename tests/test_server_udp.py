@@ -38,6 +38,20 @@ async def no_recv(s: socket.socket, timeout: float = 0.3) -> bool:
     return False
 
 
+async def register(s: socket.socket, cl: RawClient, dest) -> bytes:
+    """Register ``cl``'s relay address from socket ``s``; return the REGISTER that succeeded."""
+    key, secret = crypto.public_key(cl.key), base64.b64decode(cl.hello["udp_token"])
+    pkt = frames.register(key, secret)
+    s.sendto(pkt, dest)
+    t, _, nonce = frames.parse(await recv(s))
+    if t == getattr(frames, "CHALLENGE", None):
+        pkt = frames.register(key, secret, nonce)
+        s.sendto(pkt, dest)
+        t, _, _ = frames.parse(await recv(s))
+    assert t == frames.REGISTERED
+    return pkt
+
+
 def run(coro_fn, tmp_path, **kw):
     async def main():
         server = MediationServer(tmp_path / "srv", "127.0.0.1", 0, **kw)
@@ -94,9 +108,7 @@ def test_relay_between_peers_only(tmp_path):
         sa, sb, sc = udp_sock(), udp_sock(), udp_sock()
         dest = ("127.0.0.1", server.port)
         for cl, s in ((a, sa), (b, sb), (c, sc)):
-            token = base64.b64decode(cl.hello["udp_token"])
-            s.sendto(frames.register(crypto.public_key(cl.key), token), dest)
-            assert frames.parse(await recv(s))[0] == frames.REGISTERED
+            await register(s, cl, dest)
         pa, pb = crypto.public_key(a.key), crypto.public_key(b.key)
 
         sa.sendto(frames.data(pb, b"\x04opaque wireguard bytes"), dest)
@@ -109,9 +121,12 @@ def test_relay_between_peers_only(tmp_path):
         assert t == frames.REFUSED and key == pb and reason[0] == frames.REASON_NOT_PEER
         assert await no_recv(sb)
 
-        # a wrong token does not register (cannot steal b's traffic)
+        # a wrong secret does not register (cannot steal b's traffic)
         evil = udp_sock()
         evil.sendto(frames.register(pb, b"\0" * 16), dest)
+        t, _, nonce = frames.parse(await recv(evil))
+        assert t == frames.CHALLENGE
+        evil.sendto(frames.register(pb, b"\0" * 16, nonce), dest)
         assert await no_recv(evil)
         sa.sendto(frames.data(pb, b"still b"), dest)
         assert frames.parse(await recv(sb))[2] == b"still b"
@@ -125,6 +140,48 @@ def test_relay_between_peers_only(tmp_path):
     run(body, tmp_path)
 
 
+def test_replayed_registration_does_not_redirect_traffic(tmp_path):
+    """Issue 9.4: a REGISTER captured on the wire and replayed from another address must not
+    move the victim's relay address there."""
+    async def body(server):
+        a, b = await node(server, "a"), await node(server, "b")
+        await share(server, a, b)
+        sa, sb, evil = udp_sock(), udp_sock(), udp_sock()
+        dest = ("127.0.0.1", server.port)
+        await register(sa, a, dest)
+        captured = await register(sb, b, dest)          # what an eavesdropper saw b send
+        pb = crypto.public_key(b.key)
+        for _ in range(3):
+            evil.sendto(captured, dest)
+            reply = await recv(evil)
+            assert frames.parse(reply)[0] != frames.REGISTERED
+        assert server.relay.udp_address(pb) == sb.getsockname()
+        sa.sendto(frames.data(pb, b"for b only"), dest)
+        assert frames.parse(await recv(sb))[2] == b"for b only"
+        assert await no_recv(evil)
+        # b itself re-registering with the same nonce still works (refresh within the minute)
+        sb.sendto(captured, dest)
+        assert frames.parse(await recv(sb))[0] == frames.REGISTERED
+    run(body, tmp_path)
+
+
+def test_registration_nonce_is_bound_to_address_and_time():
+    r = RelayServer(lambda s, d: True, secret=b"s" * 32)
+    key = b"k" * 32
+    secret = r.token_for(key)
+    here, there = ("192.0.2.1", 4000), ("198.51.100.7", 4000)
+    nonce = r.nonce_for(here, 100.0)
+    assert r.receive(frames.register(key, secret, nonce), here, 110.0) == [(frames.registered(), here)]
+    # same nonce: from elsewhere, or two minutes later, is challenged with a fresh nonce
+    for addr, now in ((there, 110.0), (here, 100.0 + 2 * 60.0)):
+        out = r.receive(frames.register(key, secret, nonce), addr, now)
+        assert out == [(frames.challenge(r.nonce_for(addr, now)), addr)]
+    assert r.udp_address(key) == here and r.stats["challenged"] == 2
+    # a proof with another key's secret is refused outright
+    assert r.receive(frames.register(key, r.token_for(b"x" * 32), nonce), here, 110.0) == []
+    assert r.stats["refused"] == 1
+
+
 def test_relay_over_tcp_both_ways(tmp_path):
     async def body(server):
         a, b = await node(server, "a"), await node(server, "b")
@@ -133,8 +190,7 @@ def test_relay_over_tcp_both_ways(tmp_path):
         # b has no UDP at all: a's UDP frames reach b over its control connection
         sa = udp_sock()
         dest = ("127.0.0.1", server.port)
-        sa.sendto(frames.register(pa, base64.b64decode(a.hello["udp_token"])), dest)
-        await recv(sa)
+        await register(sa, a, dest)
         got = b.expect(lambda m: m.get("t") == "relay")
         sa.sendto(frames.data(pb, b"to tcp-only b"), dest)
         ev = await asyncio.wait_for(got, 2)
@@ -164,9 +220,7 @@ def test_punch_introduces_both_sides(tmp_path):
         a, b, c = await node(server, "a"), await node(server, "b"), await node(server, "c")
         await share(server, a, b)
         sb = udp_sock()
-        sb.sendto(frames.register(crypto.public_key(b.key), base64.b64decode(b.hello["udp_token"])),
-                  ("127.0.0.1", server.port))
-        await recv(sb)
+        await register(sb, b, ("127.0.0.1", server.port))
         cands = [{"addr": "192.168.1.20:41641", "kind": "lan"}]
         assert (await a.request({"t": "endpoints", "candidates": cands, "nat": {"varies": False}}))["t"] == "ok"
         to_a = a.expect(lambda m: m.get("t") == "punch")
@@ -182,3 +236,16 @@ def test_punch_introduces_both_sides(tmp_path):
         r = await a.request({"t": "endpoints", "candidates": [{"addr": "x", "kind": "bogus"}]})
         assert r["t"] == "error" and r["code"] == "bad_request"
     run(body, tmp_path)
+
+
+def test_real_node_registers_through_the_challenge(tmp_path):
+    """A real daemon's first REGISTER is challenged; it answers with the nonce and its relay over
+    UDP works (what `overlay netcheck` reports)."""
+    import json
+
+    from cluster import Cluster
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        a = c.start_node("alice")
+        c.wait(lambda: json.loads(a.ok("netcheck", "--json"))["udp"], timeout=20, what="relay over UDP")
+        assert "relay registration acknowledged" in a.proc.output()

@@ -148,6 +148,8 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", "admin password (and only it) takes a new password")
         if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
             raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
+        if msg["action"] == "password" and msg.get("value", 0) not in (0, 1):
+            raise RequestError("bad_request", "admin password: value is 1 to remove the members, else 0")
     if t == "endpoints":
         cands = msg["candidates"]
         if len(cands) > MAX_CANDIDATES:

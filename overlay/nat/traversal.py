@@ -25,6 +25,15 @@ Life of a peer path:
 6. Roaming / NAT rebinding: a Ping from a new source address triggers a challenge of that address
    and a liveness check of the current one; if the current path fails its check while the new
    address confirmed, the path moves there within ``retry_interval``.
+
+Probes on a peer's say-so are bounded. The candidates come from the peer (through the server or
+a CallMeMaybe), so a member could advertise anyone's address and make every peer probe it. So:
+pings to addresses that never answered with an authenticated Pong (unconfirmed) draw on a token
+bucket per peer, ``probe_burst`` (128: one punch of 16 candidates x 7 rounds, plus some) refilled
+at ``probe_rate`` (4/s); and a punch (server introduction, CallMeMaybe) restarts the rounds at
+most once per ``min_punch_interval`` (2 s). Whatever a peer does, this node sends at most
+128 + 4 per second discovery datagrams to addresses that are not confirmed paths of that peer.
+Confirmed paths (keepalives, liveness checks) are not limited: they answered, so they want them.
 """
 
 from __future__ import annotations
@@ -63,6 +72,10 @@ class TraversalConfig:
     max_peer_reflexive: int = 16
     # a peer's ping triggers at most one challenge ping per address per this interval
     trigger_interval: float = 0.1
+    # pings to unconfirmed addresses, per peer (see the module docstring)
+    probe_burst: float = 128.0
+    probe_rate: float = 4.0
+    min_punch_interval: float = 2.0
 
     def __post_init__(self) -> None:
         if not (0 < self.retry_interval < self.dead_after < self.keepalive_interval):
@@ -114,6 +127,10 @@ class PeerPath:
         self._backoff = self.config.backoff_initial
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[PathChanged] = deque(maxlen=_MAX_EVENTS)
+        self._probe_tokens = self.config.probe_burst
+        self._probe_t: float | None = None
+        self._punch_started: float | None = None
+        self.probes_suppressed = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -140,7 +157,13 @@ class PeerPath:
         self._remote = new
 
     def start_punch(self, at: float) -> None:
-        """Probe every candidate in rounds starting at ``at`` (the server's common start time)."""
+        """Probe every candidate in rounds starting at ``at`` (the server's common start time).
+
+        Rounds restart at most once per ``min_punch_interval``; a punch inside it only brings the
+        candidates set just before it into the rounds still to come."""
+        if self._punch_started is not None and abs(at - self._punch_started) < self.config.min_punch_interval:
+            return
+        self._punch_started = at
         self._rounds = sorted(at + o for o in self.config.punch_offsets)
         self._backoff_at = None
         self._backoff = self.config.backoff_initial
@@ -273,7 +296,23 @@ class PeerPath:
         if len(self._out) < _MAX_OUT:
             self._out.append((datagram, addr))
 
+    def _probe_allowed(self, addr: Addr, now: float) -> bool:
+        """The per-peer budget for pings to addresses that are not confirmed paths."""
+        if addr in self._paths:
+            return True
+        c = self.config
+        if self._probe_t is not None:
+            self._probe_tokens = min(c.probe_burst, self._probe_tokens + max(0.0, now - self._probe_t) * c.probe_rate)
+        self._probe_t = now
+        if self._probe_tokens < 1.0:
+            self.probes_suppressed += 1
+            return False
+        self._probe_tokens -= 1.0
+        return True
+
     def _send_ping(self, addr: Addr, now: float) -> None:
+        if not self._probe_allowed(addr, now):
+            return
         tx = new_tx_id()
         if len(self._pending) >= _MAX_PENDING:
             self._pending.popitem(last=False)

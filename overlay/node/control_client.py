@@ -105,9 +105,9 @@ class ControlClient:
         backoff = BACKOFF_MIN
         while True:
             fatal = False
+            connects = self.connects
             try:
-                await self._session()
-                backoff = BACKOFF_MIN
+                await self._session()   # returns only by raising why the session ended
             except ServerKeyChanged as e:
                 fatal = True
                 self._fail(str(e), level=logging.ERROR)
@@ -118,6 +118,8 @@ class ControlClient:
                 self._fail(self._describe(e))
             except Exception as e:  # python-socks errors and anything unexpected: keep the daemon alive
                 self._fail(f"{type(e).__name__}: {e}")
+            if self.connects != connects:
+                backoff = BACKOFF_MIN   # a session was established: this outage starts its back-off afresh
             delay = FATAL_RETRY if fatal else backoff * random.uniform(0.5, 1.5)
             backoff = min(BACKOFF_MAX, backoff * 2)
             self._retry.clear()
@@ -191,7 +193,8 @@ class ControlClient:
             self.state = "connected"
             self.last_error = None
             self.connects += 1
-            log.info("connected to %s as %s (%s)", self.server, hello["name"], hello["ip"])
+            log.info("connected to %s as %s (%s)", self.server, hello["name"],
+                     hello["ip"] or "no address before its first network")
             r = self.on_session(hello)
             if asyncio.iscoroutine(r):
                 await r
@@ -206,22 +209,30 @@ class ControlClient:
                 self.state = "connecting"
             if reader_task is not None:
                 reader_task.cancel()
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(NotConnected("connection to the server was lost"))
-            self._pending.clear()
+            self._fail_pending("connection to the server was lost")
             self._channel = None
             writer.close()
 
+    def _fail_pending(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(NotConnected(why))
+
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            ch = self._channel
-            ch.receive_data(data)
-            while (ev := ch.next_event()) is not None:
-                self._dispatch(ev)
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("server closed the connection")
+                ch = self._channel
+                ch.receive_data(data)
+                while (ev := ch.next_event()) is not None:
+                    self._dispatch(ev)
+        except (OSError, ProtocolError) as e:   # ConnectionError is an OSError
+            # requests in flight (a ping, hello) fail now instead of waiting out their timeout
+            self._fail_pending(f"connection to the server was lost: {e}")
+            raise
 
     def _dispatch(self, ev) -> None:
         if not isinstance(ev, Message):

@@ -188,7 +188,8 @@ class Daemon:
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
         self.dataplane.set_pool(hello.get("pool"))
-        self._attach_stack(self.address or hello["ip"])
+        if self.address or hello["ip"]:   # none before this node's first network ("address" event)
+            self._attach_stack(self.address or hello["ip"])
         self.state.away = set(self.prefs.away)
         for net in self.state.away:  # presence per network is not kept by the server across sessions
             self.client.post({"t": "presence", "network": net, "online": False})
@@ -375,6 +376,10 @@ class Daemon:
             return
         if t == "relay":
             self.dataplane.relay_from_tcp(ev)
+            return
+        if t == "address":                # the server gave us our virtual IP (first network)
+            self.state.me["ip"] = ev["ip"]
+            self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)
         if t in ("members", "member_left", "removed"):

@@ -140,6 +140,8 @@ class DataPlane:
         self.server_udp: tuple[str, int] | None = None
         self.server_is_loopback = False
         self.udp_token: bytes | None = None
+        self._relay_nonce = frames.NO_NONCE     # from the server's CHALLENGE: binds REGISTER to our address
+        self._challenged_at = float("-inf")
         self.udp_ok = False           # the server acknowledged our registration
         self.srflx: tuple[str, int] | None = None
         self._registered_at = float("-inf")
@@ -201,6 +203,7 @@ class DataPlane:
         self.server_udp = (ip, udp_port)
         self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
         self.udp_token = token
+        self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
         servers = [(ip, p) for p in (stun_ports or [udp_port])]
         if stun_alt_ip:
@@ -464,6 +467,13 @@ class DataPlane:
         elif t == frames.REFUSED:
             log.debug("relay refused a packet for %s: %s", base64.b64encode(key).decode(),
                       frames.REASONS.get(rest[0], "?"))
+        elif t == frames.CHALLENGE and self.udp_token is not None:
+            self._relay_nonce = rest
+            now = self.now()
+            if now - self._challenged_at >= 1.0:     # answered at once, but at most once a second
+                self._challenged_at = self._register_sent = now
+                self._out.append((frames.register(self.public_key, self.udp_token, rest), self.server_udp))
+                self._schedule_flush()
 
     def _disco_receive(self, data: bytes, addr) -> None:
         try:
@@ -597,7 +607,7 @@ class DataPlane:
                 log.warning("relay registration unanswered: using the control connection for relay")
                 self.udp_ok = False
             self._register_sent = now
-            self._out.append((frames.register(self.public_key, self.udp_token), self.server_udp))
+            self._out.append((frames.register(self.public_key, self.udp_token, self._relay_nonce), self.server_udp))
         if self._next_probe is not None and self._next_probe <= now:
             self.start_probe()
         probe = self._probe

@@ -1,7 +1,9 @@
 """The relay's forwarding logic, sans-I/O: who is at which UDP address, who may talk to whom, caps.
 
-A node proves it owns a UDP address by sending REGISTER with a token the server gave it over the
-authenticated control channel (``token_for(key)``: a keyed hash, so nothing per node is stored).
+A node claims a UDP address by sending REGISTER with a nonce the server bound to that address
+(``nonce_for``, valid one to two minutes) and a proof keyed by the relay secret the server gave
+it over the authenticated control channel (``token_for(key)``: a keyed hash, so nothing per node
+is stored); see frames.py. A replayed REGISTER from another address only earns a CHALLENGE.
 DATA is forwarded only between registered nodes that share a network (``may_relay``), within a
 per-source token bucket (bytes/s). Registrations expire unless refreshed (nodes re-register every
 few seconds, which also keeps their NAT mapping toward the server alive).
@@ -16,6 +18,7 @@ from typing import Callable
 from overlay.relay import frames
 
 REGISTRATION_TTL = 90.0
+NONCE_PERIOD = 60.0      # a nonce is good for the minute it was made in and the next
 DEFAULT_RATE = 2 * 1024 * 1024  # bytes per second per node
 MAX_REGISTRATIONS = 100_000
 
@@ -35,15 +38,30 @@ class RelayServer:
         self.rate = float(rate)
         self.burst = max(self.rate, 256 * 1024.0)
         self._secret = secret or os.urandom(32)
+        self._nonce_key = hmac.digest(self._secret, b"overlay relay nonce", "blake2s")
         self.addr_of: dict[bytes, tuple] = {}        # key -> UDP address
         self.key_at: dict[tuple, bytes] = {}         # UDP address -> key
         self.seen: dict[bytes, float] = {}
         self.tcp_sinks: dict[bytes, Callable[[bytes, bytes], None]] = {}  # key -> send(src, payload)
         self._buckets: dict[bytes, _Bucket] = {}
-        self.stats = {"forwarded": 0, "bytes": 0, "refused": 0, "malformed": 0, "capped": 0}
+        self.stats = {"forwarded": 0, "bytes": 0, "refused": 0, "malformed": 0, "capped": 0, "challenged": 0}
 
     def token_for(self, key: bytes) -> bytes:
+        """The node's relay secret: sent to it over the control channel, never on the wire."""
         return hmac.digest(self._secret, key, "blake2s")[:frames.TOKEN_LEN]
+
+    def nonce_for(self, addr: tuple, now: float, epoch: int | None = None) -> bytes:
+        e = (int(now // NONCE_PERIOD) if epoch is None else epoch) & 0xFFFFFFFF
+        eb = e.to_bytes(4, "big")
+        where = f"{addr[0]}|{addr[1]}".encode()
+        return eb + hmac.digest(self._nonce_key, eb + where, "blake2s")[:frames.NONCE_LEN - 4]
+
+    def _nonce_ok(self, nonce: bytes, addr: tuple, now: float) -> bool:
+        e = int.from_bytes(nonce[:4], "big")
+        cur = int(now // NONCE_PERIOD) & 0xFFFFFFFF
+        if e not in (cur, (cur - 1) & 0xFFFFFFFF):
+            return False
+        return hmac.compare_digest(nonce, self.nonce_for(addr, now, e))
 
     # ------------------------------------------------------------------ UDP side
     def receive(self, datagram: bytes, addr: tuple, now: float) -> list[tuple[bytes, tuple]]:
@@ -54,7 +72,11 @@ class RelayServer:
             self.stats["malformed"] += 1
             return []
         if t == frames.REGISTER:
-            if not hmac.compare_digest(rest, self.token_for(key)):
+            nonce, proof = rest[:frames.NONCE_LEN], rest[frames.NONCE_LEN:]
+            if not self._nonce_ok(nonce, addr, now):   # first contact, stale, or replayed from elsewhere
+                self.stats["challenged"] += 1
+                return [(frames.challenge(self.nonce_for(addr, now)), addr)]
+            if not hmac.compare_digest(proof, frames.register_proof(self.token_for(key), key, nonce)):
                 self.stats["refused"] += 1
                 return []
             self._register(key, addr, now)

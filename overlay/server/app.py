@@ -4,6 +4,9 @@ Thin by design: each TCP connection is a ``Channel`` (Noise XX + framing) feedin
 requests into the sans-I/O ``Mediator``; its ``outgoing`` events are written to whichever
 connections are online. Bounds: handshake deadline, idle deadline, per-connection request rate,
 write-buffer cap (a node that does not read is dropped and resyncs when it reconnects).
+Connections are capped per source address and in total, below the descriptor limit (raised to
+its hard limit at start); under pressure the unauthenticated and the idle strangers are shed
+first (overlay/server/admission.py). Every line one connection can trigger is rate limited.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import base64
 import logging
 import os
+import resource
 import socket
 import time
 from pathlib import Path
@@ -21,8 +25,11 @@ from overlay.control import passwords
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
 from overlay.nat import stun
+from overlay.ratelog import LogLimiter
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
+from overlay.server import datadir
+from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_POOL, Mediator
 from overlay.server.store import Store
 
@@ -34,6 +41,9 @@ RATE = 20.0                    # requests per second per connection, sustained
 BURST = 60.0
 ABUSE_LIMIT = 200              # refused requests before the connection is closed
 MAX_WRITE_BUFFER = 4 * 1024 * 1024
+ACCEPT_BATCH = 32              # connections accepted per loop turn
+FD_SLACK = 32                  # descriptors of shed connections not closed yet (see _accept_ready)
+ACCEPT_PAUSE = 0.5             # after accept() itself fails (EMFILE, ENOBUFS ...)
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -60,7 +70,7 @@ class ControlConnection(asyncio.Protocol):
         self.last_rx = self.opened = time.monotonic()
         self.tokens = BURST
         self.refused = 0
-        self.peer = "?"
+        self.peer = self.source = "?"
         self.closed = False
         self._queue: asyncio.Queue | None = None  # serialises requests that await (password hashing)
         self._worker: asyncio.Task | None = None
@@ -70,7 +80,22 @@ class ControlConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.server.connections.add(self)
+        self.source = peer[0] if peer else "?"
+        server = self.server
+        admitted, victims = server.admission.admit(self, self.source, server.still_stranger)
+        for v in victims:
+            server.rlog.log(log, logging.INFO, "%s: shed to admit a new connection (%d connections)",
+                            v.peer, len(server.admission))
+            v.close(error(None, "busy", "server busy: connection shed for a newcomer"))
+            v.transport.abort()
+        if not admitted:
+            server.rlog.log(log, logging.WARNING, "%s: refused: connection limit reached (%d in total, "
+                            "at most %d per address)", self.peer, len(server.admission),
+                            server.admission.per_source)
+            self.closed = True
+            transport.abort()
+            return
+        server.connections.add(self)
         self._queue = asyncio.Queue(maxsize=16)
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
@@ -84,17 +109,19 @@ class ControlConnection(asyncio.Protocol):
                 elif isinstance(ev, Message):
                     self._on_message(ev.body)
         except ProtocolError as e:
-            log.info("%s: protocol error: %s", self.peer, e)
+            self.server.rlog.log(log, logging.INFO, "%s: protocol error: %s", self.peer, e)
             self.close(error(None, "protocol", str(e)) if self.channel.established else None)
             return
         except Exception:  # a bug must cost one connection, never the server
-            log.exception("%s: internal error on input", self.peer)
+            self.server.rlog.log(log, logging.ERROR, "%s: internal error on input", self.peer, exc_info=True)
             self.close(error(None, "internal", "internal server error") if self.channel.established else None)
             return
         self.flush()
 
     def connection_lost(self, exc):
         self.closed = True
+        self.server.socket_closed()
+        self.server.admission.closed(self)
         self.server.connections.discard(self)
         if self._worker:
             self._worker.cancel()
@@ -140,7 +167,7 @@ class ControlConnection(asyncio.Protocol):
             except RequestError as e:
                 reply = error(msg["id"], e.code, e.message)
             except Exception:  # a bug must not take the server down
-                log.exception("internal error handling %s", msg.get("t"))
+                self.server.rlog.log(log, logging.ERROR, "internal error handling %s", msg.get("t"), exc_info=True)
                 reply = error(msg["id"], "internal", "internal server error")
             if self.closed:
                 return
@@ -155,7 +182,7 @@ class ControlConnection(asyncio.Protocol):
         try:
             self.channel.send(msg)
         except ProtocolError as e:
-            log.error("cannot send %s: %s", msg.get("t"), e)
+            self.server.rlog.log(log, logging.ERROR, "cannot send %s: %s", msg.get("t"), e)
 
     def flush(self) -> None:
         if self.closed or self.transport is None:
@@ -163,7 +190,8 @@ class ControlConnection(asyncio.Protocol):
         data = self.channel.data_to_send()
         if data:
             if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                log.warning("%s: not reading its messages; dropping the connection", self.peer)
+                self.server.rlog.log(log, logging.WARNING, "%s: not reading its messages; dropping the connection",
+                                     self.peer)
                 self.transport.abort()
                 return
             self.transport.write(data)
@@ -181,22 +209,29 @@ class ControlConnection(asyncio.Protocol):
 
 class MediationServer:
     def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
-                 relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None):
+                 relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
+                 max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE):
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        datadir.secure(self.data_dir)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
         self.public_key = crypto.public_key(self.private_key)
+        datadir.create_private(self.data_dir / "overlay.db")
         self.store = Store(self.data_dir / "overlay.db")
+        datadir.secure(self.data_dir)       # the -wal and -shm files SQLite just created
         self.mediator = Mediator(self.store, pool)
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
         self.relay = RelayServer(self._may_relay, rate=relay_rate)
         self.mediator.udp_addr_of = self.relay.udp_address
         self.host, self.port = host, port
         self.connections: set[ControlConnection] = set()
+        self.admission = Admission(max_conns, per_source)
+        self.rlog = LogLimiter()
         self.closing = False
         self.sessions: dict[bytes, ControlConnection] = {}
         self._hash_slots = asyncio.Semaphore(2)
-        self._tcp: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._open_sockets = 0         # accepted and not closed yet (shed ones close a loop turn later)
+        self._accept_paused = False
         self._udp = None
         self._stun_extra: list = []
         self.stun_ports: list[int] = []
@@ -206,9 +241,9 @@ class MediationServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tcp = await loop.create_server(lambda: ControlConnection(self), self.host, self.port,
-                                             reuse_address=True)
-        self.port = self._tcp.sockets[0].getsockname()[1]
+        self._listener = _tcp_listener(self.host, self.port)
+        self.port = self._listener.getsockname()[1]
+        loop.add_reader(self._listener.fileno(), self._accept_ready)
         # With a second STUN address the wildcard socket and one bound to that address share the
         # port (SO_REUSEADDR): requests to the alternate IP must be answered *from* it, or every
         # filtering NAT drops the answer.
@@ -238,9 +273,10 @@ class MediationServer:
     async def close(self) -> None:
         if self._reaper:
             self._reaper.cancel()
-        if self._tcp:
-            self._tcp.close()
         self.closing = True
+        if self._listener:
+            self._pause_accept()
+            self._listener.close()
         for c in list(self.connections):
             c.close()
         await asyncio.sleep(0)  # let connection_lost run while the store is still open
@@ -255,15 +291,64 @@ class MediationServer:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             self.relay.expire(now)
+            self.mediator.expire(time.time())
             for c in list(self.connections):
                 if not c.registered and now - c.opened > HANDSHAKE_TIMEOUT:
-                    log.info("%s: no hello within %.0f s; closing", c.peer, HANDSHAKE_TIMEOUT)
+                    self.rlog.log(log, logging.INFO, "%s: no hello within %.0f s; closing", c.peer, HANDSHAKE_TIMEOUT)
                     c.close()
                     c.transport.abort()
                 elif c.registered and now - c.last_rx > IDLE_TIMEOUT:
-                    log.info("%s: silent for %.0f s; closing", c.peer, now - c.last_rx)
+                    self.rlog.log(log, logging.INFO, "%s: silent for %.0f s; closing", c.peer, now - c.last_rx)
                     c.close()
                     c.transport.abort()
+
+    # ------------------------------------------------------------ accepting
+    # Our own accept loop rather than loop.create_server: asyncio accepts up to its backlog per
+    # turn before any connection_made runs, and a shed connection's descriptor is closed a turn
+    # later, so at the descriptor limit it would fail accept() (a traceback each time) however
+    # early the server sheds. Here accepting stops while max_conns + FD_SLACK sockets are open
+    # and resumes as closed ones are released; new connections wait in the kernel's backlog.
+    def _accept_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            if self._open_sockets >= self.admission.max_conns + FD_SLACK:
+                self._pause_accept()
+                return
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:     # out of descriptors or memory: pause instead of spinning
+                self.rlog.log(log, logging.ERROR, "cannot accept connections: %s; pausing %.1f s",
+                              e.strerror or e, ACCEPT_PAUSE)
+                self._pause_accept()
+                loop.call_later(ACCEPT_PAUSE, self._resume_accept)
+                return
+            self._open_sockets += 1
+            sock.setblocking(False)
+            loop.create_task(self._connect_accepted(sock))
+
+    async def _connect_accepted(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: ControlConnection(self), sock)
+        except OSError:
+            sock.close()
+            self.socket_closed()
+
+    def socket_closed(self) -> None:
+        self._open_sockets -= 1
+        if self._accept_paused and self._open_sockets < self.admission.max_conns + FD_SLACK:
+            self._resume_accept()
+
+    def _pause_accept(self) -> None:
+        if not self._accept_paused and self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._accept_paused = True
+
+    def _resume_accept(self) -> None:
+        if self._accept_paused and not self.closing and self._listener is not None:
+            self._accept_paused = False
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
 
     # ------------------------------------------------------------ glue to the mediator
     async def dispatch(self, conn: ControlConnection, msg: dict) -> dict:
@@ -277,20 +362,37 @@ class MediationServer:
             if old is not None and old is not conn:
                 old.close(error(None, "replaced", "this node connected again from elsewhere"))
                 self.unregister(old)
-            reply = m.hello(conn.key, msg, now)
+            reply = m.hello(conn.key, msg, now, source=conn.source)
             reply["udp_token"] = base64.b64encode(self.relay.token_for(conn.key)).decode()
             reply["udp_port"] = self.port
             reply["stun_ports"] = self.stun_ports
             if self.stun_alt_ip:
                 reply["stun_alt_ip"] = self.stun_alt_ip
             conn.registered = True
+            self.admission.registered(conn, bool(reply["networks"]) or not self.still_stranger(conn))
             self.sessions[conn.key] = conn
             key = conn.key
             self.relay.tcp_sinks[key] = lambda src, payload, c=conn: self._tcp_deliver(c, src, payload)
-            log.info("%s: node %s (%s) online", conn.peer, reply["name"], reply["ip"])
+            self.rlog.log(log, logging.INFO, "%s: node %s (%s) online", conn.peer, reply["name"], reply["ip"])
             return reply
+        if t != "ping":
+            self.admission.touch(conn)
+        try:
+            return await self._dispatch(conn, msg, now)
+        finally:
+            if t in ("create", "join", "leave"):
+                self.admission.registered(conn, not self.still_stranger(conn))
+
+    def still_stranger(self, conn: ControlConnection) -> bool:
+        """Said hello (or not even that) but belongs to no network and waits to join none."""
+        key = conn.key
+        return key is None or not (self.store.networks_of(key) or self.store.pending_networks_of(key))
+
+    async def _dispatch(self, conn: ControlConnection, msg: dict, now: float) -> dict:
+        m = self.mediator
+        t = msg["t"]
         if t == "create":
-            m.create_precheck(conn.key, msg)
+            m.create_precheck(conn.key, msg, now)
             async with self._hash_slots:
                 h = await asyncio.to_thread(passwords.hash_password, msg["password"])
             return m.handle(conn.key, msg, time.time(), password_hash=h)
@@ -314,7 +416,7 @@ class MediationServer:
             self.relay.tcp_sinks.pop(conn.key, None)
             self._peer_cache.pop(conn.key, None)
             self.mediator.disconnect(conn.key, time.time())
-            log.info("%s: node offline", conn.peer)
+            self.rlog.log(log, logging.INFO, "%s: node offline", conn.peer)
             self.deliver()
 
     # ------------------------------------------------------------ relay
@@ -359,6 +461,20 @@ class MediationServer:
             c.flush()
 
 
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    """The control port's listening socket (same address rules as the UDP socket beside it)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(128)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 def _udp_socket(host: str, port: int, reuse: bool) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -398,9 +514,36 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         pass
 
 
+def raise_nofile_limit() -> int:
+    """Raise the soft descriptor limit to the hard one; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft if soft != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return want
+    except (ValueError, OSError):
+        return soft
+
+
 async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
-                     relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None) -> None:
-    server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip)
+                     relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
+                     max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE) -> None:
+    nofile = raise_nofile_limit()
+    cap = max_conns_for(nofile, max_conns)
+    if cap < max_conns:
+        log.info("descriptor limit %d allows %d control connections, not %d (raise `ulimit -Hn`)",
+                 nofile, cap, max_conns)
+    loop = asyncio.get_running_loop()
+    limiter = LogLimiter()
+
+    def exception_handler(loop, context):
+        # e.g. accept() failing for want of descriptors: one traceback per kind and second at most
+        if limiter.allow(str(context.get("message")), time.monotonic())[0]:
+            loop.default_exception_handler(context)
+    loop.set_exception_handler(exception_handler)
+    server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source)
     await server.start()
     print(f"overlay server listening on {host}:{server.port} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)

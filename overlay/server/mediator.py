@@ -9,6 +9,14 @@ Argon2id hashing is slow on purpose, so the glue does it off the event loop: it 
 ``join_precheck`` (rate limits, existence) to get the stored hash, verifies the password in a
 thread, and passes the verdict to ``handle`` as ``password_ok``; for ``create`` it passes the new
 hash as ``password_hash``.
+
+Identities: a hello stores nothing. A node is stored, and given its virtual IP (event
+``address``), the first time it creates, joins or asks to join a network; at most
+``NEW_NODES_PER_ADDRESS`` new nodes per source address and hour. Expiry policy (``expire``, run
+hourly by the glue): a stored node that is in no network, owns none, is on no ban list and is
+offline is forgotten ``NODE_TTL`` (30 days) after it was last seen, together with its pending
+join requests; its address returns to the pool. Members stay until their network's owner removes
+them or they leave.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from overlay.control.messages import (
     MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok,
 )
 from overlay.server.store import Store
+from overlay.server.vips import PoolExhausted, VipAllocator
 
 FAILED_JOIN_WINDOW = 60.0
 FAILED_JOINS_PER_NODE = 5
@@ -29,20 +38,25 @@ FAILED_JOINS_PER_NETWORK = 20
 MAX_PENDING = 100
 MAX_NETWORKS_PER_NODE = 64
 DEFAULT_POOL = "100.64.0.0/10"
+NEW_NODES_PER_ADDRESS = 20        # new identities stored per source address ...
+NEW_NODES_WINDOW = 3600.0         # ... per hour
+NODE_TTL = 30 * 86400.0           # a node in no network is forgotten this long after last seen
+EXPIRY_INTERVAL = 3600.0
 
 
 @dataclass
 class _Window:
-    """Failure timestamps in a sliding window (bounded by the limit it enforces)."""
+    """Event timestamps in a sliding window (bounded by the limit it enforces)."""
     times: deque = field(default_factory=deque)
+    length: float = FAILED_JOIN_WINDOW
 
     def count(self, now: float) -> int:
-        while self.times and self.times[0] <= now - FAILED_JOIN_WINDOW:
+        while self.times and self.times[0] <= now - self.length:
             self.times.popleft()
         return len(self.times)
 
     def retry_after(self, now: float) -> int:
-        return max(1, int(self.times[0] + FAILED_JOIN_WINDOW - now + 0.999))
+        return max(1, int(self.times[0] + self.length - now + 0.999))
 
 
 class Mediator:
@@ -60,6 +74,11 @@ class Mediator:
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
         self._fail_net: dict[str, _Window] = {}
+        self.vips = VipAllocator(self.pool, self.store.used_vips())
+        self._guests: dict[bytes, str] = {}          # online, not stored: key -> name from hello
+        self._source: dict[bytes, str] = {}          # online: key -> source address (from the glue)
+        self._new_per_source: dict[str, _Window] = {}
+        self._next_expiry = float("-inf")
 
     # ------------------------------------------------------------------ helpers
     def _push(self, key: bytes, msg: dict) -> None:
@@ -135,22 +154,65 @@ class Mediator:
         raise RequestError("unknown_member", f"no member named {target!r} in {network!r}")
 
     def _allocate_vip(self) -> str:
-        used = self.store.used_vips()
-        for addr in self.pool.hosts():
-            s = str(addr)
-            if s not in used:
-                return s
-        raise RequestError("pool_exhausted", f"the server's address pool {self.pool} is exhausted")
+        try:
+            return self.vips.allocate()
+        except PoolExhausted:
+            raise RequestError("pool_exhausted", f"the server's address pool {self.pool} is exhausted") from None
+
+    def _name_of(self, key: bytes) -> str:
+        node = self.store.node(key)
+        return node.name if node is not None else self._guests[key]
+
+    def _new_node_check(self, key: bytes, now: float) -> None:
+        """Refuse before any slow work if storing ``key`` would exceed its address's budget."""
+        src = self._source.get(key)
+        if src is None or key not in self._guests:
+            return
+        w = self._new_per_source.get(src)
+        if w is not None and w.count(now) >= NEW_NODES_PER_ADDRESS:
+            raise RequestError("rate_limited", f"too many new nodes from your address; try again in "
+                                               f"{w.retry_after(now)} s")
+
+    def _store_node(self, key: bytes, now: float) -> None:
+        """First create / join / join request of a node: store it and give it its virtual IP."""
+        if key not in self._guests:
+            return
+        self._new_node_check(key, now)
+        vip = self._allocate_vip()
+        self.store.add_node(key, self._guests.pop(key), vip, now)
+        src = self._source.get(key)
+        if src is not None:
+            w = self._new_per_source.get(src)
+            if w is None:
+                if len(self._new_per_source) > 100_000:  # bound memory under a flood of addresses
+                    self._new_per_source.clear()
+                w = self._new_per_source[src] = _Window(length=NEW_NODES_WINDOW)
+            w.times.append(now)
+        self._push(key, {"t": "address", "ip": vip})
+
+    def expire(self, now: float) -> list[bytes]:
+        """Forget the nodes the expiry policy (module docstring) allows; at most hourly."""
+        if now < self._next_expiry:
+            return []
+        self._next_expiry = now + EXPIRY_INTERVAL
+        gone = []
+        for key, vip in self.store.expirable_nodes(now - NODE_TTL):
+            if key in self.online:
+                continue
+            self.store.delete_node(key)
+            self.vips.release(vip)
+            gone.append(key)
+        return gone
 
     # ------------------------------------------------------------------ session
-    def hello(self, key: bytes, msg: dict, now: float) -> dict:
+    def hello(self, key: bytes, msg: dict, now: float, source: str | None = None) -> dict:
         if msg["version"] != PROTOCOL_VERSION:
             raise RequestError("version", f"protocol version {msg['version']} not supported "
                                           f"(server speaks {PROTOCOL_VERSION})")
         name = normalize_name(msg["name"], "node name")
         node = self.store.node(key)
         if node is None:
-            self.store.add_node(key, name, self._allocate_vip(), now)
+            self._guests[key] = name      # stored only when it first joins a network
         else:
             if node.name != name:
                 for net in self.store.networks_of(key) + self.store.pending_networks_of(key):
@@ -164,6 +226,8 @@ class Mediator:
             self.iface[key] = msg["iface"]
         else:
             self.iface.pop(key, None)
+        if source is not None:
+            self._source[key] = source
         networks = self.store.networks_of(key)
         for net in networks:
             self._send_network(key, net)
@@ -171,7 +235,7 @@ class Mediator:
         for net in self.store.owned_networks(key):
             for k in self.store.pending(net):
                 self._push(key, self._join_request_event(net, k))
-        return ok(msg["id"], name=node.name, ip=node.vip, key=key_to_text(key),
+        return ok(msg["id"], name=name, ip=node.vip if node else None, key=key_to_text(key),
                   networks=networks, pool=str(self.pool))
 
     def disconnect(self, key: bytes, now: float) -> None:
@@ -181,6 +245,9 @@ class Mediator:
         self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
+        self._source.pop(key, None)
+        if self._guests.pop(key, None) is not None:
+            return
         self.store.update_node(key, self.store.node(key).name, now)
         for net in self.store.networks_of(key):
             self._announce_member(net, key)
@@ -222,19 +289,22 @@ class Mediator:
             return self._punch(key, msg)
         raise RequestError("unknown_type", f"unknown request type {t!r}")
 
-    def create_precheck(self, key: bytes, msg: dict) -> str:
+    def create_precheck(self, key: bytes, msg: dict, now: float | None = None) -> str:
         """Everything that can refuse a create before the (slow) password hashing."""
         name = normalize_name(msg["network"], "network name")
         if self.store.network(name) is not None:
             raise RequestError("network_exists", f"network {name!r} already exists")
         if len(self.store.networks_of(key)) >= MAX_NETWORKS_PER_NODE:
             raise RequestError("too_many_networks", f"a node may be in at most {MAX_NETWORKS_PER_NODE} networks")
+        if now is not None:
+            self._new_node_check(key, now)
         return name
 
     def _create(self, key: bytes, msg: dict, now: float, password_hash: bytes | None) -> dict:
-        name = self.create_precheck(key, msg)
+        name = self.create_precheck(key, msg, now)
         if password_hash is None:
             raise RequestError("internal", "password was not hashed")
+        self._store_node(key, now)
         self.store.add_network(name, password_hash, key, msg.get("approval", False),
                                msg.get("max_members", 0), now)
         self._send_network(key, name)
@@ -255,6 +325,7 @@ class Mediator:
             raise RequestError("already_member", f"you are already a member of {name!r}")
         if self.store.is_banned(name, key):
             raise RequestError("banned", f"you are banned from {name!r}")
+        self._new_node_check(key, now)
         return net.pw_hash
 
     def _record_failure(self, key: bytes, network: str, now: float) -> None:
@@ -277,18 +348,20 @@ class Mediator:
             raise RequestError("locked", f"network {name!r} is locked: its owner is not accepting new members")
         if net.max_members and self.store.member_count(name) >= net.max_members:
             raise RequestError("full", f"network {name!r} is full ({net.max_members} members)")
-        node = self.store.node(key)
-        if self._name_clash(name, key, node.name):
-            raise RequestError("name_taken", f"the name {node.name!r} is already taken in network {name!r}; "
+        my_name = self._name_of(key)
+        if self._name_clash(name, key, my_name):
+            raise RequestError("name_taken", f"the name {my_name!r} is already taken in network {name!r}; "
                                              "restart with another --name")
         if len(self.store.networks_of(key)) >= MAX_NETWORKS_PER_NODE:
             raise RequestError("too_many_networks", f"a node may be in at most {MAX_NETWORKS_PER_NODE} networks")
         if net.approval:
             if len(self.store.pending(name)) >= MAX_PENDING:
                 raise RequestError("too_many_pending", f"network {name!r} has too many pending requests")
+            self._store_node(key, now)
             self.store.add_pending(name, key, now)
             self._push(net.owner, self._join_request_event(name, key))
             return ok(msg["id"], network=name, status="pending")
+        self._store_node(key, now)
         self._admit(name, key, now)
         return ok(msg["id"], network=name, status="joined")
 
@@ -333,7 +406,7 @@ class Mediator:
         return ok(msg["id"], chat_id=cid)
 
     def admin_precheck(self, key: bytes, msg: dict) -> None:
-        """Only the owner may change a network's password: checked before the (slow) hashing."""
+        """Refuse a password change by a non-owner before the (slow) hashing."""
         self._network_for(key, msg["network"], owner=True)
 
     def _presence(self, key: bytes, msg: dict) -> dict:
@@ -378,10 +451,26 @@ class Mediator:
         elif action == "limit":
             self.store.set_network(name, max_members=msg["value"])
         elif action == "password":
+            # New joins need the new password. Everyone who is a member now joined with an old one:
+            # with value 1 they are all removed (the owner stays) and pending requests dropped.
             if password_hash is None:
-                raise RequestError("bad_request", "admin password needs the new password's hash")
+                raise RequestError("internal", "password was not hashed")
             self.store.set_network(name, pw_hash=password_hash)
-            return ok(rid)
+            removed = 0
+            if msg.get("value") == 1:
+                gone = [k for k in self.store.members(name) if k != key]
+                for k in gone:          # all out first: no one is told of others leaving as they go
+                    self.store.remove_member(name, k)
+                for k in gone:
+                    self._push(k, {"t": "removed", "network": name, "reason": "password changed"})
+                    self._push_members(name, {"t": "member_left", "network": name, "key": key_to_text(k),
+                                              "reason": "password changed"})
+                removed = len(gone)
+                for k in self.store.pending(name):
+                    self.store.remove_pending(name, k)
+                    self._push(k, {"t": "join_rejected", "network": name})
+            self._broadcast_info(name)
+            return ok(rid, removed=removed)
         elif action == "pending":
             keys = self.store.pending(name)
             nodes = self.store.nodes(keys)

@@ -94,6 +94,22 @@ class Store:
     def update_node(self, key: bytes, name: str, now: float) -> None:
         self.db.execute("UPDATE nodes SET name=?, last_seen=? WHERE key=?", (name, now, key))
 
+    def expirable_nodes(self, seen_before: float) -> list[tuple[bytes, str]]:
+        """Nodes last seen before ``seen_before`` in no network, owning none, banned nowhere."""
+        return list(self.db.execute(
+            "SELECT key, vip FROM nodes WHERE last_seen < ? AND key NOT IN (SELECT key FROM members) "
+            "AND key NOT IN (SELECT owner FROM networks) AND key NOT IN (SELECT key FROM bans)",
+            (seen_before,)))
+
+    def delete_node(self, key: bytes) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM pending WHERE key=?", (key,))
+            self.db.execute("DELETE FROM nodes WHERE key=?", (key,))
+
+    def node_count(self) -> int:
+        return self._one("SELECT COUNT(*) FROM nodes")[0]
+
     # ---------------------------------------------------------------- networks
     def network(self, name: str) -> Network | None:
         row = self._one(

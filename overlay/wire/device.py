@@ -67,6 +67,18 @@ handshake message costs ~0.2 ms of Curve25519 and hashing here (benchmarks/bench
 this bounds unauthenticated handshake work to about 5% of one core.
 """
 
+HANDSHAKE_SOURCE_RATE = 40.0
+HANDSHAKE_SOURCE_BURST = 40.0
+"""Under load, handshake messages one source IP may make us look at (cookie replies included).
+
+Checked before mac1 with a dictionary lookup: one flooding host costs a counter per datagram,
+never a MAC, a cookie reply or a DH. A real peer sends a handshake every few seconds at most.
+"""
+HANDSHAKE_WORK_PER_SECOND = 4096
+"""Under load, handshake messages looked at per second from all sources together (mac1, cookie
+replies, DH for the ones with mac2): a flood from many addresses takes a bounded share of the
+loop (~4096 x 25 us, 10 % of a core); the rest is dropped before any cryptography."""
+
 MAX_PENDING_EVENTS = 4096
 MAX_PACKET_SIZE = MAX_DATAGRAM_SIZE - TRANSPORT_MIN_SIZE - 15
 """Largest inner packet: the encrypted, padded datagram must still fit in UDP."""
@@ -80,7 +92,8 @@ _SENDER = struct.Struct("<I")
 STAT_NAMES = (
     "rx_datagrams", "malformed", "unknown_index", "expired_key", "auth_failed", "replayed",
     "bad_mac1", "cookie_sent", "cookie_received", "cookie_invalid", "handshake_invalid",
-    "handshake_replay", "handshake_flood", "handshake_rate_limited", "initiations_rx",
+    "handshake_replay", "handshake_flood", "handshake_rate_limited", "handshake_source_limited",
+    "handshake_shed", "initiations_rx",
     "initiations_tx", "responses_rx", "responses_tx", "handshakes_completed", "keepalives_rx",
     "keepalives_tx", "packets_rx", "packets_tx", "bad_inner_packet", "staged_dropped",
     "events_dropped", "no_endpoint", "peers_unreachable",
@@ -113,6 +126,7 @@ class Device:
         self._rng = rng or random.Random()
         self._checker = CookieChecker(self.public_key)
         self._limiter = RateLimiter()
+        self._source_budget = RateLimiter(HANDSHAKE_SOURCE_RATE, HANDSHAKE_SOURCE_BURST)
         self._peers: dict[bytes, Peer] = {}
         self._index: dict[int, Peer | Keypair] = {}
         self._out: list[tuple[bytes, Hashable]] = []
@@ -417,16 +431,25 @@ class Device:
             self._send_initiation(peer, now, retry=True)
 
     def _admit_handshake(self, datagram: bytes | memoryview, addr: Hashable, now: float) -> bool:
-        """mac1 always; under load also mac2 (else answer with a cookie reply) and a per-IP rate."""
-        if not self._checker.check_mac1(datagram):
-            self.stats["bad_mac1"] += 1
-            return False
+        """mac1 always; under load first a per-source budget and a global ceiling (no crypto),
+        then mac2 (else a cookie reply) and a per-IP rate of DH work: WireGuard's design."""
         if now - self._load_window_start >= 1.0:
             self._load_window_start, self._load_count = now, 0
         self._load_count += 1
         if self._load_count > UNDER_LOAD_HANDSHAKES_PER_SECOND:
             self._under_load_until = now + UNDER_LOAD_AFTER_TIME
-        if self.force_under_load or now < self._under_load_until:
+        under_load = self.force_under_load or now < self._under_load_until
+        if under_load:
+            if not self._source_budget.allow(addr, now):
+                self.stats["handshake_source_limited"] += 1
+                return False
+            if self._load_count > HANDSHAKE_WORK_PER_SECOND:
+                self.stats["handshake_shed"] += 1
+                return False
+        if not self._checker.check_mac1(datagram):
+            self.stats["bad_mac1"] += 1
+            return False
+        if under_load:
             if not self._checker.check_mac2(datagram, addr, now):
                 sender = _SENDER.unpack_from(datagram, 4)[0]
                 self._out.append((self._checker.create_reply(datagram, sender, addr, now), addr))

@@ -22,10 +22,12 @@ def source_key(addr: Hashable) -> Hashable:
 
 
 class RateLimiter:
-    __slots__ = ("_buckets",)
+    __slots__ = ("_buckets", "rate", "burst", "_purged")
 
-    def __init__(self) -> None:
+    def __init__(self, rate: float = PACKETS_PER_SECOND, burst: float = PACKETS_BURSTABLE) -> None:
         self._buckets: dict[Hashable, list[float]] = {}
+        self.rate, self.burst = rate, burst
+        self._purged = float("-inf")
 
     def allow(self, addr: Hashable, now: float) -> bool:
         key = source_key(addr)
@@ -33,9 +35,9 @@ class RateLimiter:
         if bucket is None:
             if len(self._buckets) >= MAX_SOURCES and not self._purge(now):
                 return False
-            self._buckets[key] = [PACKETS_BURSTABLE - 1.0, now]
+            self._buckets[key] = [self.burst - 1.0, now]
             return True
-        tokens = min(PACKETS_BURSTABLE, bucket[0] + (now - bucket[1]) * PACKETS_PER_SECOND)
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
@@ -44,8 +46,12 @@ class RateLimiter:
         return True
 
     def _purge(self, now: float) -> bool:
-        """Forget buckets that have refilled completely; True if room was made."""
-        refill = PACKETS_BURSTABLE / PACKETS_PER_SECOND
+        """Forget buckets that have refilled completely; True if room was made. At most once per
+        refill time: a flood from ever new addresses must not make every datagram scan the table."""
+        refill = self.burst / self.rate
+        if now - self._purged < refill:
+            return False
+        self._purged = now
         for key in [k for k, (_, last) in self._buckets.items() if now - last >= refill]:
             del self._buckets[key]
         return len(self._buckets) < MAX_SOURCES
