@@ -789,7 +789,7 @@ def admin_limit(network: str = NetworkArg, count: int = typer.Argument(..., help
 
 
 @admin_app.command("password")
-def admin_password(network: str,
+def admin_password(network: str = NetworkArg,
                    password: Optional[str] = typer.Option(None, "--password",
                                                           help="The new password (prompted if absent)."),
                    remove_members: bool = typer.Option(False, "--remove-members",
@@ -803,18 +803,6 @@ def admin_password(network: str,
     out.print(f"{lit(network)}: password changed"
               + (f"; removed {r.get('removed', 0)} member(s) who joined with the old one" if remove_members else ""),
               highlight=False)
-
-
-@admin_app.command("password")
-def admin_password(network: str = NetworkArg,
-                   password: Optional[str] = typer.Option(None, "--password",
-                                                          help="The new password (prompted if absent)."),
-                   home: Optional[Path] = HomeOpt):
-    """Change the network's password (members stay; new joins need the new one)."""
-    if password is None:
-        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
-    _admin(home, network, "password", password=password)
-    out.print(f"{network}: password changed")
 
 
 @admin_app.command("delete")

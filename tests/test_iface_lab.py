@@ -385,6 +385,14 @@ def _up(w, host: str, home, name: str, *extra: str, prefix=()):
     return w.nl.popen(host, argv, label=w.ol.label(f"node-{name}"))
 
 
+def _connected(home) -> bool:
+    from overlay.node import api
+    try:
+        return bool(api.call(home / "overlay.sock", "status", timeout=5)["server"]["connected"])
+    except Exception:
+        return False
+
+
 def _links(w, host: str) -> list[str]:
     return [l["ifname"] for l in json.loads(w.nl.run(host, ["ip", "-j", "link"]).stdout)]
 
@@ -414,7 +422,13 @@ def test_persistent_device_runs_without_net_admin(world):
     assert "belongs to another user" in p.stderr(), p.stderr()
     w.nl.run(host, [*OVERLAY, "setup-interface", "--tun", "--dev", dev, "--user", "root"])
     p = _up(w, host, home, "persist", "--tun", "--dev", dev, prefix=NO_NET_ADMIN)
-    assert p.popen.wait(timeout=30) == 1   # connects, learns its address, cannot set it: names the command
+    # it runs; once it joins a network the server gives it its address, which it cannot set: the
+    # one error line names the command
+    w.ol.wait(lambda: _connected(home), 20, "unprivileged node connected")
+    r = subprocess.run([*OVERLAY, "join", NET, "--password", PASSWORD, "--home", str(home)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert p.popen.wait(timeout=30) == 1
     m = re.search(r"--address (\S+)", p.stderr())
     assert m and "needs admin" in p.stderr(), p.stderr()
     w.nl.run(host, [*OVERLAY, "setup-interface", "--tun", "--dev", dev, "--user", "root", "--address", m.group(1)])
@@ -422,10 +436,6 @@ def test_persistent_device_runs_without_net_admin(world):
     try:
         w.ol.wait(lambda: p.poll() is None and "holds" in p.stderr(), 20, "unprivileged node up", )
         vip = m.group(1).split("/")[0]
-        # it is not a member of any network yet: join, then a kernel ping from tun2 reaches it
-        r = subprocess.run([*OVERLAY, "join", NET, "--password", PASSWORD, "--home", str(home)],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
         try:
             w.ping(w.tun2, vip)
         except AssertionError as e:

@@ -236,7 +236,8 @@ def test_split_then_coalesce_round_trip(data, mss, seq, fin):
     # and back: one super-packet (FIN ends runs: then the last segment is written alone)
     writes = offload.coalesce(segs)
     again: list = []
-    for hdr, pkt in writes:
+    for hdr, *parts in writes:
+        pkt = b"".join(parts)
         fl, gso, _, size, _, _ = offload.VNET_HDR.unpack(hdr)
         if gso == offload.GSO_NONE:
             assert fl == offload.F_DATA_VALID and valid(pkt)
@@ -254,12 +255,12 @@ def test_coalesce_keeps_order_and_refuses_what_it_must():
     syn = tcp_segment(0, b"", flags=0x02)
     udp_pkt = udp(SRC, DST, 1, 2)
     writes = offload.coalesce(a + [gap, udp_pkt, syn])
-    kinds = [offload.VNET_HDR.unpack(h)[1] for h, _ in writes]
+    kinds = [offload.VNET_HDR.unpack(w[0])[1] for w in writes]
     assert kinds == [offload.GSO_TCPV4, 0, 0, 0]
-    assert writes[0][1][52:] == b"".join(bytes([i]) * 100 for i in range(5))
+    assert b"".join(writes[0][1:])[52:] == b"".join(bytes([i]) * 100 for i in range(5))
     # different timestamps: no coalescing (the kernel would refuse the merged options)
     writes = offload.coalesce([a[0], tcp_segment(1100, b"t" * 100, options=b"\x01\x01\x08\x0a" + struct.pack("!II", 1, 2))])
-    assert [offload.VNET_HDR.unpack(h)[1] for h, _ in writes] == [0, 0]
+    assert [offload.VNET_HDR.unpack(w[0])[1] for w in writes] == [0, 0]
     assert other_ts  # built above for the same reason
 
 

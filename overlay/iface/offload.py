@@ -1,20 +1,21 @@
-"""TUN offloads, sans-I/O: TCP segmentation of the kernel's super-packets, and coalescing on write.
+"""TUN/TAP offloads, sans-I/O: coalescing TCP runs on write, and segmenting the kernel's super-packets.
 
-With ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4)`` the kernel hands the node
-TCP packets of up to 64 KB (one pass through its TCP stack instead of ~45) with a 10-byte
-``virtio_net_hdr`` in front, and accepts the same on write. That is what made wireguard-go several
-times faster in 2023; in Python the per-packet cost is higher still, so the lever matters more:
+With ``IFF_VNET_HDR`` every read and write of the device carries a 10-byte ``virtio_net_hdr``.
 
-- ``split``: a read buffer -> MTU-sized IPv4 packets for the tunnel. A super-packet (``gso_type``
-  TCPV4) becomes ``gso_size`` segments with their own IP length, ID and checksum, sequence number,
-  flags (FIN/PSH only on the last, CWR only on the first) and full TCP checksum; a packet whose
-  checksum the kernel left partial (``NEEDS_CSUM``) gets it completed. Peers see ordinary packets,
-  so stock WireGuard peers and userspace nodes are unaffected.
-- ``coalesce``: the IPv4 packets a batch from the tunnel delivers -> writes for the device.
-  Consecutive in-order TCP data segments of one flow (same addresses, ports, ACK, options, only
-  ACK/PSH flags, equal sizes but the last) are joined into one super-packet that the kernel's GRO
-  path takes as if its NIC had coalesced it; everything else is written alone, marked as already
-  checksummed (the tunnel authenticated it), which spares the kernel a checksum pass too.
+- ``coalesce`` (always used with the header): the IPv4 packets a batch from the tunnel delivers
+  become writes for the device. Consecutive in-order TCP data segments of one flow (same
+  addresses, ports, ACK, options, only ACK/PSH flags, equal sizes but the last) are joined into
+  one super-packet that the kernel takes through its GRO path, as if a NIC had coalesced it: one
+  write and one pass through the receiving TCP stack instead of up to 64. Everything else is
+  written alone, marked as already checksummed (the tunnel authenticated it). That is what made
+  wireguard-go several times faster in 2023, and it pays here too (benchmarks/bench_tun.py).
+- ``split``: a read buffer -> MTU-sized IPv4 packets for the tunnel. With ``TUNSETOFFLOAD``
+  TSO4/CSUM the kernel hands over TCP super-packets of up to 64 KB; they become ``gso_size``
+  segments with their own IP length, ID and checksum, sequence number, flags (FIN/PSH only on the
+  last, CWR only on the first) and full TCP checksum, and a partial checksum is completed. Peers
+  see ordinary packets. Measured here, the per-segment checksums in Python cost more CPU than the
+  kernel saves, so the node asks for no read offloads by default (``OVERLAY_TUN_OFFLOAD=tso``
+  turns them on for measurement) and ``split`` then only strips the header.
 
 Checksums use the folded-sum helpers of the userspace stack (``overlay.netstack.wire``).
 """
@@ -35,6 +36,7 @@ GSO_ECN = 0x80
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO_ECN = 0x08
+TSO_FLAGS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 
 HDR_VALID = VNET_HDR.pack(F_DATA_VALID, GSO_NONE, 0, 0, 0, 0)
 """Header for a packet written as is: its checksum needs no verification."""
@@ -126,9 +128,10 @@ def split_packet(flags: int, gso: int, gso_size: int, cstart: int, coff: int, pk
         stats.split_out += i
 
 
-def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 0) -> list[tuple[bytes, bytes]]:
-    """(virtio_net_hdr, packet) writes for a batch of IPv4 packets, TCP data runs coalesced.
-    ``l2``: the length of the link-layer header the caller writes between the two (14 on TAP)."""
+def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 0) -> list[tuple]:
+    """Writes for a batch of IPv4 packets, TCP data runs coalesced: each a tuple (virtio_net_hdr,
+    IP packet or its headers, payload pieces...) for one ``writev``. ``l2``: the length of the
+    link-layer header the caller writes after the virtio header (14 on TAP)."""
     out: list = []            # (header, packet) or a _Run being built
     runs: dict[bytes, _Run] = {}
     for p in packets:
@@ -193,7 +196,7 @@ class _Run:
         self.psh = bool(p[33] & _TCP_PSH)
         return True
 
-    def finish(self, stats: OffloadStats | None, l2: int = 0) -> tuple[bytes, bytes]:
+    def finish(self, stats: OffloadStats | None, l2: int = 0) -> tuple:
         first = self.first
         if len(self.parts) == 1:
             return HDR_VALID, first
@@ -210,5 +213,6 @@ class _Run:
         if stats:
             stats.coalesced_in += len(self.parts)
             stats.coalesced_out += 1
-        pkt = b"".join([bytes(head), *(p[hl:] for p in self.parts)])
-        return VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, hl + l2, self.size, 20 + l2, 16), pkt
+        # the pieces go to writev as they are: no 64 KB join
+        return (VNET_HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, hl + l2, self.size, 20 + l2, 16), bytes(head),
+                *(memoryview(p)[hl:] for p in self.parts))

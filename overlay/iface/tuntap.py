@@ -72,12 +72,13 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def open_device(name: str, kind: str, offload: int = 0) -> tuple[int, int]:
+def open_device(name: str, kind: str, vnet: bool = False, offload: int = 0) -> tuple[int, bool]:
     """Open (creating if needed) the TUN/TAP device ``name``; return its non-blocking descriptor.
 
-    ``offload``: TUN_F_* flags (``overlay.iface.offload``) to ask for; then every read and write
-    carries a virtio_net_hdr. If the kernel refuses them the device is opened without. Returns the
-    descriptor and the offload flags in force."""
+    ``vnet``: every read and write carries a virtio_net_hdr (``overlay.iface.offload``), which lets
+    writes hand the kernel coalesced super-packets; ``offload``: TUN_F_* flags for what the kernel
+    may hand over on read. If the kernel refuses, the device is opened without. Returns the
+    descriptor and whether the virtio header is in force."""
     valid_name(name)
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -88,7 +89,7 @@ def open_device(name: str, kind: str, offload: int = 0) -> tuple[int, int]:
                           f"{setup_hint(kind, name)})") from None
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
-                                               KINDS[kind] | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)))
+                                               KINDS[kind] | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)))
     except OSError as e:
         os.close(fd)
         if e.errno == errno.EPERM:
@@ -105,14 +106,14 @@ def open_device(name: str, kind: str, offload: int = 0) -> tuple[int, int]:
             raise DeviceError(f"device {name} exists and is not a {kind.upper()} device (a {other} device "
                               f"or another kind of link): choose another with --dev NAME") from None
         raise DeviceError(f"cannot open {kind.upper()} device {name}: {e.strerror}") from None
-    if offload:
+    if vnet:
         try:
             fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
         except OSError as e:
             log.info("%s: no TUN offloads (%s): one packet per read and write", name, e.strerror)
             os.close(fd)
-            return open_device(name, kind, 0)
-    return fd, offload
+            return open_device(name, kind)
+    return fd, vnet
 
 
 def make_persistent(name: str, kind: str, uid: int, gid: int | None = None) -> None:

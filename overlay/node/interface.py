@@ -42,21 +42,24 @@ class KernelInterface:
         self.created = False       # this process created the device (it goes when we close it)
         self.address: str | None = None
         self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0}
-        # TCP segmentation / coalescing with the kernel: see overlay.iface.offload. Every read and
-        # write then carries a virtio_net_hdr. OVERLAY_TUN_OFFLOAD=0 turns it off, for measuring.
-        self.offload = os.environ.get("OVERLAY_TUN_OFFLOAD", "1") != "0"
+        # Offloads with the kernel (overlay.iface.offload); every read and write then carries a
+        # virtio_net_hdr. "gro" (default): TCP runs coalesced into super-packets on write, plain
+        # packets on read. "tso" also takes the kernel's 64 KB super-packets on read: fewer passes
+        # through its TCP stack, but the per-segment checksums in Python cost more than that saves
+        # here (benchmarks/bench_tun.py). OVERLAY_TUN_OFFLOAD=gro|tso|off, for such measurements.
+        mode = os.environ.get("OVERLAY_TUN_OFFLOAD", "gro")
+        self.offload = mode if mode in ("gro", "tso") else None
         self.vnet = False
         self.offload_stats = offload.OffloadStats()
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
         existed = device_exists(self.name)
-        want = offload.TUN_F_CSUM | offload.TUN_F_TSO4 | offload.TUN_F_TSO_ECN if self.offload else 0
-        fd, got = open_device(self.name, self.kind, want)
-        self.vnet = bool(got)
+        fd, self.vnet = open_device(self.name, self.kind, self.offload is not None,
+                                    offload.TSO_FLAGS if self.offload == "tso" else 0)
         self.created = not existed
         self.dev = TunTap(fd, self.name, self.kind, self._from_tap if self.edge else self._from_tun,
-                          read_size=65536 + offload.VNET_HDR_LEN if self.vnet else INNER_MTU + 64)
+                          read_size=(65536 if self.offload == "tso" else INNER_MTU + 64) + offload.VNET_HDR_LEN)
         self.dev.start()
         self.dp.own_ifaces = (self.name,)
         if self.edge:
@@ -200,8 +203,8 @@ class KernelInterface:
         if self.edge:
             header = self.edge.header_for
             if self.vnet:
-                dev.write_framed([(vh, header(p), p) for vh, p in offload.coalesce(ok, self.offload_stats,
-                                                                                   ethernet.ETH_HEADER)])
+                dev.write_framed([(w[0], header(w[1]), *w[1:]) for w in offload.coalesce(
+                    ok, self.offload_stats, ethernet.ETH_HEADER)])
             else:
                 dev.write_framed([(header(p), p) for p in ok])
         elif self.vnet:
