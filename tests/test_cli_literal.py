@@ -76,4 +76,4 @@ def test_error_lines_are_literal(tmp_path):
     home.mkdir()
     (home / "config.toml").write_text('server = "127.0.0.1:9"\nname = "n"\n[[share]]\nproto = "udp"\n')
     r = subprocess.run([*OVERLAY, "up", "--home", str(home)], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "error: config.toml: [[share]] entries need a port" in r.stderr, r.stderr
+    assert r.returncode == 1 and "config.toml: [[share]] #1: missing port" in r.stderr, r.stderr

@@ -452,7 +452,7 @@ def test_stop_and_crash_leave_nothing(world):
     for how in ("stop", "kill"):
         home = w.ol.tmp / f"gone-{how}"
         p = _up(w, host, home, f"gone{how}", "--tap", "--dev", "ovlg0")
-        w.ol.wait(lambda: "ovlg0" in _links(w, host) and "holds" in p.stderr(), 20, "device up")
+        w.ol.wait(lambda: "ovlg0" in _links(w, host) and "device ovlg0 created" in p.stderr(), 20, "device up")
         if how == "stop":
             p.stop()
         else:
@@ -462,6 +462,30 @@ def test_stop_and_crash_leave_nothing(world):
     # the next start works (nothing left that breaks it)
     p = _up(w, host, w.ol.tmp / "gone-kill", "gonekill", "--tap", "--dev", "ovlg0")
     try:
-        w.ol.wait(lambda: "holds" in p.stderr(), 20, "restart after a crash")
+        w.ol.wait(lambda: "device ovlg0 created" in p.stderr(), 20, "restart after a crash")
     finally:
         p.stop()
+
+
+def test_stop_removes_what_it_added_to_a_persistent_device(world):
+    """On a device the node did not create, stopping removes exactly the address and route it added."""
+    w = world
+    host, dev = "pr1", "ovlq0"
+    w.nl.run(host, [*OVERLAY, "setup-interface", "--tun", "--dev", dev, "--user", "root"])
+    home = w.ol.tmp / "keeps"
+    p = _up(w, host, home, "keeps", "--tun", "--dev", dev)
+    try:
+        w.ol.wait(lambda: _connected(home), 20, "node connected")
+        r = subprocess.run([*OVERLAY, "join", NET, "--password", PASSWORD, "--home", str(home)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        w.ol.wait(lambda: "holds" in p.stderr(), 20, "address set")
+        assert "inet 100." in w.nl.run(host, ["ip", "addr", "show", "dev", dev]).stdout
+        assert "255.255.255.255" in w.nl.run(host, ["ip", "route", "show", "dev", dev]).stdout
+        p.stop()
+        assert dev in _links(w, host)                       # persistent: the device stays
+        assert "inet " not in w.nl.run(host, ["ip", "addr", "show", "dev", dev]).stdout
+        assert w.nl.run(host, ["ip", "route", "show", "dev", dev]).stdout.strip() == ""
+    finally:
+        p.stop()
+        w.nl.run(host, [*OVERLAY, "setup-interface", "--tun", "--dev", dev, "--user", "root", "--remove"])
