@@ -1,41 +1,49 @@
-"""A log line that cannot flood: at most ``burst`` lines per ``interval`` seconds per limiter, the
-number held back reported with the next line let through. For paths run per packet or per
-datagram, where one misbehaving peer or application could otherwise write a line per packet."""
+"""Rate-limited logging for lines that one event each can trigger (a connection, a packet, a datagram).
+
+Anyone who can open connections can make the server log; a line per event turns a flood into
+hundreds of megabytes of log. ``LogLimiter`` gives each kind of line (its format string, not its
+arguments: the table stays bounded) a token bucket: ``burst`` lines at once, then ``rate`` per
+second; the next line that passes says how many of its kind were suppressed meanwhile.
+Sans-I/O: the caller passes ``now``.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 
-class RateLimitedLog:
-    def __init__(self, logger: logging.Logger, interval: float = 10.0, burst: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
-        self._log = logger
-        self._interval = interval
-        self._burst = burst
-        self._clock = clock
-        self._window = -float("inf")
-        self._count = 0
-        self.suppressed = 0
+class LogLimiter:
+    def __init__(self, rate: float = 1.0, burst: float = 20.0, clock=time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[str, list] = {}      # kind -> [tokens, last, suppressed]
 
-    def log(self, level: int, msg: str, *args: object) -> bool:
-        """Log unless this limiter already logged ``burst`` lines this interval; True if logged."""
-        now = self._clock()
-        if now - self._window >= self._interval:
-            self._window = now
-            self._count = 0
-        if self._count >= self._burst:
-            self.suppressed += 1
+    def allow(self, kind: str, now: float) -> tuple[bool, int]:
+        """Whether a line of ``kind`` may be written now, and how many were suppressed before it."""
+        b = self._buckets.get(kind)
+        if b is None:
+            if len(self._buckets) > 1000:       # kinds are format strings: this never happens
+                self._buckets.clear()
+            b = self._buckets[kind] = [self.burst, now, 0]
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if b[0] < 1.0:
+            b[2] += 1
+            return False, 0
+        b[0] -= 1.0
+        suppressed, b[2] = b[2], 0
+        return True, suppressed
+
+    def log(self, logger: logging.Logger, level: int, msg: str, *args, exc_info=None) -> bool:
+        """``logger.log(level, msg, *args)`` unless lines of this kind (``msg``) are over their rate."""
+        if not logger.isEnabledFor(level):
             return False
-        self._count += 1
-        if self.suppressed:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, self.suppressed)
-            self.suppressed = 0
-        self._log.log(level, msg, *args)
-        return True
-
-    def warning(self, msg: str, *args: object) -> bool:
-        return self.log(logging.WARNING, msg, *args)
+        ok, suppressed = self.allow(msg, self.clock())
+        if ok:
+            if suppressed:
+                msg = msg + " (%d similar lines suppressed)"
+                args = (*args, suppressed)
+            logger.log(level, msg, *args, exc_info=exc_info)
+        return ok

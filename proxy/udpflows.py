@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from proxy.dialer import Dialer, DialError, UdpFlow
-from proxy.ratelog import RateLimitedLog
+from proxy.ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class UdpFlows(Generic[K]):
         self._max = max_flows
         self._retry = retry_after
         self._label = label
-        self._send_failed = RateLimitedLog(log)
+        self._send_failed = LogLimiter()
         self._entries: OrderedDict[K, _Entry] = OrderedDict()
         self._loop = asyncio.get_running_loop()
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
@@ -125,7 +125,7 @@ class UdpFlows(Generic[K]):
         try:
             flow.send(data)
         except OSError as e:
-            self._send_failed.warning("%s to %s:%d: datagram of %d bytes dropped: %s",
+            self._send_failed.log(log, logging.WARNING, "%s to %s:%d: datagram of %d bytes dropped: %s",
                                       self._label, host, port, len(data), e.strerror or e)
 
     def _close_entry(self, entry: _Entry) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 from overlay.netstack.asyncio_glue import NothingListensError, StackDriver
 from proxy.dialer import (ConnectionRefused, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
                           PeerUnreachable, PortNotShared)
-from proxy.ratelog import RateLimitedLog
+from proxy.ratelog import LogLimiter
 from proxy.relay import relay
 
 log = logging.getLogger("overlay.node")
@@ -133,14 +133,13 @@ class Shares:
         self.udp: set[int] = set()
         self._driver: StackDriver | None = None
         self._udp_tasks: dict[int, asyncio.Task] = {}
-        self._refused_log = RateLimitedLog(log, interval=10.0, burst=5)
-        self._nothing_log = RateLimitedLog(log, interval=10.0, burst=5)
+        self._rlog = LogLimiter()        # a peer's connection attempts must not flood the log
 
     def attach(self, driver: StackDriver) -> None:
         """(Re)apply every share to a new stack."""
         self._driver = driver
-        driver.on_port_refused = lambda port, remote: self._refused_log.log(
-            logging.INFO, "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1], port, port)
+        driver.on_port_refused = lambda port, remote: self._rlog.log(
+            log, logging.INFO, "refused %s:%d -> port %d: not shared (overlay share %d)", remote[0], remote[1], port, port)
         for port in self.tcp:
             self._listen(port)
         for port in list(self.udp):
@@ -185,7 +184,7 @@ class Shares:
             try:
                 return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), LOCAL_DIAL_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:
-                self._nothing_log.log(logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
+                self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
                                       "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
                                       getattr(e, "strerror", None) or "timed out")
                 return None
@@ -204,7 +203,7 @@ class Shares:
         """Each remote (ip, port) gets its own OS socket toward 127.0.0.1:port, idle flows expire."""
         loop = asyncio.get_running_loop()
         flows: dict[tuple, tuple[asyncio.DatagramTransport, list]] = {}
-        too_big = RateLimitedLog(log)
+        too_big = LogLimiter()
 
         class Back(asyncio.DatagramProtocol):
             def __init__(self, remote):
@@ -214,7 +213,7 @@ class Shares:
                 try:
                     ep.sendto(data, self.remote)
                 except OSError as e:
-                    too_big.warning("shared udp port %d: reply of %d bytes dropped: %s", port, len(data), e.strerror or e)
+                    too_big.log(log, logging.WARNING, "shared udp port %d: reply of %d bytes dropped: %s", port, len(data), e.strerror or e)
                 flows[self.remote][1][0] = loop.time()
 
         try:
