@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from typing import NoReturn, Optional
 
 import typer
 
+from overlay.cli_base import _up_command, daemon_call, err, fail, lit, out, print_json, show_status, visible
 from overlay.node import api
 from overlay.node.home import Home, HomeError
 
@@ -34,48 +34,6 @@ service_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
                           help="Run the node as a systemd user service.")
 app.add_typer(admin_app, name="admin")
 app.add_typer(service_app, name="service")
-
-class _LazyConsole:
-    """A rich Console made on first use: `status --json` and scripts never import rich."""
-
-    def __init__(self, **kw):
-        self._kw = kw
-        self._console = None
-
-    def __getattr__(self, name):
-        if self._console is None:
-            from rich.console import Console
-            self._console = Console(**self._kw)
-        return getattr(self._console, name)
-
-
-# emoji=False: ":smile:" in a chat message stays text. Every value that did not come from this file
-# (chat text, names, server and daemon messages, command-line arguments) goes through lit().
-out = _LazyConsole(emoji=False)
-err = _LazyConsole(stderr=True, emoji=False)
-
-
-# C0 and C1 controls, DEL, and the bidirectional overrides and isolates that reorder what is shown
-_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def visible(value: object) -> str:
-    """``value`` as text with every control character shown as an escape (ESC is ``\\x1b``)."""
-    return _INVISIBLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
-                          str(value))
-
-
-def lit(value: object) -> str:
-    """``value`` for a rich markup string: printed literally (no markup, no escape sequences)."""
-    from rich.markup import escape
-    text = visible(value)
-    body = text.rstrip("\\")
-    tail = len(text) - len(body)
-    if not tail:
-        return escape(body)
-    # trailing backslashes would escape whatever tag the caller puts next: double them before an empty tag
-    return escape(body) + "\\" * (2 * tail) + "[default][/default]"
-
 
 HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
@@ -96,37 +54,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the version and exit.")):
     """overlay: a zero-configuration peer-to-peer VPN."""
 
-
-def fail(message: str, code: str = "error", as_json: bool = False) -> NoReturn:
-    if as_json:
-        print(json.dumps({"error": {"code": code, "message": message}}))
-    else:
-        err.print(f"[bold red]error:[/] {lit(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def daemon_call(home: Optional[Path], cmd: str, as_json: bool = False, **args) -> dict:
-    h = Home(home)
-    try:
-        return api.call(h.socket_path, cmd, **args)
-    except api.DaemonNotRunning:
-        fail(f"overlay is not running for {h.path} (start it with `{_up_command(h, home)}`)", "not_running", as_json)
-    except api.ApiError as e:
-        fail(e.message, e.code, as_json)
-
-
-def _up_command(h: Home, home: Optional[Path]) -> str:
-    """The `overlay up` that starts this home's node: bare if it ran before (prefs.json)."""
-    from overlay.node.prefs import Prefs, PrefsError
-    try:
-        ran_before = Prefs(h.path).server is not None
-    except PrefsError:
-        ran_before = False
-    return "overlay up" + ("" if ran_before else " --server HOST:PORT") + (f" --home {home}" if home else "")
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _password(password: Optional[str]) -> str:
@@ -414,59 +341,7 @@ def _logging(level: str) -> None:
 @app.command()
 def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """This node, its server connection, networks and peers."""
-    st = daemon_call(home, "status", as_json)
-    st.pop("ok", None)
-    if as_json:
-        print_json(st)
-        return
-    node, srv = st["node"], st["server"]
-    conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{lit(srv['state'])}[/]"
-    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])} {conn}")
-    if srv.get("error"):
-        out.print(f"  [red]{lit(srv['error'])}[/]", soft_wrap=True)
-    iface = st.get("interface")
-    if iface:
-        out.print(f"{iface['kind'].upper()} device {lit(iface['name'])}, MTU {iface['mtu'] or '-'}"
-                  + (f", MAC {iface['mac']}" if iface.get("mac") else ""), highlight=False)
-    for pr in st.get("proxies", []):
-        out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
-    if st.get("shares"):
-        out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
-                  highlight=False)
-    for f in st.get("forwards", []):
-        out.print(f"forward {lit(f['proto'])} {lit(f['listen'])} -> {lit(f['peer'])}:{lit(f['peer_port'])} "
-                  f"({lit(f['active'])} active)", highlight=False)
-    if not st["networks"]:
-        out.print("no networks (overlay create NET / overlay join NET)")
-    for net in st["networks"]:
-        flags = [net["role"] or ""]
-        if net["locked"]:
-            flags.append("locked")
-        if net["approval"]:
-            flags.append("approval")
-        if net["max_members"]:
-            flags.append(f"max {net['max_members']}")
-        if net.get("away"):
-            flags.append("offline")
-        from rich.table import Table
-        t = Table(title=lit(f"{net['name']} ({', '.join(f for f in flags if f)})"), title_justify="left")
-        for col in ("name", "virtual ip", "status", "role", "path"):
-            t.add_column(col)
-        peers = {p["key"]: p for p in st["peers"]}
-        for m in net["members"]:
-            p = peers.get(m["key"], {})
-            state = "[green]online[/]" if m["online"] else "[dim]offline[/]"
-            path = "this node" if m["self"] else (p.get("path") or "-")
-            if p.get("rtt_ms") is not None:
-                path += f" {p['rtt_ms']:.1f} ms"
-            role = m["role"] + (f" ({m['iface']})" if m.get("iface") else "")
-            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path))
-        out.print(t)
-        if net.get("away"):
-            out.print(f"  you are offline in {net['name']}: overlay online {net['name']}", highlight=False)
-        for p in net.get("pending", []):
-            out.print(f"  {p['name']} asks to join {net['name']}: overlay admin approve {net['name']} {p['name']} "
-                      f"(or reject)", highlight=False, soft_wrap=True)
+    show_status(home, as_json)
 
 
 @app.command()
@@ -944,36 +819,9 @@ def demo(workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where t
     raise typer.Exit(rc)
 
 
-def _fast_status(argv: list[str]) -> bool:
-    """`overlay status [--json] [--home DIR]`, the command people and scripts run most, parsed
-    here: typer's parameter handling imports pydantic, which costs more than the command itself
-    (benchmarks/bench_startup.py). Anything else (other options, -h) goes through typer."""
-    if not argv or argv[0] != "status":
-        return False
-    home, as_json = os.environ.get("OVERLAY_HOME") or None, False
-    rest = argv[1:]
-    while rest:
-        a = rest.pop(0)
-        if a == "--json":
-            as_json = True
-        elif a == "--home" and rest:
-            home = rest.pop(0)
-        elif a.startswith("--home=") and len(a) > 7:
-            home = a[7:]
-        else:
-            return False
-    status(home=Path(home) if home else None, as_json=as_json)
-    return True
-
-
 def main() -> None:
     """Run the CLI. Usage mistakes (unknown command or option, missing argument) are one
     `error:` line naming the help to read, exit status 1, like every other user mistake."""
-    try:
-        if _fast_status(sys.argv[1:]):
-            sys.exit(0)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
     try:
         from typer._click import exceptions as click  # typer >= 0.20 carries its own click
     except ImportError:

@@ -659,6 +659,10 @@ def test_daemon_sheds_the_cli_libraries_and_status_takes_the_short_path(cluster)
     assert short.returncode == 0 and via_typer.returncode == 0, via_typer.stderr
     strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in ("udp", "peers")}  # noqa: E731
     assert strip(short.stdout) == strip(via_typer.stdout)
-    from overlay.cli import _fast_status
-    assert not _fast_status(["status", "--nope"]) and not _fast_status(["status", "-h"])
-    assert not _fast_status(["ping", "x"])
+    from overlay.cli_base import fast_status
+    assert not fast_status(["status", "--nope"]) and not fast_status(["status", "-h"])
+    assert not fast_status(["ping", "x"])
+    # and the short path never imports typer
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "overlay", "status", "--json", "--home", str(a.home)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "typer" not in r.stderr and "overlay.cli\n" not in r.stderr, r.stderr[-2000:]
