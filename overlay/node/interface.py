@@ -41,6 +41,7 @@ class KernelInterface:
         self.net = None            # NetConfig, once the node has an address
         self.created = False       # this process created the device (it goes when we close it)
         self.address: str | None = None
+        self._ip: bytes | None = None   # our address, packed
         self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0}
         # Offloads with the kernel (overlay.iface.offload); every read and write then carries a
         # virtio_net_hdr. "gro" (default): TCP runs coalesced into super-packets on write, plain
@@ -187,7 +188,7 @@ class KernelInterface:
         dev = self.dev
         if dev is None:
             return
-        me = getattr(self, "_ip", None)
+        me = self._ip
         filt = self.filter
         now = self.dp.now() if filt else 0.0
         ok = []
