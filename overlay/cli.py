@@ -440,6 +440,8 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         out.print("no networks (overlay create NET / overlay join NET)")
     for net in st["networks"]:
         flags = [net["role"] or ""]
+        if net.get("type", "mesh") != "mesh":
+            flags.append(net["type"])
         if net["locked"]:
             flags.append("locked")
         if net["approval"]:
@@ -459,7 +461,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             path = "this node" if m["self"] else (p.get("path") or "-")
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
-            role = m["role"] + (f" ({m['iface']})" if m.get("iface") else "")
+            role = m["role"] + (f", {m['kind']}" if m.get("kind") else "") + (f" ({m['iface']})" if m.get("iface") else "")
             t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path))
         out.print(t)
         if net.get("away"):
@@ -778,6 +780,42 @@ admin_app.command("ban")(_targeted("ban", "banned", "Remove and refuse a node: m
 admin_app.command("unban")(_targeted("unban", "unbanned", "Let a banned node join again.", "Node name."))
 admin_app.command("transfer")(_targeted("transfer", "now owns the network",
                                         "Hand the network's ownership to another member.", "The new owner."))
+
+
+@admin_app.command("type")
+def admin_type(network: str = NetworkArg,
+               kind: str = typer.Argument(..., help="mesh, hub-and-spoke or gateway."),
+               home: Optional[Path] = HomeOpt):
+    """Set the network type: mesh (everyone reaches everyone), hub-and-spoke (spokes reach only
+    hubs), gateway (members reach only the gateway member)."""
+    if kind not in ("mesh", "hub-and-spoke", "gateway"):
+        fail("network type must be mesh, hub-and-spoke or gateway")
+    _admin(home, network, "type", target=kind)
+    out.print(f"{lit(network)} is a {kind} network", highlight=False)
+
+
+@admin_app.command("hub")
+def admin_hub(network: str = NetworkArg, name: str = typer.Argument(..., help="Member name."),
+              mode: str = typer.Argument(..., help="on or off"), home: Optional[Path] = HomeOpt):
+    """Make a member a hub (on) or a spoke (off) of a hub-and-spoke network."""
+    if mode not in ("on", "off"):
+        fail("hub mode must be 'on' or 'off'")
+    r = _admin(home, network, f"hub-{mode}", target=name)
+    out.print(f"{lit(name)} is {'a hub' if mode == 'on' else 'a spoke'} in {lit(network)}"
+              + ("" if r.get("type") == "hub-and-spoke" else
+                 f" (takes effect once it is hub-and-spoke: overlay admin type {lit(network)} hub-and-spoke)"),
+              highlight=False)
+
+
+@admin_app.command("gateway")
+def admin_gateway(network: str = NetworkArg, name: str = typer.Argument(..., help="Member name."),
+                  home: Optional[Path] = HomeOpt):
+    """Name the gateway member of a gateway network (the others reach only it and its LAN)."""
+    r = _admin(home, network, "gateway", target=name)
+    out.print(f"{lit(name)} is the gateway of {lit(network)}"
+              + ("" if r.get("type") == "gateway" else
+                 f" (takes effect once it is a gateway network: overlay admin type {lit(network)} gateway)"),
+              highlight=False)
 
 
 @admin_app.command("limit")

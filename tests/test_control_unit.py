@@ -691,6 +691,10 @@ def test_validate_admin_actions(action):
         with pytest.raises(RequestError):
             validate_request(msg)
         msg["target"] = "bob"
+    if action == "type":
+        with pytest.raises(RequestError, match="network type must be"):
+            validate_request(msg)
+        msg["target"] = "hub-and-spoke"
     if action == "limit":
         with pytest.raises(RequestError):
             validate_request(msg)
@@ -859,3 +863,32 @@ def test_hostname_as_node_name():
     assert hostname_label("___") is None
     long = hostname_label("a" * 40 + "-b")
     assert normalize_name(long) == long and len(long) == 32
+
+
+def test_state_enforces_network_types_even_if_the_server_lists_more():
+    """A spoke never takes another spoke as a peer, whatever member list it is handed."""
+    s = NodeState()
+    s.me = {"key": "ME", "name": "me"}
+    s.apply({"t": "network", "network": {"name": "star", "owner": "o", "role": "member", "type": "hub-and-spoke"}})
+    s.apply({"t": "members", "network": "star", "members": [
+        {**_member("me", "ME"), "kind": "spoke"}, {**_member("hub", "HUB"), "kind": "hub"},
+        {**_member("other", "OTHER"), "kind": "spoke"}, _member("unknown", "UNK")]})
+    assert set(s.peers()) == {"HUB"}
+    (st_,) = s.status()
+    assert st_["type"] == "hub-and-spoke"
+    assert {m["name"]: m["kind"] for m in st_["members"]} == {"me": "spoke", "hub": "hub", "other": "spoke",
+                                                              "unknown": None}
+    # as a hub it reaches everyone; a member listed in a mesh network too is a peer through that one
+    s.apply({"t": "members", "network": "star", "members": [{**_member("me", "ME"), "kind": "hub"}]})
+    assert set(s.peers()) == {"HUB", "OTHER", "UNK"}
+    s.apply({"t": "members", "network": "star", "members": [{**_member("me", "ME"), "kind": "spoke"}]})
+    s.apply({"t": "network", "network": {"name": "side", "owner": "o", "role": "member"}})
+    s.apply({"t": "members", "network": "side", "members": [_member("me", "ME"), _member("other", "OTHER")]})
+    assert set(s.peers()) == {"HUB", "OTHER"} and s.peers()["OTHER"]["networks"] == ["side"]
+    # gateway networks: members reach only the gateway
+    s.apply({"t": "network", "network": {"name": "gw", "owner": "o", "role": "member", "type": "gateway"}})
+    s.apply({"t": "members", "network": "gw", "members": [
+        {**_member("me", "ME"), "kind": "member"}, {**_member("g", "G"), "kind": "gateway"},
+        {**_member("x", "X"), "kind": "member"}]})
+    assert set(s.peers()) == {"HUB", "OTHER", "G"}
+    assert "out of reach" in s.apply({"t": "member_left", "network": "gw", "key": "G", "reason": "out of reach"})

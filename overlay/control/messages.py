@@ -90,8 +90,13 @@ MAX_RELAY_B64 = 4096
 ADMIN_ACTIONS = {
     "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
     "kick", "ban", "unban", "limit", "delete", "transfer", "password",
+    "type", "hub-on", "hub-off", "gateway",
 }
-ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer"}
+ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer", "type", "hub-on", "hub-off",
+                      "gateway"}
+# mesh: everyone reaches everyone; hub-and-spoke: spokes reach only hubs; gateway: members reach only
+# the gateway member (whose LAN they use). The server hands each node only the peers it may reach.
+NETWORK_TYPES = ("mesh", "hub-and-spoke", "gateway")
 
 
 def _encodable(obj, depth: int = 0) -> bool:
@@ -146,6 +151,8 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", f"admin {msg['action']} needs a member name")
         if (msg["action"] == "password") != ("password" in msg):
             raise RequestError("bad_request", "admin password (and only it) takes a new password")
+        if msg["action"] == "type" and msg["target"] not in NETWORK_TYPES:
+            raise RequestError("bad_request", f"network type must be one of {', '.join(NETWORK_TYPES)}")
         if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
             raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
         if msg["action"] == "password" and msg.get("value", 0) not in (0, 1):

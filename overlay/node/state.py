@@ -21,6 +21,17 @@ class Member:
     online: bool
     role: str
     iface: str | None = None   # "tun" / "tap": the member runs a kernel interface
+    kind: str | None = None    # hub / spoke (hub-and-spoke networks), gateway / member (gateway networks)
+
+
+def reaches(net_type: str | None, mine: str | None, theirs: str | None) -> bool:
+    """May a member of kind ``mine`` reach one of kind ``theirs`` in a network of ``net_type``
+    (the node's own check of what the server hands it: a spoke never has another spoke as a peer)."""
+    if net_type == "hub-and-spoke":
+        return "hub" in (mine, theirs)
+    if net_type == "gateway":
+        return "gateway" in (mine, theirs)
+    return True
 
 
 @dataclass
@@ -51,7 +62,8 @@ class NodeState:
             for m in ev["members"]:
                 old = view.members.get(m["key"])
                 new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
-                             m.get("iface") if m.get("iface") in ("tun", "tap") else None)
+                             m.get("iface") if m.get("iface") in ("tun", "tap") else None,
+                             m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None)
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -65,6 +77,8 @@ class NodeState:
             if view is not None:
                 m = view.members.pop(ev["key"], None)
                 if m is not None:
+                    if ev.get("reason") == "out of reach":
+                        return f"{m.name} is out of reach in {view.name} (network type)"
                     return f"{m.name} {ev.get('reason', 'left')} {view.name}"
             return None
         if t == "removed":
@@ -99,8 +113,10 @@ class NodeState:
         for view in self.networks.values():
             if view.name in self.away:
                 continue
+            me = view.members.get(mine)
+            net_type = view.info.get("type")
             for m in view.members.values():
-                if m.key == mine:
+                if m.key == mine or not reaches(net_type, me.kind if me else None, m.kind):
                     continue
                 p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
                                            "online": m.online, "iface": m.iface, "networks": []})
@@ -117,12 +133,13 @@ class NodeState:
                 "owner": info.get("owner"),
                 "locked": bool(info.get("locked")),
                 "approval": bool(info.get("approval")),
+                "type": info.get("type") or "mesh",
                 "max_members": info.get("max_members", 0),
                 "away": view.name in self.away,
                 "pending": [{"name": n, "key": k} for k, n in sorted(view.pending.items(), key=lambda kv: kv[1])],
                 "members": [
                     {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,
-                     "iface": m.iface, "self": m.key == self.me.get("key")}
+                     "iface": m.iface, "kind": m.kind, "self": m.key == self.me.get("key")}
                     for m in sorted(view.members.values(), key=lambda m: m.name)
                 ],
             })
