@@ -206,6 +206,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        only_shared: Optional[bool] = typer.Option(None, "--only-shared/--all-inbound",
                                                   help="TUN/TAP: let peers reach only shared ports (plus replies "
                                                        "and ping); default: everything, like a LAN."),
+       advertise_routes: Optional[str] = typer.Option(None, "--advertise-routes",
+                                                      help="Offer these subnets of this machine's LAN to your "
+                                                           "networks as a gateway, comma-separated "
+                                                           "(192.168.1.0/24); each network's owner approves them."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
@@ -291,13 +295,26 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(str(e))
     except RequestError as e:
         fail(e.message)
+    from overlay.control.messages import MAX_ROUTES, parse_route
+    routes = ([r.strip() for r in advertise_routes.split(",") if r.strip()] if advertise_routes is not None
+              else cfg.get("advertise_routes", []))
+    routes = routes if isinstance(routes, list) else [routes]
+    try:
+        routes = sorted({str(parse_route(r)) for r in routes})
+    except ValueError as e:
+        fail(f"--advertise-routes: {e}")
+    if len(routes) > MAX_ROUTES:
+        fail(f"--advertise-routes: at most {MAX_ROUTES} subnets")
+    if routes and interface:
+        fail("--advertise-routes needs userspace mode for now (no --tun / --tap): the node reaches the LAN "
+             "with ordinary sockets")
     if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,
                                     keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
-                                    only_shared=only_shared))
+                                    only_shared=only_shared, advertise_routes=routes))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
@@ -430,6 +447,11 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
                   + (f", MAC {iface['mac']}" if iface.get("mac") else ""), highlight=False)
     for pr in st.get("proxies", []):
         out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
+    gw = st.get("gateway")
+    if gw:
+        out.print("gateway for " + (", ".join(lit(r) for r in gw["approved"]) or "nothing yet")
+                  + (f" (waiting for approval: {', '.join(lit(r) for r in gw['advertised'] if r not in gw['approved'])})"
+                     if set(gw["advertised"]) - set(gw["approved"]) else ""), highlight=False)
     if st.get("shares"):
         out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
                   highlight=False)
@@ -462,6 +484,8 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
             role = m["role"] + (f", {m['kind']}" if m.get("kind") else "") + (f" ({m['iface']})" if m.get("iface") else "")
+            if m.get("routes"):
+                role += ", routes " + ", ".join(m["routes"])
             t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path))
         out.print(t)
         if net.get("away"):
@@ -815,6 +839,39 @@ def admin_gateway(network: str = NetworkArg, name: str = typer.Argument(..., hel
     out.print(f"{lit(name)} is the gateway of {lit(network)}"
               + ("" if r.get("type") == "gateway" else
                  f" (takes effect once it is a gateway network: overlay admin type {lit(network)} gateway)"),
+              highlight=False)
+
+
+@admin_app.command("routes")
+def admin_routes(network: str = NetworkArg,
+                 action: Optional[str] = typer.Argument(None, help="approve or remove (none: list)."),
+                 name: Optional[str] = typer.Argument(None, help="The gateway member."),
+                 prefix: Optional[str] = typer.Argument(None, help="The subnet, like 192.168.1.0/24."),
+                 home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """List the subnets members advertise (and which are approved), or approve / remove one:
+    only approved routes are handed to the other members."""
+    if action is None:
+        r = _admin(home, network, "routes", as_json)
+        if as_json:
+            print_json({"routes": r["routes"]})
+            return
+        if not r["routes"]:
+            out.print(f"no member of {lit(network)} advertises routes (overlay up --advertise-routes SUBNET)")
+        for g in r["routes"]:
+            approved = set(g["approved"])
+            offered = sorted(set(g["advertised"]) | approved)
+            items = ", ".join(f"{lit(p)} ({'approved' if p in approved else 'not approved'}"
+                              f"{'' if p in g['advertised'] or not g['online'] else ', no longer advertised'})"
+                              for p in offered)
+            out.print(f"{lit(g['name'])}{'' if g['online'] else ' (offline)'}: {items}", highlight=False)
+        return
+    if action not in ("approve", "remove") or name is None or prefix is None:
+        fail("usage: overlay admin routes NET [approve|remove NAME PREFIX]")
+    _admin(home, network, f"route-{action}", as_json, target=name, prefix=prefix)
+    if as_json:
+        print_json({"network": network, "name": name, "prefix": prefix, "approved": action == "approve"})
+        return
+    out.print(f"{lit(prefix)} through {lit(name)} {'approved' if action == 'approve' else 'removed'} ({lit(network)})",
               highlight=False)
 
 

@@ -488,6 +488,12 @@ def test_messages_name_the_fix(cluster, tmp_path):
     (["admin", "ban", "lan"], "error: Missing argument 'name' (see `overlay admin ban --help`)"),
     (["status", "--nope"], "error: No such option: --nope"),
     (["ping", "x", "-c", "many"], "error: Invalid value for '-c' / '--count'"),
+    (["up", "--server", "127.0.0.1:1", "--name", "x", "--advertise-routes", "192.168.1.5/24"],
+     "error: --advertise-routes: '192.168.1.5/24' has host bits set: use 192.168.1.0/24"),
+    (["up", "--server", "127.0.0.1:1", "--name", "x", "--advertise-routes", "10.0.0.0/8,127.0.0.0/8"],
+     "error: --advertise-routes: '127.0.0.0/8' cannot be a route"),
+    (["admin", "routes", "lan", "approve", "gw"], "error: usage: overlay admin routes NET [approve|remove NAME PREFIX]"),
+    (["admin", "type", "lan", "ring"], "error: network type must be mesh, hub-and-spoke or gateway"),
 ])
 def test_usage_errors_are_one_line_and_exit_1(args, message):
     r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)

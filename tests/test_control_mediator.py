@@ -58,8 +58,8 @@ class World:
         self._rid += 1
         return self._rid
 
-    def hello(self, who: str, name: str | None = None, version: int = 1) -> dict:
-        msg = validate_request({"t": "hello", "id": self._id(), "name": name or who, "version": version})
+    def hello(self, who: str, name: str | None = None, version: int = 1, **extra) -> dict:
+        msg = validate_request({"t": "hello", "id": self._id(), "name": name or who, "version": version, **extra})
         try:
             return self.m.hello(self.key(who), msg, self.now)
         finally:
@@ -946,6 +946,65 @@ def test_old_database_gains_network_types(tmp_path):
         assert s.network("lan").type == "mesh" and s.network("lan").gateway is None
     finally:
         s.close()
+
+
+# ============================================================================ gateway routes
+
+
+def _routes_seen(w: World, who: str, network: str = "lan") -> dict[str, list[str]]:
+    w.events()
+    w.req(who, "members", network=network)
+    return {m["name"]: m["routes"] for e in w.ev(who, "members") for m in e["members"] if "routes" in m}
+
+
+def test_gateway_routes_need_the_owners_approval(w):
+    _setup(w, "alice", "gw", "bob")
+    w.hello("gw", routes=["192.168.1.0/24", "10.1.0.0/16"])
+    assert _routes_seen(w, "bob") == {}                      # advertised is not approved
+    listing = w.admin("alice", "lan", "routes")["routes"]
+    assert listing == [{"name": "gw", "key": key_to_text(w.key("gw")), "online": True,
+                        "advertised": ["10.1.0.0/16", "192.168.1.0/24"], "approved": []}]
+    assert w.fails("bob", "admin", network="lan", action="routes").code == "not_owner"
+    e = w.fails("alice", "admin", network="lan", action="route-approve", target="gw", prefix="172.16.0.0/12")
+    assert e.code == "not_advertised" and "it offers 10.1.0.0/16, 192.168.1.0/24" in e.message
+    e = w.fails("alice", "admin", network="lan", action="route-approve", target="gw", prefix="192.168.1.7/24")
+    assert e.code == "bad_request" and "use 192.168.1.0/24" in e.message
+    w.admin("alice", "lan", "route-approve", target="gw", prefix="192.168.1.0/24")
+    evs = w.ev("bob", "members")
+    assert evs and evs[-1]["members"][0]["routes"] == ["192.168.1.0/24"]
+    assert _routes_seen(w, "bob") == {"gw": ["192.168.1.0/24"]}
+    assert _routes_seen(w, "gw") == {"gw": ["192.168.1.0/24"]}   # the gateway learns its approved routes
+    # approved routes stay handed out while the gateway is offline (peers see it offline)
+    w.disconnect("gw")
+    assert _routes_seen(w, "bob") == {"gw": ["192.168.1.0/24"]}
+    assert w.fails("alice", "admin", network="lan", action="route-approve", target="gw",
+                   prefix="10.1.0.0/16").message.endswith("it is offline)")
+    w.hello("gw", routes=["192.168.1.0/24"])
+    w.admin("alice", "lan", "route-remove", target="gw", prefix="192.168.1.0/24")
+    assert _routes_seen(w, "bob") == {}
+    assert w.fails("alice", "admin", network="lan", action="route-remove", target="gw",
+                   prefix="192.168.1.0/24").code == "unknown_route"
+    # a route inside the overlay's pool is refused; leaving drops the approvals
+    w.hello("gw", routes=["100.64.0.0/16", "192.168.1.0/24"])
+    assert w.fails("alice", "admin", network="lan", action="route-approve", target="gw",
+                   prefix="100.64.0.0/16").code == "bad_route"
+    w.admin("alice", "lan", "route-approve", target="gw", prefix="192.168.1.0/24")
+    w.req("gw", "leave", network="lan")
+    w.req("gw", "join", network="lan", password=PW)
+    assert _routes_seen(w, "bob") == {}
+
+
+def test_routes_are_validated():
+    for bad in (["192.168.1.0"], ["192.168.1.1/24"], ["0.0.0.0/0"], ["127.0.0.0/8"], ["224.0.0.0/4"], [5],
+                ["10.0.0.0/8"] * 17, ["nonsense/24"]):
+        with pytest.raises(RequestError):
+            validate_request({"t": "hello", "id": 1, "name": "x", "version": 1, "routes": bad})
+    validate_request({"t": "hello", "id": 1, "name": "x", "version": 1, "routes": ["10.0.0.0/8", "192.168.1.5/32"]})
+    with pytest.raises(RequestError):
+        validate_request({"t": "admin", "id": 1, "network": "n", "action": "route-approve", "target": "gw"})
+    with pytest.raises(RequestError):
+        validate_request({"t": "admin", "id": 1, "network": "n", "action": "kick", "target": "gw",
+                          "prefix": "10.0.0.0/8"})
 
 
 # ============================================================================ persistence

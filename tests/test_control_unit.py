@@ -695,6 +695,10 @@ def test_validate_admin_actions(action):
         with pytest.raises(RequestError, match="network type must be"):
             validate_request(msg)
         msg["target"] = "hub-and-spoke"
+    if action in ("route-approve", "route-remove"):
+        with pytest.raises(RequestError, match="take a prefix"):
+            validate_request(msg)
+        msg["prefix"] = "192.168.1.0/24"
     if action == "limit":
         with pytest.raises(RequestError):
             validate_request(msg)
@@ -791,7 +795,7 @@ def test_state_network_and_members():
     assert st_["name"] == "lan" and st_["role"] == "owner" and st_["approval"] and st_["max_members"] == 5
     assert [(m["name"], m["self"]) for m in st_["members"]] == [("bob", False), ("me", True)]
     assert s.peers() == {"BOB": {"name": "bob", "key": "BOB", "ip": "100.64.0.3", "online": True,
-                                 "iface": None, "networks": ["lan"]}}
+                                 "iface": None, "networks": ["lan"], "routes": []}}
 
 
 def test_state_members_changes_are_described():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from overlay.control.messages import CHAT_HISTORY
+from overlay.control.messages import CHAT_HISTORY, MAX_ROUTES, parse_route
 
 
 @dataclass
@@ -22,6 +22,18 @@ class Member:
     role: str
     iface: str | None = None   # "tun" / "tap": the member runs a kernel interface
     kind: str | None = None    # hub / spoke (hub-and-spoke networks), gateway / member (gateway networks)
+    routes: tuple = ()         # approved gateway routes (LAN subnets reached through this member)
+
+
+def _routes(raw) -> tuple:
+    """Approved routes from a member record: valid subnets only, bounded."""
+    out = []
+    for r in raw[:MAX_ROUTES] if isinstance(raw, list) else ():
+        try:
+            out.append(str(parse_route(r)))
+        except ValueError:
+            continue
+    return tuple(out)
 
 
 def reaches(net_type: str | None, mine: str | None, theirs: str | None) -> bool:
@@ -63,7 +75,8 @@ class NodeState:
                 old = view.members.get(m["key"])
                 new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
                              m.get("iface") if m.get("iface") in ("tun", "tap") else None,
-                             m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None)
+                             m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None,
+                             _routes(m.get("routes")))
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -119,9 +132,24 @@ class NodeState:
                 if m.key == mine or not reaches(net_type, me.kind if me else None, m.kind):
                     continue
                 p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
-                                           "online": m.online, "iface": m.iface, "networks": []})
+                                           "online": m.online, "iface": m.iface, "networks": [], "routes": []})
                 p["networks"].append(view.name)
+                p["routes"].extend(r for r in m.routes if r not in p["routes"])
         return out
+
+    def own_routes(self) -> list[tuple[str, set[str]]]:
+        """This node as a gateway: (approved route, virtual IPs of the members it serves there)."""
+        mine = self.me.get("key")
+        out: dict[str, set[str]] = {}
+        for view in self.networks.values():
+            me = view.members.get(mine)
+            if me is None or not me.routes or view.name in self.away:
+                continue
+            net_type = view.info.get("type")
+            ips = {m.ip for m in view.members.values() if m.key != mine and reaches(net_type, me.kind, m.kind)}
+            for r in me.routes:
+                out.setdefault(r, set()).update(ips)
+        return sorted(out.items())
 
     def status(self) -> list[dict]:
         nets = []
@@ -139,7 +167,7 @@ class NodeState:
                 "pending": [{"name": n, "key": k} for k, n in sorted(view.pending.items(), key=lambda kv: kv[1])],
                 "members": [
                     {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,
-                     "iface": m.iface, "kind": m.kind, "self": m.key == self.me.get("key")}
+                     "iface": m.iface, "kind": m.kind, "routes": list(m.routes), "self": m.key == self.me.get("key")}
                     for m in sorted(view.members.values(), key=lambda m: m.name)
                 ],
             })

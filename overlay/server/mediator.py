@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from overlay.control.messages import (
-    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok,
+    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok, parse_route,
 )
 from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
@@ -75,6 +75,7 @@ class Mediator:
         self.outgoing: deque[tuple[bytes, dict]] = deque()
         self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
         self.iface: dict[bytes, str] = {}        # online node -> "tun" / "tap" (its kernel interface)
+        self.advertised: dict[bytes, list[str]] = {}  # online node -> subnets it offers (--advertise-routes)
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
@@ -157,7 +158,7 @@ class Mediator:
                                    "reason": "out of reach"})
             self._send_network(k, name)
 
-    def _member_record(self, network, key: bytes, node=None, topo=None) -> dict:
+    def _member_record(self, network, key: bytes, node=None, topo=None, routes=None) -> dict:
         node = node or self.store.node(key)
         rec = {"name": node.name, "key": key_to_text(key), "ip": node.vip,
                "online": key in self.online and network.name not in self.away.get(key, ()),
@@ -165,6 +166,9 @@ class Mediator:
         kind = self._kind(topo or self._topology(network), key)
         if kind:
             rec["kind"] = kind     # hub / spoke / gateway / member, only in hub-and-spoke and gateway networks
+        approved = (routes if routes is not None else self.store.routes(network.name)).get(key)
+        if approved:
+            rec["routes"] = approved   # gateway routes the owner approved (handed out whether online or not)
         iface = self.iface.get(key)
         if iface:
             rec["iface"] = iface   # only while online with a kernel interface
@@ -184,8 +188,9 @@ class Mediator:
         topo = self._topology(net)
         members = [k for k in self.store.members(name) if self._sees(topo, key, k)]   # only whom it may reach
         nodes = self.store.nodes(members)
+        routes = self.store.routes(name)
         for i in range(0, len(members), MEMBER_BATCH):
-            batch = [self._member_record(net, k, nodes[k], topo) for k in members[i:i + MEMBER_BATCH]]
+            batch = [self._member_record(net, k, nodes[k], topo, routes) for k in members[i:i + MEMBER_BATCH]]
             self._push(key, {"t": "members", "network": name, "members": batch})
 
     def _broadcast_info(self, name: str) -> None:
@@ -294,6 +299,10 @@ class Mediator:
             self.store.update_node(key, name, now)
         node = self.store.node(key)
         self.online.add(key)
+        if msg.get("routes"):
+            self.advertised[key] = sorted({str(parse_route(r)) for r in msg["routes"]})
+        else:
+            self.advertised.pop(key, None)
         if msg.get("iface") in ("tun", "tap"):
             self.iface[key] = msg["iface"]
         else:
@@ -317,6 +326,7 @@ class Mediator:
         self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
+        self.advertised.pop(key, None)
         self._source.pop(key, None)
         if self._guests.pop(key, None) is not None:
             return
@@ -587,6 +597,30 @@ class Mediator:
                 self._retopologize(name, before)
             net = self.store.network(name)
             return ok(rid, type=net.type)
+        elif action == "routes":
+            approved = self.store.routes(name)
+            keys = [k for k in self.store.members(name) if k in approved or self.advertised.get(k)]
+            nodes = self.store.nodes(keys)
+            return ok(rid, routes=[{"name": nodes[k].name, "key": key_to_text(k), "online": k in self.online,
+                                    "advertised": self.advertised.get(k, []), "approved": approved.get(k, [])}
+                                   for k in keys if k in nodes])
+        elif action in ("route-approve", "route-remove"):
+            target = self._member_by_name(name, msg["target"])
+            prefix = str(parse_route(msg["prefix"]))
+            who = self.store.node(target).name
+            if action == "route-approve":
+                if prefix not in self.advertised.get(target, []):
+                    offered = ", ".join(self.advertised.get(target, [])) or "nothing"
+                    raise RequestError("not_advertised", f"{who} does not advertise {prefix} (it offers {offered}"
+                                                         f"{'' if target in self.online else '; it is offline'})")
+                if parse_route(prefix).overlaps(self.pool):
+                    raise RequestError("bad_route", f"{prefix} overlaps the overlay's address pool {self.pool}")
+                self.store.set_route(name, target, prefix, True)
+            elif not self.store.set_route(name, target, prefix, False):
+                raise RequestError("unknown_route", f"{prefix} is not an approved route of {who} in {name!r}")
+            rec = self._member_record(self.store.network(name), target)
+            self._push_visible(name, target, {"t": "members", "network": name, "members": [rec]})
+            return ok(rid)
         elif action == "unban":
             target = normalize_name(msg["target"], "member name")
             for k, node in self.store.nodes(self.store.bans(name)).items():

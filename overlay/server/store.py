@@ -1,7 +1,8 @@
 """Persistent state of the mediation server: SQLite under ``--data``.
 
-Nodes (key, name, virtual IP), networks (password hash, owner, settings, type, hubs, gateway), members, pending join
-requests, bans and the last chat messages survive a server restart. Writes are tiny and rare next
+Nodes (key, name, virtual IP), networks (password hash, owner, settings, type, hubs, gateway,
+approved routes), members, pending join requests, bans and the last chat messages survive a
+server restart. Writes are tiny and rare next
 to the control traffic, so every call commits (WAL mode keeps that cheap).
 """
 
@@ -37,6 +38,9 @@ CREATE TABLE IF NOT EXISTS chat (
     id INTEGER PRIMARY KEY AUTOINCREMENT, network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE,
     sender BLOB NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, ts REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS chat_by_network ON chat(network, id);
+CREATE TABLE IF NOT EXISTS routes (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL, prefix TEXT NOT NULL,
+    PRIMARY KEY (network, key, prefix));
 CREATE TABLE IF NOT EXISTS hubs (
     network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
     PRIMARY KEY (network, key));
@@ -176,6 +180,7 @@ class Store:
             if self.db.execute("DELETE FROM members WHERE network=? AND key=?", (network, key)).rowcount:
                 self.db.execute("INSERT OR REPLACE INTO former VALUES (?,?)", (network, key))
                 self.db.execute("DELETE FROM hubs WHERE network=? AND key=?", (network, key))
+                self.db.execute("DELETE FROM routes WHERE network=? AND key=?", (network, key))
                 self.db.execute("UPDATE networks SET gateway=NULL WHERE name=? AND gateway=?", (network, key))
 
     def former_members(self, network: str) -> list[bytes]:
@@ -204,6 +209,20 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO hubs VALUES (?,?)", (network, key))
         else:
             self.db.execute("DELETE FROM hubs WHERE network=? AND key=?", (network, key))
+
+    # ---------------------------------------------------------------- approved gateway routes
+    def routes(self, network: str) -> dict[bytes, list[str]]:
+        out: dict[bytes, list[str]] = {}
+        for key, prefix in self.db.execute("SELECT key, prefix FROM routes WHERE network=? ORDER BY prefix",
+                                           (network,)):
+            out.setdefault(key, []).append(prefix)
+        return out
+
+    def set_route(self, network: str, key: bytes, prefix: str, on: bool) -> bool:
+        if on:
+            return self.db.execute("INSERT OR IGNORE INTO routes VALUES (?,?,?)", (network, key, prefix)).rowcount > 0
+        return self.db.execute("DELETE FROM routes WHERE network=? AND key=? AND prefix=?",
+                               (network, key, prefix)).rowcount > 0
 
     # ---------------------------------------------------------------- pending / bans
     def pending(self, network: str) -> list[bytes]:
