@@ -464,6 +464,8 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         flags = [net["role"] or ""]
         if net.get("type", "mesh") != "mesh":
             flags.append(net["type"])
+        if net.get("encrypted") is False:
+            flags.append("UNENCRYPTED")
         if net["locked"]:
             flags.append("locked")
         if net["approval"]:
@@ -481,12 +483,13 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
             p = peers.get(m["key"], {})
             state = "[green]online[/]" if m["online"] else "[dim]offline[/]"
             path = "this node" if m["self"] else (p.get("path") or "-")
+            marker = " [yellow](unencrypted)[/]" if p.get("encrypted") is False and not m["self"] else ""
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
             role = m["role"] + (f", {m['kind']}" if m.get("kind") else "") + (f" ({m['iface']})" if m.get("iface") else "")
             if m.get("routes"):
                 role += ", routes " + ", ".join(m["routes"])
-            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path))
+            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path) + marker)
         out.print(t)
         if net.get("away"):
             out.print(f"  you are offline in {net['name']}: overlay online {net['name']}", highlight=False)
@@ -840,6 +843,19 @@ def admin_gateway(network: str = NetworkArg, name: str = typer.Argument(..., hel
               + ("" if r.get("type") == "gateway" else
                  f" (takes effect once it is a gateway network: overlay admin type {lit(network)} gateway)"),
               highlight=False)
+
+
+@admin_app.command("encryption")
+def admin_encryption(network: str = NetworkArg, mode: str = typer.Argument(..., help="on or off"),
+                     home: Optional[Path] = HomeOpt):
+    """Turn payload encryption off (or back on) for a network: peers still authenticate each other
+    and every packet still carries its authentication tag, but anyone on the path can read the
+    payload. Peers drop encryption only when every network they share is unencrypted."""
+    if mode not in ("on", "off"):
+        fail("encryption mode must be 'on' or 'off'")
+    _admin(home, network, f"encryption-{mode}")
+    out.print(f"{lit(network)}: encryption {mode}"
+              + (" (payloads readable on the path; still authenticated)" if mode == "off" else ""), highlight=False)
 
 
 @admin_app.command("routes")

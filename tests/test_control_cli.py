@@ -494,6 +494,7 @@ def test_messages_name_the_fix(cluster, tmp_path):
      "error: --advertise-routes: '127.0.0.0/8' cannot be a route"),
     (["admin", "routes", "lan", "approve", "gw"], "error: usage: overlay admin routes NET [approve|remove NAME PREFIX]"),
     (["admin", "type", "lan", "ring"], "error: network type must be mesh, hub-and-spoke or gateway"),
+    (["admin", "encryption", "lan", "maybe"], "error: encryption mode must be 'on' or 'off'"),
 ])
 def test_usage_errors_are_one_line_and_exit_1(args, message):
     r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)

@@ -948,6 +948,20 @@ def test_old_database_gains_network_types(tmp_path):
         s.close()
 
 
+# ============================================================================ unencrypted networks
+
+
+def test_encryption_off_is_an_owner_setting_in_the_network_info(w):
+    _setup(w, "alice", "bob")
+    assert w.fails("bob", "admin", network="lan", action="encryption-off").code == "not_owner"
+    w.admin("alice", "lan", "encryption-off")
+    infos = [e["network"] for e in w.ev("bob", "network")]
+    assert infos and infos[-1]["encrypted"] is False
+    assert w.store.network("lan").encrypted is False
+    w.admin("alice", "lan", "encryption-on")
+    assert [e["network"]["encrypted"] for e in w.ev("alice", "network")] == [True]
+
+
 # ============================================================================ gateway routes
 
 

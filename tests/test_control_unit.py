@@ -795,7 +795,7 @@ def test_state_network_and_members():
     assert st_["name"] == "lan" and st_["role"] == "owner" and st_["approval"] and st_["max_members"] == 5
     assert [(m["name"], m["self"]) for m in st_["members"]] == [("bob", False), ("me", True)]
     assert s.peers() == {"BOB": {"name": "bob", "key": "BOB", "ip": "100.64.0.3", "online": True,
-                                 "iface": None, "networks": ["lan"], "routes": []}}
+                                 "iface": None, "networks": ["lan"], "routes": [], "encrypted": True}}
 
 
 def test_state_members_changes_are_described():
@@ -896,3 +896,18 @@ def test_state_enforces_network_types_even_if_the_server_lists_more():
         {**_member("x", "X"), "kind": "member"}]})
     assert set(s.peers()) == {"HUB", "OTHER", "G"}
     assert "out of reach" in s.apply({"t": "member_left", "network": "gw", "key": "G", "reason": "out of reach"})
+
+
+def test_state_peer_unencrypted_only_when_every_shared_network_is():
+    s = NodeState()
+    s.me = {"key": "ME", "name": "me"}
+    for net, enc in (("fast", False), ("fast2", False), ("safe", True)):
+        s.apply({"t": "network", "network": {"name": net, "owner": "o", "role": "member", "encrypted": enc}})
+    s.apply({"t": "members", "network": "fast", "members": [_member("me", "ME"), _member("bob", "BOB"),
+                                                             _member("carol", "CAROL")]})
+    s.apply({"t": "members", "network": "fast2", "members": [_member("me", "ME"), _member("bob", "BOB")]})
+    s.apply({"t": "members", "network": "safe", "members": [_member("me", "ME"), _member("carol", "CAROL")]})
+    peers = s.peers()
+    assert peers["BOB"]["encrypted"] is False            # fast and fast2: both unencrypted
+    assert peers["CAROL"]["encrypted"] is True           # also shares "safe": mixed keeps encryption
+    assert {n["name"]: n["encrypted"] for n in s.status()} == {"fast": False, "fast2": False, "safe": True}

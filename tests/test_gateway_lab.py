@@ -6,7 +6,9 @@ server (``python -m http.server``) and a UDP echo, no overlay. ``b1``, behind an
 member that reaches ``a2`` by its LAN address through its SOCKS5 / HTTP proxy and through
 forwards, once the network's owner approved the route; an unapproved advertised route and a
 destination outside the approved ones are refused with a message. The gateway's throughput
-(a 16 MiB download through SOCKS5) is printed, never asserted.
+(a 16 MiB download through SOCKS5) is printed, never asserted. Then the network goes
+unencrypted: a capture between the NATs shows the payload, until the two share an encrypted
+network too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,39 @@ BIG = 16 << 20
 
 UDP_ECHO = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', %d))\n"
             "while True:\n    d, a = s.recvfrom(2048); s.sendto(b'echo:' + d, a)" % ECHO_PORT)
+
+
+def _seen_on_wire(nl: natlab.NatLab, action, marker: bytes = b"hello from the LAN") -> bool:
+    """Run ``action`` while capturing every frame crossing the lab's "Internet" (in ``pub``):
+    whether ``marker`` appeared in one of them."""
+    import threading
+    sock = natlab._in_netns(nl.ns("pub").name,
+                            lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)))
+    # unbound: every interface of pub, so the bridge's ports too (frames bridged between two
+    # sites never reach br0 itself)
+    sock.settimeout(0.2)
+    seen, frames, stop = [], [], threading.Event()
+
+    def sniff():
+        while not stop.is_set():
+            try:
+                frame = sock.recv(65535)
+                frames.append(len(frame))
+                if marker in frame:
+                    seen.append(True)
+            except socket.timeout:
+                continue
+    t = threading.Thread(target=sniff)
+    t.start()
+    try:
+        action()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+        sock.close()
+    assert frames, "the capture saw nothing"
+    return bool(seen)
 
 
 def _proxy(node, kind: str) -> str:
@@ -118,6 +153,27 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             assert r.stdout == str(BIG), r.stdout + r.stderr
             print(f"\ngateway: {BIG >> 20} MiB through SOCKS5 in {secs:.2f} s = {BIG * 8 / secs / 1e6:.0f} Mbit/s "
                   f"(path {m.peer('gw')['path']})")
+
+            # unencrypted network: the same fetch is readable on the wire between the NATs, yet
+            # authenticated; a second, encrypted network shared by the two keeps encryption
+            assert not _seen_on_wire(nl, lambda: curl("--socks5-hostname", socks,
+                                                      f"http://{lan_host}:{WEB_PORT}/index.html"))
+            gw.ok("admin", "encryption", "home", "off")
+            ol.wait(lambda: (m.peer("gw") or {}).get("encrypted") is False, 10, "member: gw unencrypted")
+            ol.wait(lambda: (gw.peer("member") or {}).get("encrypted") is False, 10, "gw: member unencrypted")
+            assert "UNENCRYPTED" in m.ok("status") and "(unencrypted)" in m.ok("status")
+            r = None
+
+            def fetch_plain():
+                nonlocal r
+                r = curl("--socks5-hostname", socks, f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert _seen_on_wire(nl, fetch_plain), ol.dump()
+            assert r.stdout == "hello from the LAN\n"
+            m.ok("create", "safe", "--password", "pw2")
+            gw.ok("join", "safe", "--password", "pw2")
+            ol.wait(lambda: (m.peer("gw") or {}).get("encrypted") is True, 10, "mixed networks: encrypted")
+            ol.wait(lambda: (gw.peer("member") or {}).get("encrypted") is True, 10, "mixed networks: encrypted")
+            assert not _seen_on_wire(nl, fetch_plain) and r.stdout == "hello from the LAN\n", r.stdout + r.stderr
 
             # removing the route makes it unusable again
             gw.ok("admin", "routes", "home", "remove", "gw", "10.0.1.0/24")

@@ -94,6 +94,7 @@ ADMIN_ACTIONS = {
     "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
     "kick", "ban", "unban", "limit", "delete", "transfer", "password",
     "type", "hub-on", "hub-off", "gateway", "routes", "route-approve", "route-remove",
+    "encryption-on", "encryption-off",
 }
 ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer", "type", "hub-on", "hub-off",
                       "gateway", "route-approve", "route-remove"}

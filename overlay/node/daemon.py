@@ -275,7 +275,7 @@ class Daemon:
         peers = list(self.state.peers().values())
         for sp in self.static_peers:
             peers.append({"name": sp["name"], "key": sp["key"], "ip": sp["allowed_ips"][0].split("/")[0],
-                          "online": True, "networks": [], "routes": []})
+                          "online": True, "networks": [], "routes": [], "encrypted": True})
         return peers
 
     def resolve_peer(self, text: str) -> dict:
@@ -412,7 +412,7 @@ class Daemon:
             self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)
-        if t in ("members", "member_left", "removed"):
+        if t in ("members", "member_left", "removed", "network"):   # network: type, encryption
             self._sync_peers()
         if change:
             log.info("%s", change)

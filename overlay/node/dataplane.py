@@ -312,6 +312,7 @@ class DataPlane:
                 ipaddress.IPv4Network(r) for r in p.get("routes", ())]
             self.by_vip[socket.inet_aton(entry.vip)] = entry
             entry.online = p["online"]
+            self.device.set_plaintext(key, p.get("encrypted", True) is False)
         self._set_member_routes()
         self._paths_stale = True
         self._schedule_flush()
@@ -456,7 +457,7 @@ class DataPlane:
             self.stats["not_ours"] += 1
             return
         b0 = view[0]
-        if 1 <= b0 <= 4 and view[1] == 0 and view[2] == 0 and view[3] == 0:
+        if 1 <= b0 <= 5 and view[1] == 0 and view[2] == 0 and view[3] == 0:
             self.device.receive(view, addr, self.loop.time())
         elif view[:4] == frames.MAGIC:
             self._relay_receive(bytes(view), addr)

@@ -132,8 +132,11 @@ class NodeState:
                 if m.key == mine or not reaches(net_type, me.kind if me else None, m.kind):
                     continue
                 p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
-                                           "online": m.online, "iface": m.iface, "networks": [], "routes": []})
+                                           "online": m.online, "iface": m.iface, "networks": [], "routes": [],
+                                           "encrypted": False})
                 p["networks"].append(view.name)
+                # encryption drops only when every network shared with this peer is unencrypted
+                p["encrypted"] = p["encrypted"] or view.info.get("encrypted", True) is not False
                 p["routes"].extend(r for r in m.routes if r not in p["routes"])
         return out
 
@@ -162,6 +165,7 @@ class NodeState:
                 "locked": bool(info.get("locked")),
                 "approval": bool(info.get("approval")),
                 "type": info.get("type") or "mesh",
+                "encrypted": info.get("encrypted", True) is not False,
                 "max_members": info.get("max_members", 0),
                 "away": view.name in self.away,
                 "pending": [{"name": n, "key": k} for k, n in sorted(view.pending.items(), key=lambda kv: kv[1])],

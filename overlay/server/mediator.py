@@ -179,6 +179,7 @@ class Mediator:
         return {"name": network.name, "owner": owner.name if owner else None,
                 "role": "owner" if key == network.owner else "member",
                 "locked": network.locked, "approval": network.approval, "type": network.type,
+                "encrypted": network.encrypted,
                 "max_members": network.max_members, "count": self.store.member_count(network.name)}
 
     def _send_network(self, key: bytes, name: str) -> None:
@@ -531,6 +532,9 @@ class Mediator:
         rid = msg["id"]
         if action in ("lock", "unlock"):
             self.store.set_network(name, locked=int(action == "lock"))
+        elif action in ("encryption-on", "encryption-off"):
+            # peers sharing only unencrypted networks send payloads authenticated, not encrypted
+            self.store.set_network(name, encrypted=int(action == "encryption-on"))
         elif action in ("approval-on", "approval-off"):
             self.store.set_network(name, approval=int(action == "approval-on"))
         elif action == "limit":

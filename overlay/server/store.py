@@ -57,6 +57,7 @@ class Network:
     pw_hash: bytes
     type: str = "mesh"           # mesh | hub-and-spoke | gateway
     gateway: bytes | None = None  # the gateway member of a gateway network (None: the owner)
+    encrypted: bool = True        # False: payloads authenticated, not encrypted (admin encryption off)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Store:
             self.db.execute("ALTER TABLE networks ADD COLUMN type TEXT NOT NULL DEFAULT 'mesh'")
         if "gateway" not in cols:
             self.db.execute("ALTER TABLE networks ADD COLUMN gateway BLOB")
+        if "encrypted" not in cols:
+            self.db.execute("ALTER TABLE networks ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         self.db.close()
@@ -127,11 +130,11 @@ class Store:
     # ---------------------------------------------------------------- networks
     def network(self, name: str) -> Network | None:
         row = self._one(
-            "SELECT name, owner, locked, approval, max_members, pw_hash, type, gateway FROM networks WHERE name=?",
-            name)
+            "SELECT name, owner, locked, approval, max_members, pw_hash, type, gateway, encrypted FROM networks "
+            "WHERE name=?", name)
         if not row:
             return None
-        return Network(row[0], row[1], bool(row[2]), bool(row[3]), row[4], row[5], row[6], row[7])
+        return Network(row[0], row[1], bool(row[2]), bool(row[3]), row[4], row[5], row[6], row[7], bool(row[8]))
 
     def add_network(self, name: str, pw_hash: bytes, owner: bytes, approval: bool, max_members: int,
                     now: float) -> None:
@@ -142,7 +145,7 @@ class Store:
             self.db.execute("INSERT INTO members VALUES (?,?,?)", (name, owner, now))
 
     def set_network(self, name: str, **fields) -> None:
-        allowed = {"locked", "approval", "max_members", "owner", "pw_hash", "type", "gateway"}
+        allowed = {"locked", "approval", "max_members", "owner", "pw_hash", "type", "gateway", "encrypted"}
         assert set(fields) <= allowed
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE networks SET {cols} WHERE name=?", (*fields.values(), name))
