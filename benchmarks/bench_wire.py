@@ -3,7 +3,8 @@
     python benchmarks/bench_wire.py [--quick]
 
 - handshakes/s: full initiation + response + confirming keepalive between two in-memory Devices
-- transport: Device.send -> datagrams_to_send -> Device.receive -> next_event at 1380 bytes
+- transport: Device.send -> datagrams_to_send -> Device.receive -> next_event at 1380 bytes,
+  encrypted and unencrypted (authenticated only), with the gain in the same run
 - tunnel: both Devices and UdpSockets in one process, real loopback UDP in between
 - UDP over loopback: UdpSocket send_batch -> UdpSocket receive, with and without GSO/GRO
 """
@@ -60,9 +61,12 @@ def bench_handshakes(n: int) -> float:
     return n / elapsed
 
 
-def bench_transport(n: int) -> tuple[float, float, float]:
-    """(encrypt packets/s, decrypt packets/s, send+receive packets/s) through the Device API."""
+def bench_transport(n: int, plaintext: bool = False) -> tuple[float, float, float]:
+    """(encrypt packets/s, decrypt packets/s, send+receive packets/s) through the Device API
+    (``plaintext``: an unencrypted network's authenticated-only messages)."""
     a, b = pair()
+    a.set_plaintext(b.public_key, plaintext)
+    b.set_plaintext(a.public_key, plaintext)
     a.initiate_handshake(b.public_key, 0.0)
     pump(a, b, 0.0)
     while b.next_event() is not None:
@@ -186,6 +190,10 @@ def main() -> None:
     print(f"transport encrypt {PACKET_SIZE} B: {enc:,.0f} packets/s = {enc * bits / 1e9:.2f} Gbit/s")
     print(f"transport decrypt {PACKET_SIZE} B: {dec:,.0f} packets/s = {dec * bits / 1e9:.2f} Gbit/s")
     print(f"transport encrypt+decrypt (one core does both): {both:,.0f} packets/s = {both * bits / 1e9:.2f} Gbit/s")
+    # unencrypted networks, measured in this same run: authenticated (Poly1305 tag), not encrypted
+    penc, pdec, pboth = median_of(runs, bench_transport, int(100_000 * scale), True)
+    print(f"transport unencrypted (authenticated only) send {penc:,.0f} / receive {pdec:,.0f} / both "
+          f"{pboth:,.0f} packets/s = {pboth * bits / 1e9:.2f} Gbit/s: {pboth / both - 1:+.0%} against encrypted")
 
     tun = median_of(runs, lambda: asyncio.run(_tunnel(int(200_000 * scale), 64)))
     print(f"tunnel {PACKET_SIZE} B Device->UDP->Device, both ends in one process and core: "

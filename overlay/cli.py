@@ -133,6 +133,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        only_shared: Optional[bool] = typer.Option(None, "--only-shared/--all-inbound",
                                                   help="TUN/TAP: let peers reach only shared ports (plus replies "
                                                        "and ping); default: everything, like a LAN."),
+       advertise_routes: Optional[str] = typer.Option(None, "--advertise-routes",
+                                                      help="Offer these subnets of this machine's LAN to your "
+                                                           "networks as a gateway, comma-separated "
+                                                           "(192.168.1.0/24); each network's owner approves them."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
@@ -218,13 +222,26 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(str(e))
     except RequestError as e:
         fail(e.message)
+    from overlay.control.messages import MAX_ROUTES, parse_route
+    routes = ([r.strip() for r in advertise_routes.split(",") if r.strip()] if advertise_routes is not None
+              else cfg.get("advertise_routes", []))
+    routes = routes if isinstance(routes, list) else [routes]
+    try:
+        routes = sorted({str(parse_route(r)) for r in routes})
+    except ValueError as e:
+        fail(f"--advertise-routes: {e}")
+    if len(routes) > MAX_ROUTES:
+        fail(f"--advertise-routes: at most {MAX_ROUTES} subnets")
+    if routes and interface:
+        fail("--advertise-routes needs userspace mode for now (no --tun / --tap): the node reaches the LAN "
+             "with ordinary sockets")
     if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,
                                     keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
-                                    only_shared=only_shared))
+                                    only_shared=only_shared, advertise_routes=routes))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
@@ -653,6 +670,88 @@ admin_app.command("ban")(_targeted("ban", "banned", "Remove and refuse a node: m
 admin_app.command("unban")(_targeted("unban", "unbanned", "Let a banned node join again.", "Node name."))
 admin_app.command("transfer")(_targeted("transfer", "now owns the network",
                                         "Hand the network's ownership to another member.", "The new owner."))
+
+
+@admin_app.command("type")
+def admin_type(network: str = NetworkArg,
+               kind: str = typer.Argument(..., help="mesh, hub-and-spoke or gateway."),
+               home: Optional[Path] = HomeOpt):
+    """Set the network type: mesh (everyone reaches everyone), hub-and-spoke (spokes reach only
+    hubs), gateway (members reach only the gateway member)."""
+    if kind not in ("mesh", "hub-and-spoke", "gateway"):
+        fail("network type must be mesh, hub-and-spoke or gateway")
+    _admin(home, network, "type", target=kind)
+    out.print(f"{lit(network)} is a {kind} network", highlight=False)
+
+
+@admin_app.command("hub")
+def admin_hub(network: str = NetworkArg, name: str = typer.Argument(..., help="Member name."),
+              mode: str = typer.Argument(..., help="on or off"), home: Optional[Path] = HomeOpt):
+    """Make a member a hub (on) or a spoke (off) of a hub-and-spoke network."""
+    if mode not in ("on", "off"):
+        fail("hub mode must be 'on' or 'off'")
+    r = _admin(home, network, f"hub-{mode}", target=name)
+    out.print(f"{lit(name)} is {'a hub' if mode == 'on' else 'a spoke'} in {lit(network)}"
+              + ("" if r.get("type") == "hub-and-spoke" else
+                 f" (takes effect once it is hub-and-spoke: overlay admin type {lit(network)} hub-and-spoke)"),
+              highlight=False)
+
+
+@admin_app.command("gateway")
+def admin_gateway(network: str = NetworkArg, name: str = typer.Argument(..., help="Member name."),
+                  home: Optional[Path] = HomeOpt):
+    """Name the gateway member of a gateway network (the others reach only it and its LAN)."""
+    r = _admin(home, network, "gateway", target=name)
+    out.print(f"{lit(name)} is the gateway of {lit(network)}"
+              + ("" if r.get("type") == "gateway" else
+                 f" (takes effect once it is a gateway network: overlay admin type {lit(network)} gateway)"),
+              highlight=False)
+
+
+@admin_app.command("encryption")
+def admin_encryption(network: str = NetworkArg, mode: str = typer.Argument(..., help="on or off"),
+                     home: Optional[Path] = HomeOpt):
+    """Turn payload encryption off (or back on) for a network: peers still authenticate each other
+    and every packet still carries its authentication tag, but anyone on the path can read the
+    payload. Peers drop encryption only when every network they share is unencrypted."""
+    if mode not in ("on", "off"):
+        fail("encryption mode must be 'on' or 'off'")
+    _admin(home, network, f"encryption-{mode}")
+    out.print(f"{lit(network)}: encryption {mode}"
+              + (" (payloads readable on the path; still authenticated)" if mode == "off" else ""), highlight=False)
+
+
+@admin_app.command("routes")
+def admin_routes(network: str = NetworkArg,
+                 action: Optional[str] = typer.Argument(None, help="approve or remove (none: list)."),
+                 name: Optional[str] = typer.Argument(None, help="The gateway member."),
+                 prefix: Optional[str] = typer.Argument(None, help="The subnet, like 192.168.1.0/24."),
+                 home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """List the subnets members advertise (and which are approved), or approve / remove one:
+    only approved routes are handed to the other members."""
+    if action is None:
+        r = _admin(home, network, "routes", as_json)
+        if as_json:
+            print_json({"routes": r["routes"]})
+            return
+        if not r["routes"]:
+            out.print(f"no member of {lit(network)} advertises routes (overlay up --advertise-routes SUBNET)")
+        for g in r["routes"]:
+            approved = set(g["approved"])
+            offered = sorted(set(g["advertised"]) | approved)
+            items = ", ".join(f"{lit(p)} ({'approved' if p in approved else 'not approved'}"
+                              f"{'' if p in g['advertised'] or not g['online'] else ', no longer advertised'})"
+                              for p in offered)
+            out.print(f"{lit(g['name'])}{'' if g['online'] else ' (offline)'}: {items}", highlight=False)
+        return
+    if action not in ("approve", "remove") or name is None or prefix is None:
+        fail("usage: overlay admin routes NET [approve|remove NAME PREFIX]")
+    _admin(home, network, f"route-{action}", as_json, target=name, prefix=prefix)
+    if as_json:
+        print_json({"network": network, "name": name, "prefix": prefix, "approved": action == "approve"})
+        return
+    out.print(f"{lit(prefix)} through {lit(name)} {'approved' if action == 'approve' else 'removed'} ({lit(network)})",
+              highlight=False)
 
 
 @admin_app.command("limit")

@@ -110,6 +110,11 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
                   + (f", MAC {iface['mac']}" if iface.get("mac") else ""), highlight=False)
     for pr in st.get("proxies", []):
         out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
+    gw = st.get("gateway")
+    if gw:
+        out.print("gateway for " + (", ".join(lit(r) for r in gw["approved"]) or "nothing yet")
+                  + (f" (waiting for approval: {', '.join(lit(r) for r in gw['advertised'] if r not in gw['approved'])})"
+                     if set(gw["advertised"]) - set(gw["approved"]) else ""), highlight=False)
     if st.get("shares"):
         out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
                   highlight=False)
@@ -120,6 +125,10 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
         out.print("no networks (overlay create NET / overlay join NET)")
     for net in st["networks"]:
         flags = [net["role"] or ""]
+        if net.get("type", "mesh") != "mesh":
+            flags.append(net["type"])
+        if net.get("encrypted") is False:
+            flags.append("UNENCRYPTED")
         if net["locked"]:
             flags.append("locked")
         if net["approval"]:
@@ -137,10 +146,14 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
             p = peers.get(m["key"], {})
             state = "[green]online[/]" if m["online"] else "[dim]offline[/]"
             path = "this node" if m["self"] else (p.get("path") or "-")
+            marker = " [yellow](unencrypted)[/]" if p.get("encrypted") is False and not m["self"] else ""
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
-            role = m["role"] + (f" ({m['iface']})" if m.get("iface") else "")
-            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path))
+            role = (m["role"] + (f", {m['kind']}" if m.get("kind") else "")
+                    + (f" ({m['iface']})" if m.get("iface") else ""))
+            if m.get("routes"):
+                role += ", routes " + ", ".join(m["routes"])
+            t.add_row(lit(m["name"]), lit(m["ip"]), state, lit(role), lit(path) + marker)
         out.print(t)
         if net.get("away"):
             out.print(f"  you are offline in {lit(net['name'])}: overlay online {lit(net['name'])}", highlight=False)

@@ -83,6 +83,22 @@ class Aead:
         except InvalidTag:
             raise DecryptError("authentication failed") from None
 
+    def seal_plain(self, counter: int, data: bytes) -> bytes:
+        """``data`` + its 16-byte tag, ``data`` left readable: ChaCha20-Poly1305 of an empty
+        plaintext with ``data`` as associated data (unencrypted networks: authenticated, not secret)."""
+        return data + self._c.encrypt(_NONCE.pack(counter), b"", data or None)
+
+    def open_plain(self, counter: int, sealed: bytes | memoryview) -> bytes:
+        """Check a ``seal_plain`` output; the data, or DecryptError."""
+        if len(sealed) < TAG_LEN:
+            raise DecryptError("authentication failed")
+        data = bytes(sealed[:-TAG_LEN])
+        try:
+            self._c.decrypt(_NONCE.pack(counter), bytes(sealed[-TAG_LEN:]), data or None)
+        except InvalidTag:
+            raise DecryptError("authentication failed") from None
+        return data
+
 
 def aead_encrypt(key: bytes, counter: int, plaintext: bytes, ad: bytes = b"") -> bytes:
     return Aead(key).encrypt(counter, plaintext, ad)

@@ -488,6 +488,13 @@ def test_messages_name_the_fix(cluster, tmp_path):
     (["admin", "ban", "lan"], "error: Missing argument 'name' (see `overlay admin ban --help`)"),
     (["status", "--nope"], "error: No such option: --nope"),
     (["ping", "x", "-c", "many"], "error: Invalid value for '-c' / '--count'"),
+    (["up", "--server", "127.0.0.1:1", "--name", "x", "--advertise-routes", "192.168.1.5/24"],
+     "error: --advertise-routes: '192.168.1.5/24' has host bits set: use 192.168.1.0/24"),
+    (["up", "--server", "127.0.0.1:1", "--name", "x", "--advertise-routes", "10.0.0.0/8,127.0.0.0/8"],
+     "error: --advertise-routes: '127.0.0.0/8' cannot be a route"),
+    (["admin", "routes", "lan", "approve", "gw"], "error: usage: overlay admin routes NET [approve|remove NAME PREFIX]"),
+    (["admin", "type", "lan", "ring"], "error: network type must be mesh, hub-and-spoke or gateway"),
+    (["admin", "encryption", "lan", "maybe"], "error: encryption mode must be 'on' or 'off'"),
 ])
 def test_usage_errors_are_one_line_and_exit_1(args, message):
     r = subprocess.run([*OVERLAY, *args], capture_output=True, text=True, timeout=30)
@@ -666,3 +673,76 @@ def test_daemon_sheds_the_cli_libraries_and_status_takes_the_short_path(cluster)
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "overlay", "status", "--json", "--home", str(a.home)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "typer" not in r.stderr and "overlay.cli\n" not in r.stderr, r.stderr[-2000:]
+
+
+def _handshake_answered(sender_home: Path, target: Path, port: int, wait: float = 1.5) -> bool:
+    """Send a hand-built WireGuard handshake initiation with the key in ``sender_home`` to the node
+    with home ``target`` listening on UDP ``port``; True if it answers with a handshake response."""
+    import socket
+    import time as _time
+    from overlay import crypto
+    from overlay.node.home import Home
+    from overlay.wire.cookie import CookieGenerator
+    from overlay.wire.handshake import Handshake, create_initiation, tai64n
+    priv = Home(sender_home).private_key()
+    remote = crypto.public_key(Home(target).private_key())
+    hs = Handshake(priv, remote, bytes(32))
+    msg = create_initiation(hs, crypto.public_key(priv), 4242, tai64n(_time.time()))
+    CookieGenerator(remote).add_macs(msg, _time.monotonic())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(wait)
+        s.sendto(bytes(msg), ("127.0.0.1", port))
+        try:
+            data = s.recv(2048)
+        except socket.timeout:
+            return False
+    return data[0] == 2
+
+
+def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
+    o = cluster.start_node("owner")
+    hub = cluster.start_node("hub")
+    s1 = cluster.start_node("s1")
+    s2 = cluster.start_node("s2")
+    o.ok("create", "star", "--password", "pw")
+    for n in (hub, s1, s2):
+        n.ok("join", "star", "--password", "pw")
+    cluster.wait(lambda: {p["name"] for p in s1.status()["peers"]} == {"owner", "hub", "s2"}, what="mesh first")
+    # a spoke may still reach the other one by hand while the network is a mesh (the probe works)
+    assert _handshake_answered(s1.home, s2.home, s2.status()["udp"]["port"])
+
+    assert "only the owner" in hub.fails("admin", "type", "star", "hub-and-spoke")
+    assert "network type must be" in o.fails("admin", "type", "star", "ring")
+    assert "takes effect once it is hub-and-spoke" in o.ok("admin", "hub", "star", "hub", "on")
+    assert "star is a hub-and-spoke network" in o.ok("admin", "type", "star", "hub-and-spoke")
+    cluster.wait(lambda: {p["name"] for p in s1.status()["peers"]} == {"hub"}, what="s1 sees only the hub")
+    cluster.wait(lambda: {p["name"] for p in s2.status()["peers"]} == {"hub"}, what="s2 sees only the hub")
+    cluster.wait(lambda: {p["name"] for p in hub.status()["peers"]} == {"owner", "s1", "s2"}, what="hub sees all")
+    assert set(members(s1, "star")) == {"s1", "hub"}
+
+    st = s1.cli_status()
+    net = st["networks"][0]
+    assert net["type"] == "hub-and-spoke"
+    assert {m["name"]: m["kind"] for m in net["members"]} == {"s1": "spoke", "hub": "hub"}
+    human = hub.ok("status")
+    assert "hub-and-spoke" in human and "member, spoke" in human and "member, hub" in human
+
+    # reach: the hub yes, the other spoke is not even a peer
+    assert "pong from hub" in s1.ok("ping", "hub", "-c", "3")
+    assert "no peer" in s1.fails("ping", "s2", "-c", "1")
+    # and a hand-built handshake from one spoke's key to the other is not answered: cryptokey
+    # routing refuses it (the hub, which has s1 as a peer, does answer the same probe)
+    assert not _handshake_answered(s1.home, s2.home, s2.status()["udp"]["port"])
+    assert not _handshake_answered(s2.home, s1.home, s1.status()["udp"]["port"])
+    assert _handshake_answered(s1.home, hub.home, hub.status()["udp"]["port"])
+
+    # hub off: the spokes lose it too; gateway type: members reach only the gateway
+    o.ok("admin", "hub", "star", "hub", "off")
+    cluster.wait(lambda: s1.status()["peers"] == [], what="no hubs: s1 alone")
+    assert "takes effect once it is a gateway network" not in o.ok("admin", "type", "star", "gateway")
+    assert "hub is the gateway of star" in o.ok("admin", "gateway", "star", "hub")
+    cluster.wait(lambda: {p["name"] for p in s2.status()["peers"]} == {"hub"}, what="s2 sees the gateway")
+    assert {m["name"]: m["kind"] for m in s2.cli_status()["networks"][0]["members"]} == \
+        {"s2": "member", "hub": "gateway"}
+    o.ok("admin", "type", "star", "mesh")
+    cluster.wait(lambda: {p["name"] for p in s1.status()["peers"]} == {"owner", "hub", "s2"}, what="mesh again")

@@ -58,8 +58,8 @@ class World:
         self._rid += 1
         return self._rid
 
-    def hello(self, who: str, name: str | None = None, version: int = 1) -> dict:
-        msg = validate_request({"t": "hello", "id": self._id(), "name": name or who, "version": version})
+    def hello(self, who: str, name: str | None = None, version: int = 1, **extra) -> dict:
+        msg = validate_request({"t": "hello", "id": self._id(), "name": name or who, "version": version, **extra})
         try:
             return self.m.hello(self.key(who), msg, self.now)
         finally:
@@ -127,6 +127,10 @@ class World:
                 assert self.store.node(k).vip == msg["ip"], "address event with another address"
             else:
                 assert self.store.is_member(name, k), f"{t} event about {name} to a non-member"
+            if t == "members":   # network types: a node only ever hears of members it may reach
+                topo = self.m._topology(self.store.network(name))
+                for rec in msg["members"]:
+                    assert self.m._sees(topo, k, key_from_text(rec["key"])), "member record of an unreachable peer"
             json.dumps(msg)  # every event is JSON-serialisable
             self._buf[k].append(msg)
 
@@ -826,6 +830,195 @@ def test_punch_refused_after_leaving_shared_network(w):
     assert w.fails("alice", "punch", peer=key_to_text(w.key("bob"))).code == "not_peer"
     w.req("alice", "punch", peer=key_to_text(w.key("carol")))
     assert [e["t"] for e in w.ev("carol")] == ["punch"]
+
+
+# ============================================================================ network types
+
+
+def _seen(w: World, who: str, network: str = "lan") -> set[str]:
+    """Members ``who`` is told about in a fresh snapshot (as after a reconnect)."""
+    w.events()
+    w.req(who, "members", network=network)
+    return {m["name"] for e in w.ev(who, "members") for m in e["members"]}
+
+
+def test_hub_and_spoke_spokes_see_and_reach_only_hubs(w):
+    _setup(w, "alice", "hub", "s1", "s2")
+    assert w.fails("s1", "admin", network="lan", action="type", target="hub-and-spoke").code == "not_owner"
+    assert w.fails("alice", "admin", network="lan", action="type", target="star").code == "bad_request"
+    assert w.fails("alice", "admin", network="lan", action="hub-on", target="nobody").code == "unknown_member"
+    w.admin("alice", "lan", "hub-on", target="hub")
+    w.events()
+    assert w.admin("alice", "lan", "type", target="hub-and-spoke")["type"] == "hub-and-spoke"
+    evs = w.events()
+    # the spokes lose each other (and the owner, a spoke too) at once; the hub keeps everyone
+    gone = {e["key"] for e in evs[w.key("s1")] if e["t"] == "member_left"}
+    assert gone == {key_to_text(w.key(n)) for n in ("alice", "s2")}
+    assert all(e["reason"] == "out of reach" for e in evs[w.key("s1")] if e["t"] == "member_left")
+    assert not [e for e in evs[w.key("hub")] if e["t"] == "member_left"]
+    info = [e for e in evs[w.key("s1")] if e["t"] == "network"][-1]["network"]
+    assert info["type"] == "hub-and-spoke"
+    assert _seen(w, "s1") == {"s1", "hub"}
+    assert _seen(w, "hub") == {"alice", "hub", "s1", "s2"}
+    kinds = {m["name"]: m["kind"] for e in (w.req("hub", "members", network="lan"), w.ev("hub", "members"))[1]
+             for m in e["members"]}
+    assert kinds == {"alice": "spoke", "hub": "hub", "s1": "spoke", "s2": "spoke"}
+    # introductions and relaying only between pairs that may reach each other
+    k = w.key
+    assert not w.m.may_reach(k("s1"), k("s2")) and w.m.may_reach(k("s1"), k("hub"))
+    assert w.m.reachable_peers(k("s1")) == {k("hub")}
+    assert w.fails("s1", "punch", peer=key_to_text(k("s2"))).code == "not_peer"
+    w.req("s1", "punch", peer=key_to_text(k("hub")))
+    # a spoke coming online is announced to hubs only
+    w.disconnect("s2")
+    w.events()
+    w.hello("s2")
+    evs = w.events()
+    assert any(e["t"] == "members" for e in evs.get(k("hub"), []))
+    assert not any(e["t"] == "members" for e in evs.get(k("s1"), []))
+    # a second, mesh network shared by two spokes lets them reach each other there
+    w.req("s1", "create", network="side", password=PW)
+    w.req("s2", "join", network="side", password=PW)
+    assert w.m.may_reach(k("s1"), k("s2"))
+    # back to mesh: everyone again
+    w.admin("alice", "lan", "type", target="mesh")
+    assert _seen(w, "s1") == {"alice", "hub", "s1", "s2"}
+    assert all("kind" not in m for e in (w.req("s1", "members", network="lan"), w.ev("s1", "members"))[1]
+               for m in e["members"])
+
+
+def test_hub_off_and_hub_leaving_hide_it_again(w):
+    _setup(w, "alice", "hub", "s1")
+    w.admin("alice", "lan", "type", target="hub-and-spoke")
+    w.admin("alice", "lan", "hub-on", target="hub")
+    assert _seen(w, "s1") == {"s1", "hub"}
+    w.admin("alice", "lan", "hub-off", target="hub")
+    assert [e["key"] for e in w.ev("s1", "member_left")] == [key_to_text(w.key("hub"))]
+    assert _seen(w, "s1") == {"s1"}
+    w.admin("alice", "lan", "hub-on", target="hub")
+    w.req("hub", "leave", network="lan")
+    assert w.store.hubs("lan") == set()        # a hub that leaves is no hub when it comes back
+    w.req("hub", "join", network="lan", password=PW)
+    assert _seen(w, "s1") == {"s1"}
+
+
+def test_gateway_network_members_reach_only_the_gateway(w):
+    _setup(w, "alice", "gw", "m1", "m2")
+    w.admin("alice", "lan", "type", target="gateway")
+    assert _seen(w, "m1") == {"m1", "alice"}            # no gateway named yet: the owner
+    w.admin("alice", "lan", "gateway", target="gw")
+    assert _seen(w, "m1") == {"m1", "gw"}
+    assert _seen(w, "gw") == {"alice", "gw", "m1", "m2"}
+    assert _seen(w, "alice") == {"alice", "gw"}
+    w.admin("alice", "lan", "kick", target="gw")      # the gateway gone: the owner again
+    assert _seen(w, "m1") == {"m1", "alice"}
+    assert w.store.network("lan").gateway is None
+
+
+def test_network_type_survives_store_reopen(tmp_path):
+    db = tmp_path / "overlay.db"
+    w = World(db)
+    _setup(w, "alice", "hub", "s1", "s2")
+    w.admin("alice", "lan", "type", target="hub-and-spoke")
+    w.admin("alice", "lan", "hub-on", target="hub")
+    w.store.close()
+    w2 = World(db)
+    try:
+        for n in ("alice", "hub", "s1", "s2"):
+            w2.hello(n)
+        assert w2.store.network("lan").type == "hub-and-spoke"
+        assert _seen(w2, "s1") == {"s1", "hub"}
+    finally:
+        w2.store.close()
+
+
+def test_old_database_gains_network_types(tmp_path):
+    import sqlite3
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.executescript("CREATE TABLE networks (name TEXT PRIMARY KEY, pw_hash BLOB NOT NULL, owner BLOB NOT NULL, "
+                      "locked INTEGER NOT NULL DEFAULT 0, approval INTEGER NOT NULL DEFAULT 0, "
+                      "max_members INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);"
+                      "INSERT INTO networks VALUES ('lan', x'00', x'01', 0, 0, 0, 1.0);")
+    con.close()
+    s = Store(db)
+    try:
+        assert s.network("lan").type == "mesh" and s.network("lan").gateway is None
+    finally:
+        s.close()
+
+
+# ============================================================================ unencrypted networks
+
+
+def test_encryption_off_is_an_owner_setting_in_the_network_info(w):
+    _setup(w, "alice", "bob")
+    assert w.fails("bob", "admin", network="lan", action="encryption-off").code == "not_owner"
+    w.admin("alice", "lan", "encryption-off")
+    infos = [e["network"] for e in w.ev("bob", "network")]
+    assert infos and infos[-1]["encrypted"] is False
+    assert w.store.network("lan").encrypted is False
+    w.admin("alice", "lan", "encryption-on")
+    assert [e["network"]["encrypted"] for e in w.ev("alice", "network")] == [True]
+
+
+# ============================================================================ gateway routes
+
+
+def _routes_seen(w: World, who: str, network: str = "lan") -> dict[str, list[str]]:
+    w.events()
+    w.req(who, "members", network=network)
+    return {m["name"]: m["routes"] for e in w.ev(who, "members") for m in e["members"] if "routes" in m}
+
+
+def test_gateway_routes_need_the_owners_approval(w):
+    _setup(w, "alice", "gw", "bob")
+    w.hello("gw", routes=["192.168.1.0/24", "10.1.0.0/16"])
+    assert _routes_seen(w, "bob") == {}                      # advertised is not approved
+    listing = w.admin("alice", "lan", "routes")["routes"]
+    assert listing == [{"name": "gw", "key": key_to_text(w.key("gw")), "online": True,
+                        "advertised": ["10.1.0.0/16", "192.168.1.0/24"], "approved": []}]
+    assert w.fails("bob", "admin", network="lan", action="routes").code == "not_owner"
+    e = w.fails("alice", "admin", network="lan", action="route-approve", target="gw", prefix="172.16.0.0/12")
+    assert e.code == "not_advertised" and "it offers 10.1.0.0/16, 192.168.1.0/24" in e.message
+    e = w.fails("alice", "admin", network="lan", action="route-approve", target="gw", prefix="192.168.1.7/24")
+    assert e.code == "bad_request" and "use 192.168.1.0/24" in e.message
+    w.admin("alice", "lan", "route-approve", target="gw", prefix="192.168.1.0/24")
+    evs = w.ev("bob", "members")
+    assert evs and evs[-1]["members"][0]["routes"] == ["192.168.1.0/24"]
+    assert _routes_seen(w, "bob") == {"gw": ["192.168.1.0/24"]}
+    assert _routes_seen(w, "gw") == {"gw": ["192.168.1.0/24"]}   # the gateway learns its approved routes
+    # approved routes stay handed out while the gateway is offline (peers see it offline)
+    w.disconnect("gw")
+    assert _routes_seen(w, "bob") == {"gw": ["192.168.1.0/24"]}
+    assert w.fails("alice", "admin", network="lan", action="route-approve", target="gw",
+                   prefix="10.1.0.0/16").message.endswith("it is offline)")
+    w.hello("gw", routes=["192.168.1.0/24"])
+    w.admin("alice", "lan", "route-remove", target="gw", prefix="192.168.1.0/24")
+    assert _routes_seen(w, "bob") == {}
+    assert w.fails("alice", "admin", network="lan", action="route-remove", target="gw",
+                   prefix="192.168.1.0/24").code == "unknown_route"
+    # a route inside the overlay's pool is refused; leaving drops the approvals
+    w.hello("gw", routes=["100.64.0.0/16", "192.168.1.0/24"])
+    assert w.fails("alice", "admin", network="lan", action="route-approve", target="gw",
+                   prefix="100.64.0.0/16").code == "bad_route"
+    w.admin("alice", "lan", "route-approve", target="gw", prefix="192.168.1.0/24")
+    w.req("gw", "leave", network="lan")
+    w.req("gw", "join", network="lan", password=PW)
+    assert _routes_seen(w, "bob") == {}
+
+
+def test_routes_are_validated():
+    for bad in (["192.168.1.0"], ["192.168.1.1/24"], ["0.0.0.0/0"], ["127.0.0.0/8"], ["224.0.0.0/4"], [5],
+                ["10.0.0.0/8"] * 17, ["nonsense/24"]):
+        with pytest.raises(RequestError):
+            validate_request({"t": "hello", "id": 1, "name": "x", "version": 1, "routes": bad})
+    validate_request({"t": "hello", "id": 1, "name": "x", "version": 1, "routes": ["10.0.0.0/8", "192.168.1.5/32"]})
+    with pytest.raises(RequestError):
+        validate_request({"t": "admin", "id": 1, "network": "n", "action": "route-approve", "target": "gw"})
+    with pytest.raises(RequestError):
+        validate_request({"t": "admin", "id": 1, "network": "n", "action": "kick", "target": "gw",
+                          "prefix": "10.0.0.0/8"})
 
 
 # ============================================================================ persistence

@@ -691,6 +691,14 @@ def test_validate_admin_actions(action):
         with pytest.raises(RequestError):
             validate_request(msg)
         msg["target"] = "bob"
+    if action == "type":
+        with pytest.raises(RequestError, match="network type must be"):
+            validate_request(msg)
+        msg["target"] = "hub-and-spoke"
+    if action in ("route-approve", "route-remove"):
+        with pytest.raises(RequestError, match="take a prefix"):
+            validate_request(msg)
+        msg["prefix"] = "192.168.1.0/24"
     if action == "limit":
         with pytest.raises(RequestError):
             validate_request(msg)
@@ -787,7 +795,7 @@ def test_state_network_and_members():
     assert st_["name"] == "lan" and st_["role"] == "owner" and st_["approval"] and st_["max_members"] == 5
     assert [(m["name"], m["self"]) for m in st_["members"]] == [("bob", False), ("me", True)]
     assert s.peers() == {"BOB": {"name": "bob", "key": "BOB", "ip": "100.64.0.3", "online": True,
-                                 "iface": None, "networks": ["lan"]}}
+                                 "iface": None, "networks": ["lan"], "routes": [], "encrypted": True}}
 
 
 def test_state_members_changes_are_described():
@@ -859,3 +867,47 @@ def test_hostname_as_node_name():
     assert hostname_label("___") is None
     long = hostname_label("a" * 40 + "-b")
     assert normalize_name(long) == long and len(long) == 32
+
+
+def test_state_enforces_network_types_even_if_the_server_lists_more():
+    """A spoke never takes another spoke as a peer, whatever member list it is handed."""
+    s = NodeState()
+    s.me = {"key": "ME", "name": "me"}
+    s.apply({"t": "network", "network": {"name": "star", "owner": "o", "role": "member", "type": "hub-and-spoke"}})
+    s.apply({"t": "members", "network": "star", "members": [
+        {**_member("me", "ME"), "kind": "spoke"}, {**_member("hub", "HUB"), "kind": "hub"},
+        {**_member("other", "OTHER"), "kind": "spoke"}, _member("unknown", "UNK")]})
+    assert set(s.peers()) == {"HUB"}
+    (st_,) = s.status()
+    assert st_["type"] == "hub-and-spoke"
+    assert {m["name"]: m["kind"] for m in st_["members"]} == {"me": "spoke", "hub": "hub", "other": "spoke",
+                                                              "unknown": None}
+    # as a hub it reaches everyone; a member listed in a mesh network too is a peer through that one
+    s.apply({"t": "members", "network": "star", "members": [{**_member("me", "ME"), "kind": "hub"}]})
+    assert set(s.peers()) == {"HUB", "OTHER", "UNK"}
+    s.apply({"t": "members", "network": "star", "members": [{**_member("me", "ME"), "kind": "spoke"}]})
+    s.apply({"t": "network", "network": {"name": "side", "owner": "o", "role": "member"}})
+    s.apply({"t": "members", "network": "side", "members": [_member("me", "ME"), _member("other", "OTHER")]})
+    assert set(s.peers()) == {"HUB", "OTHER"} and s.peers()["OTHER"]["networks"] == ["side"]
+    # gateway networks: members reach only the gateway
+    s.apply({"t": "network", "network": {"name": "gw", "owner": "o", "role": "member", "type": "gateway"}})
+    s.apply({"t": "members", "network": "gw", "members": [
+        {**_member("me", "ME"), "kind": "member"}, {**_member("g", "G"), "kind": "gateway"},
+        {**_member("x", "X"), "kind": "member"}]})
+    assert set(s.peers()) == {"HUB", "OTHER", "G"}
+    assert "out of reach" in s.apply({"t": "member_left", "network": "gw", "key": "G", "reason": "out of reach"})
+
+
+def test_state_peer_unencrypted_only_when_every_shared_network_is():
+    s = NodeState()
+    s.me = {"key": "ME", "name": "me"}
+    for net, enc in (("fast", False), ("fast2", False), ("safe", True)):
+        s.apply({"t": "network", "network": {"name": net, "owner": "o", "role": "member", "encrypted": enc}})
+    s.apply({"t": "members", "network": "fast", "members": [_member("me", "ME"), _member("bob", "BOB"),
+                                                             _member("carol", "CAROL")]})
+    s.apply({"t": "members", "network": "fast2", "members": [_member("me", "ME"), _member("bob", "BOB")]})
+    s.apply({"t": "members", "network": "safe", "members": [_member("me", "ME"), _member("carol", "CAROL")]})
+    peers = s.peers()
+    assert peers["BOB"]["encrypted"] is False            # fast and fast2: both unencrypted
+    assert peers["CAROL"]["encrypted"] is True           # also shares "safe": mixed keeps encryption
+    assert {n["name"]: n["encrypted"] for n in s.status()} == {"fast": False, "fast2": False, "safe": True}

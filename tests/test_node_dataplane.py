@@ -66,3 +66,35 @@ def test_cryptokey_routing_in_and_out():
         finally:
             a.close()
     asyncio.run(main())
+
+
+def test_gateway_routes_of_members_longest_prefix_and_online_first():
+    """Approved gateway routes: cryptokey routing out (longest prefix; between two gateways of one
+    prefix the online one, else the first by name) and in (the gateway may send from its routes)."""
+    import base64
+
+    dp = DataPlane(crypto.generate_private_key())
+    keys = {n: crypto.public_key(crypto.generate_private_key()) for n in ("gw1", "gw2", "gw3", "plain")}
+
+    def peers(online: dict[str, bool]) -> dict:
+        routes = {"gw1": ["192.168.1.0/24"], "gw2": ["192.168.1.0/24"], "gw3": ["192.168.1.128/25"], "plain": []}
+        return {base64.b64encode(keys[n]).decode(): {"name": n, "ip": f"100.64.0.{i + 1}", "online": online[n],
+                                                     "routes": routes[n]}
+                for i, n in enumerate(keys)}
+
+    dp.update_peers(peers({"gw1": True, "gw2": True, "gw3": True, "plain": True}))
+    assert dp.route_peer("192.168.1.200").name == "gw3"      # longest prefix
+    assert dp.route_peer("192.168.1.20").name == "gw1"       # same prefix: first by name
+    assert dp.route_peer("192.168.2.1") is None
+    dp.update_peers(peers({"gw1": False, "gw2": True, "gw3": False, "plain": True}))
+    assert dp.route_peer("192.168.1.20").name == "gw2"       # the online one
+    assert dp.route_peer("192.168.1.200").name == "gw2"      # an online shorter prefix beats an offline longer one
+    gw2 = dp.peers[keys["gw2"]]
+    assert gw2.allows(socket.inet_aton("192.168.1.7")) and gw2.allows(socket.inet_aton("100.64.0.2"))
+    assert not dp.peers[keys["plain"]].allows(socket.inet_aton("192.168.1.7"))   # no route: no spoofing it
+    # a route withdrawn (removed by the owner) is gone from both directions
+    p = peers({"gw1": True, "gw2": True, "gw3": True, "plain": True})
+    for v in p.values():
+        v["routes"] = []
+    dp.update_peers(p)
+    assert dp.route_peer("192.168.1.20") is None and not gw2.allows(socket.inet_aton("192.168.1.7"))

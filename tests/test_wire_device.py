@@ -493,3 +493,49 @@ def test_idle_peers_wind_down_their_keys():
     assert a.get_timer() is None and b.get_timer() is None
     sim.send(a, b, ipv4(b"later"))
     assert [e.packet for e in sim.received(b)][-1] == ipv4(b"later")
+
+
+def test_plaintext_transport_is_authenticated_not_encrypted_and_never_a_downgrade():
+    """Unencrypted networks: payload readable on the wire, still authenticated (an altered byte is
+    dropped); a peer not marked plaintext refuses plain messages, and both ends must agree."""
+    from overlay.wire.messages import MSG_TRANSPORT_PLAIN
+    a, b = Device(crypto.generate_private_key()), Device(crypto.generate_private_key())
+    a.add_peer(b.public_key, endpoint=("b", 1))
+    b.add_peer(a.public_key, endpoint=("a", 1))
+    a.initiate_handshake(b.public_key, 0.0)
+    for _ in range(3):
+        for src, dst, addr in ((a, b, ("a", 1)), (b, a, ("b", 1))):
+            for data, _ in src.datagrams_to_send():
+                dst.receive(data, addr, 0.0)
+    while b.next_event() is not None:
+        pass
+    secret = bytes([0x45]) + bytes(1) + (35).to_bytes(2, "big") + bytes(16) + b"visible payload"
+
+    def send(packet):
+        a.send(b.public_key, packet, 1.0)
+        (data, _), = a.datagrams_to_send()
+        return bytearray(data)
+
+    enc = send(secret)
+    assert enc[0] == 4 and b"visible payload" not in enc            # standard WireGuard by default
+    a.set_plaintext(b.public_key, True)
+    plain = send(secret)
+    assert plain[0] == MSG_TRANSPORT_PLAIN and b"visible payload" in plain
+    b.receive(bytes(plain), ("a", 1), 1.0)                            # b has not agreed: refused
+    assert b.stats["plain_refused"] == 1 and b.next_event() is None
+    b.set_plaintext(a.public_key, True)
+    plain = send(secret)
+    b.receive(bytes(plain), ("a", 1), 1.0)
+    ev = b.next_event()
+    assert ev.packet == secret
+    altered = send(secret)
+    altered[altered.index(b"visible")] ^= 1
+    b.receive(bytes(altered), ("a", 1), 1.0)
+    assert b.stats["auth_failed"] == 1 and b.next_event() is None
+    relabelled = send(secret)
+    relabelled[0] = 4                                                 # passed off as an encrypted message
+    b.receive(bytes(relabelled), ("a", 1), 1.0)
+    assert b.stats["auth_failed"] == 2 and b.next_event() is None
+    a.set_plaintext(b.public_key, False)                              # encrypted messages still work
+    b.receive(bytes(send(secret)), ("a", 1), 1.0)
+    assert b.next_event().packet == secret

@@ -10,6 +10,7 @@ so the server core only ever sees well-typed, bounded input.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 
@@ -64,7 +65,8 @@ def key_from_text(text: str) -> bytes:
 # type -> {field: (python type, required)}
 _STR, _INT, _BOOL = str, int, bool
 REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
-    "hello": {"name": (_STR, True), "version": (_INT, True), "iface": (_STR, False)},
+    "hello": {"name": (_STR, True), "version": (_INT, True), "iface": (_STR, False),
+              "routes": (list, False)},   # subnets this node offers as a gateway (--advertise-routes)
     "ping": {},
     "create": {"network": (_STR, True), "password": (_STR, True),
                "approval": (_BOOL, False), "max_members": (_INT, False)},
@@ -74,7 +76,8 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "history": {"network": (_STR, True)},
     "members": {"network": (_STR, True)},
     "admin": {"network": (_STR, True), "action": (_STR, True),
-              "target": (_STR, False), "value": (_INT, False), "password": (_STR, False)},
+              "target": (_STR, False), "value": (_INT, False), "password": (_STR, False),
+              "prefix": (_STR, False)},
     "rename": {"name": (_STR, True)},
     "presence": {"network": (_STR, True), "online": (_BOOL, True)},  # go offline in one network
     # data plane introduction (see overlay/node/dataplane.py)
@@ -90,8 +93,33 @@ MAX_RELAY_B64 = 4096
 ADMIN_ACTIONS = {
     "lock", "unlock", "approval-on", "approval-off", "pending", "approve", "reject",
     "kick", "ban", "unban", "limit", "delete", "transfer", "password",
+    "type", "hub-on", "hub-off", "gateway", "routes", "route-approve", "route-remove",
+    "encryption-on", "encryption-off",
 }
-ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer"}
+ADMIN_NEEDS_TARGET = {"approve", "reject", "kick", "ban", "unban", "transfer", "type", "hub-on", "hub-off",
+                      "gateway", "route-approve", "route-remove"}
+MAX_ROUTES = 16   # subnets one node may advertise
+# mesh: everyone reaches everyone; hub-and-spoke: spokes reach only hubs; gateway: members reach only
+# the gateway member (whose LAN they use). The server hands each node only the peers it may reach.
+NETWORK_TYPES = ("mesh", "hub-and-spoke", "gateway")
+
+
+def parse_route(text: object) -> ipaddress.IPv4Network:
+    """A subnet a gateway member offers, like ``192.168.1.0/24``; ValueError with the fix."""
+    if not isinstance(text, str) or len(text) > 18:
+        raise ValueError("a route is an IPv4 subnet like 192.168.1.0/24")
+    try:
+        net = ipaddress.IPv4Network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 subnet like 192.168.1.0/24") from None
+    if "/" not in text:
+        raise ValueError(f"{text!r}: give the prefix length, like {text.strip()}/32")
+    if str(net) != text.strip():
+        raise ValueError(f"{text!r} has host bits set: use {net}")
+    if net.prefixlen < 8 or net.is_loopback or net.is_multicast or net.is_reserved or net.overlaps(
+            ipaddress.IPv4Network("0.0.0.0/8")):
+        raise ValueError(f"{text!r} cannot be a route (at most a /8, no loopback, multicast or reserved addresses)")
+    return net
 
 
 def _encodable(obj, depth: int = 0) -> bool:
@@ -146,10 +174,27 @@ def validate_request(msg: dict) -> dict:
             raise RequestError("bad_request", f"admin {msg['action']} needs a member name")
         if (msg["action"] == "password") != ("password" in msg):
             raise RequestError("bad_request", "admin password (and only it) takes a new password")
+        if (msg["action"] in ("route-approve", "route-remove")) != ("prefix" in msg):
+            raise RequestError("bad_request", "admin route-approve / route-remove (and only they) take a prefix")
+        if "prefix" in msg:
+            try:
+                parse_route(msg["prefix"])
+            except ValueError as e:
+                raise RequestError("bad_request", str(e)) from None
+        if msg["action"] == "type" and msg["target"] not in NETWORK_TYPES:
+            raise RequestError("bad_request", f"network type must be one of {', '.join(NETWORK_TYPES)}")
         if msg["action"] == "limit" and not 0 <= msg.get("value", -1) <= 65535:
             raise RequestError("bad_request", "limit needs a member count 0-65535 (0 = no limit)")
         if msg["action"] == "password" and msg.get("value", 0) not in (0, 1):
             raise RequestError("bad_request", "admin password: value is 1 to remove the members, else 0")
+    if t == "hello" and "routes" in msg:
+        if len(msg["routes"]) > MAX_ROUTES:
+            raise RequestError("bad_request", f"at most {MAX_ROUTES} routes")
+        for r in msg["routes"]:
+            try:
+                parse_route(r)
+            except ValueError as e:
+                raise RequestError("bad_request", str(e)) from None
     if t == "endpoints":
         cands = msg["candidates"]
         if len(cands) > MAX_CANDIDATES:

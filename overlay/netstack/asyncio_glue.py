@@ -140,6 +140,17 @@ class StackDriver:
             if discard is not None:
                 self._discard[port] = discard
 
+    def listen_any(self, client_connected_cb: Callable[..., Awaitable[None] | None], *,
+                   prepare: Callable[[tuple[str, int], int], Awaitable[Any]],
+                   discard: Callable[[Any], None] | None = None) -> None:
+        """Accept connections to every port (a gateway's stack for one LAN host):
+        ``prepare(remote, port)`` runs for each SYN, as for :meth:`listen`."""
+        self.stack.listen_any = True
+        self._servers[0] = client_connected_cb
+        self._prepare[0] = prepare
+        if discard is not None:
+            self._discard[0] = discard
+
     def unlisten(self, port: int) -> None:
         self.stack.unlisten(port)
         self._servers.pop(port, None)
@@ -286,7 +297,7 @@ class StackDriver:
             s.fail(exc)
 
     def _on_incoming(self, conn: TcpConnection) -> None:
-        cb = self._servers.get(conn.local_port)
+        cb = self._servers.get(conn.local_port) or self._servers.get(0)
         if cb is None:
             self._drop_prepared(conn)
             conn.abort()
@@ -307,7 +318,10 @@ class StackDriver:
     async def _on_request(self, req: ev.ConnectionRequest) -> None:
         prepare = self._prepare.get(req.port)
         try:
-            prepared = await prepare(req.remote) if prepare is not None else None
+            if prepare is None and 0 in self._prepare:   # listen_any
+                prepared = await self._prepare[0](req.remote, req.port)
+            else:
+                prepared = await prepare(req.remote) if prepare is not None else None
         except Exception:  # a bug in prepare must not leave the SYN unanswered or the task failed
             log.exception("preparing a connection to port %d failed", req.port)
             prepared = None
@@ -327,7 +341,7 @@ class StackDriver:
         self._schedule_flush()
 
     def _discard_value(self, port: int, prepared: Any) -> None:
-        discard = self._discard.get(port)
+        discard = self._discard.get(port) or self._discard.get(0)
         if discard is not None:
             discard(prepared)
 

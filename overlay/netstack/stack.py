@@ -96,6 +96,9 @@ class Stack:
         self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}
         self._listeners: dict[int, int] = {}  # port -> connections still in SYN-RECEIVED
         self._deferred: set[int] = set()  # listened ports whose SYNs wait for accept_request()
+        # every port listened, deferred (a gateway's stack for one LAN host: each SYN is a request
+        # the application answers after trying the real host)
+        self.listen_any = False
         self._requests: dict[tuple[bytes, int, int], tuple[TcpSegment, float]] = {}  # SYNs awaiting an answer
         self._udp: dict[int, UdpSocket] = {}
         self._out: list[bytes] = []
@@ -297,6 +300,9 @@ class Stack:
         if flags & RST:
             return
         port = seg.dst_port
+        if self.listen_any and flags & SYN and not flags & ACK and port not in self._listeners:
+            self._listeners[port] = 0
+            self._deferred.add(port)
         if flags & SYN and not flags & ACK and port in self._listeners:
             if port in self._deferred:
                 self._request(key, seg, now)

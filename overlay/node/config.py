@@ -102,6 +102,19 @@ def _allowed_ips(v) -> str | None:
     return None
 
 
+def _routes(v) -> str | None:
+    from overlay.control.messages import MAX_ROUTES, parse_route
+    items = v if isinstance(v, list) else [v]
+    if len(items) > MAX_ROUTES:
+        return f"at most {MAX_ROUTES} subnets"
+    try:
+        for a in items:
+            parse_route(a)
+    except ValueError as e:
+        return f"{e}; expected a list of IPv4 subnets such as [\"192.168.1.0/24\"]"
+    return None
+
+
 Check = Callable[[object], "str | None"]
 
 TOP: dict[str, Check] = {
@@ -118,6 +131,8 @@ TOP: dict[str, Check] = {
     "interface": _choice("tun", "tap", "none"),
     "dev": _str,
     "only_shared": _bool,
+    # subnets of this machine's LAN offered to the network as a gateway (the owner approves them)
+    "advertise_routes": _routes,
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

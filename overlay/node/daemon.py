@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 
 from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
@@ -22,6 +23,7 @@ from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
 from overlay.node.control_client import ControlClient, NotConnected, parse_hostport
 from overlay.node.dataplane import INNER_MTU, DataPlane
+from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
 from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
@@ -50,7 +52,7 @@ class Daemon:
                  http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
-                 dev: str | None = None, only_shared: bool = False):
+                 dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = ()):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -76,10 +78,16 @@ class Daemon:
             if self.client:
                 self.client.hello_extra["iface"] = interface
         self._fatal: str | None = None
+        self.advertise_routes = sorted(advertise_routes)
+        # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets
+        self.gateway = Gateway(self.dataplane.send_packets, mtu=INNER_MTU) if self.advertise_routes else None
+        if self.advertise_routes and self.client:
+            self.client.hello_extra["routes"] = self.advertise_routes
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
-        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None)
+        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None,
+                                    find_route=self.route_peer)
         self.socks_addr, self.http_addr = socks, http_proxy
         self.proxy_users = dict(proxy_users) if proxy_users else None
         self.proxies: list = []
@@ -141,6 +149,8 @@ class Daemon:
                 fwd.close()
             if self.netstack:
                 self.netstack.close()
+            if self.gateway:
+                self.gateway.close()
             self._close_data()
             try:
                 os.unlink(self.home.socket_path)
@@ -232,7 +242,25 @@ class Daemon:
         if self.kernel_if is not None:
             self.kernel_if.deliver(packets)
         elif self.netstack is not None:
+            if self.gateway is not None:
+                mine = socket.inet_aton(self.netstack.stack.address)
+                lan = [p for p in packets if p[16:20] != mine and not self.dataplane.is_group(p[16:20])]
+                if lan:
+                    packets = [p for p in packets if p[16:20] == mine]
+                    self.gateway.deliver(lan)
             self.netstack.receive_packets(packets)
+
+    def route_peer(self, host: str) -> dict | None:
+        """The online (else any) member whose approved gateway route holds the IPv4 ``host``."""
+        try:
+            if ipaddress.IPv4Address(host) in (self.dataplane.pool or ()):
+                return None
+        except ValueError:
+            return None
+        entry = self.dataplane.route_peer(host)
+        if entry is None or entry.path is None:
+            return None
+        return self.find_peer(base64.b64encode(entry.key).decode())
 
     def find_peer(self, text: str) -> dict | None:
         """A peer by name, name.network, virtual IP or key; None if no such peer."""
@@ -247,7 +275,7 @@ class Daemon:
         peers = list(self.state.peers().values())
         for sp in self.static_peers:
             peers.append({"name": sp["name"], "key": sp["key"], "ip": sp["allowed_ips"][0].split("/")[0],
-                          "online": True, "networks": []})
+                          "online": True, "networks": [], "routes": [], "encrypted": True})
         return peers
 
     def resolve_peer(self, text: str) -> dict:
@@ -309,7 +337,7 @@ class Daemon:
 
     def _forward_target_warning(self, peer: str) -> str | None:
         """Refuse a forward to a name no network of ours knows; a warning for an offline peer."""
-        p = self.find_peer(peer)
+        p = self.find_peer(peer) or self.route_peer(peer.strip())
         if p is None:
             if self.client is not None and not self.client.connected:
                 return f"not connected to the server yet: cannot check that {peer} is a peer"
@@ -349,6 +377,8 @@ class Daemon:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
+        if self.gateway is not None:
+            self.gateway.set_routes([(r, ips) for r, ips in self.state.own_routes() if r in self.advertise_routes])
         if self.kernel_if is not None:
             self.kernel_if.set_peers()
         if self.client is None or (not self.client.connected and self.client.state != "hello"):
@@ -382,7 +412,7 @@ class Daemon:
             self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)
-        if t in ("members", "member_left", "removed"):
+        if t in ("members", "member_left", "removed", "network"):   # network: type, encryption
             self._sync_peers()
         if change:
             log.info("%s", change)
@@ -540,6 +570,8 @@ class Daemon:
                 msg["value"] = int(a["value"])
             if a.get("password") is not None:
                 msg["password"] = a["password"]
+            if a.get("prefix") is not None:
+                msg["prefix"] = a["prefix"]
             reply = await self._server(msg)
             if a["action"] in ("approve", "reject", "ban") and a.get("target"):
                 self.state.forget_pending(normalize_name(a["network"], "network name"), a["target"].strip().lower())
@@ -579,6 +611,9 @@ class Daemon:
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
             "interface": self.kernel_if.info() if self.kernel_if is not None else None,
             "shares": self.shares.listing(),
+            "gateway": {"advertised": self.advertise_routes,
+                        "approved": [r for r, _ in self.state.own_routes() if r in self.advertise_routes]}
+                       if self.advertise_routes else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,

@@ -307,9 +307,13 @@ class DataPlane:
             if entry.vip != p["ip"]:
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
                 entry.vip = p["ip"]
-                entry.allowed = [ipaddress.IPv4Network(f"{entry.vip}/32")]
+            # cryptokey routing: the peer speaks for its virtual IP and its approved gateway routes
+            entry.allowed = [ipaddress.IPv4Network(f"{entry.vip}/32")] + [
+                ipaddress.IPv4Network(r) for r in p.get("routes", ())]
             self.by_vip[socket.inet_aton(entry.vip)] = entry
             entry.online = p["online"]
+            self.device.set_plaintext(key, p.get("encrypted", True) is False)
+        self._set_member_routes()
         self._paths_stale = True
         self._schedule_flush()
 
@@ -334,14 +338,36 @@ class DataPlane:
         if self.loop is not None:
             self._schedule_flush()
 
+    def _set_member_routes(self) -> None:
+        """Gateway routes of members next to the static peers' prefixes: the longest prefix first;
+        for one prefix offered by two members, the one whose name sorts first (``_route`` skips
+        offline ones)."""
+        routes = [(n, e) for n, e in self.routes if e.path is None]
+        for e in self.peers.values():
+            if e.path is not None:
+                routes.extend((n, e) for n in e.allowed[1:])
+        routes.sort(key=lambda r: (-r[0].prefixlen, r[1].path is not None, r[1].name))
+        self.routes = routes
+
     def _route(self, dst: bytes) -> PeerEntry | None:
         entry = self.by_vip.get(dst)
         if entry is None and self.routes:
             a = ipaddress.IPv4Address(dst)
+            first = None
             for net, e in self.routes:
                 if a in net:
-                    return e
+                    if e.online:
+                        return e
+                    first = first or e
+            return first
         return entry
+
+    def route_peer(self, ip: str) -> PeerEntry | None:
+        """The member or static peer packets to ``ip`` (outside the pool) go to."""
+        try:
+            return self._route(socket.inet_aton(ip))
+        except OSError:
+            return None
 
     def punch(self, ev: dict) -> None:
         """The server introduced us to a peer: probe its candidates now."""
@@ -431,7 +457,7 @@ class DataPlane:
             self.stats["not_ours"] += 1
             return
         b0 = view[0]
-        if 1 <= b0 <= 4 and view[1] == 0 and view[2] == 0 and view[3] == 0:
+        if 1 <= b0 <= 5 and view[1] == 0 and view[2] == 0 and view[3] == 0:
             self.device.receive(view, addr, self.loop.time())
         elif view[:4] == frames.MAGIC:
             self._relay_receive(bytes(view), addr)

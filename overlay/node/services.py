@@ -3,6 +3,8 @@
 - ``OverlayDialer``: the proxy's Dialer (proxy/dialer.py) over the userspace stack: peer names,
   ``name.network`` and virtual IPs resolve inside the overlay; anything else is refused (no
   accidental exit node); a reset from the peer means "that peer does not share this port".
+  Addresses inside a gateway route approved in one of our networks go to that gateway member
+  (overlay/node/gateway.py ends them in its LAN).
 - ``Shares``: inbound overlay connections are accepted only on shared ports and carried to
   127.0.0.1:port on this machine; everything else gets a reset from the stack. The handshake of
   an inbound connection only completes once 127.0.0.1:port accepted ours; if nothing listens
@@ -18,7 +20,7 @@ import socket
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import NothingListensError, StackDriver
-from proxy.dialer import (ConnectionRefused, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
+from proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
                           PeerUnreachable, PortNotShared)
 from proxy.ratelog import LogLimiter
 from proxy.relay import relay
@@ -32,10 +34,20 @@ UDP_IDLE = 120.0
 MAX_UDP_FLOWS = 256
 
 
+class NotRouted(NotOverlayAddress):
+    """An IP address neither of a peer nor inside an approved gateway route."""
+
+    def __init__(self, host: str):
+        DialError.__init__(self, f"{host} is not an overlay address and no approved gateway route of your "
+                                 "networks contains it (overlay status lists the routes)")
+        self.host = host
+
+
 class OverlayDialer:
     def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None],
-                 kernel: bool = False):
+                 kernel: bool = False, find_route: Callable[[str], dict | None] = lambda ip: None):
         self._find = find_peer
+        self._route = find_route     # a LAN address -> the gateway member whose approved route holds it
         self._netstack = netstack
         # a TUN/TAP node: its kernel routes the pool through the device, so ordinary sockets reach peers
         self._os = OsDialer(allow=["0.0.0.0/0"], connect_timeout=DIAL_TIMEOUT) if kernel else None
@@ -52,16 +64,23 @@ class OverlayDialer:
             raise PeerUnreachable(p["name"], "it is offline")
         return p
 
-    def _target(self, host: str) -> tuple[dict, StackDriver]:
+    def _target(self, host: str) -> tuple[dict, StackDriver, str | None]:
+        """(peer, stack, LAN address if the peer is the gateway to it)."""
+        lan = None
         p = self._find(host)
         if p is None:
-            raise NotOverlayAddress(host)
+            p = self._route(host.strip())
+            if p is None:
+                if _is_ipv4(host.strip()):
+                    raise NotRouted(host)
+                raise NotOverlayAddress(host)
+            lan = host.strip()
         ns = self._netstack()
         if ns is None:
             raise PeerUnreachable(p["name"], "this node is not connected yet")
         if not p["online"]:
-            raise PeerUnreachable(p["name"], "it is offline")
-        return p, ns
+            raise PeerUnreachable(p["name"], f"it is offline (the gateway to {lan})" if lan else "it is offline")
+        return p, ns, lan
 
     async def open_connection(self, host: str, port: int):
         if self._os is not None:
@@ -72,7 +91,16 @@ class OverlayDialer:
                 raise PortNotShared(p["name"], port) from None
             except DialTimeout:
                 raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
-        p, ns = self._target(host)
+        p, ns, lan = self._target(host)
+        if lan is not None:
+            try:
+                return await ns.open_connection(lan, port, timeout=DIAL_TIMEOUT)
+            except (NothingListensError, ConnectionRefusedError):
+                e = ConnectionRefused(lan, port)
+                e.message += f" (reached through gateway {p['name']})"
+                raise e from None
+            except (asyncio.TimeoutError, TimeoutError):
+                raise DialTimeout(f"{lan} (through gateway {p['name']})", port, DIAL_TIMEOUT) from None
         try:
             return await ns.open_connection(p["ip"], port, timeout=DIAL_TIMEOUT)
         except NothingListensError:
@@ -85,8 +113,16 @@ class OverlayDialer:
     async def open_udp(self, host: str, port: int):
         if self._os is not None:
             return await self._os.open_udp(self._online(host)["ip"], port)
-        p, ns = self._target(host)
-        return _NetstackUdpFlow(ns.udp_bind(0), (p["ip"], port))
+        p, ns, lan = self._target(host)
+        return _NetstackUdpFlow(ns.udp_bind(0), (lan or p["ip"], port))
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_aton(text)
+    except OSError:
+        return False
+    return text.count(".") == 3
 
 
 class _NetstackUdpFlow:

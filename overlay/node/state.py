@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from overlay.control.messages import CHAT_HISTORY
+from overlay.control.messages import CHAT_HISTORY, MAX_ROUTES, parse_route
 
 
 @dataclass
@@ -21,6 +21,29 @@ class Member:
     online: bool
     role: str
     iface: str | None = None   # "tun" / "tap": the member runs a kernel interface
+    kind: str | None = None    # hub / spoke (hub-and-spoke networks), gateway / member (gateway networks)
+    routes: tuple = ()         # approved gateway routes (LAN subnets reached through this member)
+
+
+def _routes(raw) -> tuple:
+    """Approved routes from a member record: valid subnets only, bounded."""
+    out = []
+    for r in raw[:MAX_ROUTES] if isinstance(raw, list) else ():
+        try:
+            out.append(str(parse_route(r)))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def reaches(net_type: str | None, mine: str | None, theirs: str | None) -> bool:
+    """May a member of kind ``mine`` reach one of kind ``theirs`` in a network of ``net_type``
+    (the node's own check of what the server hands it: a spoke never has another spoke as a peer)."""
+    if net_type == "hub-and-spoke":
+        return "hub" in (mine, theirs)
+    if net_type == "gateway":
+        return "gateway" in (mine, theirs)
+    return True
 
 
 @dataclass
@@ -51,7 +74,9 @@ class NodeState:
             for m in ev["members"]:
                 old = view.members.get(m["key"])
                 new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
-                             m.get("iface") if m.get("iface") in ("tun", "tap") else None)
+                             m.get("iface") if m.get("iface") in ("tun", "tap") else None,
+                             m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None,
+                             _routes(m.get("routes")))
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -65,6 +90,8 @@ class NodeState:
             if view is not None:
                 m = view.members.pop(ev["key"], None)
                 if m is not None:
+                    if ev.get("reason") == "out of reach":
+                        return f"{m.name} is out of reach in {view.name} (network type)"
                     return f"{m.name} {ev.get('reason', 'left')} {view.name}"
             return None
         if t == "removed":
@@ -99,13 +126,33 @@ class NodeState:
         for view in self.networks.values():
             if view.name in self.away:
                 continue
+            me = view.members.get(mine)
+            net_type = view.info.get("type")
             for m in view.members.values():
-                if m.key == mine:
+                if m.key == mine or not reaches(net_type, me.kind if me else None, m.kind):
                     continue
                 p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
-                                           "online": m.online, "iface": m.iface, "networks": []})
+                                           "online": m.online, "iface": m.iface, "networks": [], "routes": [],
+                                           "encrypted": False})
                 p["networks"].append(view.name)
+                # encryption drops only when every network shared with this peer is unencrypted
+                p["encrypted"] = p["encrypted"] or view.info.get("encrypted", True) is not False
+                p["routes"].extend(r for r in m.routes if r not in p["routes"])
         return out
+
+    def own_routes(self) -> list[tuple[str, set[str]]]:
+        """This node as a gateway: (approved route, virtual IPs of the members it serves there)."""
+        mine = self.me.get("key")
+        out: dict[str, set[str]] = {}
+        for view in self.networks.values():
+            me = view.members.get(mine)
+            if me is None or not me.routes or view.name in self.away:
+                continue
+            net_type = view.info.get("type")
+            ips = {m.ip for m in view.members.values() if m.key != mine and reaches(net_type, me.kind, m.kind)}
+            for r in me.routes:
+                out.setdefault(r, set()).update(ips)
+        return sorted(out.items())
 
     def status(self) -> list[dict]:
         nets = []
@@ -117,12 +164,14 @@ class NodeState:
                 "owner": info.get("owner"),
                 "locked": bool(info.get("locked")),
                 "approval": bool(info.get("approval")),
+                "type": info.get("type") or "mesh",
+                "encrypted": info.get("encrypted", True) is not False,
                 "max_members": info.get("max_members", 0),
                 "away": view.name in self.away,
                 "pending": [{"name": n, "key": k} for k, n in sorted(view.pending.items(), key=lambda kv: kv[1])],
                 "members": [
                     {"name": m.name, "key": m.key, "ip": m.ip, "online": m.online, "role": m.role,
-                     "iface": m.iface, "self": m.key == self.me.get("key")}
+                     "iface": m.iface, "kind": m.kind, "routes": list(m.routes), "self": m.key == self.me.get("key")}
                     for m in sorted(view.members.values(), key=lambda m: m.name)
                 ],
             })

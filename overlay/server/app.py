@@ -421,13 +421,13 @@ class MediationServer:
 
     # ------------------------------------------------------------ relay
     def _may_relay(self, src: bytes, dst: bytes) -> bool:
-        """Relay only between nodes sharing a network; cached for a few seconds per source."""
+        """Relay only between nodes that may reach each other (network types); cached for a few seconds per source."""
         now = time.monotonic()
         hit = self._peer_cache.get(src)
         if hit is None or now - hit[0] > 5.0:
             if len(self._peer_cache) > 100_000:
                 self._peer_cache.clear()
-            hit = self._peer_cache[src] = (now, self.store.peers_of(src))
+            hit = self._peer_cache[src] = (now, self.mediator.reachable_peers(src))
         return dst in hit[1]
 
     def relay_over_tcp(self, conn: ControlConnection, body: dict) -> None:

@@ -17,6 +17,11 @@ hourly by the glue): a stored node that is in no network, owns none, is on no ba
 offline is forgotten ``NODE_TTL`` (30 days) after it was last seen, together with its pending
 join requests; its address returns to the pool. Members stay until their network's owner removes
 them or they leave.
+
+Network types (``admin type``): in a mesh everyone reaches everyone; in a hub-and-spoke network
+spokes reach only hubs (hubs reach everyone); in a gateway network members reach only the gateway
+member (the owner unless one is named). A node is told only about the members it may reach, and
+introductions (punch) and relaying happen only between such pairs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from overlay.control.messages import (
-    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok,
+    MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok, parse_route,
 )
 from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
@@ -70,6 +75,7 @@ class Mediator:
         self.outgoing: deque[tuple[bytes, dict]] = deque()
         self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
         self.iface: dict[bytes, str] = {}        # online node -> "tun" / "tap" (its kernel interface)
+        self.advertised: dict[bytes, list[str]] = {}  # online node -> subnets it offers (--advertise-routes)
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
@@ -90,11 +96,79 @@ class Mediator:
             if k != exclude:
                 self._push(k, msg)
 
-    def _member_record(self, network, key: bytes, node=None) -> dict:
+    # ------------------------------------------------------------------ network types
+    def _topology(self, net) -> tuple[str, frozenset, bytes | None]:
+        """(type, hubs, gateway) of a network: what ``_sees`` needs."""
+        if net.type == "hub-and-spoke":
+            return net.type, frozenset(self.store.hubs(net.name)), None
+        if net.type == "gateway":
+            return net.type, frozenset(), net.gateway or net.owner   # no gateway named: the owner
+        return "mesh", frozenset(), None
+
+    @staticmethod
+    def _sees(topo, a: bytes, b: bytes) -> bool:
+        """May ``a`` see and reach ``b`` in a network of this topology (symmetric)."""
+        typ, hubs, gateway = topo
+        if a == b or typ == "mesh":
+            return True
+        if typ == "hub-and-spoke":
+            return a in hubs or b in hubs
+        return gateway in (a, b)
+
+    @staticmethod
+    def _kind(topo, key: bytes) -> str | None:
+        typ, hubs, gateway = topo
+        if typ == "hub-and-spoke":
+            return "hub" if key in hubs else "spoke"
+        if typ == "gateway":
+            return "gateway" if key == gateway else "member"
+        return None
+
+    def may_reach(self, a: bytes, b: bytes) -> bool:
+        """``a`` and ``b`` share a network in which they see each other."""
+        return any(self._sees(self._topology(self.store.network(n)), a, b)
+                   for n in self.store.shared_networks(a, b))
+
+    def reachable_peers(self, key: bytes) -> set[bytes]:
+        """Every node ``key`` may reach (the relay forwards only between these)."""
+        out: set[bytes] = set()
+        for name in self.store.networks_of(key):
+            topo = self._topology(self.store.network(name))
+            out.update(k for k in self.store.members(name) if k != key and self._sees(topo, key, k))
+        return out
+
+    def _push_visible(self, network: str, about: bytes, msg: dict, topo=None, exclude: bytes | None = None) -> None:
+        """Push ``msg`` (about member ``about``) to the members of ``network`` that see ``about``."""
+        topo = topo or self._topology(self.store.network(network))
+        for k in self.store.members(network):
+            if k != exclude and self._sees(topo, k, about):
+                self._push(k, msg)
+
+    def _retopologize(self, name: str, before) -> None:
+        """The type, hubs or gateway changed: members lose the peers they no longer see (as
+        ``member_left`` with reason ``out of reach``) and get a fresh snapshot."""
+        after = self._topology(self.store.network(name))
+        members = self.store.members(name)
+        for k in members:
+            if k not in self.online:
+                continue   # it gets a full snapshot on its next hello
+            for j in members:
+                if self._sees(before, k, j) and not self._sees(after, k, j):
+                    self._push(k, {"t": "member_left", "network": name, "key": key_to_text(j),
+                                   "reason": "out of reach"})
+            self._send_network(k, name)
+
+    def _member_record(self, network, key: bytes, node=None, topo=None, routes=None) -> dict:
         node = node or self.store.node(key)
         rec = {"name": node.name, "key": key_to_text(key), "ip": node.vip,
                "online": key in self.online and network.name not in self.away.get(key, ()),
                "role": "owner" if key == network.owner else "member"}
+        kind = self._kind(topo or self._topology(network), key)
+        if kind:
+            rec["kind"] = kind     # hub / spoke / gateway / member, only in hub-and-spoke and gateway networks
+        approved = (routes if routes is not None else self.store.routes(network.name)).get(key)
+        if approved:
+            rec["routes"] = approved   # gateway routes the owner approved (handed out whether online or not)
         iface = self.iface.get(key)
         if iface:
             rec["iface"] = iface   # only while online with a kernel interface
@@ -104,17 +178,20 @@ class Mediator:
         owner = self.store.node(network.owner)
         return {"name": network.name, "owner": owner.name if owner else None,
                 "role": "owner" if key == network.owner else "member",
-                "locked": network.locked, "approval": network.approval,
+                "locked": network.locked, "approval": network.approval, "type": network.type,
+                "encrypted": network.encrypted,
                 "max_members": network.max_members, "count": self.store.member_count(network.name)}
 
     def _send_network(self, key: bytes, name: str) -> None:
         """Push a full snapshot of one network to ``key``: info, then members in batches."""
         net = self.store.network(name)
         self._push(key, {"t": "network", "network": self._network_info(net, key)})
-        members = self.store.members(name)
+        topo = self._topology(net)
+        members = [k for k in self.store.members(name) if self._sees(topo, key, k)]   # only whom it may reach
         nodes = self.store.nodes(members)
+        routes = self.store.routes(name)
         for i in range(0, len(members), MEMBER_BATCH):
-            batch = [self._member_record(net, k, nodes[k]) for k in members[i:i + MEMBER_BATCH]]
+            batch = [self._member_record(net, k, nodes[k], topo, routes) for k in members[i:i + MEMBER_BATCH]]
             self._push(key, {"t": "members", "network": name, "members": batch})
 
     def _broadcast_info(self, name: str) -> None:
@@ -124,8 +201,9 @@ class Mediator:
 
     def _announce_member(self, name: str, key: bytes) -> None:
         net = self.store.network(name)
-        rec = self._member_record(net, key)
-        self._push_members(name, {"t": "members", "network": name, "members": [rec]}, exclude=key)
+        topo = self._topology(net)
+        rec = self._member_record(net, key, topo=topo)
+        self._push_visible(name, key, {"t": "members", "network": name, "members": [rec]}, topo, exclude=key)
 
     def _network_for(self, key: bytes, raw_name: str, *, member: bool = True, owner: bool = False):
         name = normalize_name(raw_name, "network name")
@@ -222,6 +300,10 @@ class Mediator:
             self.store.update_node(key, name, now)
         node = self.store.node(key)
         self.online.add(key)
+        if msg.get("routes"):
+            self.advertised[key] = sorted({str(parse_route(r)) for r in msg["routes"]})
+        else:
+            self.advertised.pop(key, None)
         if msg.get("iface") in ("tun", "tap"):
             self.iface[key] = msg["iface"]
         else:
@@ -245,6 +327,7 @@ class Mediator:
         self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
+        self.advertised.pop(key, None)
         self._source.pop(key, None)
         if self._guests.pop(key, None) is not None:
             return
@@ -376,12 +459,15 @@ class Mediator:
         self._broadcast_info(name)
 
     def _remove(self, name: str, key: bytes, reason: str) -> None:
+        before = self._topology(self.store.network(name))
         self.store.remove_member(name, key)
         self.away.get(key, set()).discard(name)
         self._push(key, {"t": "removed", "network": name, "reason": reason})
-        self._push_members(name, {"t": "member_left", "network": name, "key": key_to_text(key),
-                                  "reason": reason})
+        self._push_visible(name, key, {"t": "member_left", "network": name, "key": key_to_text(key),
+                                       "reason": reason}, before)
         self._broadcast_info(name)
+        if before != self._topology(self.store.network(name)):   # a hub or the gateway left
+            self._retopologize(name, before)
 
     def _leave(self, key: bytes, msg: dict) -> dict:
         net = self._network_for(key, msg["network"])
@@ -435,7 +521,7 @@ class Mediator:
         self.store.update_node(key, name, now)
         for net in networks:
             rec = self._member_record(self.store.network(net), key)
-            self._push_members(net, {"t": "members", "network": net, "members": [rec]})
+            self._push_visible(net, key, {"t": "members", "network": net, "members": [rec]})
             self._broadcast_info(net)  # the owner's name is part of the network's info
         return ok(msg["id"], name=name)
 
@@ -446,6 +532,9 @@ class Mediator:
         rid = msg["id"]
         if action in ("lock", "unlock"):
             self.store.set_network(name, locked=int(action == "lock"))
+        elif action in ("encryption-on", "encryption-off"):
+            # peers sharing only unencrypted networks send payloads authenticated, not encrypted
+            self.store.set_network(name, encrypted=int(action == "encryption-on"))
         elif action in ("approval-on", "approval-off"):
             self.store.set_network(name, approval=int(action == "approval-on"))
         elif action == "limit":
@@ -499,6 +588,43 @@ class Mediator:
             else:
                 self.store.remove_pending(name, target)
             return ok(rid)
+        elif action in ("type", "hub-on", "hub-off", "gateway"):
+            before = self._topology(net)
+            if action == "type":
+                self.store.set_network(name, type=msg["target"])
+            elif action == "gateway":
+                self.store.set_network(name, gateway=self._member_by_name(name, msg["target"]))
+            else:
+                self.store.set_hub(name, self._member_by_name(name, msg["target"]), action == "hub-on")
+            self._broadcast_info(name)
+            if before != self._topology(self.store.network(name)):
+                self._retopologize(name, before)
+            net = self.store.network(name)
+            return ok(rid, type=net.type)
+        elif action == "routes":
+            approved = self.store.routes(name)
+            keys = [k for k in self.store.members(name) if k in approved or self.advertised.get(k)]
+            nodes = self.store.nodes(keys)
+            return ok(rid, routes=[{"name": nodes[k].name, "key": key_to_text(k), "online": k in self.online,
+                                    "advertised": self.advertised.get(k, []), "approved": approved.get(k, [])}
+                                   for k in keys if k in nodes])
+        elif action in ("route-approve", "route-remove"):
+            target = self._member_by_name(name, msg["target"])
+            prefix = str(parse_route(msg["prefix"]))
+            who = self.store.node(target).name
+            if action == "route-approve":
+                if prefix not in self.advertised.get(target, []):
+                    offered = ", ".join(self.advertised.get(target, [])) or "nothing"
+                    raise RequestError("not_advertised", f"{who} does not advertise {prefix} (it offers {offered}"
+                                                         f"{'' if target in self.online else '; it is offline'})")
+                if parse_route(prefix).overlaps(self.pool):
+                    raise RequestError("bad_route", f"{prefix} overlaps the overlay's address pool {self.pool}")
+                self.store.set_route(name, target, prefix, True)
+            elif not self.store.set_route(name, target, prefix, False):
+                raise RequestError("unknown_route", f"{prefix} is not an approved route of {who} in {name!r}")
+            rec = self._member_record(self.store.network(name), target)
+            self._push_visible(name, target, {"t": "members", "network": name, "members": [rec]})
+            return ok(rid)
         elif action == "unban":
             target = normalize_name(msg["target"], "member name")
             for k, node in self.store.nodes(self.store.bans(name)).items():
@@ -516,17 +642,20 @@ class Mediator:
             target = self._member_by_name(name, msg["target"])
             if target == key:
                 raise RequestError("bad_request", "you already own this network")
+            before = self._topology(net)
             self.store.set_network(name, owner=target)
             net = self.store.network(name)
             for k in (key, target):
                 rec = self._member_record(net, k)
-                self._push_members(name, {"t": "members", "network": name, "members": [rec]})
+                self._push_visible(name, k, {"t": "members", "network": name, "members": [rec]})
+            if before != self._topology(net):    # the owner was the default gateway
+                self._retopologize(name, before)
         self._broadcast_info(name)
         return ok(rid)
 
     # ------------------------------------------------------------------ introductions
     def shares_network(self, a: bytes, b: bytes) -> bool:
-        return b in self.store.peers_of(a)
+        return self.may_reach(a, b)
 
     def candidates_of(self, key: bytes) -> list[dict]:
         cands = list(self.endpoints.get(key, {}).get("candidates", []))

@@ -1,7 +1,8 @@
 """Persistent state of the mediation server: SQLite under ``--data``.
 
-Nodes (key, name, virtual IP), networks (password hash, owner, settings), members, pending join
-requests, bans and the last chat messages survive a server restart. Writes are tiny and rare next
+Nodes (key, name, virtual IP), networks (password hash, owner, settings, type, hubs, gateway,
+approved routes), members, pending join requests, bans and the last chat messages survive a
+server restart. Writes are tiny and rare next
 to the control traffic, so every call commits (WAL mode keeps that cheap).
 """
 
@@ -37,6 +38,12 @@ CREATE TABLE IF NOT EXISTS chat (
     id INTEGER PRIMARY KEY AUTOINCREMENT, network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE,
     sender BLOB NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, ts REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS chat_by_network ON chat(network, id);
+CREATE TABLE IF NOT EXISTS routes (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL, prefix TEXT NOT NULL,
+    PRIMARY KEY (network, key, prefix));
+CREATE TABLE IF NOT EXISTS hubs (
+    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
+    PRIMARY KEY (network, key));
 """
 
 
@@ -48,6 +55,9 @@ class Network:
     approval: bool
     max_members: int
     pw_hash: bytes
+    type: str = "mesh"           # mesh | hub-and-spoke | gateway
+    gateway: bytes | None = None  # the gateway member of a gateway network (None: the owner)
+    encrypted: bool = True        # False: payloads authenticated, not encrypted (admin encryption off)
 
 
 @dataclass
@@ -64,6 +74,13 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(networks)")}
+        if "type" not in cols:   # databases from before network types
+            self.db.execute("ALTER TABLE networks ADD COLUMN type TEXT NOT NULL DEFAULT 'mesh'")
+        if "gateway" not in cols:
+            self.db.execute("ALTER TABLE networks ADD COLUMN gateway BLOB")
+        if "encrypted" not in cols:
+            self.db.execute("ALTER TABLE networks ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         self.db.close()
@@ -113,10 +130,11 @@ class Store:
     # ---------------------------------------------------------------- networks
     def network(self, name: str) -> Network | None:
         row = self._one(
-            "SELECT name, owner, locked, approval, max_members, pw_hash FROM networks WHERE name=?", name)
+            "SELECT name, owner, locked, approval, max_members, pw_hash, type, gateway, encrypted FROM networks "
+            "WHERE name=?", name)
         if not row:
             return None
-        return Network(row[0], row[1], bool(row[2]), bool(row[3]), row[4], row[5])
+        return Network(row[0], row[1], bool(row[2]), bool(row[3]), row[4], row[5], row[6], row[7], bool(row[8]))
 
     def add_network(self, name: str, pw_hash: bytes, owner: bytes, approval: bool, max_members: int,
                     now: float) -> None:
@@ -127,7 +145,7 @@ class Store:
             self.db.execute("INSERT INTO members VALUES (?,?,?)", (name, owner, now))
 
     def set_network(self, name: str, **fields) -> None:
-        allowed = {"locked", "approval", "max_members", "owner", "pw_hash"}
+        allowed = {"locked", "approval", "max_members", "owner", "pw_hash", "type", "gateway", "encrypted"}
         assert set(fields) <= allowed
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE networks SET {cols} WHERE name=?", (*fields.values(), name))
@@ -164,6 +182,9 @@ class Store:
             self.db.execute("BEGIN")
             if self.db.execute("DELETE FROM members WHERE network=? AND key=?", (network, key)).rowcount:
                 self.db.execute("INSERT OR REPLACE INTO former VALUES (?,?)", (network, key))
+                self.db.execute("DELETE FROM hubs WHERE network=? AND key=?", (network, key))
+                self.db.execute("DELETE FROM routes WHERE network=? AND key=?", (network, key))
+                self.db.execute("UPDATE networks SET gateway=NULL WHERE name=? AND gateway=?", (network, key))
 
     def former_members(self, network: str) -> list[bytes]:
         """Nodes that left or were removed from ``network``, the most recent first."""
@@ -176,6 +197,35 @@ class Store:
             "SELECT DISTINCT m2.key FROM members m1 JOIN members m2 ON m1.network=m2.network "
             "WHERE m1.key=? AND m2.key<>?", (key, key))
         return {r[0] for r in rows}
+
+    def shared_networks(self, a: bytes, b: bytes) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT m1.network FROM members m1 JOIN members m2 ON m1.network=m2.network "
+            "WHERE m1.key=? AND m2.key=?", (a, b))]
+
+    # ---------------------------------------------------------------- hubs (hub-and-spoke networks)
+    def hubs(self, network: str) -> set[bytes]:
+        return {r[0] for r in self.db.execute("SELECT key FROM hubs WHERE network=?", (network,))}
+
+    def set_hub(self, network: str, key: bytes, on: bool) -> None:
+        if on:
+            self.db.execute("INSERT OR IGNORE INTO hubs VALUES (?,?)", (network, key))
+        else:
+            self.db.execute("DELETE FROM hubs WHERE network=? AND key=?", (network, key))
+
+    # ---------------------------------------------------------------- approved gateway routes
+    def routes(self, network: str) -> dict[bytes, list[str]]:
+        out: dict[bytes, list[str]] = {}
+        for key, prefix in self.db.execute("SELECT key, prefix FROM routes WHERE network=? ORDER BY prefix",
+                                           (network,)):
+            out.setdefault(key, []).append(prefix)
+        return out
+
+    def set_route(self, network: str, key: bytes, prefix: str, on: bool) -> bool:
+        if on:
+            return self.db.execute("INSERT OR IGNORE INTO routes VALUES (?,?,?)", (network, key, prefix)).rowcount > 0
+        return self.db.execute("DELETE FROM routes WHERE network=? AND key=? AND prefix=?",
+                               (network, key, prefix)).rowcount > 0
 
     # ---------------------------------------------------------------- pending / bans
     def pending(self, network: str) -> list[bytes]:

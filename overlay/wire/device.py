@@ -45,6 +45,7 @@ from overlay.wire.messages import (
     MSG_INITIATION,
     MSG_RESPONSE,
     MSG_TRANSPORT,
+    MSG_TRANSPORT_PLAIN,
     TRANSPORT_HEADER,
     TRANSPORT_HEADER_SIZE,
     TRANSPORT_MIN_SIZE,
@@ -90,7 +91,7 @@ _new_tuple = tuple.__new__
 _SENDER = struct.Struct("<I")
 
 STAT_NAMES = (
-    "rx_datagrams", "malformed", "unknown_index", "expired_key", "auth_failed", "replayed",
+    "rx_datagrams", "malformed", "unknown_index", "expired_key", "auth_failed", "replayed", "plain_refused",
     "bad_mac1", "cookie_sent", "cookie_received", "cookie_invalid", "handshake_invalid",
     "handshake_replay", "handshake_flood", "handshake_rate_limited", "handshake_source_limited",
     "handshake_shed", "initiations_rx",
@@ -166,6 +167,12 @@ class Device:
     def set_endpoint(self, public_key: bytes, addr: Hashable) -> None:
         """Move a peer to another path (the NAT-traversal layer found a better one)."""
         self._peers[public_key].endpoint = addr
+
+    def set_plaintext(self, public_key: bytes, plaintext: bool) -> None:
+        """Send this peer's payloads authenticated but unencrypted (MSG_TRANSPORT_PLAIN), and accept
+        such messages from it; off (the default): standard WireGuard both ways, and plain messages
+        from it are dropped. Only for overlay peers that agreed (every network shared unencrypted)."""
+        self._peers[public_key].plaintext = plaintext
 
     def initiate_handshake(self, public_key: bytes, now: float) -> None:
         """Start a handshake now (rate-limited to one per REKEY_TIMEOUT, as every initiation)."""
@@ -264,6 +271,9 @@ class Device:
             if kind == MSG_TRANSPORT:
                 self._receive_transport(datagram, receiver, counter, addr, now)
                 return
+            if kind == MSG_TRANSPORT_PLAIN:
+                self._receive_transport(datagram, receiver, counter, addr, now, plain=True)
+                return
         t = message_type(datagram)
         try:
             if t == MSG_INITIATION:
@@ -295,7 +305,11 @@ class Device:
             self.stats["keepalives_tx"] += 1
         counter = kp.send_counter
         kp.send_counter = counter + 1
-        datagram = TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.send.encrypt(counter, packet)
+        if peer.plaintext:
+            datagram = TRANSPORT_HEADER.pack(MSG_TRANSPORT_PLAIN, kp.remote_index, counter) + kp.send.seal_plain(
+                counter, packet)
+        else:
+            datagram = TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.send.encrypt(counter, packet)
         peer.tx_bytes += len(datagram)
         peer.tx_packets += 1
         self._emit(peer, datagram)
@@ -331,7 +345,8 @@ class Device:
         self._send_staged(peer, now)
 
     def _receive_transport(
-        self, datagram: bytes | memoryview, receiver: int, counter: int, addr: Hashable, now: float
+        self, datagram: bytes | memoryview, receiver: int, counter: int, addr: Hashable, now: float,
+        plain: bool = False,
     ) -> None:
         # The per-packet path: kept flat, with timer bookkeeping as plain attribute writes.
         kp = self._index.get(receiver)
@@ -342,7 +357,13 @@ class Device:
             self.stats["expired_key"] += 1
             return
         try:
-            packet = kp.receive.decrypt(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
+            if plain:
+                if not kp.peer.plaintext:
+                    self.stats["plain_refused"] += 1   # encryption is on for this peer: never downgrade
+                    return
+                packet = kp.receive.open_plain(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
+            else:
+                packet = kp.receive.decrypt(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
         except crypto.DecryptError:
             self.stats["auth_failed"] += 1
             return

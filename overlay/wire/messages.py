@@ -15,6 +15,9 @@ MSG_INITIATION = 1
 MSG_RESPONSE = 2
 MSG_COOKIE_REPLY = 3
 MSG_TRANSPORT = 4
+MSG_TRANSPORT_PLAIN = 5
+"""Not WireGuard: an overlay-only transport message whose payload is authenticated but not
+encrypted (unencrypted networks); only sent to and accepted from peers marked ``plaintext``."""
 
 INITIATION_SIZE = 148
 RESPONSE_SIZE = 92

@@ -22,7 +22,7 @@ class Peer:
         "public_key", "endpoint", "persistent_keepalive", "handshake", "cookies", "keypairs", "staged",
         "retransmit_at", "send_keepalive_at", "new_handshake_at", "zero_keys_at", "persistent_keepalive_at",
         "need_another_keepalive", "handshake_attempts", "sent_last_minute_handshake",
-        "last_handshake", "rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
+        "last_handshake", "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "plaintext",
     )
 
     def __init__(
@@ -50,6 +50,7 @@ class Peer:
         self.sent_last_minute_handshake = False
         self.last_handshake: float | None = None
         self.rx_bytes = self.tx_bytes = self.rx_packets = self.tx_packets = 0
+        self.plaintext = False   # unencrypted network: authenticated payloads, not encrypted
 
     def next_deadline(self) -> float | None:
         deadlines = [

@@ -1,0 +1,205 @@
+"""A userspace gateway: members reach hosts of this machine's LAN through it, no admin rights.
+
+Packets from a member to an address inside one of this node's approved routes (``overlay up
+--advertise-routes``, approved by the network's owner) arrive here from the data plane:
+
+- TCP ends in a userspace stack that answers for that LAN address (one small ``Stack`` per
+  destination, listening on every port, created on the first SYN, dropped when idle): each SYN
+  first opens an ordinary OS socket to the LAN host; only when that connects does the member's
+  handshake complete, otherwise the member gets ICMP port unreachable ("refused") at once.
+- UDP datagrams go out of an ordinary OS socket per flow (member address and port, LAN host and
+  port); replies come back as IPv4/UDP packets from the LAN address. Idle flows expire.
+- Everything else (other protocols, destinations outside the approved routes, members of
+  networks where the route is not approved) is dropped and logged (rate-limited): the member's own
+  dialer refuses such destinations before sending anything, with a message naming the reason.
+
+Everything is bounded: ``MAX_DESTINATIONS`` stacks, ``MAX_UDP_FLOWS`` flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Callable
+
+from overlay.netstack.asyncio_glue import StackDriver
+from overlay.netstack.stack import Stack
+from overlay.netstack.tcp import TcpConfig
+from overlay.netstack.wire import (PROTO_TCP, PROTO_UDP, WireError, build_ipv4, build_udp, ip_to_bytes,
+                                   ip_to_str, parse_ipv4, parse_udp)
+from proxy.ratelog import RateLimitedLog
+from proxy.relay import relay
+
+log = logging.getLogger("overlay.gateway")
+
+MAX_DESTINATIONS = 64       # LAN hosts with a stack at once
+MAX_UDP_FLOWS = 256
+STACK_IDLE = 60.0           # a destination's stack without connections is dropped after this
+UDP_IDLE = 120.0
+LAN_DIAL_TIMEOUT = 3.0      # below the member's first SYN retransmissions adding up to its dial timeout
+TCP_IDLE = 3600.0
+TCP_BUFFER = 1 << 20
+
+
+class Gateway:
+    def __init__(self, send_packets: Callable[[list[bytes]], None], *, mtu: int,
+                 open_connection=asyncio.open_connection):
+        self._send = send_packets
+        self._mtu = mtu
+        self._open = open_connection
+        # approved route -> virtual IPs of the members it is approved for
+        self._routes: list[tuple[ipaddress.IPv4Network, frozenset[str]]] = []
+        self._stacks: dict[str, tuple[StackDriver, list[float]]] = {}
+        self._udp: dict[tuple[str, int, str, int], tuple[asyncio.DatagramTransport, list[float]]] = {}
+        self._refused = RateLimitedLog(log, interval=10.0, burst=5)
+        self.stats = {"tcp_streams": 0, "udp_flows": 0, "refused": 0, "lan_refused": 0}
+        self.closed = False
+
+    # ------------------------------------------------------------------ configuration
+    def set_routes(self, routes: list[tuple[str, set[str]]]) -> None:
+        """(approved route, member virtual IPs it serves) pairs; connections already open stay."""
+        self._routes = [(ipaddress.IPv4Network(r), frozenset(ips)) for r, ips in routes]
+
+    @property
+    def active(self) -> bool:
+        return bool(self._routes)
+
+    def permits(self, src: str, dst: str) -> bool:
+        a = ipaddress.IPv4Address(dst)
+        return any(a in net and src in ips for net, ips in self._routes)
+
+    # ------------------------------------------------------------------ packets from members
+    def deliver(self, packets: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for pkt in packets:
+            try:
+                ip = parse_ipv4(pkt, False)
+            except WireError:
+                continue
+            src, dst = ip_to_str(ip.src), ip_to_str(ip.dst)
+            if ip.frag or not self.permits(src, dst) or ip.proto not in (PROTO_TCP, PROTO_UDP):
+                self.stats["refused"] += 1
+                self._refused.log(logging.INFO, "refused %s -> %s (protocol %d): not in this gateway's approved "
+                                  "routes for that member (overlay admin routes NET)", src, dst, ip.proto)
+                continue
+            if ip.proto == PROTO_TCP:
+                driver = self._stack_for(dst, now)
+                if driver is not None:
+                    driver.receive_packet(pkt)
+            else:
+                try:
+                    dgram = parse_udp(ip, False)
+                except WireError:
+                    continue
+                self._udp_out(src, dgram.src_port, dst, dgram.dst_port, dgram.data, now)
+        self._expire(now)
+
+    # ------------------------------------------------------------------ TCP
+    def _stack_for(self, dst: str, now: float) -> StackDriver | None:
+        hit = self._stacks.get(dst)
+        if hit is not None:
+            hit[1][0] = now
+            return hit[0]
+        if len(self._stacks) >= MAX_DESTINATIONS:
+            self._expire(now, force=True)
+            if len(self._stacks) >= MAX_DESTINATIONS:
+                self._refused.log(logging.WARNING, "gateway: %d LAN hosts busy at once: %s dropped",
+                                  MAX_DESTINATIONS, dst)
+                return None
+        stack = Stack(dst, mtu=self._mtu, now=now, verify_checksums=False,
+                      tcp=TcpConfig(send_buffer=TCP_BUFFER, recv_buffer=TCP_BUFFER))
+        driver = StackDriver(stack, lambda p: self._send([p]), send_packets=self._send)
+
+        async def prepare(remote: tuple[str, int], port: int):
+            try:
+                return await asyncio.wait_for(self._open(dst, port), LAN_DIAL_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as e:
+                self.stats["lan_refused"] += 1
+                self._refused.log(logging.INFO, "gateway: %s -> %s:%d: %s", remote[0], dst, port,
+                                  getattr(e, "strerror", None) or "timed out")
+                return None
+
+        async def handle(reader, writer, pair) -> None:
+            self.stats["tcp_streams"] += 1
+            await relay(reader, writer, pair[0], pair[1], TCP_IDLE)
+
+        driver.listen_any(handle, prepare=prepare, discard=lambda pair: pair[1].close())
+        self._stacks[dst] = (driver, [now])
+        return driver
+
+    # ------------------------------------------------------------------ UDP
+    def _udp_out(self, src: str, sport: int, dst: str, dport: int, data: bytes, now: float) -> None:
+        key = (src, sport, dst, dport)
+        flow = self._udp.get(key)
+        if flow is None:
+            if len(self._udp) >= MAX_UDP_FLOWS:
+                self._expire(now, force=True)
+                if len(self._udp) >= MAX_UDP_FLOWS:
+                    return
+            loop = asyncio.get_running_loop()
+            seen = [now]
+            back = _UdpBack(self, key, seen)
+            self._udp[key] = (None, seen)      # datagrams arriving while the socket opens are dropped
+            self.stats["udp_flows"] += 1
+
+            async def open_flow():
+                try:
+                    tr, _ = await loop.create_datagram_endpoint(lambda: back, remote_addr=(dst, dport))
+                except OSError as e:
+                    self._refused.log(logging.INFO, "gateway: udp %s -> %s:%d: %s", src, dst, dport, e.strerror or e)
+                    self._udp.pop(key, None)
+                    return
+                if self.closed or key not in self._udp:
+                    tr.close()
+                    return
+                self._udp[key] = (tr, seen)
+                tr.sendto(data)
+            loop.create_task(open_flow())
+            return
+        tr, seen = flow
+        seen[0] = now
+        if tr is not None:
+            tr.sendto(data)
+
+    def _udp_back(self, key: tuple[str, int, str, int], data: bytes) -> None:
+        src, sport, dst, dport = key
+        payload = build_udp(ip_to_bytes(dst), ip_to_bytes(src), dport, sport, data)
+        if 20 + len(payload) > self._mtu:
+            return   # no fragmentation toward members here: LAN services answer in small datagrams
+        self._send([build_ipv4(ip_to_bytes(dst), ip_to_bytes(src), PROTO_UDP, payload)])
+
+    # ------------------------------------------------------------------ housekeeping
+    def _expire(self, now: float, force: bool = False) -> None:
+        for dst, (driver, seen) in list(self._stacks.items()):
+            if not driver.stack.connections and (force or now - seen[0] > STACK_IDLE):
+                driver.close()
+                del self._stacks[dst]
+        for key, (tr, seen) in list(self._udp.items()):
+            if now - seen[0] > (UDP_IDLE / 4 if force else UDP_IDLE):
+                if tr is not None:
+                    tr.close()
+                del self._udp[key]
+
+    def close(self) -> None:
+        self.closed = True
+        for driver, _ in self._stacks.values():
+            driver.close()
+        self._stacks.clear()
+        for tr, _ in self._udp.values():
+            if tr is not None:
+                tr.close()
+        self._udp.clear()
+
+
+class _UdpBack(asyncio.DatagramProtocol):
+    def __init__(self, gw: Gateway, key, seen: list[float]):
+        self.gw, self.key, self.seen = gw, key, seen
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.seen[0] = asyncio.get_running_loop().time()
+        self.gw._udp_back(self.key, data)
+
+    def error_received(self, exc) -> None:
+        pass
