@@ -28,7 +28,7 @@ from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
 from overlay.netstack.wire import (PROTO_TCP, PROTO_UDP, WireError, build_ipv4, build_udp, ip_to_bytes,
                                    ip_to_str, parse_ipv4, parse_udp)
-from proxy.ratelog import RateLimitedLog
+from proxy.ratelog import LogLimiter
 from proxy.relay import relay
 
 log = logging.getLogger("overlay.gateway")
@@ -52,7 +52,7 @@ class Gateway:
         self._routes: list[tuple[ipaddress.IPv4Network, frozenset[str]]] = []
         self._stacks: dict[str, tuple[StackDriver, list[float]]] = {}
         self._udp: dict[tuple[str, int, str, int], tuple[asyncio.DatagramTransport, list[float]]] = {}
-        self._refused = RateLimitedLog(log, interval=10.0, burst=5)
+        self._refused = LogLimiter()   # a member cannot flood the log
         self.stats = {"tcp_streams": 0, "udp_flows": 0, "refused": 0, "lan_refused": 0}
         self.closed = False
 
@@ -81,7 +81,7 @@ class Gateway:
             src, dst = ip_to_str(ip.src), ip_to_str(ip.dst)
             if ip.frag or not self.permits(src, dst) or ip.proto not in (PROTO_TCP, PROTO_UDP):
                 self.stats["refused"] += 1
-                self._refused.log(logging.INFO, "refused %s -> %s (protocol %d): not in this gateway's approved "
+                self._refused.log(log, logging.INFO, "refused %s -> %s (protocol %d): not in this gateway's approved "
                                   "routes for that member (overlay admin routes NET)", src, dst, ip.proto)
                 continue
             if ip.proto == PROTO_TCP:
@@ -105,7 +105,7 @@ class Gateway:
         if len(self._stacks) >= MAX_DESTINATIONS:
             self._expire(now, force=True)
             if len(self._stacks) >= MAX_DESTINATIONS:
-                self._refused.log(logging.WARNING, "gateway: %d LAN hosts busy at once: %s dropped",
+                self._refused.log(log, logging.WARNING, "gateway: %d LAN hosts busy at once: %s dropped",
                                   MAX_DESTINATIONS, dst)
                 return None
         stack = Stack(dst, mtu=self._mtu, now=now, verify_checksums=False,
@@ -117,7 +117,7 @@ class Gateway:
                 return await asyncio.wait_for(self._open(dst, port), LAN_DIAL_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as e:
                 self.stats["lan_refused"] += 1
-                self._refused.log(logging.INFO, "gateway: %s -> %s:%d: %s", remote[0], dst, port,
+                self._refused.log(log, logging.INFO, "gateway: %s -> %s:%d: %s", remote[0], dst, port,
                                   getattr(e, "strerror", None) or "timed out")
                 return None
 
@@ -148,7 +148,7 @@ class Gateway:
                 try:
                     tr, _ = await loop.create_datagram_endpoint(lambda: back, remote_addr=(dst, dport))
                 except OSError as e:
-                    self._refused.log(logging.INFO, "gateway: udp %s -> %s:%d: %s", src, dst, dport, e.strerror or e)
+                    self._refused.log(log, logging.INFO, "gateway: udp %s -> %s:%d: %s", src, dst, dport, e.strerror or e)
                     self._udp.pop(key, None)
                     return
                 if self.closed or key not in self._udp:
