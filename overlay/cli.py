@@ -206,6 +206,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        only_shared: Optional[bool] = typer.Option(None, "--only-shared/--all-inbound",
                                                   help="TUN/TAP: let peers reach only shared ports (plus replies "
                                                        "and ping); default: everything, like a LAN."),
+       hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
+                                               help="Birthday punching toward peers behind random-port "
+                                                    "symmetric NATs (up to 256 extra sockets or 1024 probes "
+                                                    "per attempt, with back-off); default: on."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
@@ -258,6 +262,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     interface = None if interface == "none" else interface
     dev = dev or cfg.get("dev")
     only_shared = only_shared if only_shared is not None else cfg.get("only_shared", False)
+    hard_nat = hard_nat if hard_nat is not None else cfg.get("hard_nat_punch", True)
     if not isinstance(only_shared, bool):
         fail("config.toml: only_shared must be true or false")
     if dev is not None or only_shared:
@@ -297,7 +302,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                     keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
-                                    only_shared=only_shared))
+                                    only_shared=only_shared, hard_nat=bool(hard_nat)))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:

@@ -118,6 +118,7 @@ TOP: dict[str, Check] = {
     "interface": _choice("tun", "tap", "none"),
     "dev": _str,
     "only_shared": _bool,
+    "hard_nat_punch": _bool,
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

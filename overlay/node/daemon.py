@@ -50,7 +50,7 @@ class Daemon:
                  http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
-                 dev: str | None = None, only_shared: bool = False):
+                 dev: str | None = None, only_shared: bool = False, hard_nat: bool = True):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -62,7 +62,7 @@ class Daemon:
         self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
                                     on_session=self._on_session) if server else None
-        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive,
+        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, hard_nat=hard_nat,
                                    send_control=self.client.post if self.client else lambda msg: None)
         self.shares = Shares()
         self.address = address
@@ -582,7 +582,7 @@ class Daemon:
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
-                    "nat": self.dataplane.nat_summary()},
+                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats()},
         }
 
     def _peer_status(self, p: dict) -> dict:
