@@ -31,7 +31,8 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import LabNode, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, serve_once, tcp_connect, tcp_listener,
+                         time_to_direct, udp_mappings)
 
 pytestmark = pytest.mark.netns
 
@@ -180,6 +181,64 @@ def test_nat_pair(env, matrix, nat_a, nat_b, direct, record_property):
         elif p.seen[me.name] != {"relay"} or set(answered) != {"relay"}:
             raise WrongPath(f"{me.name} -> {peer.name}: expected the relay throughout, saw {p.seen[me.name]} "
                             f"(pings {p.pings[me.name]})\n{ol.dump()}")
+
+
+# ---------------------------------------------------------------------- 1b. birthday punching, repeated
+
+BIRTHDAY_RUNS = 10      # random-symmetric <-> port-restricted pairs, all at once, half each way round
+BIRTHDAY_WINDOW = 12.0  # one attempt (1 s wait + 4 s) with margin; the next one comes 30 s later
+
+
+def test_birthday_punching_success_rate_and_cost(env, record_property):
+    """sr <-> pr pairs go direct through birthday punching (at least 8 of 10 fresh pairs, within
+    one attempt; the core's odds are 98 % a pair), and the cost stays within the caps: at most 256
+    extra mappings on the hard side's router and 1,024 on the easy side's toward the peer. One more
+    pair runs with ``--no-hard-nat-punch`` on the hard side: it stays on the relay, no attempt."""
+    nl, ol = env
+    specs = [("symmetric_random", "port_restricted") if i % 2 == 0 else ("port_restricted", "symmetric_random")
+             for i in range(BIRTHDAY_RUNS)]
+    sites, pairs = [], []
+    for i, (x, y) in enumerate(specs + [("symmetric_random", "port_restricted")]):
+        sa, sb = nl.add_site(f"bd{i}a", x), nl.add_site(f"bd{i}b", y)
+        opt_out = ("--no-hard-nat-punch",) if i == BIRTHDAY_RUNS else ()
+        sites.append((sa, sb))
+        pairs.append((ol.start_node(sa.hosts[0].name, f"bd{i}a", *opt_out), ol.start_node(sb.hosts[0].name, f"bd{i}b")))
+    try:
+        for i, (a, b) in enumerate(pairs):
+            ol.pair(a, b, f"bdnet{i}")
+        times = time_to_direct(ol, pairs, BIRTHDAY_WINDOW, [s for ab in sites for s in ab])
+        rows = []
+        for (x, y), (a, b), (sa, sb), t in zip(specs, pairs, sites, times):
+            hard, easy = (sa, sb) if x == "symmetric_random" else (sb, sa)
+            hard_node, easy_node = (a, b) if x == "symmetric_random" else (b, a)
+            rows.append((t, udp_mappings(hard, easy.wan_ip), udp_mappings(easy, hard.wan_ip),
+                         birthday(hard_node), birthday(easy_node)))
+        opt_a, opt_b = pairs[-1]
+        opt_paths = (opt_a.path_to(opt_b.name), opt_b.path_to(opt_a.name), birthday(opt_a), birthday(opt_b))
+        direct = [r[0] for r in rows if r[0] is not None]
+        med = sorted(direct)[len(direct) // 2] if direct else None
+        summary = {"direct": f"{len(direct)}/{len(rows)}", "median_s": med and round(med, 2),
+                   "times": [t and round(t, 2) for t in times[:-1]],
+                   "hard_mappings": [r[1] for r in rows], "easy_mappings": [r[2] for r in rows],
+                   "easy_probes": [r[4].get("probes") for r in rows]}
+        record_property("birthday", summary)
+        print(f"\nbirthday sr-pr: {summary}; opt-out pair: {opt_paths[:2]}")
+        for t, hard_map, easy_map, hb, eb in rows:
+            assert hard_map <= 256 + 8 and easy_map <= 1024 + 8, (hard_map, easy_map)
+            assert hb.get("attempts", 0) <= 2 and eb.get("attempts", 0) <= 2 and hb.get("sockets", 0) <= 512
+            if t is not None:
+                assert hb.get("open_sockets") == 1, hb      # only the winner left open
+        assert len(direct) >= 8, f"only {len(direct)} of {len(rows)} sr-pr pairs went direct: {summary}\n{ol.dump()}"
+        assert med < 5.0, summary
+        # opt-out: relay, and no attempt on either side (the easy side has no hard partner to meet)
+        assert opt_paths[0] == "relay" and opt_paths[1] == "relay", opt_paths
+        assert opt_paths[2].get("attempts") == 0 and opt_paths[2].get("enabled") is False, opt_paths
+        for a, b in pairs[:-1]:
+            if a.path_to(b.name, direct=True):
+                assert ping_paths(a.answered(b.name))[-1].startswith("direct"), "traffic takes the birthday path"
+                break
+    finally:
+        ol.stop_nodes(*(n for p in pairs for n in p))
 
 
 # ---------------------------------------------------------------------- 2. LAN pair
