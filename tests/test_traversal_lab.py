@@ -53,7 +53,9 @@ MATRIX = [
     ("symmetric_sequential", "full_cone", True),
     ("symmetric_random", "symmetric_random", False),  # both ports unpredictable: only the relay
     ("symmetric_random", "port_restricted", True),    # birthday punching: sr opens 256 ports, pr probes 1024
+    ("symmetric_random", "full_cone", True),          # ordinary punching (peer-reflexive): no birthday attempt
 ]
+BIRTHDAY_PAIRS = {("symmetric_random", "port_restricted"), ("port_restricted", "symmetric_random")}
 MATRIX_PAIRS = [m.values if hasattr(m, "values") else m for m in MATRIX]
 OBSERVE = 20.0     # seconds after both nodes are online: the longest wait for a direct path
 RELAY_WATCH = 12.0  # a relay pair is watched at least this long: punch rounds (5 s) + one re-probe (10 s)
@@ -106,6 +108,7 @@ class PairRun:
     seen: dict[str, set] = field(default_factory=dict)         # node name -> every path observed
     final: dict[str, str | None] = field(default_factory=dict)
     pings: dict[str, list[dict]] = field(default_factory=dict)
+    birthday: dict[str, dict] = field(default_factory=dict)  # node name -> birthday counters at the end
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +160,9 @@ def matrix(env):
                     for me, peer in ((p.a, p.b), (p.b, p.a))]
             for p, name, job in jobs:
                 p.pings[name] = job.result()
+        for p in pairs:
+            for n in (p.a, p.b):
+                p.birthday[n.name] = birthday(n)
         yield runs
     finally:
         ol.stop_nodes(*(n for p in pairs for n in (p.a, p.b)))
@@ -181,6 +187,12 @@ def test_nat_pair(env, matrix, nat_a, nat_b, direct, record_property):
         elif p.seen[me.name] != {"relay"} or set(answered) != {"relay"}:
             raise WrongPath(f"{me.name} -> {peer.name}: expected the relay throughout, saw {p.seen[me.name]} "
                             f"(pings {p.pings[me.name]})\n{ol.dump()}")
+    # birthday punching only where the NAT classes call for it, and never once a direct path works
+    attempts = {n.name: p.birthday[n.name].get("attempts") for n in (p.a, p.b)}
+    if (nat_a, nat_b) in BIRTHDAY_PAIRS:
+        assert 1 <= max(attempts.values()) <= 2, attempts
+    else:
+        assert set(attempts.values()) == {0}, f"unexpected birthday attempts {attempts}"
 
 
 # ---------------------------------------------------------------------- 1b. birthday punching, repeated
