@@ -658,13 +658,14 @@ class DataPlane:
         self._flush()
 
     def _publish_endpoints(self) -> None:
-        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": {
-            k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}})
+        nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
+        nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
+        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
 
     # ------------------------------------------------------------------ birthday punching
     def _bday_role(self, key: bytes) -> str | None:
         n, peer = self.nat, self._bday_nat.get(key, {})
-        if n is None or not n.udp:
+        if n is None or not n.udp or peer.get("birthday") is False:   # the peer opted out
             return None
         return birthday.role(n.mapping, n.allocation, peer.get("mapping"), peer.get("allocation"))
 
