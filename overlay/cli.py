@@ -574,6 +574,16 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {lit(n['port_delta'])})" if seq else ""))
     rtt = n.get("server_rtt_ms")
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
+    pmp = (r.get("port_mapping") or {}).get("nat_pmp")
+    if pmp is None:
+        out.print("port mapping (NAT-PMP):   not tried")
+    else:
+        state = ("no answer" if pmp["answered"] is False else "asking" if pmp["answered"] is None else
+                 f"mapped {pmp['mapped']}" + ("" if pmp.get("usable") else " (not usable)") if pmp["mapped"] else
+                 f"answered: {pmp['error'] or 'no mapping'}")
+        out.print(f"port mapping (NAT-PMP):   {lit(state)}")
+        if pmp.get("note"):
+            out.print(f"                          {lit(pmp['note'])}")
     out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 

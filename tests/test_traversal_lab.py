@@ -22,7 +22,9 @@ of every process log. Timings are printed (``-s``) and recorded as properties, n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -252,6 +254,57 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
                 break
     finally:
         ol.stop_nodes(*(n for p in pairs for n in p))
+
+
+# ---------------------------------------------------------------------- 1c. port mapping
+
+
+def test_netcheck_reports_which_port_mapping_protocols_answered(env):
+    """A node behind a router running miniupnpd asks it for a NAT-PMP mapping and ``overlay
+    netcheck`` says what it answered (this lab's miniupnpd: "network failure", it has no public
+    address it accepts; see natlab.start_port_mapper), and advertises nothing from it; a node
+    behind a router without a mapping daemon reports no answer. Nothing is sent on loopback (the
+    other tests' nodes there have no gateway to ask)."""
+    nl, ol = env
+    if not shutil.which("miniupnpd"):
+        pytest.skip("miniupnpd not installed (apt-get install miniupnpd-nftables)")
+    up, plain, cgn = (nl.add_site("pm1", "symmetric_random"), nl.add_site("pm2", "port_restricted"),
+                      nl.add_site("pm3", "symmetric_random"))
+    daemon = nl.start_port_mapper(up)
+    nl.start_port_mapper(cgn, ext_ip="11.22.33.44")   # maps, but its "public" address is not ours
+    a, b = ol.start_node(up.hosts[0].name, "pma"), ol.start_node(plain.hosts[0].name, "pmb")
+    c = ol.start_node(cgn.hosts[0].name, "pmc")
+    try:
+        ol.wait_connected(a, b, c)
+
+        def netcheck(n: LabNode) -> dict | None:
+            r = json.loads(n.ok("netcheck", "--json"))
+            pmp = r["port_mapping"]["nat_pmp"]
+            return r if pmp is not None and pmp["answered"] is not None else None
+
+        ra, rb = ol.wait(lambda: netcheck(a), 15, "NAT-PMP answer"), ol.wait(lambda: netcheck(b), 15, "NAT-PMP gave up")
+        pa, pb = ra["port_mapping"]["nat_pmp"], rb["port_mapping"]["nat_pmp"]
+        assert pa["answered"] is True and "network failure" in pa["error"] and pa["mapped"] is None, pa
+        assert "NAT-PMP public address request" in daemon.stderr() + daemon.stdout()
+        assert pb["answered"] is False and pb["mapped"] is None, pb
+        assert all(c["kind"] != "magic" for c in ra["candidates"] + rb["candidates"])
+        text = a.ok("netcheck")
+        assert "port mapping (NAT-PMP):   answered: network failure" in text, text
+        assert "port mapping (NAT-PMP):   no answer" in b.ok("netcheck")
+        # a mapping whose external address is not the one the server sees: reported, not advertised,
+        # and removed from the router when the node stops
+        rc = ol.wait(lambda: netcheck(c), 15, "NAT-PMP mapping")
+        pc = rc["port_mapping"]["nat_pmp"]
+        port = rc["local_port"]
+        assert pc["mapped"] == f"11.22.33.44:{port}" and pc["usable"] is False and "not advertised" in pc["note"], pc
+        assert not any(x["addr"].startswith("11.22.33.44") for x in rc["candidates"]), rc["candidates"]
+        rules = lambda: cgn.router.run("nft", "list", "chain", "inet", "miniupnpd", "pre_upnp").stdout  # noqa: E731
+        assert f"dport {port} dnat ip to {cgn.hosts[0].ip}:{port}" in rules(), rules()
+        assert "(not usable)" in c.ok("netcheck")
+        c.stop()
+        ol.wait(lambda: "dnat" not in rules(), 5, "mapping removed on exit")
+    finally:
+        ol.stop_nodes(a, b, c)
 
 
 # ---------------------------------------------------------------------- 2. LAN pair

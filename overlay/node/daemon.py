@@ -503,7 +503,7 @@ class Daemon:
                 raise NotConnected("not connected to the server yet")
             await asyncio.wait_for(self.dataplane.start_probe(), 10)
             return {"udp": self.dataplane.udp_ok, "nat": self.dataplane.nat_summary(),
-                    "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
+                    "port_mapping": self.dataplane.port_mapping_summary(), "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
                     "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
-from overlay.nat import birthday, stun
+from overlay.nat import birthday, natpmp, stun
 from overlay.nat.candidate import Candidate
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
@@ -177,6 +177,7 @@ class DataPlane:
         # server's introductions, when to check whether an attempt is wanted, the extra sockets of
         # the one hard-side attempt at a time, and the winning sockets (remote address -> socket)
         self.hard_nat = hard_nat
+        self._pmp: natpmp.NatPmp | None = None      # NAT-PMP mapping of our port (not on loopback)
         self.birthday_config = birthday_config or birthday.BirthdayConfig()
         self._bday: dict[bytes, birthday.BirthdayPunch] = {}
         self._bday_nat: dict[bytes, dict] = {}
@@ -200,6 +201,8 @@ class DataPlane:
         if self._timer:
             self._timer.cancel()
         self._close_bday_socks()
+        if self._pmp is not None and self.udp is not None and (bye := self._pmp.delete()):
+            self.udp.send_batch(bye)   # remove our mapping from the router
         for key in list(self._winner):
             self._drop_winner(key)
         if self.udp:
@@ -221,6 +224,8 @@ class DataPlane:
         self.udp_token = token
         self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
+        if self._pmp is None and not self.server_is_loopback and (gw := natpmp.default_gateway()):
+            self._pmp = natpmp.NatPmp(gw, self.port, self.now())
         servers = [(ip, p) for p in (stun_ports or [udp_port])]
         if stun_alt_ip:
             servers.append((stun_alt_ip, udp_port))
@@ -274,6 +279,9 @@ class DataPlane:
         cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:6]]
         if self.srflx:
             cands.insert(0, {"addr": f"{self.srflx[0]}:{self.srflx[1]}", "kind": "srflx"})
+            if (m := self.port_mapped()) is not None:
+                # the router forwards this port to us (NAT-PMP): reachable from anywhere
+                cands.insert(1, {"addr": f"{m[0]}:{m[1]}", "kind": "magic"})
             if self.port and self.magic_port and self.srflx[1] != self.port:
                 # the "magic" port: a router forwarding this UDP port to us makes it reachable
                 cands.append({"addr": f"{self.srflx[0]}:{self.port}", "kind": "magic"})
@@ -458,6 +466,10 @@ class DataPlane:
             self._relay_receive(bytes(view), addr)
         elif view[:4] == disco_mod.MAGIC:
             self._disco_receive(bytes(view), (addr[0], addr[1]))
+        elif self._pmp is not None and addr[1] == natpmp.PORT and addr[0] == self._pmp.gateway[0]:
+            if self._pmp.receive(bytes(view), self.now()):
+                self._pmp_changed()
+            self._schedule_flush()
         elif stun.is_stun(view):
             probe = self._probe
             if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()) and probe.done:
@@ -604,7 +616,8 @@ class DataPlane:
             self._paths_at = min(pt) if pt else None
             self._paths_stale = False
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
-                             self._probe.get_timer() if self._probe else None, self._bday_timer())
+                             self._probe.get_timer() if self._probe else None, self._bday_timer(),
+                             self._pmp.get_timer() if self._pmp else None)
                  if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
@@ -635,6 +648,10 @@ class DataPlane:
             self._out.append((frames.register(self.public_key, self.udp_token, self._relay_nonce), self.server_udp))
         if self._next_probe is not None and self._next_probe <= now:
             self.start_probe()
+        pmp = self._pmp
+        if pmp is not None and (t := pmp.get_timer()) is not None and t <= now:
+            pmp.handle_timer(now)
+            self._pmp_changed()
         probe = self._probe
         if probe is not None:
             t = probe.get_timer()
@@ -661,6 +678,39 @@ class DataPlane:
         nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
         nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
         self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
+
+    # ------------------------------------------------------------------ port mapping (NAT-PMP)
+    def _pmp_changed(self) -> None:
+        pmp = self._pmp
+        self._out.extend(pmp.datagrams_to_send(self.now()))
+        if pmp.changed:
+            pmp.changed = False
+            m = pmp.mapped
+            log.info("NAT-PMP: %s", f"router maps {m[0]}:{m[1]} to UDP port {self.port}" if m else
+                     f"no mapping ({pmp.error or 'no answer'})")
+            if self.srflx:
+                self._publish_endpoints()
+                self.on_endpoints()
+
+    def port_mapped(self) -> tuple[str, int] | None:
+        """The router's mapping of our port, if it is usable: its external address must be the one
+        the server sees (a router behind another NAT, e.g. carrier-grade, maps uselessly)."""
+        m = self._pmp.mapped if self._pmp is not None else None
+        if m is None or self.srflx is None or m[0] != self.srflx[0]:
+            return None
+        return m
+
+    def port_mapping_summary(self) -> dict:
+        """Which port-mapping protocols were tried and what they answered (for ``netcheck``)."""
+        if self._pmp is None:
+            return {"nat_pmp": None}
+        s = self._pmp.summary()
+        m = self._pmp.mapped
+        s["usable"] = None if m is None else self.port_mapped() is not None
+        if m is not None and not s["usable"]:
+            s["note"] = (f"the router's external address {m[0]} is not the public one the server sees "
+                         f"({self.srflx[0] if self.srflx else '?'}): another NAT is in between; not advertised")
+        return {"nat_pmp": s}
 
     # ------------------------------------------------------------------ birthday punching
     def _bday_role(self, key: bytes) -> str | None:
