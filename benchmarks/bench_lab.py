@@ -5,9 +5,12 @@
 Builds the NAT lab (tests/natlab.py: network namespaces + nftables NATs), one ``overlay server`` and
 one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (tests/lab_overlay.py).
 
-- time to direct: both nodes of every pair are started fresh (b first, then a, whose arrival makes
-  the server introduce them); the clock runs from "both connected" (status) to "both show a direct
-  path". Median (and all runs) per pair; "relay" when no direct path came within the window.
+- per NAT pair: share of runs direct, median time to direct, birthday probes and NAT mappings.
+  Both nodes of every pair are started fresh (routers' conntrack flushed, b first, then a, whose
+  arrival makes the server introduce them); the clock runs from "both connected" (status) to "both
+  show a direct path"; "relay" when no direct path came within the window. Probes: both nodes'
+  birthday-punching pings (median); mappings: UDP conntrack entries on both routers toward the
+  other side at the end of the window (median).
 - throughput of one TCP stream through ``overlay forward`` -> ``overlay share``: over the relay
   (two random-symmetric nodes), with the server's default per-node relay cap and uncapped, and over
   a direct path (port-restricted pair) for comparison.
@@ -29,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lab  # noqa: E402
 import natlab  # noqa: E402
-from lab_overlay import LabNode, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener  # noqa: E402
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, serve_once, tcp_connect,  # noqa: E402
+                         tcp_listener, time_to_direct, udp_mappings)
 
 PAIRS = [
     ("none", "none"),
@@ -39,6 +43,10 @@ PAIRS = [
     ("symmetric_sequential", "full_cone"),
     ("symmetric_random", "symmetric_random"),
     ("symmetric_random", "port_restricted"),
+    ("port_restricted", "symmetric_random"),
+    ("symmetric_random", "restricted"),
+    ("symmetric_random", "full_cone"),
+    ("symmetric_random", "none"),
 ]
 SHORT = {"none": "n", "full_cone": "fc", "restricted": "rc", "port_restricted": "pr",
          "symmetric_sequential": "ss", "symmetric_random": "sr"}
@@ -46,34 +54,19 @@ WINDOW = 20.0  # seconds to wait for a direct path after both are online
 UNCAPPED = 1 << 20  # --relay-rate in KiB/s: far above what one stream reaches
 
 
-def time_to_direct(ol: OverlayLab, pairs: list[tuple[LabNode, LabNode]]) -> list[float | None]:
-    """One run for every pair at once: fresh start (b, then a); seconds from both online to both
-    direct, None if not within WINDOW."""
-    for a, b in pairs:
-        a.stop()
-        b.stop()
-    for _, b in pairs:
-        b.restart()
-    ol.wait_connected(*(b for _, b in pairs), timeout=60)
-    for a, _ in pairs:
-        a.restart()
-    online: list[float | None] = [None] * len(pairs)
-    result: list[float | None] = [None] * len(pairs)
-    start = time.monotonic()
-    while True:
-        now = time.monotonic()
-        for i, (a, b) in enumerate(pairs):
-            if online[i] is None:
-                if a.connected():
-                    online[i] = now
-                continue
-            if result[i] is None and a.path_to(b.name, direct=True) and b.path_to(a.name, direct=True):
-                result[i] = now - online[i]
-        if None not in online and all(r is not None or now - t > WINDOW for r, t in zip(result, online)):
-            return result
-        if now - start > WINDOW + 60:
-            raise RuntimeError(f"nodes did not come online\n{ol.dump()}")
-        time.sleep(0.05)
+def one_run(ol: OverlayLab, pairs: list[tuple[LabNode, LabNode]], sites: list[tuple[natlab.Site, natlab.Site]]
+            ) -> list[tuple[float | None, int, int]]:
+    """One fresh run of every pair at once (NAT mappings flushed first): per pair, seconds from both
+    online to both direct (None: not within WINDOW), birthday probes both nodes sent (pings from
+    extra sockets plus pings to guessed ports) and UDP conntrack entries on both routers toward
+    the other side (the NAT mappings the pair cost its routers)."""
+    times = time_to_direct(ol, pairs, WINDOW, [s for ab in sites for s in ab])
+    out = []
+    for t, (a, b), (sa, sb) in zip(times, pairs, sites):
+        probes = sum(birthday(n).get("probes", 0) for n in (a, b))
+        mappings = udp_mappings(sa, sb.wan_ip) + udp_mappings(sb, sa.wan_ip)
+        out.append((t, probes, mappings))
+    return out
 
 
 def stream_mbps(nl: natlab.NatLab, a: LabNode, b: LabNode, megabytes: int, port: int) -> float:
@@ -95,7 +88,8 @@ def stream_mbps(nl: natlab.NatLab, a: LabNode, b: LabNode, megabytes: int, port:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3, help="time-to-direct runs per pair (median)")
+    ap.add_argument("--runs", type=int, default=10, help="time-to-direct runs per pair (median)")
+    ap.add_argument("--no-stream", action="store_true", help="only the per-pair table, no throughput")
     ap.add_argument("--mb", type=int, default=32, help="megabytes per throughput stream")
     args = ap.parse_args()
     reason = lab.lab_skip_reason("conntrack")
@@ -106,22 +100,30 @@ def main() -> int:
         ol = OverlayLab(nl)
         try:
             ol.start_server("--relay-rate", str(UNCAPPED))
-            pairs = []
+            pairs, sites = [], []
             for i, (x, y) in enumerate(PAIRS):
                 sa, sb = nl.add_site(f"t{i}a", x), nl.add_site(f"t{i}b", y)
+                sites.append((sa, sb))
                 pairs.append((ol.start_node(sa.hosts[0].name, f"t{i}a"), ol.start_node(sb.hosts[0].name, f"t{i}b")))
             for i, (a, b) in enumerate(pairs):
                 ol.pair(a, b, f"tnet{i}")
-            runs = [time_to_direct(ol, pairs) for _ in range(args.runs)]
-            print(f"time from both nodes online to both direct ({args.runs} runs, window {WINDOW:.0f} s):")
+            runs = [one_run(ol, pairs, sites) for _ in range(args.runs)]
+            print(f"per NAT pair over {args.runs} fresh runs (window {WINDOW:.0f} s; time from both nodes online "
+                  f"to both direct; birthday probes of both nodes; UDP conntrack entries toward the peer on both "
+                  f"routers, a run's NAT mappings):")
+            print(f"  {'pair':<5} {'a':>20} / {'b':<20} {'direct':>7} {'median':>8} {'probes':>7} {'mappings':>9}   times")
             for i, (x, y) in enumerate(PAIRS):
                 got = [r[i] for r in runs]
-                done = [t for t in got if t is not None]
-                med = f"{statistics.median(done):6.2f} s" if len(done) == len(got) else "   relay" if not done \
-                    else f"{statistics.median(done):6.2f} s ({len(got) - len(done)} runs relay)"
-                shown = ", ".join("relay" if t is None else f"{t:.2f}" for t in got)
-                print(f"  {SHORT[x]:>2}-{SHORT[y]:<2} {x:>20} / {y:<20} median {med}   [{shown}]")
+                done = [t for t, _, _ in got if t is not None]
+                med = f"{statistics.median(done):6.2f} s" if done else "   relay"
+                probes = statistics.median(p for _, p, _ in got)
+                mappings = statistics.median(m for _, _, m in got)
+                shown = ", ".join("relay" if t is None else f"{t:.2f}" for t, _, _ in got)
+                print(f"  {SHORT[x] + '-' + SHORT[y]:<5} {x:>20} / {y:<20} {len(done):>3}/{len(got):<3} {med:>8} "
+                      f"{probes:>7.0f} {mappings:>9.0f}   [{shown}]")
 
+            if args.no_stream:
+                return 0
             sr = next(p for p, xy in zip(pairs, PAIRS) if xy == ("symmetric_random", "symmetric_random"))
             pr = next(p for p, xy in zip(pairs, PAIRS) if xy == ("port_restricted", "port_restricted"))
             ol.wait(lambda: sr[0].path_to(sr[1].name) == "relay", 20, "sr pair on the relay")

@@ -137,6 +137,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                       help="Offer these subnets of this machine's LAN to your "
                                                            "networks as a gateway, comma-separated "
                                                            "(192.168.1.0/24); each network's owner approves them."),
+       hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
+                                               help="Birthday punching toward peers behind random-port "
+                                                    "symmetric NATs (up to 256 extra sockets or 1024 probes "
+                                                    "per attempt, with back-off); default: on."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
@@ -189,6 +193,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     interface = None if interface == "none" else interface
     dev = dev or cfg.get("dev")
     only_shared = only_shared if only_shared is not None else cfg.get("only_shared", False)
+    hard_nat = hard_nat if hard_nat is not None else cfg.get("hard_nat_punch", True)
     if not isinstance(only_shared, bool):
         fail("config.toml: only_shared must be true or false")
     if dev is not None or only_shared:
@@ -241,7 +246,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                     keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
-                                    only_shared=only_shared, advertise_routes=routes))
+                                    only_shared=only_shared, advertise_routes=routes,
+                                    hard_nat=bool(hard_nat)))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
@@ -461,6 +467,16 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {lit(n['port_delta'])})" if seq else ""))
     rtt = n.get("server_rtt_ms")
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
+    pmp = (r.get("port_mapping") or {}).get("nat_pmp")
+    if pmp is None:
+        out.print("port mapping (NAT-PMP):   not tried")
+    else:
+        state = ("no answer" if pmp["answered"] is False else "asking" if pmp["answered"] is None else
+                 f"mapped {pmp['mapped']}" + ("" if pmp.get("usable") else " (not usable)") if pmp["mapped"] else
+                 f"answered: {pmp['error'] or 'no mapping'}")
+        out.print(f"port mapping (NAT-PMP):   {lit(state)}")
+        if pmp.get("note"):
+            out.print(f"                          {lit(pmp['note'])}")
     out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 

@@ -293,3 +293,52 @@ def fetch(conn: socket.socket, on_bytes: Callable[[int], None] = lambda n: None,
         on_bytes(n)
         if time.monotonic() > end:
             raise TimeoutError(f"transfer not finished after {deadline} s ({n} bytes)")
+
+
+def time_to_direct(ol: OverlayLab, pairs: list[tuple[LabNode, LabNode]], window: float,
+                   sites: list[natlab.Site] = ()) -> list[float | None]:
+    """One run for every pair at once: fresh start (b, then a, whose arrival makes the server
+    introduce them; the NAT mappings of ``sites`` forgotten meanwhile, so conntrack counts show
+    this run alone); seconds from "a connected" to both showing a direct path, None if not within
+    ``window``."""
+    for a, b in pairs:
+        a.stop()
+        b.stop()
+    for site in sites:
+        ol.nl.flush_conntrack(site)
+    for _, b in pairs:
+        b.restart()
+    ol.wait_connected(*(b for _, b in pairs), timeout=60)
+    for a, _ in pairs:
+        a.restart()
+    online: list[float | None] = [None] * len(pairs)
+    result: list[float | None] = [None] * len(pairs)
+    start = time.monotonic()
+    while True:
+        now = time.monotonic()
+        for i, (a, b) in enumerate(pairs):
+            if online[i] is None:
+                if a.connected():
+                    online[i] = now
+                continue
+            if result[i] is None and a.path_to(b.name, direct=True) and b.path_to(a.name, direct=True):
+                result[i] = now - online[i]
+        if None not in online and all(r is not None or now - t > window for r, t in zip(result, online)):
+            return result
+        if now - start > window + 60:
+            raise AssertionError(f"nodes did not come online\n{ol.dump()}")
+        time.sleep(0.05)
+
+
+def udp_mappings(site: natlab.Site, toward: str | None = None) -> int:
+    """UDP conntrack entries (NAT mappings) on ``site``'s router; only those whose original
+    destination is ``toward`` if given. 0 for a site without a router."""
+    if site.router is None:
+        return 0
+    out = site.router.run("conntrack", "-L", "-p", "udp", *(("-d", toward) if toward else ()), check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("udp"))
+
+
+def birthday(node: LabNode) -> dict:
+    """The node's birthday-punching counters (``status`` udp.birthday)."""
+    return node.status().get("udp", {}).get("birthday", {})

@@ -396,6 +396,40 @@ class NatLab:
                 s.router.run("nft", "flush set ip natlab ar")
         s.router.run("conntrack", "-F")
 
+    def start_port_mapper(self, site: str | Site, ext_ip: str | None = None) -> Proc:
+        """Run Debian's miniupnpd (package miniupnpd-nftables) on ``site``'s router, answering UPnP
+        IGD, NAT-PMP and PCP on the LAN side, its rules in its own ``inet miniupnpd`` table (forward
+        policy accept: the lab's other rules stay as they are). Stopped with the lab.
+
+        Debian 12's miniupnpd (2.3.1) refuses to map behind a reserved WAN address, and the lab's
+        public network is one (198.51.100.0/24, TEST-NET-2; newer versions have
+        ``ext_allow_private_ipv4``): here it answers every request with "network failure", as a
+        router behind carrier-grade NAT does. ``ext_ip`` (a public address) makes it map ports and
+        report that address: a router that believes it is public while another NAT sits between it
+        and the Internet."""
+        s = self.site(site)
+        if s.router is None or s.lan is None:
+            raise ValueError(f"site {s.name} has no router")
+        s.router.nft(
+            "table inet miniupnpd {\n"
+            "  chain forward { type filter hook forward priority 0; policy accept; jump forward_upnp; }\n"
+            "  chain forward_upnp { }\n"
+            "  chain prerouting { type nat hook prerouting priority -100; policy accept; jump pre_upnp; }\n"
+            "  chain pre_upnp { }\n"
+            "  chain postrouting { type nat hook postrouting priority 100; policy accept; jump post_upnp; }\n"
+            "  chain post_upnp { }\n"
+            "}\n")
+        conf = self.log_dir / f"miniupnpd-{s.name}.conf"
+        conf.write_text(
+            (f"ext_ip={ext_ip}\n" if ext_ip else "") +
+            f"ext_ifname={_WAN}\nlistening_ip={_LAN}\nhttp_port=0\nenable_natpmp=yes\nenable_upnp=yes\n"
+            f"secure_mode=yes\nsystem_uptime=yes\nuuid={uuid.uuid4()}\n"
+            "upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\nupnp_forward_chain=forward_upnp\n"
+            "upnp_nat_chain=pre_upnp\nupnp_nat_postrouting_chain=post_upnp\n"
+            f"allow 1024-65535 {s.lan} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n")
+        return self.popen(s.name, ["miniupnpd", "-d", "-f", str(conf),
+                                   "-P", str(self.log_dir / f"miniupnpd-{s.name}.pid")], label=f"miniupnpd-{s.name}")
+
     def set_udp_timeouts(self, unreplied: int, stream: int, site: str | Site | None = None) -> None:
         """Set UDP mapping lifetimes (seconds; Linux: 30 unreplied, 120 once answered) of one site
         or, by default, of every current and later site."""

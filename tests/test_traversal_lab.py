@@ -22,7 +22,9 @@ of every process log. Timings are printed (``-s``) and recorded as properties, n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import LabNode, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, serve_once, tcp_connect, tcp_listener,
+                         time_to_direct, udp_mappings)
 
 pytestmark = pytest.mark.netns
 
@@ -51,8 +54,10 @@ MATRIX = [
     pytest.param("symmetric_sequential", "port_restricted", True, id="ss-pr"),
     ("symmetric_sequential", "full_cone", True),
     ("symmetric_random", "symmetric_random", False),  # both ports unpredictable: only the relay
-    ("symmetric_random", "port_restricted", False),   # pr only admits ports it sent to; sr's are random
+    ("symmetric_random", "port_restricted", True),    # birthday punching: sr opens 256 ports, pr probes 1024
+    ("symmetric_random", "full_cone", True),          # ordinary punching (peer-reflexive): no birthday attempt
 ]
+BIRTHDAY_PAIRS = {("symmetric_random", "port_restricted"), ("port_restricted", "symmetric_random")}
 MATRIX_PAIRS = [m.values if hasattr(m, "values") else m for m in MATRIX]
 OBSERVE = 20.0     # seconds after both nodes are online: the longest wait for a direct path
 RELAY_WATCH = 12.0  # a relay pair is watched at least this long: punch rounds (5 s) + one re-probe (10 s)
@@ -105,6 +110,7 @@ class PairRun:
     seen: dict[str, set] = field(default_factory=dict)         # node name -> every path observed
     final: dict[str, str | None] = field(default_factory=dict)
     pings: dict[str, list[dict]] = field(default_factory=dict)
+    birthday: dict[str, dict] = field(default_factory=dict)  # node name -> birthday counters at the end
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +162,9 @@ def matrix(env):
                     for me, peer in ((p.a, p.b), (p.b, p.a))]
             for p, name, job in jobs:
                 p.pings[name] = job.result()
+        for p in pairs:
+            for n in (p.a, p.b):
+                p.birthday[n.name] = birthday(n)
         yield runs
     finally:
         ol.stop_nodes(*(n for p in pairs for n in (p.a, p.b)))
@@ -180,6 +189,122 @@ def test_nat_pair(env, matrix, nat_a, nat_b, direct, record_property):
         elif p.seen[me.name] != {"relay"} or set(answered) != {"relay"}:
             raise WrongPath(f"{me.name} -> {peer.name}: expected the relay throughout, saw {p.seen[me.name]} "
                             f"(pings {p.pings[me.name]})\n{ol.dump()}")
+    # birthday punching only where the NAT classes call for it, and never once a direct path works
+    attempts = {n.name: p.birthday[n.name].get("attempts") for n in (p.a, p.b)}
+    if (nat_a, nat_b) in BIRTHDAY_PAIRS:
+        assert 1 <= max(attempts.values()) <= 2, attempts
+    else:
+        assert set(attempts.values()) == {0}, f"unexpected birthday attempts {attempts}"
+
+
+# ---------------------------------------------------------------------- 1b. birthday punching, repeated
+
+BIRTHDAY_RUNS = 10      # random-symmetric <-> port-restricted pairs, all at once, half each way round
+BIRTHDAY_WINDOW = 12.0  # one attempt (1 s wait + 4 s) with margin; the next one comes 30 s later
+
+
+def test_birthday_punching_success_rate_and_cost(env, record_property):
+    """sr <-> pr pairs go direct through birthday punching (at least 8 of 10 fresh pairs, within
+    one attempt; the core's odds are 98 % a pair), and the cost stays within the caps: at most 256
+    extra mappings on the hard side's router and 1,024 on the easy side's toward the peer. One more
+    pair runs with ``--no-hard-nat-punch`` on the hard side: it stays on the relay, no attempt."""
+    nl, ol = env
+    specs = [("symmetric_random", "port_restricted") if i % 2 == 0 else ("port_restricted", "symmetric_random")
+             for i in range(BIRTHDAY_RUNS)]
+    sites, pairs = [], []
+    for i, (x, y) in enumerate(specs + [("symmetric_random", "port_restricted")]):
+        sa, sb = nl.add_site(f"bd{i}a", x), nl.add_site(f"bd{i}b", y)
+        opt_out = ("--no-hard-nat-punch",) if i == BIRTHDAY_RUNS else ()
+        sites.append((sa, sb))
+        pairs.append((ol.start_node(sa.hosts[0].name, f"bd{i}a", *opt_out), ol.start_node(sb.hosts[0].name, f"bd{i}b")))
+    try:
+        for i, (a, b) in enumerate(pairs):
+            ol.pair(a, b, f"bdnet{i}")
+        times = time_to_direct(ol, pairs, BIRTHDAY_WINDOW, [s for ab in sites for s in ab])
+        rows = []
+        for (x, y), (a, b), (sa, sb), t in zip(specs, pairs, sites, times):
+            hard, easy = (sa, sb) if x == "symmetric_random" else (sb, sa)
+            hard_node, easy_node = (a, b) if x == "symmetric_random" else (b, a)
+            rows.append((t, udp_mappings(hard, easy.wan_ip), udp_mappings(easy, hard.wan_ip),
+                         birthday(hard_node), birthday(easy_node)))
+        opt_a, opt_b = pairs[-1]
+        opt_paths = (opt_a.path_to(opt_b.name), opt_b.path_to(opt_a.name), birthday(opt_a), birthday(opt_b))
+        direct = [r[0] for r in rows if r[0] is not None]
+        med = sorted(direct)[len(direct) // 2] if direct else None
+        summary = {"direct": f"{len(direct)}/{len(rows)}", "median_s": med and round(med, 2),
+                   "times": [t and round(t, 2) for t in times[:-1]],
+                   "hard_mappings": [r[1] for r in rows], "easy_mappings": [r[2] for r in rows],
+                   "easy_probes": [r[4].get("probes") for r in rows]}
+        record_property("birthday", summary)
+        print(f"\nbirthday sr-pr: {summary}; opt-out pair: {opt_paths[:2]}")
+        for t, hard_map, easy_map, hb, eb in rows:
+            assert hard_map <= 256 + 8 and easy_map <= 1024 + 8, (hard_map, easy_map)
+            assert hb.get("attempts", 0) <= 2 and eb.get("attempts", 0) <= 2 and hb.get("sockets", 0) <= 512
+            # only the winner left open after a hit; none after a miss (the attempt ended at 5 s)
+            assert hb.get("open_sockets") == (1 if t is not None else 0), hb
+        assert len(direct) >= 8, f"only {len(direct)} of {len(rows)} sr-pr pairs went direct: {summary}\n{ol.dump()}"
+        assert med < 5.0, summary
+        # opt-out: relay, and no attempt on either side (the easy side learns it through the server)
+        assert opt_paths[0] == "relay" and opt_paths[1] == "relay", opt_paths
+        assert opt_paths[2].get("attempts") == 0 and opt_paths[2].get("enabled") is False, opt_paths
+        assert opt_paths[3].get("attempts") == 0 and opt_paths[3].get("enabled") is True, opt_paths
+        for a, b in pairs[:-1]:
+            if a.path_to(b.name, direct=True):
+                assert ping_paths(a.answered(b.name))[-1].startswith("direct"), "traffic takes the birthday path"
+                break
+    finally:
+        ol.stop_nodes(*(n for p in pairs for n in p))
+
+
+# ---------------------------------------------------------------------- 1c. port mapping
+
+
+def test_netcheck_reports_which_port_mapping_protocols_answered(env):
+    """A node behind a router running miniupnpd asks it for a NAT-PMP mapping and ``overlay
+    netcheck`` says what it answered (this lab's miniupnpd: "network failure", it has no public
+    address it accepts; see natlab.start_port_mapper), and advertises nothing from it; a node
+    behind a router without a mapping daemon reports no answer. Nothing is sent on loopback (the
+    other tests' nodes there have no gateway to ask)."""
+    nl, ol = env
+    if not shutil.which("miniupnpd"):
+        pytest.skip("miniupnpd not installed (apt-get install miniupnpd-nftables)")
+    up, plain, cgn = (nl.add_site("pm1", "symmetric_random"), nl.add_site("pm2", "port_restricted"),
+                      nl.add_site("pm3", "symmetric_random"))
+    daemon = nl.start_port_mapper(up)
+    nl.start_port_mapper(cgn, ext_ip="11.22.33.44")   # maps, but its "public" address is not ours
+    a, b = ol.start_node(up.hosts[0].name, "pma"), ol.start_node(plain.hosts[0].name, "pmb")
+    c = ol.start_node(cgn.hosts[0].name, "pmc")
+    try:
+        ol.wait_connected(a, b, c)
+
+        def netcheck(n: LabNode) -> dict | None:
+            r = json.loads(n.ok("netcheck", "--json"))
+            pmp = r["port_mapping"]["nat_pmp"]
+            return r if pmp is not None and pmp["answered"] is not None else None
+
+        ra, rb = ol.wait(lambda: netcheck(a), 15, "NAT-PMP answer"), ol.wait(lambda: netcheck(b), 15, "NAT-PMP gave up")
+        pa, pb = ra["port_mapping"]["nat_pmp"], rb["port_mapping"]["nat_pmp"]
+        assert pa["answered"] is True and "network failure" in pa["error"] and pa["mapped"] is None, pa
+        assert "NAT-PMP public address request" in daemon.stderr() + daemon.stdout()
+        assert pb["answered"] is False and pb["mapped"] is None, pb
+        assert all(c["kind"] != "magic" for c in ra["candidates"] + rb["candidates"])
+        text = a.ok("netcheck")
+        assert "port mapping (NAT-PMP):   answered: network failure" in text, text
+        assert "port mapping (NAT-PMP):   no answer" in b.ok("netcheck")
+        # a mapping whose external address is not the one the server sees: reported, not advertised,
+        # and removed from the router when the node stops
+        rc = ol.wait(lambda: netcheck(c), 15, "NAT-PMP mapping")
+        pc = rc["port_mapping"]["nat_pmp"]
+        port = rc["local_port"]
+        assert pc["mapped"] == f"11.22.33.44:{port}" and pc["usable"] is False and "not advertised" in pc["note"], pc
+        assert not any(x["addr"].startswith("11.22.33.44") for x in rc["candidates"]), rc["candidates"]
+        rules = lambda: cgn.router.run("nft", "list", "chain", "inet", "miniupnpd", "pre_upnp").stdout  # noqa: E731
+        assert f"dport {port} dnat ip to {cgn.hosts[0].ip}:{port}" in rules(), rules()
+        assert "(not usable)" in c.ok("netcheck")
+        c.stop()
+        ol.wait(lambda: "dnat" not in rules(), 5, "mapping removed on exit")
+    finally:
+        ol.stop_nodes(a, b, c)
 
 
 # ---------------------------------------------------------------------- 2. LAN pair

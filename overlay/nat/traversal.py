@@ -230,6 +230,17 @@ class PeerPath:
         path.unanswered_since = None
         self._select(now)
 
+    def spray_ping(self, dst: Addr, now: float) -> bytes:
+        """One sealed Ping for a birthday attempt (``nat.birthday``, which bounds its count): the
+        caller sends the same datagram from many sockets, or copies to many guessed ports. Its
+        tx_id waits for a Pong as if sent to ``dst``; a Pong from another guessed address is
+        challenged like any answer from an unexpected address."""
+        tx = new_tx_id()
+        if len(self._pending) >= _MAX_PENDING:
+            self._pending.popitem(last=False)
+        self._pending[tx] = (normalize(dst), now)
+        return self.disco.seal(self.peer_key, Ping(tx))
+
     # ------------------------------------------------------------------ outputs
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:

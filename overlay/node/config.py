@@ -133,6 +133,7 @@ TOP: dict[str, Check] = {
     "only_shared": _bool,
     # subnets of this machine's LAN offered to the network as a gateway (the owner approves them)
     "advertise_routes": _routes,
+    "hard_nat_punch": _bool,
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

@@ -52,7 +52,8 @@ class Daemon:
                  http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
-                 dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = ()):
+                 dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = (),
+                 hard_nat: bool = True):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -64,7 +65,7 @@ class Daemon:
         self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
                                     on_session=self._on_session) if server else None
-        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive,
+        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, hard_nat=hard_nat,
                                    send_control=self.client.post if self.client else lambda msg: None)
         self.shares = Shares()
         self.address = address
@@ -533,7 +534,7 @@ class Daemon:
                 raise NotConnected("not connected to the server yet")
             await asyncio.wait_for(self.dataplane.start_probe(), 10)
             return {"udp": self.dataplane.udp_ok, "nat": self.dataplane.nat_summary(),
-                    "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
+                    "port_mapping": self.dataplane.port_mapping_summary(), "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
                     "candidates": self.dataplane.local_candidates()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
@@ -617,7 +618,7 @@ class Daemon:
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
-                    "nat": self.dataplane.nat_summary()},
+                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats()},
         }
 
     def _peer_status(self, p: dict) -> dict:

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
-from overlay.nat import stun
+from overlay.nat import birthday, natpmp, stun
 from overlay.nat.candidate import Candidate
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
@@ -124,7 +124,8 @@ class PeerEntry:
 
 class DataPlane:
     def __init__(self, private_key: bytes, *, port: int = 0, keepalive: float = 25.0,
-                 send_control: Callable[[dict], None] = lambda msg: None):
+                 send_control: Callable[[dict], None] = lambda msg: None, hard_nat: bool = True,
+                 birthday_config: birthday.BirthdayConfig | None = None):
         self.private_key = private_key
         self.device = Device(private_key)
         self.public_key = self.device.public_key
@@ -172,6 +173,19 @@ class DataPlane:
         self.on_endpoints: Callable[[], None] = lambda: None  # our candidates changed: re-introduce
         self._inner: list[bytes] = []
         self.loop: asyncio.AbstractEventLoop | None = None
+        # birthday punching (``nat.birthday``): per-peer planners, the peer NAT classes from the
+        # server's introductions, when to check whether an attempt is wanted, the extra sockets of
+        # the one hard-side attempt at a time, and the winning sockets (remote address -> socket)
+        self.hard_nat = hard_nat
+        self._pmp: natpmp.NatPmp | None = None      # NAT-PMP mapping of our port (not on loopback)
+        self.birthday_config = birthday_config or birthday.BirthdayConfig()
+        self._bday: dict[bytes, birthday.BirthdayPunch] = {}
+        self._bday_nat: dict[bytes, dict] = {}
+        self._bday_check: dict[bytes, float] = {}
+        self._bday_owner: bytes | None = None
+        self._bday_socks: list[UdpSocket] = []
+        self._via: dict[tuple, UdpSocket] = {}
+        self._winner: dict[bytes, tuple[tuple, UdpSocket]] = {}
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
                       "group_capped": 0}
 
@@ -186,6 +200,11 @@ class DataPlane:
     def close(self) -> None:
         if self._timer:
             self._timer.cancel()
+        self._close_bday_socks()
+        if self._pmp is not None and self.udp is not None and (bye := self._pmp.delete()):
+            self.udp.send_batch(bye)   # remove our mapping from the router
+        for key in list(self._winner):
+            self._drop_winner(key)
         if self.udp:
             self.udp.close()
 
@@ -205,6 +224,8 @@ class DataPlane:
         self.udp_token = token
         self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
+        if self._pmp is None and not self.server_is_loopback and (gw := natpmp.default_gateway()):
+            self._pmp = natpmp.NatPmp(gw, self.port, self.now())
         servers = [(ip, p) for p in (stun_ports or [udp_port])]
         if stun_alt_ip:
             servers.append((stun_alt_ip, udp_port))
@@ -258,6 +279,9 @@ class DataPlane:
         cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:6]]
         if self.srflx:
             cands.insert(0, {"addr": f"{self.srflx[0]}:{self.srflx[1]}", "kind": "srflx"})
+            if (m := self.port_mapped()) is not None:
+                # the router forwards this port to us (NAT-PMP): reachable from anywhere
+                cands.insert(1, {"addr": f"{m[0]}:{m[1]}", "kind": "magic"})
             if self.port and self.magic_port and self.srflx[1] != self.port:
                 # the "magic" port: a router forwarding this UDP port to us makes it reachable
                 cands.append({"addr": f"{self.srflx[0]}:{self.port}", "kind": "magic"})
@@ -291,6 +315,7 @@ class DataPlane:
         for key in list(self.peers):
             if key not in wanted and self.peers[key].path is not None:
                 entry = self.peers.pop(key)
+                self._bday_forget(key)
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
                 self.device.remove_peer(key)
                 self._dirty_paths.discard(entry)
@@ -387,6 +412,10 @@ class DataPlane:
                 continue
         entry.path.set_remote_candidates(cands)
         entry.path.start_punch(self.now())
+        if isinstance(ev.get("nat"), dict):
+            self._bday_nat[key] = ev["nat"]
+            if self.hard_nat and self._bday_role(key) is not None and entry.path.current_path is None:
+                self._bday_check.setdefault(key, self.now() + self.birthday_config.delay)
         self._dirty_paths.add(entry)
         self._schedule_flush()
 
@@ -463,6 +492,10 @@ class DataPlane:
             self._relay_receive(bytes(view), addr)
         elif view[:4] == disco_mod.MAGIC:
             self._disco_receive(bytes(view), (addr[0], addr[1]))
+        elif self._pmp is not None and addr[1] == natpmp.PORT and addr[0] == self._pmp.gateway[0]:
+            if self._pmp.receive(bytes(view), self.now()):
+                self._pmp_changed()
+            self._schedule_flush()
         elif stun.is_stun(view):
             probe = self._probe
             if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()) and probe.done:
@@ -576,6 +609,7 @@ class DataPlane:
                          f", {pev.rtt * 1000:.1f} ms" if pev.rtt is not None else "")
                 entry.endpoint = new
                 dev.set_endpoint(entry.key, new)
+                self._bday_path_changed(entry.key, pev.path)
                 if pev.path is None and pev.reason == "lost":
                     self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
@@ -594,6 +628,8 @@ class DataPlane:
                     self.stats["relay_tcp_tx"] += 1
                     self.send_control({"t": "relay", "id": 0, "to": base64.b64encode(addr.key).decode(),
                                        "data": base64.b64encode(data).decode()})
+            elif self._via and addr in self._via:
+                self._via[addr].send_batch([(data, addr)])
             else:
                 batch.append((data, addr))
         if batch and self.udp:
@@ -606,7 +642,9 @@ class DataPlane:
             self._paths_at = min(pt) if pt else None
             self._paths_stale = False
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
-                             self._probe.get_timer() if self._probe else None) if t is not None]
+                             self._probe.get_timer() if self._probe else None, self._bday_timer(),
+                             self._pmp.get_timer() if self._pmp else None)
+                 if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
             return
@@ -636,6 +674,10 @@ class DataPlane:
             self._out.append((frames.register(self.public_key, self.udp_token, self._relay_nonce), self.server_udp))
         if self._next_probe is not None and self._next_probe <= now:
             self.start_probe()
+        pmp = self._pmp
+        if pmp is not None and (t := pmp.get_timer()) is not None and t <= now:
+            pmp.handle_timer(now)
+            self._pmp_changed()
         probe = self._probe
         if probe is not None:
             t = probe.get_timer()
@@ -653,11 +695,188 @@ class DataPlane:
                     entry.path.handle_timer(now)
                     self._dirty_paths.add(entry)
             self._paths_stale = True
+        if self._bday_check or self._bday_owner is not None or any(
+                b.state == birthday.ACTIVE for b in self._bday.values()):
+            self._bday_tick(now)
         self._flush()
 
     def _publish_endpoints(self) -> None:
-        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": {
-            k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}})
+        nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
+        nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
+        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
+
+    # ------------------------------------------------------------------ port mapping (NAT-PMP)
+    def _pmp_changed(self) -> None:
+        pmp = self._pmp
+        self._out.extend(pmp.datagrams_to_send(self.now()))
+        if pmp.changed:
+            pmp.changed = False
+            m = pmp.mapped
+            log.info("NAT-PMP: %s", f"router maps {m[0]}:{m[1]} to UDP port {self.port}" if m else
+                     f"no mapping ({pmp.error or 'no answer'})")
+            if self.srflx:
+                self._publish_endpoints()
+                self.on_endpoints()
+
+    def port_mapped(self) -> tuple[str, int] | None:
+        """The router's mapping of our port, if it is usable: its external address must be the one
+        the server sees (a router behind another NAT, e.g. carrier-grade, maps uselessly)."""
+        m = self._pmp.mapped if self._pmp is not None else None
+        if m is None or self.srflx is None or m[0] != self.srflx[0]:
+            return None
+        return m
+
+    def port_mapping_summary(self) -> dict:
+        """Which port-mapping protocols were tried and what they answered (for ``netcheck``)."""
+        if self._pmp is None:
+            return {"nat_pmp": None}
+        s = self._pmp.summary()
+        m = self._pmp.mapped
+        s["usable"] = None if m is None else self.port_mapped() is not None
+        if m is not None and not s["usable"]:
+            s["note"] = (f"the router's external address {m[0]} is not the public one the server sees "
+                         f"({self.srflx[0] if self.srflx else '?'}): another NAT is in between; not advertised")
+        return {"nat_pmp": s}
+
+    # ------------------------------------------------------------------ birthday punching
+    def _bday_role(self, key: bytes) -> str | None:
+        n, peer = self.nat, self._bday_nat.get(key, {})
+        if n is None or not n.udp or peer.get("birthday") is False:   # the peer opted out
+            return None
+        return birthday.role(n.mapping, n.allocation, peer.get("mapping"), peer.get("allocation"))
+
+    def _bday_timer(self) -> float | None:
+        times = list(self._bday_check.values())
+        times += [t for b in self._bday.values() if (t := b.get_timer()) is not None]
+        return min(times) if times else None
+
+    def _bday_target(self, entry: PeerEntry, role: str) -> tuple | None:
+        """Hard role: the easy side's server-reflexive address; easy role: the hard side's (its IP)."""
+        for c in entry.path.remote_candidates:
+            if c.kind == "srflx":
+                return c.addr
+        return None
+
+    def _bday_tick(self, now: float) -> None:
+        for key, at in list(self._bday_check.items()):
+            if at > now:
+                continue
+            del self._bday_check[key]
+            entry = self.peers.get(key)
+            if entry is None or entry.path is None or entry.path.current_path is not None or not self.hard_nat:
+                continue   # never while a direct path works
+            role = self._bday_role(key)
+            if role is None or (target := self._bday_target(entry, role)) is None:
+                continue
+            b = self._bday.setdefault(key, birthday.BirthdayPunch(self.birthday_config))
+            if not b.may_start(now) or (role == birthday.HARD and self._bday_owner is not None):
+                continue
+            n = b.start(role, target, now)
+            if role == birthday.HARD:
+                self._bday_owner = key
+                self._open_bday_socks(n)
+            log.info("birthday punching toward %s as the %s side (%s)", entry.name, role,
+                     f"{n} sockets" if n else f"{self.birthday_config.probes} probes")
+        for key, b in list(self._bday.items()):
+            if b.state != birthday.ACTIVE:
+                continue
+            entry = self.peers.get(key)
+            t = b.get_timer()
+            if t is None or t > now or entry is None:
+                continue
+            due = b.due(now)
+            if b.role == birthday.EASY and due:
+                dg = entry.path.spray_ping(due[0], now)
+                self._out.extend((dg, a) for a in due)
+            elif b.role == birthday.HARD and due:
+                dg = entry.path.spray_ping(b.target, now)
+                for sock in self._bday_socks:
+                    sock.send_batch([(dg, b.target)])
+            if b.state != birthday.ACTIVE:
+                log.info("birthday punching toward %s: no hit after %d probes", entry.name, b.probes_sent)
+                if key == self._bday_owner:
+                    self._close_bday_socks()
+
+    def _open_bday_socks(self, n: int) -> None:
+        for _ in range(n):
+            try:
+                sock = bind_udp("0.0.0.0", 0, rcvbuf=1 << 16, sndbuf=1 << 16)
+            except OSError as e:    # out of descriptors or ports: go with what we have
+                log.warning("birthday punching: %d sockets only (%s)", len(self._bday_socks), e)
+                break
+            u = UdpSocket(sock, lambda view, addr: None, on_batch=self._flush, loop=self.loop, gro=False, gso=False)
+            u._on_datagram = lambda view, addr, u=u: self._on_bday_datagram(u, view, addr)
+            self._bday_socks.append(u)
+
+    def _close_bday_socks(self) -> None:
+        socks, self._bday_socks = self._bday_socks, []
+        self._bday_owner = None
+        for s in socks:
+            s.close()
+
+    def _on_bday_datagram(self, sock: UdpSocket, view: memoryview, addr) -> None:
+        """A datagram on one of the hard side's extra sockets: only the peer's discovery message from
+        the target address counts (a hit); that socket then carries everything to that address."""
+        key = self._bday_owner
+        b = self._bday.get(key) if key is not None else None
+        src = (addr[0], addr[1])
+        if b is None or b.state != birthday.ACTIVE or src != tuple(b.target) or view[:4] != disco_mod.MAGIC:
+            self.stats["not_ours"] += 1
+            return
+        try:
+            sender, msg = self.disco.open(bytes(view))
+        except disco_mod.DiscoError:
+            self.stats["disco_bad"] += 1
+            return
+        entry = self.peers.get(sender)
+        if sender != key or entry is None:
+            self.stats["not_ours"] += 1
+            return
+        self._bday_socks.remove(sock)
+        self._drop_winner(key)
+        sock._on_datagram = self._on_datagram      # from now on: like the main socket
+        self._via[src] = sock
+        self._winner[key] = (src, sock)
+        b.hit(self.now())
+        log.info("birthday punching toward %s: hit on local port %d after %.2f s", entry.name,
+                 sock.sock.getsockname()[1], b.last_time_to_hit)
+        self._close_bday_socks()
+        entry.path.receive(msg, src, self.now())
+        self._dirty_paths.add(entry)
+
+    def _bday_path_changed(self, key: bytes, path) -> None:
+        b = self._bday.get(key)
+        if path is not None and b is not None and b.state == birthday.ACTIVE:
+            b.hit(self.now())   # direct: this attempt (or ordinary punching) won
+            if key == self._bday_owner:
+                self._close_bday_socks()
+        w = self._winner.get(key)
+        if w is not None and path != w[0]:
+            self._drop_winner(key)
+
+    def _drop_winner(self, key: bytes) -> None:
+        w = self._winner.pop(key, None)
+        if w is not None:
+            self._via.pop(w[0], None)
+            w[1].close()
+
+    def _bday_forget(self, key: bytes) -> None:
+        self._bday_check.pop(key, None)
+        self._bday_nat.pop(key, None)
+        b = self._bday.pop(key, None)
+        if b is not None:
+            b.abort(self.now())
+        if key == self._bday_owner:
+            self._close_bday_socks()
+        self._drop_winner(key)
+
+    def birthday_stats(self) -> dict:
+        out = {"enabled": self.hard_nat, "attempts": 0, "hits": 0, "probes": 0, "sockets": 0,
+               "open_sockets": len(self._bday_socks) + len(self._winner)}
+        for b in self._bday.values():
+            for k in ("attempts", "hits", "probes", "sockets"):
+                out[k] += b.stats()[k]
+        return out
 
     # ------------------------------------------------------------------ status
     def peer_path(self, key: bytes) -> tuple[str | None, float | None]:
