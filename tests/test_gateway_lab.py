@@ -82,6 +82,8 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
     with natlab.NatLab() as nl:
         a = nl.add_site("a", "port_restricted", hosts=2)
         nl.add_site("b", "port_restricted")
+        nl.add_site("c", "full_cone")
+        nl.add_site("d", "port_restricted")
         lan_host = a.hosts[1].ip                      # a2: no overlay at all
         nl.popen("a2", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", lan_host], cwd=www, label="web")
         nl.popen("a2", ["python3", "-c", UDP_ECHO], label="echo")
@@ -90,7 +92,9 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             ol.start_server()
             gw = ol.start_node("a1", "gw", "--advertise-routes", "10.0.1.0/24,10.0.7.0/24")
             m = ol.start_node("b1", "member", "--http-proxy", "127.0.0.1:0")
-            ol.pair(gw, m, "home")
+            tun = ol.start_node("c1", "tunmember", "--tun")     # kernel routes to the LAN through ovl0
+            tap = ol.start_node("d1", "tapmember", "--tap")     # and ARP for LAN hosts answered locally
+            ol.pair(gw, m, "home", tun, tap)
             ol.wait(lambda: m.peer("gw") and m.peer("gw")["online"], 20, "member sees the gateway")
             socks, http = _proxy(m, "socks5"), _proxy(m, "http")
 
@@ -114,6 +118,13 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
             r = curl("-x", f"http://{http}", f"http://{lan_host}:{WEB_PORT}/index.html")
             assert r.stdout == "hello from the LAN\n", r.stdout + r.stderr
+            # TUN and TAP members: the kernel itself, no proxy, by LAN address
+            for node in (tun, tap):
+                ol.wait(lambda node=node: "10.0.1.0/24" in nl.run(node.host, ["ip", "route", "show", "dev", "ovl0"]).stdout,
+                        10, f"{node.name}: kernel route to the LAN")
+                r = nl.run(node.host, ["curl", "-sS", "--max-time", "20", f"http://{lan_host}:{WEB_PORT}/index.html"],
+                           check=False, timeout=30)
+                assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
 
             # a forward to the LAN host, TCP and UDP
             out = m.ok("forward", "18080", f"{lan_host}:{WEB_PORT}", "--json")
@@ -178,6 +189,8 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             # removing the route makes it unusable again
             gw.ok("admin", "routes", "home", "remove", "gw", "10.0.1.0/24")
             ol.wait(lambda: (m.peer("gw") or {}).get("routes") == [], 10, "route withdrawn")
+            ol.wait(lambda: "10.0.1.0/24" not in nl.run("c1", ["ip", "route", "show", "dev", "ovl0"]).stdout, 10,
+                    "kernel route withdrawn on the TUN member")
             r = curl("-x", f"http://{http}", f"http://{lan_host}:{WEB_PORT}/index.html")
             assert "no approved gateway route" in r.stdout, r.stdout
         finally:

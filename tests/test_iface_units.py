@@ -273,3 +273,12 @@ def test_split_completes_a_partial_checksum():
     out.clear()
     offload.split(offload.VNET_HDR.pack(0, 7, 0, 0, 0, 0) + bytes(p), out, st := offload.OffloadStats())
     assert out == [] and st.dropped == 1
+
+
+def test_arp_for_a_host_behind_a_gateway_peer_is_answered_as_a_router():
+    e = edge()
+    lan_host = b"\xc0\xa8\x01\x14"
+    assert e.from_device(arp_request(MY_MAC, ME, lan_host))[0] == eth.FLOOD   # no route: not ours to answer
+    e.routes = [ipaddress.IPv4Network("192.168.1.0/24")]
+    action, reply, _ = e.from_device(arp_request(MY_MAC, ME, lan_host))
+    assert action == eth.REPLY and reply[6:12] == eth.GATEWAY_MAC and reply[28:32] == lan_host

@@ -70,6 +70,7 @@ class TapEdge:
         self.key_of_mac: dict[bytes, bytes] = {}      # TAP members' MAC -> key
         self.mac_of_key: dict[bytes, bytes] = {}
         self._hdr_to_me: dict[bytes, bytes] = {}      # peer IP -> 14-byte header "to us, from it, IPv4"
+        self.routes: list[ipaddress.IPv4Network] = []  # prefixes reached through peers (gateways)
         self.stats = {"arp_answered": 0, "dropped": 0, "bad_frames": 0}
 
     def set_address(self, ip: str, pool: ipaddress.IPv4Network | None) -> None:
@@ -131,6 +132,9 @@ class TapEdge:
                 return REPLY, sha + mac + ETH_ARP + _ARP_HEAD + mac + tpa + sha + spa, None
             if self._in_pool(tpa):
                 return DROP, frame, None   # an overlay address nobody holds
+            if self.routes and any(ipaddress.IPv4Address(tpa) in n for n in self.routes):
+                self.stats["arp_answered"] += 1   # a host behind a gateway peer: we are its router
+                return REPLY, sha + GATEWAY_MAC + ETH_ARP + _ARP_HEAD + GATEWAY_MAC + tpa + sha + spa, None
         dst = frame[:6]
         if dst[0] & 1:
             return FLOOD, frame, None

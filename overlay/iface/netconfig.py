@@ -127,6 +127,14 @@ class NetConfig:
             log.warning("no route for %s through %s without admin rights: sudo ip route add %s dev %s",
                         dst, self.name, dst, self.name)
 
+    def remove_route(self, dst: str) -> None:
+        if dst in self.added_routes:
+            self.added_routes.remove(dst)
+            try:
+                self._run(lambda: self.ipr.route("del", dst=dst, oif=self.index))
+            except (self._NetlinkError, OSError):
+                pass
+
     def _try(self, op, missing: list[str]) -> bool:
         try:
             self._run(op)

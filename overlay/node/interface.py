@@ -17,6 +17,7 @@ import socket
 
 from overlay.iface import ethernet, offload
 from overlay.iface.ethernet import FLOOD, REPLY, SEND_IP, UNICAST, TapEdge, fmt_mac, node_mac
+from overlay.iface.netconfig import LIMITED_BROADCAST
 from overlay.iface.tuntap import DeviceError, TunTap, device_exists, open_device
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.inbound_filter import InboundFilter
@@ -42,6 +43,7 @@ class KernelInterface:
         self.created = False       # this process created the device (it goes when we close it)
         self.address: str | None = None
         self._ip: bytes | None = None   # our address, packed
+        self._network: ipaddress.IPv4Network | None = None
         self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0}
         # Offloads with the kernel (overlay.iface.offload); every read and write then carries a
         # virtio_net_hdr. "gro" (default): TCP runs coalesced into super-packets on write, plain
@@ -74,11 +76,8 @@ class KernelInterface:
         if self.net is None:
             self.net = NetConfig(self.name, self.kind, broadcast_route=self.broadcast_route)
         self.net.apply(address, network.prefixlen, INNER_MTU, fmt_mac(self.mac) if self.mac else None)
-        for entry in self.dp.peers.values():   # static WireGuard peers' prefixes beyond the pool
-            if entry.path is None:
-                for net in entry.allowed:
-                    if not net.subnet_of(network):
-                        self.net.add_route(str(net))
+        self._network = network
+        self._sync_routes()
         if address != self.address:
             log.info("%s holds %s/%d, MTU %d", self.name, address, network.prefixlen, self.net.mtu)
         self.address = address
@@ -95,10 +94,27 @@ class KernelInterface:
             self.dev = None
 
     def set_peers(self) -> None:
-        """The data plane's peers changed: refresh the TAP edge's MAC and ARP tables."""
+        """The data plane's peers changed: refresh the TAP edge's MAC and ARP tables and the kernel
+        routes toward prefixes that peers carry."""
         if self.edge:
             self.edge.set_peers((e.key, socket.inet_aton(e.vip), e.iface == "tap")
                                 for e in self.dp.peers.values() if e.path is not None)
+        self._sync_routes()
+
+    def _sync_routes(self) -> None:
+        """Route through the device every prefix the data plane routes to a peer outside the pool:
+        static WireGuard peers' allowed IPs and members' approved gateway routes (a TAP edge answers
+        ARP for them, as a router would)."""
+        if self.net is None or self._network is None:
+            return
+        want = [n for n, _ in self.dp.routes if not n.subnet_of(self._network)]
+        if self.edge:
+            self.edge.routes = want
+        names = {str(n) for n in want}
+        for dst in [d for d in self.net.added_routes if d not in names and d != LIMITED_BROADCAST]:
+            self.net.remove_route(dst)
+        for dst in names:
+            self.net.add_route(dst)
 
     def info(self) -> dict:
         return {"kind": self.kind, "name": self.name,
