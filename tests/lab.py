@@ -1,4 +1,4 @@
-"""Real-kernel lab helpers: network namespaces, veth pairs, nftables (see ../shared/natlab.md).
+"""Real-kernel lab helpers: network namespaces, veth pairs, nftables (the NAT recipes are in natlab.py).
 
 Every address used lives inside namespaces the test creates. Tests using this module are marked
 ``netns`` and skipped, with the reason, when not root or when a tool is missing.
