@@ -468,20 +468,26 @@ def main() -> int:
     ap.add_argument("--keep-profiles", type=Path, metavar="DIR", help="copy py-spy's raw stacks here")
     ap.add_argument("--deadline", type=float, default=290, help="abort (and clean up) after this many seconds")
     args = ap.parse_args()
+    return guarded("bench_forward", args.deadline, lambda: run(args))
+
+
+def guarded(name: str, deadline: float, body) -> int:
+    """Run a namespace benchmark's ``body``: skipped (0) without its tools, aborted with cleanup
+    after ``deadline`` seconds or on SIGTERM, a BenchError as one line and status 1."""
     reason = lab.lab_skip_reason("iperf3", "wireguard-go", "wg", "ping", "tun")
     if reason:
-        print(f"bench_forward skipped: {reason}")
+        print(f"{name} skipped: {reason}")
         return 0
 
     def too_long(signum, frame):
-        raise BenchError(f"over the {args.deadline:.0f} s deadline")
+        raise BenchError(f"over the {deadline:.0f} s deadline")
     signal.signal(signal.SIGALRM, too_long)
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(1))  # run the cleanup when killed
-    signal.alarm(int(args.deadline))
+    signal.alarm(int(deadline))
     try:
-        run(args)
+        body()
     except BenchError as e:
-        print(f"bench_forward failed: {e}", file=sys.stderr)
+        print(f"{name} failed: {e}", file=sys.stderr)
         return 1
     finally:
         signal.alarm(0)

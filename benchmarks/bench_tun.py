@@ -48,7 +48,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -340,24 +339,7 @@ def main() -> int:
     ap.add_argument("--keep-profiles", type=Path, metavar="DIR", help="copy py-spy's raw stacks here")
     ap.add_argument("--deadline", type=float, default=240, help="abort (and clean up) after this many seconds")
     args = ap.parse_args()
-    reason = lab.lab_skip_reason("iperf3", "wireguard-go", "wg", "ping", "tun")
-    if reason:
-        print(f"bench_tun skipped: {reason}")
-        return 0
-
-    def too_long(signum, frame):
-        raise BenchError(f"over the {args.deadline:.0f} s deadline")
-    signal.signal(signal.SIGALRM, too_long)
-    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(1))  # run the cleanup when killed
-    signal.alarm(int(args.deadline))
-    try:
-        run(args)
-    except BenchError as e:
-        print(f"bench_tun failed: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.alarm(0)
-    return 0
+    return bf.guarded("bench_tun", args.deadline, lambda: run(args))
 
 
 if __name__ == "__main__":
