@@ -129,6 +129,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                       "`overlay setup-interface`."),
        tap: bool = typer.Option(False, "--tap", help="Attach a TAP device (Ethernet: broadcast, multicast, "
                                                       "IPX; LAN games)."),
+       userspace: bool = typer.Option(False, "--userspace", help="No TUN/TAP device (the default), even if the "
+                                                                 "last `overlay up` had --tun or --tap."),
        dev: Optional[str] = typer.Option(None, "--dev", help="Name of the TUN/TAP device (ovl0)."),
        only_shared: Optional[bool] = typer.Option(None, "--only-shared/--all-inbound",
                                                   help="TUN/TAP: let peers reach only shared ports (plus replies "
@@ -185,14 +187,20 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
         fail(f"--keepalive {keepalive}: expected 7-600 seconds")
     address = address or cfg.get("address")
-    if tun and tap:
-        fail("--tun and --tap exclude each other: choose one")
-    interface = "tun" if tun else "tap" if tap else cfg.get("interface", "none")
+    if tun + tap + userspace > 1:
+        fail("--tun, --tap and --userspace exclude each other: choose one")
+    remembered = last.interface if not (tun or tap or userspace) and "interface" not in cfg else None
+    interface = ("tun" if tun else "tap" if tap else "none" if userspace else
+                 remembered["kind"] if remembered else cfg.get("interface", "none"))
     if interface not in ("tun", "tap", "none"):
         fail(f"config.toml: interface = {interface!r}: expected \"tun\", \"tap\" or \"none\"")
     interface = None if interface == "none" else interface
-    dev = dev or cfg.get("dev")
-    only_shared = only_shared if only_shared is not None else cfg.get("only_shared", False)
+    dev = dev or cfg.get("dev") or (remembered["dev"] if remembered else None)
+    only_shared = (only_shared if only_shared is not None else
+                   cfg["only_shared"] if "only_shared" in cfg else bool(remembered and remembered["only_shared"]))
+    if remembered:
+        err.print(f"note: --{interface}{' --dev ' + lit(dev) if dev else ''}{' --only-shared' if only_shared else ''}"
+                  " as last time (`overlay up --userspace` for no device)", highlight=False, soft_wrap=True)
     hard_nat = hard_nat if hard_nat is not None else cfg.get("hard_nat_punch", True)
     if not isinstance(only_shared, bool):
         fail("config.toml: only_shared must be true or false")

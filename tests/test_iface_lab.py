@@ -489,3 +489,43 @@ def test_stop_removes_what_it_added_to_a_persistent_device(world):
     finally:
         p.stop()
         w.nl.run(host, [*OVERLAY, "setup-interface", "--tun", "--dev", dev, "--user", "root", "--remove"])
+
+
+def test_interface_choice_is_remembered(world):
+    """`overlay up` alone runs with the device (kind, --dev, --only-shared) the last run had, says so,
+    and `--userspace` goes back to no device (and is remembered in turn)."""
+    w = world
+    host, home = "tb1", w.ol.tmp / "remembers"
+    p = _up(w, host, home, "remembers", "--tap", "--dev", "ovlr0", "--only-shared")
+    try:
+        w.ol.wait(lambda: "device ovlr0 created" in p.stderr(), 20, "device up")
+    finally:
+        p.stop()
+    assert json.loads((home / "prefs.json").read_text())["interface"] == {"kind": "tap", "dev": "ovlr0",
+                                                                          "only_shared": True}
+    p = _up(w, host, home, "remembers")
+    try:
+        w.ol.wait(lambda: "device ovlr0 created" in p.stderr(), 20, "device up again without the flags")
+        assert "note: --tap --dev ovlr0 --only-shared as last time" in p.stderr()
+        st = api_status(home)
+        assert st["interface"]["kind"] == "tap" and st["interface"]["name"] == "ovlr0"
+    finally:
+        p.stop()
+    p = _up(w, host, home, "remembers", "--userspace")
+    try:
+        w.ol.wait(lambda: _connected(home), 20, "userspace node connected")
+        assert api_status(home)["interface"] is None and "ovlr0" not in _links(w, host)
+    finally:
+        p.stop()
+    assert json.loads((home / "prefs.json").read_text())["interface"] is None
+    p = _up(w, host, home, "remembers")
+    try:
+        w.ol.wait(lambda: _connected(home), 20, "node connected")
+        assert api_status(home)["interface"] is None and "as last time" not in p.stderr()
+    finally:
+        p.stop()
+
+
+def api_status(home) -> dict:
+    from overlay.node import api
+    return api.call(home / "overlay.sock", "status", timeout=5)

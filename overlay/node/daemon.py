@@ -72,6 +72,7 @@ class Daemon:
         self.static_peers = [dict(p) for p in static_peers]
         self.dataplane.on_endpoints = self._repunch
         self.kernel_if: KernelInterface | None = None
+        self._iface_choice = (interface, dev, only_shared)   # remembered once the device is open
         if interface:
             self.kernel_if = KernelInterface(
                 interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
@@ -115,6 +116,7 @@ class Daemon:
             except DeviceError as e:
                 self.dataplane.close()
                 raise DaemonError(str(e)) from None
+        self.prefs.remember_interface(*self._iface_choice)
         try:
             await self._start_proxies()
         except (ListenError, ValueError) as e:

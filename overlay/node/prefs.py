@@ -1,7 +1,8 @@
 """What a node remembers between runs, in ``prefs.json`` in its home (0600, replaced atomically).
 
-- the server and name ``overlay up`` last ran with, so ``overlay up`` alone starts the node again
-  (options and config.toml still take precedence);
+- the server, name and interface (``--tun`` / ``--tap`` with its ``--dev`` and ``--only-shared``,
+  or none) ``overlay up`` last ran with, so ``overlay up`` alone starts the node again the same way
+  (options and config.toml still take precedence; ``--userspace`` goes back to no device);
 - the networks it went offline in (``overlay offline NET``), until ``overlay online NET``;
 - the shares and forwards added at run time (``overlay share`` / ``forward``), restored when the
   daemon starts and dropped by ``overlay unshare`` / ``unforward``. Those from config.toml are
@@ -32,7 +33,8 @@ class PrefsError(HomeError):
 class Prefs:
     def __init__(self, home_path: Path):
         self.path = Path(home_path) / PREFS_FILE
-        self.data: dict = {"server": None, "name": None, "shares": [], "forwards": [], "away": []}
+        self.data: dict = {"server": None, "name": None, "interface": None, "shares": [], "forwards": [],
+                          "away": []}
         if self.path.exists():
             try:
                 loaded = json.loads(self.path.read_text())
@@ -43,11 +45,17 @@ class Prefs:
                 forwards = [{"listen": int(f["listen"]), "peer": str(f["peer"]), "peer_port": int(f["peer_port"]),
                              "udp": bool(f.get("udp"))} for f in loaded.get("forwards", [])]
                 away = [str(n) for n in loaded.get("away", [])]
+                iface = loaded.get("interface")
+                if iface is not None:
+                    if not isinstance(iface, dict) or iface.get("kind") not in ("tun", "tap"):
+                        raise ValueError("interface: expected {\"kind\": \"tun\"|\"tap\", ...} or null")
+                    iface = {"kind": iface["kind"], "dev": None if iface.get("dev") is None else str(iface["dev"]),
+                             "only_shared": bool(iface.get("only_shared"))}
             except (OSError, ValueError, TypeError, KeyError) as e:
                 raise PrefsError(f"{self.path}: unreadable ({e}); fix or delete it (it holds the last server, "
                                  "name, shares and forwards)") from None
-            self.data.update(server=loaded.get("server"), name=loaded.get("name"), shares=shares,
-                             forwards=forwards, away=away)
+            self.data.update(server=loaded.get("server"), name=loaded.get("name"), interface=iface,
+                             shares=shares, forwards=forwards, away=away)
 
     @property
     def server(self) -> str | None:
@@ -56,6 +64,18 @@ class Prefs:
     @property
     def name(self) -> str | None:
         return self.data["name"]
+
+    @property
+    def interface(self) -> dict | None:
+        """The device the node last ran with: {"kind": "tun"|"tap", "dev": name or None,
+        "only_shared": bool}, or None (userspace)."""
+        return dict(self.data["interface"]) if self.data["interface"] else None
+
+    def remember_interface(self, kind: str | None, dev: str | None, only_shared: bool) -> None:
+        iface = {"kind": kind, "dev": dev, "only_shared": only_shared} if kind else None
+        if self.data["interface"] != iface:
+            self.data["interface"] = iface
+            self._save()
 
     @property
     def shares(self) -> list[dict]:
