@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
@@ -64,7 +64,10 @@ def _password(password: Optional[str]) -> str:
 
 # ---------------------------------------------------------------------------- server and node
 @app.command()
-def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:PORT for TCP control and UDP."),
+def server(listen: Optional[List[str]] = typer.Option(
+               None, "--listen", help="HOST:PORT for TCP control and UDP (default 0.0.0.0:7777). Repeat it "
+                                      "for more addresses on the same port, e.g. --listen 0.0.0.0:7777 "
+                                      "--listen [2001:db8::1]:7777 for IPv6 too (IPv6 sockets are IPv6 only)."),
            data: Path = typer.Option(..., "--data", help="Directory for the server key and database."),
            pool: str = typer.Option("100.64.0.0/10", "--pool", help="Virtual IPv4 pool (CIDR)."),
            relay_rate: int = typer.Option(2048, "--relay-rate", help="Relay bandwidth cap per node, KiB/s."),
@@ -82,11 +85,15 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
 
     from overlay.node.control_client import parse_hostport
     from overlay.server.app import run_server
+    listen = listen or ["0.0.0.0:7777"]
     try:
-        host, port = parse_hostport(listen)
+        addrs = [parse_hostport(text) for text in listen]
         ipaddress.IPv4Network(pool)
     except ValueError as e:
         fail(str(e))
+    hosts, port = [h for h, _ in addrs], addrs[0][1]
+    if any(p != port for _, p in addrs) or len(set(hosts)) != len(hosts):
+        fail("every --listen address takes the same port, each address once")
     if max_connections < 1 or max_per_address < 1:
         fail("--max-connections and --max-per-address must be at least 1")
     try:
@@ -97,10 +104,10 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         fail(f"cannot use data directory {data}: {e.strerror or e}")
     _logging(log_level)
     try:
-        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
+        asyncio.run(run_server(data, hosts, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
                                max_per_address))
     except OSError as e:
-        fail(f"cannot listen on {listen}: {e.strerror or e}")
+        fail(f"cannot listen on {', '.join(listen)}: {e.strerror or e}")
     except KeyboardInterrupt:
         pass
 

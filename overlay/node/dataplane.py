@@ -31,9 +31,10 @@ from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
 from overlay.nat import birthday, natpmp, stun
-from overlay.nat.candidate import Candidate
+from overlay.nat.candidate import AddressError, Candidate, format_addr, parse_addr
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
+from overlay.node import ipv6
 from overlay.relay import frames
 from overlay.wire.device import Device
 from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
@@ -97,7 +98,7 @@ def interface_addresses(exclude_ifaces: tuple[str, ...] = (),
 
 
 def _fmt(addr) -> str:
-    return "relay" if isinstance(addr, RelayAddr) else f"{addr[0]}:{addr[1]}"
+    return "relay" if isinstance(addr, RelayAddr) else format_addr(addr)
 
 
 class PeerEntry:
@@ -186,6 +187,13 @@ class DataPlane:
         self._bday_socks: list[UdpSocket] = []
         self._via: dict[tuple, UdpSocket] = {}
         self._winner: dict[bytes, tuple[tuple, UdpSocket]] = {}
+        # IPv6 (``overlay.node.ipv6``): a second socket beside the IPv4 one, and STUN to the
+        # server's UDP endpoint in the other address family than ``server_udp`` (IPv6 when the
+        # node reaches the server over IPv4, and the reverse), which gives that family's srflx
+        self.udp6: UdpSocket | None = None
+        self.server_other: tuple[str, int] | None = None
+        self.srflx_other: tuple[str, int] | None = None
+        self._stun_other: stun.StunTransaction | None = None
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
                       "group_capped": 0}
 
@@ -195,7 +203,11 @@ class DataPlane:
         sock = bind_udp("0.0.0.0", self.port)
         self.port = sock.getsockname()[1]
         self.udp = UdpSocket(sock, self._on_datagram, on_batch=self._flush, loop=self.loop)
-        log.info("data plane on UDP port %d", self.port)
+        sock6 = ipv6.open_udp6(self.port)
+        if sock6 is not None:
+            self.udp6 = UdpSocket(sock6, self._on_datagram6, on_batch=self._flush, loop=self.loop)
+        log.info("data plane on UDP port %d%s", self.port,   # IPv6 said only where there is some
+                 f" (IPv6 port {sock6.getsockname()[1]})" if sock6 is not None and ipv6.global_addresses() else "")
 
     def close(self) -> None:
         if self._timer:
@@ -207,33 +219,69 @@ class DataPlane:
             self._drop_winner(key)
         if self.udp:
             self.udp.close()
+        if self.udp6:
+            self.udp6.close()
 
     def now(self) -> float:
         return self.loop.time()
 
     # ------------------------------------------------------------------ configuration from the control plane
     def set_server(self, host: str, udp_port: int, token: bytes, stun_ports: list[int] | None = None,
-                   stun_alt_ip: str | None = None) -> None:
+                   stun_alt_ip: str | None = None, udp_addrs: list[str] | None = None) -> None:
+        """``host``: the address the control connection reached (relay and NAT probe go there);
+        ``udp_addrs``: the server's UDP endpoints it announced (one of the other address family is
+        used for STUN: the node's public address in that family)."""
         try:
-            ip = socket.getaddrinfo(host, udp_port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+            infos = socket.getaddrinfo(host, udp_port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
         except socket.gaierror as e:
             log.warning("cannot resolve server %s for UDP: %s", host, e)
             return
+        v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+        ip = v4[0] if v4 else infos[0][4][0]
         self.server_udp = (ip, udp_port)
         self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
+        self.server_other = self._other_family_server(host, ip, udp_port, udp_addrs or [])
         self.udp_token = token
         self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
         if self._pmp is None and not self.server_is_loopback and (gw := natpmp.default_gateway()):
             self._pmp = natpmp.NatPmp(gw, self.port, self.now())
         servers = [(ip, p) for p in (stun_ports or [udp_port])]
-        if stun_alt_ip:
+        if stun_alt_ip and (":" in stun_alt_ip) == (":" in ip):
             servers.append((stun_alt_ip, udp_port))
         self._probe_servers = servers[:8]
         self.start_probe()
 
+    def _other_family_server(self, host: str, ip: str, port: int, announced: list[str]) -> tuple[str, int] | None:
+        """The server's UDP endpoint in the other address family than ``ip``: one it announced,
+        else (a host name) its other DNS record; None without a socket or address for that family."""
+        want6 = ":" not in ip
+        if want6 and (self.udp6 is None or self.server_is_loopback or not ipv6.global_addresses(self.own_ifaces)):
+            return None
+        for text in announced:
+            try:
+                a = parse_addr(text)
+            except AddressError:
+                continue
+            if (":" in a[0]) == want6:
+                return a
+        try:
+            ipaddress.ip_address(host)
+            return None     # an address literal has no records of the other family
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET6 if want6 else socket.AF_INET, socket.SOCK_DGRAM)
+        except socket.gaierror:
+            return None
+        return (infos[0][4][0], port) if infos else None
+
     def start_probe(self) -> asyncio.Future:
         """(Re)learn our public address and NAT behaviour from the server's STUN ports."""
+        if self.server_other is not None and (self._stun_other is None or self._stun_other.done):
+            self._stun_other = stun.StunTransaction(self.server_other, self.now(), rto=0.3, rc=4, rm=4)
+            self._out.extend(self._stun_other.datagrams_to_send(self.now()))
+            self._schedule_flush()
         fut = self.loop.create_future()
         if not self._probe_servers:
             fut.set_result(None)
@@ -247,12 +295,23 @@ class DataPlane:
         return fut
 
     def _local_toward_server(self) -> tuple[str, int]:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        v6 = ":" in self.server_udp[0]
+        port = self.udp6.local_address[1] if v6 and self.udp6 is not None else self.port
+        with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 s.connect(self.server_udp)
-                return s.getsockname()[0], self.port
+                return s.getsockname()[0], port
             except OSError:
-                return "0.0.0.0", self.port
+                return ("::" if v6 else "0.0.0.0"), port
+
+    def _stun_other_finished(self) -> None:
+        tx = self._stun_other
+        if tx.result is not None and tx.result != self.srflx_other:
+            self.srflx_other = tx.result
+            log.info("server sees this node at %s over IPv%s", format_addr(tx.result), 6 if ":" in tx.result[0] else 4)
+            if self.srflx:
+                self._publish_endpoints()
+                self.on_endpoints()
 
     def _probe_finished(self) -> None:
         probe, self._probe = self._probe, None
@@ -269,7 +328,7 @@ class DataPlane:
             return
         if report.public != self.srflx:
             self.srflx = report.public
-            log.info("server sees this node at %s:%d (NAT mapping %s%s)", report.public[0], report.public[1],
+            log.info("server sees this node at %s (NAT mapping %s%s)", format_addr(report.public),
                      report.mapping, f", {report.allocation.lower()} ports" if report.allocation else "")
             self._publish_endpoints()
             self.on_endpoints()
@@ -288,6 +347,9 @@ class DataPlane:
             if self.nat is not None and self.nat.predictable:
                 for p in self.nat.gap_ports() + self.nat.predicted_ports(PREDICTED_PORTS):
                     cands.append({"addr": f"{self.srflx[0]}:{p}", "kind": "predicted"})
+        if not self.server_is_loopback:
+            at = (1 + (self.port_mapped() is not None)) if self.srflx else 0
+            cands[at:at] = self._ipv6_candidates()
         seen, unique = set(), []
         for c in cands:
             if c["addr"] not in seen:
@@ -295,11 +357,34 @@ class DataPlane:
                 unique.append(c)
         return unique[:16]
 
+    def _ipv6_candidates(self) -> list[dict]:
+        """Our public address in the other family (STUN), then our global IPv6 interface
+        addresses on the IPv6 socket's port (none without IPv6)."""
+        out = []
+        if self.srflx_other is not None:
+            out.append({"addr": format_addr(self.srflx_other), "kind": "srflx"})
+        if self.udp6 is not None:
+            port6 = self.udp6.local_address[1]
+            for a in ipv6.global_addresses(self.own_ifaces):
+                out.append({"addr": format_addr((a, port6)), "kind": "lan"})
+        return out[:ipv6.MAX_ADDRESSES + 1]
+
+    def ipv6_summary(self) -> dict:
+        """What IPv6 this node has (``status`` / ``netcheck``): socket port, global addresses,
+        the server's IPv6 STUN endpoint and what it saw."""
+        v6_primary = self.server_udp is not None and ":" in self.server_udp[0]
+        server6 = self.server_udp if v6_primary else self.server_other
+        public6 = self.srflx if v6_primary else self.srflx_other
+        return {"port": self.udp6.local_address[1] if self.udp6 is not None else None,
+                "addresses": ipv6.global_addresses(self.own_ifaces) if self.udp6 is not None else [],
+                "server": format_addr(server6) if server6 and ":" in server6[0] else None,
+                "public": format_addr(public6) if public6 and ":" in public6[0] else None}
+
     def nat_summary(self) -> dict:
         n = self.nat
         if n is None:
             return {}
-        return {"udp": n.udp, "public": f"{n.public[0]}:{n.public[1]}" if n.public else None,
+        return {"udp": n.udp, "public": format_addr(n.public) if n.public else None,
                 "behind_nat": n.behind_nat, "mapping": n.mapping,
                 "varies_by_destination": n.varies_by_destination, "allocation": n.allocation,
                 "sequential": n.allocation == SEQUENTIAL if n.allocation else None,
@@ -405,10 +490,9 @@ class DataPlane:
             return
         cands = []
         for c in ev.get("candidates", []):
-            host, _, port = c["addr"].rpartition(":")
             try:
-                cands.append(Candidate((host, int(port)), c["kind"]))
-            except (ValueError, TypeError):
+                cands.append(Candidate(parse_addr(c["addr"]), c["kind"]))
+            except (ValueError, TypeError, KeyError):
                 continue
         entry.path.set_remote_candidates(cands)
         entry.path.start_punch(self.now())
@@ -481,6 +565,10 @@ class DataPlane:
                 self.device.send(entry.key, pkt, now)
 
     # ------------------------------------------------------------------ input
+    def _on_datagram6(self, view: memoryview, addr) -> None:
+        """The IPv6 socket: its 4-tuple addresses become the plain (host, port) the rest keys on."""
+        self._on_datagram(view, (addr[0], addr[1]))
+
     def _on_datagram(self, view: memoryview, addr) -> None:
         if len(view) < 4:
             self.stats["not_ours"] += 1
@@ -498,8 +586,11 @@ class DataPlane:
             self._schedule_flush()
         elif stun.is_stun(view):
             probe = self._probe
-            if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()) and probe.done:
-                self._probe_finished()
+            if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()):
+                if probe.done:
+                    self._probe_finished()
+            elif (tx := self._stun_other) is not None and tx.receive(bytes(view), (addr[0], addr[1]), self.now()):
+                self._stun_other_finished()
         else:
             self.stats["not_ours"] += 1
 
@@ -632,6 +723,11 @@ class DataPlane:
                 self._via[addr].send_batch([(data, addr)])
             else:
                 batch.append((data, addr))
+        if batch and self.udp6 is not None:
+            v6 = [d for d in batch if ":" in d[1][0]]   # the socket goes by the address family
+            if v6:
+                batch = [d for d in batch if ":" not in d[1][0]]
+                self.udp6.send_batch(v6)
         if batch and self.udp:
             self.udp.send_batch(batch)
 
@@ -643,7 +739,8 @@ class DataPlane:
             self._paths_stale = False
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
                              self._probe.get_timer() if self._probe else None, self._bday_timer(),
-                             self._pmp.get_timer() if self._pmp else None)
+                             self._pmp.get_timer() if self._pmp else None,
+                             self._stun_other.get_timer() if self._stun_other else None)
                  if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
@@ -686,6 +783,12 @@ class DataPlane:
             self._out.extend(probe.datagrams_to_send(now))
             if probe.done:
                 self._probe_finished()
+        tx = self._stun_other
+        if tx is not None and not tx.done:
+            t = tx.get_timer()
+            if t is not None and t <= now:
+                tx.handle_timer(now)
+            self._out.extend(tx.datagrams_to_send(now))
         if self._paths_at is not None and self._paths_at <= now:
             for entry in self.peers.values():
                 if entry.path is None:
@@ -702,6 +805,8 @@ class DataPlane:
 
     def _publish_endpoints(self) -> None:
         nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
+        if self.server_udp is not None and ":" in self.server_udp[0]:
+            nat = {}   # classified over IPv6: says nothing about an IPv4 NAT (birthday punching)
         nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
         self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
 
@@ -753,7 +858,7 @@ class DataPlane:
     def _bday_target(self, entry: PeerEntry, role: str) -> tuple | None:
         """Hard role: the easy side's server-reflexive address; easy role: the hard side's (its IP)."""
         for c in entry.path.remote_candidates:
-            if c.kind == "srflx":
+            if c.kind == "srflx" and ":" not in c.addr[0]:
                 return c.addr
         return None
 
