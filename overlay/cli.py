@@ -484,6 +484,13 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         out.print(f"port mapping (NAT-PMP):   {lit(state)}")
         if pmp.get("note"):
             out.print(f"                          {lit(pmp['note'])}")
+    v6 = r.get("ipv6") or {}
+    if v6.get("port") is None or not v6.get("addresses"):
+        out.print("IPv6:                     none (no global IPv6 address)")
+    else:
+        out.print(f"IPv6:                     {lit(', '.join(v6['addresses']))}  (UDP port {lit(v6['port'])})")
+        out.print("IPv6 to the server:       " + (f"{lit(v6['public'])} seen by {lit(v6['server'])}" if v6.get("public")
+                  else f"no answer from {lit(v6['server'])}" if v6.get("server") else "the server has no IPv6 address"))
     out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 
