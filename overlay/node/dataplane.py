@@ -489,11 +489,15 @@ class DataPlane:
         if entry is None or entry.path is None:
             return
         cands = []
+        v6 = self.udp6 is not None and bool(
+            (self.server_udp is not None and ":" in self.server_udp[0]) or ipv6.global_addresses(self.own_ifaces))
         for c in ev.get("candidates", []):
             try:
-                cands.append(Candidate(parse_addr(c["addr"]), c["kind"]))
+                cand = Candidate(parse_addr(c["addr"]), c["kind"])
             except (ValueError, TypeError, KeyError):
                 continue
+            if v6 or ":" not in cand.addr[0]:   # without IPv6 of our own its probes would be wasted
+                cands.append(cand)
         entry.path.set_remote_candidates(cands)
         entry.path.start_punch(self.now())
         if isinstance(ev.get("nat"), dict):
