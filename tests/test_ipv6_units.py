@@ -14,7 +14,7 @@ from overlay.control.rawclient import RawClient
 from overlay.nat import stun
 from overlay.nat.candidate import AddressError, format_addr, is_global_ipv6, parse_addr
 from overlay.node.dataplane import DataPlane, _fmt
-from overlay.node.ipv6 import parse_if_inet6
+from overlay.node.ipv6 import Ipv6Side, parse_if_inet6
 from overlay.relay import frames
 from overlay.server.app import MediationServer
 from test_node_dataplane import icmp
@@ -124,11 +124,11 @@ def test_tunnel_between_data_planes_over_ipv6():
         got: list = []
         b.inner_sink = got.extend
         try:
-            assert a.udp6 is not None and b.udp6 is not None
-            assert a.udp6.local_address[1] == a.port   # the IPv4 socket's number, when free
-            a.add_static_peer(b.public_key, name="b", endpoint=("::1", b.udp6.local_address[1]),
+            assert a.v6.udp is not None and b.v6.udp is not None
+            assert a.v6.udp.local_address[1] == a.port   # the IPv4 socket's number, when free
+            a.add_static_peer(b.public_key, name="b", endpoint=("::1", b.v6.udp.local_address[1]),
                               allowed_ips=["10.0.0.2/32"])
-            b.add_static_peer(a.public_key, name="a", endpoint=("::1", a.udp6.local_address[1]),
+            b.add_static_peer(a.public_key, name="a", endpoint=("::1", a.v6.udp.local_address[1]),
                               allowed_ips=["10.0.0.1/32"])
             a.send_packets([icmp("10.0.0.1", "10.0.0.2")])   # handshake, then the packet
             for _ in range(100):
@@ -136,9 +136,33 @@ def test_tunnel_between_data_planes_over_ipv6():
                     break
                 await asyncio.sleep(0.02)
             assert [p[12:16] for p in got] == [socket.inet_aton("10.0.0.1")]
-            assert a.udp6.stats["tx"] >= 2 and a.udp.stats["tx"] == 0   # all over IPv6
+            assert a.v6.udp.stats["tx"] >= 2 and a.udp.stats["tx"] == 0   # all over IPv6
             assert b.peer_path(a.public_key)[0].startswith("direct [::1]:")
         finally:
             a.close()
             b.close()
     asyncio.run(main())
+
+
+def test_stun_in_the_other_family_for_a_node_on_ipv6():
+    """A node that reaches the server over IPv6 asks the IPv4 endpoint the server announced what
+    its IPv4 address is, and offers that as a candidate (sans-I/O part of ``Ipv6Side``)."""
+    side = Ipv6Side()
+    side.set_server("2001:db8::7", "2001:db8::7", 7777, ["[2001:db8::7]:7777", "bad", "198.51.100.7:7777"], False)
+    assert side.server_other == ("198.51.100.7", 7777)
+    [(req, dest)] = side.start_stun(10.0)
+    assert dest == ("198.51.100.7", 7777) and stun.is_stun(req)
+    assert side.start_stun(10.1) == []                 # one transaction at a time
+    assert side.on_timer(10.31) == [(req, dest)]       # retransmitted after its RTO
+    assert not side.receive_stun(stun.binding_response(req, ("203.0.113.9", 5)), ("198.51.100.8", 7777), 10.4)
+    assert side.receive_stun(stun.binding_response(req, ("203.0.113.9", 5)), dest, 10.4)
+    assert side.srflx_other == ("203.0.113.9", 5) and side.changed
+    assert side.candidates() == [{"addr": "203.0.113.9:5", "kind": "srflx"}]
+    assert side.summary(("2001:db8::7", 7777), ("2001:db8:1::2", 41641)) == {
+        "port": None, "addresses": [], "server": "[2001:db8::7]:7777", "public": "[2001:db8:1::2]:41641"}
+    batch = [(b"x", ("2001:db8::1", 1)), (b"y", ("198.51.100.1", 2))]
+    assert side.send_own(batch) is batch               # no IPv6 socket: everything stays
+    # an address literal with nothing announced in the other family: no STUN there
+    other = Ipv6Side()
+    other.set_server("2001:db8::7", "2001:db8::7", 7777, ["[2001:db8::7]:7777"], False)
+    assert other.server_other is None and other.start_stun(0.0) == [] and other.timer() is None

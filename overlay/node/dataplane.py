@@ -31,7 +31,7 @@ from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
 from overlay.nat import birthday, natpmp, stun
-from overlay.nat.candidate import AddressError, Candidate, format_addr, parse_addr
+from overlay.nat.candidate import Candidate, format_addr, parse_addr
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
 from overlay.node import ipv6
@@ -187,13 +187,9 @@ class DataPlane:
         self._bday_socks: list[UdpSocket] = []
         self._via: dict[tuple, UdpSocket] = {}
         self._winner: dict[bytes, tuple[tuple, UdpSocket]] = {}
-        # IPv6 (``overlay.node.ipv6``): a second socket beside the IPv4 one, and STUN to the
-        # server's UDP endpoint in the other address family than ``server_udp`` (IPv6 when the
-        # node reaches the server over IPv4, and the reverse), which gives that family's srflx
-        self.udp6: UdpSocket | None = None
-        self.server_other: tuple[str, int] | None = None
-        self.srflx_other: tuple[str, int] | None = None
-        self._stun_other: stun.StunTransaction | None = None
+        # IPv6 (``overlay.node.ipv6``): a second socket beside the IPv4 one, and STUN in the
+        # other address family than ``server_udp``'s
+        self.v6 = ipv6.Ipv6Side()
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
                       "group_capped": 0}
 
@@ -203,11 +199,8 @@ class DataPlane:
         sock = bind_udp("0.0.0.0", self.port)
         self.port = sock.getsockname()[1]
         self.udp = UdpSocket(sock, self._on_datagram, on_batch=self._flush, loop=self.loop)
-        sock6 = ipv6.open_udp6(self.port)
-        if sock6 is not None:
-            self.udp6 = UdpSocket(sock6, self._on_datagram6, on_batch=self._flush, loop=self.loop)
-        log.info("data plane on UDP port %d%s", self.port,   # IPv6 said only where there is some
-                 f" (IPv6 port {sock6.getsockname()[1]})" if sock6 is not None and ipv6.global_addresses() else "")
+        log.info("data plane on UDP port %d", self.port)
+        self.v6.open(self.port, self._on_datagram, self._flush, self.loop)
 
     def close(self) -> None:
         if self._timer:
@@ -219,8 +212,7 @@ class DataPlane:
             self._drop_winner(key)
         if self.udp:
             self.udp.close()
-        if self.udp6:
-            self.udp6.close()
+        self.v6.close()
 
     def now(self) -> float:
         return self.loop.time()
@@ -240,7 +232,7 @@ class DataPlane:
         ip = v4[0] if v4 else infos[0][4][0]
         self.server_udp = (ip, udp_port)
         self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
-        self.server_other = self._other_family_server(host, ip, udp_port, udp_addrs or [])
+        self.v6.set_server(host, ip, udp_port, udp_addrs or [], self.server_is_loopback, self.own_ifaces)
         self.udp_token = token
         self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
@@ -252,35 +244,10 @@ class DataPlane:
         self._probe_servers = servers[:8]
         self.start_probe()
 
-    def _other_family_server(self, host: str, ip: str, port: int, announced: list[str]) -> tuple[str, int] | None:
-        """The server's UDP endpoint in the other address family than ``ip``: one it announced,
-        else (a host name) its other DNS record; None without a socket or address for that family."""
-        want6 = ":" not in ip
-        if want6 and (self.udp6 is None or self.server_is_loopback or not ipv6.global_addresses(self.own_ifaces)):
-            return None
-        for text in announced:
-            try:
-                a = parse_addr(text)
-            except AddressError:
-                continue
-            if (":" in a[0]) == want6:
-                return a
-        try:
-            ipaddress.ip_address(host)
-            return None     # an address literal has no records of the other family
-        except ValueError:
-            pass
-        try:
-            infos = socket.getaddrinfo(host, port, socket.AF_INET6 if want6 else socket.AF_INET, socket.SOCK_DGRAM)
-        except socket.gaierror:
-            return None
-        return (infos[0][4][0], port) if infos else None
-
     def start_probe(self) -> asyncio.Future:
         """(Re)learn our public address and NAT behaviour from the server's STUN ports."""
-        if self.server_other is not None and (self._stun_other is None or self._stun_other.done):
-            self._stun_other = stun.StunTransaction(self.server_other, self.now(), rto=0.3, rc=4, rm=4)
-            self._out.extend(self._stun_other.datagrams_to_send(self.now()))
+        if out := self.v6.start_stun(self.now()):
+            self._out.extend(out)
             self._schedule_flush()
         fut = self.loop.create_future()
         if not self._probe_servers:
@@ -296,22 +263,13 @@ class DataPlane:
 
     def _local_toward_server(self) -> tuple[str, int]:
         v6 = ":" in self.server_udp[0]
-        port = self.udp6.local_address[1] if v6 and self.udp6 is not None else self.port
+        port = self.v6.port if v6 and self.v6.port else self.port
         with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 s.connect(self.server_udp)
                 return s.getsockname()[0], port
             except OSError:
                 return ("::" if v6 else "0.0.0.0"), port
-
-    def _stun_other_finished(self) -> None:
-        tx = self._stun_other
-        if tx.result is not None and tx.result != self.srflx_other:
-            self.srflx_other = tx.result
-            log.info("server sees this node at %s over IPv%s", format_addr(tx.result), 6 if ":" in tx.result[0] else 4)
-            if self.srflx:
-                self._publish_endpoints()
-                self.on_endpoints()
 
     def _probe_finished(self) -> None:
         probe, self._probe = self._probe, None
@@ -349,7 +307,7 @@ class DataPlane:
                     cands.append({"addr": f"{self.srflx[0]}:{p}", "kind": "predicted"})
         if not self.server_is_loopback:
             at = (1 + (self.port_mapped() is not None)) if self.srflx else 0
-            cands[at:at] = self._ipv6_candidates()
+            cands[at:at] = self.v6.candidates(self.own_ifaces)
         seen, unique = set(), []
         for c in cands:
             if c["addr"] not in seen:
@@ -357,28 +315,8 @@ class DataPlane:
                 unique.append(c)
         return unique[:16]
 
-    def _ipv6_candidates(self) -> list[dict]:
-        """Our public address in the other family (STUN), then our global IPv6 interface
-        addresses on the IPv6 socket's port (none without IPv6)."""
-        out = []
-        if self.srflx_other is not None:
-            out.append({"addr": format_addr(self.srflx_other), "kind": "srflx"})
-        if self.udp6 is not None:
-            port6 = self.udp6.local_address[1]
-            for a in ipv6.global_addresses(self.own_ifaces):
-                out.append({"addr": format_addr((a, port6)), "kind": "lan"})
-        return out[:ipv6.MAX_ADDRESSES + 1]
-
     def ipv6_summary(self) -> dict:
-        """What IPv6 this node has (``status`` / ``netcheck``): socket port, global addresses,
-        the server's IPv6 STUN endpoint and what it saw."""
-        v6_primary = self.server_udp is not None and ":" in self.server_udp[0]
-        server6 = self.server_udp if v6_primary else self.server_other
-        public6 = self.srflx if v6_primary else self.srflx_other
-        return {"port": self.udp6.local_address[1] if self.udp6 is not None else None,
-                "addresses": ipv6.global_addresses(self.own_ifaces) if self.udp6 is not None else [],
-                "server": format_addr(server6) if server6 and ":" in server6[0] else None,
-                "public": format_addr(public6) if public6 and ":" in public6[0] else None}
+        return self.v6.summary(self.server_udp, self.srflx, self.own_ifaces)
 
     def nat_summary(self) -> dict:
         n = self.nat
@@ -489,8 +427,7 @@ class DataPlane:
         if entry is None or entry.path is None:
             return
         cands = []
-        v6 = self.udp6 is not None and bool(
-            (self.server_udp is not None and ":" in self.server_udp[0]) or ipv6.global_addresses(self.own_ifaces))
+        v6 = self.v6.usable(self.server_udp, self.own_ifaces)
         for c in ev.get("candidates", []):
             try:
                 cand = Candidate(parse_addr(c["addr"]), c["kind"])
@@ -569,10 +506,6 @@ class DataPlane:
                 self.device.send(entry.key, pkt, now)
 
     # ------------------------------------------------------------------ input
-    def _on_datagram6(self, view: memoryview, addr) -> None:
-        """The IPv6 socket: its 4-tuple addresses become the plain (host, port) the rest keys on."""
-        self._on_datagram(view, (addr[0], addr[1]))
-
     def _on_datagram(self, view: memoryview, addr) -> None:
         if len(view) < 4:
             self.stats["not_ours"] += 1
@@ -593,8 +526,11 @@ class DataPlane:
             if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()):
                 if probe.done:
                     self._probe_finished()
-            elif (tx := self._stun_other) is not None and tx.receive(bytes(view), (addr[0], addr[1]), self.now()):
-                self._stun_other_finished()
+            elif self.v6.receive_stun(bytes(view), (addr[0], addr[1]), self.now()) and self.v6.changed:
+                self.v6.changed = False
+                if self.srflx:
+                    self._publish_endpoints()
+                    self.on_endpoints()
         else:
             self.stats["not_ours"] += 1
 
@@ -727,11 +663,8 @@ class DataPlane:
                 self._via[addr].send_batch([(data, addr)])
             else:
                 batch.append((data, addr))
-        if batch and self.udp6 is not None:
-            v6 = [d for d in batch if ":" in d[1][0]]   # the socket goes by the address family
-            if v6:
-                batch = [d for d in batch if ":" not in d[1][0]]
-                self.udp6.send_batch(v6)
+        if batch:
+            batch = self.v6.send_own(batch)     # IPv6 addresses leave through the IPv6 socket
         if batch and self.udp:
             self.udp.send_batch(batch)
 
@@ -744,7 +677,7 @@ class DataPlane:
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
                              self._probe.get_timer() if self._probe else None, self._bday_timer(),
                              self._pmp.get_timer() if self._pmp else None,
-                             self._stun_other.get_timer() if self._stun_other else None)
+                             self.v6.timer())
                  if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
@@ -787,12 +720,7 @@ class DataPlane:
             self._out.extend(probe.datagrams_to_send(now))
             if probe.done:
                 self._probe_finished()
-        tx = self._stun_other
-        if tx is not None and not tx.done:
-            t = tx.get_timer()
-            if t is not None and t <= now:
-                tx.handle_timer(now)
-            self._out.extend(tx.datagrams_to_send(now))
+        self._out.extend(self.v6.on_timer(now))
         if self._paths_at is not None and self._paths_at <= now:
             for entry in self.peers.values():
                 if entry.path is None:
