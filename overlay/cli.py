@@ -277,13 +277,16 @@ def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
 def _static_peer(p: dict) -> dict:
     """A [[peer]] table from config.toml: public_key, endpoint, allowed_ips, name, persistent_keepalive."""
     from overlay.control.messages import key_from_text
+    from overlay.nat.candidate import normalize
     from overlay.node.control_client import parse_hostport
     if not isinstance(p, dict) or "public_key" not in p or "allowed_ips" not in p:
         raise ValueError("[[peer]] needs public_key and allowed_ips")
     key = key_from_text(p["public_key"])
     endpoint = parse_hostport(p["endpoint"]) if p.get("endpoint") else None
-    if endpoint:
-        endpoint = (socket.gethostbyname(endpoint[0]), endpoint[1])
+    if endpoint:   # an IPv6 endpoint ([2001:db8::1]:51820) goes through the node's IPv6 socket
+        infos = socket.getaddrinfo(endpoint[0], endpoint[1], socket.AF_UNSPEC, socket.SOCK_DGRAM)
+        v4 = [i for i in infos if i[0] == socket.AF_INET]
+        endpoint = normalize(((v4 or infos)[0][4][0], endpoint[1]))
     allowed = p["allowed_ips"] if isinstance(p["allowed_ips"], list) else [p["allowed_ips"]]
     for a in allowed:
         ipaddress.IPv4Network(a, strict=False)
