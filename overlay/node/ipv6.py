@@ -1,4 +1,6 @@
-"""The node's IPv6 side: its global addresses (path candidates) and its IPv6 UDP socket.
+"""The node's IPv6 side (``Ipv6Side``, driven by the data plane): its IPv6 UDP socket, its global
+addresses (path candidates, read from Linux's ``/proc/net/if_inet6``) and STUN in the address
+family the node does not reach the server with.
 
 IPv6 only ever carries the outer (encrypted) packets: peers still talk inner IPv4 between
 virtual IPs. A node offers its global IPv6 addresses as candidates so that two nodes with IPv6
