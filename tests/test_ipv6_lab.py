@@ -121,7 +121,9 @@ def test_hard_nat_pair_goes_direct_over_ipv6(env, nodes, record_property):
         nat = n.status()["udp"]["nat"]
         assert nat.get("varies_by_destination") is True, (n.name, nat)
     probes = alice.ping("bob", 3)
-    assert [p for p in probes if p["rtt_ms"] is not None and p["path"].startswith("direct [")], probes
+    direct6 = [p["rtt_ms"] for p in probes if p["rtt_ms"] is not None and p["path"].startswith("direct [")]
+    assert direct6, probes
+    print(f"alice -> bob ping over IPv6: {min(direct6):.2f} ms")
     # a TCP stream through a port forward, carried over the IPv6 path
     listener = tcp_listener(nl, bob.host)
     bob.ok("share", str(listener.getsockname()[1]))
@@ -167,4 +169,5 @@ def test_ipv6_only_node_works(env, nodes):
     assert carol.path_to("dave") == "relay" and dave.path_to("carol") == "relay"
     probes = carol.answered("dave")
     assert {p["path"] for p in probes} == {"relay"}, probes
+    print(f"carol -> dave ping through the relay (IPv4 to IPv6): {min(p['rtt_ms'] for p in probes):.2f} ms")
     assert "Traceback" not in dave.log(), dave.log()[-3000:]
