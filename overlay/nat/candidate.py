@@ -94,9 +94,9 @@ def parse_addr(text: str) -> Addr:
 
 
 def is_global_ipv6(host: str) -> bool:
-    """An IPv6 address worth offering as a path to peers elsewhere: global unicast, not link-local,
-    ULA (fc00::/7: never routed between sites), loopback, multicast, IPv4-mapped or 6to4-style
-    embedded forms. Documentation space (2001:db8::/32) counts as global (the lab uses it)."""
+    """An IPv6 address worth offering as a path to peers elsewhere: not link-local, ULA (fc00::/7:
+    never routed between sites), deprecated site-local, loopback, multicast, unspecified or
+    IPv4-mapped. Documentation space (2001:db8::/32) counts as global (the lab uses it)."""
     try:
         ip = ipaddress.IPv6Address(host.split("%", 1)[0])
     except ValueError:
