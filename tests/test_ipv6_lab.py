@@ -151,7 +151,9 @@ def test_dual_stack_and_ipv4_only_go_direct_over_ipv4(env, nodes):
     st = carol.status()["udp"]["ipv6"]
     assert st["addresses"] == [] and st["public"] is None and st["server"] is None, st
     log = carol.log()
-    for bad in ("Traceback", "WARNING", "ERROR", "IPv6"):
+    # nothing about IPv6 (no errors, no log lines) on a host without it; warnings a loaded machine
+    # may cause (a late relay answer) are not about IPv6 and are left alone
+    for bad in ("Traceback", "ERROR", "IPv6", "2001:db8", "fe80:"):
         assert bad not in log, f"{bad!r} in carol's log:\n{log[-3000:]}"
 
 
