@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
@@ -64,7 +64,10 @@ def _password(password: Optional[str]) -> str:
 
 # ---------------------------------------------------------------------------- server and node
 @app.command()
-def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:PORT for TCP control and UDP."),
+def server(listen: Optional[List[str]] = typer.Option(
+               None, "--listen", help="HOST:PORT for TCP control and UDP (default 0.0.0.0:7777). Repeat it "
+                                      "for more addresses on the same port, e.g. --listen 0.0.0.0:7777 "
+                                      "--listen [2001:db8::1]:7777 for IPv6 too (IPv6 sockets are IPv6 only)."),
            data: Path = typer.Option(..., "--data", help="Directory for the server key and database."),
            pool: str = typer.Option("100.64.0.0/10", "--pool", help="Virtual IPv4 pool (CIDR)."),
            relay_rate: int = typer.Option(2048, "--relay-rate", help="Relay bandwidth cap per node, KiB/s."),
@@ -82,11 +85,15 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
 
     from overlay.node.control_client import parse_hostport
     from overlay.server.app import run_server
+    listen = listen or ["0.0.0.0:7777"]
     try:
-        host, port = parse_hostport(listen)
+        addrs = [parse_hostport(text) for text in listen]
         ipaddress.IPv4Network(pool)
     except ValueError as e:
         fail(str(e))
+    hosts, port = [h for h, _ in addrs], addrs[0][1]
+    if any(p != port for _, p in addrs) or len(set(hosts)) != len(hosts):
+        fail("every --listen address takes the same port, each address once")
     if max_connections < 1 or max_per_address < 1:
         fail("--max-connections and --max-per-address must be at least 1")
     try:
@@ -97,10 +104,10 @@ def server(listen: str = typer.Option("0.0.0.0:7777", "--listen", help="HOST:POR
         fail(f"cannot use data directory {data}: {e.strerror or e}")
     _logging(log_level)
     try:
-        asyncio.run(run_server(data, host, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
+        asyncio.run(run_server(data, hosts, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
                                max_per_address))
     except OSError as e:
-        fail(f"cannot listen on {listen}: {e.strerror or e}")
+        fail(f"cannot listen on {', '.join(listen)}: {e.strerror or e}")
     except KeyboardInterrupt:
         pass
 
@@ -278,13 +285,16 @@ def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
 def _static_peer(p: dict) -> dict:
     """A [[peer]] table from config.toml: public_key, endpoint, allowed_ips, name, persistent_keepalive."""
     from overlay.control.messages import key_from_text
+    from overlay.nat.candidate import normalize
     from overlay.node.control_client import parse_hostport
     if not isinstance(p, dict) or "public_key" not in p or "allowed_ips" not in p:
         raise ValueError("[[peer]] needs public_key and allowed_ips")
     key = key_from_text(p["public_key"])
     endpoint = parse_hostport(p["endpoint"]) if p.get("endpoint") else None
-    if endpoint:
-        endpoint = (socket.gethostbyname(endpoint[0]), endpoint[1])
+    if endpoint:   # an IPv6 endpoint ([2001:db8::1]:51820) goes through the node's IPv6 socket
+        infos = socket.getaddrinfo(endpoint[0], endpoint[1], socket.AF_UNSPEC, socket.SOCK_DGRAM)
+        v4 = [i for i in infos if i[0] == socket.AF_INET]
+        endpoint = normalize(((v4 or infos)[0][4][0], endpoint[1]))
     allowed = p["allowed_ips"] if isinstance(p["allowed_ips"], list) else [p["allowed_ips"]]
     for a in allowed:
         ipaddress.IPv4Network(a, strict=False)
@@ -485,6 +495,13 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         out.print(f"port mapping (NAT-PMP):   {lit(state)}")
         if pmp.get("note"):
             out.print(f"                          {lit(pmp['note'])}")
+    v6 = r.get("ipv6") or {}
+    if v6.get("port") is None or not v6.get("addresses"):
+        out.print("IPv6:                     none (no global IPv6 address)")
+    else:
+        out.print(f"IPv6:                     {lit(', '.join(v6['addresses']))}  (UDP port {lit(v6['port'])})")
+        out.print("IPv6 to the server:       " + (f"{lit(v6['public'])} seen by {lit(v6['server'])}" if v6.get("public")
+                  else f"no answer from {lit(v6['server'])}" if v6.get("server") else "the server has no IPv6 address"))
     out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 

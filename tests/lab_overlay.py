@@ -180,10 +180,11 @@ class OverlayLab:
         if self.server is not None:
             self.server.stop()
 
-    def start_node(self, host: str, name: str, *extra: str, keepalive: float | None = None) -> LabNode:
+    def start_node(self, host: str, name: str, *extra: str, keepalive: float | None = None,
+                   server: str = SERVER) -> LabNode:
         """Start ``overlay up`` for node ``name`` in lab host ``host`` (not waiting for it)."""
         home = self.tmp / name
-        argv = [*OVERLAY, "up", "--server", SERVER, "--name", name, "--home", str(home),
+        argv = [*OVERLAY, "up", "--server", server, "--name", name, "--home", str(home),
                 "--socks", "127.0.0.1:0", "--log-level", self.log_level, *extra]
         if keepalive is not None:
             argv += ["--keepalive", str(keepalive)]

@@ -62,8 +62,17 @@ The special filtering of ``full_cone``/``restricted`` and the counter of ``symme
 apply to UDP; TCP (and ICMP) leave every NAT through plain masquerade. Routers drop unsolicited
 packets to themselves silently (no ICMP port unreachable), like home routers; they answer ping.
 
-Known limits: IPv4 only (IPv6 is disabled in lab namespaces so no link-local path sneaks around the
-NATs); no hairpinning (a host cannot reach its own NAT's public address); the full-cone/restricted
+Dual-stack sites (``add_site(..., ipv6=True)``, NAT sites only): pub's bridge also carries
+``PUBLIC_NET6`` (2001:db8:ffff::/64, documentation space) with the server's ``SERVER_IPS6`` and pub
+routing between sites (the ISP core); the router gets ``2001:db8:ffff::<101 + k>`` on its WAN and
+routes the LAN prefix ``2001:db8:<k + 1>::/64`` to its hosts (``Host.ip6``: ``::2``, ``::3``...)
+without NAT66, behind a stateful ip6 firewall like a home router's: established / related flows
+in, ICMPv6 errors in, everything else unsolicited from the WAN dropped. So IPv6 between two
+dual-stack sites needs hole punching too (without a NAT in the way: ports stay as bound).
+``block_ipv4(site)`` drops the site's IPv4 on the wire (an IPv6-only uplink).
+
+Known limits: IPv6 is disabled in every namespace of an IPv4-only site (no link-local path sneaks
+around the NATs); no hairpinning (a host cannot reach its own NAT's public address); the full-cone/restricted
 filter entries live for the ``stream`` timeout after the last outbound packet, slightly longer than
 the conntrack mapping itself when it was never answered.
 """
@@ -98,6 +107,9 @@ NAT_TYPES = (
 )
 SERVER_IPS = ("198.51.100.10", "198.51.100.11")
 PUBLIC_NET = "198.51.100.0/24"
+SERVER_IPS6 = ("2001:db8:ffff::10",)
+PUBLIC_NET6 = "2001:db8:ffff::/64"
+PUB_GW6 = "2001:db8:ffff::1"  # pub itself: the core router between dual-stack sites
 ROUTER_IP_BASE = 101  # router k gets 198.51.100.(101 + k)
 PUBLIC_HOST_IP_BASE = 201  # public ("none") host k gets 198.51.100.(201 + k)
 MAPPED_PORTS = (20000, 29999)  # external ports of non-preserving EIM NATs
@@ -129,6 +141,7 @@ class Host:
     ip: str
     ns: Netns
     site: "Site"
+    ip6: str | None = None  # global IPv6 address on a dual-stack site
 
 
 @dataclass
@@ -145,6 +158,9 @@ class Site:
     hosts: list[Host] = field(default_factory=list)
     pub_ports: list[str] = field(default_factory=list)  # the site's ports on pub's bridge
     udp_blocked: bool = False
+    ipv4_blocked: bool = False
+    lan6: ipaddress.IPv6Network | None = None  # dual-stack sites: the routed LAN prefix
+    wan_ip6: str | None = None
     loss_percent: float = 0.0
     loss_udp_only: bool = True
 
@@ -231,6 +247,7 @@ class NatLab:
         self._sockets: list[socket.socket] = []
         self._udp_timeouts = DEFAULT_UDP_TIMEOUTS
         self._pub_ports = 0  # bridge ports made so far (names p0, p1...)
+        self._pub_ipv6 = False  # pub carries PUBLIC_NET6 (since the first dual-stack site)
         self._closed = False
         try:
             self.pub = self._netns("pub")
@@ -256,17 +273,21 @@ class NatLab:
         hosts: int = 1,
         lan_subnet: str | None = None,
         preserve_ports: bool = False,
+        ipv6: bool = False,
     ) -> Site:
         """Add a site: a router with NAT ``nat`` (see module doc) and ``hosts`` hosts behind it.
 
         Hosts are named ``f"{name}{i}"`` from 1 and addressed ``.2``, ``.3``... of ``lan_subnet``
         (default ``10.0.<site number>.0/24``; give two sites the same subnet to model the common
         "both LANs are 192.168.1.0/24" trap). For ``none`` hosts get public addresses instead.
+        ``ipv6``: a dual-stack site (see the module doc; not for ``none``).
         """
         if nat not in NAT_TYPES:
             raise ValueError(f"unknown NAT type {nat!r}; choose from {NAT_TYPES}")
         if not 1 <= hosts <= 50:
             raise ValueError("a site has 1..50 hosts")
+        if ipv6 and nat == "none":
+            raise ValueError("dual-stack sites have a router: not for nat 'none'")
         if preserve_ports and nat.startswith("symmetric"):
             raise ValueError("symmetric NATs choose their own ports; preserve_ports does not apply")
         if not name.isalnum() or len(name) > 8 or name in self.sites or name == "pub":
@@ -320,8 +341,34 @@ class NatLab:
                 self.hosts[hname] = host
             router.nft(_nat_ruleset(site, self._udp_timeouts[1]))
             self._apply_sysctl_timeouts(router)
+            if ipv6:
+                self._dual_stack(site)
         self._load_controls(site)
         return site
+
+    def _dual_stack(self, site: Site) -> None:
+        """IPv6 for a NAT site: a routed /64 on the LAN, the router's WAN address on pub's bridge,
+        pub's route to the prefix, and the router's stateful ip6 firewall (no NAT66)."""
+        if not self._pub_ipv6:
+            self._pub_ipv6 = True
+            _enable_ipv6(self.pub, "br0")
+            self.pub.sysctl("net.ipv6.conf.all.forwarding", "1")
+            self._ip(self.pub, *(f"addr add {ip}/64 dev br0 nodad" for ip in (PUB_GW6, *SERVER_IPS6)))
+        k = site.index
+        site.lan6 = ipaddress.IPv6Network(f"2001:db8:{k + 1:x}::/64")
+        site.wan_ip6 = f"2001:db8:ffff::{ROUTER_IP_BASE + k}"
+        gw6 = str(site.lan6[1])
+        router = site.router
+        _enable_ipv6(router, _WAN, _LAN)
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")
+        self._ip(router, f"addr add {site.wan_ip6}/64 dev {_WAN} nodad", f"addr add {gw6}/64 dev {_LAN} nodad",
+                 f"route add ::/0 via {PUB_GW6}")
+        self._ip(self.pub, f"route add {site.lan6} via {site.wan_ip6}")
+        for i, host in enumerate(site.hosts, start=2):
+            host.ip6 = str(site.lan6[i])
+            _enable_ipv6(host.ns, _ETH)
+            self._ip(host.ns, f"addr add {host.ip6}/64 dev {_ETH} nodad", f"route add ::/0 via {gw6}")
+        router.nft(_firewall6_ruleset())
 
     def _public_host_ip(self) -> str:
         used = sum(len(s.hosts) for s in self.sites.values() if s.nat == "none")
@@ -457,6 +504,12 @@ class NatLab:
         s = self.site(site)
         s.loss_percent = percent
         s.loss_udp_only = udp_only
+        self._load_controls(s)
+
+    def block_ipv4(self, site: str | Site, blocked: bool = True) -> None:
+        """Drop all IPv4 crossing the site's WAN (a dual-stack site then reaches pub over IPv6 only)."""
+        s = self.site(site)
+        s.ipv4_blocked = blocked
         self._load_controls(s)
 
     def block_udp(self, site: str | Site, blocked: bool = True) -> None:
@@ -596,6 +649,36 @@ def _in_netns(ns_name: str, fn: Callable[[], T]) -> T:
     return value
 
 
+def _enable_ipv6(ns: Netns, *ifaces: str) -> None:
+    """IPv6 on these interfaces of a lab namespace (it is off everywhere by default); no router
+    advertisements are accepted, addresses are static and usable at once (no duplicate detection)."""
+    keys = ["net.ipv6.conf.default.accept_dad=0"]
+    keys += [f"net.ipv6.conf.{i}.{k}=0" for i in ifaces for k in ("accept_dad", "accept_ra")]
+    keys += ["net.ipv6.conf.all.disable_ipv6=0", *(f"net.ipv6.conf.{i}.disable_ipv6=0" for i in ifaces)]
+    ns.run("sysctl", "-qw", *keys)
+
+
+def _firewall6_ruleset() -> str:
+    """A dual-stack router's ``table ip6 natlab6``: a home router's stateful IPv6 firewall (RFC 6092
+    style, no NAT66): the LAN may send anything out, the WAN only gets answers in."""
+    return f"""
+table ip6 natlab6 {{
+  chain forward {{
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    iifname "{_LAN}" oifname "{_WAN}" accept
+    icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} accept
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{_WAN}" ct state established,related accept
+    iifname "{_WAN}" meta l4proto ipv6-icmp accept
+    iifname "{_WAN}" drop
+  }}
+}}
+"""
+
+
 def _nat_ruleset(site: Site, map_timeout: int) -> str:
     """The router's ``table ip natlab``: NAT for the site's type plus a silent WAN input filter."""
     masq = "masquerade" if site.preserve_ports else f"masquerade to :{MAPPED_PORTS[0]}-{MAPPED_PORTS[1]}"
@@ -672,6 +755,8 @@ def _controls_ruleset(site: Site) -> str:
     rules: list[str] = []
     if site.udp_blocked:
         rules.append("meta l4proto udp drop")
+    if site.ipv4_blocked:
+        rules.append("meta protocol { ip, arp } drop")
     if site.loss_percent > 0:
         match = "meta l4proto udp " if site.loss_udp_only else ""
         rules.append(f"{match}numgen random mod 10000 < {int(round(site.loss_percent * 100))} drop")

@@ -36,10 +36,13 @@ OnDatagram = Callable[[memoryview, Hashable], None]
 
 
 def bind_udp(host: str, port: int, *, rcvbuf: int = 4 << 20, sndbuf: int = 4 << 20) -> socket.socket:
-    """A non-blocking UDP socket bound to (host, port), with large kernel buffers for bursts."""
+    """A non-blocking UDP socket bound to (host, port), with large kernel buffers for bursts.
+    An IPv6 socket is IPv6 only (``IPV6_V6ONLY``): IPv4 has a socket of its own on the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         for opt, size in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
         sock.setblocking(False)

@@ -72,6 +72,42 @@ def is_ipv6(addr: Addr) -> bool:
     return ":" in addr[0]
 
 
+def format_addr(addr: Addr) -> str:
+    """``host:port``, or ``[host]:port`` for IPv6 (how addresses are shown and sent as text)."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_addr(text: str) -> Addr:
+    """The inverse of ``format_addr`` (a bare ``v6addr:port`` is accepted too), normalized."""
+    if not isinstance(text, str):
+        raise AddressError(f"bad address {text!r}")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise AddressError(f"bad address {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return normalize((host, int(port)))
+    except ValueError as e:
+        raise AddressError(f"bad address {text!r}") from e
+
+
+def is_global_ipv6(host: str) -> bool:
+    """An IPv6 address worth offering as a path to peers elsewhere: not link-local, ULA (fc00::/7:
+    never routed between sites), deprecated site-local, loopback, multicast, unspecified or
+    IPv4-mapped. Documentation space (2001:db8::/32) counts as global (the lab uses it)."""
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return not (ip.is_link_local or ip.is_loopback or ip.is_multicast or ip.is_unspecified
+                or ip in _ULA or ip.ipv4_mapped is not None or ip.is_site_local)
+
+
+_ULA = ipaddress.ip_network("fc00::/7")
+
+
 def pack_addr(addr: Addr) -> bytes:
     """family (4 or 6) | port (2, big endian) | address (4 or 16)."""
     host, port = addr

@@ -58,6 +58,7 @@ class ControlClient:
         self.home = home
         self.server = server
         self.host, self.port = parse_hostport(server)
+        self.server_ip: str | None = None
         self.name = name
         self.hello_extra: dict = {}   # more hello fields (the kernel interface kind)
         self.private_key = private_key
@@ -165,6 +166,10 @@ class ControlClient:
     async def _session(self) -> None:
         reader, writer = await self._open()
         self._writer = writer
+        # the server's address this connection reached (its UDP port is there too); through a
+        # proxy only the proxy's is known, and the name is resolved again for UDP
+        peer = None if self.via_proxy else writer.get_extra_info("peername")
+        self.server_ip = peer[0] if peer else None
         ch = self._channel = Channel(initiator=True, static_private=self.private_key)
         reader_task = None
         try:

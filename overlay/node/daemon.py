@@ -17,6 +17,7 @@ import socket
 
 from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
+from overlay.nat.candidate import format_addr
 from overlay.node import api
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
@@ -207,8 +208,9 @@ class Daemon:
         for net in self.state.away:  # presence per network is not kept by the server across sessions
             self.client.post({"t": "presence", "network": net, "online": False})
         self._punched.clear()
-        self.dataplane.set_server(self.client.host, hello["udp_port"], base64.b64decode(hello["udp_token"]),
-                                  hello.get("stun_ports"), hello.get("stun_alt_ip"))
+        self.dataplane.set_server(self.client.server_ip or self.client.host, hello["udp_port"],
+                                  base64.b64decode(hello["udp_token"]), hello.get("stun_ports"),
+                                  hello.get("stun_alt_ip"), hello.get("udp_addrs"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
         self._sync_peers()
 
@@ -537,7 +539,7 @@ class Daemon:
             await asyncio.wait_for(self.dataplane.start_probe(), 10)
             return {"udp": self.dataplane.udp_ok, "nat": self.dataplane.nat_summary(),
                     "port_mapping": self.dataplane.port_mapping_summary(), "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
-                    "candidates": self.dataplane.local_candidates()}
+                    "candidates": self.dataplane.local_candidates(), "ipv6": self.dataplane.ipv6_summary()}
         if cmd == "ping_peer":
             return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
         if cmd == "retry_server":
@@ -619,8 +621,9 @@ class Daemon:
                        if self.advertise_routes else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
-                    "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
-                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats()},
+                    "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
+                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
+                    "ipv6": self.dataplane.ipv6_summary()},
         }
 
     def _peer_status(self, p: dict) -> dict:

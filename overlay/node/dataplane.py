@@ -31,9 +31,10 @@ from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
 from overlay.nat import birthday, natpmp, stun
-from overlay.nat.candidate import Candidate
+from overlay.nat.candidate import Candidate, format_addr, parse_addr
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
+from overlay.node import ipv6
 from overlay.relay import frames
 from overlay.wire.device import Device
 from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
@@ -97,7 +98,7 @@ def interface_addresses(exclude_ifaces: tuple[str, ...] = (),
 
 
 def _fmt(addr) -> str:
-    return "relay" if isinstance(addr, RelayAddr) else f"{addr[0]}:{addr[1]}"
+    return "relay" if isinstance(addr, RelayAddr) else format_addr(addr)
 
 
 class PeerEntry:
@@ -186,6 +187,9 @@ class DataPlane:
         self._bday_socks: list[UdpSocket] = []
         self._via: dict[tuple, UdpSocket] = {}
         self._winner: dict[bytes, tuple[tuple, UdpSocket]] = {}
+        # IPv6 (``overlay.node.ipv6``): a second socket beside the IPv4 one, and STUN in the
+        # other address family than ``server_udp``'s
+        self.v6 = ipv6.Ipv6Side()
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
                       "group_capped": 0}
 
@@ -196,6 +200,7 @@ class DataPlane:
         self.port = sock.getsockname()[1]
         self.udp = UdpSocket(sock, self._on_datagram, on_batch=self._flush, loop=self.loop)
         log.info("data plane on UDP port %d", self.port)
+        self.v6.open(self.port, self._on_datagram, self._flush, self.loop)
 
     def close(self) -> None:
         if self._timer:
@@ -207,33 +212,43 @@ class DataPlane:
             self._drop_winner(key)
         if self.udp:
             self.udp.close()
+        self.v6.close()
 
     def now(self) -> float:
         return self.loop.time()
 
     # ------------------------------------------------------------------ configuration from the control plane
     def set_server(self, host: str, udp_port: int, token: bytes, stun_ports: list[int] | None = None,
-                   stun_alt_ip: str | None = None) -> None:
+                   stun_alt_ip: str | None = None, udp_addrs: list[str] | None = None) -> None:
+        """``host``: the address the control connection reached (relay and NAT probe go there);
+        ``udp_addrs``: the server's UDP endpoints it announced (one of the other address family is
+        used for STUN: the node's public address in that family)."""
         try:
-            ip = socket.getaddrinfo(host, udp_port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+            infos = socket.getaddrinfo(host, udp_port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
         except socket.gaierror as e:
             log.warning("cannot resolve server %s for UDP: %s", host, e)
             return
+        v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+        ip = v4[0] if v4 else infos[0][4][0]
         self.server_udp = (ip, udp_port)
         self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
+        self.v6.set_server(host, ip, udp_port, udp_addrs or [], self.server_is_loopback, self.own_ifaces)
         self.udp_token = token
         self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
         if self._pmp is None and not self.server_is_loopback and (gw := natpmp.default_gateway()):
             self._pmp = natpmp.NatPmp(gw, self.port, self.now())
         servers = [(ip, p) for p in (stun_ports or [udp_port])]
-        if stun_alt_ip:
+        if stun_alt_ip and (":" in stun_alt_ip) == (":" in ip):
             servers.append((stun_alt_ip, udp_port))
         self._probe_servers = servers[:8]
         self.start_probe()
 
     def start_probe(self) -> asyncio.Future:
         """(Re)learn our public address and NAT behaviour from the server's STUN ports."""
+        if out := self.v6.start_stun(self.now()):
+            self._out.extend(out)
+            self._schedule_flush()
         fut = self.loop.create_future()
         if not self._probe_servers:
             fut.set_result(None)
@@ -247,12 +262,14 @@ class DataPlane:
         return fut
 
     def _local_toward_server(self) -> tuple[str, int]:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        v6 = ":" in self.server_udp[0]
+        port = self.v6.port if v6 and self.v6.port else self.port
+        with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 s.connect(self.server_udp)
-                return s.getsockname()[0], self.port
+                return s.getsockname()[0], port
             except OSError:
-                return "0.0.0.0", self.port
+                return ("::" if v6 else "0.0.0.0"), port
 
     def _probe_finished(self) -> None:
         probe, self._probe = self._probe, None
@@ -269,7 +286,7 @@ class DataPlane:
             return
         if report.public != self.srflx:
             self.srflx = report.public
-            log.info("server sees this node at %s:%d (NAT mapping %s%s)", report.public[0], report.public[1],
+            log.info("server sees this node at %s (NAT mapping %s%s)", format_addr(report.public),
                      report.mapping, f", {report.allocation.lower()} ports" if report.allocation else "")
             self._publish_endpoints()
             self.on_endpoints()
@@ -288,6 +305,9 @@ class DataPlane:
             if self.nat is not None and self.nat.predictable:
                 for p in self.nat.gap_ports() + self.nat.predicted_ports(PREDICTED_PORTS):
                     cands.append({"addr": f"{self.srflx[0]}:{p}", "kind": "predicted"})
+        if not self.server_is_loopback:
+            at = (1 + (self.port_mapped() is not None)) if self.srflx else 0
+            cands[at:at] = self.v6.candidates(self.own_ifaces)
         seen, unique = set(), []
         for c in cands:
             if c["addr"] not in seen:
@@ -295,11 +315,14 @@ class DataPlane:
                 unique.append(c)
         return unique[:16]
 
+    def ipv6_summary(self) -> dict:
+        return self.v6.summary(self.server_udp, self.srflx, self.own_ifaces)
+
     def nat_summary(self) -> dict:
         n = self.nat
         if n is None:
             return {}
-        return {"udp": n.udp, "public": f"{n.public[0]}:{n.public[1]}" if n.public else None,
+        return {"udp": n.udp, "public": format_addr(n.public) if n.public else None,
                 "behind_nat": n.behind_nat, "mapping": n.mapping,
                 "varies_by_destination": n.varies_by_destination, "allocation": n.allocation,
                 "sequential": n.allocation == SEQUENTIAL if n.allocation else None,
@@ -404,12 +427,14 @@ class DataPlane:
         if entry is None or entry.path is None:
             return
         cands = []
+        v6 = self.v6.usable(self.server_udp, self.own_ifaces)
         for c in ev.get("candidates", []):
-            host, _, port = c["addr"].rpartition(":")
             try:
-                cands.append(Candidate((host, int(port)), c["kind"]))
-            except (ValueError, TypeError):
+                cand = Candidate(parse_addr(c["addr"]), c["kind"])
+            except (ValueError, TypeError, KeyError):
                 continue
+            if v6 or ":" not in cand.addr[0]:   # without IPv6 of our own its probes would be wasted
+                cands.append(cand)
         entry.path.set_remote_candidates(cands)
         entry.path.start_punch(self.now())
         if isinstance(ev.get("nat"), dict):
@@ -498,8 +523,14 @@ class DataPlane:
             self._schedule_flush()
         elif stun.is_stun(view):
             probe = self._probe
-            if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()) and probe.done:
-                self._probe_finished()
+            if probe is not None and probe.receive(bytes(view), (addr[0], addr[1]), self.now()):
+                if probe.done:
+                    self._probe_finished()
+            elif self.v6.receive_stun(bytes(view), (addr[0], addr[1]), self.now()) and self.v6.changed:
+                self.v6.changed = False
+                if self.srflx:
+                    self._publish_endpoints()
+                    self.on_endpoints()
         else:
             self.stats["not_ours"] += 1
 
@@ -632,6 +663,8 @@ class DataPlane:
                 self._via[addr].send_batch([(data, addr)])
             else:
                 batch.append((data, addr))
+        if batch:
+            batch = self.v6.send_own(batch)     # IPv6 addresses leave through the IPv6 socket
         if batch and self.udp:
             self.udp.send_batch(batch)
 
@@ -643,7 +676,8 @@ class DataPlane:
             self._paths_stale = False
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
                              self._probe.get_timer() if self._probe else None, self._bday_timer(),
-                             self._pmp.get_timer() if self._pmp else None)
+                             self._pmp.get_timer() if self._pmp else None,
+                             self.v6.timer())
                  if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
@@ -686,6 +720,7 @@ class DataPlane:
             self._out.extend(probe.datagrams_to_send(now))
             if probe.done:
                 self._probe_finished()
+        self._out.extend(self.v6.on_timer(now))
         if self._paths_at is not None and self._paths_at <= now:
             for entry in self.peers.values():
                 if entry.path is None:
@@ -702,6 +737,8 @@ class DataPlane:
 
     def _publish_endpoints(self) -> None:
         nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
+        if self.server_udp is not None and ":" in self.server_udp[0]:
+            nat = {}   # classified over IPv6: says nothing about an IPv4 NAT (birthday punching)
         nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
         self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
 
@@ -753,7 +790,7 @@ class DataPlane:
     def _bday_target(self, entry: PeerEntry, role: str) -> tuple | None:
         """Hard role: the easy side's server-reflexive address; easy role: the hard side's (its IP)."""
         for c in entry.path.remote_candidates:
-            if c.kind == "srflx":
+            if c.kind == "srflx" and ":" not in c.addr[0]:
                 return c.addr
         return None
 

@@ -25,6 +25,7 @@ from overlay.control import passwords
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
 from overlay.nat import stun
+from overlay.nat.candidate import format_addr
 from proxy.ratelog import LogLimiter
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
@@ -208,7 +209,7 @@ class ControlConnection(asyncio.Protocol):
 
 
 class MediationServer:
-    def __init__(self, data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
+    def __init__(self, data_dir: Path, host: str | list[str], port: int, pool: str = DEFAULT_POOL,
                  relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                  max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE):
         self.data_dir = Path(data_dir)
@@ -222,7 +223,10 @@ class MediationServer:
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
         self.relay = RelayServer(self._may_relay, rate=relay_rate)
         self.mediator.udp_addr_of = self.relay.udp_address
-        self.host, self.port = host, port
+        # one or more listen addresses (e.g. 0.0.0.0 and ::), all on one port; IPv6 sockets are
+        # IPv6 only, so an IPv4 and an IPv6 address (wildcards included) can both be given
+        self.hosts = [host] if isinstance(host, str) else list(host)
+        self.host, self.port = self.hosts[0], port
         self.connections: set[ControlConnection] = set()
         self.admission = Admission(max_conns, per_source)
         self.rlog = LogLimiter()
@@ -230,6 +234,7 @@ class MediationServer:
         self.sessions: dict[bytes, ControlConnection] = {}
         self._hash_slots = asyncio.Semaphore(2)
         self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         self._open_sockets = 0         # accepted and not closed yet (shed ones close a loop turn later)
         self._accept_paused = False
         self._udp = None
@@ -237,19 +242,28 @@ class MediationServer:
         self.stun_ports: list[int] = []
         self.stun_alt_ip = stun_alt_ip
         self.udp_transport: asyncio.DatagramTransport | None = None
+        self.udp_transport6: asyncio.DatagramTransport | None = None   # relay over IPv6
         self._reaper: asyncio.Task | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._listener = _tcp_listener(self.host, self.port)
-        self.port = self._listener.getsockname()[1]
-        loop.add_reader(self._listener.fileno(), self._accept_ready)
+        for host in self.hosts:
+            listener = _tcp_listener(host, self.port)
+            self._listeners.append(listener)
+            self.port = listener.getsockname()[1]   # port 0: every address gets the first one's
+            loop.add_reader(listener.fileno(), lambda s=listener: self._accept_ready(s))
+        self._listener = self._listeners[0]
         # With a second STUN address the wildcard socket and one bound to that address share the
         # port (SO_REUSEADDR): requests to the alternate IP must be answered *from* it, or every
         # filtering NAT drops the answer.
         reuse = bool(self.stun_alt_ip)
-        self._udp, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), sock=_udp_socket(self.host, self.port, reuse))
+        for host in self.hosts:
+            tr, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), sock=_udp_socket(host, self.port, reuse))
+            if host == self.hosts[0]:
+                self._udp = tr
+            else:
+                self._stun_extra.append(tr)
         if self.stun_alt_ip:
             tr, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self, relay=False), sock=_udp_socket(self.stun_alt_ip, self.port, True))
@@ -259,16 +273,35 @@ class MediationServer:
         # destinations to learn whether they vary by destination and whether ports run in sequence.
         for extra in (self.port + 1, self.port + 2):
             try:
-                tr, _ = await loop.create_datagram_endpoint(
-                    lambda: _UdpProtocol(self, relay=False), local_addr=(self.host, extra))
+                for host in self.hosts:
+                    tr, _ = await loop.create_datagram_endpoint(
+                        lambda: _UdpProtocol(self, relay=False), sock=_udp_socket(host, extra, False))
+                    self._stun_extra.append(tr)
             except OSError as e:
                 log.warning("STUN port %d unavailable (%s): NAT classification will be coarser", extra, e)
                 continue
-            self._stun_extra.append(tr)
             self.stun_ports.append(extra)
         self._reaper = loop.create_task(self._reap())
-        log.info("mediation server on %s:%d (tcp+udp), key %s", self.host, self.port,
-                 key_to_text(self.public_key))
+        log.info("mediation server on %s (tcp+udp), key %s", self.listening(), key_to_text(self.public_key))
+
+    def listening(self) -> str:
+        return ", ".join(format_addr((h, self.port)) for h in self.hosts)
+
+    def udp_addresses(self, conn: "ControlConnection") -> list[str]:
+        """The server's UDP endpoints a node may use, for the hello reply: every listen address
+        that is not a wildcard, and the address the node's control connection reached (so a node
+        learns the server's address in the other family, for STUN over IPv6 or IPv4)."""
+        out = [format_addr((h, self.port)) for h in self.hosts if h not in ("0.0.0.0", "::", "")]
+        here = conn.transport.get_extra_info("sockname") if conn.transport is not None else None
+        if here and (text := format_addr((here[0], self.port))) not in out:
+            out.append(text)
+        return out
+
+    def send_udp(self, data: bytes, addr: tuple) -> None:
+        """A relay datagram out of the socket of ``addr``'s family (a node may be on either)."""
+        tr = self.udp_transport6 if ":" in addr[0] else self.udp_transport
+        if tr is not None:
+            tr.sendto(data, addr)
 
     async def close(self) -> None:
         if self._reaper:
@@ -276,7 +309,8 @@ class MediationServer:
         self.closing = True
         if self._listener:
             self._pause_accept()
-            self._listener.close()
+            for listener in self._listeners:
+                listener.close()
         for c in list(self.connections):
             c.close()
         await asyncio.sleep(0)  # let connection_lost run while the store is still open
@@ -308,14 +342,14 @@ class MediationServer:
     # later, so at the descriptor limit it would fail accept() (a traceback each time) however
     # early the server sheds. Here accepting stops while max_conns + FD_SLACK sockets are open
     # and resumes as closed ones are released; new connections wait in the kernel's backlog.
-    def _accept_ready(self) -> None:
+    def _accept_ready(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
             if self._open_sockets >= self.admission.max_conns + FD_SLACK:
                 self._pause_accept()
                 return
             try:
-                sock, _addr = self._listener.accept()
+                sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:     # out of descriptors or memory: pause instead of spinning
@@ -342,13 +376,15 @@ class MediationServer:
 
     def _pause_accept(self) -> None:
         if not self._accept_paused and self._listener is not None:
-            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            for listener in self._listeners:
+                asyncio.get_running_loop().remove_reader(listener.fileno())
             self._accept_paused = True
 
     def _resume_accept(self) -> None:
         if self._accept_paused and not self.closing and self._listener is not None:
             self._accept_paused = False
-            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
+            for listener in self._listeners:
+                asyncio.get_running_loop().add_reader(listener.fileno(), lambda s=listener: self._accept_ready(s))
 
     # ------------------------------------------------------------ glue to the mediator
     async def dispatch(self, conn: ControlConnection, msg: dict) -> dict:
@@ -368,6 +404,7 @@ class MediationServer:
             reply["stun_ports"] = self.stun_ports
             if self.stun_alt_ip:
                 reply["stun_alt_ip"] = self.stun_alt_ip
+            reply["udp_addrs"] = self.udp_addresses(conn)
             conn.registered = True
             self.admission.registered(conn, bool(reply["networks"]) or not self.still_stranger(conn))
             self.sessions[conn.key] = conn
@@ -442,7 +479,7 @@ class MediationServer:
         out: list = []
         self.relay.forward(conn.key, dst, payload, time.monotonic(), out)
         for data, addr in out:
-            self.udp_transport.sendto(data, addr)
+            self.send_udp(data, addr)
 
     def _tcp_deliver(self, conn: ControlConnection, src: bytes, payload: bytes) -> None:
         conn.send({"t": "relay", "from": key_to_text(src), "data": base64.b64encode(payload).decode()})
@@ -466,6 +503,8 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ":" in host:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, port))
         s.listen(128)
         s.setblocking(False)
@@ -476,8 +515,10 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
 
 
 def _udp_socket(host: str, port: int, reuse: bool) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if ":" in host:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
@@ -498,13 +539,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport):
         self.transport = transport
         if self.relay:
-            self.server.udp_transport = transport
+            if transport.get_extra_info("socket").family == socket.AF_INET6:
+                self.server.udp_transport6 = self.server.udp_transport6 or transport
+            else:
+                self.server.udp_transport = self.server.udp_transport or transport
 
     def datagram_received(self, data, addr):
         addr = addr[:2]
         if self.relay and frames.is_relay(data):
             for out, dst in self.server.relay.receive(data, addr, time.monotonic()):
-                self.transport.sendto(out, dst)
+                self.server.send_udp(out, dst)
         elif stun.is_stun(data):
             reply = stun.binding_response(data, addr)
             if reply is not None:
@@ -527,7 +571,7 @@ def raise_nofile_limit() -> int:
         return soft
 
 
-async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_POOL,
+async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str = DEFAULT_POOL,
                      relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                      max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE) -> None:
     nofile = raise_nofile_limit()
@@ -545,7 +589,7 @@ async def run_server(data_dir: Path, host: str, port: int, pool: str = DEFAULT_P
     loop.set_exception_handler(exception_handler)
     server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source)
     await server.start()
-    print(f"overlay server listening on {host}:{server.port} (tcp+udp)", flush=True)
+    print(f"overlay server listening on {server.listening()} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)
     try:
         await asyncio.Event().wait()

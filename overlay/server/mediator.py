@@ -34,6 +34,7 @@ from typing import Callable
 from overlay.control.messages import (
     MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok, parse_route,
 )
+from overlay.nat.candidate import format_addr
 from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
 
@@ -661,7 +662,7 @@ class Mediator:
         cands = list(self.endpoints.get(key, {}).get("candidates", []))
         udp = self.udp_addr_of(key)
         if udp is not None:
-            srflx = {"addr": f"{udp[0]}:{udp[1]}", "kind": "srflx"}
+            srflx = {"addr": format_addr(udp), "kind": "srflx"}
             if srflx not in cands:
                 cands.insert(0, srflx)
         return cands
