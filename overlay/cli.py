@@ -368,12 +368,14 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
 
 
 @app.command()
-def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtual IP."),
+def ping(peer: str = typer.Argument(..., help="Peer name, name.network, virtual IP, or the address of a LAN "
+                                                "host behind a gateway member (approved route)."),
          count: int = typer.Option(10, "-c", "--count", help="Probes at most (stops early once direct)."),
          until_direct: bool = typer.Option(True, "--until-direct/--no-until-direct",
                                            help="Stop at the first answer over a direct path."),
          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
-    """Ping a peer through the tunnel: one line per probe with its path and round-trip time."""
+    """Ping a peer (or a LAN host through its gateway) through the tunnel: one line per probe with its
+    path and round-trip time."""
     import time
     direct = False
     answered = 0
@@ -387,11 +389,13 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
             direct = direct or path.startswith("direct")
         if as_json:
             print(json.dumps(r), flush=True)
-        elif r["rtt_ms"] is None:
-            out.print(f"timeout waiting for {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)}", highlight=False)
         else:
-            out.print(f"pong from {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)} in {r['rtt_ms']:.1f} ms",
-                      highlight=False)
+            who = (f"{lit(r['ip'])} (through gateway {lit(r['peer'])})" if r.get("gateway")
+                   else f"{lit(r['peer'])} ({lit(r['ip'])})")
+            if r["rtt_ms"] is None:
+                out.print(f"timeout waiting for {who} via {lit(path)}", highlight=False)
+            else:
+                out.print(f"pong from {who} via {lit(path)} in {r['rtt_ms']:.1f} ms", highlight=False)
         if direct and until_direct:
             break
         time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
