@@ -136,7 +136,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        advertise_routes: Optional[str] = typer.Option(None, "--advertise-routes",
                                                       help="Offer these subnets of this machine's LAN to your "
                                                            "networks as a gateway, comma-separated "
-                                                           "(192.168.1.0/24); each network's owner approves them."),
+                                                           "(192.168.1.0/24); each network's owner approves them. "
+                                                           "With --tun/--tap the kernel forwards to them (root, "
+                                                           "nftables)."),
        hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
                                                help="Birthday punching toward peers behind random-port "
                                                     "symmetric NATs (up to 256 extra sockets or 1024 probes "
@@ -237,9 +239,6 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(f"--advertise-routes: {e}")
     if len(routes) > MAX_ROUTES:
         fail(f"--advertise-routes: at most {MAX_ROUTES} subnets")
-    if routes and interface:
-        fail("--advertise-routes needs userspace mode for now (no --tun / --tap): the node reaches the LAN "
-             "with ordinary sockets")
     if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,

@@ -75,13 +75,16 @@ class Daemon:
         if interface:
             self.kernel_if = KernelInterface(
                 interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
-                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if only_shared else None)
+                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if only_shared else None,
+                advertised=sorted(advertise_routes))
             if self.client:
                 self.client.hello_extra["iface"] = interface
         self._fatal: str | None = None
         self.advertise_routes = sorted(advertise_routes)
-        # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets
-        self.gateway = Gateway(self.dataplane.send_packets, mtu=INNER_MTU) if self.advertise_routes else None
+        # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets;
+        # with a TUN/TAP device the kernel forwards them instead (KernelInterface.set_gateway_routes)
+        self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU)
+                        if self.advertise_routes and self.kernel_if is None else None)
         if self.advertise_routes and self.client:
             self.client.hello_extra["routes"] = self.advertise_routes
         self.netstack: StackDriver | None = None
@@ -386,8 +389,12 @@ class Daemon:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
-        if self.gateway is not None:
-            self.gateway.set_routes([(r, ips) for r, ips in self.state.own_routes() if r in self.advertise_routes])
+        if self.advertise_routes:
+            own = [(r, ips) for r, ips in self.state.own_routes() if r in self.advertise_routes]
+            if self.gateway is not None:
+                self.gateway.set_routes(own)
+            elif self.kernel_if is not None:
+                self.kernel_if.set_gateway_routes(own)
         if self.kernel_if is not None:
             self.kernel_if.set_peers()
         if self.client is None or (not self.client.connected and self.client.state != "hello"):

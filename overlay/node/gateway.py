@@ -24,7 +24,6 @@ Everything is bounded: ``MAX_DESTINATIONS`` stacks, ``MAX_UDP_FLOWS`` flows, the
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Callable
 
@@ -33,6 +32,7 @@ from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
 from overlay.netstack.wire import (ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP, PROTO_UDP, WireError, build_ipv4,
                                    build_udp, ip_to_bytes, ip_to_str, parse_ipv4, parse_udp)
+from overlay.node.approved_routes import ApprovedRoutes
 from overlay.node.gateway_icmp import IcmpEcho
 from proxy.ratelog import LogLimiter
 from proxy.relay import relay
@@ -54,8 +54,7 @@ class Gateway:
         self._send = send_packets
         self._mtu = mtu
         self._open = open_connection
-        # approved route -> virtual IPs of the members it is approved for
-        self._routes: list[tuple[ipaddress.IPv4Network, frozenset[str]]] = []
+        self.routes = ApprovedRoutes()   # approved route -> the members it is approved for
         self._stacks: dict[str, tuple[StackDriver, list[float]]] = {}
         self._udp: dict[tuple[str, int, str, int], tuple[asyncio.DatagramTransport, list[float]]] = {}
         self._refused = LogLimiter()   # a member cannot flood the log
@@ -66,15 +65,11 @@ class Gateway:
     # ------------------------------------------------------------------ configuration
     def set_routes(self, routes: list[tuple[str, set[str]]]) -> None:
         """(approved route, member virtual IPs it serves) pairs; connections already open stay."""
-        self._routes = [(ipaddress.IPv4Network(r), frozenset(ips)) for r, ips in routes]
+        self.routes.set(routes)
 
     @property
     def active(self) -> bool:
-        return bool(self._routes)
-
-    def permits(self, src: str, dst: str) -> bool:
-        a = ipaddress.IPv4Address(dst)
-        return any(a in net and src in ips for net, ips in self._routes)
+        return bool(self.routes)
 
     # ------------------------------------------------------------------ packets from members
     def deliver(self, packets: list[bytes]) -> None:
@@ -85,14 +80,15 @@ class Gateway:
                 ip = parse_ipv4(pkt, False)
             except WireError:
                 continue
-            src, dst = ip_to_str(ip.src), ip_to_str(ip.dst)
-            if ip.frag or not self.permits(src, dst) or ip.proto not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+            if ip.frag or not self.routes.permits(ip.src, ip.dst) or ip.proto not in (PROTO_TCP, PROTO_UDP,
+                                                                                        PROTO_ICMP):
+                src, dst = ip_to_str(ip.src), ip_to_str(ip.dst)
                 self.stats["refused"] += 1
                 self._refused.log(log, logging.INFO, "refused %s -> %s (protocol %d): not in this gateway's approved "
                                   "routes for that member (overlay admin routes NET)", src, dst, ip.proto)
                 continue
             if ip.proto == PROTO_TCP:
-                driver = self._stack_for(dst, now)
+                driver = self._stack_for(ip_to_str(ip.dst), now)
                 if driver is not None:
                     driver.receive_packet(pkt)
             elif ip.proto == PROTO_ICMP:
@@ -104,7 +100,7 @@ class Gateway:
                     dgram = parse_udp(ip, False)
                 except WireError:
                     continue
-                self._udp_out(src, dgram.src_port, dst, dgram.dst_port, dgram.data, now)
+                self._udp_out(ip_to_str(ip.src), dgram.src_port, ip_to_str(ip.dst), dgram.dst_port, dgram.data, now)
         self._expire(now)
 
     # ------------------------------------------------------------------ TCP
