@@ -12,8 +12,8 @@ sockets. The gateway's throughput (a 16 MiB download through SOCKS5) is printed,
 Then the network goes unencrypted: a capture between the NATs shows the payload, until the two
 share an encrypted network too.
 
-The second test makes a TUN node the gateway: the kernel forwards (and masquerades) the members'
-packets to the approved route only, and removes what it set up when the node stops.
+The second test makes a TUN (and a TAP) node the gateway: the kernel forwards (and masquerades) the
+members' packets to the approved route only, and removes what it set up when the node stops.
 """
 
 from __future__ import annotations
@@ -267,7 +267,8 @@ def _echo(src: str, dst: str, seq: int) -> bytes:
                       build_icmp(ICMP_ECHO_REQUEST, 0, 0x7777 << 16 | seq, b"hand-built"))
 
 
-def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path):
+@pytest.mark.parametrize("kind", ["tun", "tap"])
+def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path, kind):
     lab.require_lab("conntrack", "tun")
     www = tmp_path / "www"
     www.mkdir()
@@ -283,7 +284,7 @@ def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path):
         ol = OverlayLab(nl)
         try:
             ol.start_server()
-            gw = ol.start_node("a1", "gw", "--tun", "--advertise-routes", f"{web}/32,{other}/32")
+            gw = ol.start_node("a1", "gw", f"--{kind}", "--advertise-routes", f"{web}/32,{other}/32")
             m = ol.start_node("b1", "member")
             tun = ol.start_node("c1", "tunmember", "--tun")
             ol.pair(gw, m, "home", tun)

@@ -88,6 +88,12 @@ def test_headers_toward_our_device():
     assert e.header_for(mdns)[:6] == bytes.fromhex("01005e0000fb")
     stranger = build_ipv4(b"\x0a\x00\x00\x07", ME, PROTO_UDP, bytes(10))   # behind a static peer
     assert e.header_for(stranger)[6:12] == eth.GATEWAY_MAC
+    # a TAP gateway: a member's packet to a host of our LAN is unicast to our MAC (the kernel forwards
+    # only frames addressed to it), and the pool's broadcast address stays broadcast
+    lan = build_ipv4(PEER_TAP, socket.inet_aton("192.168.1.20"), PROTO_UDP, bytes(10))
+    assert e.header_for(lan) == MY_MAC + eth.node_mac(K_TAP) + eth.ETH_IPV4
+    pb = build_ipv4(PEER_TAP, POOL.broadcast_address.packed, PROTO_UDP, bytes(10))
+    assert e.header_for(pb)[:6] == eth.BROADCAST_MAC
 
 
 def test_frames_from_peers_are_checked():
