@@ -339,6 +339,24 @@ def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path, kind):
             assert replies == [(web, 1)], (replies, ol.dump())
             assert gw.status()["gateway"]["stats"]["routed"] == routed + 1
 
+            if kind == "tun":
+                # a crash leaves the table (still filtering) and eth0's forwarding on; the next run
+                # takes both over, so its clean exit switches eth0 back off
+                os.killpg(gw.proc.popen.pid, 9)
+                gw.proc.popen.wait(10)
+                assert "overlay_ovl0" in nl.run("a1", ["nft", "list", "tables"]).stdout
+                assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "1"
+                gw.restart()
+                ol.wait(lambda: (gw.status().get("gateway") or {}).get("stats", {}).get("forwarding"), 20,
+                        "the restarted gateway forwards")
+                assert "previous run left (eth0)" in gw.log(), gw.log()[-2000:]
+                assert nl.run("a1", ["nft", "list", "tables"]).stdout.count("overlay_") == 1
+                # (the member's old session with the killed process is gone: a ping from the gateway
+                # makes the new process start one at once instead of after WireGuard's rekey timeout)
+                nl.run("a1", ["ping", "-c", "2", "-W", "1", tun.status()["node"]["virtual_ip"]], check=False)
+                ol.wait(lambda: nl.run("c1", ["ping", "-c", "1", "-W", "1", web], check=False).returncode == 0, 40,
+                        "ping through the restarted gateway")
+
             # stopping the gateway removes its table and switches forwarding back off
             gw.stop()
             assert nl.run("a1", ["nft", "list", "tables"]).stdout.count("overlay_") == 0

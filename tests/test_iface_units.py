@@ -290,3 +290,18 @@ def test_arp_for_a_host_behind_a_gateway_peer_is_answered_as_a_router():
     e.routes = [ipaddress.IPv4Network("192.168.1.0/24")]
     action, reply, _ = e.from_device(arp_request(MY_MAC, ME, lan_host))
     assert action == eth.REPLY and reply[6:12] == eth.GATEWAY_MAC and reply[28:32] == lan_host
+
+
+def test_gateway_ruleset_names_what_it_switched_on():
+    """The TUN/TAP gateway's nftables table (loaded for real in tests/test_gateway_lab.py): masquerade
+    and forward filter for the approved routes only, and a marked rule from which a later run
+    learns which interfaces a crashed one switched forwarding on for."""
+    from overlay.iface.router import opened_in, ruleset, table_name
+    text = ruleset("ovl0", "100.64.0.0/10", ["192.168.1.0/24", "10.1.2.3/32"], ["ovl0", "eth0"])
+    assert text.startswith(f"table ip {table_name('ovl0')} {{}}\ndelete table ip overlay_ovl0\n")
+    assert 'iifname "ovl0" ip saddr 100.64.0.0/10 ip daddr { 192.168.1.0/24, 10.1.2.3/32 } accept' in text
+    assert 'oifname != "ovl0" ip saddr 100.64.0.0/10 ip daddr { 192.168.1.0/24, 10.1.2.3/32 } masquerade' in text
+    assert opened_in(text) == ["ovl0", "eth0"]
+    assert opened_in(ruleset("ovl0", "100.64.0.0/10", ["192.168.1.0/24"], [])) == []
+    assert opened_in('\t\tiifname "enp3s0" drop comment "forwarding switched on by overlay"\n') == ["enp3s0"]
+    assert table_name("games-0.1") == "overlay_games_0_1"

@@ -14,7 +14,9 @@ routes are approved, and undone on exit:
   the pool; and a forward filter: from the device only the pool to approved routes, to the device
   only replies (established / related), and an interface this node switched forwarding on for
   forwards nothing else (the machine does not become a router for its LAN). The table is deleted
-  on exit, and one left behind by a crash is replaced at the next start.
+  on exit. One left behind by a crash is replaced at the next start, and the interfaces its rule
+  names (marked with a comment) count as switched on by this node, so they are switched off again
+  at the next exit.
 
 nftables through the ``nft`` command (``nft -f -``, one atomic transaction per change): pyroute2
 has no usable nftables support, and the Python bindings of libnftables come with the
@@ -34,6 +36,7 @@ import subprocess
 log = logging.getLogger("overlay.iface")
 
 SYSCTL = "/proc/sys/net/ipv4/conf/{}/forwarding"
+OPENED = "forwarding switched on by overlay"
 
 
 def table_name(dev: str) -> str:
@@ -52,7 +55,8 @@ def ruleset(dev: str, pool: str, routes: list[str], opened: list[str]) -> str:
              f'    oifname "{dev}" ct state established,related accept',
              f'    oifname "{dev}" drop']
     if opened:
-        lines.append(f"    iifname {{ {', '.join(f'{chr(34)}{i}{chr(34)}' for i in opened)} }} drop")
+        names = ", ".join(f'"{i}"' for i in opened)
+        lines.append(f'    iifname {{ {names} }} drop comment "{OPENED}"')
     lines += ["  }",
               "  chain postrouting {",
               "    type nat hook postrouting priority srcnat; policy accept;",
@@ -60,6 +64,14 @@ def ruleset(dev: str, pool: str, routes: list[str], opened: list[str]) -> str:
               "  }",
               "}"]
     return "\n".join(lines) + "\n"
+
+
+def opened_in(listing: str) -> list[str]:
+    """The interfaces a table listed by ``nft list table`` says this node switched forwarding on for."""
+    for line in listing.splitlines():
+        if OPENED in line and "iifname" in line:
+            return re.findall(r'"([^"]+)"', line.split("drop", 1)[0])
+    return []
 
 
 class RouterError(Exception):
@@ -76,6 +88,7 @@ class KernelRouter:
         self.active = False                # forwarding and NAT in place for the current routes
         self.routes: list[str] = []
         self.error: str | None = None
+        self._leftover_checked = False
 
     def apply(self, pool: str, routes: list[str]) -> bool:
         """Forward from the device to ``routes`` (none: stop forwarding). False, with ``error``
@@ -87,6 +100,9 @@ class KernelRouter:
         if not routes:
             self.undo()
             return False
+        if not self._leftover_checked:
+            self._leftover_checked = True
+            self._adopt_leftover()
         try:
             lan = []
             for r in routes:
@@ -112,6 +128,18 @@ class KernelRouter:
                      ", ".join(routes), ", ".join(want))
         self.active, self.error = True, None
         return True
+
+    def _adopt_leftover(self) -> None:
+        """A table of ours left by a crash: what it says we switched on is ours to switch off."""
+        nft = shutil.which("nft")
+        if nft is None:
+            return
+        r = subprocess.run([nft, "list", "table", "ip", table_name(self.dev)], capture_output=True, text=True,
+                           timeout=10)
+        if r.returncode == 0:
+            self.opened = [i for i in opened_in(r.stdout) if _forwarding(i)]
+            self.table = True
+            log.info("gateway: replacing the nftables table a previous run left (%s)", ", ".join(self.opened) or "-")
 
     def _nft(self, text: str) -> None:
         nft = shutil.which("nft")
