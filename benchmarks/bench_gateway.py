@@ -25,7 +25,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +48,7 @@ def run(rounds: int, size_mib: int) -> None:
     size = size_mib << 20
     with natlab.NatLab() as nl:
         a = nl.add_site("a", "port_restricted", hosts=4)
-        b = nl.add_site("b", "port_restricted", hosts=2)
+        nl.add_site("b", "port_restricted", hosts=2)
         user_web, tun_web = a.hosts[2].ip, a.hosts[3].ip
         for host, ip in (("a3", user_web), ("a4", tun_web)):
             nl.popen(host, ["python3", "-m", "http.server", str(WEB_PORT), "--bind", ip], cwd=www, label=f"web-{host}")

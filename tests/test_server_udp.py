@@ -92,7 +92,7 @@ def test_relay_stops_at_once_when_peers_no_longer_may_reach(tmp_path):
         dest = ("127.0.0.1", server.port)
         for cl, s in ((a, sa), (b, sb)):
             await register(s, cl, dest)
-        pa, pb = crypto.public_key(a.key), crypto.public_key(b.key)
+        pb = crypto.public_key(b.key)
         sa.sendto(frames.data(pb, b"\x04before"), dest)
         assert frames.parse(await recv(sb))[2] == b"\x04before"      # cached now: a may reach b
         r = await a.request({"t": "admin", "network": "net", "action": "kick", "target": "b"})
