@@ -144,10 +144,14 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             assert all(p["rtt_ms"] is None for p in m.ping(lan_host, count=2))
             ol.wait(lambda: "net.ipv4.ping_group_range" in gw.log(), 10, "the gateway names the sysctl")
             assert gw.log().count("net.ipv4.ping_group_range") == 1, gw.log()[-3000:]
+            assert "net.ipv4.ping_group_range='0 2147483647'" in " ".join(gw.ok("status").split())
             nl.run("a1", ["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])
             time.sleep(2.2)     # gateway_icmp.RETRY
-            r = nl.run("c1", ["ping", "-c", "3", "-i", "0.3", "-W", "2", lan_host], check=False)
-            assert r.returncode == 0 and f"from {lan_host}" in r.stdout, r.stdout + r.stderr + ol.dump()
+
+            def kernel_ping() -> str | None:
+                r = nl.run("c1", ["ping", "-c", "3", "-i", "0.3", "-W", "2", lan_host], check=False)
+                return r.stdout if r.returncode == 0 else None
+            assert f"from {lan_host}" in ol.wait(kernel_ping, 15, "kernel ping answered through the gateway")
             probes = m.ping(lan_host, count=3)
             assert any(p["rtt_ms"] is not None for p in probes), probes
             assert all(p["gateway"] == "gw" and p["ip"] == lan_host for p in probes), probes
@@ -297,6 +301,8 @@ def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path, kind):
             sysctl = nl.run("a1", ["sysctl", "-n", "net.ipv4.ip_forward", "net.ipv4.conf.ovl0.forwarding",
                                    "net.ipv4.conf.eth0.forwarding"]).stdout.split()
             assert sysctl == ["0", "1", "1"], sysctl     # per interface, not the global switch
+            assert (f"gateway for {web}/32 (waiting for approval: {other}/32) (the kernel forwards)"
+                    in " ".join(gw.ok("status").split()))
             assert "masquerade" in nl.run("a1", ["nft", "list", "table", "ip", "overlay_ovl0"]).stdout
 
             # a userspace member through SOCKS5, a TUN member with kernel curl and ping
