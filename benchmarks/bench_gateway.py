@@ -14,7 +14,10 @@ tests (``tests/natlab.py``), in namespaces it creates:
 Both routes are approved in one network; every pair is on a direct path before measuring. Each
 round downloads the file once per (member, gateway) pair, interleaved, so both gateways see the
 same machine load; the medians per pair are printed with every run. The figure is curl's
-``size_download / time_total`` (the whole transfer, connection set-up included).
+``size_download / time_total`` (the whole transfer, connection set-up included), and the CPU
+time (user + system, from /proc) the gateway's process spent per GB downloaded, which a busy
+shared machine disturbs less than the rate (a TUN gateway's forwarding itself is kernel work
+outside any process, not counted).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def run(rounds: int, size_mib: int) -> None:
             ol.wait(lambda: tun_web in nl.run("b1", ["ip", "route", "show", "dev", "ovl0"]).stdout, 10, "kernel route")
             socks = next(p["address"] for p in um.status()["proxies"] if p["kind"] == "socks5")
 
+            def cpu(node) -> float:
+                fields = Path(f"/proc/{node.proc.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
             def fetch(member, ip: str) -> float:
                 args = ["curl", "-sS", "--max-time", "120", "-o", "/dev/null", "-w", "%{size_download} %{time_total}"]
                 if member is um:
@@ -83,10 +90,13 @@ def run(rounds: int, size_mib: int) -> None:
 
             pairs = [("TUN member, kernel curl", tm), ("userspace member, SOCKS5", um)]
             results: dict[tuple[str, str], list[float]] = {}
+            cpus: dict[tuple[str, str], list[float]] = {}
             for _ in range(rounds):
                 for label, member in pairs:
-                    for gw_label, ip in (("userspace gateway", user_web), ("TUN gateway", tun_web)):
+                    for gw_label, gw, ip in (("userspace gateway", ugw, user_web), ("TUN gateway", tgw, tun_web)):
+                        c0 = cpu(gw)
                         results.setdefault((label, gw_label), []).append(fetch(member, ip))
+                        cpus.setdefault((label, gw_label), []).append((cpu(gw) - c0) / (size / 1e9))
             print(f"gateway throughput, {size_mib} MiB per download, {rounds} rounds (Mbit/s, median and runs):")
             for label, _ in pairs:
                 u = results[(label, "userspace gateway")]
@@ -94,6 +104,8 @@ def run(rounds: int, size_mib: int) -> None:
                 print(f"  {label:26} userspace gateway {statistics.median(u):6.0f}  "
                       f"({', '.join(f'{x:.0f}' for x in u)})   TUN gateway {statistics.median(t):6.0f}  "
                       f"({', '.join(f'{x:.0f}' for x in t)})   ratio {statistics.median(t) / statistics.median(u):.2f}x")
+                print(f"  {'':26} gateway process CPU s/GB: userspace {statistics.median(cpus[(label, 'userspace gateway')]):.1f}"
+                      f", TUN {statistics.median(cpus[(label, 'TUN gateway')]):.1f}")
         finally:
             ol.close()
             for f in www.iterdir():
