@@ -145,7 +145,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        advertise_routes: Optional[str] = typer.Option(None, "--advertise-routes",
                                                       help="Offer these subnets of this machine's LAN to your "
                                                            "networks as a gateway, comma-separated "
-                                                           "(192.168.1.0/24); each network's owner approves them."),
+                                                           "(192.168.1.0/24); each network's owner approves them. "
+                                                           "With --tun/--tap the kernel forwards to them (root, "
+                                                           "nftables)."),
        hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
                                                help="Birthday punching toward peers behind random-port "
                                                     "symmetric NATs (up to 256 extra sockets or 1024 probes "
@@ -252,9 +254,6 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(f"--advertise-routes: {e}")
     if len(routes) > MAX_ROUTES:
         fail(f"--advertise-routes: at most {MAX_ROUTES} subnets")
-    if routes and interface:
-        fail("--advertise-routes needs userspace mode for now (no --tun / --tap): the node reaches the LAN "
-             "with ordinary sockets")
     if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
         fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,
@@ -386,12 +385,14 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
 
 
 @app.command()
-def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtual IP."),
+def ping(peer: str = typer.Argument(..., help="Peer name, name.network, virtual IP, or the address of a LAN "
+                                                "host behind a gateway member (approved route)."),
          count: int = typer.Option(10, "-c", "--count", help="Probes at most (stops early once direct)."),
          until_direct: bool = typer.Option(True, "--until-direct/--no-until-direct",
                                            help="Stop at the first answer over a direct path."),
          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
-    """Ping a peer through the tunnel: one line per probe with its path and round-trip time."""
+    """Ping a peer (or a LAN host through its gateway) through the tunnel: one line per probe with its
+    path and round-trip time."""
     import time
     direct = False
     answered = 0
@@ -405,11 +406,13 @@ def ping(peer: str = typer.Argument(..., help="Peer name, name.network or virtua
             direct = direct or path.startswith("direct")
         if as_json:
             print(json.dumps(r), flush=True)
-        elif r["rtt_ms"] is None:
-            out.print(f"timeout waiting for {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)}", highlight=False)
         else:
-            out.print(f"pong from {lit(r['peer'])} ({lit(r['ip'])}) via {lit(path)} in {r['rtt_ms']:.1f} ms",
-                      highlight=False)
+            who = (f"{lit(r['ip'])} (through gateway {lit(r['peer'])})" if r.get("gateway")
+                   else f"{lit(r['peer'])} ({lit(r['ip'])})")
+            if r["rtt_ms"] is None:
+                out.print(f"timeout waiting for {who} via {lit(path)}", highlight=False)
+            else:
+                out.print(f"pong from {who} via {lit(path)} in {r['rtt_ms']:.1f} ms", highlight=False)
         if direct and until_direct:
             break
         time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))

@@ -114,7 +114,14 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
     if gw:
         out.print("gateway for " + (", ".join(lit(r) for r in gw["approved"]) or "nothing yet")
                   + (f" (waiting for approval: {', '.join(lit(r) for r in gw['advertised'] if r not in gw['approved'])})"
-                     if set(gw["advertised"]) - set(gw["approved"]) else ""), highlight=False)
+                     if set(gw["advertised"]) - set(gw["approved"]) else "")
+                  + (" (the kernel forwards)" if gw.get("mode") == "kernel" else ""), highlight=False)
+        gs = gw.get("stats") or {}
+        if gs.get("error"):
+            out.print(f"  [red]{lit(gs['error'])}[/]", soft_wrap=True)
+        elif gw.get("mode") == "userspace" and gw.get("icmp") is None and gs.get("echo_dropped"):
+            out.print("  members' pings to LAN hosts go unanswered (no ICMP socket): "
+                      "sudo sysctl -w net.ipv4.ping_group_range='0 2147483647'", highlight=False, soft_wrap=True)
     if st.get("shares"):
         out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
                   highlight=False)

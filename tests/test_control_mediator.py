@@ -131,6 +131,9 @@ class World:
                 topo = self.m._topology(self.store.network(name))
                 for rec in msg["members"]:
                     assert self.m._sees(topo, k, key_from_text(rec["key"])), "member record of an unreachable peer"
+            if t == "chat" and msg["from_key"] is not None:   # nor its key through chat
+                topo = self.m._topology(self.store.network(name))
+                assert self.m._sees(topo, k, key_from_text(msg["from_key"])), "chat names an unreachable peer's key"
             json.dumps(msg)  # every event is JSON-serialisable
             self._buf[k].append(msg)
 
@@ -885,6 +888,66 @@ def test_hub_and_spoke_spokes_see_and_reach_only_hubs(w):
     assert _seen(w, "s1") == {"alice", "hub", "s1", "s2"}
     assert all("kind" not in m for e in (w.req("s1", "members", network="lan"), w.ev("s1", "members"))[1]
                for m in e["members"])
+
+
+def test_chat_reaches_spokes_without_other_spokes_keys(w):
+    """Network chat is for every member (as in Hamachi), but a spoke learns only the name of
+    another spoke that writes, not its key (nor its address: chat never carries one)."""
+    _setup(w, "alice", "hub", "s1", "s2")
+    w.admin("alice", "lan", "hub-on", target="hub")
+    w.admin("alice", "lan", "type", target="hub-and-spoke")
+    w.events()
+    w.req("s1", "chat", network="lan", text="hi all")
+    evs = w.events()
+    got = {n: [e for e in evs.get(w.key(n), []) if e["t"] == "chat"] for n in ("alice", "hub", "s1", "s2")}
+    assert all([(e["from"], e["text"]) for e in v] == [("s1", "hi all")] for v in got.values()), got
+    s1 = key_to_text(w.key("s1"))
+    assert got["hub"][0]["from_key"] == s1 and got["s1"][0]["from_key"] == s1
+    assert got["s2"][0]["from_key"] is None and got["alice"][0]["from_key"] is None
+    assert all("ip" not in e for v in got.values() for e in v)
+    w.req("hub", "chat", network="lan", text="from the hub")
+    assert [e["from_key"] for e in w.ev("s2", "chat")] == [key_to_text(w.key("hub"))]
+    w.req("s2", "history", network="lan")
+    assert [(e["from"], e["from_key"]) for e in w.ev("s2", "chat")] == [("s1", None),
+                                                                          ("hub", key_to_text(w.key("hub")))]
+    w.req("hub", "history", network="lan")
+    assert [e["from_key"] for e in w.ev("hub", "chat")] == [s1, key_to_text(w.key("hub"))]
+
+
+def test_type_change_work_grows_with_members_times_what_each_sees(w, monkeypatch):
+    """A hub turned on or off in a large hub-and-spoke network: members, nodes and routes are read
+    once, not once per member, and reachability is not asked pair by pair."""
+    names = ["alice", "hub"] + [f"s{i}" for i in range(150)]
+    _setup(w, *names)
+    w.admin("alice", "lan", "type", target="hub-and-spoke")
+    w.events()
+    calls = {"members": 0, "sees": 0}
+    real_members, real_sees = w.store.members, Mediator._sees
+
+    def members(network):
+        calls["members"] += 1
+        return real_members(network)
+
+    def sees(topo, a, b):
+        calls["sees"] += 1
+        return real_sees(topo, a, b)
+    monkeypatch.setattr(w.store, "members", members)
+    monkeypatch.setattr(Mediator, "_sees", staticmethod(sees))
+    w.admin("alice", "lan", "hub-on", target="hub")
+    evs = w.events()
+    # (this World checks every member record it collects with _sees: one call per record, linear
+    # too; pair by pair would be len(names) ** 2 = 23,104)
+    assert calls["members"] <= 3 and calls["sees"] < 4 * len(names), calls
+    # and the result is the same as before: every spoke sees the hub (and itself), the hub everyone
+    assert {m["name"] for e in evs[w.key("s7")] if e["t"] == "members" for m in e["members"]} == {"hub", "s7"}
+    assert len({m["name"] for e in evs[w.key("hub")] if e["t"] == "members" for m in e["members"]}) == len(names)
+    calls.update(members=0, sees=0)
+    w.admin("alice", "lan", "hub-off", target="hub")
+    evs = w.events()
+    assert calls["members"] <= 3 and calls["sees"] < 4 * len(names), calls
+    assert [e["key"] for e in evs[w.key("s7")] if e["t"] == "member_left"] == [key_to_text(w.key("hub"))]
+    assert sorted(e["key"] for e in evs[w.key("hub")] if e["t"] == "member_left") == sorted(
+        key_to_text(w.key(n)) for n in names if n != "hub")
 
 
 def test_hub_off_and_hub_leaving_hide_it_again(w):

@@ -1,14 +1,19 @@
 """Gateway routes with real processes in the real-kernel NAT lab (``natlab.py``).
 
 Site ``a`` (a NAT) holds two hosts on its LAN 10.0.1.0/24: ``a1`` runs the gateway member
-(``overlay up --advertise-routes``, userspace, no admin rights needed), ``a2`` only a plain web
+(``overlay up --advertise-routes``, userspace, without any capability), ``a2`` only a plain web
 server (``python -m http.server``) and a UDP echo, no overlay. ``b1``, behind another NAT, is a
 member that reaches ``a2`` by its LAN address through its SOCKS5 / HTTP proxy and through
 forwards, once the network's owner approved the route; an unapproved advertised route and a
-destination outside the approved ones are refused with a message. The gateway's throughput
-(a 16 MiB download through SOCKS5) is printed, never asserted. Then the network goes
-unencrypted: a capture between the NATs shows the payload, until the two share an encrypted
-network too.
+destination outside the approved ones are refused with a message. Pings to ``a2`` (a TUN
+member's kernel ping, ``overlay ping`` from the userspace member) go unanswered, with one log
+line naming the fix, until ``net.ipv4.ping_group_range`` of the gateway's namespace allows ping
+sockets. The gateway's throughput (a 16 MiB download through SOCKS5) is printed, never asserted.
+Then the network goes unencrypted: a capture between the NATs shows the payload, until the two
+share an encrypted network too.
+
+The second test makes a TUN (and a TAP) node the gateway: the kernel forwards (and masquerades) the
+members' packets to the approved route only, and removes what it set up when the node stops.
 """
 
 from __future__ import annotations
@@ -91,6 +96,9 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
         try:
             ol.start_server()
             gw = ol.start_node("a1", "gw", "--advertise-routes", "10.0.1.0/24,10.0.7.0/24")
+            gw.stop()    # no capability at all (no CAP_NET_RAW either): what a user's login has
+            gw.argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *gw.argv]
+            gw.restart()
             m = ol.start_node("b1", "member", "--http-proxy", "127.0.0.1:0")
             tun = ol.start_node("c1", "tunmember", "--tun")     # kernel routes to the LAN through ovl0
             tap = ol.start_node("d1", "tapmember", "--tap")     # and ARP for LAN hosts answered locally
@@ -102,7 +110,8 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
                 return nl.run("b1", ["curl", "-sS", "--max-time", "20", *args], check=False, timeout=timeout)
 
             # advertised but not approved: not usable, and the proxy says why
-            assert gw.status()["gateway"] == {"advertised": ["10.0.1.0/24", "10.0.7.0/24"], "approved": []}
+            g = gw.status()["gateway"]
+            assert (g["advertised"], g["approved"], g["mode"]) == (["10.0.1.0/24", "10.0.7.0/24"], [], "userspace")
             r = curl("-x", f"http://{http}", f"http://{lan_host}:{WEB_PORT}/")
             assert "no approved gateway route of your networks contains it" in r.stdout, r.stdout + r.stderr
             assert curl("--socks5-hostname", socks, f"http://{lan_host}:{WEB_PORT}/").returncode != 0
@@ -125,6 +134,34 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
                 r = nl.run(node.host, ["curl", "-sS", "--max-time", "20", f"http://{lan_host}:{WEB_PORT}/index.html"],
                            check=False, timeout=30)
                 assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+
+            # ICMP echo: this namespace's ping_group_range is the kernel's "1 0" and the gateway has no
+            # CAP_NET_RAW, so no answer and one line naming the fix; then the sysctl lets ping sockets in
+            assert nl.run("a1", ["sysctl", "-n", "net.ipv4.ping_group_range"]).stdout.split() == ["1", "0"]
+            caps = nl.run("a1", ["grep", "CapEff", f"/proc/{gw.proc.popen.pid}/status"]).stdout
+            r = nl.run("c1", ["ping", "-c", "2", "-i", "0.3", "-W", "1", lan_host], check=False)
+            assert r.returncode != 0, r.stdout
+            assert all(p["rtt_ms"] is None for p in m.ping(lan_host, count=2))
+            ol.wait(lambda: "net.ipv4.ping_group_range" in gw.log(), 10, "the gateway names the sysctl")
+            assert gw.log().count("net.ipv4.ping_group_range") == 1, gw.log()[-3000:]
+            assert "net.ipv4.ping_group_range='0 2147483647'" in " ".join(gw.ok("status").split())
+            nl.run("a1", ["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])
+            time.sleep(2.2)     # gateway_icmp.RETRY
+
+            def kernel_ping() -> str | None:
+                r = nl.run("c1", ["ping", "-c", "3", "-i", "0.3", "-W", "2", lan_host], check=False)
+                return r.stdout if r.returncode == 0 else None
+            assert f"from {lan_host}" in ol.wait(kernel_ping, 15, "kernel ping answered through the gateway")
+            probes = m.ping(lan_host, count=3)
+            assert any(p["rtt_ms"] is not None for p in probes), probes
+            assert all(p["gateway"] == "gw" and p["ip"] == lan_host for p in probes), probes
+            assert "pong from " + lan_host + " (through gateway gw)" in m.ok("ping", lan_host, "-c", "2")
+            g = gw.status()["gateway"]
+            assert g["mode"] == "userspace" and g["icmp"] == "ping socket" and g["stats"]["echo_replies"] >= 4, g
+            assert caps.split()[1] == "0000000000000000", caps
+            # outside the approved routes: no gateway route, refused by the member itself
+            r = m.cli("ping", "10.0.7.5", "-c", "1")
+            assert r.returncode == 1 and "no peer named '10.0.7.5'" in r.stdout + r.stderr, r.stdout + r.stderr
 
             # a forward to the LAN host, TCP and UDP
             out = m.ok("forward", "18080", f"{lan_host}:{WEB_PORT}", "--json")
@@ -193,5 +230,142 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
                     "kernel route withdrawn on the TUN member")
             r = curl("-x", f"http://{http}", f"http://{lan_host}:{WEB_PORT}/index.html")
             assert "no approved gateway route" in r.stdout, r.stdout
+        finally:
+            ol.close()
+
+
+def _inject(nl: natlab.NatLab, host: str, home, gw_key: bytes, gw_addr: tuple[str, int], packets: list[bytes],
+            wait: float = 4.0) -> list[bytes]:
+    """Speak WireGuard with the member key in ``home`` (its node stopped) to the gateway at
+    ``gw_addr`` from lab host ``host``, send the hand-built inner ``packets``; the inner packets
+    that come back within ``wait`` seconds."""
+    from overlay.node.home import Home
+    from overlay.wire.device import Device
+    from overlay.wire.events import PacketReceived
+    dev = Device(Home(home).private_key())
+    dev.add_peer(gw_key, endpoint=gw_addr)
+    sock = nl.udp_socket(host, timeout=0.1)
+    for p in packets:
+        dev.send(gw_key, p, time.monotonic())
+    got: list[bytes] = []
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        for data, addr in dev.datagrams_to_send():
+            sock.sendto(data, addr)
+        try:
+            data, addr = sock.recvfrom(65535)
+            dev.receive(data, addr, time.monotonic())
+        except socket.timeout:
+            pass
+        if (t := dev.get_timer()) is not None and t <= time.monotonic():
+            dev.handle_timer(time.monotonic())
+        while (ev := dev.next_event()) is not None:
+            if isinstance(ev, PacketReceived) and ev.packet:
+                got.append(bytes(ev.packet))
+    return got
+
+
+def _echo(src: str, dst: str, seq: int) -> bytes:
+    from overlay.netstack.wire import ICMP_ECHO_REQUEST, PROTO_ICMP, build_icmp, build_ipv4
+    return build_ipv4(socket.inet_aton(src), socket.inet_aton(dst), PROTO_ICMP,
+                      build_icmp(ICMP_ECHO_REQUEST, 0, 0x7777 << 16 | seq, b"hand-built"))
+
+
+@pytest.mark.parametrize("kind", ["tun", "tap"])
+def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path, kind):
+    lab.require_lab("conntrack", "tun")
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from the LAN\n")
+    with natlab.NatLab() as nl:
+        a = nl.add_site("a", "port_restricted", hosts=4)
+        nl.add_site("b", "port_restricted")
+        nl.add_site("c", "full_cone")
+        gw_lan, web, other = a.hosts[0].ip, a.hosts[1].ip, a.hosts[2].ip   # a4: the hand-built sender
+        web_proc = nl.popen("a2", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", web], cwd=www,
+                            label="web")
+        nl.popen("a3", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", other], cwd=www, label="other")
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server()
+            gw = ol.start_node("a1", "gw", f"--{kind}", "--advertise-routes", f"{web}/32,{other}/32")
+            m = ol.start_node("b1", "member")
+            tun = ol.start_node("c1", "tunmember", "--tun")
+            ol.pair(gw, m, "home", tun)
+            assert gw.ok("admin", "routes", "home", "approve", "gw", f"{web}/32")     # not `other`
+            ol.wait(lambda: (m.peer("gw") or {}).get("routes") == [f"{web}/32"], 10, "route handed to member")
+            ol.wait(lambda: (gw.status().get("gateway") or {}).get("stats", {}).get("forwarding"), 10,
+                    "the gateway forwards")
+            g = gw.status()["gateway"]
+            assert g["mode"] == "kernel" and g["approved"] == [f"{web}/32"], g
+            sysctl = nl.run("a1", ["sysctl", "-n", "net.ipv4.ip_forward", "net.ipv4.conf.ovl0.forwarding",
+                                   "net.ipv4.conf.eth0.forwarding"]).stdout.split()
+            assert sysctl == ["0", "1", "1"], sysctl     # per interface, not the global switch
+            assert (f"gateway for {web}/32 (waiting for approval: {other}/32) (the kernel forwards)"
+                    in " ".join(gw.ok("status").split()))
+            assert "masquerade" in nl.run("a1", ["nft", "list", "table", "ip", "overlay_ovl0"]).stdout
+
+            # a userspace member through SOCKS5, a TUN member with kernel curl and ping
+            socks = _proxy(m, "socks5")
+            r = nl.run("b1", ["curl", "-sS", "--max-time", "20", "--socks5-hostname", socks,
+                              f"http://{web}:{WEB_PORT}/index.html"], check=False, timeout=30)
+            assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+            ol.wait(lambda: web in nl.run("c1", ["ip", "route", "show", "dev", "ovl0"]).stdout, 10, "kernel route")
+            r = nl.run("c1", ["curl", "-sS", "--max-time", "20", f"http://{web}:{WEB_PORT}/index.html"],
+                       check=False, timeout=30)
+            assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+            r = nl.run("c1", ["ping", "-c", "3", "-i", "0.3", "-W", "2", web], check=False)
+            assert r.returncode == 0 and f"from {web}" in r.stdout, r.stdout + r.stderr
+            assert any(p["rtt_ms"] is not None for p in m.ping(web, count=3))
+            # the LAN host saw the gateway machine as the client (masquerade), not a pool address
+            ol.wait(lambda: web_proc.stderr().count(f"{gw_lan} - - ") >= 2, 5, "web log")
+            assert "100.6" not in web_proc.stderr(), web_proc.stderr()
+
+            # outside the approved route: the member's proxy refuses, its data plane has no route
+            r = nl.run("b1", ["curl", "-sS", "--max-time", "10", "--socks5-hostname", socks,
+                              f"http://{other}:{WEB_PORT}/"], check=False, timeout=20)
+            assert r.returncode != 0 and r.stdout == "", r.stdout
+            nl.run("c1", ["ip", "route", "add", f"{other}/32", "dev", "ovl0"])
+            r = nl.run("c1", ["curl", "-sS", "--max-time", "5", f"http://{other}:{WEB_PORT}/"], check=False,
+                       timeout=15)
+            assert r.returncode != 0, r.stdout
+
+            # and a member that builds packets by hand (its key, its own WireGuard): the gateway
+            # forwards the approved destination only; `other` (same LAN) and the Internet get nothing
+            m_ip = m.status()["node"]["virtual_ip"]
+            routed = gw.status()["gateway"]["stats"]["routed"]
+            m.stop()
+            gw_key = __import__("base64").b64decode(gw.status()["node"]["public_key"])
+            got = _inject(nl, "a4", m.home, gw_key, (gw_lan, gw.status()["udp"]["port"]),
+                          [_echo(m_ip, web, 1), _echo(m_ip, other, 2), _echo(m_ip, "198.51.100.10", 3),
+                           _echo(m_ip, gw_lan, 4)])
+            from overlay.netstack.wire import parse_icmp, parse_ipv4
+            replies = sorted((socket.inet_ntoa(ip.src), parse_icmp(ip.payload).rest & 0xFFFF)
+                             for ip in map(parse_ipv4, got) if ip.proto == 1)
+            assert replies == [(web, 1)], (replies, ol.dump())
+            assert gw.status()["gateway"]["stats"]["routed"] == routed + 1
+
+            if kind == "tun":
+                # a crash leaves the table (still filtering) and eth0's forwarding on; the next run
+                # takes both over, so its clean exit switches eth0 back off
+                os.killpg(gw.proc.popen.pid, 9)
+                gw.proc.popen.wait(10)
+                assert "overlay_ovl0" in nl.run("a1", ["nft", "list", "tables"]).stdout
+                assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "1"
+                gw.restart()
+                ol.wait(lambda: (gw.status().get("gateway") or {}).get("stats", {}).get("forwarding"), 20,
+                        "the restarted gateway forwards")
+                assert "previous run left (eth0)" in gw.log(), gw.log()[-2000:]
+                assert nl.run("a1", ["nft", "list", "tables"]).stdout.count("overlay_") == 1
+                # (the member's old session with the killed process is gone: a ping from the gateway
+                # makes the new process start one at once instead of after WireGuard's rekey timeout)
+                nl.run("a1", ["ping", "-c", "2", "-W", "1", tun.status()["node"]["virtual_ip"]], check=False)
+                ol.wait(lambda: nl.run("c1", ["ping", "-c", "1", "-W", "1", web], check=False).returncode == 0, 40,
+                        "ping through the restarted gateway")
+
+            # stopping the gateway removes its table and switches forwarding back off
+            gw.stop()
+            assert nl.run("a1", ["nft", "list", "tables"]).stdout.count("overlay_") == 0
+            assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "0"
         finally:
             ol.close()

@@ -88,6 +88,12 @@ def test_headers_toward_our_device():
     assert e.header_for(mdns)[:6] == bytes.fromhex("01005e0000fb")
     stranger = build_ipv4(b"\x0a\x00\x00\x07", ME, PROTO_UDP, bytes(10))   # behind a static peer
     assert e.header_for(stranger)[6:12] == eth.GATEWAY_MAC
+    # a TAP gateway: a member's packet to a host of our LAN is unicast to our MAC (the kernel forwards
+    # only frames addressed to it), and the pool's broadcast address stays broadcast
+    lan = build_ipv4(PEER_TAP, socket.inet_aton("192.168.1.20"), PROTO_UDP, bytes(10))
+    assert e.header_for(lan) == MY_MAC + eth.node_mac(K_TAP) + eth.ETH_IPV4
+    pb = build_ipv4(PEER_TAP, POOL.broadcast_address.packed, PROTO_UDP, bytes(10))
+    assert e.header_for(pb)[:6] == eth.BROADCAST_MAC
 
 
 def test_frames_from_peers_are_checked():
@@ -284,3 +290,18 @@ def test_arp_for_a_host_behind_a_gateway_peer_is_answered_as_a_router():
     e.routes = [ipaddress.IPv4Network("192.168.1.0/24")]
     action, reply, _ = e.from_device(arp_request(MY_MAC, ME, lan_host))
     assert action == eth.REPLY and reply[6:12] == eth.GATEWAY_MAC and reply[28:32] == lan_host
+
+
+def test_gateway_ruleset_names_what_it_switched_on():
+    """The TUN/TAP gateway's nftables table (loaded for real in tests/test_gateway_lab.py): masquerade
+    and forward filter for the approved routes only, and a marked rule from which a later run
+    learns which interfaces a crashed one switched forwarding on for."""
+    from overlay.iface.router import opened_in, ruleset, table_name
+    text = ruleset("ovl0", "100.64.0.0/10", ["192.168.1.0/24", "10.1.2.3/32"], ["ovl0", "eth0"])
+    assert text.startswith(f"table ip {table_name('ovl0')} {{}}\ndelete table ip overlay_ovl0\n")
+    assert 'iifname "ovl0" ip saddr 100.64.0.0/10 ip daddr { 192.168.1.0/24, 10.1.2.3/32 } accept' in text
+    assert 'oifname != "ovl0" ip saddr 100.64.0.0/10 ip daddr { 192.168.1.0/24, 10.1.2.3/32 } masquerade' in text
+    assert opened_in(text) == ["ovl0", "eth0"]
+    assert opened_in(ruleset("ovl0", "100.64.0.0/10", ["192.168.1.0/24"], [])) == []
+    assert opened_in('\t\tiifname "enp3s0" drop comment "forwarding switched on by overlay"\n') == ["enp3s0"]
+    assert table_name("games-0.1") == "overlay_games_0_1"

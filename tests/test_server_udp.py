@@ -82,6 +82,28 @@ async def share(server, *clients: RawClient, network: str = "net") -> None:
     server._peer_cache.clear()
 
 
+def test_relay_stops_at_once_when_peers_no_longer_may_reach(tmp_path):
+    """The relay caches who may reach whom per source; a kick (or a ban, a type, hub or gateway
+    change) through the control connection invalidates it at once, not after the cache's lifetime."""
+    async def body(server):
+        a, b = await node(server, "a"), await node(server, "b")
+        await share(server, a, b)
+        sa, sb = udp_sock(), udp_sock()
+        dest = ("127.0.0.1", server.port)
+        for cl, s in ((a, sa), (b, sb)):
+            await register(s, cl, dest)
+        pb = crypto.public_key(b.key)
+        sa.sendto(frames.data(pb, b"\x04before"), dest)
+        assert frames.parse(await recv(sb))[2] == b"\x04before"      # cached now: a may reach b
+        r = await a.request({"t": "admin", "network": "net", "action": "kick", "target": "b"})
+        assert r["t"] == "ok", r
+        sa.sendto(frames.data(pb, b"\x04after"), dest)
+        t, key, reason = frames.parse(await recv(sa))
+        assert t == frames.REFUSED and key == pb and reason[0] == frames.REASON_NOT_PEER
+        assert await no_recv(sb)
+    run(body, tmp_path)
+
+
 def test_stun_binding_with_independent_client(tmp_path):
     async def body(server):
         s = udp_sock()

@@ -66,6 +66,7 @@ class TapEdge:
         self.mac = mac
         self.ip: bytes = b""
         self.pool = pool
+        self.pool_broadcast = b"\xff\xff\xff\xff"
         self.mac_of_ip: dict[bytes, bytes] = {}       # every peer's virtual IP -> its MAC
         self.key_of_mac: dict[bytes, bytes] = {}      # TAP members' MAC -> key
         self.mac_of_key: dict[bytes, bytes] = {}
@@ -76,6 +77,7 @@ class TapEdge:
     def set_address(self, ip: str, pool: ipaddress.IPv4Network | None) -> None:
         self.ip = ipaddress.IPv4Address(ip).packed
         self.pool = pool
+        self.pool_broadcast = pool.broadcast_address.packed if pool is not None else b"\xff\xff\xff\xff"
 
     def set_peers(self, peers) -> None:
         """``peers``: (key, virtual IP as 4 bytes, is_tap) for every peer."""
@@ -152,6 +154,9 @@ class TapEdge:
             if hdr is not None:
                 return hdr
             return self.mac + GATEWAY_MAC + ETH_IPV4
+        if dst[0] < 224 and dst != self.pool_broadcast:
+            # unicast to a host of our LAN: this node is a gateway and its kernel forwards it
+            return self.mac + self.mac_of_ip.get(src, GATEWAY_MAC) + ETH_IPV4
         return ipv4_group_mac(dst) + self.mac_of_ip.get(src, GATEWAY_MAC) + ETH_IPV4
 
     def admit_frame(self, key: bytes, frame: bytes) -> bool:

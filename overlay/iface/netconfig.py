@@ -135,6 +135,17 @@ class NetConfig:
             except (self._NetlinkError, OSError):
                 pass
 
+    def route_ifname(self, ip: str) -> str | None:
+        """The interface the kernel sends packets for ``ip`` out of (``ip route get``), None if no route."""
+        def lookup():
+            r = self.ipr.route("get", dst=ip)
+            oif = r[0].get_attr("RTA_OIF") if r else None
+            return self.ipr.get_links(oif)[0].get_attr("IFLA_IFNAME") if oif else None
+        try:
+            return self._run(lookup)
+        except (self._NetlinkError, OSError, IndexError):
+            return None
+
     def _try(self, op, missing: list[str]) -> bool:
         try:
             self._run(op)

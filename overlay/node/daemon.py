@@ -77,13 +77,16 @@ class Daemon:
         if interface:
             self.kernel_if = KernelInterface(
                 interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
-                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if only_shared else None)
+                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if only_shared else None,
+                advertised=sorted(advertise_routes))
             if self.client:
                 self.client.hello_extra["iface"] = interface
         self._fatal: str | None = None
         self.advertise_routes = sorted(advertise_routes)
-        # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets
-        self.gateway = Gateway(self.dataplane.send_packets, mtu=INNER_MTU) if self.advertise_routes else None
+        # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets;
+        # with a TUN/TAP device the kernel forwards them instead (KernelInterface.set_gateway_routes)
+        self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU)
+                        if self.advertise_routes and self.kernel_if is None else None)
         if self.advertise_routes and self.client:
             self.client.hello_extra["routes"] = self.advertise_routes
         self.netstack: StackDriver | None = None
@@ -358,13 +361,21 @@ class Daemon:
                 "proto": "udp" if f.udp else "tcp", "active": f.active}
 
     async def ping(self, target: str, timeout: float = 2.0) -> dict:
-        p = self.resolve_peer(target)
+        """One echo to a peer, or to a LAN host behind a gateway member (an approved route holds it)."""
+        host = None
+        if self.find_peer(target) is None and (gw := self.route_peer(target.strip())) is not None:
+            host, p = target.strip(), gw
+        else:
+            p = self.resolve_peer(target)
         if not p["online"]:
-            raise RequestError("peer_offline", f"{p['name']} is offline")
+            raise RequestError("peer_offline", f"{p['name']} is offline"
+                                               + (f" (the gateway to {host})" if host else ""))
         me = self.state.me.get("ip")
         if not me:
             raise NotConnected("not connected to the server yet")
-        seq, pkt = self.pinger.request(me, p["ip"])
+        dst = host or p["ip"]
+        info = {"peer": p["name"], "ip": dst, "gateway": p["name"] if host else None}
+        seq, pkt = self.pinger.request(me, dst)
         fut = self.pinger.wait(seq)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -373,17 +384,21 @@ class Daemon:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
-            return {"peer": p["name"], "ip": p["ip"], "seq": seq, "rtt_ms": None, "path": path}
+            return {**info, "seq": seq, "rtt_ms": None, "path": path}
         rtt = (loop.time() - t0) * 1000
         path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
-        return {"peer": p["name"], "ip": p["ip"], "seq": seq, "rtt_ms": rtt, "path": path}
+        return {**info, "seq": seq, "rtt_ms": rtt, "path": path}
 
     def _sync_peers(self) -> None:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
-        if self.gateway is not None:
-            self.gateway.set_routes([(r, ips) for r, ips in self.state.own_routes() if r in self.advertise_routes])
+        if self.advertise_routes:
+            own = [(r, ips) for r, ips in self.state.own_routes() if r in self.advertise_routes]
+            if self.gateway is not None:
+                self.gateway.set_routes(own)
+            elif self.kernel_if is not None:
+                self.kernel_if.set_gateway_routes(own)
         if self.kernel_if is not None:
             self.kernel_if.set_peers()
         if self.client is None or (not self.client.connected and self.client.state != "hello"):
@@ -616,15 +631,23 @@ class Daemon:
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
             "interface": self.kernel_if.info() if self.kernel_if is not None else None,
             "shares": self.shares.listing(),
-            "gateway": {"advertised": self.advertise_routes,
-                        "approved": [r for r, _ in self.state.own_routes() if r in self.advertise_routes]}
-                       if self.advertise_routes else None,
+            "gateway": self._gateway_status() if self.advertise_routes else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "ipv6": self.dataplane.ipv6_summary()},
         }
+
+    def _gateway_status(self) -> dict:
+        approved = [r for r, _ in self.state.own_routes() if r in self.advertise_routes]
+        if self.gateway is not None:
+            icmp = self.gateway.icmp
+            return {"advertised": self.advertise_routes, "approved": approved, "mode": "userspace",
+                    "icmp": icmp.mode, "stats": {**self.gateway.stats, **{f"echo_{k}": v for k, v in
+                                                                             icmp.table.stats.items()}}}
+        return {"advertised": self.advertise_routes, "approved": approved, "mode": "kernel", "icmp": "kernel",
+                "stats": self.kernel_if.router_stats() if self.kernel_if is not None else {}}
 
     def _peer_status(self, p: dict) -> dict:
         path, rtt = self.dataplane.peer_path(base64.b64decode(p["key"]))

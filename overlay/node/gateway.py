@@ -9,25 +9,31 @@ Packets from a member to an address inside one of this node's approved routes (`
   handshake complete, otherwise the member gets ICMP port unreachable ("refused") at once.
 - UDP datagrams go out of an ordinary OS socket per flow (member address and port, LAN host and
   port); replies come back as IPv4/UDP packets from the LAN address. Idle flows expire.
+- ICMP echo requests go out of the gateway's own ICMP sockets and the LAN host's replies come
+  back as echo replies from its address (``overlay.node.gateway_icmp``: ping sockets when
+  ``net.ipv4.ping_group_range`` allows them, else a raw socket with CAP_NET_RAW, else unanswered
+  with one log line naming the fix).
 - Everything else (other protocols, destinations outside the approved routes, members of
   networks where the route is not approved) is dropped and logged (rate-limited): the member's own
   dialer refuses such destinations before sending anything, with a message naming the reason.
 
-Everything is bounded: ``MAX_DESTINATIONS`` stacks, ``MAX_UDP_FLOWS`` flows.
+Everything is bounded: ``MAX_DESTINATIONS`` stacks, ``MAX_UDP_FLOWS`` flows, the echo limits of
+``gateway_icmp``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
-from overlay.netstack.wire import (PROTO_TCP, PROTO_UDP, WireError, build_ipv4, build_udp, ip_to_bytes,
-                                   ip_to_str, parse_ipv4, parse_udp)
+from overlay.netstack.wire import (ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP, PROTO_UDP, WireError, build_ipv4,
+                                   build_udp, ip_to_bytes, ip_to_str, parse_ipv4, parse_udp)
+from overlay.node.approved_routes import ApprovedRoutes
+from overlay.node.gateway_icmp import IcmpEcho
 from proxy.ratelog import LogLimiter
 from proxy.relay import relay
 
@@ -48,26 +54,22 @@ class Gateway:
         self._send = send_packets
         self._mtu = mtu
         self._open = open_connection
-        # approved route -> virtual IPs of the members it is approved for
-        self._routes: list[tuple[ipaddress.IPv4Network, frozenset[str]]] = []
+        self.routes = ApprovedRoutes()   # approved route -> the members it is approved for
         self._stacks: dict[str, tuple[StackDriver, list[float]]] = {}
         self._udp: dict[tuple[str, int, str, int], tuple[asyncio.DatagramTransport, list[float]]] = {}
         self._refused = LogLimiter()   # a member cannot flood the log
+        self.icmp = IcmpEcho(send_packets)
         self.stats = {"tcp_streams": 0, "udp_flows": 0, "refused": 0, "lan_refused": 0}
         self.closed = False
 
     # ------------------------------------------------------------------ configuration
     def set_routes(self, routes: list[tuple[str, set[str]]]) -> None:
         """(approved route, member virtual IPs it serves) pairs; connections already open stay."""
-        self._routes = [(ipaddress.IPv4Network(r), frozenset(ips)) for r, ips in routes]
+        self.routes.set(routes)
 
     @property
     def active(self) -> bool:
-        return bool(self._routes)
-
-    def permits(self, src: str, dst: str) -> bool:
-        a = ipaddress.IPv4Address(dst)
-        return any(a in net and src in ips for net, ips in self._routes)
+        return bool(self.routes)
 
     # ------------------------------------------------------------------ packets from members
     def deliver(self, packets: list[bytes]) -> None:
@@ -78,22 +80,27 @@ class Gateway:
                 ip = parse_ipv4(pkt, False)
             except WireError:
                 continue
-            src, dst = ip_to_str(ip.src), ip_to_str(ip.dst)
-            if ip.frag or not self.permits(src, dst) or ip.proto not in (PROTO_TCP, PROTO_UDP):
+            if ip.frag or not self.routes.permits(ip.src, ip.dst) or ip.proto not in (PROTO_TCP, PROTO_UDP,
+                                                                                        PROTO_ICMP):
+                src, dst = ip_to_str(ip.src), ip_to_str(ip.dst)
                 self.stats["refused"] += 1
                 self._refused.log(log, logging.INFO, "refused %s -> %s (protocol %d): not in this gateway's approved "
                                   "routes for that member (overlay admin routes NET)", src, dst, ip.proto)
                 continue
             if ip.proto == PROTO_TCP:
-                driver = self._stack_for(dst, now)
+                driver = self._stack_for(ip_to_str(ip.dst), now)
                 if driver is not None:
                     driver.receive_packet(pkt)
+            elif ip.proto == PROTO_ICMP:
+                p = ip.payload
+                if len(p) >= 8 and p[0] == ICMP_ECHO_REQUEST:   # other ICMP from members: nothing to do
+                    self.icmp.request(ip.src, ip.dst, p[4] << 8 | p[5], p[6] << 8 | p[7], p[8:], now)
             else:
                 try:
                     dgram = parse_udp(ip, False)
                 except WireError:
                     continue
-                self._udp_out(src, dgram.src_port, dst, dgram.dst_port, dgram.data, now)
+                self._udp_out(ip_to_str(ip.src), dgram.src_port, ip_to_str(ip.dst), dgram.dst_port, dgram.data, now)
         self._expire(now)
 
     # ------------------------------------------------------------------ TCP
@@ -172,6 +179,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ housekeeping
     def _expire(self, now: float, force: bool = False) -> None:
+        self.icmp.expire(now)
         for dst, (driver, seen) in list(self._stacks.items()):
             if not driver.stack.connections and (force or now - seen[0] > STACK_IDLE):
                 driver.close()
@@ -184,6 +192,7 @@ class Gateway:
 
     def close(self) -> None:
         self.closed = True
+        self.icmp.close()
         for driver, _ in self._stacks.values():
             driver.close()
         self._stacks.clear()

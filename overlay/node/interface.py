@@ -5,7 +5,9 @@ the device go to ``DataPlane.send_packets`` (IPv4) or ``send_frames`` (TAP frame
 IPv4); what peers send comes back through ``deliver`` / ``deliver_frames`` and is written to the
 device. A TAP device adds the Ethernet edge (``overlay.iface.ethernet``). The kernel receives
 only unicast addressed to this node and broadcast / multicast; with ``--only-shared`` the inbound
-filter (``overlay.node.inbound_filter``) narrows that to shared ports and replies.
+filter (``overlay.node.inbound_filter``) narrows that to shared ports and replies. A node that is
+a gateway (``--advertise-routes``) also lets through packets from members to its approved routes
+(for those members only) and has the kernel forward them to its LAN (``overlay.iface.router``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import socket
 from overlay.iface import ethernet, offload
 from overlay.iface.ethernet import FLOOD, REPLY, SEND_IP, UNICAST, TapEdge, fmt_mac, node_mac
 from overlay.iface.netconfig import LIMITED_BROADCAST
+from overlay.iface.router import KernelRouter
 from overlay.iface.tuntap import DeviceError, TunTap, device_exists, open_device
 from overlay.node.dataplane import INNER_MTU, DataPlane
+from overlay.node.approved_routes import ApprovedRoutes
 from overlay.node.inbound_filter import InboundFilter
 
 log = logging.getLogger("overlay.iface")
@@ -29,7 +33,8 @@ DEFAULT_NAME = "ovl0"
 
 class KernelInterface:
     def __init__(self, kind: str, name: str, dataplane: DataPlane, public_key: bytes, *,
-                 only_shared: InboundFilter | None = None, broadcast_route: bool = True):
+                 only_shared: InboundFilter | None = None, broadcast_route: bool = True,
+                 advertised: list[str] = ()):
         if kind not in ("tun", "tap"):
             raise ValueError(f"unknown interface kind {kind!r}")
         self.kind, self.name = kind, name
@@ -44,7 +49,13 @@ class KernelInterface:
         self.address: str | None = None
         self._ip: bytes | None = None   # our address, packed
         self._network: ipaddress.IPv4Network | None = None
-        self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0}
+        self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0, "routed": 0}
+        # as a gateway: our own advertised prefixes (never routed into the device: they are our
+        # LAN), the approved routes and who may use them, and the kernel's forwarding for them
+        self.advertised = [ipaddress.IPv4Network(r) for r in advertised]
+        self.gateway = ApprovedRoutes()
+        self.router: KernelRouter | None = None
+        self._forwarding = False
         # Offloads with the kernel (overlay.iface.offload); every read and write then carries a
         # virtio_net_hdr. "gro" (default): TCP runs coalesced into super-packets on write, plain
         # packets on read. "tso" also takes the kernel's 64 KB super-packets on read: fewer passes
@@ -84,8 +95,29 @@ class KernelInterface:
         self._ip = socket.inet_aton(address)
         if self.edge:
             self.edge.set_address(address, network)
+        self._apply_router()
+
+    def set_gateway_routes(self, routes: list[tuple[str, set[str]]]) -> None:
+        """As a gateway: (approved route, member virtual IPs) pairs; the kernel forwards them."""
+        self.gateway.set(routes)
+        self._apply_router()
+
+    def _apply_router(self) -> None:
+        if self.net is None or self._network is None or (self.router is None and not self.gateway):
+            return
+        if self.router is None:
+            self.router = KernelRouter(self.name, self.net.route_ifname)
+        self._forwarding = self.router.apply(str(self._network), self.gateway.prefixes())
+
+    def router_stats(self) -> dict:
+        r = self.router
+        return {"forwarding": self._forwarding, "routed": self.stats["routed"],
+                "error": r.error if r is not None else None}
 
     def close(self) -> None:
+        if self.router is not None:
+            self.router.undo()
+            self.router = None
         if self.net is not None:
             self.net.undo()
             self.net = None
@@ -107,7 +139,8 @@ class KernelInterface:
         ARP for them, as a router would)."""
         if self.net is None or self._network is None:
             return
-        want = [n for n, _ in self.dp.routes if not n.subnet_of(self._network)]
+        want = [n for n, _ in self.dp.routes if not n.subnet_of(self._network)
+                and not any(n.overlaps(o) for o in self.advertised)]   # our own LAN stays ours
         if self.edge:
             self.edge.routes = want
         names = {str(n) for n in want}
@@ -208,9 +241,14 @@ class KernelInterface:
         filt = self.filter
         now = self.dp.now() if filt else 0.0
         ok = []
+        gw = self.gateway if self._forwarding else None
         for p in packets:
             dst = p[16:20]
             if dst != me and not (dst[0] >= 224 or dst == self.dp.pool_broadcast):
+                if gw is not None and gw.permits(p[12:16], dst):
+                    self.stats["routed"] += 1   # a member's packet to our LAN: the kernel forwards it
+                    ok.append(p)
+                    continue
                 self.stats["not_for_us"] += 1   # never route a peer's packet on to another host
                 continue
             if filt and not filt.admit(p, now):

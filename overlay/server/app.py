@@ -419,6 +419,10 @@ class MediationServer:
         finally:
             if t in ("create", "join", "leave"):
                 self.admission.registered(conn, not self.still_stranger(conn))
+            if t in ("create", "join", "leave", "admin"):
+                # who may relay to whom may have changed (a ban, a kick, a type, hub or gateway change,
+                # a new member): the relay must not forward on an old answer
+                self._peer_cache.clear()
 
     def still_stranger(self, conn: ControlConnection) -> bool:
         """Said hello (or not even that) but belongs to no network and waits to join none."""
@@ -458,7 +462,8 @@ class MediationServer:
 
     # ------------------------------------------------------------ relay
     def _may_relay(self, src: bytes, dst: bytes) -> bool:
-        """Relay only between nodes that may reach each other (network types); cached for a few seconds per source."""
+        """Relay only between nodes that may reach each other (network types); cached for a few seconds per
+        source, and forgotten at every membership or network-type change (``dispatch``)."""
         now = time.monotonic()
         hit = self._peer_cache.get(src)
         if hit is None or now - hit[0] > 5.0:

@@ -145,19 +145,35 @@ class Mediator:
             if k != exclude and self._sees(topo, k, about):
                 self._push(k, msg)
 
+    @staticmethod
+    def _visible(topo, key: bytes) -> frozenset | None:
+        """Whom ``key`` sees in a network of this topology: None for every member, else a (small)
+        set, ``key`` included: the same relation as ``_sees``, without asking it member by member."""
+        typ, hubs, gateway = topo
+        if typ == "mesh" or (typ == "hub-and-spoke" and key in hubs) or (typ == "gateway" and key == gateway):
+            return None
+        return (hubs if typ == "hub-and-spoke" else frozenset((gateway,))) | {key}
+
     def _retopologize(self, name: str, before) -> None:
         """The type, hubs or gateway changed: members lose the peers they no longer see (as
-        ``member_left`` with reason ``out of reach``) and get a fresh snapshot."""
-        after = self._topology(self.store.network(name))
-        members = self.store.members(name)
+        ``member_left`` with reason ``out of reach``) and get a fresh snapshot. The work is the
+        members times what each one sees (not members squared): members, nodes and routes are
+        read once."""
+        ctx = self._snapshot_ctx(name)
+        after, members, order = ctx[1], ctx[2], ctx[3]
         for k in members:
             if k not in self.online:
                 continue   # it gets a full snapshot on its next hello
-            for j in members:
-                if self._sees(before, k, j) and not self._sees(after, k, j):
-                    self._push(k, {"t": "member_left", "network": name, "key": key_to_text(j),
-                                   "reason": "out of reach"})
-            self._send_network(k, name)
+            was, now = self._visible(before, k), self._visible(after, k)
+            if now is None:
+                lost = ()
+            elif was is None:
+                lost = [j for j in members if j not in now]
+            else:
+                lost = [j for j in was if j not in now and j in order]
+            for j in lost:
+                self._push(k, {"t": "member_left", "network": name, "key": key_to_text(j), "reason": "out of reach"})
+            self._send_network(k, name, ctx)
 
     def _member_record(self, network, key: bytes, node=None, topo=None, routes=None) -> dict:
         node = node or self.store.node(key)
@@ -175,22 +191,29 @@ class Mediator:
             rec["iface"] = iface   # only while online with a kernel interface
         return rec
 
-    def _network_info(self, network, key: bytes) -> dict:
+    def _network_info(self, network, key: bytes, count: int | None = None) -> dict:
         owner = self.store.node(network.owner)
         return {"name": network.name, "owner": owner.name if owner else None,
                 "role": "owner" if key == network.owner else "member",
                 "locked": network.locked, "approval": network.approval, "type": network.type,
                 "encrypted": network.encrypted,
-                "max_members": network.max_members, "count": self.store.member_count(network.name)}
+                "max_members": network.max_members, "count": self.store.member_count(network.name) if count is None else count}
 
-    def _send_network(self, key: bytes, name: str) -> None:
-        """Push a full snapshot of one network to ``key``: info, then members in batches."""
+    def _snapshot_ctx(self, name: str) -> tuple:
+        """What snapshots of network ``name`` are made of: (network, topology, members in join
+        order, member -> position, nodes, routes)."""
         net = self.store.network(name)
-        self._push(key, {"t": "network", "network": self._network_info(net, key)})
-        topo = self._topology(net)
-        members = [k for k in self.store.members(name) if self._sees(topo, key, k)]   # only whom it may reach
-        nodes = self.store.nodes(members)
-        routes = self.store.routes(name)
+        members = self.store.members(name)
+        return (net, self._topology(net), members, {k: i for i, k in enumerate(members)},
+                self.store.nodes(members), self.store.routes(name))
+
+    def _send_network(self, key: bytes, name: str, ctx: tuple | None = None) -> None:
+        """Push a full snapshot of one network to ``key``: info, then members in batches (only
+        whom it may reach). ``ctx``: ``_snapshot_ctx(name)``, when sending several."""
+        net, topo, everyone, order, nodes, routes = ctx or self._snapshot_ctx(name)
+        self._push(key, {"t": "network", "network": self._network_info(net, key, len(everyone))})
+        vis = self._visible(topo, key)
+        members = everyone if vis is None else sorted((k for k in vis if k in order), key=order.__getitem__)
         for i in range(0, len(members), MEMBER_BATCH):
             batch = [self._member_record(net, k, nodes[k], topo, routes) for k in members[i:i + MEMBER_BATCH]]
             self._push(key, {"t": "members", "network": name, "members": batch})
@@ -352,9 +375,11 @@ class Mediator:
             return self._chat(key, msg, now)
         if t == "history":
             net = self._network_for(key, msg["network"])
+            topo = self._topology(net)
             for cid, sender, name, text, ts in self.store.chat_history(net.name):
                 self._push(key, {"t": "chat", "network": net.name, "id": cid, "from": name,
-                                 "from_key": key_to_text(sender), "text": text, "ts": ts, "history": True})
+                                 "from_key": key_to_text(sender) if self._sees(topo, key, sender) else None,
+                                 "text": text, "ts": ts, "history": True})
             return ok(msg["id"])
         if t == "members":
             net = self._network_for(key, msg["network"])
@@ -489,7 +514,15 @@ class Mediator:
         cid = self.store.add_chat(net.name, key, node.name, msg["text"], now)
         ev = {"t": "chat", "network": net.name, "id": cid, "from": node.name,
               "from_key": key_to_text(key), "text": msg["text"], "ts": now}
-        self._push_members(net.name, ev)
+        # chat is for the whole network, as in Hamachi; a member out of the sender's reach (spoke
+        # to spoke, member to member of a gateway network) gets its name only, not its key
+        topo = self._topology(net)
+        if topo[0] == "mesh":
+            self._push_members(net.name, ev)
+        else:
+            anonymous = {**ev, "from_key": None}
+            for k in self.store.members(net.name):
+                self._push(k, ev if self._sees(topo, k, key) else anonymous)
         return ok(msg["id"], chat_id=cid)
 
     def admin_precheck(self, key: bytes, msg: dict) -> None:
