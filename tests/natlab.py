@@ -98,6 +98,12 @@ NAT_TYPES = (
 )
 SERVER_IPS = ("198.51.100.10", "198.51.100.11")
 PUBLIC_NET = "198.51.100.0/24"
+# A second "Internet" subnet on pub's bridge, outside every range reserved for documentation or
+# private use: routers of ``add_site(..., unreserved_wan=True)`` take their WAN address from it
+# (router k: 11.11.0.(101 + k)), for daemons that refuse to work behind a reserved address
+# (Debian 12's miniupnpd). Every namespace on the bridge reaches both subnets on-link; no packet
+# leaves the lab's namespaces.
+UNRESERVED_NET = "11.11.0.0/24"
 ROUTER_IP_BASE = 101  # router k gets 198.51.100.(101 + k)
 PUBLIC_HOST_IP_BASE = 201  # public ("none") host k gets 198.51.100.(201 + k)
 MAPPED_PORTS = (20000, 29999)  # external ports of non-preserving EIM NATs
@@ -242,6 +248,7 @@ class NatLab:
                 f"link add br0 address {_fixed_mac()} type bridge",
                 *(f"addr add {ip}/24 dev br0" for ip in SERVER_IPS),
                 "link set br0 up",
+                f"route add {UNRESERVED_NET} dev br0",
             )
         except BaseException:
             self.close()
@@ -256,12 +263,15 @@ class NatLab:
         hosts: int = 1,
         lan_subnet: str | None = None,
         preserve_ports: bool = False,
+        unreserved_wan: bool = False,
     ) -> Site:
         """Add a site: a router with NAT ``nat`` (see module doc) and ``hosts`` hosts behind it.
 
         Hosts are named ``f"{name}{i}"`` from 1 and addressed ``.2``, ``.3``... of ``lan_subnet``
         (default ``10.0.<site number>.0/24``; give two sites the same subnet to model the common
         "both LANs are 192.168.1.0/24" trap). For ``none`` hosts get public addresses instead.
+        ``unreserved_wan``: the router's WAN address comes from ``UNRESERVED_NET`` instead of
+        ``PUBLIC_NET`` (its NAT then shows that address to the world).
         """
         if nat not in NAT_TYPES:
             raise ValueError(f"unknown NAT type {nat!r}; choose from {NAT_TYPES}")
@@ -288,7 +298,8 @@ class NatLab:
             lan = ipaddress.IPv4Network(lan_subnet or f"10.0.{index + 1}.0/24")
             if lan.num_addresses < hosts + 3 or lan.overlaps(ipaddress.IPv4Network(PUBLIC_NET)):
                 raise ValueError(f"LAN {lan} too small or overlapping the public network")
-            wan_ip = f"198.51.100.{ROUTER_IP_BASE + index}"
+            net = UNRESERVED_NET if unreserved_wan else PUBLIC_NET
+            wan_ip = str(ipaddress.IPv4Network(net)[ROUTER_IP_BASE + index])
             router = self._netns(f"{name}-nat")
             site = Site(name, nat, index, wan_ip, lan, router, preserve_ports)
             self.sites[name] = site
@@ -346,7 +357,8 @@ class NatLab:
         sh("ip", "link", "add", ifname, "netns", ns.name, "type", "veth", "peer", "name", port,
            "netns", self.pub.name)
         self._ip(self.pub, f"link set {port} master br0", f"link set {port} up")
-        self._ip(ns, f"addr add {ip}/24 dev {ifname}", f"link set {ifname} up")
+        other = UNRESERVED_NET if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(PUBLIC_NET) else PUBLIC_NET
+        self._ip(ns, f"addr add {ip}/24 dev {ifname}", f"link set {ifname} up", f"route add {other} dev {ifname}")
         return port
 
     def _netns(self, role: str) -> Netns:
