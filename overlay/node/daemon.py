@@ -18,6 +18,7 @@ import socket
 from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
 from overlay.node import api
+from overlay.nat import portmap
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
@@ -53,7 +54,7 @@ class Daemon:
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
                  dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = (),
-                 hard_nat: bool = True):
+                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -66,6 +67,7 @@ class Daemon:
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
                                     on_session=self._on_session) if server else None
         self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, hard_nat=hard_nat,
+                                   port_mapping=portmap.parse_protocols(port_mapping),
                                    send_control=self.client.post if self.client else lambda msg: None)
         self.shares = Shares()
         self.address = address
@@ -618,7 +620,8 @@ class Daemon:
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
-                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats()},
+                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
+                    "port_mapping": self.dataplane.port_mapping_summary()},
         }
 
     def _peer_status(self, p: dict) -> dict:
