@@ -507,7 +507,7 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     rtt = n.get("server_rtt_ms")
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
     for line in port_mapping_lines(r.get("port_mapping")):
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
     out.print("candidates:               " + ", ".join(f"{lit(c['addr'])} ({lit(c['kind'])})" for c in r["candidates"]),
               highlight=False)
 

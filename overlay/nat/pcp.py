@@ -41,7 +41,7 @@ RESULTS = {
 }
 _MEANING = {
     1: "the router speaks another version", 2: "refused by the router's policy",
-    7: "the router has no public address", 8: "the router is out of mappings",
+    7: "the router has no public address", 8: "the router could not create the mapping",
     11: "the router cannot give that external address",
     12: "another NAT between this node and the router changed our address",
 }
