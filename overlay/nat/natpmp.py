@@ -4,7 +4,7 @@ The protocol is two 12-byte requests to the default gateway's UDP port 5351, so 
 here rather than taken from a library (the Python NAT-PMP packages on PyPI are unmaintained;
 miniupnpc's bindings speak UPnP IGD only). Sent from the node's own socket: the mapping's
 internal port is that socket's port, and the answers arrive there (told apart by their source,
-gateway:5351).
+gateway:5351, and from PCP's by their version byte 0; ``portmap`` routes them).
 
 1. External address request (opcode 0), retransmitted after 0.25, 0.5, 1, 2 s (RFC 6886 allows
    up to 9 tries; 4 keep a router without NAT-PMP from costing more than 4 datagrams).
@@ -14,7 +14,7 @@ gateway:5351).
 
 No answer: ``answered`` False, asked again after ``retry_after``. An error result (a router
 without a public address answers "network failure", RFC 6886 3.5): ``error`` says which, and the
-same back-off applies.
+same back-off applies. Retransmission, back-off and the mapping's state: ``mapclient``.
 """
 
 from __future__ import annotations
