@@ -738,7 +738,13 @@ class DataPlane:
             self._igd, self._igd_pool = Igd(), ThreadPoolExecutor(1, thread_name_prefix="upnp")
         fut = self._igd_pool.submit(self._igd.run, job)
         loop = self.loop
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._igd_done, job, f) if not loop.is_closed() else None)
+
+        def back_on_the_loop(f) -> None:
+            try:
+                loop.call_soon_threadsafe(self._igd_done, job, f)
+            except RuntimeError:     # the loop closed while the job ran (the daemon is gone)
+                pass
+        fut.add_done_callback(back_on_the_loop)
         return fut
 
     def _igd_done(self, job: tuple, fut) -> None:
