@@ -13,6 +13,9 @@ Topology (every address lives only inside the namespaces the lab creates)::
                   10.0.2.0/24       198.51.100.102
     [n1] ──────────────────────────── eth0 ───┘  198.51.100.201 (nat "none": directly public)
 
+    (a router of ``add_site(..., unreserved_wan=True)`` sits on the same bridge at 11.11.0.(101 + k),
+    ``UNRESERVED_NET``: every namespace on the bridge reaches both subnets on-link)
+
 Usage (the ``overlay`` command lines are illustrative)::
 
     import lab, natlab
@@ -415,8 +418,10 @@ class NatLab:
 
         Debian 12's miniupnpd (2.3.1) refuses to map behind a reserved WAN address, and the lab's
         public network is one (198.51.100.0/24, TEST-NET-2; newer versions have
-        ``ext_allow_private_ipv4``): here it answers every request with "network failure", as a
-        router behind carrier-grade NAT does. ``ext_ip`` (a public address) makes it map ports and
+        ``ext_allow_private_ipv4``): its log says "Reserved / private IP address ... Port forwarding
+        is impossible", NAT-PMP answers "network failure" and PCP ``NO_RESOURCES``, as a router
+        behind carrier-grade NAT does. A site made with ``unreserved_wan=True`` has a WAN address
+        it accepts: there it maps. ``ext_ip`` (a public address) makes it map ports and
         report that address: a router that believes it is public while another NAT sits between it
         and the Internet."""
         s = self.site(site)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -108,15 +109,18 @@ def test_random_symmetric_site_with_a_mapping_goes_direct_with_every_other_site(
 
 
 @pytest.mark.parametrize("proto,label,host", [("pcp", "PCP", 1), ("nat-pmp", "NAT-PMP", 2), ("upnp", "UPnP IGD", 3)])
-def test_each_protocol_alone_maps_goes_direct_and_is_removed_on_exit(env, proto, label, host):
+def test_each_protocol_alone_maps_goes_direct_and_is_removed_on_exit(env, proto, label, host, record_property):
     nl, ol, sites, mapper = env
     up, pr = sites["up"], sites["pr"]
     lan_host = up.hosts[host].name
+    t0 = time.monotonic()
     m = ol.start_node(lan_host, f"only{host}", "--no-hard-nat-punch", "--port-mapping", proto)
     p = ol.start_node(pr.hosts[0].name, f"peer{host}")
     try:
         ol.pair(m, p, f"only{host}net")
         pm = ol.wait(lambda: mapping(m), 15, f"a {label} mapping")
+        record_property("mapped_after_s", round(time.monotonic() - t0, 2))
+        print(f"{label}: mapping seen {time.monotonic() - t0:.2f} s after the daemon was started")
         port = netcheck(m)["local_port"]
         mapped = f"{up.wan_ip}:{port}"
         assert pm["protocol"] == proto and pm["mapped"] == mapped and pm["usable"], pm
