@@ -725,7 +725,8 @@ class DataPlane:
             pm.changed = False
             m = pm.mapping
             log.info("port mapping: %s", f"router maps {m[1][0]}:{m[1][1]} to UDP port {self.port} "
-                     f"({portmap.LABEL[m[0]]})" if m else "none")
+                     f"({portmap.LABEL[m[0]]})" if m else "none (" + "; ".join(
+                         f"{portmap.LABEL[p]}: {c.error or 'no answer'}" for p, c in pm.clients.items()) + ")")
             if self.srflx:
                 self._publish_endpoints()
                 self.on_endpoints()
