@@ -152,6 +152,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                help="Birthday punching toward peers behind random-port "
                                                     "symmetric NATs (up to 256 extra sockets or 1024 probes "
                                                     "per attempt, with back-off); default: on."),
+       port_mapping: Optional[str] = typer.Option(None, "--port-mapping",
+                                                  help="Ask the router to map this node's UDP port: 'all' "
+                                                       "(PCP, NAT-PMP, UPnP IGD; the default), 'off', or a "
+                                                       "comma-separated choice such as 'pcp,nat-pmp'."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground."""
@@ -211,6 +215,12 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         err.print(f"note: --{interface}{' --dev ' + lit(dev) if dev else ''}{' --only-shared' if only_shared else ''}"
                   " as last time (`overlay up --userspace` for no device)", highlight=False, soft_wrap=True)
     hard_nat = hard_nat if hard_nat is not None else cfg.get("hard_nat_punch", True)
+    from overlay.nat.portmap import parse_protocols
+    try:
+        mapping_protocols = list(parse_protocols(port_mapping if port_mapping is not None
+                                                 else cfg.get("port_mapping", True)))
+    except ValueError as e:
+        fail(f"--port-mapping: {e}")
     if not isinstance(only_shared, bool):
         fail("config.toml: only_shared must be true or false")
     if dev is not None or only_shared:
@@ -261,7 +271,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
                                     only_shared=only_shared, advertise_routes=routes,
-                                    hard_nat=bool(hard_nat)))
+                                    hard_nat=bool(hard_nat), port_mapping=mapping_protocols))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
@@ -470,6 +480,35 @@ def ip(peer: Optional[str] = typer.Argument(None, help="Peer name, name.network 
     fail(f"no peer named {peer!r} shares a network with this node (`overlay status` lists your peers)")
 
 
+def port_mapping_lines(pm: dict | None) -> list[str]:
+    """netcheck's lines about the router's port mapping protocols (``port_mapping`` of the API)."""
+    if pm is None:
+        return ["port mapping:             not tried (off, no default gateway, or server on loopback)"]
+    lines = []
+    for key, label in (("pcp", "PCP"), ("nat_pmp", "NAT-PMP"), ("upnp", "UPnP IGD")):
+        p = pm.get(key)
+        if p is None:
+            state = "not tried"
+        elif p["answered"] is None:
+            state = "asking"
+        elif p["mapped"]:
+            state = f"answered yes, mapped {p['mapped']}"
+        elif p["answered"] is False:
+            state = f"answered no ({p['error']})" if p.get("error") else "answered no"
+        elif p.get("error"):
+            state = f"answered yes, error: {p['error']}"
+        else:
+            state = "answered yes" + (f" (external address {p['external_ip']})" if p.get("external_ip") else "") + \
+                ", not used"
+        lines.append(f"{'port mapping (' + label + '):':<26}{lit(state)}")
+    if pm.get("mapped"):
+        use = "advertised" if pm.get("usable") else "not advertised"
+        lines.append(f"{'port mapping in use:':<26}{lit(pm['mapped'])} ({lit(pm['protocol'])}, {use})")
+    if pm.get("note"):
+        lines.append(f"{'':<26}{lit(pm['note'])}")
+    return lines
+
+
 @app.command()
 def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """UDP reachability, public address, NAT mapping behaviour and RTT to the server."""
@@ -488,16 +527,8 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"ports look sequential:    {yes(seq)}" + (f"  (step {lit(n['port_delta'])})" if seq else ""))
     rtt = n.get("server_rtt_ms")
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
-    pmp = (r.get("port_mapping") or {}).get("nat_pmp")
-    if pmp is None:
-        out.print("port mapping (NAT-PMP):   not tried")
-    else:
-        state = ("no answer" if pmp["answered"] is False else "asking" if pmp["answered"] is None else
-                 f"mapped {pmp['mapped']}" + ("" if pmp.get("usable") else " (not usable)") if pmp["mapped"] else
-                 f"answered: {pmp['error'] or 'no mapping'}")
-        out.print(f"port mapping (NAT-PMP):   {lit(state)}")
-        if pmp.get("note"):
-            out.print(f"                          {lit(pmp['note'])}")
+    for line in port_mapping_lines(r.get("port_mapping")):
+        out.print(line, highlight=False, soft_wrap=True)
     v6 = r.get("ipv6") or {}
     if v6.get("port") is None or not v6.get("addresses"):
         out.print("IPv6:                     none (no global IPv6 address)")

@@ -13,6 +13,9 @@ Topology (every address lives only inside the namespaces the lab creates)::
                   10.0.2.0/24       198.51.100.102
     [n1] ──────────────────────────── eth0 ───┘  198.51.100.201 (nat "none": directly public)
 
+    (a router of ``add_site(..., unreserved_wan=True)`` sits on the same bridge at 11.11.0.(101 + k),
+    ``UNRESERVED_NET``: every namespace on the bridge reaches both subnets on-link)
+
 Usage (the ``overlay`` command lines are illustrative)::
 
     import lab, natlab
@@ -110,6 +113,12 @@ PUBLIC_NET = "198.51.100.0/24"
 SERVER_IPS6 = ("2001:db8:ffff::10",)
 PUBLIC_NET6 = "2001:db8:ffff::/64"
 PUB_GW6 = "2001:db8:ffff::1"  # pub itself: the core router between dual-stack sites
+# A second "Internet" subnet on pub's bridge, outside every range reserved for documentation or
+# private use: routers of ``add_site(..., unreserved_wan=True)`` take their WAN address from it
+# (router k: 11.11.0.(101 + k)), for daemons that refuse to work behind a reserved address
+# (Debian 12's miniupnpd). Every namespace on the bridge reaches both subnets on-link; no packet
+# leaves the lab's namespaces.
+UNRESERVED_NET = "11.11.0.0/24"
 ROUTER_IP_BASE = 101  # router k gets 198.51.100.(101 + k)
 PUBLIC_HOST_IP_BASE = 201  # public ("none") host k gets 198.51.100.(201 + k)
 MAPPED_PORTS = (20000, 29999)  # external ports of non-preserving EIM NATs
@@ -259,6 +268,7 @@ class NatLab:
                 f"link add br0 address {_fixed_mac()} type bridge",
                 *(f"addr add {ip}/24 dev br0" for ip in SERVER_IPS),
                 "link set br0 up",
+                f"route add {UNRESERVED_NET} dev br0",
             )
         except BaseException:
             self.close()
@@ -274,6 +284,7 @@ class NatLab:
         lan_subnet: str | None = None,
         preserve_ports: bool = False,
         ipv6: bool = False,
+        unreserved_wan: bool = False,
     ) -> Site:
         """Add a site: a router with NAT ``nat`` (see module doc) and ``hosts`` hosts behind it.
 
@@ -281,6 +292,8 @@ class NatLab:
         (default ``10.0.<site number>.0/24``; give two sites the same subnet to model the common
         "both LANs are 192.168.1.0/24" trap). For ``none`` hosts get public addresses instead.
         ``ipv6``: a dual-stack site (see the module doc; not for ``none``).
+        ``unreserved_wan``: the router's WAN address comes from ``UNRESERVED_NET`` instead of
+        ``PUBLIC_NET`` (its NAT then shows that address to the world).
         """
         if nat not in NAT_TYPES:
             raise ValueError(f"unknown NAT type {nat!r}; choose from {NAT_TYPES}")
@@ -309,7 +322,8 @@ class NatLab:
             lan = ipaddress.IPv4Network(lan_subnet or f"10.0.{index + 1}.0/24")
             if lan.num_addresses < hosts + 3 or lan.overlaps(ipaddress.IPv4Network(PUBLIC_NET)):
                 raise ValueError(f"LAN {lan} too small or overlapping the public network")
-            wan_ip = f"198.51.100.{ROUTER_IP_BASE + index}"
+            net = UNRESERVED_NET if unreserved_wan else PUBLIC_NET
+            wan_ip = str(ipaddress.IPv4Network(net)[ROUTER_IP_BASE + index])
             router = self._netns(f"{name}-nat")
             site = Site(name, nat, index, wan_ip, lan, router, preserve_ports)
             self.sites[name] = site
@@ -393,7 +407,8 @@ class NatLab:
         sh("ip", "link", "add", ifname, "netns", ns.name, "type", "veth", "peer", "name", port,
            "netns", self.pub.name)
         self._ip(self.pub, f"link set {port} master br0", f"link set {port} up")
-        self._ip(ns, f"addr add {ip}/24 dev {ifname}", f"link set {ifname} up")
+        other = UNRESERVED_NET if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(PUBLIC_NET) else PUBLIC_NET
+        self._ip(ns, f"addr add {ip}/24 dev {ifname}", f"link set {ifname} up", f"route add {other} dev {ifname}")
         return port
 
     def _netns(self, role: str) -> Netns:
@@ -450,8 +465,10 @@ class NatLab:
 
         Debian 12's miniupnpd (2.3.1) refuses to map behind a reserved WAN address, and the lab's
         public network is one (198.51.100.0/24, TEST-NET-2; newer versions have
-        ``ext_allow_private_ipv4``): here it answers every request with "network failure", as a
-        router behind carrier-grade NAT does. ``ext_ip`` (a public address) makes it map ports and
+        ``ext_allow_private_ipv4``): its log says "Reserved / private IP address ... Port forwarding
+        is impossible", NAT-PMP answers "network failure" and PCP ``NO_RESOURCES``, as a router
+        behind carrier-grade NAT does. A site made with ``unreserved_wan=True`` has a WAN address
+        it accepts: there it maps. ``ext_ip`` (a public address) makes it map ports and
         report that address: a router that believes it is public while another NAT sits between it
         and the Internet."""
         s = self.site(site)

@@ -7,6 +7,7 @@ site's controls restore them in ``finally``. Every network wait is bounded.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import socket
 import subprocess
@@ -50,6 +51,7 @@ def nl():
         lab_.add_site("pp", "port_restricted", preserve_ports=True)
         # same LAN addresses as site "pr": the classic "both homes are 10.0.x.0/24" trap
         lab_.add_site("dup", "port_restricted", lan_subnet=str(lab_.sites["pr"].lan))
+        lab_.add_site("uw", "port_restricted", unreserved_wan=True)
         argv = [sys.executable, TOOLS, "reflect", "--tcp", f"{S0}:{PORTS[0]}"]
         for ip, port in ALL_DESTS:
             argv += ["--udp", f"{ip}:{port}"]
@@ -87,6 +89,18 @@ def test_topology_and_in_namespace_sockets(nl):
         here.bind((S1, 0))
     # IPv6 is off inside the lab (no link-local path around the NATs)
     assert "inet6" not in nl.run("pr1", ["ip", "-o", "addr"]).stdout
+
+
+def test_unreserved_wan_site_shares_the_internet_with_the_others(nl):
+    """A router on the unreserved subnet reaches the server and the other sites on-link, and its
+    NAT shows the unreserved address (what STUN, and a port-mapping daemon, see)."""
+    uw = nl.sites["uw"]
+    assert uw.wan_ip == str(ipaddress.ip_network(natlab.UNRESERVED_NET)[natlab.ROUTER_IP_BASE + uw.index])
+    _, mapped = mapped_ports(nl, "uw1")
+    assert {ip for ip, _ in mapped} == {uw.wan_ip}
+    pr = nl.sites["pr"]
+    assert nl.run(pr.name, ["ping", "-c1", "-W2", uw.wan_ip], check=False).returncode == 0
+    assert nl.run("uw", ["ping", "-c1", "-W2", pr.wan_ip], check=False).returncode == 0
 
 
 # ---------------------------------------------------------------------- mapping

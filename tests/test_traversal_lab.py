@@ -260,11 +260,12 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
 
 
 def test_netcheck_reports_which_port_mapping_protocols_answered(env):
-    """A node behind a router running miniupnpd asks it for a NAT-PMP mapping and ``overlay
-    netcheck`` says what it answered (this lab's miniupnpd: "network failure", it has no public
-    address it accepts; see natlab.start_port_mapper), and advertises nothing from it; a node
-    behind a router without a mapping daemon reports no answer. Nothing is sent on loopback (the
-    other tests' nodes there have no gateway to ask)."""
+    """A node behind a router running miniupnpd asks it for a mapping (PCP, NAT-PMP, UPnP IGD) and
+    ``overlay netcheck`` says what each answered (this router's miniupnpd refuses to map behind
+    the lab's reserved public address: "network failure"; see natlab.start_port_mapper), and
+    advertises nothing from it; a node behind a router without a mapping daemon reports no answer.
+    Nothing is sent on loopback (the other tests' nodes there have no gateway to ask).
+    tests/test_portmap_lab.py has the routers that do map."""
     nl, ol = env
     if not shutil.which("miniupnpd"):
         pytest.skip("miniupnpd not installed (apt-get install miniupnpd-nftables)")
@@ -279,28 +280,34 @@ def test_netcheck_reports_which_port_mapping_protocols_answered(env):
 
         def netcheck(n: LabNode) -> dict | None:
             r = json.loads(n.ok("netcheck", "--json"))
-            pmp = r["port_mapping"]["nat_pmp"]
-            return r if pmp is not None and pmp["answered"] is not None else None
+            pm = r["port_mapping"]
+            return r if pm is not None and all(pm[k]["answered"] is not None for k in ("pcp", "nat_pmp")) else None
 
-        ra, rb = ol.wait(lambda: netcheck(a), 15, "NAT-PMP answer"), ol.wait(lambda: netcheck(b), 15, "NAT-PMP gave up")
-        pa, pb = ra["port_mapping"]["nat_pmp"], rb["port_mapping"]["nat_pmp"]
-        assert pa["answered"] is True and "network failure" in pa["error"] and pa["mapped"] is None, pa
+        ra, rb = ol.wait(lambda: netcheck(a), 15, "PCP / NAT-PMP answers"), ol.wait(lambda: netcheck(b), 15, "gave up")
+        pa, pb = ra["port_mapping"], rb["port_mapping"]
+        for k in ("pcp", "nat_pmp"):
+            assert pa[k]["answered"] is True and pa[k]["mapped"] is None, pa
+            assert pb[k]["answered"] is False and pb[k]["mapped"] is None, pb
+        # miniupnpd 2.3.1 behind a reserved address: NAT-PMP says "network failure"; its PCP server
+        # tries to add the rule, fails, and answers NO_RESOURCES (its log: "PCP MAP: failed to add mapping")
+        assert "network failure" in pa["nat_pmp"]["error"] and "NO_RESOURCES" in pa["pcp"]["error"], pa
+        assert pa["mapped"] is None and pb["mapped"] is None
         assert "NAT-PMP public address request" in daemon.stderr() + daemon.stdout()
-        assert pb["answered"] is False and pb["mapped"] is None, pb
         assert all(c["kind"] != "magic" for c in ra["candidates"] + rb["candidates"])
         text = a.ok("netcheck")
-        assert "port mapping (NAT-PMP):   answered: network failure" in text, text
-        assert "port mapping (NAT-PMP):   no answer" in b.ok("netcheck")
+        assert "port mapping (NAT-PMP):   answered yes, error: network failure" in text, text
+        assert "port mapping (PCP):       answered yes, error: NO_RESOURCES" in text, text
+        assert "port mapping (PCP):       answered no" in b.ok("netcheck")
         # a mapping whose external address is not the one the server sees: reported, not advertised,
         # and removed from the router when the node stops
-        rc = ol.wait(lambda: netcheck(c), 15, "NAT-PMP mapping")
-        pc = rc["port_mapping"]["nat_pmp"]
+        rc = ol.wait(lambda: (r := netcheck(c)) and r["port_mapping"]["mapped"] and r, 15, "a mapping")
+        pc = rc["port_mapping"]
         port = rc["local_port"]
         assert pc["mapped"] == f"11.22.33.44:{port}" and pc["usable"] is False and "not advertised" in pc["note"], pc
         assert not any(x["addr"].startswith("11.22.33.44") for x in rc["candidates"]), rc["candidates"]
         rules = lambda: cgn.router.run("nft", "list", "chain", "inet", "miniupnpd", "pre_upnp").stdout  # noqa: E731
         assert f"dport {port} dnat ip to {cgn.hosts[0].ip}:{port}" in rules(), rules()
-        assert "(not usable)" in c.ok("netcheck")
+        assert "not advertised" in c.ok("netcheck")
         c.stop()
         ol.wait(lambda: "dnat" not in rules(), 5, "mapping removed on exit")
     finally:

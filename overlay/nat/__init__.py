@@ -5,6 +5,7 @@
 - ``classify``: NAT mapping behaviour and port prediction from STUN observations (``NatProbe``).
 - ``traversal``: the per-peer path state machine (``PeerPath``).
 - ``candidate``: addresses and candidates shared by the above.
+- ``portmap``: port mapping on the router (``pcp``, ``natpmp`` on ``mapclient``; ``upnp``).
 
 One UDP socket per node carries three protocols; ``classify_datagram`` tells them apart:
 WireGuard (type byte 1..4 then three zero bytes), STUN (``stun.is_stun``) and discovery

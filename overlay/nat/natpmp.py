@@ -4,7 +4,7 @@ The protocol is two 12-byte requests to the default gateway's UDP port 5351, so 
 here rather than taken from a library (the Python NAT-PMP packages on PyPI are unmaintained;
 miniupnpc's bindings speak UPnP IGD only). Sent from the node's own socket: the mapping's
 internal port is that socket's port, and the answers arrive there (told apart by their source,
-gateway:5351).
+gateway:5351, and from PCP's by their version byte 0; ``portmap`` routes them).
 
 1. External address request (opcode 0), retransmitted after 0.25, 0.5, 1, 2 s (RFC 6886 allows
    up to 9 tries; 4 keep a router without NAT-PMP from costing more than 4 datagrams).
@@ -14,18 +14,20 @@ gateway:5351).
 
 No answer: ``answered`` False, asked again after ``retry_after``. An error result (a router
 without a public address answers "network failure", RFC 6886 3.5): ``error`` says which, and the
-same back-off applies.
+same back-off applies. Retransmission, back-off and the mapping's state: ``mapclient``.
 """
 
 from __future__ import annotations
 
 import struct
 
-PORT = 5351
+from .mapclient import ADDRESS, FAILED, HELD, IDLE, MAPPED, MAPPING, PORT, GatewayClient
+
 RESULTS = {1: "unsupported version", 2: "not authorized / refused", 3: "network failure (no public address)",
            4: "out of resources", 5: "unsupported opcode"}
 
-IDLE, ADDRESS, MAPPING, MAPPED, FAILED = "idle", "address", "mapping", "mapped", "failed"
+__all__ = ["NatPmp", "PORT", "RESULTS", "IDLE", "ADDRESS", "MAPPING", "MAPPED", "FAILED", "HELD",
+           "default_gateway", "request_address", "request_map_udp"]
 
 
 def request_address() -> bytes:
@@ -36,41 +38,28 @@ def request_map_udp(internal: int, external: int, lifetime: int) -> bytes:
     return struct.pack("!BBHHHI", 0, 1, 0, internal, external, lifetime)
 
 
-class NatPmp:
+class NatPmp(GatewayClient):
+    """``may_map`` False: stop after the external address answer (state ``HELD``: the router
+    speaks NAT-PMP) until ``allow_mapping``; the port-mapping coordinator holds NAT-PMP back
+    while a preferred protocol is still being asked."""
+
+    protocol = "nat_pmp"
+
     def __init__(self, gateway: str, internal_port: int, now: float, *, lifetime: int = 7200,
-                 rto: float = 0.25, tries: int = 4, retry_after: float = 300.0):
-        self.gateway = (gateway, PORT)
-        self.internal_port = internal_port
-        self.lifetime = lifetime
-        self.rto, self.tries, self.retry_after = rto, tries, retry_after
-        self.state = IDLE
-        self.answered: bool | None = None     # None: no answer yet, nor given up
-        self.external_ip: str | None = None
-        self.external_port: int | None = None
-        self.error: str | None = None
-        self.changed = False                  # the mapped address changed; the caller resets it
-        self._out: list[tuple[bytes, tuple[str, int]]] = []
-        self._req = b""
-        self._sent = 0
-        self._next: float | None = now
+                 rto: float = 0.25, tries: int = 4, retry_after: float = 300.0, may_map: bool = True):
+        super().__init__(gateway, internal_port, now, lifetime=lifetime, rto=rto, tries=tries,
+                         retry_after=retry_after)
+        self.may_map = may_map
 
-    @property
-    def mapped(self) -> tuple[str, int] | None:
-        if self.state == MAPPED and self.external_ip and self.external_port:
-            return (self.external_ip, self.external_port)
-        return None
+    def allow_mapping(self, now: float) -> None:
+        self.may_map = True
+        if self.state == HELD:
+            self._map(now)
 
-    def _send(self, req: bytes, now: float) -> None:
-        self._req, self._sent = req, 0
-        self._transmit(now)
-
-    def _transmit(self, now: float) -> None:
-        self._out.append((self._req, self.gateway))
-        self._next = now + self.rto * (2 ** self._sent)
-        self._sent += 1
-
-    def get_timer(self) -> float | None:
-        return self._next
+    def _map(self, now: float) -> None:
+        self.state = MAPPING
+        self._send(request_map_udp(self.internal_port, self.external_port or self.internal_port,
+                                   self.lifetime), now)
 
     def handle_timer(self, now: float) -> None:
         if self._next is None or now < self._next:
@@ -79,22 +68,9 @@ class NatPmp:
             self.state = ADDRESS
             self._send(request_address(), now)
         elif self.state == MAPPED:          # renew at half the granted lifetime
-            self.state = MAPPING
-            self._send(request_map_udp(self.internal_port, self.external_port or self.internal_port,
-                                       self.lifetime), now)
-        elif self._sent < self.tries:
-            self._transmit(now)
+            self._map(now)
         else:
-            if self.state == ADDRESS:
-                self.answered = False
-            self._fail(now)
-
-    def _fail(self, now: float) -> None:
-        if self.external_port is not None:
-            self.changed = True
-        self.state = FAILED
-        self.external_port = None
-        self._next = now + self.retry_after
+            self._retransmit_or_give_up(now)
 
     def receive(self, data: bytes, now: float) -> bool:
         """A datagram from the gateway's port 5351; True if it answered one of our requests."""
@@ -104,12 +80,13 @@ class NatPmp:
         if op == 128 and self.state == ADDRESS and len(data) >= 12:
             self.answered = True
             if result:
-                self.error = RESULTS.get(result, f"result {result}")
-                self._fail(now)
+                self._fail(now, RESULTS.get(result, f"result {result}"))
                 return True
             self.external_ip = ".".join(str(b) for b in data[8:12])
-            self.state = MAPPING
-            self._send(request_map_udp(self.internal_port, self.internal_port, self.lifetime), now)
+            if self.may_map:
+                self._map(now)
+            else:
+                self.state, self._next = HELD, None
             return True
         if op == 129 and self.state == MAPPING and len(data) >= 16:
             internal, external, lifetime = struct.unpack("!HHI", data[8:16])
@@ -117,32 +94,17 @@ class NatPmp:
                 return False
             self.answered = True
             if result or external == 0 or lifetime == 0:
-                self.error = RESULTS.get(result, f"result {result}") if result else "no port granted"
-                self._fail(now)
+                self._fail(now, RESULTS.get(result, f"result {result}") if result else "no port granted")
                 return True
-            if external != self.external_port:
-                self.changed = True
-            self.error = None
-            self.external_port = external
-            self.state = MAPPED
-            self._next = now + lifetime / 2
+            self._granted(None, external, lifetime, now)
             return True
         return False
-
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
-        out, self._out = self._out, []
-        return out
 
     def delete(self) -> list[tuple[bytes, tuple[str, int]]]:
         """The datagram that removes our mapping (send once, on exit); empty if none is held."""
         if self.mapped is None:
             return []
         return [(request_map_udp(self.internal_port, 0, 0), self.gateway)]
-
-    def summary(self) -> dict:
-        m = self.mapped
-        return {"answered": self.answered, "external_ip": self.external_ip,
-                "mapped": f"{m[0]}:{m[1]}" if m else None, "error": self.error}
 
 
 def default_gateway(route_file: str = "/proc/net/route") -> str | None:

@@ -115,6 +115,17 @@ def _routes(v) -> str | None:
     return None
 
 
+def _port_mapping(v) -> str | None:
+    from overlay.nat.portmap import parse_protocols
+    if isinstance(v, str) and v not in ("all", "off"):
+        return "expected true, false or a list such as [\"pcp\", \"nat-pmp\", \"upnp\"]"
+    try:
+        parse_protocols(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 Check = Callable[[object], "str | None"]
 
 TOP: dict[str, Check] = {
@@ -134,6 +145,8 @@ TOP: dict[str, Check] = {
     # subnets of this machine's LAN offered to the network as a gateway (the owner approves them)
     "advertise_routes": _routes,
     "hard_nat_punch": _bool,
+    # port mapping protocols asked of the router: true (all), false, or a list of pcp, nat-pmp, upnp
+    "port_mapping": _port_mapping,
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

@@ -19,6 +19,7 @@ from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
 from overlay.nat.candidate import format_addr
 from overlay.node import api
+from overlay.nat import portmap
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
@@ -54,7 +55,7 @@ class Daemon:
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
                  dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = (),
-                 hard_nat: bool = True):
+                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -67,6 +68,7 @@ class Daemon:
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
                                     on_session=self._on_session) if server else None
         self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, hard_nat=hard_nat,
+                                   port_mapping=portmap.parse_protocols(port_mapping),
                                    send_control=self.client.post if self.client else lambda msg: None)
         self.shares = Shares()
         self.address = address
@@ -636,7 +638,7 @@ class Daemon:
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
-                    "ipv6": self.dataplane.ipv6_summary()},
+                    "ipv6": self.dataplane.ipv6_summary(), "port_mapping": self.dataplane.port_mapping_summary()},
         }
 
     def _gateway_status(self) -> dict:

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
-from overlay.nat import birthday, natpmp, stun
+from overlay.nat import birthday, natpmp, portmap, stun
 from overlay.nat.candidate import Candidate, format_addr, parse_addr
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
@@ -126,7 +126,8 @@ class PeerEntry:
 class DataPlane:
     def __init__(self, private_key: bytes, *, port: int = 0, keepalive: float = 25.0,
                  send_control: Callable[[dict], None] = lambda msg: None, hard_nat: bool = True,
-                 birthday_config: birthday.BirthdayConfig | None = None):
+                 birthday_config: birthday.BirthdayConfig | None = None,
+                 port_mapping: tuple[str, ...] = portmap.PROTOCOLS):
         self.private_key = private_key
         self.device = Device(private_key)
         self.public_key = self.device.public_key
@@ -178,7 +179,12 @@ class DataPlane:
         # server's introductions, when to check whether an attempt is wanted, the extra sockets of
         # the one hard-side attempt at a time, and the winning sockets (remote address -> socket)
         self.hard_nat = hard_nat
-        self._pmp: natpmp.NatPmp | None = None      # NAT-PMP mapping of our port (not on loopback)
+        # mapping of our port on the router (PCP, NAT-PMP, UPnP IGD; not on loopback); UPnP's
+        # blocking calls run on one worker thread (``_igd_pool``)
+        self.port_mapping = port_mapping
+        self._portmap: portmap.PortMapper | None = None
+        self._igd = None
+        self._igd_pool = None
         self.birthday_config = birthday_config or birthday.BirthdayConfig()
         self._bday: dict[bytes, birthday.BirthdayPunch] = {}
         self._bday_nat: dict[bytes, dict] = {}
@@ -206,8 +212,7 @@ class DataPlane:
         if self._timer:
             self._timer.cancel()
         self._close_bday_socks()
-        if self._pmp is not None and self.udp is not None and (bye := self._pmp.delete()):
-            self.udp.send_batch(bye)   # remove our mapping from the router
+        self._portmap_close()
         for key in list(self._winner):
             self._drop_winner(key)
         if self.udp:
@@ -236,8 +241,10 @@ class DataPlane:
         self.udp_token = token
         self._relay_nonce = frames.NO_NONCE
         self._register_sent = float("-inf")
-        if self._pmp is None and not self.server_is_loopback and (gw := natpmp.default_gateway()):
-            self._pmp = natpmp.NatPmp(gw, self.port, self.now())
+        if (self._portmap is None and self.port_mapping and not self.server_is_loopback
+                and (gw := natpmp.default_gateway())):
+            self._portmap = portmap.PortMapper(gw, self._local_toward((gw, natpmp.PORT))[0], self.port,
+                                               self.now(), protocols=self.port_mapping)
         servers = [(ip, p) for p in (stun_ports or [udp_port])]
         if stun_alt_ip and (":" in stun_alt_ip) == (":" in ip):
             servers.append((stun_alt_ip, udp_port))
@@ -262,11 +269,15 @@ class DataPlane:
         return fut
 
     def _local_toward_server(self) -> tuple[str, int]:
-        v6 = ":" in self.server_udp[0]
+        return self._local_toward(self.server_udp)
+
+    def _local_toward(self, dst: tuple[str, int]) -> tuple[str, int]:
+        """Our local address on the route to ``dst`` and the port of the socket of its family."""
+        v6 = ":" in dst[0]
         port = self.v6.port if v6 and self.v6.port else self.port
         with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
-                s.connect(self.server_udp)
+                s.connect(dst)
                 return s.getsockname()[0], port
             except OSError:
                 return ("::" if v6 else "0.0.0.0"), port
@@ -297,7 +308,7 @@ class DataPlane:
         if self.srflx:
             cands.insert(0, {"addr": f"{self.srflx[0]}:{self.srflx[1]}", "kind": "srflx"})
             if (m := self.port_mapped()) is not None:
-                # the router forwards this port to us (NAT-PMP): reachable from anywhere
+                # the router forwards this port to us (PCP, NAT-PMP or UPnP): reachable from anywhere
                 cands.insert(1, {"addr": f"{m[0]}:{m[1]}", "kind": "magic"})
             if self.port and self.magic_port and self.srflx[1] != self.port:
                 # the "magic" port: a router forwarding this UDP port to us makes it reachable
@@ -517,9 +528,9 @@ class DataPlane:
             self._relay_receive(bytes(view), addr)
         elif view[:4] == disco_mod.MAGIC:
             self._disco_receive(bytes(view), (addr[0], addr[1]))
-        elif self._pmp is not None and addr[1] == natpmp.PORT and addr[0] == self._pmp.gateway[0]:
-            if self._pmp.receive(bytes(view), self.now()):
-                self._pmp_changed()
+        elif self._portmap is not None and addr[1] == natpmp.PORT and addr[0] == self._portmap.gateway[0]:
+            if self._portmap.receive(bytes(view), (addr[0], addr[1]), self.now()):
+                self._portmap_changed()
             self._schedule_flush()
         elif stun.is_stun(view):
             probe = self._probe
@@ -676,7 +687,7 @@ class DataPlane:
             self._paths_stale = False
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
                              self._probe.get_timer() if self._probe else None, self._bday_timer(),
-                             self._pmp.get_timer() if self._pmp else None,
+                             self._portmap.get_timer() if self._portmap else None,
                              self.v6.timer())
                  if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
@@ -708,10 +719,10 @@ class DataPlane:
             self._out.append((frames.register(self.public_key, self.udp_token, self._relay_nonce), self.server_udp))
         if self._next_probe is not None and self._next_probe <= now:
             self.start_probe()
-        pmp = self._pmp
-        if pmp is not None and (t := pmp.get_timer()) is not None and t <= now:
-            pmp.handle_timer(now)
-            self._pmp_changed()
+        pm = self._portmap
+        if pm is not None and (t := pm.get_timer()) is not None and t <= now:
+            pm.handle_timer(now)
+            self._portmap_changed()
         probe = self._probe
         if probe is not None:
             t = probe.get_timer()
@@ -742,38 +753,75 @@ class DataPlane:
         nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
         self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
 
-    # ------------------------------------------------------------------ port mapping (NAT-PMP)
-    def _pmp_changed(self) -> None:
-        pmp = self._pmp
-        self._out.extend(pmp.datagrams_to_send(self.now()))
-        if pmp.changed:
-            pmp.changed = False
-            m = pmp.mapped
-            log.info("NAT-PMP: %s", f"router maps {m[0]}:{m[1]} to UDP port {self.port}" if m else
-                     f"no mapping ({pmp.error or 'no answer'})")
+    # ------------------------------------------------------------------ port mapping (overlay.nat.portmap)
+    def _portmap_changed(self) -> None:
+        pm = self._portmap
+        self._out.extend(pm.datagrams_to_send(self.now()))
+        for job in pm.jobs_to_run():
+            self._igd_submit(job)
+        if pm.changed:
+            pm.changed = False
+            m = pm.mapping
+            log.info("port mapping: %s", f"router maps {m[1][0]}:{m[1][1]} to UDP port {self.port} "
+                     f"({portmap.LABEL[m[0]]})" if m else "none (" + "; ".join(
+                         f"{portmap.LABEL[p]}: {c.error or 'no answer'}" for p, c in pm.clients.items()) + ")")
             if self.srflx:
                 self._publish_endpoints()
                 self.on_endpoints()
 
+    def _igd_submit(self, job: tuple):
+        """Run a UPnP job on the worker thread; its result comes back on the loop."""
+        from concurrent.futures import ThreadPoolExecutor
+        from overlay.nat.upnp import Igd
+        if self._igd_pool is None:
+            self._igd, self._igd_pool = Igd(), ThreadPoolExecutor(1, thread_name_prefix="upnp")
+        fut = self._igd_pool.submit(self._igd.run, job)
+        loop = self.loop
+
+        def back_on_the_loop(f) -> None:
+            try:
+                loop.call_soon_threadsafe(self._igd_done, job, f)
+            except RuntimeError:     # the loop closed while the job ran (the daemon is gone)
+                pass
+        fut.add_done_callback(back_on_the_loop)
+        return fut
+
+    def _igd_done(self, job: tuple, fut) -> None:
+        if self._portmap is None or fut.cancelled():
+            return
+        self._portmap.job_done(job, fut.result(), self.now())
+        self._portmap_changed()
+        self._schedule_flush()
+
+    def _portmap_close(self) -> None:
+        """Remove our mappings from the router: PCP / NAT-PMP datagrams, and UPnP's deletion on
+        its thread, waited for at most 3 s (the daemon is exiting)."""
+        pm, self._portmap = self._portmap, None
+        if pm is None:
+            return
+        dgrams, jobs = pm.delete()
+        if dgrams and self.udp is not None:
+            self.udp.send_batch(dgrams)
+        if self._igd_pool is not None:
+            futs = [self._igd_pool.submit(self._igd.run, j) for j in jobs]
+            for f in futs:
+                try:
+                    f.result(timeout=3.0)
+                except Exception as e:   # timeout: the router keeps the mapping until its lease ends
+                    log.warning("UPnP: could not remove the mapping: %s", e or type(e).__name__)
+            self._igd_pool.shutdown(wait=False, cancel_futures=True)
+
     def port_mapped(self) -> tuple[str, int] | None:
         """The router's mapping of our port, if it is usable: its external address must be the one
         the server sees (a router behind another NAT, e.g. carrier-grade, maps uselessly)."""
-        m = self._pmp.mapped if self._pmp is not None else None
-        if m is None or self.srflx is None or m[0] != self.srflx[0]:
-            return None
-        return m
+        pm = self._portmap
+        return pm.usable(self.srflx[0] if self.srflx else None) if pm is not None else None
 
-    def port_mapping_summary(self) -> dict:
-        """Which port-mapping protocols were tried and what they answered (for ``netcheck``)."""
-        if self._pmp is None:
-            return {"nat_pmp": None}
-        s = self._pmp.summary()
-        m = self._pmp.mapped
-        s["usable"] = None if m is None else self.port_mapped() is not None
-        if m is not None and not s["usable"]:
-            s["note"] = (f"the router's external address {m[0]} is not the public one the server sees "
-                         f"({self.srflx[0] if self.srflx else '?'}): another NAT is in between; not advertised")
-        return {"nat_pmp": s}
+    def port_mapping_summary(self) -> dict | None:
+        """What each port-mapping protocol answered and which mapping is used (for ``netcheck``);
+        None when none was tried."""
+        pm = self._portmap
+        return pm.summary(self.srflx[0] if self.srflx else None) if pm is not None else None
 
     # ------------------------------------------------------------------ birthday punching
     def _bday_role(self, key: bytes) -> str | None:
