@@ -471,10 +471,12 @@ def main() -> int:
     return guarded("bench_forward", args.deadline, lambda: run(args))
 
 
-def guarded(name: str, deadline: float, body) -> int:
-    """Run a namespace benchmark's ``body``: skipped (0) without its tools, aborted with cleanup
-    after ``deadline`` seconds or on SIGTERM, a BenchError as one line and status 1."""
-    reason = lab.lab_skip_reason("iperf3", "wireguard-go", "wg", "ping", "tun")
+def guarded(name: str, deadline: float, body,
+            needs: tuple[str, ...] = ("iperf3", "wireguard-go", "wg", "ping", "tun")) -> int:
+    """Run a namespace benchmark's ``body``: skipped (0) without the tools it ``needs``, aborted
+    with cleanup after ``deadline`` seconds or on SIGTERM, a failure (BenchError, a failed check)
+    as one line and status 1."""
+    reason = lab.lab_skip_reason(*needs)
     if reason:
         print(f"{name} skipped: {reason}")
         return 0
@@ -486,7 +488,7 @@ def guarded(name: str, deadline: float, body) -> int:
     signal.alarm(int(deadline))
     try:
         body()
-    except BenchError as e:
+    except (BenchError, AssertionError) as e:
         print(f"{name} failed: {e}", file=sys.stderr)
         return 1
     finally:

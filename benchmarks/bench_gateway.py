@@ -24,23 +24,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lab  # noqa: E402
+import bench_forward  # noqa: E402  (puts the repo and tests/ on sys.path)
+from bench_forward import BenchError  # noqa: E402
 
 WEB_PORT = 8080
-
-
-class BenchError(Exception):
-    pass
 
 
 def run(rounds: int, size_mib: int) -> None:
@@ -118,25 +112,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=32)
     args = ap.parse_args()
-    reason = lab.lab_skip_reason("conntrack", "curl", "tun")
-    if reason:
-        print(f"bench_gateway skipped: {reason}")
-        return 0
-
-    def too_long(signum, frame):
-        raise BenchError("over the 600 s deadline")
-    signal.signal(signal.SIGALRM, too_long)
-    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(1))   # run the cleanup when killed
-    signal.alarm(600)
-    try:
-        run(args.rounds, args.size_mib)
-    except (BenchError, AssertionError) as e:
-        print(f"bench_gateway failed: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.alarm(0)
-    return 0
-
+    return bench_forward.guarded("bench_gateway", 600, lambda: run(args.rounds, args.size_mib),
+                                 needs=("conntrack", "curl", "tun"))
 
 if __name__ == "__main__":
     sys.exit(main())
