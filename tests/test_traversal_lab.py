@@ -33,8 +33,8 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import (LabNode, OverlayLab, birthday, fetch, serve_once, tcp_connect, tcp_listener,
-                         time_to_direct, udp_mappings)
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, sequential, serve_once, tcp_connect,
+                         tcp_listener, time_to_direct, udp_mappings)
 
 pytestmark = pytest.mark.netns
 
@@ -53,11 +53,14 @@ MATRIX = [
     ("full_cone", "port_restricted", True),
     pytest.param("symmetric_sequential", "port_restricted", True, id="ss-pr"),
     ("symmetric_sequential", "full_cone", True),
+    ("symmetric_sequential", "symmetric_sequential", True),   # predicted windows on both sides at once
+    ("symmetric_sequential", "symmetric_random", False),      # one side unpredictable, the other filters: relay
     ("symmetric_random", "symmetric_random", False),  # both ports unpredictable: only the relay
     ("symmetric_random", "port_restricted", True),    # birthday punching: sr opens 256 ports, pr probes 1024
     ("symmetric_random", "full_cone", True),          # ordinary punching (peer-reflexive): no birthday attempt
 ]
 BIRTHDAY_PAIRS = {("symmetric_random", "port_restricted"), ("port_restricted", "symmetric_random")}
+SEQ_PAIRS = {("symmetric_sequential", "symmetric_sequential")}
 MATRIX_PAIRS = [m.values if hasattr(m, "values") else m for m in MATRIX]
 OBSERVE = 20.0     # seconds after both nodes are online: the longest wait for a direct path
 RELAY_WATCH = 12.0  # a relay pair is watched at least this long: punch rounds (5 s) + one re-probe (10 s)
@@ -111,6 +114,7 @@ class PairRun:
     final: dict[str, str | None] = field(default_factory=dict)
     pings: dict[str, list[dict]] = field(default_factory=dict)
     birthday: dict[str, dict] = field(default_factory=dict)  # node name -> birthday counters at the end
+    sequential: dict[str, dict] = field(default_factory=dict)  # node name -> sequential-punching counters
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +169,7 @@ def matrix(env):
         for p in pairs:
             for n in (p.a, p.b):
                 p.birthday[n.name] = birthday(n)
+                p.sequential[n.name] = sequential(n)
         yield runs
     finally:
         ol.stop_nodes(*(n for p in pairs for n in (p.a, p.b)))
@@ -195,6 +200,11 @@ def test_nat_pair(env, matrix, nat_a, nat_b, direct, record_property):
         assert 1 <= max(attempts.values()) <= 2, attempts
     else:
         assert set(attempts.values()) == {0}, f"unexpected birthday attempts {attempts}"
+    seq = {n.name: p.sequential[n.name].get("attempts") for n in (p.a, p.b)}
+    if (nat_a, nat_b) in SEQ_PAIRS:
+        assert all(1 <= v <= 2 for v in seq.values()), seq
+    else:
+        assert set(seq.values()) == {0}, f"unexpected sequential attempts {seq}"
 
 
 # ---------------------------------------------------------------------- 1b. birthday punching, repeated
@@ -252,6 +262,54 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
             if a.path_to(b.name, direct=True):
                 assert ping_paths(a.answered(b.name))[-1].startswith("direct"), "traffic takes the birthday path"
                 break
+    finally:
+        ol.stop_nodes(*(n for p in pairs for n in p))
+
+
+# ---------------------------------------------------------------------- 1b'. sequential on both sides, repeated
+
+SEQ_RUNS = 8         # ss <-> ss pairs, all at once
+SEQ_WINDOW = 10.0    # one attempt (0.5 s wait, measurement, 4 s of bursts) with margin
+
+
+def test_sequential_both_sides_success_rate_and_cost(env, record_property):
+    """ss <-> ss pairs go direct by spraying predicted windows on both sides at once (every one of
+    8 fresh pairs, within one attempt), each through the attempt's socket (a hit counted), and the
+    cost stays within the caps: per router, the window (16) plus the measurement plus ordinary
+    punching's flows toward the peer. One more pair runs with ``--no-hard-nat-punch`` on one side:
+    ordinary punching alone leaves it on the relay."""
+    nl, ol = env
+    sites, pairs = [], []
+    for i in range(SEQ_RUNS + 1):
+        sa, sb = nl.add_site(f"sq{i}a", "symmetric_sequential"), nl.add_site(f"sq{i}b", "symmetric_sequential")
+        opt_out = ("--no-hard-nat-punch",) if i == SEQ_RUNS else ()
+        sites.append((sa, sb))
+        pairs.append((ol.start_node(sa.hosts[0].name, f"sq{i}a", *opt_out), ol.start_node(sb.hosts[0].name, f"sq{i}b")))
+    try:
+        for i, (a, b) in enumerate(pairs):
+            ol.pair(a, b, f"sqnet{i}")
+        times = time_to_direct(ol, pairs, SEQ_WINDOW, [s for ab in sites for s in ab])
+        rows = [(t, udp_mappings(sa, sb.wan_ip), udp_mappings(sb, sa.wan_ip), sequential(a), sequential(b))
+                for t, (a, b), (sa, sb) in zip(times, pairs, sites)]
+        opt = rows.pop()
+        direct = [r[0] for r in rows if r[0] is not None]
+        med = sorted(direct)[len(direct) // 2] if direct else None
+        summary = {"direct": f"{len(direct)}/{len(rows)}", "median_s": med and round(med, 2),
+                   "times": [t and round(t, 2) for t in times[:-1]],
+                   "mappings": [(r[1], r[2]) for r in rows],
+                   "probes": [r[3].get("probes", 0) + r[4].get("probes", 0) for r in rows]}
+        record_property("sequential", summary)
+        print(f"\nsequential ss-ss: {summary}; opt-out pair: {opt}")
+        for t, map_a, map_b, sa_, sb_ in rows:
+            assert map_a <= 16 + 1 + 24 and map_b <= 16 + 1 + 24, (map_a, map_b)
+            assert 1 <= sa_.get("attempts", 0) <= 2 and 1 <= sb_.get("attempts", 0) <= 2, (sa_, sb_)
+            if t is not None:
+                assert sa_.get("hits", 0) + sb_.get("hits", 0) >= 1, (sa_, sb_)
+        assert len(direct) == len(rows), f"only {len(direct)} of {len(rows)} ss-ss pairs went direct: {summary}\n{ol.dump()}"
+        assert med < 5.0, summary
+        assert opt[0] is None and opt[3].get("attempts") == 0 and opt[4].get("attempts") == 0, opt
+        a, b = pairs[0]
+        assert ping_paths(a.answered(b.name))[-1].startswith("direct"), "traffic takes the sprayed path"
     finally:
         ol.stop_nodes(*(n for p in pairs for n in p))
 

@@ -618,7 +618,8 @@ class Daemon:
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": f"{self.dataplane.srflx[0]}:{self.dataplane.srflx[1]}" if self.dataplane.srflx else None,
-                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats()},
+                    "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
+                    "sequential": self.dataplane.sequential_stats()},
         }
 
     def _peer_status(self, p: dict) -> dict:
