@@ -40,7 +40,10 @@ PAIRS = [
     ("port_restricted", "port_restricted"),
     ("full_cone", "port_restricted"),
     ("symmetric_sequential", "port_restricted"),
+    ("port_restricted", "symmetric_sequential"),
     ("symmetric_sequential", "full_cone"),
+    ("symmetric_sequential", "restricted"),
+    ("symmetric_sequential", "none"),
     ("symmetric_sequential", "symmetric_sequential"),   # both windows predicted at once (nat.seqpunch)
     ("symmetric_sequential", "symmetric_random"),       # hard <-> hard: the relay
     ("symmetric_random", "symmetric_random"),

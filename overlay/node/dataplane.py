@@ -941,7 +941,10 @@ class DataPlane:
             entry = self.peers.get(key)
             if entry is None or entry.path is None or entry.path.current_path is not None:
                 continue   # never while a direct path works
-            if self._seq_owner is not None or not self._seq_applies(key):
+            if not self._seq_applies(key):
+                continue
+            if self._seq_owner is not None:     # one attempt per node at a time: this one waits
+                self._seq_check[key] = now + self.seq_config.delay
                 continue
             s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
             if not s.may_start(now):
