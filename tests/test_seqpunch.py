@@ -71,6 +71,21 @@ def test_bursts_then_timeout_and_backoff():
     assert s.attempts == 3
 
 
+def test_joining_the_peers_attempt_overrides_backoff_at_most_every_join_interval():
+    cfg = SeqConfig(backoff_initial=30.0, join_interval=10.0)
+    s = SeqPunch(cfg)
+    s.start(0.0)
+    s.abort(1.0)                                   # back-off until 31
+    assert not s.may_start(5.0) and not s.may_join(5.0)      # started 5 s ago: too soon
+    assert s.may_join(10.0) and not s.may_start(10.0)
+    with pytest.raises(RuntimeError):
+        s.start(10.0)
+    s.start(10.0, join=True)
+    assert s.state == MEASURING and s.attempts == 2
+    s.abort(14.0)
+    assert not s.may_join(19.9) and s.may_join(20.0)
+
+
 def test_hit_ends_attempt_and_resets_backoff():
     s = run_to_spray(True)
     assert s.due(10.1) == s.targets

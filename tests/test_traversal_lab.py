@@ -314,6 +314,32 @@ def test_sequential_both_sides_success_rate_and_cost(env, record_property):
         ol.stop_nodes(*(n for p in pairs for n in p))
 
 
+def test_sequential_triangle_all_direct(env, record_property):
+    """Three nodes, each behind its own sequential symmetric NAT, in one network: each has two
+    such peers at once but one attempt at a time; the one that waits joins when the other side
+    starts (its base comes through the server), so all three pairs go direct."""
+    nl, ol = env
+    sites = [nl.add_site(f"tri{i}", "symmetric_sequential") for i in range(3)]
+    nodes = [ol.start_node(s.hosts[0].name, f"tri{i}") for i, s in enumerate(sites)]
+    try:
+        ol.pair(nodes[0], nodes[1], "trinet", nodes[2])
+        t0 = time.monotonic()
+        pairs = [(nodes[i], nodes[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+        for a, b in pairs:
+            wait_direct(ol, a, b, timeout=40)
+        took = round(time.monotonic() - t0, 2)
+        stats = {n.name: sequential(n) for n in nodes}
+        record_property("triangle_s", took)
+        print(f"\nss triangle: all direct after {took} s; {stats}")
+        for n in nodes:
+            assert stats[n.name]["attempts"] <= 4 and stats[n.name]["mappings"] <= 4 * 17, stats
+            for peer in nodes:
+                if peer is not n:
+                    assert direct_ip(n.path_to(peer.name)) == sites[nodes.index(peer)].wan_ip
+    finally:
+        ol.stop_nodes(*nodes)
+
+
 # ---------------------------------------------------------------------- 1c. port mapping
 
 

@@ -64,6 +64,9 @@ class SeqConfig:
     delay: float = 0.5               # after an introduction: give ordinary punching this long first
     backoff_initial: float = 30.0
     backoff_max: float = 600.0
+    # the peer published a base for us (it is measuring or spraying now): join it even while backing
+    # off, at most this often, so two sides whose back-offs fell out of step still meet
+    join_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.window <= 64:
@@ -82,7 +85,7 @@ class SeqPunch:
         self.base: tuple[int, int] | None = None        # own (next port, step), once measured
         self.peer_base: tuple[int, int] | None = None
         self.targets: list[int] = []
-        self._started = 0.0
+        self._started = float("-inf")
         self._spray_at = 0.0
         self._bursts = 0
         self._not_before = float("-inf")
@@ -97,9 +100,14 @@ class SeqPunch:
     def may_start(self, now: float) -> bool:
         return self.state == IDLE and now >= self._not_before
 
-    def start(self, now: float) -> None:
-        """Begin: the caller opens a fresh socket and sends one STUN request from it."""
-        if not self.may_start(now):
+    def may_join(self, now: float) -> bool:
+        """May we start because the peer has begun one (its base for us came)?"""
+        return self.state == IDLE and (now >= self._not_before or now >= self._started + self.config.join_interval)
+
+    def start(self, now: float, join: bool = False) -> None:
+        """Begin: the caller opens a fresh socket and sends one STUN request from it. ``join``:
+        the peer started one (see ``may_join``)."""
+        if not (self.may_join(now) if join else self.may_start(now)):
             raise RuntimeError("sequential attempt not allowed now")
         self.state, self._started = MEASURING, now
         self.base = self.peer_base = None

@@ -903,20 +903,43 @@ class DataPlane:
         return seqpunch.applies(n.mapping, n.allocation, peer.get("mapping"), peer.get("allocation"))
 
     def _seq_on_punch(self, key: bytes, entry: PeerEntry, nat: dict) -> None:
-        """An introduction: schedule an attempt, or take the peer's published base for ours."""
-        if entry.path.current_path is not None or not self._seq_applies(key):
-            return
-        s = self._seq.get(key)
+        """An introduction: take the peer's published base for our attempt, join the peer's attempt,
+        or schedule one of our own."""
+        if entry.path.current_path is not None or key in self._winner or not self._seq_applies(key):
+            return    # direct, or a hit's path being confirmed
+        now = self.now()
+        s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
         base = nat.get("seq")
-        if s is not None and s.state in (seqpunch.MEASURING, seqpunch.READY) and isinstance(base, dict) \
-                and base.get("for") == base64.b64encode(self.public_key).decode():
+        if not isinstance(base, dict) or base.get("for") != base64.b64encode(self.public_key).decode():
+            base = None
+        if base is not None and s.state == seqpunch.IDLE and self._seq_owner is None and s.may_join(now):
+            self._seq_start(key, entry, now, join=True)     # the peer is measuring or spraying: at once
+        if base is not None and s.state in (seqpunch.MEASURING, seqpunch.READY):
             try:
-                s.peer_ready(int(base["next"]), int(base["step"]), self.now())
+                s.peer_ready(int(base["next"]), int(base["step"]), now)
             except (KeyError, TypeError, ValueError):
                 return
-            self._seq_send(key, self.now())
-        elif s is None or s.state == seqpunch.IDLE:
-            self._seq_check.setdefault(key, self.now() + self.seq_config.delay)
+            self._seq_send(key, now)
+        elif s.state == seqpunch.IDLE:
+            self._seq_check.setdefault(key, now + self.seq_config.delay)
+
+    def _seq_start(self, key: bytes, entry: PeerEntry, now: float, join: bool = False) -> None:
+        """Open the attempt's fresh socket and measure our next port from it."""
+        try:
+            sock = bind_udp("0.0.0.0", 0, rcvbuf=1 << 16, sndbuf=1 << 16)
+        except OSError as e:
+            log.warning("sequential punching: no socket (%s)", e)
+            return
+        self._seq[key].start(now, join=join)
+        self._seq_owner = key
+        u = UdpSocket(sock, lambda view, addr: None, on_batch=self._flush, loop=self.loop, gro=False, gso=False)
+        u._on_datagram = lambda view, addr, u=u: self._on_seq_datagram(u, view, addr)
+        self._seq_sock = u
+        tx = self._seq_stun = stun.StunTransaction(self._probe_servers[0], now, rto=0.3, rc=4, rm=4)
+        u.send_batch(tx.datagrams_to_send(now))
+        log.info("sequential punching toward %s: measuring our next port%s", entry.name,
+                 " (the peer started)" if join else "")
+        self._schedule_flush()
 
     def _seq_published(self) -> dict | None:
         s = self._seq.get(self._seq_owner) if self._seq_owner is not None else None
@@ -939,28 +962,16 @@ class DataPlane:
                 continue
             del self._seq_check[key]
             entry = self.peers.get(key)
-            if entry is None or entry.path is None or entry.path.current_path is not None:
-                continue   # never while a direct path works
+            if entry is None or entry.path is None or entry.path.current_path is not None or key in self._winner:
+                continue   # never while a direct path works (or a hit's is being confirmed)
             if not self._seq_applies(key):
                 continue
             if self._seq_owner is not None:     # one attempt per node at a time: this one waits
                 self._seq_check[key] = now + self.seq_config.delay
                 continue
             s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
-            if not s.may_start(now):
-                continue
-            try:
-                sock = bind_udp("0.0.0.0", 0, rcvbuf=1 << 16, sndbuf=1 << 16)
-            except OSError as e:
-                log.warning("sequential punching: no socket (%s)", e)
-                continue
-            s.start(now)
-            self._seq_owner = key
-            u = UdpSocket(sock, lambda view, addr: None, on_batch=self._flush, loop=self.loop, gro=False, gso=False)
-            u._on_datagram = lambda view, addr, u=u: self._on_seq_datagram(u, view, addr)
-            self._seq_sock = u
-            self._seq_stun = stun.StunTransaction(self._probe_servers[0], now, rto=0.3, rc=4, rm=4)
-            log.info("sequential punching toward %s: measuring our next port", entry.name)
+            if s.may_start(now):
+                self._seq_start(key, entry, now)
         tx = self._seq_stun
         if tx is not None and self._seq_sock is not None:
             if (t := tx.get_timer()) is not None and t <= now:
