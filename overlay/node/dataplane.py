@@ -711,7 +711,7 @@ class DataPlane:
         if self._bday_check or self._bday_owner is not None or any(
                 b.state == birthday.ACTIVE for b in self._bday.values()):
             self._bday_tick(now)
-        if self._seq_check or any(s.state != seqpunch.IDLE for s in self._seq.values()):
+        if self._seq_check or self._seq_owner is not None:
             self._seq_tick(now)
         self._flush()
 
@@ -950,6 +950,8 @@ class DataPlane:
         return self._seq_pub
 
     def _seq_timer(self) -> float | None:
+        if not self._seq_check and self._seq_owner is None:
+            return None     # nothing pending (the usual case: computed on every flush, no allocation)
         times = list(self._seq_check.values())
         times += [t for s in self._seq.values() if (t := s.get_timer()) is not None]
         if self._seq_stun is not None and (t := self._seq_stun.get_timer()) is not None:
