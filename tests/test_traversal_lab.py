@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -406,6 +407,56 @@ def test_lan_pair_goes_direct_over_lan(env):
         assert direct_ip(pa) == h2.ip and direct_ip(pb) == h1.ip, (pa, pb)
         assert direct_ip(ping_paths(a.answered("lanb"))[-1]) == h2.ip
     finally:
+        ol.stop_nodes(a, b)
+
+
+def test_faster_public_path_beats_slower_private_one(env):
+    """Two public hosts also linked by a private 10.77.0.0/24 link (another VPN's addresses). While
+    that link is slow (a kernel tbf shaper at 100 kbit/s kept full by a filler flow: hundreds of
+    ms of queue), the nodes take and keep the public path, which answers in well under a
+    millisecond; with the link idle (as fast as the public one: a near-tie) the private path wins
+    the tie-break."""
+    nl, ol = env
+    if not shutil.which("tc"):
+        pytest.skip("tc (iproute2) not installed")
+    site = nl.add_site("vp", "none", hosts=2)
+    h1, h2 = site.hosts
+    lab.sh("ip", "link", "add", "vpn0", "netns", h1.ns.name, "type", "veth", "peer", "name", "vpn0",
+           "netns", h2.ns.name)
+    for h, ip in ((h1, "10.77.0.1"), (h2, "10.77.0.2")):
+        h.ns.run("ip", "addr", "add", f"{ip}/24", "dev", "vpn0")
+        h.ns.run("ip", "link", "set", "vpn0", "up")
+    h1.ns.run("tc", "qdisc", "add", "dev", "vpn0", "root", "tbf", "rate", "100kbit", "burst", "1600",
+              "latency", "400ms")
+    filler = nl.udp_socket(h1.name)
+    stop = threading.Event()
+
+    def fill() -> None:   # 1000-byte datagrams at 160 kbit/s: the shaper's queue stays full
+        while not stop.wait(0.05):
+            filler.sendto(b"x" * 1000, ("10.77.0.2", 9))
+
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    a, b = ol.start_node(h1.name, "vpa"), ol.start_node(h2.name, "vpb")
+    try:
+        time.sleep(1.0)     # the queue is full before the first probe
+        ol.pair(a, b, "vpnet")
+        wait_direct(ol, a, b)
+        seen = set()
+        end = time.monotonic() + 7.0     # past the punch rounds: every path sampled several times
+        while time.monotonic() < end:
+            seen |= {direct_ip(a.path_to("vpb")), direct_ip(b.path_to("vpa"))}
+            time.sleep(0.2)
+        assert seen == {h1.ip, h2.ip}, f"the slow private path was taken: {seen}\n{ol.dump()}"
+        stop.set()
+        t.join()
+        h1.ns.run("tc", "qdisc", "del", "dev", "vpn0", "root")
+        time.sleep(1.0)
+        a.restart()     # a fresh introduction: now both paths are equally fast
+        ol.wait(lambda: direct_ip(a.path_to("vpb")) == "10.77.0.2" and direct_ip(b.path_to("vpa")) == "10.77.0.1",
+                15, "the tie broken for the private path")
+    finally:
+        stop.set()
         ol.stop_nodes(a, b)
 
 
