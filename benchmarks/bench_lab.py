@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10, help="time-to-direct runs per pair (median)")
     ap.add_argument("--no-stream", action="store_true", help="only the per-pair table, no throughput")
     ap.add_argument("--mb", type=int, default=32, help="megabytes per throughput stream")
+    ap.add_argument("--log-dir", default=None, help="keep every process's log in this directory")
     ap.add_argument("--pairs", default="", help="only these pairs, by short name, comma separated (e.g. ss-ss,sr-pr)")
     args = ap.parse_args()
     global PAIRS
@@ -109,7 +110,7 @@ def main() -> int:
     if reason:
         print(f"bench_lab skipped: {reason}")
         return 0
-    with natlab.NatLab() as nl:
+    with natlab.NatLab(args.log_dir) as nl:
         ol = OverlayLab(nl)
         try:
             ol.start_server("--relay-rate", str(UNCAPPED))

@@ -11,6 +11,8 @@ What is proven, against the Linux kernel's own NAT and conntrack:
 - a NAT rebinding in the middle of a TCP transfer through a port forward loses no byte, and the
   path comes back;
 - a direct tunnel outlives its mediation server, and nodes reconnect when it returns;
+- two sequential symmetric NATs go direct (predicted windows on both sides, 8 fresh pairs and a
+  triangle), and a faster public path beats a slower private link while a near-tie goes private;
 - a node whose UDP is blocked entirely still reaches its peer through the relay, over its TCP
   control connection.
 

@@ -195,6 +195,11 @@ class SeqPunch:
             return list(self.targets)
         return []
 
+    @property
+    def bursts(self) -> int:
+        """Bursts sent in the current attempt."""
+        return self._bursts if self.state == SPRAYING else 0
+
     def stats(self) -> dict:
         return {"attempts": self.attempts, "hits": self.hits, "probes": self.probes_sent,
                 "mappings": self.mappings, "state": self.state, "last_time_to_hit": self.last_time_to_hit}

@@ -996,7 +996,7 @@ class DataPlane:
             if ports and target is not None and key == self._seq_owner and self._seq_sock is not None:
                 dg = entry.path.spray_ping((target[0], ports[0]), now)
                 self._seq_sock.send_batch([(dg, (target[0], p)) for p in ports])
-                if s.probes_sent == len(ports):
+                if s.bursts == 1:
                     log.info("sequential punching toward %s: %d pings at %s:%d.., our next port %d", entry.name,
                              len(ports), target[0], ports[0], s.base[0] if s.base else 0)
         if s.state == seqpunch.IDLE and key == self._seq_owner:
