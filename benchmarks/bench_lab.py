@@ -32,15 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lab  # noqa: E402
 import natlab  # noqa: E402
-from lab_overlay import (LabNode, OverlayLab, birthday, fetch, serve_once, tcp_connect,  # noqa: E402
-                         tcp_listener, time_to_direct, udp_mappings)
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, sequential, serve_once,  # noqa: E402
+                         tcp_connect, tcp_listener, time_to_direct, udp_mappings)
 
 PAIRS = [
     ("none", "none"),
     ("port_restricted", "port_restricted"),
     ("full_cone", "port_restricted"),
     ("symmetric_sequential", "port_restricted"),
+    ("port_restricted", "symmetric_sequential"),
     ("symmetric_sequential", "full_cone"),
+    ("symmetric_sequential", "restricted"),
+    ("symmetric_sequential", "none"),
+    ("symmetric_sequential", "symmetric_sequential"),   # both windows predicted at once (nat.seqpunch)
+    ("symmetric_sequential", "symmetric_random"),       # hard <-> hard: the relay
     ("symmetric_random", "symmetric_random"),
     ("symmetric_random", "port_restricted"),
     ("port_restricted", "symmetric_random"),
@@ -63,7 +68,7 @@ def one_run(ol: OverlayLab, pairs: list[tuple[LabNode, LabNode]], sites: list[tu
     times = time_to_direct(ol, pairs, WINDOW, [s for ab in sites for s in ab])
     out = []
     for t, (a, b), (sa, sb) in zip(times, pairs, sites):
-        probes = sum(birthday(n).get("probes", 0) for n in (a, b))
+        probes = sum(birthday(n).get("probes", 0) + sequential(n).get("probes", 0) for n in (a, b))
         mappings = udp_mappings(sa, sb.wan_ip) + udp_mappings(sb, sa.wan_ip)
         out.append((t, probes, mappings))
     return out
@@ -91,12 +96,21 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10, help="time-to-direct runs per pair (median)")
     ap.add_argument("--no-stream", action="store_true", help="only the per-pair table, no throughput")
     ap.add_argument("--mb", type=int, default=32, help="megabytes per throughput stream")
+    ap.add_argument("--log-dir", default=None, help="keep every process's log in this directory")
+    ap.add_argument("--pairs", default="", help="only these pairs, by short name, comma separated (e.g. ss-ss,sr-pr)")
     args = ap.parse_args()
+    global PAIRS
+    if args.pairs:
+        wanted = set(args.pairs.split(","))
+        PAIRS = [p for p in PAIRS if f"{SHORT[p[0]]}-{SHORT[p[1]]}" in wanted]
+        if not PAIRS:
+            ap.error(f"no such pair in {args.pairs!r}")
+        args.no_stream = True
     reason = lab.lab_skip_reason("conntrack")
     if reason:
         print(f"bench_lab skipped: {reason}")
         return 0
-    with natlab.NatLab() as nl:
+    with natlab.NatLab(args.log_dir) as nl:
         ol = OverlayLab(nl)
         try:
             ol.start_server("--relay-rate", str(UNCAPPED))

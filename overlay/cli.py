@@ -151,7 +151,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
                                                help="Birthday punching toward peers behind random-port "
                                                     "symmetric NATs (up to 256 extra sockets or 1024 probes "
-                                                    "per attempt, with back-off); default: on."),
+                                                    "per attempt, with back-off), and predicted-window punching "
+                                                    "when both sides are behind sequential symmetric NATs "
+                                                    "(16 probes per attempt); default: on."),
        port_mapping: Optional[str] = typer.Option(None, "--port-mapping",
                                                   help="Ask the router to map this node's UDP port: 'all' "
                                                        "(PCP, NAT-PMP, UPnP IGD; the default), 'off', or a "

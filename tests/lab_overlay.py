@@ -343,3 +343,8 @@ def udp_mappings(site: natlab.Site, toward: str | None = None) -> int:
 def birthday(node: LabNode) -> dict:
     """The node's birthday-punching counters (``status`` udp.birthday)."""
     return node.status().get("udp", {}).get("birthday", {})
+
+
+def sequential(node: LabNode) -> dict:
+    """The node's sequential <-> sequential punching counters (``status`` udp.sequential)."""
+    return node.status().get("udp", {}).get("sequential", {})

@@ -154,14 +154,78 @@ def test_hysteresis_and_better_path():
     assert [e.reason for e in events(path)] == ["confirmed", "better"]
 
 
-def test_lan_preferred_even_when_slower_and_ipv6_credit():
+def rounds(path, peer, rtts, until, jitter=None):
+    """Run punch rounds up to ``until``, answering every ping to an address of ``rtts`` (address ->
+    RTT, or a callable giving each sample) after that long; returns [(time, current path)]."""
+    seen = []
+    while (t := path.get_timer()) is not None and t <= until:
+        path.handle_timer(t)
+        for p, a in peer.pings(path.datagrams_to_send(t)):
+            if a in rtts:
+                r = rtts[a]
+                path.receive_pong(peer.pong_for(p), a, t + (r() if callable(r) else r))
+        seen.append((t, path.current_path))
+    return seen
+
+
+VPN10 = ("10.8.0.20", 41641)        # another VPN's private address, not this site
+CGNAT = ("100.64.3.20", 41641)       # carrier-grade NAT: not LAN at all
+
+
+def test_cgnat_is_not_lan_and_private_ranges_are():
+    from overlay.nat.candidate import is_lan
+    assert not is_lan(CGNAT) and not is_lan(("100.127.255.254", 1)) and not is_lan(WAN)
+    assert is_lan(VPN10) and is_lan(LANADDR) and is_lan(("172.16.0.1", 1)) and is_lan(("fd00::1", 1))
+    assert is_lan(("169.254.1.1", 1)) and not is_lan(("100.63.255.255", 1))
+
+
+@pytest.mark.parametrize("slow", [VPN10, CGNAT, LANADDR])
+def test_faster_public_path_beats_slower_private_or_cgnat_one(slow):
+    path, peer = make(candidates=[Candidate(slow, LAN), Candidate(WAN, SRFLX)])
+    path.start_punch(0.0)
+    path.handle_timer(0.0)
+    out = {a: p for p, a in peer.pings(path.datagrams_to_send(0.0))}
+    # the private path answers first (say it was pinged first) and takes the path at once...
+    path.receive_pong(peer.pong_for(out[slow]), slow, 0.030)
+    path.receive_pong(peer.pong_for(out[WAN]), WAN, 0.031)
+    assert path.current_path == slow
+    # ...but over the next rounds the public one is clearly faster (10 ms vs 30 ms): it takes over
+    rounds(path, peer, {slow: 0.030, WAN: 0.010}, 4.5)
+    assert path.current_path == WAN
+    assert [e.reason for e in events(path)] == ["confirmed", "better"]
+    # and when both answer at once at the start, the faster public one wins straight away
+    path, peer = make(candidates=[Candidate(slow, LAN), Candidate(WAN, SRFLX)])
+    path.start_punch(0.0)
+    rounds(path, peer, {slow: 0.030, WAN: 0.010}, 4.5)
+    assert path.current_path == WAN and path.rtt == pytest.approx(0.010)
+
+
+def test_near_tie_prefers_private_but_cgnat_is_not_private():
     path, peer = make(candidates=[Candidate(WAN, SRFLX), Candidate(LANADDR, LAN)])
     path.start_punch(0.0)
     path.handle_timer(0.0)
     out = {a: p for p, a in peer.pings(path.datagrams_to_send(0.0))}
     path.receive_pong(peer.pong_for(out[WAN]), WAN, 0.010)
-    path.receive_pong(peer.pong_for(out[LANADDR]), LANADDR, 0.030)
-    assert path.current_path == LANADDR
+    path.receive_pong(peer.pong_for(out[LANADDR]), LANADDR, 0.012)
+    assert path.current_path == WAN   # the first confirmed path, taken at once
+    rounds(path, peer, {WAN: 0.010, LANADDR: 0.012}, 4.5)
+    assert path.current_path == LANADDR   # 2 ms slower: a tie, broken for the private path
+    assert [e.reason for e in events(path)] == ["confirmed", "better"]
+    # the same tie with a CGNAT address: nothing to break it, the current path stays
+    path, peer = make(candidates=[Candidate(WAN, SRFLX), Candidate(CGNAT, LAN)])
+    path.start_punch(0.0)
+    rounds(path, peer, {WAN: 0.010, CGNAT: 0.009}, 4.5)
+    assert path.current_path == WAN
+
+
+def test_current_path_kept_unless_clearly_better_and_ipv6_credit():
+    path, peer = make(candidates=[Candidate(WAN, SRFLX), Candidate(WAN2, SRFLX)])
+    path.start_punch(0.0)
+    path.handle_timer(0.0)
+    out = {a: p for p, a in peer.pings(path.datagrams_to_send(0.0))}
+    path.receive_pong(peer.pong_for(out[WAN]), WAN, 0.030)
+    rounds(path, peer, {WAN: 0.030, WAN2: 0.022}, 4.5)   # 8 ms better: under the 10 ms margin
+    assert path.current_path == WAN and [e.reason for e in events(path)] == ["confirmed"]
 
     path, peer = make(candidates=[Candidate(WAN, SRFLX), Candidate(V6, SRFLX)])
     path.start_punch(0.0)
@@ -169,8 +233,47 @@ def test_lan_preferred_even_when_slower_and_ipv6_credit():
     out = {a: p for p, a in peer.pings(path.datagrams_to_send(0.0))}
     path.receive_pong(peer.pong_for(out[WAN]), WAN, 0.050)
     # 48 ms vs 50 ms would not beat the 10 ms hysteresis, but IPv6 gets a 10 ms credit
-    path.receive_pong(peer.pong_for(out[V6]), V6, 0.048)
+    rounds(path, peer, {WAN: 0.050, V6: 0.048}, 4.5)
     assert path.current_path == V6
+    assert [e.reason for e in events(path)] == ["confirmed", "better"]
+
+
+def test_one_lucky_sample_does_not_switch():
+    """A challenger must stay clearly better over several of its own samples."""
+    path, peer = make(candidates=[Candidate(WAN, SRFLX), Candidate(WAN2, SRFLX)])
+    path.start_punch(0.0)
+    path.handle_timer(0.0)
+    out = {a: p for p, a in peer.pings(path.datagrams_to_send(0.0))}
+    path.receive_pong(peer.pong_for(out[WAN]), WAN, 0.030)
+    path.receive_pong(peer.pong_for(out[WAN2]), WAN2, 0.002)   # one lucky 2 ms sample
+    assert path.current_path == WAN
+    samples = iter([0.040, 0.002, 0.040, 0.040, 0.002, 0.040])
+    rounds(path, peer, {WAN: 0.030, WAN2: lambda: next(samples)}, 4.5)
+    assert path.current_path == WAN and [e.reason for e in events(path)] == ["confirmed"]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_no_flapping_under_jittery_samples(seed):
+    """Three paths (two public, one private) of equal mean RTT, each sample jittered by up to
+    +-15 ms, over 20 punches (7 rounds each, ~140 samples per path): the first punch may settle
+    (its first samples are few), after that at most the one tie-break switch to the private path
+    and never away from it."""
+    import random
+    rng = random.Random(seed)
+    cfg = TraversalConfig(min_punch_interval=0.5)
+    path, peer = make(cfg, candidates=[Candidate(WAN, SRFLX), Candidate(VPN10, LAN), Candidate(WAN2, SRFLX)])
+    jitter = {a: (lambda: 0.025 + rng.uniform(-0.015, 0.015)) for a in (WAN, VPN10, WAN2)}
+    path.start_punch(0.0)
+    rounds(path, peer, jitter, 4.5)
+    settling = events(path)
+    assert settling[0].reason == "confirmed" and len(settling) <= 3, settling
+    for k in range(1, 20):
+        path.start_punch(k * 5.0)
+        rounds(path, peer, jitter, k * 5.0 + 4.5)
+    later = events(path)
+    assert len(later) <= 1, later
+    if later or settling[-1].path == VPN10:
+        assert path.current_path == VPN10
 
 
 def test_keepalive_then_loss_falls_back_to_relay_and_reprobes():

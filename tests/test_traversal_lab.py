@@ -11,6 +11,8 @@ What is proven, against the Linux kernel's own NAT and conntrack:
 - a NAT rebinding in the middle of a TCP transfer through a port forward loses no byte, and the
   path comes back;
 - a direct tunnel outlives its mediation server, and nodes reconnect when it returns;
+- two sequential symmetric NATs go direct (predicted windows on both sides, 8 fresh pairs and a
+  triangle), and a faster public path beats a slower private link while a near-tie goes private;
 - a node whose UDP is blocked entirely still reaches its peer through the relay, over its TCP
   control connection.
 
@@ -25,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,8 +36,8 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import (LabNode, OverlayLab, birthday, fetch, serve_once, tcp_connect, tcp_listener,
-                         time_to_direct, udp_mappings)
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, sequential, serve_once, tcp_connect,
+                         tcp_listener, time_to_direct, udp_mappings)
 
 pytestmark = pytest.mark.netns
 
@@ -53,11 +56,14 @@ MATRIX = [
     ("full_cone", "port_restricted", True),
     pytest.param("symmetric_sequential", "port_restricted", True, id="ss-pr"),
     ("symmetric_sequential", "full_cone", True),
+    ("symmetric_sequential", "symmetric_sequential", True),   # predicted windows on both sides at once
+    ("symmetric_sequential", "symmetric_random", False),      # one side unpredictable, the other filters: relay
     ("symmetric_random", "symmetric_random", False),  # both ports unpredictable: only the relay
     ("symmetric_random", "port_restricted", True),    # birthday punching: sr opens 256 ports, pr probes 1024
     ("symmetric_random", "full_cone", True),          # ordinary punching (peer-reflexive): no birthday attempt
 ]
 BIRTHDAY_PAIRS = {("symmetric_random", "port_restricted"), ("port_restricted", "symmetric_random")}
+SEQ_PAIRS = {("symmetric_sequential", "symmetric_sequential")}
 MATRIX_PAIRS = [m.values if hasattr(m, "values") else m for m in MATRIX]
 OBSERVE = 20.0     # seconds after both nodes are online: the longest wait for a direct path
 RELAY_WATCH = 12.0  # a relay pair is watched at least this long: punch rounds (5 s) + one re-probe (10 s)
@@ -111,6 +117,7 @@ class PairRun:
     final: dict[str, str | None] = field(default_factory=dict)
     pings: dict[str, list[dict]] = field(default_factory=dict)
     birthday: dict[str, dict] = field(default_factory=dict)  # node name -> birthday counters at the end
+    sequential: dict[str, dict] = field(default_factory=dict)  # node name -> sequential-punching counters
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +172,7 @@ def matrix(env):
         for p in pairs:
             for n in (p.a, p.b):
                 p.birthday[n.name] = birthday(n)
+                p.sequential[n.name] = sequential(n)
         yield runs
     finally:
         ol.stop_nodes(*(n for p in pairs for n in (p.a, p.b)))
@@ -195,6 +203,11 @@ def test_nat_pair(env, matrix, nat_a, nat_b, direct, record_property):
         assert 1 <= max(attempts.values()) <= 2, attempts
     else:
         assert set(attempts.values()) == {0}, f"unexpected birthday attempts {attempts}"
+    seq = {n.name: p.sequential[n.name].get("attempts") for n in (p.a, p.b)}
+    if (nat_a, nat_b) in SEQ_PAIRS:
+        assert all(1 <= v <= 2 for v in seq.values()), seq
+    else:
+        assert set(seq.values()) == {0}, f"unexpected sequential attempts {seq}"
 
 
 # ---------------------------------------------------------------------- 1b. birthday punching, repeated
@@ -254,6 +267,80 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
                 break
     finally:
         ol.stop_nodes(*(n for p in pairs for n in p))
+
+
+# ---------------------------------------------------------------------- 1b'. sequential on both sides, repeated
+
+SEQ_RUNS = 8         # ss <-> ss pairs, all at once
+SEQ_WINDOW = 10.0    # one attempt (0.5 s wait, measurement, 4 s of bursts) with margin
+
+
+def test_sequential_both_sides_success_rate_and_cost(env, record_property):
+    """ss <-> ss pairs go direct by spraying predicted windows on both sides at once (every one of
+    8 fresh pairs, within one attempt), each through the attempt's socket (a hit counted), and the
+    cost stays within the caps: per router, the window (16) plus the measurement plus ordinary
+    punching's flows toward the peer. One more pair runs with ``--no-hard-nat-punch`` on one side:
+    ordinary punching alone leaves it on the relay."""
+    nl, ol = env
+    sites, pairs = [], []
+    for i in range(SEQ_RUNS + 1):
+        sa, sb = nl.add_site(f"sq{i}a", "symmetric_sequential"), nl.add_site(f"sq{i}b", "symmetric_sequential")
+        opt_out = ("--no-hard-nat-punch",) if i == SEQ_RUNS else ()
+        sites.append((sa, sb))
+        pairs.append((ol.start_node(sa.hosts[0].name, f"sq{i}a", *opt_out), ol.start_node(sb.hosts[0].name, f"sq{i}b")))
+    try:
+        for i, (a, b) in enumerate(pairs):
+            ol.pair(a, b, f"sqnet{i}")
+        times = time_to_direct(ol, pairs, SEQ_WINDOW, [s for ab in sites for s in ab])
+        rows = [(t, udp_mappings(sa, sb.wan_ip), udp_mappings(sb, sa.wan_ip), sequential(a), sequential(b))
+                for t, (a, b), (sa, sb) in zip(times, pairs, sites)]
+        opt = rows.pop()
+        direct = [r[0] for r in rows if r[0] is not None]
+        med = sorted(direct)[len(direct) // 2] if direct else None
+        summary = {"direct": f"{len(direct)}/{len(rows)}", "median_s": med and round(med, 2),
+                   "times": [t and round(t, 2) for t in times[:-1]],
+                   "mappings": [(r[1], r[2]) for r in rows],
+                   "probes": [r[3].get("probes", 0) + r[4].get("probes", 0) for r in rows]}
+        record_property("sequential", summary)
+        print(f"\nsequential ss-ss: {summary}; opt-out pair: {opt}")
+        for t, map_a, map_b, sa_, sb_ in rows:
+            assert map_a <= 16 + 1 + 24 and map_b <= 16 + 1 + 24, (map_a, map_b)
+            assert 1 <= sa_.get("attempts", 0) <= 2 and 1 <= sb_.get("attempts", 0) <= 2, (sa_, sb_)
+            if t is not None:
+                assert sa_.get("hits", 0) + sb_.get("hits", 0) >= 1, (sa_, sb_)
+        assert len(direct) == len(rows), f"only {len(direct)} of {len(rows)} ss-ss pairs went direct: {summary}\n{ol.dump()}"
+        assert med < 5.0, summary
+        assert opt[0] is None and opt[3].get("attempts") == 0 and opt[4].get("attempts") == 0, opt
+        a, b = pairs[0]
+        assert ping_paths(a.answered(b.name))[-1].startswith("direct"), "traffic takes the sprayed path"
+    finally:
+        ol.stop_nodes(*(n for p in pairs for n in p))
+
+
+def test_sequential_triangle_all_direct(env, record_property):
+    """Three nodes, each behind its own sequential symmetric NAT, in one network: each has two
+    such peers at once but one attempt at a time; the one that waits joins when the other side
+    starts (its base comes through the server), so all three pairs go direct."""
+    nl, ol = env
+    sites = [nl.add_site(f"tri{i}", "symmetric_sequential") for i in range(3)]
+    nodes = [ol.start_node(s.hosts[0].name, f"tri{i}") for i, s in enumerate(sites)]
+    try:
+        ol.pair(nodes[0], nodes[1], "trinet", nodes[2])
+        t0 = time.monotonic()
+        pairs = [(nodes[i], nodes[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+        for a, b in pairs:
+            wait_direct(ol, a, b, timeout=40)
+        took = round(time.monotonic() - t0, 2)
+        stats = {n.name: sequential(n) for n in nodes}
+        record_property("triangle_s", took)
+        print(f"\nss triangle: all direct after {took} s; {stats}")
+        for n in nodes:
+            assert stats[n.name]["attempts"] <= 4 and stats[n.name]["mappings"] <= 4 * 17, stats
+            for peer in nodes:
+                if peer is not n:
+                    assert direct_ip(n.path_to(peer.name)) == sites[nodes.index(peer)].wan_ip
+    finally:
+        ol.stop_nodes(*nodes)
 
 
 # ---------------------------------------------------------------------- 1c. port mapping
@@ -329,6 +416,56 @@ def test_lan_pair_goes_direct_over_lan(env):
         assert direct_ip(pa) == h2.ip and direct_ip(pb) == h1.ip, (pa, pb)
         assert direct_ip(ping_paths(a.answered("lanb"))[-1]) == h2.ip
     finally:
+        ol.stop_nodes(a, b)
+
+
+def test_faster_public_path_beats_slower_private_one(env):
+    """Two public hosts also linked by a private 10.77.0.0/24 link (another VPN's addresses). While
+    that link is slow (a kernel tbf shaper at 100 kbit/s kept full by a filler flow: hundreds of
+    ms of queue), the nodes take and keep the public path, which answers in well under a
+    millisecond; with the link idle (as fast as the public one: a near-tie) the private path wins
+    the tie-break."""
+    nl, ol = env
+    if not shutil.which("tc"):
+        pytest.skip("tc (iproute2) not installed")
+    site = nl.add_site("vp", "none", hosts=2)
+    h1, h2 = site.hosts
+    lab.sh("ip", "link", "add", "vpn0", "netns", h1.ns.name, "type", "veth", "peer", "name", "vpn0",
+           "netns", h2.ns.name)
+    for h, ip in ((h1, "10.77.0.1"), (h2, "10.77.0.2")):
+        h.ns.run("ip", "addr", "add", f"{ip}/24", "dev", "vpn0")
+        h.ns.run("ip", "link", "set", "vpn0", "up")
+    h1.ns.run("tc", "qdisc", "add", "dev", "vpn0", "root", "tbf", "rate", "100kbit", "burst", "1600",
+              "latency", "400ms")
+    filler = nl.udp_socket(h1.name)
+    stop = threading.Event()
+
+    def fill() -> None:   # 1000-byte datagrams at 160 kbit/s: the shaper's queue stays full
+        while not stop.wait(0.05):
+            filler.sendto(b"x" * 1000, ("10.77.0.2", 9))
+
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    a, b = ol.start_node(h1.name, "vpa"), ol.start_node(h2.name, "vpb")
+    try:
+        time.sleep(1.0)     # the queue is full before the first probe
+        ol.pair(a, b, "vpnet")
+        wait_direct(ol, a, b)
+        seen = set()
+        end = time.monotonic() + 7.0     # past the punch rounds: every path sampled several times
+        while time.monotonic() < end:
+            seen |= {direct_ip(a.path_to("vpb")), direct_ip(b.path_to("vpa"))}
+            time.sleep(0.2)
+        assert seen == {h1.ip, h2.ip}, f"the slow private path was taken: {seen}\n{ol.dump()}"
+        stop.set()
+        t.join()
+        h1.ns.run("tc", "qdisc", "del", "dev", "vpn0", "root")
+        time.sleep(1.0)
+        a.restart()     # a fresh introduction: now both paths are equally fast
+        ol.wait(lambda: direct_ip(a.path_to("vpb")) == "10.77.0.2" and direct_ip(b.path_to("vpa")) == "10.77.0.1",
+                15, "the tie broken for the private path")
+    finally:
+        stop.set()
         ol.stop_nodes(a, b)
 
 

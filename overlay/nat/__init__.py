@@ -4,6 +4,8 @@
 - ``disco``: Ping / Pong / CallMeMaybe sealed with NaCl box between node keys.
 - ``classify``: NAT mapping behaviour and port prediction from STUN observations (``NatProbe``).
 - ``traversal``: the per-peer path state machine (``PeerPath``).
+- ``birthday``: birthday-paradox punching between an easy and a random-port symmetric NAT.
+- ``seqpunch``: predicted windows on both sides at once, for two sequential symmetric NATs.
 - ``candidate``: addresses and candidates shared by the above.
 - ``portmap``: port mapping on the router (``pcp``, ``natpmp`` on ``mapclient``; ``upnp``).
 

@@ -26,9 +26,11 @@ KINDS = (PREDICTED, SRFLX, MAGIC, LAN, PEER)
 _KIND_CODE = {k: i + 1 for i, k in enumerate(KINDS)}
 _CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
 
+# Private ranges: a path over one of them is preferred in a near-tie (``traversal``). Not CGNAT's
+# 100.64.0.0/10 (RFC 6598): that is the carrier's network (or another VPN's), not this site.
 _PRIVATE_NETS = tuple(
     ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "fc00::/7", "fe80::/10")
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10")
 )
 
 
@@ -63,7 +65,8 @@ def normalize(addr: Addr) -> Addr:
 
 
 def is_lan(addr: Addr) -> bool:
-    """True for RFC 1918, CGNAT (RFC 6598), link-local and ULA addresses: a path that stays on site."""
+    """True for RFC 1918, link-local and ULA addresses: a path that may stay on site. CGNAT
+    addresses (100.64.0.0/10) are not: they are the carrier's (or another VPN's) network."""
     ip = ipaddress.ip_address(addr[0])
     return any(ip in net for net in _PRIVATE_NETS if net.version == ip.version)
 

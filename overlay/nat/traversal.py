@@ -10,9 +10,15 @@ Life of a peer path:
    source is not a fresh confirmed path, challenged with our own Ping (peer-reflexive
    candidate: how symmetric NATs are traversed). Pings alone never move the path: they can be
    replayed, our tx_ids cannot.
-3. The best confirmed path wins: a LAN address (RFC 1918 / CGNAT / ULA) before anything else,
-   then the lowest RTT with a small IPv6 credit; a confirmed current path is only replaced by a
-   clearly better one (hysteresis: 10 ms or 20 %), or when it stops answering.
+3. The best confirmed path wins, by smoothed round-trip time (EWMA of the pong samples, gain
+   ``rtt_gain``) minus a small IPv6 credit. Being on a private range (RFC 1918, link-local, ULA;
+   not CGNAT's 100.64/10) only breaks near-ties: such a path is preferred when it is within half
+   the switch margin of the best public one, never when it is clearly slower (another VPN's 10.x
+   address is not "the LAN"). The first confirmed path is taken at once; after that the current
+   path is only replaced by a clearly better one (hysteresis: ``switch_abs`` 10 ms or
+   ``switch_rel`` 20 % of the current RTT) that stayed so over ``switch_samples`` consecutive
+   samples of its own, so jittery samples do not flap the path; or when the current path stops
+   answering.
 4. No path within ``direct_timeout`` (5 s): state RELAY (traffic goes through the relay, which the
    caller already uses while ``current_path`` is None); probing continues with exponential
    backoff and upgrades to direct at the first pong.
@@ -68,6 +74,9 @@ class TraversalConfig:
     switch_abs: float = 0.010
     switch_rel: float = 0.2
     ipv6_credit: float = 0.010
+    # a challenger must beat the current path on this many consecutive samples of its own
+    switch_samples: int = 3
+    rtt_gain: float = 0.125  # EWMA gain of the smoothed RTT (TCP's SRTT gain)
     max_candidates: int = 64
     max_peer_reflexive: int = 16
     # a peer's ping triggers at most one challenge ping per address per this interval
@@ -84,6 +93,8 @@ class TraversalConfig:
             raise ValueError("bad direct_timeout / backoff")
         if not 1 <= len(self.punch_offsets) <= 16 or min(self.punch_offsets) < 0:
             raise ValueError("1..16 non-negative punch offsets")
+        if self.switch_samples < 1 or not 0 < self.rtt_gain <= 1:
+            raise ValueError("switch_samples >= 1 and 0 < rtt_gain <= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +115,12 @@ class _Path:
     unanswered_since: float | None
     lan: bool
     score_credit: float
+    streak: int = 0  # consecutive samples on which this path warranted a switch
+    samples: int = 1
+
+    @property
+    def score(self) -> float:
+        return self.rtt - self.score_credit
 
 
 class PeerPath:
@@ -225,9 +242,15 @@ class PeerPath:
             path = _Path(addr, sample, now, sent, None, is_lan(addr), credit)
             self._paths[addr] = path
         else:
-            path.rtt += (sample - path.rtt) / 8
+            # the mean of the first samples, then an EWMA: one odd first sample fades quickly
+            path.samples += 1
+            path.rtt += (sample - path.rtt) * max(self.config.rtt_gain, 1.0 / path.samples)
             path.last_pong = now
         path.unanswered_since = None
+        cur = self._paths.get(self.current_path) if self.current_path else None
+        if cur is not None and path is not cur:
+            # evidence: the smoothed RTT and this very sample both warrant the switch
+            path.streak = path.streak + 1 if self._beats(path, cur) and self._beats(path, cur, sample) else 0
         self._select(now)
 
     def spray_ping(self, dst: Addr, now: float) -> bytes:
@@ -359,8 +382,28 @@ class PeerPath:
             stale = min((p for p in self._paths.values() if p.addr != self.current_path), key=lambda p: p.last_pong)
             del self._paths[stale.addr]
 
-    def _key(self, p: _Path) -> tuple[int, float]:
-        return (0 if p.lan else 1, p.rtt - p.score_credit)
+    def _margin(self, score: float) -> float:
+        return max(self.config.switch_abs, self.config.switch_rel * score)
+
+    def _beats(self, p: _Path, cur: _Path, sample: float | None = None) -> bool:
+        """Would ``p`` (its smoothed RTT, or one ``sample`` of it) be worth switching to from
+        ``cur``: clearly faster, or a private-range path in a near-tie with a public one (within
+        half the margin, so that the public one then needs a full margin to win back: no
+        flapping at the border)."""
+        score = p.score if sample is None else sample - p.score_credit
+        m = self._margin(cur.score)
+        if score < cur.score - m:
+            return True
+        return p.lan and not cur.lan and score <= cur.score + m / 2
+
+    def _preferred(self, paths: list[_Path]) -> _Path:
+        """Lowest score; a private-range path within half the margin of it wins the tie."""
+        best = min(paths, key=lambda p: p.score)
+        if best.lan:
+            return best
+        limit = best.score + self._margin(best.score) / 2
+        lan = [p for p in paths if p.lan and p.score <= limit]
+        return min(lan, key=lambda p: p.score) if lan else best
 
     def _healthy(self, p: _Path, now: float) -> bool:
         c = self.config
@@ -373,23 +416,24 @@ class PeerPath:
         healthy = [p for p in self._paths.values() if self._healthy(p, now)]
         if not healthy:
             return False
-        best = min(healthy, key=self._key)
         cur = self._paths.get(self.current_path) if self.current_path else None
-        if cur is best:
-            return False
-        if cur is None:
-            reason = "confirmed"
-        elif not self._healthy(cur, now):
-            reason = "roamed"
-        else:
-            (bt, bs), (ct, cs) = self._key(best), self._key(cur)
-            if bt == ct and bs >= cs - max(self.config.switch_abs, self.config.switch_rel * cs):
+        if cur is None or not self._healthy(cur, now):
+            best = self._preferred(healthy)
+            if best is cur:
                 return False
-            reason = "better"
-        self._switch(best, reason)
+            self._switch(best, "confirmed" if cur is None else "roamed")
+            return True
+        # the current path answers: only a challenger with sustained evidence replaces it
+        ready = [p for p in healthy
+                 if p is not cur and p.streak >= self.config.switch_samples and self._beats(p, cur)]
+        if not ready:
+            return False
+        self._switch(self._preferred(ready), "better")
         return True
 
     def _switch(self, path: _Path, reason: str) -> None:
+        for p in self._paths.values():
+            p.streak = 0
         self.current_path = path.addr
         self.state = DIRECT
         self._relay_deadline = None

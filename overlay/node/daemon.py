@@ -638,7 +638,8 @@ class Daemon:
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
-                    "ipv6": self.dataplane.ipv6_summary(), "port_mapping": self.dataplane.port_mapping_summary()},
+                    "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
+                    "port_mapping": self.dataplane.port_mapping_summary()},
         }
 
     def _gateway_status(self) -> dict:

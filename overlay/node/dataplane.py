@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import disco as disco_mod
-from overlay.nat import birthday, natpmp, portmap, stun
+from overlay.nat import birthday, natpmp, portmap, seqpunch, stun
 from overlay.nat.candidate import Candidate, format_addr, parse_addr
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
@@ -196,6 +196,15 @@ class DataPlane:
         # IPv6 (``overlay.node.ipv6``): a second socket beside the IPv4 one, and STUN in the
         # other address family than ``server_udp``'s
         self.v6 = ipv6.Ipv6Side()
+        # sequential <-> sequential punching (``nat.seqpunch``): per-peer planners, when to start,
+        # the one attempt at a time that owns the fresh socket, and its STUN measurement
+        self.seq_config = seqpunch.SeqConfig()
+        self._seq: dict[bytes, seqpunch.SeqPunch] = {}
+        self._seq_check: dict[bytes, float] = {}
+        self._seq_owner: bytes | None = None
+        self._seq_sock: UdpSocket | None = None
+        self._seq_stun: stun.StunTransaction | None = None
+        self._seq_pub: dict | None = None     # our base as published (withdrawn when the attempt ends)
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
                       "group_capped": 0}
 
@@ -212,6 +221,7 @@ class DataPlane:
         if self._timer:
             self._timer.cancel()
         self._close_bday_socks()
+        self._seq_close()
         self._portmap_close()
         for key in list(self._winner):
             self._drop_winner(key)
@@ -350,6 +360,7 @@ class DataPlane:
             if key not in wanted and self.peers[key].path is not None:
                 entry = self.peers.pop(key)
                 self._bday_forget(key)
+                self._seq_forget(key)
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
                 self.device.remove_peer(key)
                 self._dirty_paths.discard(entry)
@@ -452,6 +463,7 @@ class DataPlane:
             self._bday_nat[key] = ev["nat"]
             if self.hard_nat and self._bday_role(key) is not None and entry.path.current_path is None:
                 self._bday_check.setdefault(key, self.now() + self.birthday_config.delay)
+            self._seq_on_punch(key, entry, ev["nat"])
         self._dirty_paths.add(entry)
         self._schedule_flush()
 
@@ -652,6 +664,7 @@ class DataPlane:
                 entry.endpoint = new
                 dev.set_endpoint(entry.key, new)
                 self._bday_path_changed(entry.key, pev.path)
+                self._seq_path_changed(entry.key, pev.path)
                 if pev.path is None and pev.reason == "lost":
                     self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
@@ -686,7 +699,7 @@ class DataPlane:
             self._paths_at = min(pt) if pt else None
             self._paths_stale = False
         times = [t for t in (self.device.get_timer(), self._next_register(), self._next_probe, self._paths_at,
-                             self._probe.get_timer() if self._probe else None, self._bday_timer(),
+                             self._probe.get_timer() if self._probe else None, self._bday_timer(), self._seq_timer(),
                              self._portmap.get_timer() if self._portmap else None,
                              self.v6.timer())
                  if t is not None]
@@ -744,6 +757,8 @@ class DataPlane:
         if self._bday_check or self._bday_owner is not None or any(
                 b.state == birthday.ACTIVE for b in self._bday.values()):
             self._bday_tick(now)
+        if self._seq_check or self._seq_owner is not None:
+            self._seq_tick(now)
         self._flush()
 
     def _publish_endpoints(self) -> None:
@@ -751,6 +766,8 @@ class DataPlane:
         if self.server_udp is not None and ":" in self.server_udp[0]:
             nat = {}   # classified over IPv6: says nothing about an IPv4 NAT (birthday punching)
         nat["birthday"] = self.hard_nat     # peers behind the other kind of NAT need not probe in vain
+        if (seq := self._seq_published()) is not None:
+            nat["seq"] = seq
         self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
 
     # ------------------------------------------------------------------ port mapping (overlay.nat.portmap)
@@ -961,6 +978,195 @@ class DataPlane:
         for b in self._bday.values():
             for k in ("attempts", "hits", "probes", "sockets"):
                 out[k] += b.stats()[k]
+        return out
+
+    # ------------------------------------------------------------------ sequential <-> sequential
+    def _seq_applies(self, key: bytes) -> bool:
+        n, peer = self.nat, self._bday_nat.get(key, {})
+        if not self.hard_nat or n is None or not n.udp or peer.get("birthday") is False or not self._probe_servers:
+            return False
+        return seqpunch.applies(n.mapping, n.allocation, peer.get("mapping"), peer.get("allocation"))
+
+    def _seq_on_punch(self, key: bytes, entry: PeerEntry, nat: dict) -> None:
+        """An introduction: take the peer's published base for our attempt, join the peer's attempt,
+        or schedule one of our own."""
+        if entry.path.current_path is not None or key in self._winner or not self._seq_applies(key):
+            return    # direct, or a hit's path being confirmed
+        now = self.now()
+        s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
+        base = nat.get("seq")
+        if not isinstance(base, dict) or base.get("for") != base64.b64encode(self.public_key).decode():
+            base = None
+        if base is not None and s.state == seqpunch.IDLE and self._seq_owner is None and s.may_join(now):
+            self._seq_start(key, entry, now, join=True)     # the peer is measuring or spraying: at once
+        if base is not None and s.state in (seqpunch.MEASURING, seqpunch.READY):
+            try:
+                s.peer_ready(int(base["next"]), int(base["step"]), now)
+            except (KeyError, TypeError, ValueError):
+                return
+            self._seq_send(key, now)
+        elif s.state == seqpunch.IDLE:
+            self._seq_check.setdefault(key, now + self.seq_config.delay)
+
+    def _seq_start(self, key: bytes, entry: PeerEntry, now: float, join: bool = False) -> None:
+        """Open the attempt's fresh socket and measure our next port from it."""
+        try:
+            sock = bind_udp("0.0.0.0", 0, rcvbuf=1 << 16, sndbuf=1 << 16)
+        except OSError as e:
+            log.warning("sequential punching: no socket (%s)", e)
+            return
+        self._seq[key].start(now, join=join)
+        self._seq_owner = key
+        u = UdpSocket(sock, lambda view, addr: None, on_batch=self._flush, loop=self.loop, gro=False, gso=False)
+        u._on_datagram = lambda view, addr, u=u: self._on_seq_datagram(u, view, addr)
+        self._seq_sock = u
+        tx = self._seq_stun = stun.StunTransaction(self._probe_servers[0], now, rto=0.3, rc=4, rm=4)
+        u.send_batch(tx.datagrams_to_send(now))
+        log.info("sequential punching toward %s: measuring our next port%s", entry.name,
+                 " (the peer started)" if join else "")
+        self._schedule_flush()
+
+    def _seq_published(self) -> dict | None:
+        s = self._seq.get(self._seq_owner) if self._seq_owner is not None else None
+        if s is None or s.base is None or s.state == seqpunch.IDLE:
+            self._seq_pub = None
+        else:
+            self._seq_pub = {"for": base64.b64encode(self._seq_owner).decode(), "next": s.base[0], "step": s.base[1]}
+        return self._seq_pub
+
+    def _seq_timer(self) -> float | None:
+        if not self._seq_check and self._seq_owner is None:
+            return None     # nothing pending (the usual case: computed on every flush, no allocation)
+        times = list(self._seq_check.values())
+        times += [t for s in self._seq.values() if (t := s.get_timer()) is not None]
+        if self._seq_stun is not None and (t := self._seq_stun.get_timer()) is not None:
+            times.append(t)
+        return min(times) if times else None
+
+    def _seq_tick(self, now: float) -> None:
+        for key, at in list(self._seq_check.items()):
+            if at > now:
+                continue
+            del self._seq_check[key]
+            entry = self.peers.get(key)
+            if entry is None or entry.path is None or entry.path.current_path is not None or key in self._winner:
+                continue   # never while a direct path works (or a hit's is being confirmed)
+            if not self._seq_applies(key):
+                continue
+            if self._seq_owner is not None:     # one attempt per node at a time: this one waits
+                self._seq_check[key] = now + self.seq_config.delay
+                continue
+            s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
+            if s.may_start(now):
+                self._seq_start(key, entry, now)
+        tx = self._seq_stun
+        if tx is not None and self._seq_sock is not None:
+            if (t := tx.get_timer()) is not None and t <= now:
+                tx.handle_timer(now)
+            self._seq_sock.send_batch(tx.datagrams_to_send(now))
+            if tx.done and tx.result is None:
+                self._seq_stun = None   # no answer: the attempt times out
+        for key in list(self._seq):
+            self._seq_send(key, now)
+
+    def _seq_send(self, key: bytes, now: float) -> None:
+        s, entry = self._seq.get(key), self.peers.get(key)
+        if s is None or s.state == seqpunch.IDLE:
+            return
+        if entry is None or entry.path is None:
+            s.abort(now)
+        elif (t := s.get_timer()) is not None and t <= now:
+            ports = s.due(now)
+            target = self._bday_target(entry, birthday.EASY)
+            if ports and target is not None and key == self._seq_owner and self._seq_sock is not None:
+                dg = entry.path.spray_ping((target[0], ports[0]), now)
+                self._seq_sock.send_batch([(dg, (target[0], p)) for p in ports])
+                if s.bursts == 1:
+                    log.info("sequential punching toward %s: %d pings at %s:%d.., our next port %d", entry.name,
+                             len(ports), target[0], ports[0], s.base[0] if s.base else 0)
+        if s.state == seqpunch.IDLE and key == self._seq_owner:
+            log.info("sequential punching toward %s: no hit", entry.name if entry else "?")
+            self._seq_close()
+
+    def _on_seq_datagram(self, sock: UdpSocket, view: memoryview, addr) -> None:
+        """The fresh socket: our STUN answer (the measurement), or the peer's discovery message
+        from one of the ports we aimed at (a hit: the socket then carries that path)."""
+        key = self._seq_owner
+        s = self._seq.get(key) if key is not None else None
+        src = (addr[0], addr[1])
+        if s is None or sock is not self._seq_sock:
+            self.stats["not_ours"] += 1
+            return
+        now = self.now()
+        if stun.is_stun(view):
+            tx = self._seq_stun
+            if tx is not None and tx.receive(bytes(view), src, now) and tx.result is not None:
+                self._seq_stun = None
+                step = self.nat.delta if self.nat is not None else 0
+                s.measured(tx.result[1], step, now)
+                if s.base is not None:
+                    self._publish_endpoints()
+                    self.send_control({"t": "punch", "peer": base64.b64encode(key).decode()})
+                    self._seq_send(key, now)
+                self._schedule_flush()
+            return
+        entry = self.peers.get(key)
+        if (view[:4] != disco_mod.MAGIC or s.state != seqpunch.SPRAYING or entry is None
+                or (target := self._bday_target(entry, birthday.EASY)) is None
+                or src[0] != target[0] or src[1] not in s.targets):
+            self.stats["not_ours"] += 1
+            return
+        try:
+            sender, msg = self.disco.open(bytes(view))
+        except disco_mod.DiscoError:
+            self.stats["disco_bad"] += 1
+            return
+        if sender != key:
+            self.stats["not_ours"] += 1
+            return
+        self._seq_sock = None
+        self._seq_close()
+        self._drop_winner(key)
+        sock._on_datagram = self._on_datagram      # from now on: like the main socket
+        self._via[src] = sock
+        self._winner[key] = (src, sock)
+        s.hit(now)
+        log.info("sequential punching toward %s: hit %s:%d on local port %d after %.2f s", entry.name, src[0],
+                 src[1], sock.sock.getsockname()[1], s.last_time_to_hit or 0.0)
+        entry.path.receive(msg, src, now)
+        self._dirty_paths.add(entry)
+        self._schedule_flush()
+
+    def _seq_path_changed(self, key: bytes, path) -> None:
+        s = self._seq.get(key)
+        if path is not None and s is not None and s.state != seqpunch.IDLE:
+            s.hit(self.now())
+            if key == self._seq_owner:
+                self._seq_close()
+
+    def _seq_close(self) -> None:
+        """End the node's attempt: close its socket (unless a hit took it) and withdraw our base."""
+        sock, self._seq_sock = self._seq_sock, None
+        self._seq_owner = None
+        self._seq_stun = None
+        if sock is not None:
+            sock.close()
+        if self._seq_pub is not None and self.srflx and self.loop is not None:
+            self._publish_endpoints()
+
+    def _seq_forget(self, key: bytes) -> None:
+        self._seq_check.pop(key, None)
+        s = self._seq.pop(key, None)
+        if s is not None:
+            s.abort(self.now())
+        if key == self._seq_owner:
+            self._seq_close()
+
+    def sequential_stats(self) -> dict:
+        out = {"enabled": self.hard_nat, "attempts": 0, "hits": 0, "probes": 0, "mappings": 0}
+        for s in self._seq.values():
+            for k in ("attempts", "hits", "probes", "mappings"):
+                out[k] += s.stats()[k]
         return out
 
     # ------------------------------------------------------------------ status
