@@ -250,11 +250,18 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
                    "easy_probes": [r[4].get("probes") for r in rows]}
         record_property("birthday", summary)
         print(f"\nbirthday sr-pr: {summary}; opt-out pair: {opt_paths[:2]}")
-        for t, hard_map, easy_map, hb, eb in rows:
+        for (t, hard_map, easy_map, hb, eb), (x, _), (a, b) in zip(rows, specs, pairs):
             assert hard_map <= 256 + 8 and easy_map <= 1024 + 8, (hard_map, easy_map)
             assert hb.get("attempts", 0) <= 2 and eb.get("attempts", 0) <= 2 and hb.get("sockets", 0) <= 512
-            # only the winner left open after a hit; none after a miss (the attempt ended at 5 s)
-            assert hb.get("open_sockets") == (1 if t is not None else 0), hb
+            # the attempt's sockets close: only the winner stays, and only while it carries the
+            # direct path (a path lost later, e.g. on a loaded machine, closes it too)
+            hard_node, easy_node = (a, b) if x == "symmetric_random" else (b, a)
+            st = hard_node.status()
+            direct_now = (hard_node.peer(easy_node.name) or {}).get("path", "").startswith("direct")
+            open_socks = st["udp"]["birthday"]["open_sockets"]
+            # (a hit may also land on the main socket's own mapping: then none stays)
+            assert open_socks <= (1 if direct_now else 0), \
+                f"{st['udp']['birthday']} direct now: {direct_now}\n{hard_node.log()[-4000:]}"
         assert len(direct) >= 8, f"only {len(direct)} of {len(rows)} sr-pr pairs went direct: {summary}\n{ol.dump()}"
         assert med < 5.0, summary
         # opt-out: relay, and no attempt on either side (the easy side learns it through the server)
