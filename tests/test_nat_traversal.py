@@ -356,6 +356,27 @@ def test_roaming_moves_path_after_old_one_fails_its_check():
     assert [e.reason for e in events(path)] == ["roamed"]
 
 
+def test_tunnel_data_from_a_new_source_starts_the_same_checks():
+    """The WireGuard layer authenticated data from a new source (the peer's NAT rebound, before
+    any discovery ping came from there): challenge it and check the current path, answer nothing."""
+    path, peer = make()
+    path.start_punch(0.0)
+    path.handle_timer(0.0)
+    confirm(path, peer, WAN, 0.0, 0.01)
+    path._rounds.clear()
+    events(path)
+    path.peer_seen_at(WAN2, 10.0)
+    out = path.datagrams_to_send(10.0)
+    pings = {a: p for p, a in peer.pings(out)}
+    assert set(pings) == {WAN2, WAN} and len(out) == 2   # two pings, no pong: there was no ping
+    path.peer_seen_at(WAN2, 10.01)                        # more data from there: no second challenge yet
+    assert path.datagrams_to_send(10.01) == []
+    path.receive_pong(peer.pong_for(pings[WAN2]), WAN2, 10.02)
+    assert path.current_path == WAN
+    path.handle_timer(path.get_timer())                   # the old path's check went unanswered
+    assert path.current_path == WAN2 and [e.reason for e in events(path)] == ["roamed"]
+
+
 def test_call_me_maybe_round_trip():
     path, peer = make()
     wire = path.call_me_maybe([Candidate(("10.0.0.1", 41641), LAN)], 5.0)

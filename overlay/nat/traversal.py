@@ -213,6 +213,15 @@ class PeerPath:
     def receive_ping(self, ping: Ping, addr: Addr, now: float) -> None:
         addr = normalize(addr)
         self._queue(self.disco.seal(self.peer_key, Pong(ping.tx_id, addr)), addr)
+        self.peer_seen_at(addr, now)
+
+    def peer_seen_at(self, addr: Addr, now: float) -> None:
+        """The peer sent something authenticated from ``addr`` (a Ping, or tunnel data the
+        WireGuard layer authenticated from a new source: its NAT rebound). An address that is not
+        a fresh confirmed path is challenged (at most once per ``trigger_interval``) and the
+        current path, if elsewhere, gets a liveness check: if it has died, the path moves to the
+        new address as soon as that one answers."""
+        addr = normalize(addr)
         path = self._paths.get(addr)
         if path is None or now - path.last_pong > self.config.keepalive_interval:
             self._learn(addr)

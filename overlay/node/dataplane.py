@@ -636,6 +636,11 @@ class DataPlane:
                         dev.set_endpoint(entry.key, entry.path.current_path)  # keep the direct path
                     else:
                         entry.endpoint = ev.addr
+                        if (not isinstance(ev.addr, RelayAddr) and entry.path is not None
+                                and ev.addr != entry.path.current_path):
+                            # authenticated data from a new source (a rebound NAT): check both
+                            entry.path.peer_seen_at(ev.addr, self.now())
+                            self._dirty_paths.add(entry)
             elif type(ev) is HandshakeCompleted:
                 entry = self.peers.get(ev.public_key)
                 if entry is not None:
