@@ -930,26 +930,38 @@ class DataPlane:
         if b is None or b.state != birthday.ACTIVE or src != tuple(b.target) or view[:4] != disco_mod.MAGIC:
             self.stats["not_ours"] += 1
             return
-        try:
-            sender, msg = self.disco.open(bytes(view))
-        except disco_mod.DiscoError:
-            self.stats["disco_bad"] += 1
-            return
-        entry = self.peers.get(sender)
-        if sender != key or entry is None:
-            self.stats["not_ours"] += 1
+        entry = self.peers.get(key)
+        if entry is None or (msg := self._disco_from(key, view)) is None:
             return
         self._bday_socks.remove(sock)
-        self._drop_winner(key)
-        sock._on_datagram = self._on_datagram      # from now on: like the main socket
-        self._via[src] = sock
-        self._winner[key] = (src, sock)
+        self._adopt_winner(key, src, sock)
         b.hit(self.now())
         log.info("birthday punching toward %s: hit on local port %d after %.2f s", entry.name,
                  sock.sock.getsockname()[1], b.last_time_to_hit)
         self._close_bday_socks()
         entry.path.receive(msg, src, self.now())
         self._dirty_paths.add(entry)
+
+    def _disco_from(self, key: bytes, view: memoryview):
+        """The discovery message in ``view`` if it opens and comes from peer ``key``, else None
+        (counted)."""
+        try:
+            sender, msg = self.disco.open(bytes(view))
+        except disco_mod.DiscoError:
+            self.stats["disco_bad"] += 1
+            return None
+        if sender != key:
+            self.stats["not_ours"] += 1
+            return None
+        return msg
+
+    def _adopt_winner(self, key: bytes, src: tuple, sock: UdpSocket) -> None:
+        """A hard-NAT attempt's socket got the peer's message from ``src``: from now on it carries
+        everything to that address, like the main socket (one winner per peer)."""
+        self._drop_winner(key)
+        sock._on_datagram = self._on_datagram
+        self._via[src] = sock
+        self._winner[key] = (src, sock)
 
     def _bday_path_changed(self, key: bytes, path) -> None:
         b = self._bday.get(key)
@@ -1121,20 +1133,11 @@ class DataPlane:
                 or src[0] != target[0] or src[1] not in s.targets):
             self.stats["not_ours"] += 1
             return
-        try:
-            sender, msg = self.disco.open(bytes(view))
-        except disco_mod.DiscoError:
-            self.stats["disco_bad"] += 1
-            return
-        if sender != key:
-            self.stats["not_ours"] += 1
+        if (msg := self._disco_from(key, view)) is None:
             return
         self._seq_sock = None
         self._seq_close()
-        self._drop_winner(key)
-        sock._on_datagram = self._on_datagram      # from now on: like the main socket
-        self._via[src] = sock
-        self._winner[key] = (src, sock)
+        self._adopt_winner(key, src, sock)
         s.hit(now)
         log.info("sequential punching toward %s: hit %s:%d on local port %d after %.2f s", entry.name, src[0],
                  src[1], sock.sock.getsockname()[1], s.last_time_to_hit or 0.0)
