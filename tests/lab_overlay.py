@@ -19,6 +19,7 @@ every process log for assertion messages; the ``NatLab`` kills every process on 
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import shutil
 import socket
@@ -294,6 +295,19 @@ def fetch(conn: socket.socket, on_bytes: Callable[[int], None] = lambda n: None,
         on_bytes(n)
         if time.monotonic() > end:
             raise TimeoutError(f"transfer not finished after {deadline} s ({n} bytes)")
+
+
+def stream_through_forward(ol: OverlayLab, client: LabNode, server: LabNode, local_port: int,
+                           size: int = 1 << 20) -> None:
+    """``server`` shares an app that sends ``size`` random bytes; ``client`` forwards
+    ``local_port`` to it and reads them to the end; assert they arrived intact."""
+    listener = tcp_listener(ol.nl, server.host)
+    server.ok("share", str(listener.getsockname()[1]))
+    client.ok("forward", str(local_port), f"{server.name}:{listener.getsockname()[1]}")
+    data = os.urandom(size)
+    serve_once(listener, data)
+    with tcp_connect(ol.nl, client.host, local_port) as conn:
+        assert fetch(conn, deadline=60) == (len(data), hashlib.sha256(data).hexdigest())
 
 
 def time_to_direct(ol: OverlayLab, pairs: list[tuple[LabNode, LabNode]], window: float,

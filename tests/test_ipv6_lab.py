@@ -18,8 +18,6 @@ IPv4 and an IPv6 registration. One lab per module; every wait bounded.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import socket
 import time
 
@@ -27,7 +25,7 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import PASSWORD, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener
+from lab_overlay import PASSWORD, OverlayLab, stream_through_forward
 
 pytestmark = pytest.mark.netns
 
@@ -125,13 +123,7 @@ def test_hard_nat_pair_goes_direct_over_ipv6(env, nodes, record_property):
     assert direct6, probes
     print(f"alice -> bob ping over IPv6: {min(direct6):.2f} ms")
     # a TCP stream through a port forward, carried over the IPv6 path
-    listener = tcp_listener(nl, bob.host)
-    bob.ok("share", str(listener.getsockname()[1]))
-    alice.ok("forward", str(FORWARD_PORT), f"bob:{listener.getsockname()[1]}")
-    data = os.urandom(1 << 20)
-    serve_once(listener, data)
-    with tcp_connect(nl, alice.host, FORWARD_PORT) as conn:
-        assert fetch(conn, deadline=60) == (len(data), hashlib.sha256(data).hexdigest())
+    stream_through_forward(ol, alice, bob, FORWARD_PORT)
     assert alice.path_to("bob").startswith("direct [")
     # netcheck / status show the IPv6 side: global address, server's IPv6 STUN endpoint, what it saw
     v6 = alice.status()["udp"]["ipv6"]

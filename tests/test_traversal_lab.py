@@ -36,8 +36,8 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import (LabNode, OverlayLab, birthday, fetch, sequential, serve_once, tcp_connect,
-                         tcp_listener, time_to_direct, udp_mappings)
+from lab_overlay import (LabNode, OverlayLab, birthday, fetch, sequential, serve_once, stream_through_forward,
+                         tcp_connect, tcp_listener, time_to_direct, udp_mappings)
 
 pytestmark = pytest.mark.netns
 
@@ -621,13 +621,7 @@ def test_udp_blocked_node_uses_relay_over_tcp(env):
         assert set(ping_paths(a.answered("udpb"))) == {"relay"}
         assert set(ping_paths(b.answered("udpa"))) == {"relay"}
         # a stream too, both ways of the relay-over-TCP path carrying it
-        listener = tcp_listener(nl, b.host)
-        b.ok("share", str(listener.getsockname()[1]))
-        a.ok("forward", str(FORWARD_PORT), f"udpb:{listener.getsockname()[1]}")
-        data = os.urandom(1 << 20)
-        serve_once(listener, data)
-        with tcp_connect(nl, a.host, FORWARD_PORT) as conn:
-            assert fetch(conn, deadline=60) == (len(data), hashlib.sha256(data).hexdigest())
+        stream_through_forward(ol, a, b, FORWARD_PORT)
     finally:
         nl.block_udp(blocked, False)
         ol.stop_nodes(a, b)

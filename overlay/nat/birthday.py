@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .backoff import Backoff
 from .candidate import Addr
 
 HARD, EASY = "hard", "easy"
@@ -96,8 +97,7 @@ class BirthdayPunch:
         self._sent = 0
         self._started = 0.0
         self._next_resend: float | None = None
-        self._not_before = float("-inf")
-        self._backoff = self.config.backoff_initial
+        self._backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         # counters over the node's life
         self.attempts = 0
         self.hits = 0
@@ -107,7 +107,7 @@ class BirthdayPunch:
 
     # ------------------------------------------------------------------ decisions
     def may_start(self, now: float) -> bool:
-        return self.state == IDLE and now >= self._not_before
+        return self.state == IDLE and self._backoff.ready(now)
 
     def start(self, role_: str, target: Addr, now: float) -> int:
         """Begin an attempt: ``target`` is the easy side's address (hard role) or the hard side's
@@ -134,16 +134,14 @@ class BirthdayPunch:
             return
         self.hits += 1
         self.last_time_to_hit = now - self._started
-        self._backoff = self.config.backoff_initial
-        self._not_before = now
+        self._backoff.succeeded(now)
         self._end()
 
     def abort(self, now: float) -> None:
         """End without a hit (timeout, peer gone, our NAT changed): back off before the next one."""
         if self.state != ACTIVE:
             return
-        self._not_before = now + self._backoff
-        self._backoff = min(self._backoff * 2, self.config.backoff_max)
+        self._backoff.failed(now)
         self._end()
 
     def _end(self) -> None:

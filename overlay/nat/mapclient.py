@@ -85,6 +85,14 @@ class GatewayClient:
         self.state = MAPPED
         self._next = now + max(lifetime, 2) / 2
 
+    def hold_off(self, now: float | None) -> None:
+        """Stop asking (``now`` None: another protocol holds the mapping), or, when ``now`` is
+        given and nothing is scheduled, ask again ``retry_after`` from now."""
+        if now is None:
+            self._next = None
+        elif self._next is None:
+            self._next = now + self.retry_after
+
     def get_timer(self) -> float | None:
         return self._next
 

@@ -101,12 +101,11 @@ class PortMapper:
                 # a preferred protocol that failed stays quiet while this one holds the mapping
                 # (two protocols must not map the same port); it is asked again if this one fails
                 for f in failed:
-                    f._next = None
+                    f.hold_off(None)
             break
         else:
             for f in failed:
-                if f._next is None:
-                    f._next = now + f.retry_after
+                f.hold_off(now)
         m = self.mapping
         if m != self._reported:
             self._reported = m

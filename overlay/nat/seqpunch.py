@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .backoff import Backoff
+
 _VARYING = ("address-dependent", "address-and-port-dependent", "endpoint-dependent")
 SEQUENTIAL = "sequential"
 IDLE, MEASURING, READY, SPRAYING = "idle", "measuring", "ready", "spraying"
@@ -88,8 +90,7 @@ class SeqPunch:
         self._started = float("-inf")
         self._spray_at = 0.0
         self._bursts = 0
-        self._not_before = float("-inf")
-        self._backoff = self.config.backoff_initial
+        self._backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         self.attempts = 0
         self.hits = 0
         self.probes_sent = 0
@@ -98,11 +99,11 @@ class SeqPunch:
 
     # ------------------------------------------------------------------ decisions
     def may_start(self, now: float) -> bool:
-        return self.state == IDLE and now >= self._not_before
+        return self.state == IDLE and self._backoff.ready(now)
 
     def may_join(self, now: float) -> bool:
         """May we start because the peer has begun one (its base for us came)?"""
-        return self.state == IDLE and (now >= self._not_before or now >= self._started + self.config.join_interval)
+        return self.state == IDLE and (self._backoff.ready(now) or now >= self._started + self.config.join_interval)
 
     def start(self, now: float, join: bool = False) -> None:
         """Begin: the caller opens a fresh socket and sends one STUN request from it. ``join``:
@@ -146,16 +147,14 @@ class SeqPunch:
         if self.state == SPRAYING:
             self.hits += 1
             self.last_time_to_hit = now - self._started
-        self._backoff = self.config.backoff_initial
-        self._not_before = now
+        self._backoff.succeeded(now)
         self._end()
 
     def abort(self, now: float) -> None:
         """End without a hit (timeout, peer gone, our NAT changed): back off before the next one."""
         if self.state == IDLE:
             return
-        self._not_before = now + self._backoff
-        self._backoff = min(self._backoff * 2, self.config.backoff_max)
+        self._backoff.failed(now)
         self._end()
 
     def _end(self) -> None:

@@ -72,6 +72,14 @@ class UpnpCore:
         elif self.state == MAPPED:              # renewal at half the lease
             self._map(self.external_port or self.internal_port)
 
+    def hold_off(self, now: float | None) -> None:
+        """Stop asking (``now`` None: another protocol holds the mapping), or, when ``now`` is
+        given and nothing is scheduled, ask again ``retry_after`` from now."""
+        if now is None:
+            self._next = None
+        elif self._next is None:
+            self._next = now + self.retry_after
+
     def allow_mapping(self, now: float) -> None:
         self.may_map = True
         if self.state == FOUND and not self._busy:
