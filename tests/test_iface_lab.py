@@ -436,8 +436,11 @@ def test_persistent_device_runs_without_net_admin(world):
     try:
         w.ol.wait(lambda: p.poll() is None and "holds" in p.stderr(), 20, "unprivileged node up", )
         vip = m.group(1).split("/")[0]
+        # the state the ping needs: the node back online at tun2 (presence, then a path), not luck
+        w.ol.wait(lambda: (w.tun2.peer("persist") or {}).get("online"), 30, "tun2 sees the node back online")
         try:
-            w.ping(w.tun2, vip)
+            w.ol.wait(lambda: w.run(w.tun2, "ping", "-c", "1", "-W", "1", vip, check=False).returncode == 0,
+                      30, f"ping {vip} from tun2 answered")
         except AssertionError as e:
             raise AssertionError(f"{e}\n----- the unprivileged node\n{p.stderr()[-3000:]}") from None
     finally:
