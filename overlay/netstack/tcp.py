@@ -987,8 +987,11 @@ class TcpConnection:
     def _on_timer(self, now: float) -> None:
         if self._close_at is not None and now >= self._close_at:
             self._close_at = None
-            if self.state in (S.TIME_WAIT, S.FIN_WAIT_2):
+            if self.state is S.TIME_WAIT:
                 self._terminate(None)
+                return
+            if self.state is S.FIN_WAIT_2:  # an orphan whose peer never closed: tell the glue it is gone
+                self._terminate("the peer never closed its side (FIN-WAIT-2 timeout)", events.TimedOut(self))
                 return
         if self._rto_at is not None and now >= self._rto_at:
             self._rto_at = None
