@@ -10,9 +10,10 @@ exits 0. The namespaces, nodes and wireguard-go pair are bench_forward.py's (its
     [ovA] alpha: overlay forward 15401 bravo:5401    [ovB] bravo: overlay share 5401, server :5401
     [wgA] wireguard-go 10.78.0.1                     [wgB] wireguard-go 10.78.0.2, server :5401
 
-The server is threaded: it reads 1 byte, answers 100 bytes and closes (so the share's node, not
-the dialling one, closes first and holds TIME-WAIT). ``--clients`` threads each loop: connect,
-send 1 byte, read the 100 bytes to EOF, close. Per round of ``--round-size`` connections it
+The server and client are tests/shortconn_tools.py's. The server is threaded: it reads 1 byte,
+answers 100 bytes and closes (so the share's node, not the dialling one, closes first and holds
+TIME-WAIT). ``--clients`` threads each loop: connect, send 1 byte, read the 100 bytes to EOF,
+close. Per round of ``--round-size`` connections it
 prints the rate (connections/s over the round's wall time), p50/p99 of the whole connection
 time, the slowest connect() (for the forward that is only the local kernel handshake), how many
 connections took 1 s or more (a SYN inside the tunnel waiting out a retransmission timeout) and
@@ -38,81 +39,7 @@ from bench_forward import WG_B, BenchError, Lab, guarded  # noqa: E402
 
 SHORT_PORT, FWD_SHORT = 5401, 15401
 
-SHORT_SERVER = r"""
-import socket, sys, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2])))
-srv.listen(512)
-print("ready", flush=True)
-def serve(c):
-    with c:
-        try:
-            if c.recv(1):
-                c.sendall(b"x" * 100)
-        except OSError:
-            pass
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-SHORT_CLIENT = r"""
-import json, socket, sys, threading, time
-host, port, rounds, size, clients = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-clock = time.perf_counter
-lock = threading.Lock()
-state = {"next": 0, "done": 0}
-results = []        # (total seconds, handshake seconds, ok) of the current round
-
-def one():
-    t0 = clock()
-    try:
-        s = socket.create_connection((host, port), timeout=30)
-    except OSError:
-        return clock() - t0, clock() - t0, False
-    t1 = clock()
-    try:
-        with s:
-            s.sendall(b"q")
-            got = 0
-            while d := s.recv(4096):
-                got += len(d)
-        return clock() - t0, t1 - t0, got == 100
-    except OSError:
-        return clock() - t0, t1 - t0, False
-
-round_start = [clock()]
-def report():
-    r = sorted(x[0] for x in results)
-    hs = [x[1] for x in results]
-    dt = clock() - round_start[0]
-    print(json.dumps({"n": len(results), "rate": len(results) / dt, "p50_ms": 1e3 * r[len(r) // 2],
-                      "p99_ms": 1e3 * r[min(len(r) - 1, len(r) * 99 // 100)], "max_hs_ms": 1e3 * max(hs),
-                      "slow": sum(1 for x in r if x >= 1.0), "failed": sum(1 for x in results if not x[2])}),
-          flush=True)
-    results.clear()
-    round_start[0] = clock()
-
-def worker():
-    while True:
-        with lock:
-            if state["next"] >= rounds * size:
-                return
-            state["next"] += 1
-        res = one()
-        with lock:
-            results.append(res)
-            state["done"] += 1
-            if state["done"] % size == 0:
-                report()
-
-threads = [threading.Thread(target=worker) for _ in range(clients)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"""
+TOOLS = str(Path(__file__).resolve().parent.parent / "tests" / "shortconn_tools.py")
 
 
 def rss_kib(pid: int) -> int:
@@ -127,7 +54,7 @@ def rss_kib(pid: int) -> int:
 
 def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str, int] | None) -> list[dict]:
     """Run the client in namespace ``tag``; one dict per round, printed as it arrives."""
-    argv = [*lb.ns[tag].prefix(), sys.executable, "-c", SHORT_CLIENT, host, str(port), str(args.rounds),
+    argv = [*lb.ns[tag].prefix(), sys.executable, TOOLS, "client", host, str(port), str(args.rounds),
             str(args.round_size), str(args.clients)]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = []
@@ -140,7 +67,7 @@ def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str,
             r["rss_mib"] = {n: rss_kib(pid) / 1024 for n, pid in rss_pids.items()}
             mem = "   RSS " + ", ".join(f"{n} {v:.1f} MiB" for n, v in r["rss_mib"].items())
         print(f"    round {len(out):3d}: {r['rate']:7.0f} conn/s   p50 {r['p50_ms']:7.1f} ms   "
-              f"p99 {r['p99_ms']:7.1f} ms   slowest connect() {r['max_hs_ms']:6.1f} ms   "
+              f"p99 {r['p99_ms']:7.1f} ms   slowest connect() {r['max_connect_ms']:6.1f} ms   "
               f"taking >= 1 s {r['slow']:4d}   failed {r['failed']}{mem}", flush=True)
     p.wait(30)
     if p.returncode != 0 or len(out) != args.rounds:
@@ -162,8 +89,8 @@ def run(args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         lb.start_overlay()
         lb.start_wireguard()
-        lb.spawn("ovB", "short-ov", sys.executable, "-c", SHORT_SERVER, "0.0.0.0", str(SHORT_PORT))
-        lb.spawn("wgB", "short-wg", sys.executable, "-c", SHORT_SERVER, "0.0.0.0", str(SHORT_PORT))
+        lb.spawn("ovB", "short-ov", sys.executable, TOOLS, "server", "0.0.0.0", str(SHORT_PORT))
+        lb.spawn("wgB", "short-wg", sys.executable, TOOLS, "server", "0.0.0.0", str(SHORT_PORT))
         lb.overlay_cli("bravo", "share", str(SHORT_PORT))
         lb.overlay_cli("alpha", "forward", str(FWD_SHORT), f"bravo:{SHORT_PORT}")
         total = args.rounds * args.round_size
