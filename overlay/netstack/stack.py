@@ -108,7 +108,7 @@ class Stack:
         self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}  # every state but TIME-WAIT
         # TIME-WAIT connections, oldest expiry first (all last 2 * MSL; a re-armed one moves last)
         self._time_wait: dict[tuple[bytes, int, int], TcpConnection] = {}
-        self.max_time_wait = max_time_wait
+        self.max_time_wait = max(1, max_time_wait)  # (0 would end a connection before its last ACK)
         self._listeners: dict[int, int] = {}  # port -> connections still in SYN-RECEIVED
         self._deferred: set[int] = set()  # listened ports whose SYNs wait for accept_request()
         # every port listened, deferred (a gateway's stack for one LAN host: each SYN is a request
