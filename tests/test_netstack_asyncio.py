@@ -254,3 +254,49 @@ def test_deferred_listen_accepts_refuses_and_survives_a_failing_prepare():
             link.close()
 
     run(main())
+
+
+def test_streams_are_released_however_a_connection_ends():
+    """Nothing stays behind per connection in the driver: after a clean close, a local abort, or
+    an orphaned close whose peer never sends FIN (FIN-WAIT-2 timeout), the stream entry, tasks and
+    closing writers are gone on both sides."""
+    async def main():
+        link = Link(TcpConfig(fin_wait_2_timeout=0.2))
+        held = []
+
+        async def serve(reader, writer):
+            data = await reader.read(1)
+            if data == b"k":
+                held.append(writer)  # never closes: the peer's orphan waits in FIN-WAIT-2
+                return
+            writer.write(b"x" * 100)
+            await writer.drain()
+            writer.close()
+
+        link.b.listen(9, serve)
+        try:
+            for kind in (b"q", b"a", b"k"):
+                reader, writer = await link.a.open_connection(B_IP, 9)
+                writer.write(kind)
+                await writer.drain()
+                if kind == b"q":
+                    assert await reader.read() == b"x" * 100
+                    writer.close()
+                elif kind == b"a":
+                    await asyncio.sleep(0.05)
+                    writer.abort()
+                else:
+                    await asyncio.sleep(0.05)
+                    writer.close()
+                await writer.wait_closed()
+            assert held  # B keeps that one open; A's orphan must still be released
+            deadline = asyncio.get_running_loop().time() + 5
+            while link.a._streams or link.a._closing_writers or link.a._tasks:
+                assert asyncio.get_running_loop().time() < deadline, (link.a._streams, link.a._closing_writers)
+                await asyncio.sleep(0.05)
+            assert not link.a._connecting
+            assert all(c.state is TcpState.TIME_WAIT for c in link.a.stack.connections)
+        finally:
+            link.close()
+
+    run(main())

@@ -590,6 +590,7 @@ class NetstackStreamWriter:
         """Reset the connection at once."""
         self._orphan = True
         self._s.conn.abort()
+        self._s.driver._streams.pop(self._s.conn, None)  # no event follows a local abort
         self._s.driver._schedule_flush()
         self._fail(ConnectionAbortedError("stream aborted locally"))
 

@@ -9,6 +9,15 @@ Security posture: only listened TCP ports accept connections; a SYN to any
 other port is answered with RST and reported as :class:`~overlay.netstack.events.PortRefused`.
 Malformed packets are counted in ``stats`` and dropped; nothing a peer sends can raise here.
 
+Many short connections: the side that closes first keeps TIME-WAIT (2 * MSL), so the dialling side
+picks ephemeral ports per RFC 6056 (algorithm 4: a keyed hash of the destination plus a
+per-destination counter), which walks the whole range before a port recurs with one peer:port; a
+SYN reaching a connection in TIME-WAIT with a sequence number above everything of the old one is
+accepted as a new connection (RFC 1122 4.2.2.13, as Linux does without timestamps). TIME-WAIT
+connections sit in a table of their own, ordered by expiry and bounded (``max_time_wait``: the
+oldest is recycled), so they cost nothing per packet or timer scan and memory stays flat however
+many connections come and go.
+
 IP fragments are reassembled within fixed bounds (``fragments.py``); UDP datagrams and ICMP echo
 replies larger than the MTU are sent as fragments, as Linux sends them over a TUN device. TCP
 never needs fragments (its MSS follows the MTU).
@@ -24,7 +33,7 @@ from collections import deque
 from .. import crypto
 from . import events
 from .fragments import Reassembler
-from .tcp import MASK32, TcpConfig, TcpConnection, TcpState
+from .tcp import MASK32, TcpConfig, TcpConnection, TcpState, unwrap
 from .udp import UdpSocket
 from .wire import (
     ACK,
@@ -57,6 +66,8 @@ from .wire import (
 )
 
 EPHEMERAL_PORTS = range(49152, 65536)
+PORT_TABLE_SIZE = 4096  # RFC 6056 algorithm 4: per-destination counters, hashed into this many slots
+MAX_TIME_WAIT = 4096  # connections kept in TIME-WAIT; beyond that the oldest is recycled
 REQUEST_TIMEOUT = 30.0  # a deferred SYN nobody answered: the next retransmission asks again
 MIN_MTU = 576
 MAX_MTU = 65535
@@ -78,6 +89,7 @@ class Stack:
         now: float,
         tcp: TcpConfig | None = None,
         listen_backlog: int = 128,
+        max_time_wait: int = MAX_TIME_WAIT,
         icmp_errors_per_second: int = 100,
         verify_checksums: bool = True,
         reassembler: Reassembler | None = None,
@@ -93,18 +105,24 @@ class Stack:
         self.now = now
         self.tcp_config = tcp or TcpConfig()
         self.listen_backlog = listen_backlog
-        self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}
+        self._conns: dict[tuple[bytes, int, int], TcpConnection] = {}  # every state but TIME-WAIT
+        # TIME-WAIT connections, oldest expiry first (all last 2 * MSL; a re-armed one moves last)
+        self._time_wait: dict[tuple[bytes, int, int], TcpConnection] = {}
+        self.max_time_wait = max(1, max_time_wait)  # (0 would end a connection before its last ACK)
         self._listeners: dict[int, int] = {}  # port -> connections still in SYN-RECEIVED
         self._deferred: set[int] = set()  # listened ports whose SYNs wait for accept_request()
         # every port listened, deferred (a gateway's stack for one LAN host: each SYN is a request
         # the application answers after trying the real host)
         self.listen_any = False
-        self._requests: dict[tuple[bytes, int, int], tuple[TcpSegment, float]] = {}  # SYNs awaiting an answer
+        # SYNs awaiting an answer: (SYN, arrival, lowest ISN allowed (a reopened TIME-WAIT) or None)
+        self._requests: dict[tuple[bytes, int, int], tuple[TcpSegment, float, int | None]] = {}
         self._udp: dict[int, UdpSocket] = {}
         self._out: list[bytes] = []
         self._events: deque = deque()
         self._dirty: dict[TcpConnection, None] = {}  # insertion-ordered set
         self._isn_secret = os.urandom(16)
+        self._port_secret = os.urandom(16)
+        self._port_table = [0] * PORT_TABLE_SIZE
         self._ident = random.getrandbits(16)
         self._icmp_budget = icmp_errors_per_second
         self._icmp_rate = icmp_errors_per_second
@@ -112,7 +130,8 @@ class Stack:
         self.fragments = reassembler or Reassembler()  # its own counters: ``fragments.stats``
         self.stats = dict.fromkeys(
             ("rx_packets", "tx_packets", "malformed", "not_for_us", "unknown_proto", "rst_sent", "backlog_full",
-             "udp_dropped", "icmp_echo", "rx_fragments", "tx_fragmented"),
+             "udp_dropped", "icmp_echo", "rx_fragments", "tx_fragmented", "time_wait_reopened",
+             "time_wait_recycled"),
             0,
         )
 
@@ -120,7 +139,11 @@ class Stack:
 
     @property
     def connections(self) -> list[TcpConnection]:
-        return list(self._conns.values())
+        return [*self._conns.values(), *self._time_wait.values()]
+
+    @property
+    def time_wait_count(self) -> int:
+        return len(self._time_wait)
 
     def listen(self, port: int, *, defer: bool = False) -> None:
         """Accept TCP connections to ``port`` (they arrive as IncomingConnection events).
@@ -149,12 +172,12 @@ class Stack:
         new one)."""
         self.now = now
         entry = self._requests.pop(req.key, None)
-        if entry is None or req.port not in self._listeners or req.key in self._conns:
+        if entry is None or req.port not in self._listeners or req.key in self._conns or req.key in self._time_wait:
             return None
-        seg = entry[0]
+        seg, _, min_iss = entry
         src = req.key[0]
         self._listeners[req.port] += 1
-        conn = self._new_conn(src, seg.src_port, req.port, now, passive=True)
+        conn = self._new_conn(src, seg.src_port, req.port, now, passive=True, min_iss=min_iss)
         conn.half_open_slot = True
         self._conns[req.key] = conn
         conn._start_passive(seg, now)
@@ -188,7 +211,7 @@ class Stack:
         else:
             _check_port(src_port)
         key = (dst, dst_port, src_port)
-        if key in self._conns:
+        if key in self._conns or key in self._time_wait:
             raise OSError(f"connection {ip_to_str(dst)}:{dst_port} from port {src_port} already exists")
         conn = self._new_conn(dst, dst_port, src_port, now, passive=False)
         self._conns[key] = conn
@@ -264,6 +287,10 @@ class Stack:
             d = conn.deadline
             if d is not None and (best is None or d < best):
                 best = d
+        if self._time_wait:
+            d = next(iter(self._time_wait.values())).deadline
+            if d is not None and (best is None or d < best):
+                best = d
         return best
 
     def handle_timer(self, now: float) -> None:
@@ -272,6 +299,14 @@ class Stack:
             self.fragments.expire(now)
         for conn in [c for c in self._conns.values() if c.deadline is not None and c.deadline <= now]:
             if conn.state is not TcpState.CLOSED:
+                conn._on_timer(now)
+        if self._time_wait:
+            due = []
+            for conn in self._time_wait.values():  # in expiry order: stop at the first not due
+                if conn.deadline is not None and conn.deadline > now:
+                    break
+                due.append(conn)
+            for conn in due:
                 conn._on_timer(now)
 
     @property
@@ -297,6 +332,17 @@ class Stack:
                 self._release_half_open(conn)
             return
         flags = seg.flags
+        min_iss = None
+        if self._time_wait:
+            conn = self._time_wait.get(key)
+            if conn is not None:
+                if not conn._reopened_by(seg):
+                    conn._on_segment(seg, now)
+                    return
+                # a new incarnation (RFC 1122 4.2.2.13): end TIME-WAIT, treat the SYN as new
+                self.stats["time_wait_reopened"] += 1
+                min_iss = conn._next_incarnation_iss()
+                conn._terminate(None)
         if flags & RST:
             return
         port = seg.dst_port
@@ -305,13 +351,13 @@ class Stack:
             self._deferred.add(port)
         if flags & SYN and not flags & ACK and port in self._listeners:
             if port in self._deferred:
-                self._request(key, seg, now)
+                self._request(key, seg, now, min_iss)
                 return
             if self._listeners[port] >= self.listen_backlog:
                 self.stats["backlog_full"] += 1
                 return  # the peer retransmits its SYN; maybe there is room then
             self._listeners[port] += 1
-            conn = self._new_conn(src, seg.src_port, port, now, passive=True)
+            conn = self._new_conn(src, seg.src_port, port, now, passive=True, min_iss=min_iss)
             conn.half_open_slot = True
             self._conns[key] = conn
             conn._start_passive(seg, now)
@@ -320,19 +366,19 @@ class Stack:
         if flags & SYN and not flags & ACK:
             self._event(events.PortRefused(port, (ip_to_str(src), seg.src_port)))
 
-    def _request(self, key: tuple[bytes, int, int], seg: TcpSegment, now: float) -> None:
+    def _request(self, key: tuple[bytes, int, int], seg: TcpSegment, now: float, min_iss: int | None = None) -> None:
         """A SYN to a deferred port: one ConnectionRequest per connection attempt (retransmitted
         SYNs are ignored while the application decides, unless it took REQUEST_TIMEOUT)."""
         old = self._requests.get(key)
         if old is not None and now - old[1] < REQUEST_TIMEOUT:
             return
         if old is None and self._waiting(key[2]) >= self.listen_backlog:
-            for k in [k for k, (_, t) in self._requests.items() if now - t >= REQUEST_TIMEOUT]:
+            for k in [k for k, (_, t, _) in self._requests.items() if now - t >= REQUEST_TIMEOUT]:
                 del self._requests[k]
             if self._waiting(key[2]) >= self.listen_backlog:
                 self.stats["backlog_full"] += 1
                 return
-        self._requests[key] = (seg, now)
+        self._requests[key] = (seg, now, min_iss)
         self._event(events.ConnectionRequest(key[2], (ip_to_str(key[0]), key[1]), key))
 
     def _waiting(self, port: int) -> int:
@@ -345,9 +391,15 @@ class Stack:
         if self._listeners.get(port, 0) > 0:
             self._listeners[port] -= 1
 
-    def _new_conn(self, remote: bytes, rport: int, lport: int, now: float, passive: bool) -> TcpConnection:
+    def _new_conn(self, remote: bytes, rport: int, lport: int, now: float, passive: bool,
+                  min_iss: int | None = None) -> TcpConnection:
+        """``min_iss``: the new incarnation of a TIME-WAIT connection starts beyond the old one's
+        sequence numbers (the clock-based ISN usually is already)."""
+        iss = self._isn(remote, rport, lport, now)
+        if min_iss is not None and unwrap(iss, min_iss) < min_iss:
+            iss = min_iss & MASK32
         return TcpConnection(
-            self, self.tcp_config, self._addr, lport, remote, rport, self._isn(remote, rport, lport, now),
+            self, self.tcp_config, self._addr, lport, remote, rport, iss,
             self.mtu - IPV4_HEADER_LEN - TCP_HEADER_LEN, passive,
         )
 
@@ -357,12 +409,20 @@ class Stack:
         return (int(now * _ISN_TICKS) + int.from_bytes(f[:4], "big")) & MASK32
 
     def _ephemeral_port(self, dst: bytes, dport: int) -> int:
-        for _ in range(64):
-            p = random.choice(EPHEMERAL_PORTS)
-            if (dst, dport, p) not in self._conns:
-                return p
-        for p in EPHEMERAL_PORTS:
-            if (dst, dport, p) not in self._conns:
+        """RFC 6056 algorithm 4 (double-hash): port = start + (F(dst) + table[G(dst)]) mod range,
+        the counter advancing on every try. Consecutive connections to one peer:port take
+        successive ports, so a 4-tuple recurs only after the whole range was used (the peer may
+        still hold the old one in TIME-WAIT); other destinations' ports stay unpredictable."""
+        h = crypto.mac(self._port_secret, self._addr, dst, struct.pack("!H", dport))
+        offset = int.from_bytes(h[:4], "big")
+        slot = int.from_bytes(h[4:8], "big") % PORT_TABLE_SIZE
+        table = self._port_table
+        start, n = EPHEMERAL_PORTS.start, len(EPHEMERAL_PORTS)
+        for _ in range(n):
+            p = start + (offset + table[slot]) % n
+            table[slot] = (table[slot] + 1) % n
+            key = (dst, dport, p)
+            if key not in self._conns and key not in self._time_wait:
                 return p
         raise OSError("no free ephemeral port")
 
@@ -459,10 +519,25 @@ class Stack:
     def _mark_dirty(self, conn: TcpConnection) -> None:
         self._dirty[conn] = None
 
+    def _time_wait_started(self, conn: TcpConnection) -> None:
+        """``conn`` entered TIME-WAIT, or re-armed it: it moves to the end of the TIME-WAIT table
+        (which stays in expiry order); past ``max_time_wait`` the oldest entry is dropped."""
+        key = (conn.remote_ip_bytes, conn.remote_port, conn.local_port)
+        if self._conns.get(key) is conn:
+            del self._conns[key]
+        tw = self._time_wait
+        tw.pop(key, None)
+        tw[key] = conn
+        while len(tw) > self.max_time_wait:
+            self.stats["time_wait_recycled"] += 1
+            next(iter(tw.values()))._terminate(None)
+
     def _remove(self, conn: TcpConnection) -> None:
         key = (conn.remote_ip_bytes, conn.remote_port, conn.local_port)
         if self._conns.get(key) is conn:
             del self._conns[key]
+        elif self._time_wait.get(key) is conn:
+            del self._time_wait[key]
         if conn.half_open_slot:
             self._release_half_open(conn)
         self._dirty.pop(conn, None)

@@ -477,7 +477,7 @@ class TcpConnection:
                 else:
                     self._ack_now = True
                     if st is S.TIME_WAIT and flags & FIN:
-                        self._close_at = now + 2 * self._cfg.msl  # peer retransmitted its FIN
+                        self._restart_time_wait(now)  # peer retransmitted its FIN
             return
 
         self._keepalive_reset(now)
@@ -544,7 +544,7 @@ class TcpConnection:
         elif fin or data:
             self._ack_now = True  # data/FIN after the peer's FIN: just (re-)acknowledge
             if st is S.TIME_WAIT:
-                self._close_at = now + 2 * self._cfg.msl
+                self._restart_time_wait(now)
 
     def _receive_data(self, seq: int, data: bytes, now: float) -> None:
         if seq == self.rcv_nxt:
@@ -591,10 +591,28 @@ class TcpConnection:
 
     def _enter_time_wait(self, now: float) -> None:
         self.state = S.TIME_WAIT
-        self._rto_at = self._probe_at = self._persist_at = self._keepalive_at = None
-        self._close_at = now + 2 * self._cfg.msl
+        # only the TIME-WAIT timer runs from now on (the stack keeps these in expiry order);
+        # anything left to acknowledge goes out with this segment's output
+        self._rto_at = self._probe_at = self._persist_at = self._keepalive_at = self._delack_at = None
         self._sb.clear()
+        self._restart_time_wait(now)
         self._stack._event(events.Closed(self))
+
+    def _restart_time_wait(self, now: float) -> None:
+        self._close_at = now + 2 * self._cfg.msl
+        self._stack._time_wait_started(self)
+
+    def _reopened_by(self, seg: TcpSegment) -> bool:
+        """In TIME-WAIT: does this SYN start a new incarnation of the 4-tuple? Yes if its sequence
+        number lies beyond everything the old connection received (RFC 1122 4.2.2.13, Linux's
+        rule without timestamps): no old duplicate can be taken for the new connection's data.
+        A peer using RFC 6528 ISNs (clock + hash of the 4-tuple: Linux, this stack) always
+        passes once the old connection sent less than the ISN clock advanced."""
+        return seg.flags & (SYN | ACK | RST) == SYN and unwrap(seg.seq, self.rcv_nxt) > self.rcv_nxt
+
+    def _next_incarnation_iss(self) -> int:
+        """The lowest ISN for the next incarnation after TIME-WAIT (as Linux: a window beyond ours)."""
+        return self.snd_max + 0xFFFF + 2
 
     # ------------------------------------------------------------------ ACK processing
 
@@ -969,8 +987,11 @@ class TcpConnection:
     def _on_timer(self, now: float) -> None:
         if self._close_at is not None and now >= self._close_at:
             self._close_at = None
-            if self.state in (S.TIME_WAIT, S.FIN_WAIT_2):
+            if self.state is S.TIME_WAIT:
                 self._terminate(None)
+                return
+            if self.state is S.FIN_WAIT_2:  # an orphan whose peer never closed: tell the glue it is gone
+                self._terminate("the peer never closed its side (FIN-WAIT-2 timeout)", events.TimedOut(self))
                 return
         if self._rto_at is not None and now >= self._rto_at:
             self._rto_at = None
