@@ -371,3 +371,44 @@ def test_gateway_ruleset_names_what_it_switched_on():
     assert opened_in(ruleset("ovl0", "100.64.0.0/10", ["192.168.1.0/24"], [])) == []
     assert opened_in('\t\tiifname "enp3s0" drop comment "forwarding switched on by overlay"\n') == ["enp3s0"]
     assert table_name("games-0.1") == "overlay_games_0_1"
+
+
+def test_kernel_node_proxy_dials_approved_gateway_routes_through_the_os():
+    """A TUN/TAP node's SOCKS/HTTP proxy reaches a host inside an approved gateway route with an
+    ordinary socket (the kernel routes it through the device), as a userspace node's proxy does."""
+    from proxy.dialer import ConnectionRefused, NotOverlayAddress
+    from overlay.node.services import OverlayDialer
+
+    gw = {"name": "gw", "online": True, "ip": "100.64.0.9"}
+
+    async def main():
+        async def serve(reader, writer):
+            writer.write(b"hello from the LAN")
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+        free.close()
+        d = OverlayDialer(lambda host: None, lambda: None, kernel=True,
+                          find_route=lambda ip: gw if ip == "127.0.0.1" else None)
+        try:
+            reader, writer = await d.open_connection("127.0.0.1", port)
+            assert await reader.read() == b"hello from the LAN"
+            writer.close()
+            try:
+                await d.open_connection("127.0.0.1", closed_port)
+                raise AssertionError("a closed port connected")
+            except ConnectionRefused as e:
+                assert "through gateway gw" in e.message
+            try:
+                await d.open_connection("192.0.2.1", port)
+                raise AssertionError("an address in no approved route was dialed")
+            except NotOverlayAddress as e:
+                assert "no approved gateway route" in e.message
+        finally:
+            server.close()
+            await server.wait_closed()
+    asyncio.run(main())
