@@ -205,8 +205,8 @@ def test_only_shared_tap_node_is_not_reachable_over_ipv6_link_local(world):
         # IPv6 works between TAP members (the control), and mallory reaches target's shared port
         w.ol.wait(lambda: _tcp_connects(nl, w.mallory.host, w.open.ll, UNSHARED), 20,
                   "mallory reaches open over IPv6 link-local")
-        r = nl.run(w.mallory.host, ["python3", "-c", f"import socket; socket.create_connection(({w.target.vip!r}, "
-                                    f"{SHARED}), timeout=5).close()"], check=False, timeout=20)
+        code = f"import socket; socket.create_connection(({w.target.vip!r}, {SHARED}), timeout=5).close()"
+        r = nl.run(w.mallory.host, ["python3", "-c", code], check=False, timeout=20)
         assert r.returncode == 0, r.stderr
         # --only-shared: an unshared port over IPv6 is no more reachable than over IPv4
         assert not _tcp_connects(nl, w.mallory.host, w.target.ll, UNSHARED), \
