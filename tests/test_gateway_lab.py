@@ -4,7 +4,8 @@ Site ``a`` (a NAT) holds two hosts on its LAN 10.0.1.0/24: ``a1`` runs the gatew
 (``overlay up --advertise-routes``, userspace, without any capability), ``a2`` only a plain web
 server (``python -m http.server``) and a UDP echo, no overlay. ``b1``, behind another NAT, is a
 member that reaches ``a2`` by its LAN address through its SOCKS5 / HTTP proxy and through
-forwards, once the network's owner approved the route; an unapproved advertised route and a
+forwards, once the network's owner approved the route (TUN and TAP members too: their kernel, and
+their SOCKS5 proxy through it); an unapproved advertised route and a
 destination outside the approved ones are refused with a message. Pings to ``a2`` (a TUN
 member's kernel ping, ``overlay ping`` from the userspace member) go unanswered, with one log
 line naming the fix, until ``net.ipv4.ping_group_range`` of the gateway's namespace allows ping
@@ -134,6 +135,10 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
                 r = nl.run(node.host, ["curl", "-sS", "--max-time", "20", f"http://{lan_host}:{WEB_PORT}/index.html"],
                            check=False, timeout=30)
                 assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+                # ... and their own SOCKS5 proxy, which dials through that kernel route
+                r = nl.run(node.host, ["curl", "-sS", "--max-time", "20", "--socks5-hostname", _proxy(node, "socks5"),
+                                       f"http://{lan_host}:{WEB_PORT}/index.html"], check=False, timeout=30)
+                assert r.returncode == 0 and r.stdout == "hello from the LAN\n", f"{node.name}: {r.stdout}{r.stderr}"
 
             # ICMP echo: this namespace's ping_group_range is the kernel's "1 0" and the gateway has no
             # CAP_NET_RAW, so no answer and one line naming the fix; then the sysctl lets ping sockets in

@@ -112,6 +112,72 @@ def test_frames_from_peers_are_checked():
     assert not e.admit_frame(K_TAP, good[:10])
 
 
+def _tagged(tpids: list[int], vid: int, inner_type: bytes, body: bytes) -> bytes:
+    """``body`` (of EtherType ``inner_type``) behind one tag per TPID, outermost first."""
+    return b"".join(struct.pack("!HH", t, vid) for t in tpids) + inner_type + body
+
+
+def _snap(etype: bytes, body: bytes) -> bytes:
+    llc = b"\xaa\xaa\x03\x00\x00\x00" + etype + body
+    return struct.pack("!H", len(llc)) + llc
+
+
+def test_ipv4_and_arp_under_another_guise_are_refused():
+    """IPv4 or ARP behind a VLAN tag (VLAN ID 0: Linux handles it as untagged), at any depth and with
+    any TPID, or inside an 802.3 LLC/SNAP frame, never reach the device; IPX in all its framings does."""
+    e = edge()
+    tap_mac = eth.node_mac(K_TAP)
+    to_me = MY_MAC + tap_mac
+    spoofed = build_ipv4(socket.inet_aton("203.0.113.66"), ME, PROTO_UDP, struct.pack("!HHHH", 1, 7, 12, 0) + b"data")
+    poison = arp_request(tap_mac, PEER_TUN, ME)[14:]        # claims the TUN peer's address
+    own_arp = arp_request(tap_mac, PEER_TAP, ME)[14:]
+    refused = {}
+    for tpid in (0x8100, 0x88A8, 0x9100, 0x9200, 0x9300):
+        for vid in (0, 5):
+            refused[f"{tpid:#x} vid {vid} ipv4"] = to_me + _tagged([tpid], vid, eth.ETH_IPV4, spoofed)
+            refused[f"{tpid:#x} vid {vid} arp"] = eth.BROADCAST_MAC + tap_mac + _tagged([tpid], vid, eth.ETH_ARP, poison)
+            refused[f"{tpid:#x} vid {vid} own arp"] = to_me + _tagged([tpid], vid, eth.ETH_ARP, own_arp)
+            refused[f"{tpid:#x} vid {vid} ipx"] = to_me + _tagged([tpid], vid, b"\x81\x37", bytes(30))
+    refused["qinq ipv4"] = to_me + _tagged([0x88A8, 0x8100], 0, eth.ETH_IPV4, spoofed)
+    refused["triple ipv4"] = to_me + _tagged([0x8100, 0x8100, 0x8100], 0, eth.ETH_IPV4, spoofed)
+    refused["snap ipv4"] = to_me + _snap(eth.ETH_IPV4, spoofed)
+    refused["snap arp"] = to_me + _snap(eth.ETH_ARP, own_arp)
+    refused["snap ipv6"] = to_me + _snap(eth.ETH_IPV6, bytes(40))
+    refused["snap vlan"] = to_me + _snap(b"\x81\x00", b"\x00\x00" + eth.ETH_IPV4 + spoofed)
+    refused["snap truncated"] = to_me + struct.pack("!H", 4) + b"\xaa\xaa\x03\x00"
+    refused["snap response ipv4"] = to_me + _snap(eth.ETH_IPV4, spoofed)[:2] + b"\xaa\xab" + _snap(eth.ETH_IPV4, spoofed)[4:]
+    refused["arp, not ethernet/ipv4"] = to_me + eth.ETH_ARP + own_arp[:2] + b"\x08\x00\x08\x04" + own_arp[6:]
+    refused["plain ipv4"] = to_me + eth.ETH_IPV4 + spoofed
+    for label, frame in refused.items():
+        before = e.stats["bad_frames"]
+        assert not e.admit_frame(K_TAP, frame), label
+        assert e.stats["bad_frames"] == before + 1, label
+    admitted = {
+        "ethernet ii ipx": to_me + b"\x81\x37" + bytes(30),
+        "802.2 llc ipx": to_me + struct.pack("!H", 33) + b"\xe0\xe0\x03" + bytes(30),
+        "raw 802.3 ipx": to_me + struct.pack("!H", 30) + b"\xff\xff" + bytes(28),
+        "snap ipx": to_me + _snap(b"\x81\x37", bytes(30)),
+        "own arp": to_me + eth.ETH_ARP + own_arp,
+        "ipv6": b"\x33\x33\x00\x00\x00\x01" + tap_mac + eth.ETH_IPV6 + bytes(40),
+        "rarp": eth.BROADCAST_MAC + tap_mac + b"\x80\x35" + own_arp,
+    }
+    for label, frame in admitted.items():
+        assert e.admit_frame(K_TAP, frame), label
+
+
+def test_only_shared_tap_edge_refuses_ipv6():
+    """--only-shared: the filter judges IPv4, so IPv6 from peers (link-local, NDP) never reaches the
+    kernel; IPX and the peer's own ARP still do."""
+    e = eth.TapEdge(MY_MAC, refuse_ipv6=True)
+    e.set_address("100.64.0.1", POOL)
+    e.set_peers([(K_TAP, PEER_TAP, True)])
+    tap_mac = eth.node_mac(K_TAP)
+    assert not e.admit_frame(K_TAP, MY_MAC + tap_mac + eth.ETH_IPV6 + bytes(40))
+    assert not e.admit_frame(K_TAP, b"\x33\x33\xff\x00\x00\x01" + tap_mac + eth.ETH_IPV6 + bytes(40))
+    assert e.admit_frame(K_TAP, MY_MAC + tap_mac + b"\x81\x37" + bytes(30))
+    assert e.admit_frame(K_TAP, arp_request(tap_mac, PEER_TAP, ME))
+
+
 def udp(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     return build_ipv4(src, dst, PROTO_UDP, struct.pack("!HHHH", sport, dport, 12, 0) + b"data")
 
@@ -305,3 +371,44 @@ def test_gateway_ruleset_names_what_it_switched_on():
     assert opened_in(ruleset("ovl0", "100.64.0.0/10", ["192.168.1.0/24"], [])) == []
     assert opened_in('\t\tiifname "enp3s0" drop comment "forwarding switched on by overlay"\n') == ["enp3s0"]
     assert table_name("games-0.1") == "overlay_games_0_1"
+
+
+def test_kernel_node_proxy_dials_approved_gateway_routes_through_the_os():
+    """A TUN/TAP node's SOCKS/HTTP proxy reaches a host inside an approved gateway route with an
+    ordinary socket (the kernel routes it through the device), as a userspace node's proxy does."""
+    from overlay.node.services import OverlayDialer
+    from proxy.dialer import ConnectionRefused, NotOverlayAddress
+
+    gw = {"name": "gw", "online": True, "ip": "100.64.0.9"}
+
+    async def main():
+        async def serve(reader, writer):
+            writer.write(b"hello from the LAN")
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+        free.close()
+        d = OverlayDialer(lambda host: None, lambda: None, kernel=True,
+                          find_route=lambda ip: gw if ip == "127.0.0.1" else None)
+        try:
+            reader, writer = await d.open_connection("127.0.0.1", port)
+            assert await reader.read() == b"hello from the LAN"
+            writer.close()
+            try:
+                await d.open_connection("127.0.0.1", closed_port)
+                raise AssertionError("a closed port connected")
+            except ConnectionRefused as e:
+                assert "through gateway gw" in e.message
+            try:
+                await d.open_connection("192.0.2.1", port)
+                raise AssertionError("an address in no approved route was dialed")
+            except NotOverlayAddress as e:
+                assert "no approved gateway route" in e.message
+        finally:
+            server.close()
+            await server.wait_closed()
+    asyncio.run(main())

@@ -16,7 +16,21 @@ What crosses the tunnel:
 
 A peer's frame is written to our device only if its source MAC is that peer's, its destination is
 us or a group address, it is not IPv4 (which must come plain, through cryptokey routing), and an
-ARP inside it does not claim an overlay address other than the peer's own.
+ARP inside it is Ethernet/IPv4 ARP from that MAC that does not claim an overlay address other than
+the peer's own. Frames the kernel would take for IPv4 or ARP under another guise are refused too:
+- every VLAN-tagged frame (TPID 0x8100, 0x88a8, 0x9100, 0x9200, 0x9300), whatever its VLAN ID. Linux
+  strips a tag with VLAN ID 0 (802.1p priority tagging), at any depth, and handles what is inside as
+  untagged, so a tagged IPv4 packet would skip cryptokey routing, ``--only-shared`` and the gateway
+  rules, and a tagged ARP the check above. Tags are refused outright rather than looked through:
+  peeling them the way the kernel does (and a VLAN device on ``ovl0`` taking non-zero IDs) is more
+  code to get wrong, and nothing that belongs on the overlay needs them;
+- 802.3 frames whose LLC is SNAP (DSAP 0xAA) carrying IPv4, ARP, IPv6 or a VLAN TPID (Linux delivers
+  none of them to its IP stack today; no program needs them either);
+- IPv6 (0x86dd, also behind SNAP) when the node runs ``--only-shared``: the filter judges IPv4, and
+  the kernel would answer peers on its IPv6 link-local address on any port.
+Everything else passes, so IPX (Ethernet II 0x8137, 802.2 LLC, raw 802.3, SNAP) works as on a LAN.
+RARP (0x8035) and the other EtherTypes reach only packet sockets: Linux has no RARP handler, and
+MPLS and PPPoE need configuration a node does not have.
 """
 
 from __future__ import annotations
@@ -30,6 +44,11 @@ L2_PREFIX = bytes([L2_FRAME])
 ETH_HEADER = 14
 ETH_IPV4 = b"\x08\x00"
 ETH_ARP = b"\x08\x06"
+ETH_IPV6 = b"\x86\xdd"
+VLAN_TPIDS = frozenset({0x8100, 0x88A8, 0x9100, 0x9200, 0x9300})
+"""802.1Q, 802.1ad and the older vendor QinQ tags: a frame from a peer starting with one is refused."""
+_SNAP_REFUSED = VLAN_TPIDS | {0x0800, 0x0806, 0x86DD}
+_ARP_ETHER_IPV4 = bytes.fromhex("08000604")   # protocol IPv4, hlen 6, plen 4 (after the hardware type)
 BROADCAST_MAC = b"\xff" * 6
 GATEWAY_MAC = b"\x02\x00\x5e\x00\x00\x01"
 """Source MAC of IPv4 from addresses that are no node's (routed by a static WireGuard peer)."""
@@ -62,8 +81,9 @@ def ipv4_group_mac(dst: bytes) -> bytes:
 
 
 class TapEdge:
-    def __init__(self, mac: bytes, pool: ipaddress.IPv4Network | None = None):
+    def __init__(self, mac: bytes, pool: ipaddress.IPv4Network | None = None, refuse_ipv6: bool = False):
         self.mac = mac
+        self.refuse_ipv6 = refuse_ipv6   # --only-shared: no IPv6 from peers (see the module docstring)
         self.ip: bytes = b""
         self.pool = pool
         self.pool_broadcast = b"\xff\xff\xff\xff"
@@ -161,24 +181,25 @@ class TapEdge:
 
     def admit_frame(self, key: bytes, frame: bytes) -> bool:
         """May this frame from peer ``key`` be written to our device? (see the module docstring)"""
+        if self._admit(key, frame):
+            return True
+        self.stats["bad_frames"] += 1
+        return False
+
+    def _admit(self, key: bytes, frame: bytes) -> bool:
         if len(frame) < ETH_HEADER or frame[6:12] != self.mac_of_key.get(key):
-            self.stats["bad_frames"] += 1
             return False
         dst = frame[:6]
         if not (dst[0] & 1) and dst != self.mac:
-            self.stats["bad_frames"] += 1
             return False
-        etype = frame[12:14]
-        if etype == ETH_IPV4:
-            self.stats["bad_frames"] += 1
+        etype = (frame[12] << 8) | frame[13]
+        if etype < 0x0600:   # 802.3: a length, then 802.2 LLC (or raw IPX)
+            if len(frame) > ETH_HEADER and frame[14] & 0xFE == 0xAA:   # SNAP: an EtherType inside
+                return len(frame) >= 22 and ((frame[20] << 8) | frame[21]) not in _SNAP_REFUSED
+            return True
+        if etype == 0x0800 or etype in VLAN_TPIDS:
             return False
-        if etype == ETH_ARP:
-            if len(frame) < 42 or frame[22:28] != frame[6:12]:
-                self.stats["bad_frames"] += 1
-                return False
-            spa = frame[28:32]
-            if self._in_pool(spa) and self.mac_of_ip.get(spa) != frame[6:12]:
-                self.stats["bad_frames"] += 1
-                return False
-        return True
-
+        if etype == 0x0806:
+            return (len(frame) >= 42 and frame[16:20] == _ARP_ETHER_IPV4 and frame[22:28] == frame[6:12]
+                    and (not self._in_pool(frame[28:32]) or self.mac_of_ip.get(frame[28:32]) == frame[6:12]))
+        return not (etype == 0x86DD and self.refuse_ipv6)

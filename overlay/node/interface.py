@@ -5,7 +5,8 @@ the device go to ``DataPlane.send_packets`` (IPv4) or ``send_frames`` (TAP frame
 IPv4); what peers send comes back through ``deliver`` / ``deliver_frames`` and is written to the
 device. A TAP device adds the Ethernet edge (``overlay.iface.ethernet``). The kernel receives
 only unicast addressed to this node and broadcast / multicast; with ``--only-shared`` the inbound
-filter (``overlay.node.inbound_filter``) narrows that to shared ports and replies. A node that is
+filter (``overlay.node.inbound_filter``) narrows that to shared ports and replies, and a TAP edge
+then takes no IPv6 from peers. A node that is
 a gateway (``--advertise-routes``) also lets through packets from members to its approved routes
 (for those members only) and has the kernel forward them to its LAN (``overlay.iface.router``).
 """
@@ -42,7 +43,7 @@ class KernelInterface:
         self.filter = only_shared
         self.broadcast_route = broadcast_route
         self.mac = node_mac(public_key) if kind == "tap" else None
-        self.edge = TapEdge(self.mac) if kind == "tap" else None
+        self.edge = TapEdge(self.mac, refuse_ipv6=only_shared is not None) if kind == "tap" else None
         self.dev: TunTap | None = None
         self.net = None            # NetConfig, once the node has an address
         self.created = False       # this process created the device (it goes when we close it)

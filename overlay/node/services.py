@@ -4,7 +4,8 @@
   ``name.network`` and virtual IPs resolve inside the overlay; anything else is refused (no
   accidental exit node); a reset from the peer means "that peer does not share this port".
   Addresses inside a gateway route approved in one of our networks go to that gateway member
-  (overlay/node/gateway.py ends them in its LAN).
+  (overlay/node/gateway.py ends them in its LAN). On a TUN/TAP node the dialer uses ordinary
+  sockets instead, for peers and approved routes alike: the kernel routes both through the device.
 - ``Shares``: inbound overlay connections are accepted only on shared ports and carried to
   127.0.0.1:port on this machine; everything else gets a reset from the stack. The handshake of
   an inbound connection only completes once 127.0.0.1:port accepted ours; if nothing listens
@@ -56,16 +57,8 @@ class OverlayDialer:
         p = self._find(host)
         return p["ip"] if p else None
 
-    def _online(self, host: str) -> dict:
-        p = self._find(host)
-        if p is None:
-            raise NotOverlayAddress(host)
-        if not p["online"]:
-            raise PeerUnreachable(p["name"], "it is offline")
-        return p
-
-    def _target(self, host: str) -> tuple[dict, StackDriver, str | None]:
-        """(peer, stack, LAN address if the peer is the gateway to it)."""
+    def _peer(self, host: str) -> tuple[dict, str | None]:
+        """(online peer, LAN address if the peer is the gateway to it)."""
         lan = None
         p = self._find(host)
         if p is None:
@@ -75,22 +68,34 @@ class OverlayDialer:
                     raise NotRouted(host)
                 raise NotOverlayAddress(host)
             lan = host.strip()
+        if not p["online"]:
+            raise PeerUnreachable(p["name"], f"it is offline (the gateway to {lan})" if lan else "it is offline")
+        return p, lan
+
+    def _target(self, host: str) -> tuple[dict, StackDriver, str | None]:
+        """(peer, stack, LAN address if the peer is the gateway to it)."""
+        p, lan = self._peer(host)
         ns = self._netstack()
         if ns is None:
             raise PeerUnreachable(p["name"], "this node is not connected yet")
-        if not p["online"]:
-            raise PeerUnreachable(p["name"], f"it is offline (the gateway to {lan})" if lan else "it is offline")
         return p, ns, lan
 
     async def open_connection(self, host: str, port: int):
         if self._os is not None:
-            p = self._online(host)
+            # a TUN/TAP node: its kernel routes the pool and the approved gateway routes through the
+            # device, so an ordinary socket reaches a peer or a host behind a gateway member
+            p, lan = self._peer(host)
             try:
-                return await self._os.open_connection(p["ip"], port)
+                return await self._os.open_connection(lan or p["ip"], port)
             except ConnectionRefused:
+                if lan is not None:
+                    e = ConnectionRefused(lan, port)
+                    e.message += f" (reached through gateway {p['name']})"
+                    raise e from None
                 raise PortNotShared(p["name"], port) from None
             except DialTimeout:
-                raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
+                raise DialTimeout(f"{lan} (through gateway {p['name']})" if lan else p["name"], port,
+                                  DIAL_TIMEOUT) from None
         p, ns, lan = self._target(host)
         if lan is not None:
             try:
@@ -112,7 +117,8 @@ class OverlayDialer:
 
     async def open_udp(self, host: str, port: int):
         if self._os is not None:
-            return await self._os.open_udp(self._online(host)["ip"], port)
+            p, lan = self._peer(host)
+            return await self._os.open_udp(lan or p["ip"], port)
         p, ns, lan = self._target(host)
         return _NetstackUdpFlow(ns.udp_bind(0), (lan or p["ip"], port))
 
