@@ -180,7 +180,7 @@ class DataPlane:
         # the one hard-side attempt at a time, and the winning sockets (remote address -> socket)
         self.hard_nat = hard_nat
         # mapping of our port on the router (PCP, NAT-PMP, UPnP IGD; not on loopback); UPnP's
-        # blocking calls run on one worker thread (``_igd_pool``)
+        # blocking calls run on one worker thread (``_igd_pool``), miniupnpc in a capped child process
         self.port_mapping = port_mapping
         self._portmap: portmap.PortMapper | None = None
         self._igd = None
@@ -828,10 +828,13 @@ class DataPlane:
             futs = [self._igd_pool.submit(self._igd.run, j) for j in jobs]
             for f in futs:
                 try:
-                    f.result(timeout=3.0)
+                    error = f.result(timeout=3.0).get("error")
                 except Exception as e:   # timeout: the router keeps the mapping until its lease ends
-                    log.warning("UPnP: could not remove the mapping: %s", e or type(e).__name__)
+                    error = str(e) or type(e).__name__
+                if error:
+                    log.warning("UPnP: could not remove the mapping: %s", error)
             self._igd_pool.shutdown(wait=False, cancel_futures=True)
+            self._igd.close()       # the worker process (a job still running there ends with it)
 
     def port_mapped(self) -> tuple[str, int] | None:
         """The router's mapping of our port, if it is usable: its external address must be the one
