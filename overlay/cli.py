@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import shutil
 import socket
@@ -385,8 +384,8 @@ def down(home: Optional[Path] = HomeOpt):
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from overlay.escape import log_to_stderr
+    log_to_stderr(level)
 
 
 # ---------------------------------------------------------------------------- status

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import NoReturn, Optional
 
+from overlay.escape import visible
 from overlay.node import api
 from overlay.node.home import Home
 
@@ -37,16 +37,6 @@ class _LazyConsole:
 # (chat text, names, server and daemon messages, command-line arguments) goes through lit().
 out = _LazyConsole(emoji=False)
 err = _LazyConsole(stderr=True, emoji=False)
-
-
-# C0 and C1 controls, DEL, and the bidirectional overrides and isolates that reorder what is shown
-_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def visible(value: object) -> str:
-    """``value`` as text with every control character shown as an escape (ESC is ``\\x1b``)."""
-    return _INVISIBLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
-                          str(value))
 
 
 def lit(value: object) -> str:

@@ -127,3 +127,27 @@ def test_parse_protocols():
     assert parse_protocols(["pcp"]) == ("pcp",)
     with pytest.raises(ValueError, match="unknown port mapping protocol 'stun'"):
         parse_protocols("pcp,stun")
+
+
+def test_hostile_pcp_lifetime_of_two_seconds_renews_and_readvertises_at_most_once_a_minute():
+    """A router granting 2 s, and another port on every renewal: the mapping is renewed at the
+    floor (``mapclient.RENEW_FLOOR``), not every second, so the node re-advertises its candidates
+    at most once per floor."""
+    from overlay.nat import mapclient
+    m = PortMapper(GW, "192.168.1.20", 41641, 0.0, protocols=("pcp",))
+    pcp = m.clients["pcp"]
+    now, port, requests, adverts = 0.0, 50000, 0, []
+    while (t := m.get_timer()) is not None and t <= 600.0:
+        now = t
+        m.handle_timer(now)
+        for _ in m.datagrams_to_send(now):
+            requests += 1
+            port += 1
+            assert m.receive(pcp_answer(pcp, external=port, lifetime=2), SRC, now + 0.01)
+        if m.changed:
+            m.changed = False
+            adverts.append(now)
+    assert pcp.short_lived and m.mapping == ("pcp", ("203.0.113.5", port))
+    assert requests <= 600 / mapclient.RENEW_FLOOR + 1, requests
+    assert len(adverts) <= 600 / mapclient.RENEW_FLOOR + 1, adverts
+    assert all(b - a >= mapclient.RENEW_FLOOR for a, b in zip(adverts, adverts[1:])), adverts

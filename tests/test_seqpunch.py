@@ -146,3 +146,73 @@ def test_windows_meet_for_any_offsets_within_the_window(step_a, step_b):
             assert meet(oa, ob, step_a, step_b, False, True), (oa, ob)
         assert meet(oa, ob, step_a, step_b, False, False) == (oa == ob == 0), (oa, ob)
     assert not meet(0, 2, step_a, step_b, True, True)
+
+
+def test_role_of_each_side():
+    assert seqpunch.role(APDM, "sequential", APDM, "sequential") == seqpunch.BOTH
+    assert seqpunch.role(APDM, "sequential", EIM, None) == seqpunch.SEQ
+    assert seqpunch.role(EIM, None, ADM, "sequential") == seqpunch.EASY
+    assert seqpunch.role(EIM, None, EIM, None) is None                 # ordinary punching
+    assert seqpunch.role(APDM, "random", EIM, None) is None            # birthday punching
+    assert seqpunch.role(APDM, "sequential", APDM, "random") is None
+    assert seqpunch.role(APDM, "sequential", None, None) is None
+
+
+def test_sequential_and_easy_sides_meet_for_any_offset_within_the_window():
+    """The sequential side aims its fresh socket at the easy side's one port; the easy side sprays
+    the window of the sequential side's ports from its own (endpoint-independent) socket: the
+    sequential NAT's mapping for that flow is among them whatever other flows took before it."""
+    for offset in range(16):
+        for step in (1, 2, -1):
+            seq, easy = SeqPunch(role=seqpunch.SEQ, lower=True), SeqPunch(role=seqpunch.EASY)
+            seq.start(0.0)
+            seq.peer_ready(41641, 0, 0.0)                 # the easy side's server-reflexive port
+            assert seq.state == MEASURING
+            seq.measured(40000, step, 0.1)
+            assert seq.state == SPRAYING and seq.targets == [41641]
+            easy.start(0.2, join=True)
+            assert easy.state == READY and easy.base is None
+            easy.peer_ready(*seq.base, 0.2)
+            assert easy.state == SPRAYING and len(easy.targets) == 16
+            assert seqpunch.wrap(seq.base[0] + step * offset) in easy.targets, (offset, step)
+    # the easy side has no step of its own: only the sequential side takes a port with step 0
+    e = SeqPunch(role=seqpunch.EASY)
+    e.start(0.0, join=True)
+    e.peer_ready(40000, 0, 0.1)
+    assert e.state == READY
+
+
+def test_a_missed_prediction_is_retried_with_fresh_port_data_backing_off_a_bounded_number_of_times():
+    """Sequential side of a relayed sequential <-> easy pair: each attempt that misses schedules
+    the next one after the back-off (30, 60, 120 ... s), measured anew (the NAT's counter moved on:
+    a fresh base), until ``max_failures`` attempts in a row missed; a hit resets the count."""
+    cfg = SeqConfig(backoff_initial=30.0, backoff_max=600.0, max_failures=4)
+    s = SeqPunch(cfg, role=seqpunch.SEQ)
+    now, counter, bases, gaps = 0.0, 40000, [], []
+    while True:
+        s.start(now)
+        s.peer_ready(41641, 0, now)
+        counter += 25                      # other flows of this host took ports meanwhile
+        s.measured(counter, 1, now + 0.1)
+        bases.append(s.base)
+        while (t := s.get_timer()) is not None:    # the bursts go out, nothing comes back
+            s.due(t)
+            now = t
+        assert s.state == IDLE
+        at = s.retry_at()
+        if at is None:
+            break
+        gaps.append(at - now)
+        now = at
+    assert s.attempts == 4 and s.failures == 4 and gaps == pytest.approx([30.0, 60.0, 120.0])
+    assert bases == [(40026, 1), (40051, 1), (40076, 1), (40101, 1)]     # fresh port data each time
+    s.start(now + 1000.0)              # a new introduction may still start one; a hit resets the count
+    s.peer_ready(41641, 0, now + 1000.0)
+    s.measured(40200, 1, now + 1000.1)
+    s.hit(now + 1000.2)
+    assert s.failures == 0 and s.retry_at() == now + 1000.2
+    # the easy side never schedules attempts of its own: it answers the sequential side's base
+    e = SeqPunch(cfg, role=seqpunch.EASY)
+    e.start(0.0, join=True)
+    e.abort(4.0)
+    assert e.retry_at() is None

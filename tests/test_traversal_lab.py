@@ -36,8 +36,8 @@ import pytest
 
 import lab
 import natlab
-from lab_overlay import (LabNode, OverlayLab, birthday, fetch, sequential, serve_once, stream_through_forward,
-                         tcp_connect, tcp_listener, time_to_direct, udp_mappings)
+from lab_overlay import (SERVER_IP, LabNode, OverlayLab, birthday, fetch, sequential, serve_once,
+                         stream_through_forward, tcp_connect, tcp_listener, time_to_direct, udp_mappings)
 
 pytestmark = pytest.mark.netns
 
@@ -348,6 +348,36 @@ def test_sequential_triangle_all_direct(env, record_property):
                     assert direct_ip(n.path_to(peer.name)) == sites[nodes.index(peer)].wan_ip
     finally:
         ol.stop_nodes(*nodes)
+
+
+def test_easy_sequential_pair_goes_direct_after_a_missed_prediction(env, record_property):
+    """Two sequential symmetric sites and an easy (port-restricted) one, in one network at once:
+    the sequential node ``rxa`` spends its NAT's next ports on its predicted window toward ``rxb``
+    while ``rxe`` punches it at the ports ``rxa`` published (predicted from its last probe). To make
+    that miss certain, ``rxa``'s host first opens 40 other flows. The easy <-> sequential pair must
+    not stay relayed: ``rxa`` measures again from a fresh socket and ``rxe`` sprays that window, so
+    it goes direct, after a bounded number of attempts."""
+    nl, ol = env
+    sa, sb = nl.add_site("rxa", "symmetric_sequential"), nl.add_site("rxb", "symmetric_sequential")
+    se = nl.add_site("rxe", "port_restricted")
+    a, b, e = (ol.start_node(s.hosts[0].name, s.name) for s in (sa, sb, se))
+    try:
+        ol.wait_connected(a, b, e)
+        ol.wait(lambda: a.status()["udp"]["nat"].get("sequential"), 20, "rxa classified sequential")
+        sock = nl.socket(sa.hosts[0].name)
+        for port in range(20000, 20040):          # 40 new flows: rxa's published prediction is stale
+            sock.sendto(b"x", (SERVER_IP, port))
+        t0 = time.monotonic()
+        ol.pair(a, b, "rxnet", e)
+        wait_direct(ol, e, a, timeout=90)
+        took = round(time.monotonic() - t0, 2)
+        stats = {n.name: sequential(n) for n in (a, e)}
+        record_property("easy_sequential_s", took)
+        print(f"\neasy <-> sequential after a missed prediction: direct after {took} s; {stats}")
+        assert direct_ip(e.path_to(a.name)) == sa.wan_ip
+        assert stats["rxa"]["attempts"] <= 6 and stats["rxa"]["mappings"] <= 6 * 17, stats
+    finally:
+        ol.stop_nodes(a, b, e)
 
 
 # ---------------------------------------------------------------------- 1c. port mapping

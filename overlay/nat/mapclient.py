@@ -10,11 +10,17 @@ datagrams in all, so a router that speaks neither protocol costs 4 datagrams and
 ``answered`` is False. (RFC 6887's own schedule starts at 3 s; the gateway is one hop away, and a
 quick verdict lets the node fall back to another protocol.) No answer or an error: the
 client asks again after ``retry_after`` seconds.
+
+Renewal at half the granted lifetime, but never sooner than ``RENEW_FLOOR`` after the answer: a
+router granting a few seconds (hostile, or broken; RFC 6887 asks servers for at least two
+minutes) would otherwise have the node renew, and re-advertise a changed port, every second.
+Such a mapping is short-lived: it may lapse before the renewal, which then maps it again.
 """
 
 from __future__ import annotations
 
 PORT = 5351  # NAT-PMP and PCP servers both listen here (the version byte tells them apart)
+RENEW_FLOOR = 60.0  # seconds: the earliest renewal after a grant, whatever lifetime it gave
 
 IDLE, ADDRESS, MAPPING, MAPPED, FAILED, HELD = "idle", "address", "mapping", "mapped", "failed", "held"
 
@@ -36,6 +42,7 @@ class GatewayClient:
         self.external_port: int | None = None
         self.error: str | None = None
         self.changed = False                  # the mapped address changed; the caller resets it
+        self.short_lived = False              # the last grant's lifetime ends before RENEW_FLOOR
         self._out: list[tuple[bytes, tuple[str, int]]] = []
         self._req = b""
         self._sent = 0
@@ -83,7 +90,8 @@ class GatewayClient:
         self.error = None
         self.external_port = external_port
         self.state = MAPPED
-        self._next = now + max(lifetime, 2) / 2
+        self.short_lived = lifetime / 2 < RENEW_FLOOR
+        self._next = now + max(lifetime / 2, RENEW_FLOOR)
 
     def hold_off(self, now: float | None) -> None:
         """Stop asking (``now`` None: another protocol holds the mapping), or, when ``now`` is

@@ -29,6 +29,20 @@ peer and one per node at a time, at most ``measure_timeout + duration`` long, ba
 from ``backoff_initial`` to ``backoff_max`` after a failure, only when both classifications say
 sequential, never while a direct path works (the caller checks that).
 
+Sequential <-> endpoint-independent (``role``): ordinary punching aims at the sequential side's
+predicted candidates, which miss when that side opened other flows meanwhile (e.g. a sequential
+attempt with a third node), and the pair would stay relayed, since the sequential side's mapping
+toward the easy side then lives on. So when such a pair is still relayed after ordinary punching
+(``easy_delay``), the sequential side (role ``SEQ``) runs the same attempt with fresh port data:
+a fresh socket, measured, its base published; its window is one port, the easy side's
+server-reflexive one (an endpoint-independent mapping is the same toward everyone). The easy
+side (role ``EASY``) has nothing to measure: on the base it sprays its window of the sequential
+side's ports from its main socket (stride 1), and a Ping from the sequential side's fresh socket
+confirms the path there as any Ping does.
+
+Retries: a relayed pair is tried again (``retry_at``: the back-off, doubling) by the side that
+measures, at most ``max_failures`` times in a row; a hit resets the count.
+
 The caller opens and closes the socket, runs the STUN transaction, publishes the base and turns
 ``due`` into datagrams.
 """
@@ -42,6 +56,8 @@ from .backoff import Backoff
 _VARYING = ("address-dependent", "address-and-port-dependent", "endpoint-dependent")
 SEQUENTIAL = "sequential"
 IDLE, MEASURING, READY, SPRAYING = "idle", "measuring", "ready", "spraying"
+BOTH, SEQ, EASY = "both", "seq", "easy"     # roles: both sequential; we sequential; we easy
+_EIM = "endpoint-independent"
 _PORT_LOW, _PORT_SPAN = 1024, 65536 - 1024
 
 
@@ -51,6 +67,21 @@ def applies(own_mapping: str | None, own_allocation: str | None,
     punching with predicted candidates, birthday punching, or the relay)."""
     return (own_mapping in _VARYING and own_allocation == SEQUENTIAL
             and peer_mapping in _VARYING and peer_allocation == SEQUENTIAL)
+
+
+def role(own_mapping: str | None, own_allocation: str | None,
+         peer_mapping: str | None, peer_allocation: str | None) -> str | None:
+    """``BOTH`` (two sequential NATs), ``SEQ`` (ours sequential, the peer's endpoint-independent),
+    ``EASY`` (the reverse), or None (another method applies, or nothing does)."""
+    own_seq = own_mapping in _VARYING and own_allocation == SEQUENTIAL
+    peer_seq = peer_mapping in _VARYING and peer_allocation == SEQUENTIAL
+    if own_seq and peer_seq:
+        return BOTH
+    if own_seq and peer_mapping == _EIM:
+        return SEQ
+    if peer_seq and own_mapping == _EIM:
+        return EASY
+    return None
 
 
 def wrap(port: int) -> int:
@@ -69,6 +100,9 @@ class SeqConfig:
     # the peer published a base for us (it is measuring or spraying now): join it even while backing
     # off, at most this often, so two sides whose back-offs fell out of step still meet
     join_interval: float = 10.0
+    # roles SEQ / EASY: ordinary punching (predicted candidates, 5 s of rounds) goes first
+    easy_delay: float = 6.0
+    max_failures: int = 8            # retries of a relayed pair in a row, then only on a new introduction
 
     def __post_init__(self) -> None:
         if not 1 <= self.window <= 64:
@@ -80,9 +114,11 @@ class SeqConfig:
 class SeqPunch:
     """One peer's attempts. ``lower``: our public key sorts below the peer's (we take stride 2)."""
 
-    def __init__(self, config: SeqConfig | None = None, lower: bool = False):
+    def __init__(self, config: SeqConfig | None = None, lower: bool = False, role: str = BOTH):
         self.config = config or SeqConfig()
         self.lower = lower
+        self.role = role
+        self.failures = 0        # attempts in a row without a hit
         self.state = IDLE
         self.base: tuple[int, int] | None = None        # own (next port, step), once measured
         self.peer_base: tuple[int, int] | None = None
@@ -114,6 +150,9 @@ class SeqPunch:
         self.base = self.peer_base = None
         self.targets = []
         self.attempts += 1
+        if self.role == EASY:           # nothing to measure: wait for the peer's base
+            self.state = READY
+            return
         self.mappings += 1
 
     def measured(self, mapped_port: int, step: int, now: float) -> None:
@@ -126,7 +165,9 @@ class SeqPunch:
 
     def peer_ready(self, next_port: int, step: int, now: float) -> None:
         """The peer's published base for this attempt (from the server's introduction)."""
-        if self.state not in (MEASURING, READY) or step == 0 or not 1024 <= next_port <= 65535:
+        if self.state not in (MEASURING, READY) or not 1024 <= next_port <= 65535:
+            return
+        if step == 0 and self.role != SEQ:      # only an endpoint-independent peer has no step
             return
         self.peer_base = (next_port, step)
         self._maybe_spray(now)
@@ -135,8 +176,11 @@ class SeqPunch:
         if self.state != READY or self.peer_base is None:
             return
         nxt, step = self.peer_base
-        stride = 2 if self.lower else 1
-        self.targets = [wrap(nxt + step * stride * k) for k in range(self.config.window)]
+        if self.role == SEQ:            # the easy side's one port
+            self.targets = [nxt]
+        else:
+            stride = 2 if self.lower and self.role == BOTH else 1
+            self.targets = [wrap(nxt + step * stride * k) for k in range(self.config.window)]
         self.state, self._spray_at, self._bursts = SPRAYING, now, 0
         self.mappings += len(self.targets)
 
@@ -148,6 +192,7 @@ class SeqPunch:
             self.hits += 1
             self.last_time_to_hit = now - self._started
         self._backoff.succeeded(now)
+        self.failures = 0
         self._end()
 
     def abort(self, now: float) -> None:
@@ -155,7 +200,15 @@ class SeqPunch:
         if self.state == IDLE:
             return
         self._backoff.failed(now)
+        self.failures += 1
         self._end()
+
+    def retry_at(self) -> float | None:
+        """When the side that measures should try a still-relayed pair again (the back-off), or
+        None: an attempt is on, the easy side waits for the peer, or ``max_failures`` in a row."""
+        if self.state != IDLE or self.role == EASY or self.failures >= self.config.max_failures:
+            return None
+        return self._backoff.not_before
 
     def _end(self) -> None:
         self.state = IDLE

@@ -7,6 +7,15 @@ block (discovery waits ``DISCOVER_MS`` for answers; SOAP is HTTP), so ``Igd.run`
 worker thread; the core hands out jobs and takes their results with ``now``, so that it is
 tested with scripted router answers.
 
+Why a worker process: miniupnpc reads a description or SOAP answer whole into memory, with no
+size cap and only per-read timeouts, and it fetches the description itself (a size check in
+Python before the call would be a second, different fetch). Any device on the LAN can answer
+discovery, so miniupnpc runs in a child process (``upnp_worker``) with its address space capped
+and a wall-clock limit per job: an endless or dripping description kills the child, not the
+node. One long-lived child (not one per job) keeps the selected IGD between jobs, so the
+deletion on exit is one SOAP call, not a new discovery. Rewriting SSDP, the description parser
+and SOAP in Python with caps would replace a maintained client with our own for one threat.
+
 Jobs (tuples): ``("discover",)`` -> ``{"external_ip", "lan_addr"}``; ``("map", external, internal,
 lease)`` -> ``{"external_ip"}``; ``("delete", external)`` -> ``{}``. A failed job's result is
 ``{"error": text}`` (miniupnpc's error text, e.g. "OnlyPermanentLeasesSupported").
@@ -20,12 +29,20 @@ taken by another host (718 ConflictInMappingEntry) is retried twice on a random 
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import select
+import subprocess
+import sys
+import time
 
 IDLE, DISCOVERING, FOUND, MAPPING, MAPPED, FAILED = "idle", "discovering", "found", "mapping", "mapped", "failed"
 DISCOVER_MS = 2000
 LEASE = 3600
-DESCRIPTION = "overlay"
+JOB_TIMEOUT = 10.0      # seconds for a SOAP call (discovery: plus DISCOVER_ROUNDS * DISCOVER_MS)
+DISCOVER_ROUNDS = 5     # miniupnpc waits DISCOVER_MS per search it sends (4 when nothing answers)
+MAX_ANSWER = 4096       # bytes of the worker's answer line
 PERMANENT_ONLY = "OnlyPermanentLeasesSupported"
 CONFLICT = "ConflictInMappingEntry"
 
@@ -158,43 +175,78 @@ class UpnpCore:
 
 
 class Igd:
-    """miniupnpc's blocking calls for ``UpnpCore``'s jobs; use from one worker thread only."""
+    """``UpnpCore``'s jobs run by miniupnpc in a worker process (``upnp_worker``) whose memory is
+    capped, each job within ``timeout`` (discovery: plus ``DISCOVER_ROUNDS * discover_ms``); a
+    late or dead worker is killed and the job answers an error. Blocking: use from one thread."""
 
-    def __init__(self, discover_ms: int = DISCOVER_MS):
+    def __init__(self, discover_ms: int = DISCOVER_MS, timeout: float = JOB_TIMEOUT):
         self.discover_ms = discover_ms
-        self._u = None
+        self.timeout = timeout
+        self._proc: subprocess.Popen | None = None
 
     def run(self, job: tuple) -> dict:
+        limit = self.timeout + (DISCOVER_ROUNDS * self.discover_ms / 1000 if job[0] == "discover" else 0)
         try:
-            return self._run(job)
-        except ImportError:
-            return {"error": "miniupnpc is not installed (pip install miniupnpc)"}
-        except Exception as e:   # miniupnpc raises plain Exception with its error text
-            return {"error": str(e) or type(e).__name__}
+            proc = self._worker()
+            os.write(proc.stdin.fileno(), json.dumps(
+                {"job": list(job), "discover_ms": self.discover_ms, "timeout": limit}).encode() + b"\n")
+            line = self._read_line(proc, time.monotonic() + limit)
+        except OSError as e:
+            self.close()
+            return {"error": f"UPnP worker: {e.strerror or e}"}
+        if line is None:
+            self.close()
+            return {"error": f"UPnP device did not answer within {limit:g} s, or its answer exceeded "
+                             f"the worker's limits"}
+        try:
+            result = json.loads(line)
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            self.close()
+            return {"error": "UPnP worker: bad answer"}
+        return result
 
-    def _run(self, job: tuple) -> dict:
-        kind = job[0]
-        if kind == "discover":
-            import miniupnpc
-            u = miniupnpc.UPnP()
-            u.discoverdelay = self.discover_ms
+    def _worker(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "overlay.nat.upnp_worker"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, close_fds=True)
+            os.set_blocking(self._proc.stdout.fileno(), False)
+        return self._proc
+
+    @staticmethod
+    def _read_line(proc: subprocess.Popen, deadline: float) -> bytes | None:
+        """One answer line, at most ``MAX_ANSWER`` bytes, before ``deadline``; None otherwise."""
+        fd, buf = proc.stdout.fileno(), b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or len(buf) > MAX_ANSWER:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(fd, MAX_ANSWER + 1)
+                except BlockingIOError:
+                    continue
+                if not chunk:           # the worker died (e.g. killed by its memory limit)
+                    return None
+                buf += chunk
+        return buf.split(b"\n", 1)[0]
+
+    def close(self) -> None:
+        """Stop the worker (it holds the selected IGD; the next job starts a new one)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (proc.stdin, proc.stdout):
             try:
-                found = u.discover()
-            except Exception:
-                found = 0
-            if not found:
-                return {"error": "no UPnP IGD answered"}
-            u.selectigd()
-            self._u = u
-            return {"external_ip": u.externalipaddress(), "lan_addr": u.lanaddr}
-        u = self._u
-        if u is None:
-            return {"error": "no UPnP IGD selected"}
-        if kind == "map":
-            _, external, internal, lease = job
-            u.addportmapping(external, "UDP", u.lanaddr, internal, DESCRIPTION, "", lease)
-            return {"external_ip": u.externalipaddress()}
-        if kind == "delete":
-            u.deleteportmapping(job[1], "UDP")
-            return {}
-        return {"error": f"unknown job {kind!r}"}
+                f.close()
+            except OSError:
+                pass

@@ -180,7 +180,7 @@ class DataPlane:
         # the one hard-side attempt at a time, and the winning sockets (remote address -> socket)
         self.hard_nat = hard_nat
         # mapping of our port on the router (PCP, NAT-PMP, UPnP IGD; not on loopback); UPnP's
-        # blocking calls run on one worker thread (``_igd_pool``)
+        # blocking calls run on one worker thread (``_igd_pool``), miniupnpc in a capped child process
         self.port_mapping = port_mapping
         self._portmap: portmap.PortMapper | None = None
         self._igd = None
@@ -205,6 +205,7 @@ class DataPlane:
         self._seq_sock: UdpSocket | None = None
         self._seq_stun: stun.StunTransaction | None = None
         self._seq_pub: dict | None = None     # our base as published (withdrawn when the attempt ends)
+        self._seq_easy: set[bytes] = set()    # peers whose window we spray from our socket (role EASY)
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
                       "group_capped": 0}
 
@@ -762,7 +763,7 @@ class DataPlane:
         if self._bday_check or self._bday_owner is not None or any(
                 b.state == birthday.ACTIVE for b in self._bday.values()):
             self._bday_tick(now)
-        if self._seq_check or self._seq_owner is not None:
+        if self._seq_check or self._seq_owner is not None or self._seq_easy:
             self._seq_tick(now)
         self._flush()
 
@@ -828,10 +829,13 @@ class DataPlane:
             futs = [self._igd_pool.submit(self._igd.run, j) for j in jobs]
             for f in futs:
                 try:
-                    f.result(timeout=3.0)
+                    error = f.result(timeout=3.0).get("error")
                 except Exception as e:   # timeout: the router keeps the mapping until its lease ends
-                    log.warning("UPnP: could not remove the mapping: %s", e or type(e).__name__)
+                    error = str(e) or type(e).__name__
+                if error:
+                    log.warning("UPnP: could not remove the mapping: %s", error)
             self._igd_pool.shutdown(wait=False, cancel_futures=True)
+            self._igd.close()       # the worker process (a job still running there ends with it)
 
     def port_mapped(self) -> tuple[str, int] | None:
         """The router's mapping of our port, if it is usable: its external address must be the one
@@ -997,23 +1001,42 @@ class DataPlane:
                 out[k] += b.stats()[k]
         return out
 
-    # ------------------------------------------------------------------ sequential <-> sequential
-    def _seq_applies(self, key: bytes) -> bool:
+    # ------------------------------------------------------------------ sequential <-> sequential / easy
+    def _seq_applies(self, key: bytes) -> str | None:
+        """Our ``seqpunch.role`` toward this peer, or None."""
         n, peer = self.nat, self._bday_nat.get(key, {})
         if not self.hard_nat or n is None or not n.udp or peer.get("birthday") is False or not self._probe_servers:
-            return False
-        return seqpunch.applies(n.mapping, n.allocation, peer.get("mapping"), peer.get("allocation"))
+            return None
+        return seqpunch.role(n.mapping, n.allocation, peer.get("mapping"), peer.get("allocation"))
+
+    def _seq_for(self, key: bytes, role: str) -> seqpunch.SeqPunch:
+        s = self._seq.get(key)
+        if s is None or (s.role != role and s.state == seqpunch.IDLE):
+            s = self._seq[key] = seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key, role=role)
+        return s
 
     def _seq_on_punch(self, key: bytes, entry: PeerEntry, nat: dict) -> None:
         """An introduction: take the peer's published base for our attempt, join the peer's attempt,
         or schedule one of our own."""
-        if entry.path.current_path is not None or key in self._winner or not self._seq_applies(key):
+        role = self._seq_applies(key)
+        if entry.path.current_path is not None or key in self._winner or role is None:
             return    # direct, or a hit's path being confirmed
         now = self.now()
-        s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
+        s = self._seq_for(key, role)
         base = nat.get("seq")
         if not isinstance(base, dict) or base.get("for") != base64.b64encode(self.public_key).decode():
             base = None
+        if role == seqpunch.EASY:   # the sequential side measured for us: spray its window from our socket
+            if base is not None and s.state == seqpunch.IDLE and s.may_join(now):
+                s.start(now, join=True)
+                self._seq_easy.add(key)
+            if base is not None and s.state == seqpunch.READY:
+                try:
+                    s.peer_ready(int(base["next"]), int(base["step"]), now)
+                except (KeyError, TypeError, ValueError):
+                    return
+                self._seq_send(key, now)
+            return
         if base is not None and s.state == seqpunch.IDLE and self._seq_owner is None and s.may_join(now):
             self._seq_start(key, entry, now, join=True)     # the peer is measuring or spraying: at once
         if base is not None and s.state in (seqpunch.MEASURING, seqpunch.READY):
@@ -1023,7 +1046,8 @@ class DataPlane:
                 return
             self._seq_send(key, now)
         elif s.state == seqpunch.IDLE:
-            self._seq_check.setdefault(key, now + self.seq_config.delay)
+            delay = self.seq_config.easy_delay if role == seqpunch.SEQ else self.seq_config.delay
+            self._seq_check.setdefault(key, now + delay)
 
     def _seq_start(self, key: bytes, entry: PeerEntry, now: float, join: bool = False) -> None:
         """Open the attempt's fresh socket and measure our next port from it."""
@@ -1032,7 +1056,14 @@ class DataPlane:
         except OSError as e:
             log.warning("sequential punching: no socket (%s)", e)
             return
-        self._seq[key].start(now, join=join)
+        s = self._seq[key]
+        s.start(now, join=join)
+        if s.role == seqpunch.SEQ:      # the easy peer's one port: its server-reflexive address
+            if (target := self._bday_target(entry, birthday.EASY)) is None:
+                s.abort(now)
+                sock.close()
+                return
+            s.peer_ready(target[1], 0, now)
         self._seq_owner = key
         u = UdpSocket(sock, lambda view, addr: None, on_batch=self._flush, loop=self.loop, gro=False, gso=False)
         u._on_datagram = lambda view, addr, u=u: self._on_seq_datagram(u, view, addr)
@@ -1052,7 +1083,7 @@ class DataPlane:
         return self._seq_pub
 
     def _seq_timer(self) -> float | None:
-        if not self._seq_check and self._seq_owner is None:
+        if not self._seq_check and self._seq_owner is None and not self._seq_easy:
             return None     # nothing pending (the usual case: computed on every flush, no allocation)
         times = list(self._seq_check.values())
         times += [t for s in self._seq.values() if (t := s.get_timer()) is not None]
@@ -1068,14 +1099,16 @@ class DataPlane:
             entry = self.peers.get(key)
             if entry is None or entry.path is None or entry.path.current_path is not None or key in self._winner:
                 continue   # never while a direct path works (or a hit's is being confirmed)
-            if not self._seq_applies(key):
+            if (role := self._seq_applies(key)) is None or role == seqpunch.EASY:
                 continue
             if self._seq_owner is not None:     # one attempt per node at a time: this one waits
                 self._seq_check[key] = now + self.seq_config.delay
                 continue
-            s = self._seq.setdefault(key, seqpunch.SeqPunch(self.seq_config, lower=self.public_key < key))
+            s = self._seq_for(key, role)
             if s.may_start(now):
                 self._seq_start(key, entry, now)
+            elif (at := s.retry_at()) is not None:
+                self._seq_check[key] = at           # backing off: then
         tx = self._seq_stun
         if tx is not None and self._seq_sock is not None:
             if (t := tx.get_timer()) is not None and t <= now:
@@ -1095,7 +1128,13 @@ class DataPlane:
         elif (t := s.get_timer()) is not None and t <= now:
             ports = s.due(now)
             target = self._bday_target(entry, birthday.EASY)
-            if ports and target is not None and key == self._seq_owner and self._seq_sock is not None:
+            if ports and target is not None and s.role == seqpunch.EASY:
+                dg = entry.path.spray_ping((target[0], ports[0]), now)
+                self._out.extend((dg, (target[0], p)) for p in ports)
+                if s.bursts == 1:
+                    log.info("sequential punching with %s: %d pings at %s:%d.. from our socket", entry.name,
+                             len(ports), target[0], ports[0])
+            elif ports and target is not None and key == self._seq_owner and self._seq_sock is not None:
                 dg = entry.path.spray_ping((target[0], ports[0]), now)
                 self._seq_sock.send_batch([(dg, (target[0], p)) for p in ports])
                 if s.bursts == 1:
@@ -1104,6 +1143,11 @@ class DataPlane:
         if s.state == seqpunch.IDLE and key == self._seq_owner:
             log.info("sequential punching toward %s: no hit", entry.name if entry else "?")
             self._seq_close()
+        if s.state == seqpunch.IDLE:
+            self._seq_easy.discard(key)
+        if (s.state == seqpunch.IDLE and entry is not None and entry.path is not None
+                and entry.path.current_path is None and (at := s.retry_at()) is not None):
+            self._seq_check.setdefault(key, at)     # still relayed: again with fresh port data
 
     def _on_seq_datagram(self, sock: UdpSocket, view: memoryview, addr) -> None:
         """The fresh socket: our STUN answer (the measurement), or the peer's discovery message
@@ -1149,6 +1193,7 @@ class DataPlane:
         s = self._seq.get(key)
         if path is not None and s is not None and s.state != seqpunch.IDLE:
             s.hit(self.now())
+            self._seq_easy.discard(key)
             if key == self._seq_owner:
                 self._seq_close()
 
@@ -1164,6 +1209,7 @@ class DataPlane:
 
     def _seq_forget(self, key: bytes) -> None:
         self._seq_check.pop(key, None)
+        self._seq_easy.discard(key)
         s = self._seq.pop(key, None)
         if s is not None:
             s.abort(self.now())

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
+
+from overlay.escape import log_to_stderr
 
 
 def read_settings(fd: int) -> dict:
@@ -26,8 +27,7 @@ def main(argv: list[str]) -> int:
         print("error: overlay.node.run is started by `overlay up`", file=sys.stderr)
         return 1
     s = read_settings(int(argv[1]))
-    logging.basicConfig(level=getattr(logging, s.pop("log_level", "INFO").upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log_to_stderr(s.pop("log_level", "INFO"))   # peer and LAN strings in log lines: escaped
     from overlay.control.messages import key_from_text
     from overlay.node.daemon import DaemonError, run_daemon
     from overlay.node.home import Home, HomeError
