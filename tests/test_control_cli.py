@@ -625,6 +625,53 @@ def test_rename_password_and_pending_requests_in_status(cluster):
     a.ok("ping", "robert", "-c", "3")
 
 
+def test_forward_follows_its_peer_through_a_rename_and_a_restart(cluster, tmp_path):
+    """A forward follows the peer's key, not the name it had: after `overlay rename` on the peer a
+    new connection through it still reaches the service, status shows the new name, and so it
+    stays across a restart of the forwarding daemon."""
+    from cluster import Proc
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hi.txt").write_text("hi from bob\n")
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port := free_port())],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path / "www")
+
+    def fetch() -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{local}/hi.txt"],
+                              capture_output=True, text=True, timeout=30)
+    try:
+        b.ok("share", str(port))
+        local = free_port()
+        a.ok("forward", str(local), f"bob:{port}")
+        cluster.wait(lambda: fetch().stdout == "hi from bob\n", what="the forward reaches bob")
+        b.ok("rename", "robert")
+        cluster.wait(lambda: a.peer("robert") and not a.peer("bob"), what="alice sees robert")
+        r = fetch()
+        assert r.returncode == 0 and r.stdout == "hi from bob\n", r.stderr
+        assert [(f["peer"], f["peer_port"]) for f in a.status()["forwards"]] == [("robert", port)]
+        assert f"-> robert:{port}" in a.ok("status")
+        assert [f["peer"] for f in a.cli_status()["forwards"]] == ["robert"]
+        # the daemon restarts: the forward comes back following the same key
+        a.ok("down")
+        cluster.wait(lambda: not a.proc.alive(), what="alice stopped")
+        a.proc = Proc([*OVERLAY, "up", "--socks", "127.0.0.1:0", "--home", str(a.home)], tmp_path / "again.log")
+        cluster.wait(lambda: (a.peer("robert") or {}).get("online"), what="alice back and sees robert")
+        assert [f["peer"] for f in a.status()["forwards"]] == ["robert"]
+        r = fetch()
+        assert r.returncode == 0 and r.stdout == "hi from bob\n", r.stderr
+        # and a rename while it was down is followed too
+        b.ok("rename", "rob")
+        cluster.wait(lambda: [f["peer"] for f in a.status()["forwards"]] == ["rob"], what="status shows rob")
+        assert fetch().stdout == "hi from bob\n"
+    finally:
+        web.kill()
+        web.wait()
+
+
 def test_offline_and_online_in_a_network_without_leaving(cluster, tmp_path):
     from cluster import Proc
     a = cluster.start_node("alice")

@@ -59,7 +59,7 @@ class OverlayDialer:
     def _online(self, host: str) -> dict:
         p = self._find(host)
         if p is None:
-            raise NotOverlayAddress(host)
+            raise _unknown(host)
         if not p["online"]:
             raise PeerUnreachable(p["name"], "it is offline")
         return p
@@ -73,7 +73,7 @@ class OverlayDialer:
             if p is None:
                 if _is_ipv4(host.strip()):
                     raise NotRouted(host)
-                raise NotOverlayAddress(host)
+                raise _unknown(host)
             lan = host.strip()
         ns = self._netstack()
         if ns is None:
@@ -115,6 +115,14 @@ class OverlayDialer:
             return await self._os.open_udp(self._online(host)["ip"], port)
         p, ns, lan = self._target(host)
         return _NetstackUdpFlow(ns.udp_bind(0), (lan or p["ip"], port))
+
+
+def _unknown(host: str) -> DialError:
+    """No peer answers to ``host``. A forward dials its peer's key (it follows renames): a key no
+    peer has any more is a peer that left our networks, not a wrong address."""
+    if len(host) == 44 and host.endswith("=") and " " not in host:
+        return PeerUnreachable(f"the peer with key {host[:8]}...", "it no longer shares a network with this node")
+    return NotOverlayAddress(host)
 
 
 def _is_ipv4(text: str) -> bool:
