@@ -776,7 +776,13 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
 
     # reach: the hub yes, the other spoke is not even a peer
     assert "pong from hub" in s1.ok("ping", "hub", "-c", "3")
-    assert "no peer" in s1.fails("ping", "s2", "-c", "1")
+    # the refusal says why: they share the network, but spokes do not reach each other in it
+    msg = s1.fails("ping", "s2", "-c", "1")
+    assert "no peer named 's2' is reachable from this node: spokes do not reach each other in the " \
+           "hub-and-spoke network star, only its hubs (hub)" in msg, msg
+    assert "shares a network" not in msg
+    msg = s1.fails("forward", str(free_port()), "s2:22")
+    assert "spokes do not reach each other in the hub-and-spoke network star" in msg, msg
     # and a hand-built handshake from one spoke's key to the other is not answered: cryptokey
     # routing refuses it (the hub, which has s1 as a peer, does answer the same probe)
     assert not _handshake_answered(s1.home, s2.home, s2.status()["udp"]["port"])
@@ -789,6 +795,8 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
     assert "takes effect once it is a gateway network" not in o.ok("admin", "type", "star", "gateway")
     assert "hub is the gateway of star" in o.ok("admin", "gateway", "star", "hub")
     cluster.wait(lambda: {p["name"] for p in s2.status()["peers"]} == {"hub"}, what="s2 sees the gateway")
+    assert "members do not reach each other in the gateway network star, only its gateway (hub)" in \
+        s2.fails("ping", "s1", "-c", "1")
     assert {m["name"]: m["kind"] for m in s2.cli_status()["networks"][0]["members"]} == \
         {"s2": "member", "hub": "gateway"}
     o.ok("admin", "type", "star", "mesh")

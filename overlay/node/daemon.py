@@ -293,8 +293,28 @@ class Daemon:
         if p is None and text.strip().lower().rstrip(".") in (self.name, self.state.me.get("ip")):
             raise RequestError("self", f"{text} is this node (`overlay status` lists your peers)")
         if p is None:
-            raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
+            raise RequestError("unknown_peer", self._no_peer(text))
         return p
+
+    def _no_peer(self, text: str, fix: str = "") -> str:
+        """Why no peer answers to ``text``: in a hub-and-spoke (gateway) network where this node is a
+        spoke (member), the others share the network but are out of reach by design: say so."""
+        notes = []
+        mine = self.state.me.get("key")
+        for view in sorted(self.state.networks.values(), key=lambda v: v.name):
+            me = view.members.get(mine)
+            kind, net_type = me.kind if me else None, view.info.get("type")
+            if net_type == "hub-and-spoke" and kind != "hub":
+                hubs = sorted(m.name for m in view.members.values() if m.kind == "hub" and m.key != mine)
+                notes.append(f"spokes do not reach each other in the hub-and-spoke network {view.name}, "
+                             f"only its hubs ({', '.join(hubs) or 'none yet'})")
+            elif net_type == "gateway" and kind != "gateway":
+                gws = sorted(m.name for m in view.members.values() if m.kind == "gateway" and m.key != mine)
+                notes.append(f"members do not reach each other in the gateway network {view.name}, "
+                             f"only its gateway ({', '.join(gws) or 'none yet'})")
+        if notes:
+            return f"no peer named {text!r} is reachable from this node: " + "; ".join(notes)
+        return f"no peer named {text!r} shares a network with this node" + fix
 
     # ------------------------------------------------------------------ proxies, forwards, shares
     async def _start_proxies(self) -> None:
@@ -357,8 +377,7 @@ class Daemon:
         if p is None:
             if self.client is not None and not self.client.connected:
                 return f"not connected to the server yet: cannot check that {peer} is a peer"
-            raise RequestError("unknown_peer", f"no peer named {peer!r} shares a network with this node "
-                                               "(`overlay status` lists your peers)")
+            raise RequestError("unknown_peer", self._no_peer(peer, " (`overlay status` lists your peers)"))
         if not p["online"]:
             return f"{p['name']} is offline: the forward works once it is online"
         return None
