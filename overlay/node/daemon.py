@@ -95,7 +95,8 @@ class Daemon:
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None,
-                                    find_route=self.route_peer)
+                                    find_route=self.route_peer,
+                                    path=lambda key: self.dataplane.peer_path(base64.b64decode(key))[0])
         self.socks_addr, self.http_addr = socks, http_proxy
         self.proxy_users = dict(proxy_users) if proxy_users else None
         self.proxies: list = []
