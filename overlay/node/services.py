@@ -61,7 +61,7 @@ class OverlayDialer:
     def _online(self, host: str) -> dict:
         p = self._find(host)
         if p is None:
-            raise _unknown(host)
+            raise NotOverlayAddress(host)
         if not p["online"]:
             raise PeerUnreachable(p["name"], "it is offline")
         return p
@@ -75,7 +75,7 @@ class OverlayDialer:
             if p is None:
                 if _is_ipv4(host.strip()):
                     raise NotRouted(host)
-                raise _unknown(host)
+                raise NotOverlayAddress(host)
             lan = host.strip()
         ns = self._netstack()
         if ns is None:
@@ -92,7 +92,7 @@ class OverlayDialer:
             except ConnectionRefused:
                 raise PortNotShared(p["name"], port) from None
             except DialTimeout:
-                raise self._timeout(p, port) from None
+                raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
         p, ns, lan = self._target(host)
         if lan is not None:
             try:
@@ -124,14 +124,6 @@ class OverlayDialer:
             return await self._os.open_udp(self._online(host)["ip"], port)
         p, ns, lan = self._target(host)
         return _NetstackUdpFlow(ns.udp_bind(0), (lan or p["ip"], port))
-
-
-def _unknown(host: str) -> DialError:
-    """No peer answers to ``host``. A forward dials its peer's key (it follows renames): a key no
-    peer has any more is a peer that left our networks, not a wrong address."""
-    if len(host) == 44 and host.endswith("=") and " " not in host:
-        return PeerUnreachable(f"the peer with key {host[:8]}...", "it no longer shares a network with this node")
-    return NotOverlayAddress(host)
 
 
 def _is_ipv4(text: str) -> bool:
