@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,11 @@ def parse_spec(spec: str) -> ForwardSpec:
 
 class Forward:
     """Listens on ``listen_host:listen_port`` and carries each TCP connection (or UDP client
-    address) to ``peer:peer_port`` via the dialer."""
+    address) to ``peer:peer_port`` via the dialer.
+
+    ``peer`` is what the dialer is asked for and may change while the forward runs (the node pins
+    it to the peer's key so the forward follows a rename); ``label``, if given, names the peer for
+    people (logs, status) as it is called now."""
 
     def __init__(
         self,
@@ -80,8 +85,10 @@ class Forward:
         *,
         idle_timeout: float | None = None,
         max_udp_clients: int = MAX_UDP_CLIENTS,
+        label: Callable[[], str] | None = None,
     ):
         self.dialer = dialer
+        self.label = label
         self.listen_port = listen_port
         self.peer = peer
         self.peer_port = peer_port
@@ -100,9 +107,14 @@ class Forward:
         s = parse_spec(spec)
         return cls(dialer, s.listen_port, s.peer, s.peer_port, s.udp, listen_host)
 
+    @property
+    def peer_name(self) -> str:
+        """The peer as shown to people: ``label()`` if given, else ``peer``."""
+        return self.label() if self.label is not None else self.peer
+
     def __str__(self) -> str:
         proto = "udp" if self.udp else "tcp"
-        return f"{proto} {format_address(self.listen_host, self.listen_port)} -> {self.peer}:{self.peer_port}"
+        return f"{proto} {format_address(self.listen_host, self.listen_port)} -> {self.peer_name}:{self.peer_port}"
 
     async def start(self) -> None:
         """Start listening; raises :class:`~proxy.listen.ListenError` (e.g. port already in use)."""

@@ -183,7 +183,7 @@ class SocksServer(_ProxyServer):
                 return event
 
     async def _refuse(self, conn: socks5.ServerConnection, writer: asyncio.StreamWriter, e: DialError) -> None:
-        log.info("SOCKS %s: %s", writer.get_extra_info("peername"), e.message)
+        log.info("SOCKS %s: %s (reply 0x%02x)", writer.get_extra_info("peername"), e.message, e.socks_reply)
         conn.reply(e.socks_reply)
         writer.write(conn.data_to_send())
         await writer.drain()

@@ -625,6 +625,50 @@ def test_rename_password_and_pending_requests_in_status(cluster):
     a.ok("ping", "robert", "-c", "3")
 
 
+def test_forward_follows_its_peer_through_a_rename_and_a_restart(cluster, tmp_path):
+    """A forward follows the peer's key, not the name it had: after `overlay rename` on the peer a
+    new connection through it still reaches the service, status shows the new name, and so it
+    stays across a restart of the forwarding daemon."""
+    from cluster import Proc
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob")
+    a.ok("create", "lan", "--password", "pw")
+    b.ok("join", "lan", "--password", "pw")
+    cluster.wait(lambda: (a.peer("bob") or {}).get("online"), what="alice sees bob")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hi.txt").write_text("hi from bob\n")
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port := free_port())],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path / "www")
+
+    def fetch() -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{local}/hi.txt"],
+                              capture_output=True, text=True, timeout=30)
+    try:
+        b.ok("share", str(port))
+        local = free_port()
+        a.ok("forward", str(local), f"bob:{port}")
+        cluster.wait(lambda: fetch().stdout == "hi from bob\n", what="the forward reaches bob")
+        b.ok("rename", "robert")
+        cluster.wait(lambda: a.peer("robert") and not a.peer("bob"), what="alice sees robert")
+        r = fetch()
+        assert r.returncode == 0 and r.stdout == "hi from bob\n", r.stderr
+        assert [(f["peer"], f["peer_port"]) for f in a.status()["forwards"]] == [("robert", port)]
+        assert f"-> robert:{port}" in a.ok("status")
+        assert [f["peer"] for f in a.cli_status()["forwards"]] == ["robert"]
+        # the peer renames again while this daemon is down: the restored forward follows the key
+        a.ok("down")
+        cluster.wait(lambda: not a.proc.alive(), what="alice stopped")
+        b.ok("rename", "rob")
+        a.proc = Proc([*OVERLAY, "up", "--socks", "127.0.0.1:0", "--home", str(a.home)], tmp_path / "again.log")
+        cluster.wait(lambda: (a.peer("rob") or {}).get("online"), what="alice back and sees rob")
+        assert [f["peer"] for f in a.status()["forwards"]] == ["rob"]
+        r = fetch()
+        assert r.returncode == 0 and r.stdout == "hi from bob\n", r.stderr
+    finally:
+        web.kill()
+        web.wait()
+
+
 def test_offline_and_online_in_a_network_without_leaving(cluster, tmp_path):
     from cluster import Proc
     a = cluster.start_node("alice")
@@ -729,7 +773,13 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
 
     # reach: the hub yes, the other spoke is not even a peer
     assert "pong from hub" in s1.ok("ping", "hub", "-c", "3")
-    assert "no peer" in s1.fails("ping", "s2", "-c", "1")
+    # the refusal says why: they share the network, but spokes do not reach each other in it
+    msg = s1.fails("ping", "s2", "-c", "1")
+    assert "no peer named 's2' is reachable from this node: spokes do not reach each other in the " \
+           "hub-and-spoke network star, only its hubs (hub)" in msg, msg
+    assert "shares a network" not in msg
+    msg = s1.fails("forward", str(free_port()), "s2:22")
+    assert "spokes do not reach each other in the hub-and-spoke network star" in msg, msg
     # and a hand-built handshake from one spoke's key to the other is not answered: cryptokey
     # routing refuses it (the hub, which has s1 as a peer, does answer the same probe)
     assert not _handshake_answered(s1.home, s2.home, s2.status()["udp"]["port"])
@@ -742,6 +792,8 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
     assert "takes effect once it is a gateway network" not in o.ok("admin", "type", "star", "gateway")
     assert "hub is the gateway of star" in o.ok("admin", "gateway", "star", "hub")
     cluster.wait(lambda: {p["name"] for p in s2.status()["peers"]} == {"hub"}, what="s2 sees the gateway")
+    assert "members do not reach each other in the gateway network star, only its gateway (hub)" in \
+        s2.fails("ping", "s1", "-c", "1")
     assert {m["name"]: m["kind"] for m in s2.cli_status()["networks"][0]["members"]} == \
         {"s2": "member", "hub": "gateway"}
     o.ok("admin", "type", "star", "mesh")

@@ -224,6 +224,33 @@ def test_only_shared_flow_table_is_bounded():
     assert f.admit(udp(PEER_TUN, ME, 53, 1299), 1) and not f.admit(udp(PEER_TUN, ME, 53, 1000), 1)
 
 
+def test_only_shared_refusals_answer_at_once_and_are_bounded():
+    """A refused SYN gets a reset, a refused datagram ICMP port unreachable (what the peer's stack
+    reports as "refused" at once); resets are never answered, and a flood gets at most the budget."""
+    from overlay.netstack.wire import (ACK, ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, RST, parse_icmp,
+                                       parse_ipv4, parse_tcp)
+    from overlay.node.inbound_filter import REFUSALS_PER_SECOND
+    f = InboundFilter({22}, set())
+    syn = tcp(PEER_TUN, ME, 40000, 23)
+    assert not f.admit(syn, 0)
+    ip = parse_ipv4(f.refusal(syn, 0))
+    assert (ip.src, ip.dst) == (ME, PEER_TUN)
+    seg = parse_tcp(ip)                                    # checksums verified
+    assert (seg.src_port, seg.dst_port, seg.flags, seg.ack) == (23, 40000, RST | ACK, 2)   # SYN seq 1 + 1
+    dgram = udp(PEER_TUN, ME, 5000, 27016)
+    ip = parse_ipv4(f.refusal(dgram, 0))
+    msg = parse_icmp(ip.payload)
+    assert (ip.dst, msg.type, msg.code) == (PEER_TUN, ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE)
+    assert msg.data == dgram[:28]                           # the offending header and 8 bytes
+    rst = build_ipv4(PEER_TUN, ME, 6, struct.pack("!HHIIBBHHH", 40000, 23, 1, 0, 0x50, RST, 0, 0, 0))
+    assert f.refusal(rst, 0) is None
+    echo = build_ipv4(PEER_TUN, ME, PROTO_ICMP, build_icmp(ICMP_ECHO_REQUEST, 0, 0, b""))
+    assert f.refusal(echo, 0) is None and f.refusal(b"\x45" + bytes(30), 0) is None
+    answered = sum(f.refusal(syn, 10 + i / 1000) is not None for i in range(500))
+    assert answered == REFUSALS_PER_SECOND
+    assert f.refusal(syn, 11.5) is not None                 # the next second has a new budget
+
+
 def test_group_fan_out_and_caps():
     async def main():
         dp = DataPlane(crypto.generate_private_key())

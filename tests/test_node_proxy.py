@@ -385,3 +385,67 @@ def test_proxy_beyond_loopback_needs_users(net, tmp_path):
     assert r.returncode == 97  # no credentials: refused
     r = curl("-x", f"socks5h://u:secret@127.0.0.1:{port}", f"http://bob:{net['web']}/hello.txt")
     assert r.returncode == 0 and r.stdout == b"hello from bob\n", r.stderr
+
+
+def _socks_reply(net, url: str) -> int:
+    """The SOCKS5 reply code curl reports for a refused request ("... (N)"), exit code 97."""
+    import re
+    r = curl("--socks5-hostname", net["socks"], url)
+    m = re.search(rb"\((\d)\)\s*$", r.stderr)
+    assert r.returncode == 97 and m, r.stderr
+    return int(m.group(1))
+
+
+def test_socks5_reply_codes_name_the_class_of_error(net, tmp_path):
+    """Through a real node, curl shows the class of each refusal (the table in the README): 0x05
+    refused (not shared, nothing listens), 0x02 not allowed (not an overlay address), 0x04 host
+    unreachable (offline), 0x06 TTL expired (no answer in time); the log has the full reason."""
+    import signal
+    c, a, b = net["c"], net["alice"], net["bob"]
+    port = free_port()
+    assert _socks_reply(net, f"http://bob:{port}/") == 5
+    b.ok("share", str(port))
+    try:
+        assert _socks_reply(net, f"http://bob:{port}/") == 5
+    finally:
+        b.ok("unshare", str(port))
+    assert _socks_reply(net, "http://192.0.2.1/") == 2
+    assert _socks_reply(net, "http://example.invalid/") == 2
+    # dave shares a port but stops answering (SIGSTOP): a time-out; then dave is offline
+    dave = c.start_node("dave")
+    a.ok("create", "side", "--password", "pw")
+    dave.ok("join", "side", "--password", "pw")
+    dave.ok("share", str(port))
+    c.wait(lambda: (a.peer("dave") or {}).get("path"), what="alice has a path to dave")
+    os.killpg(dave.proc.p.pid, signal.SIGSTOP)
+    try:
+        assert _socks_reply(net, f"http://dave:{port}/") == 6
+    finally:
+        os.killpg(dave.proc.p.pid, signal.SIGCONT)
+    c.wait(lambda: f"connecting to dave:{port} timed out after 10 s (reply 0x06)" in a.proc.output(), what="log")
+    dave.ok("down")
+    c.wait(lambda: not (a.peer("dave") or {"online": True})["online"], what="dave offline")
+    assert _socks_reply(net, f"http://dave:{port}/") == 4
+    c.wait(lambda: "dave is unreachable: it is offline (reply 0x04)" in a.proc.output(), what="log")
+
+
+def test_a_dial_that_found_no_path_says_so():
+    """A time-out with no path to the peer is "unreachable" (0x04), not "timed out" (0x06)."""
+    import asyncio
+    from overlay.node.services import OverlayDialer
+    from proxy.dialer import DialTimeout, PeerUnreachable
+
+    class Stalls:
+        async def open_connection(self, ip, port, timeout):
+            raise TimeoutError
+
+    peer = {"name": "bob", "key": "K", "ip": "100.64.0.2", "online": True}
+    paths = {"K": None}
+    d = OverlayDialer(lambda h: peer if h == "bob" else None, Stalls, path=paths.get)
+    with pytest.raises(PeerUnreachable) as e:
+        asyncio.run(d.open_connection("bob", 22))
+    assert e.value.socks_reply == 0x04 and "no path to it" in e.value.message
+    paths["K"] = "direct 192.0.2.5:41641"
+    with pytest.raises(DialTimeout) as e:
+        asyncio.run(d.open_connection("bob", 22))
+    assert e.value.socks_reply == 0x06

@@ -95,7 +95,8 @@ class Daemon:
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None,
-                                    find_route=self.route_peer)
+                                    find_route=self.route_peer,
+                                    path=lambda key: self.dataplane.peer_path(base64.b64decode(key))[0])
         self.socks_addr, self.http_addr = socks, http_proxy
         self.proxy_users = dict(proxy_users) if proxy_users else None
         self.proxies: list = []
@@ -293,8 +294,28 @@ class Daemon:
         if p is None and text.strip().lower().rstrip(".") in (self.name, self.state.me.get("ip")):
             raise RequestError("self", f"{text} is this node (`overlay status` lists your peers)")
         if p is None:
-            raise RequestError("unknown_peer", f"no peer named {text!r} shares a network with this node")
+            raise RequestError("unknown_peer", self._no_peer(text))
         return p
+
+    def _no_peer(self, text: str, fix: str = "") -> str:
+        """Why no peer answers to ``text``: in a hub-and-spoke (gateway) network where this node is a
+        spoke (member), the others share the network but are out of reach by design: say so."""
+        notes = []
+        mine = self.state.me.get("key")
+        for view in sorted(self.state.networks.values(), key=lambda v: v.name):
+            me = view.members.get(mine)
+            kind, net_type = me.kind if me else None, view.info.get("type")
+            if net_type == "hub-and-spoke" and kind != "hub":
+                hubs = sorted(m.name for m in view.members.values() if m.kind == "hub" and m.key != mine)
+                notes.append(f"spokes do not reach each other in the hub-and-spoke network {view.name}, "
+                             f"only its hubs ({', '.join(hubs) or 'none yet'})")
+            elif net_type == "gateway" and kind != "gateway":
+                gws = sorted(m.name for m in view.members.values() if m.kind == "gateway" and m.key != mine)
+                notes.append(f"members do not reach each other in the gateway network {view.name}, "
+                             f"only its gateway ({', '.join(gws) or 'none yet'})")
+        if notes:
+            return f"no peer named {text!r} is reachable from this node: " + "; ".join(notes)
+        return f"no peer named {text!r} shares a network with this node" + fix
 
     # ------------------------------------------------------------------ proxies, forwards, shares
     async def _start_proxies(self) -> None:
@@ -327,16 +348,22 @@ class Daemon:
             if (fw["listen"], fw["udp"]) in self.forwards:
                 continue
             try:
-                await self.add_forward(fw["listen"], fw["peer"], fw["peer_port"], fw["udp"])
+                await self.add_forward(fw["listen"], fw["peer"], fw["peer_port"], fw["udp"], key=fw["key"])
             except RequestError as e:
                     log.warning("forward %d%s -> %s:%d not restored: %s (overlay unforward %d%s drops it)",
                             fw["listen"], "/udp" if fw["udp"] else "", fw["peer"], fw["peer_port"], e.message,
                             fw["listen"], "/udp" if fw["udp"] else "")
 
-    async def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool) -> dict:
+    async def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool, key: str | None = None) -> dict:
+        """A forward to ``peer`` (name, name.network, virtual IP, or a LAN address behind a gateway).
+        It follows the peer's key (``key``, else the key ``peer`` names now or once the node learns
+        it, see :meth:`_pin_forwards`), not the name: a rename does not break it."""
         if (listen, udp) in self.forwards:
             raise RequestError("forward_exists", f"port {listen}{'/udp' if udp else ''} is already forwarded")
-        fwd = Forward(self.dialer, listen, peer, peer_port, udp)
+        p = self.find_peer(key or peer)
+        target = p["key"] if p else (key or peer)
+        fwd = Forward(self.dialer, listen, target, peer_port, udp,
+                      label=lambda: (q["name"] if (q := self.find_peer(fwd.peer)) else peer))
         try:
             await fwd.start()
         except ListenError as e:
@@ -351,16 +378,27 @@ class Daemon:
         if p is None:
             if self.client is not None and not self.client.connected:
                 return f"not connected to the server yet: cannot check that {peer} is a peer"
-            raise RequestError("unknown_peer", f"no peer named {peer!r} shares a network with this node "
-                                               "(`overlay status` lists your peers)")
+            raise RequestError("unknown_peer", self._no_peer(peer, " (`overlay status` lists your peers)"))
         if not p["online"]:
             return f"{p['name']} is offline: the forward works once it is online"
         return None
 
-    @staticmethod
-    def _forward_info(f: Forward) -> dict:
-        return {"listen": f"{f.address[0]}:{f.address[1]}", "peer": f.peer, "peer_port": f.peer_port,
-                "proto": "udp" if f.udp else "tcp", "active": f.active}
+    def _pin_forwards(self) -> None:
+        """Forwards whose peer was not known when they started (config.toml, or not connected yet)
+        follow its key from now on; runtime forwards remember it, and the peer's current name."""
+        saved = {(f["listen"], f["udp"]): f for f in self.prefs.forwards}
+        for (port, udp), fwd in self.forwards.items():
+            p = self.find_peer(fwd.peer)
+            if p is None:
+                continue
+            fwd.peer = p["key"]
+            if (f := saved.get((port, udp))) is not None:
+                self.prefs.add_forward(port, p["name"], f["peer_port"], udp, key=p["key"])
+
+    def _forward_info(self, f: Forward) -> dict:
+        p = self.find_peer(f.peer)
+        return {"listen": f"{f.address[0]}:{f.address[1]}", "peer": f.peer_name, "peer_port": f.peer_port,
+                "proto": "udp" if f.udp else "tcp", "active": f.active, "key": p["key"] if p else None}
 
     async def ping(self, target: str, timeout: float = 2.0) -> dict:
         """One echo to a peer, or to a LAN host behind a gateway member (an approved route holds it)."""
@@ -395,6 +433,7 @@ class Daemon:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
+        self._pin_forwards()
         if self.advertise_routes:
             own = [(r, ips) for r, ips in self.state.own_routes() if r in self.advertise_routes]
             if self.gateway is not None:
@@ -541,7 +580,8 @@ class Daemon:
         if cmd == "forward":
             warning = self._forward_target_warning(a["peer"])
             r = await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
-            self.prefs.add_forward(int(r["listen"].rsplit(":", 1)[1]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
+            self.prefs.add_forward(int(r["listen"].rsplit(":", 1)[1]), r["peer"], int(a["peer_port"]), bool(a.get("udp")),
+                                   key=r["key"])
             return {**r, "warning": warning} if warning else r
         if cmd == "unforward":
             fwd = self.forwards.pop((int(a["listen"]), bool(a.get("udp"))), None)

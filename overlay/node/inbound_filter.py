@@ -11,14 +11,24 @@ the filter on, an inbound IPv4 packet reaches the kernel only if it is
   checked, the kernel cannot reassemble it).
 Flows live in one bounded table (oldest evicted first); nothing is allocated per packet beyond
 the table's key when a flow is new or refreshed.
+
+A refused packet is answered as a host without a listener would answer it, so the peer's
+application fails at once instead of waiting for its connect timeout: a TCP segment (other than a
+reset) with a reset, a UDP datagram with ICMP port unreachable (:meth:`InboundFilter.refusal`);
+never a packet to a broadcast or multicast address, and at most ``REFUSALS_PER_SECOND`` of them, so
+the node cannot be made to reflect a flood.
 """
 
 from __future__ import annotations
+
+from overlay.netstack.wire import (ACK, ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, RST, WireError, build_icmp,
+                                   build_ipv4, build_tcp, parse_ipv4, parse_tcp)
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 ICMP_ECHO_REPLY, ICMP_UNREACHABLE, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED = 0, 3, 8, 11
 MAX_FLOWS = 16384
 TIMEOUT = {PROTO_TCP: 3600.0, PROTO_UDP: 180.0, PROTO_ICMP: 30.0}
+REFUSALS_PER_SECOND = 100
 
 
 class InboundFilter:
@@ -26,7 +36,8 @@ class InboundFilter:
         self.tcp_ports, self.udp_ports = tcp_ports, udp_ports   # live views of the node's shares
         self.max_flows = max_flows
         self.flows: dict[tuple, float] = {}   # (proto, remote ip, remote port/id, local port) -> expiry
-        self.stats = {"admitted": 0, "refused": 0}
+        self.stats = {"admitted": 0, "refused": 0, "answered": 0}
+        self._budget, self._window = REFUSALS_PER_SECOND, float("-inf")
 
     @staticmethod
     def _key(pkt: bytes, outbound: bool) -> tuple | None:
@@ -90,6 +101,40 @@ class InboundFilter:
                 inner = pkt[ihl + 8:]   # the offending packet we sent, as "outbound"
                 return len(inner) >= 28 and self._tracked(self._key(inner, True), now)
         return False
+
+    def refusal(self, pkt: bytes, now: float) -> bytes | None:
+        """The answer to a packet :meth:`admit` refused, addressed to this node's own unicast
+        address: a TCP reset or ICMP port unreachable, None for anything else or over the rate."""
+        proto = pkt[9] if len(pkt) >= 20 else 0
+        if proto != PROTO_TCP and proto != PROTO_UDP:
+            return None
+        if now - self._window >= 1.0:
+            self._window, self._budget = now, REFUSALS_PER_SECOND
+        if self._budget <= 0:
+            return None
+        try:
+            ip = parse_ipv4(pkt, verify=False)
+            if ip.frag:
+                return None
+            if proto == PROTO_UDP:
+                if len(ip.payload) < 8:
+                    return None
+                answer = build_ipv4(ip.dst, ip.src, PROTO_ICMP, build_icmp(
+                    ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, 0, ip.header + ip.payload[:8]))
+            else:
+                seg = parse_tcp(ip, verify=False)
+                if seg.flags & RST:
+                    return None
+                if seg.flags & ACK:   # RFC 9293 3.10.7.1: take its ACK as our sequence number
+                    tcp = build_tcp(ip.dst, ip.src, seg.dst_port, seg.src_port, seg.ack, 0, RST, 0)
+                else:
+                    tcp = build_tcp(ip.dst, ip.src, seg.dst_port, seg.src_port, 0, seg.seq + seg.seg_len, RST | ACK, 0)
+                answer = build_ipv4(ip.dst, ip.src, PROTO_TCP, tcp)
+        except WireError:
+            return None
+        self._budget -= 1
+        self.stats["answered"] += 1
+        return answer
 
     def _tracked(self, key: tuple | None, now: float) -> bool:
         if key is None:

@@ -242,6 +242,7 @@ class KernelInterface:
         filt = self.filter
         now = self.dp.now() if filt else 0.0
         ok = []
+        answers = None
         gw = self.gateway if self._forwarding else None
         for p in packets:
             dst = p[16:20]
@@ -254,8 +255,12 @@ class KernelInterface:
                 continue
             if filt and not filt.admit(p, now):
                 self.stats["filtered"] += 1
+                if dst == me and (answer := filt.refusal(p, now)) is not None:
+                    (answers := answers or []).append(answer)   # a reset / port unreachable: fail fast
                 continue
             ok.append(p)
+        if answers:
+            self.dp.send_packets(answers)
         if self.edge:
             header = self.edge.header_for
             if self.vnet:

@@ -5,7 +5,8 @@
   (options and config.toml still take precedence; ``--userspace`` goes back to no device);
 - the networks it went offline in (``overlay offline NET``), until ``overlay online NET``;
 - the shares and forwards added at run time (``overlay share`` / ``forward``), restored when the
-  daemon starts and dropped by ``overlay unshare`` / ``unforward``. Those from config.toml are
+  daemon starts and dropped by ``overlay unshare`` / ``unforward``; a forward keeps the key of
+  its peer, so it follows the peer through renames. Those from config.toml are
   not copied here: config.toml stays their single source.
 
 Kept deliberately small and readable; a file that cannot be parsed is an error naming it, never
@@ -43,7 +44,8 @@ class Prefs:
                 shares = [{"port": int(s["port"]), "proto": "udp" if s.get("proto") == "udp" else "tcp"}
                           for s in loaded.get("shares", [])]
                 forwards = [{"listen": int(f["listen"]), "peer": str(f["peer"]), "peer_port": int(f["peer_port"]),
-                             "udp": bool(f.get("udp"))} for f in loaded.get("forwards", [])]
+                             "udp": bool(f.get("udp")), "key": None if f.get("key") is None else str(f["key"])}
+                            for f in loaded.get("forwards", [])]
                 away = [str(n) for n in loaded.get("away", [])]
                 iface = loaded.get("interface")
                 if iface is not None:
@@ -115,9 +117,14 @@ class Prefs:
             self.data["shares"].remove(entry)
             self._save()
 
-    def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool) -> None:
+    def add_forward(self, listen: int, peer: str, peer_port: int, udp: bool, key: str | None = None) -> None:
+        """A runtime forward; ``key``: the peer's public key it follows (``peer`` is then the name
+        last seen, for people and for a start before the node knows its peers)."""
+        entry = {"listen": listen, "peer": peer, "peer_port": peer_port, "udp": udp, "key": key}
+        if entry in self.data["forwards"]:
+            return
         self._drop_forward(listen, udp)
-        self.data["forwards"].append({"listen": listen, "peer": peer, "peer_port": peer_port, "udp": udp})
+        self.data["forwards"].append(entry)
         self._save()
 
     def remove_forward(self, listen: int, udp: bool) -> None:

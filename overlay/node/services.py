@@ -46,8 +46,10 @@ class NotRouted(NotOverlayAddress):
 
 class OverlayDialer:
     def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None],
-                 kernel: bool = False, find_route: Callable[[str], dict | None] = lambda ip: None):
+                 kernel: bool = False, find_route: Callable[[str], dict | None] = lambda ip: None,
+                 path: Callable[[str], str | None] = lambda key: "?"):
         self._find = find_peer
+        self._path = path            # a peer's key -> its path ("direct ...", "relay"), None: no path
         self._route = find_route     # a LAN address -> the gateway member whose approved route holds it
         self._netstack = netstack
         # a TUN/TAP node: its kernel routes the pool through the device, so ordinary sockets reach peers
@@ -113,7 +115,14 @@ class OverlayDialer:
         except ConnectionRefusedError:
             raise PortNotShared(p["name"], port) from None
         except (asyncio.TimeoutError, TimeoutError):
-            raise DialTimeout(p["name"], port, DIAL_TIMEOUT) from None
+            raise self._timeout(p, port) from None
+
+    def _timeout(self, p: dict, port: int) -> DialError:
+        """No answer in time: the peer did not answer (a path exists), or no path to it formed."""
+        if self._path(p["key"]) is None:
+            return PeerUnreachable(p["name"], f"no path to it formed in {DIAL_TIMEOUT:g} s (overlay status shows "
+                                              f"its path; overlay netcheck tells why)")
+        return DialTimeout(p["name"], port, DIAL_TIMEOUT)
 
     async def open_udp(self, host: str, port: int):
         if self._os is not None:
