@@ -369,3 +369,39 @@ def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path, kind):
             assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "0"
         finally:
             ol.close()
+
+
+@pytest.mark.parametrize("own", ["192.168.77.1", "192.168.77.5"])
+def test_tun_gateway_forwards_whatever_its_own_address_in_the_lan(tmp_path, own):
+    """The TUN gateway's LAN interface holds ``own`` in the advertised 192.168.77.0/24 (the
+    subnet's first address, where ``ip route get`` answers ``lo``, or another one): forwarding is
+    switched on for that interface too, and a member reaches the LAN host (TCP through SOCKS5,
+    ICMP echo)."""
+    lab.require_lab("conntrack", "tun")
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from the LAN\n")
+    host = "192.168.77.20"
+    with natlab.NatLab() as nl:
+        nl.add_site("a", "port_restricted", hosts=2)
+        nl.add_site("b", "port_restricted")
+        nl.run("a1", ["ip", "addr", "add", f"{own}/24", "dev", "eth0"])
+        nl.run("a2", ["ip", "addr", "add", f"{host}/24", "dev", "eth0"])
+        nl.popen("a2", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", host], cwd=www, label="web")
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server()
+            gw = ol.start_node("a1", "gw", "--tun", "--advertise-routes", "192.168.77.0/24")
+            m = ol.start_node("b1", "member")
+            ol.pair(gw, m, "home")
+            gw.ok("admin", "routes", "home", "approve", "gw", "192.168.77.0/24")
+            ol.wait(lambda: (m.peer("gw") or {}).get("routes") == ["192.168.77.0/24"], 10, "route handed out")
+            ol.wait(lambda: (gw.status().get("gateway") or {}).get("stats", {}).get("forwarding"), 10,
+                    "the gateway forwards")
+            assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "1"
+            r = nl.run("b1", ["curl", "-sS", "--max-time", "15", "--socks5-hostname", _proxy(m, "socks5"),
+                              f"http://{host}:{WEB_PORT}/index.html"], check=False, timeout=25)
+            assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+            assert any(p["rtt_ms"] is not None for p in m.ping(host, count=3)), ol.dump()
+        finally:
+            ol.close()
