@@ -192,6 +192,10 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             assert f"{lan_host}:{WEB_PORT + 1} refused the connection (reached through gateway gw)" in r.stdout, \
                 r.stdout + r.stderr
             assert time.monotonic() - t0 < 8
+            # no such host in the LAN: what the gateway saw (no answer / host unreachable), not "refused"
+            r = curl("-x", f"http://{http}", f"http://10.0.1.77:{WEB_PORT}/")
+            assert ("gateway gw got no answer from it" in r.stdout or "gateway gw reports host unreachable"
+                    in r.stdout) and "refused" not in r.stdout, r.stdout + r.stderr
 
             # throughput through the gateway (printed)
             t0 = time.monotonic()

@@ -165,3 +165,45 @@ def test_one_member_cannot_fill_the_tcp_dials_for_the_others():
             gw.close()
 
     asyncio.run(main())
+
+
+def test_member_is_told_what_the_gateway_saw_when_a_lan_host_does_not_answer(monkeypatch):
+    """A member's dial through the gateway (its netstack and OverlayDialer, the gateway's stack
+    for the LAN host) to a LAN host that never answers, or that the gateway's kernel cannot reach:
+    the member's error says so and names the gateway, never "refused"."""
+    from overlay.netstack.asyncio_glue import StackDriver
+    from overlay.netstack.stack import Stack
+    from overlay.node.services import OverlayDialer
+    from proxy.dialer import DialTimeout, PeerUnreachable
+    monkeypatch.setattr(gateway, "LAN_DIAL_TIMEOUT", 0.3)
+
+    async def main():
+        async def open_connection(host: str, port: int):
+            if port == 81:
+                raise OSError(113, "No route to host")
+            await asyncio.sleep(3600)     # no such host: nobody answers
+
+        member: StackDriver | None = None
+        gw = Gateway(lambda pkts: member.receive_packets(pkts), mtu=1380, open_connection=open_connection)
+        gw.set_routes([("192.168.77.0/24", {MEMBER})])
+        loop = asyncio.get_running_loop()
+        member = StackDriver(Stack(MEMBER, mtu=1380, now=loop.time()), lambda p: gw.deliver([p]),
+                             send_packets=gw.deliver)
+        peer = {"name": "homepc", "ip": "100.64.0.1", "online": True}
+        dialer = OverlayDialer(lambda h: None, lambda: member, find_route=lambda ip: peer)
+        try:
+            try:
+                await dialer.open_connection("192.168.77.20", 80)
+                raise AssertionError("connected")
+            except DialTimeout as e:
+                assert e.message == "connecting to 192.168.77.20:80 timed out: gateway homepc got no answer from it"
+            try:
+                await dialer.open_connection("192.168.77.20", 81)
+                raise AssertionError("connected")
+            except PeerUnreachable as e:
+                assert e.message == "192.168.77.20:81 is unreachable: gateway homepc reports host unreachable"
+        finally:
+            gw.close()
+            member.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -6,7 +6,9 @@ Packets from a member to an address inside one of this node's approved routes (`
 - TCP ends in a userspace stack that answers for that LAN address (one small ``Stack`` per
   destination, listening on every port, created on the first SYN, dropped when idle): each SYN
   first opens an ordinary OS socket to the LAN host; only when that connects does the member's
-  handshake complete, otherwise the member gets ICMP port unreachable ("refused") at once.
+  handshake complete, otherwise the member gets at once ICMP port unreachable ("refused") when
+  the LAN host refused, time exceeded when it did not answer in ``LAN_DIAL_TIMEOUT``, host
+  unreachable when the gateway's kernel says so, administratively prohibited when busy.
 - UDP datagrams go out of an ordinary OS socket per flow (member address and port, LAN host and
   port); replies come back as IPv4/UDP packets from the LAN address. Idle flows expire.
 - ICMP echo requests go out of the gateway's own ICMP sockets and the LAN host's replies come
@@ -29,7 +31,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from overlay.netstack.asyncio_glue import StackDriver
+from overlay.netstack.asyncio_glue import REFUSE_BUSY, REFUSE_TIMED_OUT, REFUSE_UNREACHABLE, StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
 from overlay.netstack.wire import (ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP, PROTO_UDP, WireError, build_ipv4,
@@ -129,22 +131,26 @@ class Gateway:
         async def prepare(remote: tuple[str, int], port: int):
             task = self._dial(remote[0], dst, port)
             if task is None:
-                return None
+                return REFUSE_BUSY
             try:
-                await asyncio.wait((task,), timeout=LAN_DIAL_TIMEOUT)
+                done, _ = await asyncio.wait((task,), timeout=LAN_DIAL_TIMEOUT)
             finally:
                 if not task.done():
                     task.cancel()
-            if task.cancelled():   # timed out, or given up to another member's dial
-                e: BaseException | None = None
+            if not done:
+                e, answer = None, REFUSE_TIMED_OUT
+            elif task.cancelled():    # given up to another member's dial
+                e, answer = None, REFUSE_BUSY
             else:
                 e = task.exception()
                 if e is None:
                     return task.result()
+                answer = None if isinstance(e, ConnectionRefusedError) else REFUSE_UNREACHABLE
             self.stats["lan_refused"] += 1
             self._refused.log(log, logging.INFO, "gateway: %s -> %s:%d: %s", remote[0], dst, port,
-                              getattr(e, "strerror", None) or "timed out")
-            return None
+                              getattr(e, "strerror", None) or ("timed out" if answer is REFUSE_TIMED_OUT else
+                                                               "busy" if answer is REFUSE_BUSY else e))
+            return answer
 
         async def handle(reader, writer, pair) -> None:
             self.stats["tcp_streams"] += 1
