@@ -409,3 +409,49 @@ def test_tun_gateway_forwards_whatever_its_own_address_in_the_lan(tmp_path, own)
             assert any(p["rtt_ms"] is not None for p in m.ping(host, count=3)), ol.dump()
         finally:
             ol.close()
+
+
+def test_members_drop_a_route_their_gateway_no_longer_advertises(tmp_path):
+    """The gateway restarted without --advertise-routes: its members drop the approved route as
+    soon as it is back online, and refuse dials into it at once, naming the gateway (SOCKS5, the
+    HTTP proxy with the reason, overlay ping), instead of sending them to a gateway that drops them."""
+    lab.require_lab("conntrack")
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from the LAN\n")
+    with natlab.NatLab() as nl:
+        a = nl.add_site("a", "port_restricted", hosts=2)
+        nl.add_site("b", "port_restricted")
+        lan_host = a.hosts[1].ip
+        nl.popen("a2", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", lan_host], cwd=www, label="web")
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server()
+            gw = ol.start_node("a1", "gw", "--advertise-routes", "10.0.1.0/24")
+            m = ol.start_node("b1", "member", "--http-proxy", "127.0.0.1:0")
+            ol.pair(gw, m, "home")
+            gw.ok("admin", "routes", "home", "approve", "gw", "10.0.1.0/24")
+            ol.wait(lambda: (m.peer("gw") or {}).get("routes") == ["10.0.1.0/24"], 10, "route handed to member")
+            socks, http = _proxy(m, "socks5"), _proxy(m, "http")
+
+            def curl(*args: str):
+                return nl.run("b1", ["curl", "-sS", "--max-time", "20", *args], check=False, timeout=30)
+            r = curl("--socks5-hostname", socks, f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+
+            gw.stop()
+            i = gw.argv.index("--advertise-routes")
+            gw.argv = gw.argv[:i] + gw.argv[i + 2:]
+            gw.restart()
+            ol.wait(lambda: (p := m.peer("gw")) and p["online"] and p["routes"] == []
+                    and p["withdrawn"] == ["10.0.1.0/24"], 30, "the member sees the route withdrawn")
+            why = f"{lan_host}: gateway gw no longer advertises 10.0.1.0/24"
+            r = curl("-x", f"http://{http}", f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert why in r.stdout, r.stdout + r.stderr
+            r = curl("--socks5-hostname", socks, f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert r.returncode != 0 and r.stdout == "", r.stdout
+            ol.wait(lambda: m.log().count(why) >= 2, 5, "the member logs the SOCKS refusal")
+            r = m.cli("ping", lan_host, "-c", "1")
+            assert r.returncode != 0 and why in r.stdout + r.stderr, r.stdout + r.stderr
+        finally:
+            ol.close()

@@ -43,6 +43,14 @@ class NotRouted(NotOverlayAddress):
         self.host = host
 
 
+class RouteWithdrawn(NotRouted):
+    """An IP address inside an approved route its gateway member no longer advertises."""
+
+    def __init__(self, host: str, gateway: str, prefix: str):
+        DialError.__init__(self, f"{host}: gateway {gateway} no longer advertises {prefix}")
+        self.host = host
+
+
 class OverlayDialer:
     def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None],
                  kernel: bool = False, find_route: Callable[[str], dict | None] = lambda ip: None):
