@@ -1057,6 +1057,16 @@ def test_gateway_routes_need_the_owners_approval(w):
     assert w.fails("alice", "admin", network="lan", action="route-approve", target="gw",
                    prefix="10.1.0.0/16").message.endswith("it is offline)")
     w.hello("gw", routes=["192.168.1.0/24"])
+    assert _routes_seen(w, "bob") == {"gw": ["192.168.1.0/24"]}
+    # the gateway back without advertising it: the members learn at once that it is withdrawn
+    w.disconnect("gw")
+    w.events()
+    w.hello("gw")
+    evs = [m for e in w.ev("bob", "members") for m in e["members"] if m["name"] == "gw"]
+    assert evs and "routes" not in evs[-1] and evs[-1]["withdrawn"] == ["192.168.1.0/24"], evs
+    assert _routes_seen(w, "bob") == {}
+    w.hello("gw", routes=["192.168.1.0/24"])
+    assert _routes_seen(w, "bob") == {"gw": ["192.168.1.0/24"]}
     w.admin("alice", "lan", "route-remove", target="gw", prefix="192.168.1.0/24")
     assert _routes_seen(w, "bob") == {}
     assert w.fails("alice", "admin", network="lan", action="route-remove", target="gw",

@@ -795,7 +795,8 @@ def test_state_network_and_members():
     assert st_["name"] == "lan" and st_["role"] == "owner" and st_["approval"] and st_["max_members"] == 5
     assert [(m["name"], m["self"]) for m in st_["members"]] == [("bob", False), ("me", True)]
     assert s.peers() == {"BOB": {"name": "bob", "key": "BOB", "ip": "100.64.0.3", "online": True,
-                                 "iface": None, "networks": ["lan"], "routes": [], "encrypted": True}}
+                                 "iface": None, "networks": ["lan"], "routes": [], "withdrawn": [],
+                                 "encrypted": True}}
 
 
 def test_state_members_changes_are_described():

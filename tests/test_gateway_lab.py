@@ -197,6 +197,10 @@ def test_member_reaches_a_lan_through_an_approved_gateway(tmp_path):
             assert f"{lan_host}:{WEB_PORT + 1} refused the connection (reached through gateway gw)" in r.stdout, \
                 r.stdout + r.stderr
             assert time.monotonic() - t0 < 8
+            # no such host in the LAN: what the gateway saw (no answer / host unreachable), not "refused"
+            r = curl("-x", f"http://{http}", f"http://10.0.1.77:{WEB_PORT}/")
+            assert ("gateway gw got no answer from it" in r.stdout or "gateway gw reports host unreachable"
+                    in r.stdout) and "refused" not in r.stdout, r.stdout + r.stderr
 
             # throughput through the gateway (printed)
             t0 = time.monotonic()
@@ -250,11 +254,15 @@ def _inject(nl: natlab.NatLab, host: str, home, gw_key: bytes, gw_addr: tuple[st
     dev = Device(Home(home).private_key())
     dev.add_peer(gw_key, endpoint=gw_addr)
     sock = nl.udp_socket(host, timeout=0.1)
-    for p in packets:
-        dev.send(gw_key, p, time.monotonic())
+    dev.send(gw_key, packets[0], time.monotonic())
+    rest = packets[1:]     # once the session is up: more than the handshake's staging queue holds
     got: list[bytes] = []
     end = time.monotonic() + wait
     while time.monotonic() < end:
+        if rest and dev.peer_stats(gw_key)["has_session"]:
+            for p in rest:
+                dev.send(gw_key, p, time.monotonic())
+            rest = []
         for data, addr in dev.datagrams_to_send():
             sock.sendto(data, addr)
         try:
@@ -374,3 +382,155 @@ def test_tun_node_as_the_gateway_forwards_approved_routes_only(tmp_path, kind):
             assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "0"
         finally:
             ol.close()
+
+
+@pytest.mark.parametrize("own", ["192.168.77.1", "192.168.77.5"])
+def test_tun_gateway_forwards_whatever_its_own_address_in_the_lan(tmp_path, own):
+    """The TUN gateway's LAN interface holds ``own`` in the advertised 192.168.77.0/24 (the
+    subnet's first address, where ``ip route get`` answers ``lo``, or another one): forwarding is
+    switched on for that interface too, and a member reaches the LAN host (TCP through SOCKS5,
+    ICMP echo)."""
+    lab.require_lab("conntrack", "tun")
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from the LAN\n")
+    host = "192.168.77.20"
+    with natlab.NatLab() as nl:
+        nl.add_site("a", "port_restricted", hosts=2)
+        nl.add_site("b", "port_restricted")
+        nl.run("a1", ["ip", "addr", "add", f"{own}/24", "dev", "eth0"])
+        nl.run("a2", ["ip", "addr", "add", f"{host}/24", "dev", "eth0"])
+        nl.popen("a2", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", host], cwd=www, label="web")
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server()
+            gw = ol.start_node("a1", "gw", "--tun", "--advertise-routes", "192.168.77.0/24")
+            m = ol.start_node("b1", "member")
+            ol.pair(gw, m, "home")
+            gw.ok("admin", "routes", "home", "approve", "gw", "192.168.77.0/24")
+            ol.wait(lambda: (m.peer("gw") or {}).get("routes") == ["192.168.77.0/24"], 10, "route handed out")
+            ol.wait(lambda: (gw.status().get("gateway") or {}).get("stats", {}).get("forwarding"), 10,
+                    "the gateway forwards")
+            assert nl.run("a1", ["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"]).stdout.strip() == "1"
+            r = nl.run("b1", ["curl", "-sS", "--max-time", "15", "--socks5-hostname", _proxy(m, "socks5"),
+                              f"http://{host}:{WEB_PORT}/index.html"], check=False, timeout=25)
+            assert r.returncode == 0 and r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+            assert any(p["rtt_ms"] is not None for p in m.ping(host, count=3)), ol.dump()
+        finally:
+            ol.close()
+
+
+def test_members_drop_a_route_their_gateway_no_longer_advertises(tmp_path):
+    """The gateway restarted without --advertise-routes: its members drop the approved route as
+    soon as it is back online, and refuse dials into it at once, naming the gateway (SOCKS5, the
+    HTTP proxy with the reason, overlay ping), instead of sending them to a gateway that drops them."""
+    lab.require_lab("conntrack")
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello from the LAN\n")
+    with natlab.NatLab() as nl:
+        a = nl.add_site("a", "port_restricted", hosts=2)
+        nl.add_site("b", "port_restricted")
+        lan_host = a.hosts[1].ip
+        nl.popen("a2", ["python3", "-m", "http.server", str(WEB_PORT), "--bind", lan_host], cwd=www, label="web")
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server()
+            gw = ol.start_node("a1", "gw", "--advertise-routes", "10.0.1.0/24")
+            m = ol.start_node("b1", "member", "--http-proxy", "127.0.0.1:0")
+            ol.pair(gw, m, "home")
+            gw.ok("admin", "routes", "home", "approve", "gw", "10.0.1.0/24")
+            ol.wait(lambda: (m.peer("gw") or {}).get("routes") == ["10.0.1.0/24"], 10, "route handed to member")
+            socks, http = _proxy(m, "socks5"), _proxy(m, "http")
+
+            def curl(*args: str):
+                return nl.run("b1", ["curl", "-sS", "--max-time", "20", *args], check=False, timeout=30)
+            r = curl("--socks5-hostname", socks, f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert r.stdout == "hello from the LAN\n", r.stdout + r.stderr + ol.dump()
+
+            gw.stop()
+            i = gw.argv.index("--advertise-routes")
+            gw.argv = gw.argv[:i] + gw.argv[i + 2:]
+            gw.restart()
+            ol.wait(lambda: (p := m.peer("gw")) and p["online"] and p["routes"] == []
+                    and p["withdrawn"] == ["10.0.1.0/24"], 30, "the member sees the route withdrawn")
+            why = f"{lan_host}: gateway gw no longer advertises 10.0.1.0/24"
+            r = curl("-x", f"http://{http}", f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert why in r.stdout, r.stdout + r.stderr
+            r = curl("--socks5-hostname", socks, f"http://{lan_host}:{WEB_PORT}/index.html")
+            assert r.returncode != 0 and r.stdout == "", r.stdout
+            ol.wait(lambda: m.log().count(why) >= 2, 5, "the member logs the SOCKS refusal")
+            r = m.cli("ping", lan_host, "-c", "1")
+            assert r.returncode != 0 and why in r.stdout + r.stderr, r.stdout + r.stderr
+        finally:
+            ol.close()
+
+
+def test_one_member_cannot_fill_a_userspace_gateways_tables(tmp_path):
+    """A member (its key, its own WireGuard: hand-built packets) opens more UDP flows and ICMP echo
+    identifiers toward the LAN host than the gateway's tables hold, and keeps them busy; another
+    member's datagrams and pings to the LAN still get through at once."""
+    lab.require_lab("conntrack")
+    from overlay.netstack.wire import build_udp
+    from overlay.node import gateway, gateway_icmp
+    with natlab.NatLab() as nl:
+        a = nl.add_site("a", "port_restricted", hosts=3)
+        nl.add_site("b", "port_restricted")
+        nl.add_site("c", "port_restricted")
+        lan_host = a.hosts[1].ip
+        nl.popen("a2", ["python3", "-c", UDP_ECHO], label="echo")
+        nl.run("a1", ["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])
+        ol = OverlayLab(nl)
+        try:
+            ol.start_server()
+            gw = ol.start_node("a1", "gw", "--advertise-routes", "10.0.1.0/24")
+            hog = ol.start_node("b1", "hog")
+            m = ol.start_node("c1", "member")
+            ol.pair(gw, hog, "home", m)
+            gw.ok("admin", "routes", "home", "approve", "gw", "10.0.1.0/24")
+            ol.wait(lambda: (m.peer("gw") or {}).get("routes") == ["10.0.1.0/24"], 10, "route handed to member")
+            ol.wait(lambda: (hog.peer("gw") or {}).get("routes") == ["10.0.1.0/24"], 10, "route handed to hog")
+            out = m.ok("forward", "19999/udp", f"{lan_host}:{ECHO_PORT}", "--json")
+            import json
+            uport = int(json.loads(out)["listen"].rsplit(":", 1)[1])
+
+            def member_udp() -> bytes | None:
+                s = nl.udp_socket("c1", timeout=1.0)
+                try:
+                    for _ in range(3):
+                        s.sendto(b"member", ("127.0.0.1", uport))
+                        try:
+                            return s.recv(2048)
+                        except socket.timeout:
+                            continue
+                finally:
+                    s.close()
+                return None
+            assert member_udp() == b"echo:member", ol.dump()
+
+            hog_ip = hog.status()["node"]["virtual_ip"]
+            gw_key = __import__("base64").b64decode(gw.status()["node"]["public_key"])
+            gw_addr = (a.hosts[0].ip, gw.status()["udp"]["port"])
+            hog.stop()
+            src, dst = socket.inet_aton(hog_ip), socket.inet_aton(lan_host)
+            from overlay.netstack.wire import PROTO_UDP, build_ipv4
+            flood = [build_ipv4(src, dst, PROTO_UDP, build_udp(src, dst, 20000 + i, ECHO_PORT, b"hog"))
+                     for i in range(gateway.MAX_UDP_FLOWS + 20)]
+            flood += [_echo_id(hog_ip, lan_host, 0x1000 + i, 1) for i in range(gateway_icmp.MAX_FLOWS + 12)]
+            got = _inject(nl, "a3", hog.home, gw_key, gw_addr, flood, wait=6.0)
+            assert len(got) > gateway.MAX_UDP_FLOWS, len(got)      # the hog's flows and pings were carried
+            stats = gw.status()["gateway"]["stats"]
+            assert stats["udp_flows"] >= gateway.MAX_UDP_FLOWS and stats["echo_dropped"] >= 12, stats  # bounded
+
+            # the tables are full of the hog's (fresh) entries: the member still gets through
+            assert member_udp() == b"echo:member", ol.dump()
+            probes = m.ping(lan_host, count=3)
+            assert any(p["rtt_ms"] is not None for p in probes), (probes, ol.dump())
+        finally:
+            ol.close()
+
+
+def _echo_id(src: str, dst: str, ident: int, seq: int) -> bytes:
+    from overlay.netstack.wire import ICMP_ECHO_REQUEST, PROTO_ICMP, build_icmp, build_ipv4
+    return build_ipv4(socket.inet_aton(src), socket.inet_aton(dst), PROTO_ICMP,
+                      build_icmp(ICMP_ECHO_REQUEST, 0, ident << 16 | seq, b"hand-built"))

@@ -59,6 +59,38 @@ def test_table_is_bounded():
     assert t.stats["dropped"] == 2
 
 
+def test_one_member_cannot_fill_the_tables_for_the_others():
+    """A member holding every flow and every request in flight gives up its oldest to another
+    member, who gets up to an equal share; the hog cannot take them back."""
+    hog, other = socket.inet_aton("100.64.0.66"), M
+    t = EchoTable()
+    flows = []
+    for i in range(MAX_FLOWS):
+        f, new = t.flow(hog, i, HOST, float(i) / 1000)
+        assert new
+        t.bind(f, i)
+        flows.append(f)
+    assert t.flow(hog, 9999, HOST, 1.0) == (None, False)       # alone: the whole table, then no more
+    f, new = t.flow(other, 1, HOST, 1.0)
+    assert new and f is not None
+    assert t.evicted == [flows[0]] and (hog, 0, HOST) not in t.flows   # the hog's least recently used
+    t.bind(f, 5000)
+    assert t.flow(hog, 9999, HOST, 1.1) == (None, False)        # and it cannot evict the newcomer back
+    others = [f] + [t.flow(other, i, HOST, 1.2)[0] for i in range(2, MAX_FLOWS // 2 + 1)]
+    assert all(o is not None for o in others) and len(t.flows) == MAX_FLOWS
+    assert t.flow(other, 9999, HOST, 1.3) == (None, False)      # an equal share, not more
+    assert len({g.member for g in t.flows.values()}) == 2
+
+    # requests in flight: the hog's flood leaves room for the other member's pings
+    h = flows[-1]
+    assert all(t.sent(h, seq, 2.0) for seq in range(MAX_OUTSTANDING))
+    assert not t.sent(h, MAX_OUTSTANDING, 2.0)
+    assert t.sent(f, 1, 2.1)                                     # the hog's oldest request gave way
+    assert t.reply(HOST, 5000, 1, b"x", 2.2) is not None
+    assert t.reply(HOST, h.local_id, 0, b"x", 2.2) is None       # (that one was given up)
+    assert t.reply(HOST, h.local_id, 1, b"x", 2.2) is not None
+
+
 def _expected_mode() -> str | None:
     """Which ICMP socket this process may open, in the gateway's order of preference."""
     for kind, mode in ((socket.SOCK_DGRAM, gateway_icmp.PING), (socket.SOCK_RAW, gateway_icmp.RAW)):

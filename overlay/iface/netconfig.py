@@ -135,16 +135,29 @@ class NetConfig:
             except (self._NetlinkError, OSError):
                 pass
 
-    def route_ifname(self, ip: str) -> str | None:
-        """The interface the kernel sends packets for ``ip`` out of (``ip route get``), None if no route."""
+    def lan_ifnames(self, prefix: str) -> list[str]:
+        """The interfaces packets to the subnet ``prefix`` leave through: those holding an address
+        in it (the gateway's own LAN address may be any of the subnet's, the first one too, for
+        which ``ip route get`` answers ``lo``), else the one the route to its first address uses."""
+        net = ipaddress.IPv4Network(prefix)
+
         def lookup():
-            r = self.ipr.route("get", dst=ip)
+            names = []
+            for a in self.ipr.get_addr(family=2):   # AF_INET
+                ip = a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL")
+                if ip and ipaddress.IPv4Address(ip) in net:
+                    name = self.ipr.get_links(a["index"])[0].get_attr("IFLA_IFNAME")
+                    if name and name not in names:
+                        names.append(name)
+            if names:
+                return names
+            r = self.ipr.route("get", dst=str(net.network_address + (1 if net.num_addresses > 1 else 0)))
             oif = r[0].get_attr("RTA_OIF") if r else None
-            return self.ipr.get_links(oif)[0].get_attr("IFLA_IFNAME") if oif else None
+            return [self.ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")] if oif else []
         try:
             return self._run(lookup)
         except (self._NetlinkError, OSError, IndexError):
-            return None
+            return []
 
     def _try(self, op, missing: list[str]) -> bool:
         try:

@@ -27,7 +27,6 @@ and forwards nothing.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import shutil
@@ -79,10 +78,11 @@ class RouterError(Exception):
 
 
 class KernelRouter:
-    def __init__(self, dev: str, route_ifname):
-        """``route_ifname(ip)``: the interface packets to ``ip`` leave through (netconfig's lookup)."""
+    def __init__(self, dev: str, lan_ifnames):
+        """``lan_ifnames(prefix)``: the interfaces packets to that subnet leave through
+        (``NetConfig.lan_ifnames``)."""
         self.dev = dev
-        self._route_ifname = route_ifname
+        self._lan_ifnames = lan_ifnames
         self.opened: list[str] = []        # interfaces whose forwarding this node switched on
         self.table = False                 # our nftables table exists
         self.active = False                # forwarding and NAT in place for the current routes
@@ -106,11 +106,9 @@ class KernelRouter:
         try:
             lan = []
             for r in routes:
-                net = ipaddress.IPv4Network(r)
-                probe = net.network_address + (1 if net.num_addresses > 1 else 0)
-                ifname = self._route_ifname(str(probe))
-                if ifname and ifname != self.dev and ifname != "lo" and ifname not in lan:
-                    lan.append(ifname)
+                for ifname in self._lan_ifnames(r):
+                    if ifname != self.dev and ifname != "lo" and ifname not in lan:
+                        lan.append(ifname)
             want = [self.dev] + lan
             newly = [i for i in want if i not in self.opened and not _forwarding(i)]
             self._nft(ruleset(self.dev, pool, routes, self.opened + newly))

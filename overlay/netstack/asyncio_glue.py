@@ -17,7 +17,9 @@ bounded both ways:
 
 A connection refused by the peer (RST to our SYN) raises :class:`ConnectionRefusedError`
 naming the address and port; :class:`NothingListensError` (a subclass) when the peer answered ICMP
-port unreachable: the port is open to us but the service behind it is not running.
+port unreachable: the port is open to us but the service behind it is not running;
+:class:`HostUnreachableError` when it answered another ICMP error (a gateway that could not reach
+the LAN host: host unreachable, time exceeded when it got no answer, prohibited when busy).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import events as ev
 from .stack import Stack
 from .tcp import TcpConnection, TcpState
 from .udp import UdpSocket
+from .wire import ICMP_ADMIN_PROHIBITED, ICMP_DEST_UNREACHABLE, ICMP_HOST_UNREACHABLE, ICMP_TIME_EXCEEDED
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,28 @@ DEFAULT_LIMIT = 65536  # readuntil/readline search bound, like asyncio's
 
 class NothingListensError(ConnectionRefusedError):
     """The peer accepts connections to the port but nothing listens behind it."""
+
+
+class HostUnreachableError(ConnectionError):
+    """Our SYN was answered with an ICMP error other than port unreachable; ``reason`` says which:
+    "timed out" (time exceeded), "prohibited" (administratively prohibited) or "unreachable"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Refuse(NamedTuple):
+    """What a ``prepare`` callback returns to refuse a SYN with this ICMP error instead of port
+    unreachable (None)."""
+
+    icmp_type: int
+    code: int
+
+
+REFUSE_UNREACHABLE = Refuse(ICMP_DEST_UNREACHABLE, ICMP_HOST_UNREACHABLE)
+REFUSE_TIMED_OUT = Refuse(ICMP_TIME_EXCEEDED, 0)
+REFUSE_BUSY = Refuse(ICMP_DEST_UNREACHABLE, ICMP_ADMIN_PROHIBITED)
 
 
 class StackDriver:
@@ -130,7 +155,8 @@ class StackDriver:
         (a coroutine function becomes a task, like ``asyncio.start_server``).
 
         ``prepare(remote)``, if given, runs when a SYN arrives, before the handshake: None refuses
-        the connection (the peer sees "port unreachable"), anything else is passed on as
+        the connection (the peer sees "port unreachable"), a :class:`Refuse` with that ICMP error
+        instead, anything else is passed on as
         ``client_connected_cb(reader, writer, prepared)``, or to ``discard`` if the handshake then
         fails."""
         self.stack.listen(port, defer=prepare is not None)
@@ -260,7 +286,13 @@ class StackDriver:
                 elif fut is None:
                     e.conn.abort()  # nobody waits for it any more
             elif t is ev.ConnectionRefused:
-                if e.unreachable:
+                if e.icmp is not None:
+                    reason = ("timed out" if e.icmp[0] == ICMP_TIME_EXCEEDED else
+                              "prohibited" if e.icmp[1] == ICMP_ADMIN_PROHIBITED else "unreachable")
+                    self._fail(e.conn, HostUnreachableError(
+                        f"{e.conn.remote_ip}:{e.conn.remote_port}: {reason} (ICMP type {e.icmp[0]} code {e.icmp[1]})",
+                        reason))
+                elif e.unreachable:
                     self._fail(e.conn, NothingListensError(
                         f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection: nothing listens there"))
                 else:
@@ -332,6 +364,8 @@ class StackDriver:
         now = self._loop.time()
         if prepared is None:
             self.stack.refuse_request(req, now)
+        elif isinstance(prepared, Refuse):
+            self.stack.refuse_request(req, now, prepared)
         else:
             conn = self.stack.accept_request(req, now)
             if conn is None:

@@ -68,10 +68,13 @@ class Reset:
 class ConnectionRefused:
     """Our SYN was refused: answered with RST (``unreachable`` False: nothing listens, or the port is
     not shared), or with ICMP port unreachable (``unreachable`` True: the port is open to us but the
-    service behind it is not there, see ``Stack.listen(..., defer=True)``)."""
+    service behind it is not there, see ``Stack.listen(..., defer=True)``), or with another ICMP
+    error (``icmp``: its type and code; host unreachable, time exceeded...: a gateway could not
+    reach the LAN host behind it)."""
 
     conn: TcpConnection
     unreachable: bool = False
+    icmp: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)

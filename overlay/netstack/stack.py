@@ -41,6 +41,7 @@ from .wire import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     ICMP_PORT_UNREACHABLE,
+    ICMP_TIME_EXCEEDED,
     IPV4_HEADER_LEN,
     PROTO_ICMP,
     PROTO_TCP,
@@ -71,6 +72,9 @@ MAX_TIME_WAIT = 4096  # connections kept in TIME-WAIT; beyond that the oldest is
 REQUEST_TIMEOUT = 30.0  # a deferred SYN nobody answered: the next retransmission asks again
 MIN_MTU = 576
 MAX_MTU = 65535
+# ICMP destination unreachable codes that end a connection attempt (besides port unreachable):
+# network, host unreachable; network, host unknown; network, host, administratively prohibited
+UNREACHABLE_CODES = frozenset((0, 1, 6, 7, 9, 10, 13))
 _ISN_TICKS = 250_000  # RFC 6528: the clock component advances every 4 microseconds
 
 
@@ -183,9 +187,10 @@ class Stack:
         conn._start_passive(seg, now)
         return conn
 
-    def refuse_request(self, req: events.ConnectionRequest, now: float) -> None:
-        """Refuse a deferred SYN with ICMP port unreachable (Linux reports ECONNREFUSED for it);
-        a RST when the ICMP error budget is spent."""
+    def refuse_request(self, req: events.ConnectionRequest, now: float,
+                       icmp: tuple[int, int] = (ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE)) -> None:
+        """Refuse a deferred SYN with ICMP port unreachable (Linux reports ECONNREFUSED for it), or
+        the ICMP error ``icmp`` (type, code); a RST when the ICMP error budget is spent."""
         self.now = now
         entry = self._requests.pop(req.key, None)
         if entry is None:
@@ -195,7 +200,7 @@ class Stack:
         if self._icmp_allowed(now):
             # the quoted packet: an IPv4 header and the first 8 bytes of the SYN (ports, sequence)
             quoted = build_ipv4(src, self._addr, PROTO_TCP, struct.pack("!HHI", seg.src_port, seg.dst_port, seg.seq))
-            body = build_icmp(ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE, 0, quoted)
+            body = build_icmp(icmp[0], icmp[1], 0, quoted)
             self._out.append(build_ipv4(self._addr, src, PROTO_ICMP, body, ident=self._next_ident()))
         else:
             self._send_rst_for(self._addr, src, seg)
@@ -456,26 +461,39 @@ class Stack:
 
     def _receive_icmp(self, ip) -> None:
         msg = parse_icmp(ip.payload, self.verify_checksums)
-        if msg.type == ICMP_DEST_UNREACHABLE and msg.code == ICMP_PORT_UNREACHABLE:
-            self._receive_port_unreachable(ip.src, msg.data)
+        if msg.type == ICMP_DEST_UNREACHABLE or msg.type == ICMP_TIME_EXCEEDED:
+            self._receive_syn_error(ip.src, msg.type, msg.code, msg.data)
         elif msg.type == ICMP_ECHO_REQUEST and msg.code == 0:
             self.stats["icmp_echo"] += 1
             reply = build_icmp(ICMP_ECHO_REPLY, 0, msg.rest, msg.data)
             self._send_ip(ip.src, PROTO_ICMP, reply)
 
-    def _receive_port_unreachable(self, src: bytes, quoted: bytes) -> None:
-        """ICMP port unreachable for one of our SYNs (the quoted header and sequence number must
-        match a connection in SYN-SENT, as Linux checks): refused, the service is not there."""
+    def _receive_syn_error(self, src: bytes, icmp_type: int, code: int, quoted: bytes) -> None:
+        """An ICMP error for one of our SYNs (the quoted header and sequence number must match a
+        connection in SYN-SENT, as Linux checks). Port unreachable, from the destination itself:
+        refused, the service is not there. Net / host unreachable or prohibited, time exceeded
+        (from the destination or a router on the way, such as a gateway to a LAN): it cannot be
+        reached."""
         if len(quoted) < IPV4_HEADER_LEN + 8:
             return
         ihl = (quoted[0] & 0x0F) * 4
-        if quoted[9] != PROTO_TCP or quoted[12:16] != self._addr or quoted[16:20] != src or len(quoted) < ihl + 8:
+        if quoted[9] != PROTO_TCP or quoted[12:16] != self._addr or len(quoted) < ihl + 8:
             return
+        port = icmp_type == ICMP_DEST_UNREACHABLE and code == ICMP_PORT_UNREACHABLE
+        if port and quoted[16:20] != src:
+            return
+        if not port and icmp_type == ICMP_DEST_UNREACHABLE and code not in UNREACHABLE_CODES:
+            return   # fragmentation needed, source route failed...: not about reaching the host
         sport, dport, seq = struct.unpack_from("!HHI", quoted, ihl)
-        conn = self._conns.get((src, dport, sport))
-        if conn is not None and conn.state is TcpState.SYN_SENT and seq == conn.iss & MASK32:
+        conn = self._conns.get((quoted[16:20], dport, sport))
+        if conn is None or conn.state is not TcpState.SYN_SENT or seq != conn.iss & MASK32:
+            return
+        if port:
             conn._terminate(f"nothing listens on {conn.remote_ip}:{conn.remote_port}",
                             events.ConnectionRefused(conn, unreachable=True))
+        else:
+            conn._terminate(f"{conn.remote_ip}:{conn.remote_port} is unreachable",
+                            events.ConnectionRefused(conn, unreachable=True, icmp=(icmp_type, code)))
 
     def _icmp_allowed(self, now: float) -> bool:
         """Token bucket for ICMP errors, so we cannot be used to reflect floods."""

@@ -31,7 +31,7 @@ from overlay.node.inbound_filter import InboundFilter
 from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
-from overlay.node.services import OverlayDialer, Shares, nothing_listens
+from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares, nothing_listens
 from proxy.forward import Forward
 from proxy.listen import ListenError
 from proxy.server import AuthRequired, HttpProxyServer, SocksServer
@@ -95,7 +95,7 @@ class Daemon:
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None,
-                                    find_route=self.route_peer,
+                                    find_route=self._dial_route,
                                     path=lambda key: self.dataplane.peer_path(base64.b64decode(key))[0])
         self.socks_addr, self.http_addr = socks, http_proxy
         self.proxy_users = dict(proxy_users) if proxy_users else None
@@ -273,6 +273,26 @@ class Daemon:
             return None
         return self.find_peer(base64.b64encode(entry.key).decode())
 
+    def withdrawn_route(self, host: str) -> tuple[str, str] | None:
+        """(gateway member, route) when the IPv4 ``host`` is only inside an approved route that
+        member no longer advertises (it came back online without it)."""
+        try:
+            ip = ipaddress.IPv4Address(host)
+        except ValueError:
+            return None
+        for p in self.state.peers().values():
+            for r in p.get("withdrawn", ()):
+                if ip in ipaddress.IPv4Network(r):
+                    return p["name"], r
+        return None
+
+    def _dial_route(self, host: str) -> dict | None:
+        """``route_peer`` for the dialer: a withdrawn route is refused at once, naming its gateway."""
+        p = self.route_peer(host)
+        if p is None and (w := self.withdrawn_route(host)) is not None:
+            raise RouteWithdrawn(host, *w)
+        return p
+
     def find_peer(self, text: str) -> dict | None:
         """A peer by name, name.network, virtual IP or key; None if no such peer."""
         t = text.strip().lower().rstrip(".")
@@ -286,7 +306,7 @@ class Daemon:
         peers = list(self.state.peers().values())
         for sp in self.static_peers:
             peers.append({"name": sp["name"], "key": sp["key"], "ip": sp["allowed_ips"][0].split("/")[0],
-                          "online": True, "networks": [], "routes": [], "encrypted": True})
+                          "online": True, "networks": [], "routes": [], "withdrawn": [], "encrypted": True})
         return peers
 
     def resolve_peer(self, text: str) -> dict:
@@ -405,6 +425,8 @@ class Daemon:
         host = None
         if self.find_peer(target) is None and (gw := self.route_peer(target.strip())) is not None:
             host, p = target.strip(), gw
+        elif self.find_peer(target) is None and (w := self.withdrawn_route(target.strip())) is not None:
+            raise RequestError("route_withdrawn", f"{target.strip()}: gateway {w[0]} no longer advertises {w[1]}")
         else:
             p = self.resolve_peer(target)
         if not p["online"]:

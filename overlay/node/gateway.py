@@ -6,7 +6,9 @@ Packets from a member to an address inside one of this node's approved routes (`
 - TCP ends in a userspace stack that answers for that LAN address (one small ``Stack`` per
   destination, listening on every port, created on the first SYN, dropped when idle): each SYN
   first opens an ordinary OS socket to the LAN host; only when that connects does the member's
-  handshake complete, otherwise the member gets ICMP port unreachable ("refused") at once.
+  handshake complete, otherwise the member gets at once ICMP port unreachable ("refused") when
+  the LAN host refused, time exceeded when it did not answer in ``LAN_DIAL_TIMEOUT``, host
+  unreachable when the gateway's kernel says so, administratively prohibited when busy.
 - UDP datagrams go out of an ordinary OS socket per flow (member address and port, LAN host and
   port); replies come back as IPv4/UDP packets from the LAN address. Idle flows expire.
 - ICMP echo requests go out of the gateway's own ICMP sockets and the LAN host's replies come
@@ -17,8 +19,10 @@ Packets from a member to an address inside one of this node's approved routes (`
   networks where the route is not approved) is dropped and logged (rate-limited): the member's own
   dialer refuses such destinations before sending anything, with a message naming the reason.
 
-Everything is bounded: ``MAX_DESTINATIONS`` stacks, ``MAX_UDP_FLOWS`` flows, the echo limits of
-``gateway_icmp``.
+Everything is bounded: ``MAX_DESTINATIONS`` stacks, ``MAX_DIALS`` TCP dials to the LAN in flight,
+``MAX_UDP_FLOWS`` flows, the echo limits of ``gateway_icmp``; the dials, the UDP flows and the echo
+tables are shared fairly between members (``overlay.node.fair_share``): one member flooding them
+only takes room from itself once another member needs some.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import asyncio
 import logging
 from typing import Callable
 
-from overlay.netstack.asyncio_glue import StackDriver
+from overlay.netstack.asyncio_glue import REFUSE_BUSY, REFUSE_TIMED_OUT, REFUSE_UNREACHABLE, StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
 from overlay.netstack.wire import (ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP, PROTO_UDP, WireError, build_ipv4,
                                    build_udp, ip_to_bytes, ip_to_str, parse_ipv4, parse_udp)
 from overlay.node.approved_routes import ApprovedRoutes
+from overlay.node.fair_share import FairShare
 from overlay.node.gateway_icmp import IcmpEcho
 from proxy.ratelog import LogLimiter
 from proxy.relay import relay
@@ -41,6 +46,7 @@ log = logging.getLogger("overlay.gateway")
 
 MAX_DESTINATIONS = 64       # LAN hosts with a stack at once
 MAX_UDP_FLOWS = 256
+MAX_DIALS = 128             # TCP connections to LAN hosts being opened at once (one OS socket each)
 STACK_IDLE = 60.0           # a destination's stack without connections is dropped after this
 UDP_IDLE = 120.0
 LAN_DIAL_TIMEOUT = 3.0      # below the member's first SYN retransmissions adding up to its dial timeout
@@ -57,9 +63,12 @@ class Gateway:
         self.routes = ApprovedRoutes()   # approved route -> the members it is approved for
         self._stacks: dict[str, tuple[StackDriver, list[float]]] = {}
         self._udp: dict[tuple[str, int, str, int], tuple[asyncio.DatagramTransport, list[float]]] = {}
+        self._udp_share = FairShare(MAX_UDP_FLOWS)
+        self._dials: dict[str, list[asyncio.Task]] = {}    # member -> its dials to the LAN in flight, oldest first
+        self._dial_share = FairShare(MAX_DIALS)
         self._refused = LogLimiter()   # a member cannot flood the log
         self.icmp = IcmpEcho(send_packets)
-        self.stats = {"tcp_streams": 0, "udp_flows": 0, "refused": 0, "lan_refused": 0}
+        self.stats = {"tcp_streams": 0, "udp_flows": 0, "refused": 0, "lan_refused": 0, "busy": 0}
         self.closed = False
 
     # ------------------------------------------------------------------ configuration
@@ -120,13 +129,28 @@ class Gateway:
         driver = StackDriver(stack, lambda p: self._send([p]), send_packets=self._send)
 
         async def prepare(remote: tuple[str, int], port: int):
+            task = self._dial(remote[0], dst, port)
+            if task is None:
+                return REFUSE_BUSY
             try:
-                return await asyncio.wait_for(self._open(dst, port), LAN_DIAL_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as e:
-                self.stats["lan_refused"] += 1
-                self._refused.log(log, logging.INFO, "gateway: %s -> %s:%d: %s", remote[0], dst, port,
-                                  getattr(e, "strerror", None) or "timed out")
-                return None
+                done, _ = await asyncio.wait((task,), timeout=LAN_DIAL_TIMEOUT)
+            finally:
+                if not task.done():
+                    task.cancel()
+            if not done:
+                e, answer = None, REFUSE_TIMED_OUT
+            elif task.cancelled():    # given up to another member's dial
+                e, answer = None, REFUSE_BUSY
+            else:
+                e = task.exception()
+                if e is None:
+                    return task.result()
+                answer = None if isinstance(e, ConnectionRefusedError) else REFUSE_UNREACHABLE
+            self.stats["lan_refused"] += 1
+            self._refused.log(log, logging.INFO, "gateway: %s -> %s:%d: %s", remote[0], dst, port,
+                              getattr(e, "strerror", None) or ("timed out" if answer is REFUSE_TIMED_OUT else
+                                                               "busy" if answer is REFUSE_BUSY else e))
+            return answer
 
         async def handle(reader, writer, pair) -> None:
             self.stats["tcp_streams"] += 1
@@ -136,6 +160,32 @@ class Gateway:
         self._stacks[dst] = (driver, [now])
         return driver
 
+    def _dial(self, member: str, dst: str, port: int) -> asyncio.Task | None:
+        """Start opening an OS connection to the LAN host for ``member`` (None: it holds its share
+        of ``MAX_DIALS`` already); a member holding more makes room by giving up its oldest dial."""
+        ok, victim = self._dial_share.room_for(member)
+        if not ok:
+            self.stats["busy"] += 1
+            self._refused.log(log, logging.WARNING, "gateway: %d dials to the LAN in flight, %s holds its share: "
+                              "%s:%d refused", MAX_DIALS, member, dst, port)
+            return None
+        if victim is not None:
+            self._forget_dial(victim, self._dials[victim][0]).cancel()
+        task = asyncio.get_running_loop().create_task(self._open(dst, port))
+        self._dials.setdefault(member, []).append(task)
+        self._dial_share.add(member)
+        task.add_done_callback(lambda t: self._forget_dial(member, t))
+        return task
+
+    def _forget_dial(self, member: str, task: asyncio.Task) -> asyncio.Task:
+        mine = self._dials.get(member)
+        if mine is not None and task in mine:
+            mine.remove(task)
+            if not mine:
+                del self._dials[member]
+            self._dial_share.remove(member)
+        return task
+
     # ------------------------------------------------------------------ UDP
     def _udp_out(self, src: str, sport: int, dst: str, dport: int, data: bytes, now: float) -> None:
         key = (src, sport, dst, dport)
@@ -143,12 +193,17 @@ class Gateway:
         if flow is None:
             if len(self._udp) >= MAX_UDP_FLOWS:
                 self._expire(now, force=True)
-                if len(self._udp) >= MAX_UDP_FLOWS:
-                    return
+            ok, victim = self._udp_share.room_for(src)
+            if not ok:
+                self.stats["busy"] += 1
+                return
+            if victim is not None:   # the member holding the most flows gives up its least recently used
+                self._drop_udp(min((k for k in self._udp if k[0] == victim), key=lambda k: self._udp[k][1][0]))
             loop = asyncio.get_running_loop()
             seen = [now]
             back = _UdpBack(self, key, seen)
             self._udp[key] = (None, seen)      # datagrams arriving while the socket opens are dropped
+            self._udp_share.add(src)
             self.stats["udp_flows"] += 1
 
             async def open_flow():
@@ -156,10 +211,11 @@ class Gateway:
                     tr, _ = await loop.create_datagram_endpoint(lambda: back, remote_addr=(dst, dport))
                 except OSError as e:
                     self._refused.log(log, logging.INFO, "gateway: udp %s -> %s:%d: %s", src, dst, dport, e.strerror or e)
-                    self._udp.pop(key, None)
+                    if self._udp.get(key, (None, None))[1] is seen:
+                        self._drop_udp(key)
                     return
-                if self.closed or key not in self._udp:
-                    tr.close()
+                if self.closed or self._udp.get(key, (None, None))[1] is not seen:
+                    tr.close()     # closed, expired or given up meanwhile
                     return
                 self._udp[key] = (tr, seen)
                 tr.sendto(data)
@@ -169,6 +225,12 @@ class Gateway:
         seen[0] = now
         if tr is not None:
             tr.sendto(data)
+
+    def _drop_udp(self, key: tuple[str, int, str, int]) -> None:
+        tr, _ = self._udp.pop(key)
+        self._udp_share.remove(key[0])
+        if tr is not None:
+            tr.close()
 
     def _udp_back(self, key: tuple[str, int, str, int], data: bytes) -> None:
         src, sport, dst, dport = key
@@ -186,9 +248,7 @@ class Gateway:
                 del self._stacks[dst]
         for key, (tr, seen) in list(self._udp.items()):
             if now - seen[0] > (UDP_IDLE / 4 if force else UDP_IDLE):
-                if tr is not None:
-                    tr.close()
-                del self._udp[key]
+                self._drop_udp(key)
 
     def close(self) -> None:
         self.closed = True
@@ -196,10 +256,11 @@ class Gateway:
         for driver, _ in self._stacks.values():
             driver.close()
         self._stacks.clear()
-        for tr, _ in self._udp.values():
-            if tr is not None:
-                tr.close()
-        self._udp.clear()
+        for key in list(self._udp):
+            self._drop_udp(key)
+        for tasks in list(self._dials.values()):
+            for t in list(tasks):
+                t.cancel()
 
 
 class _UdpBack(asyncio.DatagramProtocol):

@@ -6,7 +6,9 @@ each request in flight (LAN host, local identifier, sequence) until ``ECHO_TIMEO
 the LAN host's reply into the member's: an echo reply from the LAN host's address with the
 member's identifier, sequence and data. A reply nobody waits for (late, duplicated, unsolicited)
 is dropped. Bounds: ``MAX_FLOWS`` flows, ``MAX_OUTSTANDING`` requests in flight (more are dropped,
-as a lost ping would be), idle flows forgotten after ``FLOW_IDLE``.
+as a lost ping would be), idle flows forgotten after ``FLOW_IDLE``; both tables are shared fairly
+between members (``overlay.node.fair_share``): when one is full, the member holding the most
+gives up its oldest entry to a member holding fewer.
 
 Glue: ``IcmpEcho`` sends and receives, in this order of preference, through
 
@@ -29,6 +31,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from overlay.netstack.wire import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, build_icmp, build_ipv4
+from overlay.node.fair_share import FairShare
 from proxy.ratelog import LogLimiter
 
 log = logging.getLogger("overlay.gateway")
@@ -60,23 +63,33 @@ class EchoTable:
     def __init__(self) -> None:
         self.flows: dict[tuple[bytes, int, bytes], EchoFlow] = {}
         self.by_local: dict[tuple[bytes, int], EchoFlow] = {}
-        # (host, local id, seq) -> deadline, oldest first (the timeout is constant)
-        self.pending: OrderedDict[tuple[bytes, int, int], float] = OrderedDict()
+        # (host, local id, seq) -> (deadline, member), oldest first (the timeout is constant)
+        self.pending: OrderedDict[tuple[bytes, int, int], tuple[float, bytes]] = OrderedDict()
+        self.flow_share = FairShare(MAX_FLOWS)
+        self.pending_share = FairShare(MAX_OUTSTANDING)
         self.stats = {"requests": 0, "replies": 0, "dropped": 0}
+        self.evicted: list[EchoFlow] = []   # flows given up to another member (their sockets are the caller's)
 
     def flow(self, member: bytes, ident: int, host: bytes, now: float) -> tuple[EchoFlow | None, bool]:
-        """The flow of this request (and whether it is new); None when ``MAX_FLOWS`` are busy."""
+        """The flow of this request (and whether it is new); None when ``MAX_FLOWS`` are busy and
+        this member holds its share of them."""
         key = (member, ident, host)
         f = self.flows.get(key)
         if f is not None:
             f.last = now
             return f, False
         if len(self.flows) >= MAX_FLOWS:
-            self.expire(now)
-            if len(self.flows) >= MAX_FLOWS:
-                self.stats["dropped"] += 1
-                return None, False
+            self.evicted.extend(self.expire(now))
+        ok, victim = self.flow_share.room_for(member)
+        if not ok:
+            self.stats["dropped"] += 1
+            return None, False
+        if victim is not None:   # the member holding the most gives up its least recently used flow
+            old = min((g for g in self.flows.values() if g.member == victim), key=lambda g: g.last)
+            self.remove(old)
+            self.evicted.append(old)
         f = self.flows[key] = EchoFlow(member, ident, host, now)
+        self.flow_share.add(member)
         return f, True
 
     def bind(self, f: EchoFlow, local_id: int) -> None:
@@ -91,21 +104,26 @@ class EchoTable:
                 return i
 
     def sent(self, f: EchoFlow, seq: int, now: float) -> bool:
-        """Record a request about to be sent; False (drop it) when ``MAX_OUTSTANDING`` are in flight."""
+        """Record a request about to be sent; False (drop it) when ``MAX_OUTSTANDING`` are in
+        flight and this member holds its share of them."""
         self._expire_pending(now)
-        if len(self.pending) >= MAX_OUTSTANDING:
+        key = (f.host, f.local_id, seq)
+        self._forget(key)
+        ok, victim = self.pending_share.room_for(f.member)
+        if not ok:
             self.stats["dropped"] += 1
             return False
-        key = (f.host, f.local_id, seq)
-        self.pending.pop(key, None)
-        self.pending[key] = now + ECHO_TIMEOUT
+        if victim is not None:   # the oldest request of the member holding the most is given up
+            self._forget(next(k for k, (_, m) in self.pending.items() if m == victim))
+        self.pending[key] = (now + ECHO_TIMEOUT, f.member)
+        self.pending_share.add(f.member)
         self.stats["requests"] += 1
         return True
 
     def reply(self, host: bytes, local_id: int, seq: int, data: bytes, now: float) -> bytes | None:
         """The member's echo reply (an IPv4 packet) for a LAN host's reply, or None if nobody waits."""
         self._expire_pending(now)
-        if self.pending.pop((host, local_id, seq), None) is None:
+        if not self._forget((host, local_id, seq)):
             return None
         f = self.by_local.get((host, local_id))
         if f is None:
@@ -114,13 +132,21 @@ class EchoTable:
         self.stats["replies"] += 1
         return build_ipv4(host, f.member, PROTO_ICMP, build_icmp(ICMP_ECHO_REPLY, 0, f.ident << 16 | seq, data))
 
+    def _forget(self, key: tuple[bytes, int, int]) -> bool:
+        hit = self.pending.pop(key, None)
+        if hit is None:
+            return False
+        self.pending_share.remove(hit[1])
+        return True
+
     def _expire_pending(self, now: float) -> None:
         p = self.pending
         while p:
-            key, deadline = next(iter(p.items()))
+            key, (deadline, member) = next(iter(p.items()))
             if deadline > now:
                 break
             del p[key]
+            self.pending_share.remove(member)
 
     def expire(self, now: float) -> list[EchoFlow]:
         """Forget flows idle for ``FLOW_IDLE``; returns them (their sockets are the caller's)."""
@@ -131,7 +157,8 @@ class EchoTable:
         return gone
 
     def remove(self, f: EchoFlow) -> None:
-        self.flows.pop((f.member, f.ident, f.host), None)
+        if self.flows.pop((f.member, f.ident, f.host), None) is not None:
+            self.flow_share.remove(f.member)
         if f.local_id is not None:
             self.by_local.pop((f.host, f.local_id), None)
 
@@ -216,6 +243,10 @@ class IcmpEcho:
             self.table.stats["dropped"] += 1
             return
         f, new = self.table.flow(member, ident, host, now)
+        if self.table.evicted:
+            for g in self.table.evicted:
+                self._close_flow(g)
+            self.table.evicted.clear()
         if f is None:
             return
         if new:
@@ -288,8 +319,7 @@ class IcmpEcho:
     def close(self) -> None:
         for f in list(self.table.flows.values()):
             self._close_flow(f)
-        self.table.flows.clear()
-        self.table.by_local.clear()
+            self.table.remove(f)
         if self._raw is not None:
             try:
                 self.loop.remove_reader(self._raw.fileno())

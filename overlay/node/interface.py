@@ -107,7 +107,7 @@ class KernelInterface:
         if self.net is None or self._network is None or (self.router is None and not self.gateway):
             return
         if self.router is None:
-            self.router = KernelRouter(self.name, self.net.route_ifname)
+            self.router = KernelRouter(self.name, self.net.lan_ifnames)
         self._forwarding = self.router.apply(str(self._network), self.gateway.prefixes())
 
     def router_stats(self) -> dict:

@@ -20,7 +20,7 @@ import logging
 import socket
 from typing import Callable
 
-from overlay.netstack.asyncio_glue import NothingListensError, StackDriver
+from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
 from proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
                           PeerUnreachable, PortNotShared)
 from proxy.ratelog import LogLimiter
@@ -41,6 +41,14 @@ class NotRouted(NotOverlayAddress):
     def __init__(self, host: str):
         DialError.__init__(self, f"{host} is not an overlay address and no approved gateway route of your "
                                  "networks contains it (overlay status lists the routes)")
+        self.host = host
+
+
+class RouteWithdrawn(NotRouted):
+    """An IP address inside an approved route its gateway member no longer advertises."""
+
+    def __init__(self, host: str, gateway: str, prefix: str):
+        DialError.__init__(self, f"{host}: gateway {gateway} no longer advertises {prefix}")
         self.host = host
 
 
@@ -108,6 +116,8 @@ class OverlayDialer:
                 raise e from None
             except (asyncio.TimeoutError, TimeoutError):
                 raise DialTimeout(f"{lan} (through gateway {p['name']})", port, DIAL_TIMEOUT) from None
+            except HostUnreachableError as e:
+                raise _lan_unreachable(lan, port, p["name"], e.reason) from None
         try:
             return await ns.open_connection(p["ip"], port, timeout=DIAL_TIMEOUT)
         except NothingListensError:
@@ -130,6 +140,18 @@ class OverlayDialer:
             return await self._os.open_udp(lan or p["ip"], port)
         p, ns, lan = self._target(host)
         return _NetstackUdpFlow(ns.udp_bind(0), (lan or p["ip"], port))
+
+
+def _lan_unreachable(lan: str, port: int, gateway: str, reason: str) -> DialError:
+    """The gateway could not open the connection to its LAN host, and said why."""
+    if reason == "timed out":
+        e: DialError = DialTimeout(lan, port, DIAL_TIMEOUT)
+        DialError.__init__(e, f"connecting to {lan}:{port} timed out: gateway {gateway} got no answer from it")
+    elif reason == "prohibited":
+        e = PeerUnreachable(f"{lan}:{port}", f"gateway {gateway} is busy opening other connections, try again")
+    else:
+        e = PeerUnreachable(f"{lan}:{port}", f"gateway {gateway} reports host unreachable")
+    return e
 
 
 def _is_ipv4(text: str) -> bool:

@@ -23,6 +23,7 @@ class Member:
     iface: str | None = None   # "tun" / "tap": the member runs a kernel interface
     kind: str | None = None    # hub / spoke (hub-and-spoke networks), gateway / member (gateway networks)
     routes: tuple = ()         # approved gateway routes (LAN subnets reached through this member)
+    withdrawn: tuple = ()      # approved routes it no longer advertises (online without them)
 
 
 def _routes(raw) -> tuple:
@@ -76,7 +77,7 @@ class NodeState:
                 new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
                              m.get("iface") if m.get("iface") in ("tun", "tap") else None,
                              m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None,
-                             _routes(m.get("routes")))
+                             _routes(m.get("routes")), _routes(m.get("withdrawn")))
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -133,11 +134,12 @@ class NodeState:
                     continue
                 p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
                                            "online": m.online, "iface": m.iface, "networks": [], "routes": [],
-                                           "encrypted": False})
+                                           "withdrawn": [], "encrypted": False})
                 p["networks"].append(view.name)
                 # encryption drops only when every network shared with this peer is unencrypted
                 p["encrypted"] = p["encrypted"] or view.info.get("encrypted", True) is not False
                 p["routes"].extend(r for r in m.routes if r not in p["routes"])
+                p["withdrawn"].extend(r for r in m.withdrawn if r not in p["withdrawn"])
         return out
 
     def own_routes(self) -> list[tuple[str, set[str]]]:

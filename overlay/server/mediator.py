@@ -185,7 +185,14 @@ class Mediator:
             rec["kind"] = kind     # hub / spoke / gateway / member, only in hub-and-spoke and gateway networks
         approved = (routes if routes is not None else self.store.routes(network.name)).get(key)
         if approved:
-            rec["routes"] = approved   # gateway routes the owner approved (handed out whether online or not)
+            # gateway routes the owner approved: handed out while the gateway is offline (members
+            # say it is offline); while it is online, those it no longer advertises are "withdrawn"
+            offered = self.advertised.get(key, ()) if key in self.online else approved
+            live = [r for r in approved if r in offered]
+            if live:
+                rec["routes"] = live
+            if len(live) < len(approved):
+                rec["withdrawn"] = [r for r in approved if r not in offered]
         iface = self.iface.get(key)
         if iface:
             rec["iface"] = iface   # only while online with a kernel interface
