@@ -123,12 +123,14 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        port: Optional[int] = typer.Option(None, "--port", help="Fixed UDP port (the 'magic' port to forward on "
                                                                  "your router); default: any free port."),
        keepalive: Optional[float] = typer.Option(None, "--keepalive", help="NAT keepalive interval, seconds (25)."),
-       socks: Optional[str] = typer.Option(None, "--socks", help="SOCKS5 proxy address (127.0.0.1:1080), or 'off'."),
+       socks: Optional[str] = typer.Option(None, "--socks", help="SOCKS5 proxy address (127.0.0.1:1080), or 'off'"
+                                                                 " (or \"\")."),
        address: Optional[str] = typer.Option(None, "--address",
                                              help="This node's inner IPv4 (default: assigned by the server)."),
        wg_peer: list[str] = typer.Option([], "--wg-peer", help="Static WireGuard peer: "
                                          "PUBLIC_KEY,ENDPOINT_HOST:PORT,ALLOWED_IP/PREFIX[,...] (repeatable)."),
-       http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default)."),
+       http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default; "
+                                                                           "'off' or \"\" turns a remembered one off)."),
        proxy_user: list[str] = typer.Option([], "--proxy-user", help="USER:PASSWORD required by the SOCKS5 and "
                                             "HTTP proxies (repeatable); needed to listen beyond loopback."),
        tun: bool = typer.Option(False, "--tun", help="Attach a TUN device (full IP: the kernel reaches peers "
@@ -145,7 +147,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        advertise_routes: Optional[str] = typer.Option(None, "--advertise-routes",
                                                       help="Offer these subnets of this machine's LAN to your "
                                                            "networks as a gateway, comma-separated "
-                                                           "(192.168.1.0/24); each network's owner approves them. "
+                                                           "(192.168.1.0/24), or 'off' (or \"\"); each network's "
+                                                           "owner approves them. "
                                                            "With --tun/--tap the kernel forwards to them (root, "
                                                            "nftables)."),
        hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
@@ -158,12 +161,15 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                   help="Ask the router to map this node's UDP port: 'all' "
                                                        "(PCP, NAT-PMP, UPnP IGD; the default), 'off', or a "
                                                        "comma-separated choice such as 'pcp,nat-pmp'."),
+       reset: bool = typer.Option(False, "--reset", help="Forget the options and device remembered from the last "
+                                                          "`overlay up` (server, name, shares and forwards stay)."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
-    """Start the node daemon in the foreground."""
+    """Start the node daemon in the foreground. Without options it runs as the last `overlay up` did
+    (prefs.json): an option given replaces the remembered value, --reset forgets them all."""
     from overlay.control.messages import RequestError, normalize_name
     from overlay.node.control_client import parse_hostport
-    from overlay.node.prefs import Prefs, hostname_label
+    from overlay.node.prefs import Prefs, hostname_label, off_if_empty, option_flags, up_options
     h = Home(home)
     try:
         cfg = h.config()
@@ -172,11 +178,24 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(str(e))
     server = server or cfg.get("server") or last.server
     name = name or cfg.get("name") or last.name or hostname_label()
-    via_proxy = via_proxy or cfg.get("via_proxy")
-    port = port if port is not None else cfg.get("port", 0)
-    keepalive = keepalive if keepalive is not None else cfg.get("keepalive", 25.0)
-    socks = socks or cfg.get("socks", "127.0.0.1:1080")
-    http_proxy = http_proxy or cfg.get("http_proxy")
+    # an option given > config.toml > the value the last `overlay up` was given > the default
+    given, reused, remember = up_options(
+        dict(socks=socks, http_proxy=http_proxy, advertise_routes=advertise_routes, port=port, keepalive=keepalive,
+             port_mapping=port_mapping, hard_nat_punch=hard_nat, via_proxy=via_proxy, address=address,
+             proxy_user=proxy_user, wg_peer=wg_peer), last.options, reset)
+    reused = {k: v for k, v in reused.items() if k not in cfg}  # proxy_user, wg_peer add to config's
+
+    def setting(key: str, default=None):
+        value = given[key] if key in given else cfg[key] if key in cfg else reused.get(key, default)
+        return off_if_empty(value)
+
+    via_proxy = None if setting("via_proxy") in (None, "off") else setting("via_proxy")
+    port = setting("port", 0)
+    keepalive = setting("keepalive", 25.0)
+    socks = setting("socks", "127.0.0.1:1080")
+    http_proxy = setting("http_proxy")
+    proxy_user = given.get("proxy_user", reused.get("proxy_user", []))
+    wg_peer = given.get("wg_peer", reused.get("wg_peer", []))
     shares, forwards = cfg.get("share", []), cfg.get("forward", [])
     proxy_users = dict(cfg.get("proxy_users", {}))
     for pu in proxy_user:
@@ -201,10 +220,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(f"--port {port}: expected 0-65535")
     if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
         fail(f"--keepalive {keepalive}: expected 7-600 seconds")
-    address = address or cfg.get("address")
+    address = None if setting("address") in (None, "off") else setting("address")
     if tun + tap + userspace > 1:
         fail("--tun, --tap and --userspace exclude each other: choose one")
-    remembered = last.interface if not (tun or tap or userspace) and "interface" not in cfg else None
+    remembered = last.interface if not (tun or tap or userspace or reset) and "interface" not in cfg else None
     interface = ("tun" if tun else "tap" if tap else "none" if userspace else
                  remembered["kind"] if remembered else cfg.get("interface", "none"))
     if interface not in ("tun", "tap", "none"):
@@ -213,14 +232,16 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     dev = dev or cfg.get("dev") or (remembered["dev"] if remembered else None)
     only_shared = (only_shared if only_shared is not None else
                    cfg["only_shared"] if "only_shared" in cfg else bool(remembered and remembered["only_shared"]))
-    if remembered:
-        err.print(f"note: --{interface}{' --dev ' + lit(dev) if dev else ''}{' --only-shared' if only_shared else ''}"
-                  " as last time (`overlay up --userspace` for no device)", highlight=False, soft_wrap=True)
-    hard_nat = hard_nat if hard_nat is not None else cfg.get("hard_nat_punch", True)
+    if remembered or reused:
+        device = (f"--{interface}{' --dev ' + dev if dev else ''}{' --only-shared' if only_shared else ''}"
+                  if remembered else "")
+        err.print(f"note: {lit(' '.join(x for x in (device, option_flags(reused)) if x))} as last time "
+                  f"(an option given replaces it{'; `overlay up --userspace` for no device' if remembered else ''}"
+                  "; `overlay up --reset` for the defaults)", highlight=False, soft_wrap=True)
+    hard_nat = setting("hard_nat_punch", True)
     from overlay.nat.portmap import parse_protocols
     try:
-        mapping_protocols = list(parse_protocols(port_mapping if port_mapping is not None
-                                                 else cfg.get("port_mapping", True)))
+        mapping_protocols = list(parse_protocols(setting("port_mapping", True)))
     except ValueError as e:
         fail(f"--port-mapping: {e}")
     if not isinstance(only_shared, bool):
@@ -257,9 +278,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     except RequestError as e:
         fail(e.message)
     from overlay.control.messages import MAX_ROUTES, parse_route
-    routes = ([r.strip() for r in advertise_routes.split(",") if r.strip()] if advertise_routes is not None
-              else cfg.get("advertise_routes", []))
-    routes = routes if isinstance(routes, list) else [routes]
+    routes = setting("advertise_routes", [])
+    routes = [] if routes == "off" else [r.strip() for r in routes.split(",") if r.strip()] \
+        if isinstance(routes, str) else routes
     try:
         routes = sorted({str(parse_route(r)) for r in routes})
     except ValueError as e:
@@ -273,7 +294,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
                                     only_shared=only_shared, advertise_routes=routes,
-                                    hard_nat=bool(hard_nat), port_mapping=mapping_protocols))
+                                    hard_nat=bool(hard_nat), port_mapping=mapping_protocols,
+                                    remember_options=remember))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:

@@ -413,6 +413,50 @@ def test_up_alone_brings_the_node_back_with_its_shares_and_forwards(cluster, tmp
     assert r.returncode == 1 and "prefs.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_up_alone_reuses_every_option_of_the_last_up(cluster, tmp_path):
+    """Plain `overlay up` runs with the proxies, routes, port and keepalive the last `overlay up` was
+    given and says so in one line; an option given replaces its remembered value, 'off' / "" drops
+    a proxy or the routes, and --reset forgets them all."""
+    from cluster import Proc
+    a = cluster.start_node("gw", "--socks", f"127.0.0.1:{(socks := free_port())}", "--http-proxy",
+                           f"127.0.0.1:{(http := free_port())}", "--advertise-routes", "10.77.0.0/24",
+                           "--port", str(udp := free_port()), "--keepalive", "20", "--port-mapping", "off")
+    proxies = lambda: {p["kind"]: p["address"] for p in a.status().get("proxies", [])}  # noqa: E731
+
+    def restart(*args: str, label: str) -> str:
+        a.ok("down")
+        cluster.wait(lambda: not a.proc.alive(), what="node stopped")
+        a.proc = Proc([*OVERLAY, "up", *args, "--home", str(a.home)], tmp_path / f"{label}.log")
+        cluster.wait(a.connected, what=f"node back ({label})")
+        return a.proc.output()
+
+    assert proxies() == {"socks5": f"127.0.0.1:{socks}", "http": f"127.0.0.1:{http}"}
+    text = restart(label="plain")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks}", "http": f"127.0.0.1:{http}"}, text
+    st = a.status()
+    assert st["gateway"]["advertised"] == ["10.77.0.0/24"] and st["udp"]["port"] == udp
+    note = next(line for line in text.splitlines() if line.startswith("note:"))
+    for flag in (f"--socks 127.0.0.1:{socks}", f"--http-proxy 127.0.0.1:{http}", "--advertise-routes 10.77.0.0/24",
+                 f"--port {udp}", "--keepalive 20", "--port-mapping off"):
+        assert flag in note, note
+    assert "as last time" in note and "--reset" in note
+    # an option given replaces the remembered one and is remembered in turn; "" and 'off' drop one
+    text = restart("--advertise-routes", "", "--http-proxy", "off", "--socks", f"127.0.0.1:{(socks2 := free_port())}",
+                   label="replaced")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks2}"} and a.status()["gateway"] is None, text
+    text = restart(label="plain-again")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks2}"} and a.status()["gateway"] is None, text
+    assert a.status()["udp"]["port"] == udp and "--advertise-routes" not in text and "--http-proxy" not in text
+    # --reset: the defaults again (but the given options)
+    restart("--reset", "--socks", "127.0.0.1:0", label="reset")
+    assert json.loads((a.home / "prefs.json").read_text())["options"] == {"socks": "127.0.0.1:0"}
+    assert a.status()["udp"]["port"] != udp
+    # config.toml wins over the remembered value
+    (a.home / "config.toml").write_text(f'socks = "127.0.0.1:{socks}"\n')
+    restart(label="config")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks}"}
+
+
 def test_forward_to_unknown_peer_fails_and_to_offline_member_warns(cluster):
     a = cluster.start_node("alice")
     c = cluster.start_node("carol")

@@ -55,7 +55,8 @@ class Daemon:
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
                  dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = (),
-                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None):
+                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None,
+                 remember_options: dict | None = None):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -76,6 +77,7 @@ class Daemon:
         self.dataplane.on_endpoints = self._repunch
         self.kernel_if: KernelInterface | None = None
         self._iface_choice = (interface, dev, only_shared)   # remembered once the device is open
+        self._remember_options = remember_options             # ... and these once the proxies listen
         if interface:
             self.kernel_if = KernelInterface(
                 interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
@@ -128,6 +130,8 @@ class Daemon:
         except (ListenError, ValueError) as e:
             self._close_data()
             raise DaemonError(str(e)) from None
+        if self._remember_options is not None:
+            self.prefs.remember_options(self._remember_options)
         try:
             for p in self.static_peers:
                 self.dataplane.add_static_peer(p["key_bytes"], name=p["name"], endpoint=p["endpoint"],
