@@ -943,11 +943,13 @@ def service_install(server: Optional[str] = typer.Option(None, "--server", help=
         fail(str(e))
     except RequestError as e:
         fail(e.message)
+    unit = _unit_name(h)
+    path = _unit_path(unit)
+    _require_systemd(f"`overlay up --home {h.path.resolve()}` in your init system or container entrypoint "
+                     "instead; nothing was written")
     # the unit runs a bare `overlay up`: server and name live in the home, where `up` finds them
     h.ensure()
     prefs.remember(server=server, name=name)
-    unit = _unit_name(h)
-    path = _unit_path(unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("overlay") or f"{sys.executable} -m overlay"
     path.write_text(
@@ -957,7 +959,10 @@ def service_install(server: Optional[str] = typer.Option(None, "--server", help=
         "Restart=on-failure\nRestartSec=5\n\n"
         "[Install]\nWantedBy=default.target\n")
     out.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    _systemctl("enable", "--now", unit, written=path)
+    problem = _systemctl("enable", "--now", unit)
+    if problem:
+        path.unlink(missing_ok=True)   # leave nothing behind that does not run
+        fail(f"{problem}; removed {path} again")
     out.print(f"{unit} runs `overlay up --home {h.path.resolve()}` as {name} with server {server}", highlight=False, soft_wrap=True)
     _linger_hint()
 
@@ -969,28 +974,51 @@ def service_uninstall(home: Optional[Path] = HomeOpt):
     path = _unit_path(unit)
     if not path.exists():
         fail(f"no unit installed at {path}" + ("" if home else " (installed for another home? give its --home)"))
-    _systemctl("disable", "--now", unit, written=path)
-    path.unlink()
-    out.print(f"removed {path}", highlight=False, soft_wrap=True)
-    _systemctl("daemon-reload")
+    running = _systemd_running()
+    problem = _systemctl("disable", "--now", unit) if running else None
+    path.unlink(missing_ok=True)   # whatever systemctl answered
+    if problem:
+        fail(f"{problem}; removed {path} anyway")
+    out.print(f"removed {path}" + ("" if running else " (systemd is not running here: nothing to stop)"),
+              highlight=False, soft_wrap=True)
+    if running:
+        subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True)
 
 
-def _systemctl(*args: str, written: Optional[Path] = None) -> None:
-    """Run `systemctl --user ARGS` (after a daemon-reload); a failure is an error naming what to run."""
-    command = f"systemctl --user {' '.join(args)}"
+def _systemd_running() -> bool:
+    """Whether systemd runs this machine (PID 1); False in most containers. `systemctl
+    is-system-running` answers "offline" there (and systemd's own sd_booted() checks /run/systemd/system)."""
     if shutil.which("systemctl") is None:
-        fail(f"systemctl not found: {'the unit is written at ' + str(written) + '; ' if written else ''}"
-             f"run `{command}` where systemd runs")
+        return False
+    try:
+        r = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.stdout.strip() != "offline"
+
+
+def _require_systemd(instead: str) -> None:
+    if shutil.which("systemctl") is None:
+        fail(f"systemctl not found: this machine has no systemd to run the service; run {instead}")
+    if not _systemd_running():
+        init = Path("/proc/1/comm").read_text().strip() if Path("/proc/1/comm").exists() else "another program"
+        fail(f"systemd is not running on this machine (PID 1 is {init}, as in most containers): no service can "
+             f"be installed; run {instead}")
+
+
+def _systemctl(*args: str) -> Optional[str]:
+    """Run `systemctl --user ARGS` (after a daemon-reload): None once done, else the error line to show."""
+    command = f"systemctl --user {' '.join(args)}"
     r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
-    if r.returncode == 0 and args != ("daemon-reload",):
+    if r.returncode == 0:
         r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
     if r.returncode != 0:
         why = (r.stderr or r.stdout).strip().splitlines()
-        fail(f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
-             + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
-                if why and "bus" in why[-1].lower() else ""))
-    if args != ("daemon-reload",):
-        out.print(f"{command}: done", highlight=False, soft_wrap=True)
+        return (f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
+                + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
+                   if why and "bus" in why[-1].lower() else ""))
+    out.print(f"{command}: done", highlight=False, soft_wrap=True)
+    return None
 
 
 def _linger_hint() -> None:

@@ -267,13 +267,16 @@ def test_node_reaches_server_through_proxy(tmp_path, kind):
             proxy.kill()
 
 
-def _fake_tools(tmp_path, systemctl_ok: bool, linger: str = "no") -> dict:
-    """A PATH with only python and fake systemctl / loginctl that log their arguments."""
+def _fake_tools(tmp_path, systemctl_ok: bool, linger: str = "no", booted: bool = True) -> dict:
+    """A PATH with only python and fake systemctl / loginctl that log their arguments; booted=False:
+    a machine (a container) where systemd is not PID 1."""
     bin_ = tmp_path / "bin"
     bin_.mkdir(exist_ok=True)
     log = tmp_path / "calls.log"
     body = "exit 0" if systemctl_ok else 'echo "Failed to connect to bus: No medium found" >&2; exit 1'
-    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\ncase "$*" in *daemon-reload*) exit 0;; esac\n{body}\n')
+    running = "echo running; exit 0" if booted else "echo offline; exit 1"
+    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\ncase "$*" in *daemon-reload*) exit 0;; '
+                                    f'is-system-running) {running};; esac\n{body}\n')
     (bin_ / "loginctl").write_text(f"#!/bin/sh\necho {linger}\n")
     for f in bin_.iterdir():
         f.chmod(0o755)
@@ -312,14 +315,40 @@ def test_service_install_fails_when_systemctl_fails(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: systemctl --user enable --now overlay-") and "Failed to connect to bus" \
         in r.stderr and "loginctl enable-linger" in r.stderr, r.stderr
+    assert not list((tmp_path / "cfg").rglob("*.service")), "a unit systemd could not enable was left behind"
+    # uninstall removes the unit file whatever systemctl answers
+    unit = tmp_path / "cfg" / "systemd" / "user" / r.stderr.split("enable --now ")[1].split()[0]
+    unit.write_text("[Unit]\n")
     r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(home)], capture_output=True, text=True,
                        env=env, timeout=30)
-    assert r.returncode == 1 and "disable --now" in r.stderr, r.stderr
-    # no systemctl at all: an error naming the command to run elsewhere
+    assert r.returncode == 1 and "disable --now" in r.stderr and "removed" in r.stderr, r.stderr
+    assert not unit.exists()
+    # no systemctl at all: an error naming what to run instead
     env["PATH"] = os.path.dirname(sys.executable)
     r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
                        capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 1 and "systemctl not found" in r.stderr and "enable --now" in r.stderr, r.stderr
+    assert r.returncode == 1 and "systemctl not found" in r.stderr and "overlay up --home" in r.stderr, r.stderr
+
+
+def test_service_install_without_systemd_running_writes_nothing(tmp_path):
+    """In a container systemd is installed but not PID 1: install says so plainly and writes no
+    unit; uninstall removes a unit file it wrote earlier without asking systemd."""
+    env = _fake_tools(tmp_path, systemctl_ok=False, booted=False)
+    home = tmp_path / "h"
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and r.stderr.startswith("error: systemd is not running on this machine"), r.stderr
+    assert "nothing was written" in r.stderr and "overlay up --home" in r.stderr, r.stderr
+    assert not (tmp_path / "cfg").exists() and not home.exists()
+    assert "enable" not in (tmp_path / "calls.log").read_text()
+    # a unit written while systemd ran (say, before the machine became a container image)
+    unit = tmp_path / "cfg" / "systemd" / "user" / (
+        "overlay-" + __import__("hashlib").sha256(str(home.resolve()).encode()).hexdigest()[:8] + ".service")
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(home)], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 0 and not unit.exists() and "systemd is not running" in r.stdout, r.stdout + r.stderr
 
 
 def test_config_file_example_and_shares(cluster, tmp_path):
