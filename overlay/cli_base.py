@@ -19,6 +19,11 @@ from overlay.node import api
 from overlay.node.home import Home
 
 
+# Output that is not a terminal (a pipe, a file) is as wide as its longest line: whole lines for
+# grep and cut, table rows never wrapped or cut at 80 columns. (rich flushes after every print.)
+PIPE_WIDTH = 10_000
+
+
 class _LazyConsole:
     """A rich Console made on first use: `status --json` and scripts never import rich."""
 
@@ -29,7 +34,10 @@ class _LazyConsole:
     def __getattr__(self, name):
         if self._console is None:
             from rich.console import Console
-            self._console = Console(**self._kw)
+            console = Console(**self._kw)
+            if not console.is_terminal:
+                console = Console(**self._kw, width=PIPE_WIDTH, soft_wrap=True)
+            self._console = console
         return getattr(self._console, name)
 
 

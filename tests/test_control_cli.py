@@ -819,3 +819,36 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
         {"s2": "member", "hub": "gateway"}
     o.ok("admin", "type", "star", "mesh")
     cluster.wait(lambda: {p["name"] for p in s1.status()["peers"]} == {"owner", "hub", "s2"}, what="mesh again")
+
+
+def test_piped_output_keeps_whole_lines_and_ping_streams(cluster):
+    """`overlay status | cat` and `overlay ping X | cat`: no line broken at 80 columns, no table
+    row cut, and ping's lines arrive as they happen (not when the command exits)."""
+    long1, long2 = "bob-has-a-rather-long-node-name1", "carol-has-a-long-node-name-too-2"
+    from cluster import Node
+    a = cluster.start_node("alice")
+    b, c = Node(cluster, long1, cluster.tmp / "b").start(), Node(cluster, long2, cluster.tmp / "c").start()
+    cluster.nodes += [b, c]   # (short homes: the API socket's path has a length limit)
+    cluster.wait(lambda: b.connected() and c.connected(), what="long-named nodes connected")
+    a.ok("create", "a-network-with-a-long-name", "--password", "pw")
+    b.ok("join", "a-network-with-a-long-name", "--password", "pw")
+    a.ok("admin", "approval", "a-network-with-a-long-name", "on")
+    c.ok("join", "a-network-with-a-long-name", "--password", "pw")
+    cluster.wait(lambda: (a.peer(long1) or {}).get("online") and (a.network("a-network-with-a-long-name") or {})
+                 .get("pending"), what="bob online, carol pending")
+    r = subprocess.run([*OVERLAY, "status", "--home", str(a.home)], stdout=subprocess.PIPE, text=True, timeout=30)
+    lines = r.stdout.splitlines()
+    asks = [line for line in lines if "asks to join" in line]
+    assert len(asks) == 1 and asks[0].rstrip().endswith("(or reject)") and long2 in asks[0], r.stdout
+    row = [line for line in lines if long1 in line]
+    assert len(row) == 1 and row[0].startswith("│") and row[0].rstrip().endswith("│"), r.stdout
+    assert "direct" in row[0] and " ms" in row[0], r.stdout   # the path column, whole
+    p = subprocess.Popen([*OVERLAY, "ping", long1, "-c", "30", "--no-until-direct", "--home", str(a.home)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        assert p.poll() is None, "ping's first line came only when it exited"
+        assert first.startswith(f"pong from {long1} (") and first.rstrip().endswith(" ms"), first
+    finally:
+        p.kill()
+        p.wait()
