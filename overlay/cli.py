@@ -56,10 +56,17 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 
-def _password(password: Optional[str]) -> str:
-    if password is None:
-        password = typer.prompt("Network password", hide_input=True)
-    return password
+def _password(password: Optional[str], prompt: str = "Network password", confirm: bool = False) -> str:
+    """--password, else prompted at a terminal, else the first line of standard input (piped, so
+    no getpass warning about echo: nothing is shown anyway)."""
+    if password is not None:
+        return password
+    if sys.stdin is not None and sys.stdin.isatty():
+        return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line.strip("\r\n"):
+        fail("no password: give --password, or type it at a terminal, or pipe it in on one line")
+    return line.rstrip("\r\n")
 
 
 # ---------------------------------------------------------------------------- server and node
@@ -870,8 +877,7 @@ def admin_password(network: str = NetworkArg,
                                                             "with the old password) and drop pending requests."),
                    home: Optional[Path] = HomeOpt):
     """Change the network's password; existing members stay unless --remove-members."""
-    if password is None:
-        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
+    password = _password(password, "New network password", confirm=True)
     r = _admin(home, network, "password", password=password, value=int(remove_members))
     out.print(f"{lit(network)}: password changed"
               + (f"; removed {r.get('removed', 0)} member(s) who joined with the old one" if remove_members else ""),
@@ -882,6 +888,9 @@ def admin_password(network: str = NetworkArg,
 def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):
     """Delete a network for everyone."""
+    if not yes and not (sys.stdin is not None and sys.stdin.isatty()):
+        fail(f"deleting {network} needs a confirmation and there is no terminal to ask: add --yes "
+             f"(overlay admin delete {network} --yes)")
     if not yes and not typer.confirm(f"Delete network {visible(network)} for all its members?"):
         raise typer.Exit(1)
     _admin(home, network, "delete")

@@ -852,3 +852,38 @@ def test_piped_output_keeps_whole_lines_and_ping_streams(cluster):
     finally:
         p.kill()
         p.wait()
+
+
+def test_status_roles_routes_to_approve_and_prompts_without_a_terminal(cluster):
+    """A gateway network's plain member reads `member`, not `member, member`; the owner's status
+    names the routes waiting for approval; a route in the overlay's pool is called unapprovable
+    at once (log and status); `admin delete` without a terminal says to add --yes; a password
+    piped in is read without Python's GetPassWarning."""
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob", "--advertise-routes", "10.55.0.0/24,100.64.5.0/24")
+    c = cluster.start_node("carol")
+    r = a.run("create", "lan", input="pw\n")
+    assert r.returncode == 0 and "Warning" not in r.stderr and "created network lan" in r.stdout, r.stderr
+    for n in (b, c):
+        r = n.run("join", "lan", input="pw\n")
+        assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+    a.ok("admin", "type", "lan", "gateway")
+    a.ok("admin", "gateway", "lan", "bob")
+    cluster.wait(lambda: (members(b, "lan").get("carol") or {}).get("kind") == "member", what="carol a plain member")
+    for n in (b, c):   # the gateway sees every member, carol sees herself and the gateway
+        st = n.ok("status")
+        row = next(line for line in st.splitlines() if line.startswith("│ carol "))
+        assert "member, member" not in row and "│ member " in row, st
+    st = a.ok("status")
+    assert "bob offers 10.55.0.0/24, waiting for your approval: overlay admin routes lan approve bob 10.55.0.0/24" \
+        in st and "100.64.5.0/24" not in st, st
+    cluster.wait(lambda: "100.64.5.0/24 overlaps the overlay's address pool" in b.proc.output(),
+                 what="the gateway's warning")
+    st = b.ok("status")
+    assert "100.64.5.0/24 can never be approved: it overlaps the overlay's address pool 100.64.0.0/10" in st, st
+    assert "waiting for approval: 10.55.0.0/24)" in st, st
+    a.ok("admin", "routes", "lan", "approve", "bob", "10.55.0.0/24")
+    cluster.wait(lambda: "offers" not in a.ok("status"), what="nothing left to approve")
+    r = a.run("admin", "delete", "lan")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "--yes" in r.stderr, r.stderr
+    assert a.network("lan") is not None
