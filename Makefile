@@ -1,19 +1,32 @@
 # The two commands the README opens with: `make demo` and `make test`.
-PY ?= python3
+# They install the project into a virtual environment of its own (.venv, made here with
+# `$(PYTHON) -m venv`), never into whatever `python3` is. `make PY=python3 test` uses that
+# interpreter instead (installing into it, as before); PYTEST_ARGS picks tests:
+# `make test PYTEST_ARGS='tests/test_cli_literal.py -x'`.
+PYTHON ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+PYTEST_ARGS ?=
+STAMP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.stamp-install,.stamp-install)
 
 .PHONY: demo test install bench
 
-.stamp-install: pyproject.toml
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: install the venv module" \
+	    "(Debian/Ubuntu: apt-get install python3-venv), or use another interpreter: make PY=python3 ..." >&2; exit 1; }
+
+$(STAMP): pyproject.toml $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/bin/python)
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: .stamp-install
+install: $(STAMP)
 
-demo: .stamp-install
+demo: $(STAMP)
 	$(PY) -m overlay demo
 
-test: .stamp-install
-	$(PY) -m pytest -q -ra
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: .stamp-install
+bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

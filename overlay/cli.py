@@ -55,10 +55,17 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 
-def _password(password: Optional[str]) -> str:
-    if password is None:
-        password = typer.prompt("Network password", hide_input=True)
-    return password
+def _password(password: Optional[str], prompt: str = "Network password", confirm: bool = False) -> str:
+    """--password, else prompted at a terminal, else the first line of standard input (piped, so
+    no getpass warning about echo: nothing is shown anyway)."""
+    if password is not None:
+        return password
+    if sys.stdin is not None and sys.stdin.isatty():
+        return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line.strip("\r\n"):
+        fail("no password: give --password, or type it at a terminal, or pipe it in on one line")
+    return line.rstrip("\r\n")
 
 
 # ---------------------------------------------------------------------------- server and node
@@ -122,12 +129,14 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        port: Optional[int] = typer.Option(None, "--port", help="Fixed UDP port (the 'magic' port to forward on "
                                                                  "your router); default: any free port."),
        keepalive: Optional[float] = typer.Option(None, "--keepalive", help="NAT keepalive interval, seconds (25)."),
-       socks: Optional[str] = typer.Option(None, "--socks", help="SOCKS5 proxy address (127.0.0.1:1080), or 'off'."),
+       socks: Optional[str] = typer.Option(None, "--socks", help="SOCKS5 proxy address (127.0.0.1:1080), or 'off'"
+                                                                 " (or \"\")."),
        address: Optional[str] = typer.Option(None, "--address",
                                              help="This node's inner IPv4 (default: assigned by the server)."),
        wg_peer: list[str] = typer.Option([], "--wg-peer", help="Static WireGuard peer: "
                                          "PUBLIC_KEY,ENDPOINT_HOST:PORT,ALLOWED_IP/PREFIX[,...] (repeatable)."),
-       http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default)."),
+       http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default; "
+                                                                           "'off' or \"\" turns a remembered one off)."),
        proxy_user: list[str] = typer.Option([], "--proxy-user", help="USER:PASSWORD required by the SOCKS5 and "
                                             "HTTP proxies (repeatable); needed to listen beyond loopback."),
        tun: bool = typer.Option(False, "--tun", help="Attach a TUN device (full IP: the kernel reaches peers "
@@ -144,7 +153,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        advertise_routes: Optional[str] = typer.Option(None, "--advertise-routes",
                                                       help="Offer these subnets of this machine's LAN to your "
                                                            "networks as a gateway, comma-separated "
-                                                           "(192.168.1.0/24); each network's owner approves them. "
+                                                           "(192.168.1.0/24), or 'off' (or \"\"); each network's "
+                                                           "owner approves them. "
                                                            "With --tun/--tap the kernel forwards to them (root, "
                                                            "nftables)."),
        hard_nat: Optional[bool] = typer.Option(None, "--hard-nat-punch/--no-hard-nat-punch",
@@ -157,12 +167,15 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                   help="Ask the router to map this node's UDP port: 'all' "
                                                        "(PCP, NAT-PMP, UPnP IGD; the default), 'off', or a "
                                                        "comma-separated choice such as 'pcp,nat-pmp'."),
+       reset: bool = typer.Option(False, "--reset", help="Forget the options and device remembered from the last "
+                                                          "`overlay up` (server, name, shares and forwards stay)."),
        home: Optional[Path] = HomeOpt,
        log_level: str = LogLevelOpt):
-    """Start the node daemon in the foreground."""
+    """Start the node daemon in the foreground. Without options it runs as the last `overlay up` did
+    (prefs.json): an option given replaces the remembered value, --reset forgets them all."""
     from overlay.control.messages import RequestError, normalize_name
     from overlay.node.control_client import parse_hostport
-    from overlay.node.prefs import Prefs, hostname_label
+    from overlay.node.prefs import Prefs, hostname_label, off_if_empty, option_flags, up_options
     h = Home(home)
     try:
         cfg = h.config()
@@ -171,11 +184,24 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(str(e))
     server = server or cfg.get("server") or last.server
     name = name or cfg.get("name") or last.name or hostname_label()
-    via_proxy = via_proxy or cfg.get("via_proxy")
-    port = port if port is not None else cfg.get("port", 0)
-    keepalive = keepalive if keepalive is not None else cfg.get("keepalive", 25.0)
-    socks = socks or cfg.get("socks", "127.0.0.1:1080")
-    http_proxy = http_proxy or cfg.get("http_proxy")
+    # an option given > config.toml > the value the last `overlay up` was given > the default
+    given, reused, remember = up_options(
+        dict(socks=socks, http_proxy=http_proxy, advertise_routes=advertise_routes, port=port, keepalive=keepalive,
+             port_mapping=port_mapping, hard_nat_punch=hard_nat, via_proxy=via_proxy, address=address,
+             proxy_user=proxy_user, wg_peer=wg_peer), last.options, reset)
+    reused = {k: v for k, v in reused.items() if k not in cfg}  # proxy_user, wg_peer add to config's
+
+    def setting(key: str, default=None):
+        value = given[key] if key in given else cfg[key] if key in cfg else reused.get(key, default)
+        return off_if_empty(value)
+
+    via_proxy = None if setting("via_proxy") in (None, "off") else setting("via_proxy")
+    port = setting("port", 0)
+    keepalive = setting("keepalive", 25.0)
+    socks = setting("socks", "127.0.0.1:1080")
+    http_proxy = setting("http_proxy")
+    proxy_user = given.get("proxy_user", reused.get("proxy_user", []))
+    wg_peer = given.get("wg_peer", reused.get("wg_peer", []))
     shares, forwards = cfg.get("share", []), cfg.get("forward", [])
     proxy_users = dict(cfg.get("proxy_users", {}))
     for pu in proxy_user:
@@ -200,10 +226,10 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         fail(f"--port {port}: expected 0-65535")
     if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
         fail(f"--keepalive {keepalive}: expected 7-600 seconds")
-    address = address or cfg.get("address")
+    address = None if setting("address") in (None, "off") else setting("address")
     if tun + tap + userspace > 1:
         fail("--tun, --tap and --userspace exclude each other: choose one")
-    remembered = last.interface if not (tun or tap or userspace) and "interface" not in cfg else None
+    remembered = last.interface if not (tun or tap or userspace or reset) and "interface" not in cfg else None
     interface = ("tun" if tun else "tap" if tap else "none" if userspace else
                  remembered["kind"] if remembered else cfg.get("interface", "none"))
     if interface not in ("tun", "tap", "none"):
@@ -212,14 +238,16 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     dev = dev or cfg.get("dev") or (remembered["dev"] if remembered else None)
     only_shared = (only_shared if only_shared is not None else
                    cfg["only_shared"] if "only_shared" in cfg else bool(remembered and remembered["only_shared"]))
-    if remembered:
-        err.print(f"note: --{interface}{' --dev ' + lit(dev) if dev else ''}{' --only-shared' if only_shared else ''}"
-                  " as last time (`overlay up --userspace` for no device)", highlight=False, soft_wrap=True)
-    hard_nat = hard_nat if hard_nat is not None else cfg.get("hard_nat_punch", True)
+    if remembered or reused:
+        device = (f"--{interface}{' --dev ' + dev if dev else ''}{' --only-shared' if only_shared else ''}"
+                  if remembered else "")
+        err.print(f"note: {lit(' '.join(x for x in (device, option_flags(reused)) if x))} as last time "
+                  f"(an option given replaces it{'; `overlay up --userspace` for no device' if remembered else ''}"
+                  "; `overlay up --reset` for the defaults)", highlight=False, soft_wrap=True)
+    hard_nat = setting("hard_nat_punch", True)
     from overlay.nat.portmap import parse_protocols
     try:
-        mapping_protocols = list(parse_protocols(port_mapping if port_mapping is not None
-                                                 else cfg.get("port_mapping", True)))
+        mapping_protocols = list(parse_protocols(setting("port_mapping", True)))
     except ValueError as e:
         fail(f"--port-mapping: {e}")
     if not isinstance(only_shared, bool):
@@ -256,9 +284,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
     except RequestError as e:
         fail(e.message)
     from overlay.control.messages import MAX_ROUTES, parse_route
-    routes = ([r.strip() for r in advertise_routes.split(",") if r.strip()] if advertise_routes is not None
-              else cfg.get("advertise_routes", []))
-    routes = routes if isinstance(routes, list) else [routes]
+    routes = setting("advertise_routes", [])
+    routes = [] if routes == "off" else [r.strip() for r in routes.split(",") if r.strip()] \
+        if isinstance(routes, str) else routes
     try:
         routes = sorted({str(parse_route(r)) for r in routes})
     except ValueError as e:
@@ -272,7 +300,8 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                     shares=shares, forwards=forwards, address=address, static_peers=static_peers,
                                     proxy_users=proxy_users or None, interface=interface, dev=dev,
                                     only_shared=only_shared, advertise_routes=routes,
-                                    hard_nat=bool(hard_nat), port_mapping=mapping_protocols))
+                                    hard_nat=bool(hard_nat), port_mapping=mapping_protocols,
+                                    remember_options=remember))
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
@@ -847,8 +876,7 @@ def admin_password(network: str = NetworkArg,
                                                             "with the old password) and drop pending requests."),
                    home: Optional[Path] = HomeOpt):
     """Change the network's password; existing members stay unless --remove-members."""
-    if password is None:
-        password = typer.prompt("New network password", hide_input=True, confirmation_prompt=True)
+    password = _password(password, "New network password", confirm=True)
     r = _admin(home, network, "password", password=password, value=int(remove_members))
     out.print(f"{lit(network)}: password changed"
               + (f"; removed {r.get('removed', 0)} member(s) who joined with the old one" if remove_members else ""),
@@ -859,6 +887,9 @@ def admin_password(network: str = NetworkArg,
 def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
                  home: Optional[Path] = HomeOpt):
     """Delete a network for everyone."""
+    if not yes and not (sys.stdin is not None and sys.stdin.isatty()):
+        fail(f"deleting {network} needs a confirmation and there is no terminal to ask: add --yes "
+             f"(overlay admin delete {network} --yes)")
     if not yes and not typer.confirm(f"Delete network {visible(network)} for all its members?"):
         raise typer.Exit(1)
     _admin(home, network, "delete")
@@ -920,11 +951,13 @@ def service_install(server: Optional[str] = typer.Option(None, "--server", help=
         fail(str(e))
     except RequestError as e:
         fail(e.message)
+    unit = _unit_name(h)
+    path = _unit_path(unit)
+    _require_systemd(f"`overlay up --home {h.path.resolve()}` in your init system or container entrypoint "
+                     "instead; nothing was written")
     # the unit runs a bare `overlay up`: server and name live in the home, where `up` finds them
     h.ensure()
     prefs.remember(server=server, name=name)
-    unit = _unit_name(h)
-    path = _unit_path(unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("overlay") or f"{sys.executable} -m overlay"
     path.write_text(
@@ -934,7 +967,10 @@ def service_install(server: Optional[str] = typer.Option(None, "--server", help=
         "Restart=on-failure\nRestartSec=5\n\n"
         "[Install]\nWantedBy=default.target\n")
     out.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    _systemctl("enable", "--now", unit, written=path)
+    problem = _systemctl("enable", "--now", unit)
+    if problem:
+        path.unlink(missing_ok=True)   # leave nothing behind that does not run
+        fail(f"{problem}; removed {path} again")
     out.print(f"{unit} runs `overlay up --home {h.path.resolve()}` as {name} with server {server}", highlight=False, soft_wrap=True)
     _linger_hint()
 
@@ -946,28 +982,51 @@ def service_uninstall(home: Optional[Path] = HomeOpt):
     path = _unit_path(unit)
     if not path.exists():
         fail(f"no unit installed at {path}" + ("" if home else " (installed for another home? give its --home)"))
-    _systemctl("disable", "--now", unit, written=path)
-    path.unlink()
-    out.print(f"removed {path}", highlight=False, soft_wrap=True)
-    _systemctl("daemon-reload")
+    running = _systemd_running()
+    problem = _systemctl("disable", "--now", unit) if running else None
+    path.unlink(missing_ok=True)   # whatever systemctl answered
+    if problem:
+        fail(f"{problem}; removed {path} anyway")
+    out.print(f"removed {path}" + ("" if running else " (systemd is not running here: nothing to stop)"),
+              highlight=False, soft_wrap=True)
+    if running:
+        subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True)
 
 
-def _systemctl(*args: str, written: Optional[Path] = None) -> None:
-    """Run `systemctl --user ARGS` (after a daemon-reload); a failure is an error naming what to run."""
-    command = f"systemctl --user {' '.join(args)}"
+def _systemd_running() -> bool:
+    """Whether systemd runs this machine (PID 1); False in most containers. `systemctl
+    is-system-running` answers "offline" there (and systemd's own sd_booted() checks /run/systemd/system)."""
     if shutil.which("systemctl") is None:
-        fail(f"systemctl not found: {'the unit is written at ' + str(written) + '; ' if written else ''}"
-             f"run `{command}` where systemd runs")
+        return False
+    try:
+        r = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.stdout.strip() != "offline"
+
+
+def _require_systemd(instead: str) -> None:
+    if shutil.which("systemctl") is None:
+        fail(f"systemctl not found: this machine has no systemd to run the service; run {instead}")
+    if not _systemd_running():
+        init = Path("/proc/1/comm").read_text().strip() if Path("/proc/1/comm").exists() else "another program"
+        fail(f"systemd is not running on this machine (PID 1 is {init}, as in most containers): no service can "
+             f"be installed; run {instead}")
+
+
+def _systemctl(*args: str) -> Optional[str]:
+    """Run `systemctl --user ARGS` (after a daemon-reload): None once done, else the error line to show."""
+    command = f"systemctl --user {' '.join(args)}"
     r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
-    if r.returncode == 0 and args != ("daemon-reload",):
+    if r.returncode == 0:
         r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
     if r.returncode != 0:
         why = (r.stderr or r.stdout).strip().splitlines()
-        fail(f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
-             + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
-                if why and "bus" in why[-1].lower() else ""))
-    if args != ("daemon-reload",):
-        out.print(f"{command}: done", highlight=False, soft_wrap=True)
+        return (f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
+                + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
+                   if why and "bus" in why[-1].lower() else ""))
+    out.print(f"{command}: done", highlight=False, soft_wrap=True)
+    return None
 
 
 def _linger_hint() -> None:

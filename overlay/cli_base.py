@@ -19,6 +19,11 @@ from overlay.node import api
 from overlay.node.home import Home
 
 
+# Output that is not a terminal (a pipe, a file) is as wide as its longest line: whole lines for
+# grep and cut, table rows never wrapped or cut at 80 columns. (rich flushes after every print.)
+PIPE_WIDTH = 10_000
+
+
 class _LazyConsole:
     """A rich Console made on first use: `status --json` and scripts never import rich."""
 
@@ -29,7 +34,10 @@ class _LazyConsole:
     def __getattr__(self, name):
         if self._console is None:
             from rich.console import Console
-            self._console = Console(**self._kw)
+            console = Console(**self._kw)
+            if not console.is_terminal:
+                console = Console(**self._kw, width=PIPE_WIDTH, soft_wrap=True)
+            self._console = console
         return getattr(self._console, name)
 
 
@@ -102,10 +110,15 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
         out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
     gw = st.get("gateway")
     if gw:
+        in_pool = gw.get("in_pool") or []
+        waiting = [r for r in gw["advertised"] if r not in gw["approved"] and r not in in_pool]
         out.print("gateway for " + (", ".join(lit(r) for r in gw["approved"]) or "nothing yet")
-                  + (f" (waiting for approval: {', '.join(lit(r) for r in gw['advertised'] if r not in gw['approved'])})"
-                     if set(gw["advertised"]) - set(gw["approved"]) else "")
+                  + (f" (waiting for approval: {', '.join(lit(r) for r in waiting)})" if waiting else "")
                   + (" (the kernel forwards)" if gw.get("mode") == "kernel" else ""), highlight=False)
+        if in_pool:
+            out.print(f"  [red]{lit(', '.join(in_pool))} can never be approved: "
+                      f"{'it overlaps' if len(in_pool) == 1 else 'they overlap'} the overlay's address pool "
+                      f"{lit(st['server'].get('pool'))} (advertise subnets outside it)[/]", highlight=False)
         gs = gw.get("stats") or {}
         if gs.get("error"):
             out.print(f"  [red]{lit(gs['error'])}[/]", soft_wrap=True)
@@ -146,7 +159,7 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
             marker = " [yellow](unencrypted)[/]" if p.get("encrypted") is False and not m["self"] else ""
             if p.get("rtt_ms") is not None:
                 path += f" {p['rtt_ms']:.1f} ms"
-            role = (m["role"] + (f", {m['kind']}" if m.get("kind") else "")
+            role = (m["role"] + (f", {m['kind']}" if m.get("kind") not in (None, "member") else "")
                     + (f" ({m['iface']})" if m.get("iface") else ""))
             if m.get("routes"):
                 role += ", routes " + ", ".join(m["routes"])
@@ -157,6 +170,24 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
         for p in net.get("pending", []):
             out.print(f"  {lit(p['name'])} asks to join {lit(net['name'])}: overlay admin approve {lit(net['name'])} "
                       f"{lit(p['name'])} (or reject)", highlight=False, soft_wrap=True)
+        if net["role"] == "owner":
+            _routes_to_approve(home, net["name"], st["server"].get("pool"))
+
+
+def _routes_to_approve(home: Optional[Path], network: str, pool: Optional[str]) -> None:
+    """For the owner: the routes members offer that wait for approval (asked of the server)."""
+    import ipaddress
+    try:
+        r = api.call(Home(home).socket_path, "admin", network=network, action="routes", timeout=5)
+    except (api.DaemonNotRunning, api.ApiError, OSError):
+        return   # not connected to the server: nothing to tell
+    for g in r.get("routes", []):
+        waiting = [p for p in g["advertised"] if p not in g["approved"]
+                   and not (pool and ipaddress.IPv4Network(p).overlaps(ipaddress.IPv4Network(pool)))]
+        if waiting:
+            out.print(f"  {lit(g['name'])} offers {lit(', '.join(waiting))}, waiting for your approval: overlay admin "
+                      f"routes {lit(network)} approve {lit(g['name'])} {lit(waiting[0]) if len(waiting) == 1 else 'PREFIX'}",
+                      highlight=False, soft_wrap=True)
 
 
 def fast_status(argv: list[str]) -> bool:

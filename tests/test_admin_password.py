@@ -79,7 +79,7 @@ def test_admin_password_through_the_cli(tmp_path):
         dave.ok("join", "lan", "--password", "pw2")
         c.wait(lambda: members(owner, "lan") == {"owner", "bob", "carol", "dave"}, what="four members")
 
-        # and removes everyone who joined with an old one (the password prompted, twice)
+        # and removes everyone who joined with an old one (the password piped in)
         r = owner.run("admin", "password", "lan", "--remove-members", input="pw3\npw3\n")
         assert r.returncode == 0 and "removed 3 member(s) who joined with the old one" in r.stdout, r.stderr
         for n in (bob, carol2, dave):

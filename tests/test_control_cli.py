@@ -267,13 +267,16 @@ def test_node_reaches_server_through_proxy(tmp_path, kind):
             proxy.kill()
 
 
-def _fake_tools(tmp_path, systemctl_ok: bool, linger: str = "no") -> dict:
-    """A PATH with only python and fake systemctl / loginctl that log their arguments."""
+def _fake_tools(tmp_path, systemctl_ok: bool, linger: str = "no", booted: bool = True) -> dict:
+    """A PATH with only python and fake systemctl / loginctl that log their arguments; booted=False:
+    a machine (a container) where systemd is not PID 1."""
     bin_ = tmp_path / "bin"
     bin_.mkdir(exist_ok=True)
     log = tmp_path / "calls.log"
     body = "exit 0" if systemctl_ok else 'echo "Failed to connect to bus: No medium found" >&2; exit 1'
-    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\ncase "$*" in *daemon-reload*) exit 0;; esac\n{body}\n')
+    running = "echo running; exit 0" if booted else "echo offline; exit 1"
+    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {log}\ncase "$*" in *daemon-reload*) exit 0;; '
+                                    f'is-system-running) {running};; esac\n{body}\n')
     (bin_ / "loginctl").write_text(f"#!/bin/sh\necho {linger}\n")
     for f in bin_.iterdir():
         f.chmod(0o755)
@@ -312,14 +315,40 @@ def test_service_install_fails_when_systemctl_fails(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: systemctl --user enable --now overlay-") and "Failed to connect to bus" \
         in r.stderr and "loginctl enable-linger" in r.stderr, r.stderr
+    assert not list((tmp_path / "cfg").rglob("*.service")), "a unit systemd could not enable was left behind"
+    # uninstall removes the unit file whatever systemctl answers
+    unit = tmp_path / "cfg" / "systemd" / "user" / r.stderr.split("enable --now ")[1].split()[0]
+    unit.write_text("[Unit]\n")
     r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(home)], capture_output=True, text=True,
                        env=env, timeout=30)
-    assert r.returncode == 1 and "disable --now" in r.stderr, r.stderr
-    # no systemctl at all: an error naming the command to run elsewhere
+    assert r.returncode == 1 and "disable --now" in r.stderr and "removed" in r.stderr, r.stderr
+    assert not unit.exists()
+    # no systemctl at all: an error naming what to run instead
     env["PATH"] = os.path.dirname(sys.executable)
     r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
                        capture_output=True, text=True, env=env, timeout=30)
-    assert r.returncode == 1 and "systemctl not found" in r.stderr and "enable --now" in r.stderr, r.stderr
+    assert r.returncode == 1 and "systemctl not found" in r.stderr and "overlay up --home" in r.stderr, r.stderr
+
+
+def test_service_install_without_systemd_running_writes_nothing(tmp_path):
+    """In a container systemd is installed but not PID 1: install says so plainly and writes no
+    unit; uninstall removes a unit file it wrote earlier without asking systemd."""
+    env = _fake_tools(tmp_path, systemctl_ok=False, booted=False)
+    home = tmp_path / "h"
+    r = subprocess.run([*OVERLAY, "service", "install", "--server", "127.0.0.1:9", "--home", str(home)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and r.stderr.startswith("error: systemd is not running on this machine"), r.stderr
+    assert "nothing was written" in r.stderr and "overlay up --home" in r.stderr, r.stderr
+    assert not (tmp_path / "cfg").exists() and not home.exists()
+    assert "enable" not in (tmp_path / "calls.log").read_text()
+    # a unit written while systemd ran (say, before the machine became a container image)
+    unit = tmp_path / "cfg" / "systemd" / "user" / (
+        "overlay-" + __import__("hashlib").sha256(str(home.resolve()).encode()).hexdigest()[:8] + ".service")
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    r = subprocess.run([*OVERLAY, "service", "uninstall", "--home", str(home)], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 0 and not unit.exists() and "systemd is not running" in r.stdout, r.stdout + r.stderr
 
 
 def test_config_file_example_and_shares(cluster, tmp_path):
@@ -411,6 +440,50 @@ def test_up_alone_brings_the_node_back_with_its_shares_and_forwards(cluster, tmp
     (broken / "prefs.json").write_text("{not json")
     r = subprocess.run([*OVERLAY, "up", "--home", str(broken)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "prefs.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_up_alone_reuses_every_option_of_the_last_up(cluster, tmp_path):
+    """Plain `overlay up` runs with the proxies, routes, port and keepalive the last `overlay up` was
+    given and says so in one line; an option given replaces its remembered value, 'off' / "" drops
+    a proxy or the routes, and --reset forgets them all."""
+    from cluster import Proc
+    a = cluster.start_node("gw", "--socks", f"127.0.0.1:{(socks := free_port())}", "--http-proxy",
+                           f"127.0.0.1:{(http := free_port())}", "--advertise-routes", "10.77.0.0/24",
+                           "--port", str(udp := free_port()), "--keepalive", "20", "--port-mapping", "off")
+    proxies = lambda: {p["kind"]: p["address"] for p in a.status().get("proxies", [])}  # noqa: E731
+
+    def restart(*args: str, label: str) -> str:
+        a.ok("down")
+        cluster.wait(lambda: not a.proc.alive(), what="node stopped")
+        a.proc = Proc([*OVERLAY, "up", *args, "--home", str(a.home)], tmp_path / f"{label}.log")
+        cluster.wait(a.connected, what=f"node back ({label})")
+        return a.proc.output()
+
+    assert proxies() == {"socks5": f"127.0.0.1:{socks}", "http": f"127.0.0.1:{http}"}
+    text = restart(label="plain")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks}", "http": f"127.0.0.1:{http}"}, text
+    st = a.status()
+    assert st["gateway"]["advertised"] == ["10.77.0.0/24"] and st["udp"]["port"] == udp
+    note = next(line for line in text.splitlines() if line.startswith("note:"))
+    for flag in (f"--socks 127.0.0.1:{socks}", f"--http-proxy 127.0.0.1:{http}", "--advertise-routes 10.77.0.0/24",
+                 f"--port {udp}", "--keepalive 20", "--port-mapping off"):
+        assert flag in note, note
+    assert "as last time" in note and "--reset" in note
+    # an option given replaces the remembered one and is remembered in turn; "" and 'off' drop one
+    text = restart("--advertise-routes", "", "--http-proxy", "off", "--socks", f"127.0.0.1:{(socks2 := free_port())}",
+                   label="replaced")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks2}"} and a.status()["gateway"] is None, text
+    text = restart(label="plain-again")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks2}"} and a.status()["gateway"] is None, text
+    assert a.status()["udp"]["port"] == udp and "--advertise-routes" not in text and "--http-proxy" not in text
+    # --reset: the defaults again (but the given options)
+    restart("--reset", "--socks", "127.0.0.1:0", label="reset")
+    assert json.loads((a.home / "prefs.json").read_text())["options"] == {"socks": "127.0.0.1:0"}
+    assert a.status()["udp"]["port"] != udp
+    # config.toml wins over the remembered value
+    (a.home / "config.toml").write_text(f'socks = "127.0.0.1:{socks}"\n')
+    restart(label="config")
+    assert proxies() == {"socks5": f"127.0.0.1:{socks}"}
 
 
 def test_forward_to_unknown_peer_fails_and_to_offline_member_warns(cluster):
@@ -798,3 +871,71 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
         {"s2": "member", "hub": "gateway"}
     o.ok("admin", "type", "star", "mesh")
     cluster.wait(lambda: {p["name"] for p in s1.status()["peers"]} == {"owner", "hub", "s2"}, what="mesh again")
+
+
+def test_piped_output_keeps_whole_lines_and_ping_streams(cluster):
+    """`overlay status | cat` and `overlay ping X | cat`: no line broken at 80 columns, no table
+    row cut, and ping's lines arrive as they happen (not when the command exits)."""
+    long1, long2 = "bob-has-a-rather-long-node-name1", "carol-has-a-long-node-name-too-2"
+    from cluster import Node
+    a = cluster.start_node("alice")
+    b, c = Node(cluster, long1, cluster.tmp / "b").start(), Node(cluster, long2, cluster.tmp / "c").start()
+    cluster.nodes += [b, c]   # (short homes: the API socket's path has a length limit)
+    cluster.wait(lambda: b.connected() and c.connected(), what="long-named nodes connected")
+    a.ok("create", "a-network-with-a-long-name", "--password", "pw")
+    b.ok("join", "a-network-with-a-long-name", "--password", "pw")
+    a.ok("admin", "approval", "a-network-with-a-long-name", "on")
+    c.ok("join", "a-network-with-a-long-name", "--password", "pw")
+    cluster.wait(lambda: (a.peer(long1) or {}).get("online") and (a.network("a-network-with-a-long-name") or {})
+                 .get("pending"), what="bob online, carol pending")
+    r = subprocess.run([*OVERLAY, "status", "--home", str(a.home)], stdout=subprocess.PIPE, text=True, timeout=30)
+    lines = r.stdout.splitlines()
+    asks = [line for line in lines if "asks to join" in line]
+    assert len(asks) == 1 and asks[0].rstrip().endswith("(or reject)") and long2 in asks[0], r.stdout
+    row = [line for line in lines if long1 in line]
+    assert len(row) == 1 and row[0].startswith("│") and row[0].rstrip().endswith("│"), r.stdout
+    assert "direct" in row[0] and " ms" in row[0], r.stdout   # the path column, whole
+    p = subprocess.Popen([*OVERLAY, "ping", long1, "-c", "30", "--no-until-direct", "--home", str(a.home)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        assert p.poll() is None, "ping's first line came only when it exited"
+        assert first.startswith(f"pong from {long1} (") and first.rstrip().endswith(" ms"), first
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_status_roles_routes_to_approve_and_prompts_without_a_terminal(cluster):
+    """A gateway network's plain member reads `member`, not `member, member`; the owner's status
+    names the routes waiting for approval; a route in the overlay's pool is called unapprovable
+    at once (log and status); `admin delete` without a terminal says to add --yes; a password
+    piped in is read without Python's GetPassWarning."""
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob", "--advertise-routes", "10.55.0.0/24,100.64.5.0/24")
+    c = cluster.start_node("carol")
+    r = a.run("create", "lan", input="pw\n")
+    assert r.returncode == 0 and "Warning" not in r.stderr and "created network lan" in r.stdout, r.stderr
+    for n in (b, c):
+        r = n.run("join", "lan", input="pw\n")
+        assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+    a.ok("admin", "type", "lan", "gateway")
+    a.ok("admin", "gateway", "lan", "bob")
+    cluster.wait(lambda: (members(b, "lan").get("carol") or {}).get("kind") == "member", what="carol a plain member")
+    for n in (b, c):   # the gateway sees every member, carol sees herself and the gateway
+        st = n.ok("status")
+        row = next(line for line in st.splitlines() if line.startswith("│ carol "))
+        assert "member, member" not in row and "│ member " in row, st
+    st = a.ok("status")
+    assert "bob offers 10.55.0.0/24, waiting for your approval: overlay admin routes lan approve bob 10.55.0.0/24" \
+        in st and "100.64.5.0/24" not in st, st
+    cluster.wait(lambda: "100.64.5.0/24 overlaps the overlay's address pool" in b.proc.output(),
+                 what="the gateway's warning")
+    st = b.ok("status")
+    assert "100.64.5.0/24 can never be approved: it overlaps the overlay's address pool 100.64.0.0/10" in st, st
+    assert "waiting for approval: 10.55.0.0/24)" in st, st
+    a.ok("admin", "routes", "lan", "approve", "bob", "10.55.0.0/24")
+    cluster.wait(lambda: "offers" not in a.ok("status"), what="nothing left to approve")
+    r = a.run("admin", "delete", "lan")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "--yes" in r.stderr, r.stderr
+    assert a.network("lan") is not None

@@ -55,7 +55,8 @@ class Daemon:
                  address: str | None = None, static_peers: list[dict] = (),
                  proxy_users: dict[str, str] | None = None, interface: str | None = None,
                  dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = (),
-                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None):
+                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None,
+                 remember_options: dict | None = None):
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
@@ -76,6 +77,7 @@ class Daemon:
         self.dataplane.on_endpoints = self._repunch
         self.kernel_if: KernelInterface | None = None
         self._iface_choice = (interface, dev, only_shared)   # remembered once the device is open
+        self._remember_options = remember_options             # ... and these once the proxies listen
         if interface:
             self.kernel_if = KernelInterface(
                 interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
@@ -129,6 +131,8 @@ class Daemon:
         except (ListenError, ValueError) as e:
             self._close_data()
             raise DaemonError(str(e)) from None
+        if self._remember_options is not None:
+            self.prefs.remember_options(self._remember_options)
         try:
             for p in self.static_peers:
                 self.dataplane.add_static_peer(p["key_bytes"], name=p["name"], endpoint=p["endpoint"],
@@ -208,6 +212,10 @@ class Daemon:
     def _on_session(self, hello: dict) -> None:
         self.state.me.update(name=hello["name"], ip=hello["ip"], key=hello["key"])
         self.dataplane.set_pool(hello.get("pool"))
+        for r in self._routes_in_pool():
+            log.warning("--advertise-routes %s overlaps the overlay's address pool %s of server %s: it can never be "
+                        "approved (advertise the LAN's subnet, outside the pool)", r, self.dataplane.pool,
+                        self.client.server)
         if self.address or hello["ip"]:   # none before this node's first network ("address" event)
             self._attach_stack(self.address or hello["ip"])
         self.state.away = set(self.prefs.away)
@@ -686,9 +694,10 @@ class Daemon:
             "node": {"name": me.get("name", self.name), "public_key": me.get("key"),
                      "virtual_ip": me.get("ip"), "home": str(self.home.path)},
             "server": {"address": c.server, "state": c.state, "connected": c.connected,
-                       "error": c.last_error,
+                       "error": c.last_error, "pool": str(self.dataplane.pool) if self.dataplane.pool else None,
                        "key": key_to_text(c.server_key) if c.server_key else None} if c else
-                      {"address": None, "state": "none", "connected": False, "error": None, "key": None},
+                      {"address": None, "state": "none", "connected": False, "error": None, "key": None,
+                       "pool": None},
             "networks": self.state.status(),
             "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p["name"])],
             "proxies": [{"kind": "socks5" if isinstance(p, SocksServer) else "http",
@@ -704,14 +713,21 @@ class Daemon:
                     "port_mapping": self.dataplane.port_mapping_summary()},
         }
 
+    def _routes_in_pool(self) -> list[str]:
+        """Advertised routes the server will never let an owner approve: they overlap its pool."""
+        pool = self.dataplane.pool
+        return [r for r in self.advertise_routes if pool is not None and ipaddress.IPv4Network(r).overlaps(pool)]
+
     def _gateway_status(self) -> dict:
         approved = [r for r, _ in self.state.own_routes() if r in self.advertise_routes]
+        unusable = {"in_pool": self._routes_in_pool()}
         if self.gateway is not None:
             icmp = self.gateway.icmp
-            return {"advertised": self.advertise_routes, "approved": approved, "mode": "userspace",
+            return {"advertised": self.advertise_routes, "approved": approved, **unusable, "mode": "userspace",
                     "icmp": icmp.mode, "stats": {**self.gateway.stats, **{f"echo_{k}": v for k, v in
                                                                              icmp.table.stats.items()}}}
-        return {"advertised": self.advertise_routes, "approved": approved, "mode": "kernel", "icmp": "kernel",
+        return {"advertised": self.advertise_routes, "approved": approved, **unusable, "mode": "kernel",
+                "icmp": "kernel",
                 "stats": self.kernel_if.router_stats() if self.kernel_if is not None else {}}
 
     def _peer_status(self, p: dict) -> dict:

@@ -1,8 +1,10 @@
 """What a node remembers between runs, in ``prefs.json`` in its home (0600, replaced atomically).
 
 - the server, name and interface (``--tun`` / ``--tap`` with its ``--dev`` and ``--only-shared``,
-  or none) ``overlay up`` last ran with, so ``overlay up`` alone starts the node again the same way
-  (options and config.toml still take precedence; ``--userspace`` goes back to no device);
+  or none) ``overlay up`` last ran with, and the other options it was given (``UP_OPTIONS``:
+  proxies, advertised routes, port, keepalive, ...), so ``overlay up`` alone starts the node again
+  the same way (options and config.toml still take precedence; ``--userspace`` goes back to no
+  device, ``--reset`` forgets the remembered options and device);
 - the networks it went offline in (``overlay offline NET``), until ``overlay online NET``;
 - the shares and forwards added at run time (``overlay share`` / ``forward``), restored when the
   daemon starts and dropped by ``overlay unshare`` / ``unforward``; a forward keeps the key of
@@ -26,6 +28,78 @@ from overlay.node.home import HomeError
 
 PREFS_FILE = "prefs.json"
 
+# The `overlay up` options remembered in prefs.json ("options"), as given on the command line:
+# key -> (flag, value meaning "the default", type). "off" (or "") is a value like any other for
+# the proxies and routes, so `--socks off` is remembered too; an option given at its default is
+# dropped from the file.
+UP_OPTIONS: dict[str, tuple[str, object, type]] = {
+    "socks": ("--socks", "127.0.0.1:1080", str),
+    "http_proxy": ("--http-proxy", "off", str),
+    "advertise_routes": ("--advertise-routes", "off", str),
+    "port": ("--port", 0, int),
+    "keepalive": ("--keepalive", 25.0, float),
+    "port_mapping": ("--port-mapping", "all", str),
+    "hard_nat_punch": ("--hard-nat-punch", True, bool),
+    "via_proxy": ("--via-proxy", "off", str),
+    "address": ("--address", "off", str),
+    "proxy_user": ("--proxy-user", [], list),
+    "wg_peer": ("--wg-peer", [], list),
+}
+
+
+def off_if_empty(value):
+    """`--socks ""` means `--socks off` (likewise for every text option of UP_OPTIONS)."""
+    return "off" if isinstance(value, str) and value.strip() in ("", "off") else value
+
+
+def up_options(given: dict, remembered: dict, reset: bool = False) -> tuple[dict, dict, dict]:
+    """Sort the options given to `overlay up` (None / [] for not given) and the remembered ones:
+    (the given ones, the remembered ones not given, what to remember once the node runs). A given
+    option replaces the remembered one; ``reset`` forgets them all. Values stay as typed ("off"
+    included); the caller puts config.toml between the two and applies the defaults."""
+    given = {k: off_if_empty(v) for k, v in given.items() if v is not None and v != []}
+    for k in ("proxy_user", "wg_peer"):   # `--proxy-user off` clears the list
+        if k in given and "off" in given[k]:
+            given[k] = []
+    base = {} if reset else dict(remembered)
+    reused = {k: v for k, v in base.items() if k not in given}
+    keep = {**base, **given}
+    keep = {k: v for k, v in keep.items() if off_if_empty(v) != UP_OPTIONS[k][1]}
+    return given, reused, keep
+
+
+def option_flags(options: dict) -> str:
+    """Options as command-line flags, for "as last time" (proxy passwords left out)."""
+    parts = []
+    for k, v in options.items():
+        flag = UP_OPTIONS[k][0]
+        if k == "hard_nat_punch":
+            parts.append(flag if v else "--no-hard-nat-punch")
+        elif k == "proxy_user":
+            parts += [f"{flag} {u.partition(':')[0]}:…" for u in v]
+        elif isinstance(v, list):
+            parts += [f"{flag} {x}" for x in v]
+        else:
+            parts.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(parts)
+
+
+def _checked_options(loaded) -> dict:
+    if not isinstance(loaded, dict):
+        raise ValueError("options: expected an object")
+    out = {}
+    for k, v in loaded.items():
+        if k not in UP_OPTIONS:
+            raise ValueError(f"options: unknown option {k!r}")
+        kind = UP_OPTIONS[k][2]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)) or \
+                (kind is list and not all(isinstance(x, str) for x in v)):
+            raise ValueError(f"options: {k} has the wrong type")
+        out[k] = v
+    return out
+
 
 class PrefsError(HomeError):
     pass
@@ -35,7 +109,7 @@ class Prefs:
     def __init__(self, home_path: Path):
         self.path = Path(home_path) / PREFS_FILE
         self.data: dict = {"server": None, "name": None, "interface": None, "shares": [], "forwards": [],
-                          "away": []}
+                          "away": [], "options": {}}
         if self.path.exists():
             try:
                 loaded = json.loads(self.path.read_text())
@@ -47,6 +121,7 @@ class Prefs:
                              "udp": bool(f.get("udp")), "key": None if f.get("key") is None else str(f["key"])}
                             for f in loaded.get("forwards", [])]
                 away = [str(n) for n in loaded.get("away", [])]
+                options = _checked_options(loaded.get("options", {}))
                 iface = loaded.get("interface")
                 if iface is not None:
                     if not isinstance(iface, dict) or iface.get("kind") not in ("tun", "tap"):
@@ -55,9 +130,10 @@ class Prefs:
                              "only_shared": bool(iface.get("only_shared"))}
             except (OSError, ValueError, TypeError, KeyError) as e:
                 raise PrefsError(f"{self.path}: unreadable ({e}); fix or delete it (it holds the last server, "
-                                 "name, shares and forwards)") from None
+                                 "name, options, shares and forwards)") from None
             self.data.update(server=loaded.get("server"), name=loaded.get("name"), interface=iface,
-                             shares=shares, forwards=forwards, away=away)
+                             shares=shares, forwards=forwards, away=away,
+                             options=options)
 
     @property
     def server(self) -> str | None:
@@ -77,6 +153,17 @@ class Prefs:
         iface = {"kind": kind, "dev": dev, "only_shared": only_shared} if kind else None
         if self.data["interface"] != iface:
             self.data["interface"] = iface
+            self._save()
+
+    @property
+    def options(self) -> dict:
+        """The other options the last `overlay up` was given (UP_OPTIONS keys, values as typed)."""
+        return dict(self.data["options"])
+
+    def remember_options(self, options: dict) -> None:
+        options = _checked_options(options)
+        if self.data["options"] != options:
+            self.data["options"] = options
             self._save()
 
     @property
