@@ -24,7 +24,7 @@ from overlay.control.channel import Channel, Message
 from overlay.control.messages import key_to_text
 from overlay.server import app
 from overlay.server.app import MediationServer
-from overlay.server.mediator import FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE
+from overlay.server.mediator import FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE, FAILED_JOINS_PER_SOURCE
 
 PW = "right-password"
 
@@ -38,8 +38,9 @@ def cheap_argon2(monkeypatch):
 class Client:
     """A node's side of the control channel, minimal and scriptable."""
 
-    def __init__(self, port: int, key: bytes | None = None):
+    def __init__(self, port: int, key: bytes | None = None, source: str | None = None):
         self.port = port
+        self.source = source          # a loopback address of 127/8 to connect from
         self.key = key or crypto.generate_private_key()
         self.ch = Channel(initiator=True, static_private=self.key)
         self.inbox: deque[dict] = deque()
@@ -49,7 +50,8 @@ class Client:
 
     async def open(self, rcvbuf: int | None = None) -> "Client":
         if rcvbuf is None:
-            self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port)
+            local = (self.source, 0) if self.source else None
+            self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port, local_addr=local)
         else:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -392,24 +394,28 @@ def test_join_flood_is_rate_limited_and_others_are_served(tmp_path):
         other = await Client(server.port).connect("other")
 
         # one attacker, sequential guesses: the per-node limit kicks in after 5 failures
-        a = await Client(server.port).connect("attacker")
+        a = await Client(server.port, source="127.0.0.2").connect("attacker")
         codes = [(await a.request("join", network="lan", password=f"guess{i}"))["code"] for i in range(8)]
         assert codes == ["wrong_password"] * FAILED_JOINS_PER_NODE + ["rate_limited"] * 3
         r = await a.request("join", network="lan", password=PW)   # the right one is refused too
         assert r["code"] == "rate_limited" and "failed join attempts" in r["message"]
 
-        # several attackers flood at once (150 each: below the connection's abuse limit)
-        attackers = [await Client(server.port).connect(f"flood{i}") for i in range(4)]
+        # fresh keys from three other addresses flood at once, more than each address may fail
+        per_src = FAILED_JOINS_PER_SOURCE // FAILED_JOINS_PER_NODE + 1
+        attackers = [await Client(server.port, source=f"127.0.0.{3 + i % 3}").connect(f"flood{i}")
+                     for i in range(3 * per_src)]
         ids = {}
         for c in attackers:
             ids[c] = []
-            for i in range(150):
+            for i in range(2 * FAILED_JOINS_PER_NODE):
                 rid = c.next_id()
                 c.ch.send({"t": "join", "id": rid, "network": "lan", "password": f"g{i}"})
                 ids[c].append(rid)
             c.w.write(c.ch.data_to_send())
-        # meanwhile another node is answered
+        # meanwhile another node is answered, and joins with the right password at once
         assert (await other.request("ping"))["t"] == "ok"
+        r = await other.request("join", network="lan", password=PW)
+        assert r["t"] == "ok" and r["status"] == "joined", r
         wrong = 0
         for c in attackers:
             replies = [await c.reply(rid) for rid in ids[c]]
@@ -418,20 +424,25 @@ def test_join_flood_is_rate_limited_and_others_are_served(tmp_path):
             n_wrong = sum(r["code"] == "wrong_password" for r in replies)
             assert n_wrong <= FAILED_JOINS_PER_NODE
             wrong += n_wrong
-        # per network: at most the limit (+1 per attacker racing the check while hashing)
-        assert FAILED_JOINS_PER_NODE + wrong <= FAILED_JOINS_PER_NETWORK + len(attackers)
-        assert (await other.request("ping"))["t"] == "ok"
-        assert (await other.request("join", network="lan", password=PW))["code"] == "rate_limited"
-        assert [k for k in server.store.members("lan")] == [crypto.public_key(owner.key)]
-        # bounded server state: one window per attacking node / network, each with few entries
+        # per source address: at most its limit (+1 per attacker racing the check while hashing)
+        assert wrong <= 3 * FAILED_JOINS_PER_SOURCE + len(attackers)
+        # the attackers' addresses stay limited, for fresh keys too; the owner's is not
+        late = await Client(server.port, source="127.0.0.3").connect("late")
+        r = await late.request("join", network="lan", password="guess")
+        assert r["code"] == "rate_limited" and "from your address" in r["message"], r
+        fresh = await Client(server.port).connect("fresh")
+        assert (await fresh.request("join", network="lan", password=PW))["status"] == "joined"
+        assert {k for k in server.store.members("lan")} == {
+            crypto.public_key(c.key) for c in (owner, other, fresh)}
+        # bounded server state: one window per attacking node / address / network, each short
         m = server.mediator
         assert len(m._fail_node) == 1 + len(attackers)
         assert all(len(w.times) <= FAILED_JOINS_PER_NODE for w in m._fail_node.values())
-        assert set(m._fail_net) == {"lan"}
-        assert len(m._fail_net["lan"].times) <= FAILED_JOINS_PER_NETWORK + len(attackers)
+        assert set(m._fail_src) == {f"127.0.0.{i}" for i in range(2, 6)}
+        assert set(m._fail_net) == {"lan"} and len(m._fail_net["lan"].times) <= FAILED_JOINS_PER_NETWORK
         assert all(x._queue.qsize() <= x._queue.maxsize for x in server.connections)
         await still_serves(server)
-    serve(tmp_path, body)
+    serve(tmp_path, body, timeout=90)
 
 
 def test_request_flood_rate_limited_then_closed(tmp_path):

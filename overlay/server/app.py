@@ -446,6 +446,8 @@ class MediationServer:
             stored = m.join_precheck(conn.key, msg, now)
             async with self._hash_slots:
                 good = await asyncio.to_thread(passwords.verify_password, stored, msg["password"])
+            if not good and (delay := m.failure_delay(msg["network"], time.time())):
+                await asyncio.sleep(delay)      # a network under guessing: failures answer slowly
             return m.handle(conn.key, msg, time.time(), password_ok=good)
         return m.handle(conn.key, msg, now)
 

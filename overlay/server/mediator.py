@@ -39,8 +39,10 @@ from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
 
 FAILED_JOIN_WINDOW = 60.0
-FAILED_JOINS_PER_NODE = 5
-FAILED_JOINS_PER_NETWORK = 20
+FAILED_JOINS_PER_NODE = 5         # failed joins per node key ...
+FAILED_JOINS_PER_SOURCE = 20      # ... and per source address (an IPv6 /64) per window: refused beyond
+FAILED_JOINS_PER_NETWORK = 20     # beyond this many per network and window, a failure's answer waits:
+FAILED_JOIN_DELAY = 2.0           # slows guessing, never refuses the right password
 MAX_PENDING = 100
 MAX_NETWORKS_PER_NODE = 64
 DEFAULT_POOL = "100.64.0.0/10"
@@ -56,6 +58,12 @@ class _Window:
     times: deque = field(default_factory=deque)
     length: float = FAILED_JOIN_WINDOW
 
+    def add(self, now: float, bound: int) -> None:
+        """Record an event, keeping the last ``bound`` (a count of ``bound`` means "at least")."""
+        self.times.append(now)
+        if len(self.times) > bound:
+            self.times.popleft()
+
     def count(self, now: float) -> int:
         while self.times and self.times[0] <= now - self.length:
             self.times.popleft()
@@ -63,6 +71,27 @@ class _Window:
 
     def retry_after(self, now: float) -> int:
         return max(1, int(self.times[0] + self.length - now + 0.999))
+
+
+def source_bucket(address: str | None) -> str | None:
+    """What per-address limits count by: an IPv4 address, or the /64 of an IPv6 address (one
+    host usually holds a whole /64)."""
+    if address is None or ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address.split('%')[0]}/64", strict=False))
+    except ValueError:
+        return address
+
+
+def _count_in(table: dict, k, now: float, bound: int, length: float = FAILED_JOIN_WINDOW) -> None:
+    """Record an event for ``k`` in ``table`` (a window per key; the table is bounded too)."""
+    w = table.get(k)
+    if w is None:
+        if len(table) > 100_000:  # bound memory under a flood of distinct keys or addresses
+            table.clear()
+        w = table[k] = _Window(length=length)
+    w.add(now, bound)
 
 
 class Mediator:
@@ -80,6 +109,7 @@ class Mediator:
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
+        self._fail_src: dict[str, _Window] = {}      # source address (IPv6: /64) -> failed joins
         self._fail_net: dict[str, _Window] = {}
         self.vips = VipAllocator(self.pool, self.store.used_vips())
         self._guests: dict[bytes, str] = {}          # online, not stored: key -> name from hello
@@ -422,10 +452,13 @@ class Mediator:
     def join_precheck(self, key: bytes, msg: dict, now: float) -> bytes:
         """Everything that can refuse a join before the (slow) password check; returns the hash."""
         name = normalize_name(msg["network"], "network name")
-        for window, limit in ((self._fail_node.get(key), FAILED_JOINS_PER_NODE),
-                              (self._fail_net.get(name), FAILED_JOINS_PER_NETWORK)):
+        # per node and per source address only: failures elsewhere never refuse the right password
+        for window, limit, whence in (
+                (self._fail_node.get(key), FAILED_JOINS_PER_NODE, ""),
+                (self._fail_src.get(source_bucket(self._source.get(key))), FAILED_JOINS_PER_SOURCE,
+                 " from your address")):
             if window is not None and window.count(now) >= limit:
-                raise RequestError("rate_limited", f"too many failed join attempts; try again in "
+                raise RequestError("rate_limited", f"too many failed join attempts{whence}; try again in "
                                                    f"{window.retry_after(now)} s")
         net = self.store.network(name)
         if net is None:
@@ -437,14 +470,21 @@ class Mediator:
         self._new_node_check(key, now)
         return net.pw_hash
 
+    def failure_delay(self, network: str, now: float) -> float:
+        """How long the glue holds a wrong-password answer (and that connection's next request):
+        nothing until ``network`` had FAILED_JOINS_PER_NETWORK failures in the window, then
+        FAILED_JOIN_DELAY. A network-wide bound that only slows guessing: refusing there would let
+        anyone lock the owner and the members out with failures from fresh keys."""
+        name = normalize_name(network, "network name")
+        w = self._fail_net.get(name)
+        return FAILED_JOIN_DELAY if w is not None and w.count(now) >= FAILED_JOINS_PER_NETWORK else 0.0
+
     def _record_failure(self, key: bytes, network: str, now: float) -> None:
-        for table, k in ((self._fail_node, key), (self._fail_net, network)):
-            w = table.get(k)
-            if w is None:
-                if len(table) > 100_000:  # bound memory under a flood of distinct keys
-                    table.clear()
-                w = table[k] = _Window()
-            w.times.append(now)
+        _count_in(self._fail_node, key, now, FAILED_JOINS_PER_NODE)
+        src = source_bucket(self._source.get(key))
+        if src is not None:
+            _count_in(self._fail_src, src, now, FAILED_JOINS_PER_SOURCE)
+        _count_in(self._fail_net, network, now, FAILED_JOINS_PER_NETWORK)
 
     def _join(self, key: bytes, msg: dict, now: float, password_ok: bool | None) -> dict:
         self.join_precheck(key, msg, now)
