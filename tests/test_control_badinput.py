@@ -2,8 +2,9 @@
 
 Each test runs its own server on port 0 inside ``asyncio.run`` with an overall deadline, and talks
 to it over real TCP sockets with a ``Channel`` (or raw bytes where the framing itself is the
-attack). Argon2id is switched to its minimum cost so floods of joins stay fast; the limits under
-test are the server's own counters, not timing.
+attack). Argon2id is switched to its minimum cost, and new nodes prove 1 bit of work on their key
+(``IDENTITY_BITS``), so floods of joins stay fast; the limits under test are the server's own
+counters, not timing.
 
 Bugs these tests found were fixed; the tests stay as regressions.
 """
@@ -19,7 +20,7 @@ import pytest
 from nacl import pwhash
 
 from overlay import crypto
-from overlay.control import passwords
+from overlay.control import identity_proof, passwords
 from overlay.control.channel import Channel, Message
 from overlay.control.messages import key_to_text
 from overlay.server import app
@@ -27,6 +28,7 @@ from overlay.server.app import MediationServer
 from overlay.server.mediator import FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE, FAILED_JOINS_PER_SOURCE
 
 PW = "right-password"
+IDENTITY_BITS = 1
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +47,7 @@ class Client:
         self.ch = Channel(initiator=True, static_private=self.key)
         self.inbox: deque[dict] = deque()
         self.rid = 0
+        self.work = 0                 # identity proof the server asked for in its hello reply
         self.r: asyncio.StreamReader | None = None
         self.w: asyncio.StreamWriter | None = None
 
@@ -71,6 +74,11 @@ class Client:
             assert r["t"] == "ok", r
         return self
 
+    def proof(self) -> str:
+        if not hasattr(self, "_proof"):
+            self._proof = identity_proof.solve(crypto.public_key(self.key), self.work)
+        return self._proof
+
     async def _read(self, timeout: float = 10.0) -> None:
         data = await asyncio.wait_for(self.r.read(65536), timeout)
         if not data:
@@ -89,9 +97,14 @@ class Client:
         return self.rid
 
     async def request(self, t: str, **fields) -> dict:
+        if t in ("create", "join") and self.work:
+            fields.setdefault("proof", self.proof())
         rid = self.next_id()
         self.send({"t": t, "id": rid, **fields})
-        return await self.reply(rid)
+        r = await self.reply(rid)
+        if t == "hello" and r["t"] == "ok":
+            self.work = r["identity_work"]
+        return r
 
     async def reply(self, rid: int | None) -> dict:
         while True:
@@ -133,7 +146,7 @@ class Client:
 def serve(tmp_path, body, timeout: float = 40.0) -> None:
     """Run ``await body(server)`` against a fresh in-process server, then shut it down."""
     async def main():
-        server = MediationServer(tmp_path / "server", "127.0.0.1", 0)
+        server = MediationServer(tmp_path / "server", "127.0.0.1", 0, identity_bits=IDENTITY_BITS)
         await server.start()
         try:
             await asyncio.wait_for(body(server), timeout)
@@ -409,7 +422,7 @@ def test_join_flood_is_rate_limited_and_others_are_served(tmp_path):
             ids[c] = []
             for i in range(2 * FAILED_JOINS_PER_NODE):
                 rid = c.next_id()
-                c.ch.send({"t": "join", "id": rid, "network": "lan", "password": f"g{i}"})
+                c.ch.send({"t": "join", "id": rid, "network": "lan", "password": f"g{i}", "proof": c.proof()})
                 ids[c].append(rid)
             c.w.write(c.ch.data_to_send())
         # meanwhile another node is answered, and joins with the right password at once

@@ -17,7 +17,7 @@ from collections import defaultdict
 import pytest
 
 from overlay import crypto
-from overlay.control import passwords
+from overlay.control import identity_proof, passwords
 from overlay.control.channel import MAX_PLAINTEXT
 from overlay.control.messages import (
     CHAT_HISTORY, MEMBER_BATCH, RequestError, key_from_text, key_to_text, validate_request,
@@ -40,10 +40,13 @@ def fake_hash(pw: str) -> bytes:
 class World:
     """A Mediator plus the bits of glue the asyncio server provides (ids, password step)."""
 
-    def __init__(self, path=":memory:", pool: str = mediator_mod.DEFAULT_POOL, real_passwords: bool = False):
+    def __init__(self, path=":memory:", pool: str = mediator_mod.DEFAULT_POOL, real_passwords: bool = False,
+                 **settings):
         self.path, self.pool = path, pool
         self.store = Store(path)
-        self.m = Mediator(self.store, pool)
+        # identity proofs (slow on purpose) are off here; tests/test_server_identities.py has them
+        self.settings = {"identity_bits": 0, **settings}
+        self.m = Mediator(self.store, pool, **self.settings)
         self.now = 1_000_000.0
         self._rid = 0
         self.real = real_passwords
@@ -82,11 +85,13 @@ class World:
         key = self.key(who)
         m = self.m
         if t == "create":
-            m.create_precheck(key, msg)
+            m.create_precheck(key, msg, self.now)
+            self._check_proof(key, msg)
             h = passwords.hash_password(msg["password"]) if self.real else fake_hash(msg["password"])
             reply = m.handle(key, msg, self.now, password_hash=h)
         elif t == "join":
             stored = m.join_precheck(key, msg, self.now)
+            self._check_proof(key, msg)
             if self.real:
                 good = passwords.verify_password(stored, msg["password"])
             else:
@@ -99,6 +104,11 @@ class World:
             reply = m.handle(key, msg, self.now)
         assert reply["t"] == "ok" and reply["id"] == msg["id"]
         return reply
+
+    def _check_proof(self, key: bytes, msg: dict) -> None:
+        proof = self.m.proof_to_check(key, msg, self.now)
+        if proof is not None:
+            self.m.proof_checked(key, identity_proof.check(key, proof, self.m.identity_bits), self.now)
 
     def fails(self, who: str, t: str, **fields) -> RequestError:
         with pytest.raises(RequestError) as e:

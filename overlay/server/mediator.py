@@ -11,8 +11,11 @@ thread, and passes the verdict to ``handle`` as ``password_ok``; for ``create`` 
 hash as ``password_hash``.
 
 Identities: a hello stores nothing. A node is stored, and given its virtual IP (event
-``address``), the first time it creates, joins or asks to join a network; at most
-``NEW_NODES_PER_ADDRESS`` new nodes per source address and hour. Expiry policy (``expire``, run
+``address``), the first time it creates, joins or asks to join a network, and only with a proof of
+work on its key (overlay/control/identity_proof.py; ``identity_bits``, checked by the glue off the
+event loop between ``proof_to_check`` and ``proof_checked``), so throw-away identities cost their
+maker; and at most ``new_nodes_per_hour`` new nodes per source address (an IPv6 /64) and hour, a
+bound on stored state high enough for a crowd behind one NAT. Expiry policy (``expire``, run
 hourly by the glue): a stored node that is in no network, owns none, is on no ban list and is
 offline is forgotten ``NODE_TTL`` (30 days) after it was last seen, together with its pending
 join requests; its address returns to the pool. Members stay until their network's owner removes
@@ -34,6 +37,7 @@ from typing import Callable
 from overlay.control.messages import (
     MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok, parse_route,
 )
+from overlay.control.identity_proof import DEFAULT_BITS as DEFAULT_IDENTITY_BITS
 from overlay.nat.candidate import format_addr
 from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
@@ -46,7 +50,7 @@ FAILED_JOIN_DELAY = 2.0           # slows guessing, never refuses the right pass
 MAX_PENDING = 100
 MAX_NETWORKS_PER_NODE = 64
 DEFAULT_POOL = "100.64.0.0/10"
-NEW_NODES_PER_ADDRESS = 20        # new identities stored per source address ...
+DEFAULT_NEW_NODES_PER_HOUR = 256  # new identities stored per source address (IPv6: /64) ...
 NEW_NODES_WINDOW = 3600.0         # ... per hour
 NODE_TTL = 30 * 86400.0           # a node in no network is forgotten this long after last seen
 EXPIRY_INTERVAL = 3600.0
@@ -95,8 +99,11 @@ def _count_in(table: dict, k, now: float, bound: int, length: float = FAILED_JOI
 
 
 class Mediator:
-    def __init__(self, store: Store, pool: str = DEFAULT_POOL):
+    def __init__(self, store: Store, pool: str = DEFAULT_POOL, *, identity_bits: int = DEFAULT_IDENTITY_BITS,
+                 new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR):
         self.store = store
+        self.identity_bits = identity_bits
+        self.new_nodes_per_hour = new_nodes_per_hour
         self.pool = ipaddress.IPv4Network(pool)
         if self.pool.num_addresses < 4:
             raise ValueError(f"address pool {pool} is too small")
@@ -114,6 +121,7 @@ class Mediator:
         self.vips = VipAllocator(self.pool, self.store.used_vips())
         self._guests: dict[bytes, str] = {}          # online, not stored: key -> name from hello
         self._source: dict[bytes, str] = {}          # online: key -> source address (from the glue)
+        self._proven: set[bytes] = set()             # guests whose identity proof checked
         self._new_per_source: dict[str, _Window] = {}
         self._next_expiry = float("-inf")
 
@@ -297,29 +305,59 @@ class Mediator:
 
     def _new_node_check(self, key: bytes, now: float) -> None:
         """Refuse before any slow work if storing ``key`` would exceed its address's budget."""
-        src = self._source.get(key)
+        src = source_bucket(self._source.get(key))
         if src is None or key not in self._guests:
             return
         w = self._new_per_source.get(src)
-        if w is not None and w.count(now) >= NEW_NODES_PER_ADDRESS:
+        if w is not None and w.count(now) >= self.new_nodes_per_hour:
             raise RequestError("rate_limited", f"too many new nodes from your address; try again in "
                                                f"{w.retry_after(now)} s")
+
+    def proof_to_check(self, key: bytes, msg: dict, now: float) -> str | None:
+        """The identity proof the glue must check (slow: off the event loop) before this create or
+        join may store ``key``; None when none is needed (a stored node, a checked proof, or the
+        server asks none). A new node without one is refused, and so is one from a key or address
+        that failed too often."""
+        if not self.identity_bits or key not in self._guests or key in self._proven:
+            return None
+        proof = msg.get("proof")
+        if proof is None:
+            raise RequestError("identity_proof", f"this server stores a new node only with a proof of work on "
+                                                 f"its key ({self.identity_bits} bits) and this node sent none: "
+                                                 "upgrade overlay on this node")
+        for window, limit in ((self._fail_node.get(key), FAILED_JOINS_PER_NODE),
+                              (self._fail_src.get(source_bucket(self._source.get(key))), FAILED_JOINS_PER_SOURCE)):
+            if window is not None and window.count(now) >= limit:
+                raise RequestError("rate_limited", f"too many failed attempts; try again in "
+                                                   f"{window.retry_after(now)} s")
+        return proof
+
+    def proof_checked(self, key: bytes, good: bool, now: float) -> None:
+        """The glue's verdict on the proof from ``proof_to_check``; a bad one counts as a failure."""
+        if good:
+            if key in self._guests:
+                self._proven.add(key)
+            return
+        _count_in(self._fail_node, key, now, FAILED_JOINS_PER_NODE)
+        src = source_bucket(self._source.get(key))
+        if src is not None:
+            _count_in(self._fail_src, src, now, FAILED_JOINS_PER_SOURCE)
+        raise RequestError("identity_proof", f"the proof of work on this node's key does not check "
+                                             f"({self.identity_bits} bits needed)")
 
     def _store_node(self, key: bytes, now: float) -> None:
         """First create / join / join request of a node: store it and give it its virtual IP."""
         if key not in self._guests:
             return
         self._new_node_check(key, now)
+        if self.identity_bits and key not in self._proven:
+            raise RequestError("identity_proof", "a new node needs a checked proof of work on its key")
         vip = self._allocate_vip()
         self.store.add_node(key, self._guests.pop(key), vip, now)
-        src = self._source.get(key)
+        self._proven.discard(key)
+        src = source_bucket(self._source.get(key))
         if src is not None:
-            w = self._new_per_source.get(src)
-            if w is None:
-                if len(self._new_per_source) > 100_000:  # bound memory under a flood of addresses
-                    self._new_per_source.clear()
-                w = self._new_per_source[src] = _Window(length=NEW_NODES_WINDOW)
-            w.times.append(now)
+            _count_in(self._new_per_source, src, now, self.new_nodes_per_hour, NEW_NODES_WINDOW)
         self._push(key, {"t": "address", "ip": vip})
 
     def expire(self, now: float) -> list[bytes]:
@@ -372,7 +410,7 @@ class Mediator:
             for k in self.store.pending(net):
                 self._push(key, self._join_request_event(net, k))
         return ok(msg["id"], name=name, ip=node.vip if node else None, key=key_to_text(key),
-                  networks=networks, pool=str(self.pool))
+                  networks=networks, pool=str(self.pool), identity_work=0 if node else self.identity_bits)
 
     def disconnect(self, key: bytes, now: float) -> None:
         if key not in self.online:
@@ -383,6 +421,7 @@ class Mediator:
         self.iface.pop(key, None)
         self.advertised.pop(key, None)
         self._source.pop(key, None)
+        self._proven.discard(key)
         if self._guests.pop(key, None) is not None:
             return
         self.store.update_node(key, self.store.node(key).name, now)
