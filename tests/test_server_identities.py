@@ -13,7 +13,7 @@ from cluster import Cluster
 from test_control_mediator import PW, World
 from overlay import crypto
 from overlay.control import identity_proof, passwords
-from overlay.control.messages import key_from_text
+from overlay.control.messages import RequestError, key_from_text
 from overlay.control.rawclient import RawClient
 from overlay.server.app import MediationServer
 from overlay.server.mediator import (
@@ -177,7 +177,7 @@ def test_a_flood_of_fresh_identities_stays_bounded():
         try:
             w.req(f"p{i}", "create", network=f"p{i}", password=PW, proof=_proved(w, f"p{i}"))
             codes.append("ok")
-        except Exception as e:
+        except RequestError as e:
             codes.append(e.code)
         w.disconnect(f"p{i}")
     assert codes == ["ok"] * 30 + ["rate_limited"] * 10
@@ -284,3 +284,16 @@ def test_real_node_gets_its_address_on_its_first_network(tmp_path):
             assert identity_proof.check(pub, proof, DEFAULT_IDENTITY_BITS)
         assert "pong from bob" in a.ok("ping", "bob", "-c", "3")     # the stack answers on the new address
         db.close()
+
+
+def test_server_flags_set_the_work_and_the_bound(tmp_path):
+    """`overlay server --identity-work 0 --new-nodes-per-hour 1`: no proof is asked, and a second
+    new node from the same address is refused with the time to wait."""
+    with Cluster(tmp_path) as c:
+        c.start_server("--identity-work", "0", "--new-nodes-per-hour", "1")
+        a = c.start_node("alice")
+        b = c.start_node("bob")
+        a.ok("create", "lan", "--password", "pw")
+        assert not (a.home / identity_proof.FILE).exists()
+        out = b.fails("join", "lan", "--password", "pw")
+        assert "too many new nodes from your address; try again in" in out, out

@@ -83,5 +83,5 @@ def load_or_solve(path: Path, public_key: bytes, bits: int) -> str:
             f.write(proof + "\n")
         os.replace(tmp, path)
     except OSError:
-        pass          # a read-only home: computed again next time
+        return proof  # a read-only home: computed again next time
     return proof

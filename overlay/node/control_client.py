@@ -235,9 +235,10 @@ class ControlClient:
         bits = hello.get("identity_work") or 0
         if not isinstance(bits, int) or not 0 < bits <= identity_proof.MAX_BITS or hello.get("ip") is not None:
             return
-        if self._proof is not None and self._proof_bits >= bits and not (
-                self._proof.done() and self._proof.exception() is not None):
-            return
+        p = self._proof
+        if p is not None and self._proof_bits >= bits and (
+                not p.done() or (not p.cancelled() and p.exception() is None)):
+            return                      # under way, or done: reused
         log.info("proving work on this node's key for the server (%d bits, once)", bits)
         self._proof_bits = bits
         self._proof = asyncio.ensure_future(asyncio.to_thread(
