@@ -325,11 +325,7 @@ class Mediator:
             raise RequestError("identity_proof", f"this server stores a new node only with a proof of work on "
                                                  f"its key ({self.identity_bits} bits) and this node sent none: "
                                                  "upgrade overlay on this node")
-        for window, limit in ((self._fail_node.get(key), FAILED_JOINS_PER_NODE),
-                              (self._fail_src.get(source_bucket(self._source.get(key))), FAILED_JOINS_PER_SOURCE)):
-            if window is not None and window.count(now) >= limit:
-                raise RequestError("rate_limited", f"too many failed attempts; try again in "
-                                                   f"{window.retry_after(now)} s")
+        self._failures_check(key, now)
         return proof
 
     def proof_checked(self, key: bytes, good: bool, now: float) -> None:
@@ -338,10 +334,7 @@ class Mediator:
             if key in self._guests:
                 self._proven.add(key)
             return
-        _count_in(self._fail_node, key, now, FAILED_JOINS_PER_NODE)
-        src = source_bucket(self._source.get(key))
-        if src is not None:
-            _count_in(self._fail_src, src, now, FAILED_JOINS_PER_SOURCE)
+        self._record_failure(key, None, now)
         raise RequestError("identity_proof", f"the proof of work on this node's key does not check "
                                              f"({self.identity_bits} bits needed)")
 
@@ -491,14 +484,7 @@ class Mediator:
     def join_precheck(self, key: bytes, msg: dict, now: float) -> bytes:
         """Everything that can refuse a join before the (slow) password check; returns the hash."""
         name = normalize_name(msg["network"], "network name")
-        # per node and per source address only: failures elsewhere never refuse the right password
-        for window, limit, whence in (
-                (self._fail_node.get(key), FAILED_JOINS_PER_NODE, ""),
-                (self._fail_src.get(source_bucket(self._source.get(key))), FAILED_JOINS_PER_SOURCE,
-                 " from your address")):
-            if window is not None and window.count(now) >= limit:
-                raise RequestError("rate_limited", f"too many failed join attempts{whence}; try again in "
-                                                   f"{window.retry_after(now)} s")
+        self._failures_check(key, now)
         net = self.store.network(name)
         if net is None:
             raise RequestError("unknown_network", f"network {name!r} does not exist")
@@ -518,12 +504,24 @@ class Mediator:
         w = self._fail_net.get(name)
         return FAILED_JOIN_DELAY if w is not None and w.count(now) >= FAILED_JOINS_PER_NETWORK else 0.0
 
-    def _record_failure(self, key: bytes, network: str, now: float) -> None:
+    def _failures_check(self, key: bytes, now: float) -> None:
+        """Refuse a node key or a source address that failed too often (wrong passwords, bad
+        identity proofs); failures elsewhere never refuse anyone: the right password gets in."""
+        for window, limit, whence in (
+                (self._fail_node.get(key), FAILED_JOINS_PER_NODE, ""),
+                (self._fail_src.get(source_bucket(self._source.get(key))), FAILED_JOINS_PER_SOURCE,
+                 " from your address")):
+            if window is not None and window.count(now) >= limit:
+                raise RequestError("rate_limited", f"too many failed join attempts{whence}; try again in "
+                                                   f"{window.retry_after(now)} s")
+
+    def _record_failure(self, key: bytes, network: str | None, now: float) -> None:
         _count_in(self._fail_node, key, now, FAILED_JOINS_PER_NODE)
         src = source_bucket(self._source.get(key))
         if src is not None:
             _count_in(self._fail_src, src, now, FAILED_JOINS_PER_SOURCE)
-        _count_in(self._fail_net, network, now, FAILED_JOINS_PER_NETWORK)
+        if network is not None:
+            _count_in(self._fail_net, network, now, FAILED_JOINS_PER_NETWORK)
 
     def _join(self, key: bytes, msg: dict, now: float, password_ok: bool | None) -> dict:
         self.join_precheck(key, msg, now)
