@@ -85,6 +85,11 @@ def server(listen: Optional[List[str]] = typer.Option(
                                                     "descriptor limit)."),
            max_per_address: int = typer.Option(64, "--max-per-address",
                                                help="Control connections at most from one IP address."),
+           identity_work: int = typer.Option(4, "--identity-work", min=0, max=20,
+                                             help="Proof of work a new node does on its key, in bits "
+                                                  "(each bit doubles it; 0: none)."),
+           new_nodes_per_hour: int = typer.Option(256, "--new-nodes-per-hour", min=1,
+                                                  help="New nodes stored per IP address (IPv6: /64) and hour."),
            log_level: str = LogLevelOpt):
     """Run a mediation server in the foreground."""
     import asyncio
@@ -111,7 +116,7 @@ def server(listen: Optional[List[str]] = typer.Option(
     _logging(log_level)
     try:
         asyncio.run(run_server(data, hosts, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
-                               max_per_address))
+                               max_per_address, identity_work, new_nodes_per_hour))
     except OSError as e:
         fail(f"cannot listen on {', '.join(listen)}: {e.strerror or e}")
     except KeyboardInterrupt:

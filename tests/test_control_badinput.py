@@ -2,8 +2,9 @@
 
 Each test runs its own server on port 0 inside ``asyncio.run`` with an overall deadline, and talks
 to it over real TCP sockets with a ``Channel`` (or raw bytes where the framing itself is the
-attack). Argon2id is switched to its minimum cost so floods of joins stay fast; the limits under
-test are the server's own counters, not timing.
+attack). Argon2id is switched to its minimum cost, and new nodes prove 1 bit of work on their key
+(``IDENTITY_BITS``), so floods of joins stay fast; the limits under test are the server's own
+counters, not timing.
 
 Bugs these tests found were fixed; the tests stay as regressions.
 """
@@ -19,14 +20,15 @@ import pytest
 from nacl import pwhash
 
 from overlay import crypto
-from overlay.control import passwords
+from overlay.control import identity_proof, passwords
 from overlay.control.channel import Channel, Message
 from overlay.control.messages import key_to_text
 from overlay.server import app
 from overlay.server.app import MediationServer
-from overlay.server.mediator import FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE
+from overlay.server.mediator import FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE, FAILED_JOINS_PER_SOURCE
 
 PW = "right-password"
+IDENTITY_BITS = 1
 
 
 @pytest.fixture(autouse=True)
@@ -38,18 +40,21 @@ def cheap_argon2(monkeypatch):
 class Client:
     """A node's side of the control channel, minimal and scriptable."""
 
-    def __init__(self, port: int, key: bytes | None = None):
+    def __init__(self, port: int, key: bytes | None = None, source: str | None = None):
         self.port = port
+        self.source = source          # a loopback address of 127/8 to connect from
         self.key = key or crypto.generate_private_key()
         self.ch = Channel(initiator=True, static_private=self.key)
         self.inbox: deque[dict] = deque()
         self.rid = 0
+        self.work = 0                 # identity proof the server asked for in its hello reply
         self.r: asyncio.StreamReader | None = None
         self.w: asyncio.StreamWriter | None = None
 
     async def open(self, rcvbuf: int | None = None) -> "Client":
         if rcvbuf is None:
-            self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port)
+            local = (self.source, 0) if self.source else None
+            self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port, local_addr=local)
         else:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -69,6 +74,11 @@ class Client:
             assert r["t"] == "ok", r
         return self
 
+    def proof(self) -> str:
+        if not hasattr(self, "_proof"):
+            self._proof = identity_proof.solve(crypto.public_key(self.key), self.work)
+        return self._proof
+
     async def _read(self, timeout: float = 10.0) -> None:
         data = await asyncio.wait_for(self.r.read(65536), timeout)
         if not data:
@@ -87,9 +97,14 @@ class Client:
         return self.rid
 
     async def request(self, t: str, **fields) -> dict:
+        if t in ("create", "join") and self.work:
+            fields.setdefault("proof", self.proof())
         rid = self.next_id()
         self.send({"t": t, "id": rid, **fields})
-        return await self.reply(rid)
+        r = await self.reply(rid)
+        if t == "hello" and r["t"] == "ok":
+            self.work = r["identity_work"]
+        return r
 
     async def reply(self, rid: int | None) -> dict:
         while True:
@@ -131,7 +146,7 @@ class Client:
 def serve(tmp_path, body, timeout: float = 40.0) -> None:
     """Run ``await body(server)`` against a fresh in-process server, then shut it down."""
     async def main():
-        server = MediationServer(tmp_path / "server", "127.0.0.1", 0)
+        server = MediationServer(tmp_path / "server", "127.0.0.1", 0, identity_bits=IDENTITY_BITS)
         await server.start()
         try:
             await asyncio.wait_for(body(server), timeout)
@@ -392,24 +407,28 @@ def test_join_flood_is_rate_limited_and_others_are_served(tmp_path):
         other = await Client(server.port).connect("other")
 
         # one attacker, sequential guesses: the per-node limit kicks in after 5 failures
-        a = await Client(server.port).connect("attacker")
+        a = await Client(server.port, source="127.0.0.2").connect("attacker")
         codes = [(await a.request("join", network="lan", password=f"guess{i}"))["code"] for i in range(8)]
         assert codes == ["wrong_password"] * FAILED_JOINS_PER_NODE + ["rate_limited"] * 3
         r = await a.request("join", network="lan", password=PW)   # the right one is refused too
         assert r["code"] == "rate_limited" and "failed join attempts" in r["message"]
 
-        # several attackers flood at once (150 each: below the connection's abuse limit)
-        attackers = [await Client(server.port).connect(f"flood{i}") for i in range(4)]
+        # fresh keys from three other addresses flood at once, more than each address may fail
+        per_src = FAILED_JOINS_PER_SOURCE // FAILED_JOINS_PER_NODE + 1
+        attackers = [await Client(server.port, source=f"127.0.0.{3 + i % 3}").connect(f"flood{i}")
+                     for i in range(3 * per_src)]
         ids = {}
         for c in attackers:
             ids[c] = []
-            for i in range(150):
+            for i in range(2 * FAILED_JOINS_PER_NODE):
                 rid = c.next_id()
-                c.ch.send({"t": "join", "id": rid, "network": "lan", "password": f"g{i}"})
+                c.ch.send({"t": "join", "id": rid, "network": "lan", "password": f"g{i}", "proof": c.proof()})
                 ids[c].append(rid)
             c.w.write(c.ch.data_to_send())
-        # meanwhile another node is answered
+        # meanwhile another node is answered, and joins with the right password at once
         assert (await other.request("ping"))["t"] == "ok"
+        r = await other.request("join", network="lan", password=PW)
+        assert r["t"] == "ok" and r["status"] == "joined", r
         wrong = 0
         for c in attackers:
             replies = [await c.reply(rid) for rid in ids[c]]
@@ -418,20 +437,25 @@ def test_join_flood_is_rate_limited_and_others_are_served(tmp_path):
             n_wrong = sum(r["code"] == "wrong_password" for r in replies)
             assert n_wrong <= FAILED_JOINS_PER_NODE
             wrong += n_wrong
-        # per network: at most the limit (+1 per attacker racing the check while hashing)
-        assert FAILED_JOINS_PER_NODE + wrong <= FAILED_JOINS_PER_NETWORK + len(attackers)
-        assert (await other.request("ping"))["t"] == "ok"
-        assert (await other.request("join", network="lan", password=PW))["code"] == "rate_limited"
-        assert [k for k in server.store.members("lan")] == [crypto.public_key(owner.key)]
-        # bounded server state: one window per attacking node / network, each with few entries
+        # per source address: at most its limit (+1 per attacker racing the check while hashing)
+        assert wrong <= 3 * FAILED_JOINS_PER_SOURCE + len(attackers)
+        # the attackers' addresses stay limited, for fresh keys too; the owner's is not
+        late = await Client(server.port, source="127.0.0.3").connect("late")
+        r = await late.request("join", network="lan", password="guess")
+        assert r["code"] == "rate_limited" and "from your address" in r["message"], r
+        fresh = await Client(server.port).connect("fresh")
+        assert (await fresh.request("join", network="lan", password=PW))["status"] == "joined"
+        assert {k for k in server.store.members("lan")} == {
+            crypto.public_key(c.key) for c in (owner, other, fresh)}
+        # bounded server state: one window per attacking node / address / network, each short
         m = server.mediator
         assert len(m._fail_node) == 1 + len(attackers)
         assert all(len(w.times) <= FAILED_JOINS_PER_NODE for w in m._fail_node.values())
-        assert set(m._fail_net) == {"lan"}
-        assert len(m._fail_net["lan"].times) <= FAILED_JOINS_PER_NETWORK + len(attackers)
+        assert set(m._fail_src) == {f"127.0.0.{i}" for i in range(2, 6)}
+        assert set(m._fail_net) == {"lan"} and len(m._fail_net["lan"].times) <= FAILED_JOINS_PER_NETWORK
         assert all(x._queue.qsize() <= x._queue.maxsize for x in server.connections)
         await still_serves(server)
-    serve(tmp_path, body)
+    serve(tmp_path, body, timeout=90)
 
 
 def test_request_flood_rate_limited_then_closed(tmp_path):

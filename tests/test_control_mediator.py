@@ -17,14 +17,15 @@ from collections import defaultdict
 import pytest
 
 from overlay import crypto
-from overlay.control import passwords
+from overlay.control import identity_proof, passwords
 from overlay.control.channel import MAX_PLAINTEXT
 from overlay.control.messages import (
     CHAT_HISTORY, MEMBER_BATCH, RequestError, key_from_text, key_to_text, validate_request,
 )
 from overlay.server import mediator as mediator_mod
 from overlay.server.mediator import (
-    FAILED_JOIN_WINDOW, FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE, MAX_NETWORKS_PER_NODE,
+    FAILED_JOIN_DELAY, FAILED_JOIN_WINDOW, FAILED_JOINS_PER_NETWORK, FAILED_JOINS_PER_NODE,
+    FAILED_JOINS_PER_SOURCE, MAX_NETWORKS_PER_NODE,
     MAX_PENDING, Mediator,
 )
 from overlay.server.store import Store
@@ -39,10 +40,13 @@ def fake_hash(pw: str) -> bytes:
 class World:
     """A Mediator plus the bits of glue the asyncio server provides (ids, password step)."""
 
-    def __init__(self, path=":memory:", pool: str = mediator_mod.DEFAULT_POOL, real_passwords: bool = False):
+    def __init__(self, path=":memory:", pool: str = mediator_mod.DEFAULT_POOL, real_passwords: bool = False,
+                 **settings):
         self.path, self.pool = path, pool
         self.store = Store(path)
-        self.m = Mediator(self.store, pool)
+        # identity proofs (slow on purpose) are off here; tests/test_server_identities.py has them
+        self.settings = {"identity_bits": 0, **settings}
+        self.m = Mediator(self.store, pool, **self.settings)
         self.now = 1_000_000.0
         self._rid = 0
         self.real = real_passwords
@@ -58,10 +62,11 @@ class World:
         self._rid += 1
         return self._rid
 
-    def hello(self, who: str, name: str | None = None, version: int = 1, **extra) -> dict:
+    def hello(self, who: str, name: str | None = None, version: int = 1, source: str | None = None,
+              **extra) -> dict:
         msg = validate_request({"t": "hello", "id": self._id(), "name": name or who, "version": version, **extra})
         try:
-            return self.m.hello(self.key(who), msg, self.now)
+            return self.m.hello(self.key(who), msg, self.now, source=source)
         finally:
             self._collect()
 
@@ -80,11 +85,13 @@ class World:
         key = self.key(who)
         m = self.m
         if t == "create":
-            m.create_precheck(key, msg)
+            m.create_precheck(key, msg, self.now)
+            self._check_proof(key, msg)
             h = passwords.hash_password(msg["password"]) if self.real else fake_hash(msg["password"])
             reply = m.handle(key, msg, self.now, password_hash=h)
         elif t == "join":
             stored = m.join_precheck(key, msg, self.now)
+            self._check_proof(key, msg)
             if self.real:
                 good = passwords.verify_password(stored, msg["password"])
             else:
@@ -97,6 +104,11 @@ class World:
             reply = m.handle(key, msg, self.now)
         assert reply["t"] == "ok" and reply["id"] == msg["id"]
         return reply
+
+    def _check_proof(self, key: bytes, msg: dict) -> None:
+        proof = self.m.proof_to_check(key, msg, self.now)
+        if proof is not None:
+            self.m.proof_checked(key, identity_proof.check(key, proof, self.m.identity_bits), self.now)
 
     def fails(self, who: str, t: str, **fields) -> RequestError:
         with pytest.raises(RequestError) as e:
@@ -649,22 +661,54 @@ def test_failed_joins_limited_per_node_with_sliding_window(w):
     assert len(w.m._fail_node[w.key("eve")].times) <= FAILED_JOINS_PER_NODE
 
 
-def test_failed_joins_limited_per_network(w):
-    _setup(w, "alice")
-    _setup(w, "zed", network="other")
+def test_failed_joins_never_lock_out_the_right_password(w):
+    """A flood of wrong passwords from fresh keys on many addresses refuses only those addresses
+    (and keys); the owner, a member and a newcomer elsewhere with the right password join at once.
+    The network-wide count only delays the wrong answers."""
+    _setup(w, "alice", "bob")
+    w.req("bob", "leave", network="lan")
+    w.hello("alice2", source="192.0.2.1")
     t0 = w.now
-    attackers = [f"a{i}" for i in range(FAILED_JOINS_PER_NETWORK // FAILED_JOINS_PER_NODE)]
-    for a in attackers:
-        w.hello(a)
-        for _ in range(FAILED_JOINS_PER_NODE):
-            assert w.fails(a, "join", network="lan", password="guess").code == "wrong_password"
-    w.hello("honest")
-    assert w.fails("honest", "join", network="lan", password=PW).code == "rate_limited"
-    assert w.req("honest", "join", network="other", password=PW)["status"] == "joined"  # other net fine
+    for s in range(4):
+        src = f"203.0.113.{s}"
+        for i in range(FAILED_JOINS_PER_SOURCE // FAILED_JOINS_PER_NODE):
+            a = f"a{s}-{i}"
+            w.hello(a, source=src)
+            for _ in range(FAILED_JOINS_PER_NODE):
+                assert w.fails(a, "join", network="lan", password="guess").code == "wrong_password"
+        # the attacker's address is limited now, fresh keys and the right password alike
+        w.hello(f"fresh{s}", source=src)
+        e = w.fails(f"fresh{s}", "join", network="lan", password="guess")
+        assert e.code == "rate_limited" and "from your address" in e.message
+        assert w.fails(f"fresh{s}", "join", network="lan", password=PW).code == "rate_limited"
+    assert w.m.failure_delay("lan", w.now) == FAILED_JOIN_DELAY > 0
+    assert w.m.failure_delay("other", w.now) == 0
+    # everyone else with the right password: at once
+    assert w.req("bob", "join", network="lan", password=PW)["status"] == "joined"        # a member back
+    w.hello("carol", source="192.0.2.7")
+    assert w.req("carol", "join", network="lan", password=PW)["status"] == "joined"      # a newcomer
+    w.hello("dave")                                                                        # source unknown
+    assert w.req("dave", "join", network="lan", password=PW)["status"] == "joined"
+    assert w.members("lan") == {"alice", "bob", "carol", "dave"}
+    # bounded state: the network's window keeps at most its threshold of timestamps
     assert len(w.m._fail_net["lan"].times) == FAILED_JOINS_PER_NETWORK
+    assert all(len(x.times) <= FAILED_JOINS_PER_SOURCE for x in w.m._fail_src.values())
+    assert set(w.m._fail_src) == {f"203.0.113.{s}" for s in range(4)}
     w.now = t0 + FAILED_JOIN_WINDOW + 0.01
-    assert w.req("honest", "join", network="lan", password=PW)["status"] == "joined"
-    assert set(w.m._fail_net) == {"lan"} and set(w.m._fail_node) == {w.key(a) for a in attackers}
+    assert w.m.failure_delay("lan", w.now) == 0
+    assert w.req("fresh0", "join", network="lan", password=PW)["status"] == "joined"
+
+
+def test_failed_joins_count_an_ipv6_64_as_one_source(w):
+    _setup(w, "alice")
+    for i in range(FAILED_JOINS_PER_SOURCE // FAILED_JOINS_PER_NODE):
+        w.hello(f"a{i}", source=f"2001:db8:1:2::{i + 1:x}")
+        for _ in range(FAILED_JOINS_PER_NODE):
+            assert w.fails(f"a{i}", "join", network="lan", password="guess").code == "wrong_password"
+    w.hello("b", source="2001:db8:1:2:ffff::9")
+    assert w.fails("b", "join", network="lan", password=PW).code == "rate_limited"
+    w.hello("c", source="2001:db8:1:3::1")
+    assert w.req("c", "join", network="lan", password=PW)["status"] == "joined"
 
 
 def test_refusals_before_password_do_not_count_as_failures(w):
@@ -672,7 +716,7 @@ def test_refusals_before_password_do_not_count_as_failures(w):
     for _ in range(3 * FAILED_JOINS_PER_NODE):
         assert w.fails("bob", "join", network="lan", password="x").code == "already_member"
         assert w.fails("bob", "join", network="nosuch", password="x").code == "unknown_network"
-    assert w.m._fail_node == {} and w.m._fail_net == {}
+    assert w.m._fail_node == {} and w.m._fail_net == {} and w.m._fail_src == {}
 
 
 def test_too_many_networks(w):

@@ -68,9 +68,10 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"name": (_STR, True), "version": (_INT, True), "iface": (_STR, False),
               "routes": (list, False)},   # subnets this node offers as a gateway (--advertise-routes)
     "ping": {},
+    # proof: of work on a new node's key, when the hello reply asks one (overlay/control/identity_proof.py)
     "create": {"network": (_STR, True), "password": (_STR, True),
-               "approval": (_BOOL, False), "max_members": (_INT, False)},
-    "join": {"network": (_STR, True), "password": (_STR, True)},
+               "approval": (_BOOL, False), "max_members": (_INT, False), "proof": (_STR, False)},
+    "join": {"network": (_STR, True), "password": (_STR, True), "proof": (_STR, False)},
     "leave": {"network": (_STR, True)},
     "chat": {"network": (_STR, True), "text": (_STR, True)},
     "history": {"network": (_STR, True)},
@@ -163,6 +164,8 @@ def validate_request(msg: dict) -> dict:
     extra = set(msg) - set(schema) - {"t", "id"}
     if extra:
         raise RequestError("bad_request", f"{t}: unexpected field(s) {sorted(extra)[:5]}")
+    if "proof" in msg and len(msg["proof"]) > 64:
+        raise RequestError("bad_request", "proof too long")
     if "password" in msg and not 1 <= len(msg["password"]) <= MAX_PASSWORD:
         raise RequestError("bad_request", f"password must be 1-{MAX_PASSWORD} characters")
     if t == "chat" and not 1 <= len(msg["text"]) <= MAX_CHAT:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from overlay import crypto
+from overlay.control import identity_proof
 from overlay.control.channel import Channel, Message
 from overlay.control.messages import PROTOCOL_VERSION
 
@@ -22,6 +24,16 @@ class RawClient:
         self._waiters: list[tuple[object, asyncio.Future]] = []
         self._next_id = 1
         self.task: asyncio.Task | None = None
+        self.proof: str | None = None     # of work on the key, computed when the server asks one
+
+    async def with_proof(self, msg: dict) -> dict:
+        """``msg`` (a create or join) with the identity proof the hello reply asks for, if any."""
+        bits = (self.hello or {}).get("identity_work") or 0
+        if msg.get("t") not in ("create", "join") or not bits or "proof" in msg:
+            return msg
+        if self.proof is None:
+            self.proof = await asyncio.to_thread(identity_proof.solve, crypto.public_key(self.key), bits)
+        return {**msg, "proof": self.proof}
 
     async def connect(self, host: str, port: int, hello: bool = True) -> "RawClient":
         self.reader, self.writer = await asyncio.open_connection(host, port)
@@ -58,6 +70,7 @@ class RawClient:
         self.writer.write(self.ch.data_to_send())
 
     async def request(self, msg: dict, timeout: float = 20.0) -> dict:
+        msg = await self.with_proof(msg)
         rid = self._next_id
         self._next_id += 1
         fut = self.expect(lambda m: m.get("id") == rid and m.get("t") in ("ok", "error"))

@@ -4,7 +4,9 @@ Connects directly or through an HTTP CONNECT / SOCKS5 proxy (python-socks), chec
 key against the pin in ``known_servers`` (trust on first use), says hello, then runs requests and
 delivers server events. On any failure it reconnects with exponential backoff and jitter; a
 pinned-key mismatch or a refused hello keeps retrying slowly so a fixed config is picked up
-without restarting the daemon.
+without restarting the daemon. A node the server has not stored yet proves work on its key when
+the hello reply asks for it (``identity_work``): computed off the loop as soon as the hello is
+answered, cached in the home beside the key, and sent with the first create or join.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import random
 import socket
 from typing import Awaitable, Callable
 
+from overlay import crypto
+from overlay.control import identity_proof
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import PROTOCOL_VERSION, RequestError
 from overlay.node.home import Home, ServerKeyChanged
@@ -76,6 +80,8 @@ class ControlClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._next_id = 1
         self.connects = 0
+        self._proof: asyncio.Future | None = None     # identity proof for a server that asks one
+        self._proof_bits = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -85,6 +91,10 @@ class ControlClient:
     async def request(self, msg: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
         if not self.connected:
             raise NotConnected(f"not connected to the server {self.server} ({self.last_error or self.state})")
+        if msg.get("t") in ("create", "join") and self._proof is not None:
+            msg = {**msg, "proof": await asyncio.shield(self._proof)}
+            if not self.connected:
+                raise NotConnected(f"lost the server {self.server} while proving work on this node's key")
         return await self._request(msg, timeout)
 
     def post(self, msg: dict) -> None:
@@ -195,6 +205,7 @@ class ControlClient:
                                          **self.hello_extra},
                                         REQUEST_TIMEOUT)
             self.hello = hello
+            self._prove(hello)
             self.state = "connected"
             self.last_error = None
             self.connects += 1
@@ -217,6 +228,22 @@ class ControlClient:
             self._fail_pending("connection to the server was lost")
             self._channel = None
             writer.close()
+
+    def _prove(self, hello: dict) -> None:
+        """Start the proof of work the server asks of a node it has not stored (once per key and
+        difficulty: the result is cached in the home)."""
+        bits = hello.get("identity_work") or 0
+        if not isinstance(bits, int) or not 0 < bits <= identity_proof.MAX_BITS or hello.get("ip") is not None:
+            return
+        p = self._proof
+        if p is not None and self._proof_bits >= bits and (
+                not p.done() or (not p.cancelled() and p.exception() is None)):
+            return                      # under way, or done: reused
+        log.info("proving work on this node's key for the server (%d bits, once)", bits)
+        self._proof_bits = bits
+        self._proof = asyncio.ensure_future(asyncio.to_thread(
+            identity_proof.load_or_solve, self.home.path / identity_proof.FILE,
+            crypto.public_key(self.private_key), bits))
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from overlay import crypto
-from overlay.control import passwords
+from overlay.control import identity_proof, passwords
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
 from overlay.nat import stun
@@ -31,7 +31,7 @@ from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
 from overlay.server import datadir
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
-from overlay.server.mediator import DEFAULT_POOL, Mediator
+from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
 from overlay.server.store import Store
 
 log = logging.getLogger("overlay.server")
@@ -211,7 +211,8 @@ class ControlConnection(asyncio.Protocol):
 class MediationServer:
     def __init__(self, data_dir: Path, host: str | list[str], port: int, pool: str = DEFAULT_POOL,
                  relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
-                 max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE):
+                 max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
+                 identity_bits: int = DEFAULT_IDENTITY_BITS, new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR):
         self.data_dir = Path(data_dir)
         datadir.secure(self.data_dir)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
@@ -219,7 +220,7 @@ class MediationServer:
         datadir.create_private(self.data_dir / "overlay.db")
         self.store = Store(self.data_dir / "overlay.db")
         datadir.secure(self.data_dir)       # the -wal and -shm files SQLite just created
-        self.mediator = Mediator(self.store, pool)
+        self.mediator = Mediator(self.store, pool, identity_bits=identity_bits, new_nodes_per_hour=new_nodes_per_hour)
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
         self.relay = RelayServer(self._may_relay, rate=relay_rate)
         self.mediator.udp_addr_of = self.relay.udp_address
@@ -434,6 +435,7 @@ class MediationServer:
         t = msg["t"]
         if t == "create":
             m.create_precheck(conn.key, msg, now)
+            await self._check_proof(conn, msg, now)
             async with self._hash_slots:
                 h = await asyncio.to_thread(passwords.hash_password, msg["password"])
             return m.handle(conn.key, msg, time.time(), password_hash=h)
@@ -444,10 +446,21 @@ class MediationServer:
             return m.handle(conn.key, msg, time.time(), password_hash=h)
         if t == "join":
             stored = m.join_precheck(conn.key, msg, now)
+            await self._check_proof(conn, msg, now)
             async with self._hash_slots:
                 good = await asyncio.to_thread(passwords.verify_password, stored, msg["password"])
+            if not good and (delay := m.failure_delay(msg["network"], time.time())):
+                await asyncio.sleep(delay)      # a network under guessing: failures answer slowly
             return m.handle(conn.key, msg, time.time(), password_ok=good)
         return m.handle(conn.key, msg, now)
+
+    async def _check_proof(self, conn: ControlConnection, msg: dict, now: float) -> None:
+        """A new node's proof of work on its key, checked off the loop (one 8 MiB scrypt)."""
+        proof = self.mediator.proof_to_check(conn.key, msg, now)
+        if proof is not None:
+            async with self._hash_slots:
+                good = await asyncio.to_thread(identity_proof.check, conn.key, proof, self.mediator.identity_bits)
+            self.mediator.proof_checked(conn.key, good, time.time())
 
     def unregister(self, conn: ControlConnection) -> None:
         if self.closing:
@@ -578,7 +591,9 @@ def raise_nofile_limit() -> int:
 
 async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str = DEFAULT_POOL,
                      relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
-                     max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE) -> None:
+                     max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
+                     identity_bits: int = DEFAULT_IDENTITY_BITS,
+                     new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR) -> None:
     nofile = raise_nofile_limit()
     cap = max_conns_for(nofile, max_conns)
     if cap < max_conns:
@@ -592,7 +607,8 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
         if limiter.allow(str(context.get("message")), time.monotonic())[0]:
             loop.default_exception_handler(context)
     loop.set_exception_handler(exception_handler)
-    server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source)
+    server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source,
+                             identity_bits, new_nodes_per_hour)
     await server.start()
     print(f"overlay server listening on {server.listening()} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)

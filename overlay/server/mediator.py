@@ -11,8 +11,11 @@ thread, and passes the verdict to ``handle`` as ``password_ok``; for ``create`` 
 hash as ``password_hash``.
 
 Identities: a hello stores nothing. A node is stored, and given its virtual IP (event
-``address``), the first time it creates, joins or asks to join a network; at most
-``NEW_NODES_PER_ADDRESS`` new nodes per source address and hour. Expiry policy (``expire``, run
+``address``), the first time it creates, joins or asks to join a network, and only with a proof of
+work on its key (overlay/control/identity_proof.py; ``identity_bits``, checked by the glue off the
+event loop between ``proof_to_check`` and ``proof_checked``), so throw-away identities cost their
+maker; and at most ``new_nodes_per_hour`` new nodes per source address (an IPv6 /64) and hour, a
+bound on stored state high enough for a crowd behind one NAT. Expiry policy (``expire``, run
 hourly by the glue): a stored node that is in no network, owns none, is on no ban list and is
 offline is forgotten ``NODE_TTL`` (30 days) after it was last seen, together with its pending
 join requests; its address returns to the pool. Members stay until their network's owner removes
@@ -34,17 +37,20 @@ from typing import Callable
 from overlay.control.messages import (
     MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok, parse_route,
 )
+from overlay.control.identity_proof import DEFAULT_BITS as DEFAULT_IDENTITY_BITS
 from overlay.nat.candidate import format_addr
 from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
 
 FAILED_JOIN_WINDOW = 60.0
-FAILED_JOINS_PER_NODE = 5
-FAILED_JOINS_PER_NETWORK = 20
+FAILED_JOINS_PER_NODE = 5         # failed joins per node key ...
+FAILED_JOINS_PER_SOURCE = 20      # ... and per source address (an IPv6 /64) per window: refused beyond
+FAILED_JOINS_PER_NETWORK = 20     # beyond this many per network and window, a failure's answer waits:
+FAILED_JOIN_DELAY = 2.0           # slows guessing, never refuses the right password
 MAX_PENDING = 100
 MAX_NETWORKS_PER_NODE = 64
 DEFAULT_POOL = "100.64.0.0/10"
-NEW_NODES_PER_ADDRESS = 20        # new identities stored per source address ...
+DEFAULT_NEW_NODES_PER_HOUR = 256  # new identities stored per source address (IPv6: /64) ...
 NEW_NODES_WINDOW = 3600.0         # ... per hour
 NODE_TTL = 30 * 86400.0           # a node in no network is forgotten this long after last seen
 EXPIRY_INTERVAL = 3600.0
@@ -56,6 +62,12 @@ class _Window:
     times: deque = field(default_factory=deque)
     length: float = FAILED_JOIN_WINDOW
 
+    def add(self, now: float, bound: int) -> None:
+        """Record an event, keeping the last ``bound`` (a count of ``bound`` means "at least")."""
+        self.times.append(now)
+        if len(self.times) > bound:
+            self.times.popleft()
+
     def count(self, now: float) -> int:
         while self.times and self.times[0] <= now - self.length:
             self.times.popleft()
@@ -65,9 +77,33 @@ class _Window:
         return max(1, int(self.times[0] + self.length - now + 0.999))
 
 
+def source_bucket(address: str | None) -> str | None:
+    """What per-address limits count by: an IPv4 address, or the /64 of an IPv6 address (one
+    host usually holds a whole /64)."""
+    if address is None or ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address.split('%')[0]}/64", strict=False))
+    except ValueError:
+        return address
+
+
+def _count_in(table: dict, k, now: float, bound: int, length: float = FAILED_JOIN_WINDOW) -> None:
+    """Record an event for ``k`` in ``table`` (a window per key; the table is bounded too)."""
+    w = table.get(k)
+    if w is None:
+        if len(table) > 100_000:  # bound memory under a flood of distinct keys or addresses
+            table.clear()
+        w = table[k] = _Window(length=length)
+    w.add(now, bound)
+
+
 class Mediator:
-    def __init__(self, store: Store, pool: str = DEFAULT_POOL):
+    def __init__(self, store: Store, pool: str = DEFAULT_POOL, *, identity_bits: int = DEFAULT_IDENTITY_BITS,
+                 new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR):
         self.store = store
+        self.identity_bits = identity_bits
+        self.new_nodes_per_hour = new_nodes_per_hour
         self.pool = ipaddress.IPv4Network(pool)
         if self.pool.num_addresses < 4:
             raise ValueError(f"address pool {pool} is too small")
@@ -80,10 +116,12 @@ class Mediator:
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
+        self._fail_src: dict[str, _Window] = {}      # source address (IPv6: /64) -> failed joins
         self._fail_net: dict[str, _Window] = {}
         self.vips = VipAllocator(self.pool, self.store.used_vips())
         self._guests: dict[bytes, str] = {}          # online, not stored: key -> name from hello
         self._source: dict[bytes, str] = {}          # online: key -> source address (from the glue)
+        self._proven: set[bytes] = set()             # guests whose identity proof checked
         self._new_per_source: dict[str, _Window] = {}
         self._next_expiry = float("-inf")
 
@@ -274,29 +312,52 @@ class Mediator:
 
     def _new_node_check(self, key: bytes, now: float) -> None:
         """Refuse before any slow work if storing ``key`` would exceed its address's budget."""
-        src = self._source.get(key)
+        src = source_bucket(self._source.get(key))
         if src is None or key not in self._guests:
             return
         w = self._new_per_source.get(src)
-        if w is not None and w.count(now) >= NEW_NODES_PER_ADDRESS:
+        if w is not None and w.count(now) >= self.new_nodes_per_hour:
             raise RequestError("rate_limited", f"too many new nodes from your address; try again in "
                                                f"{w.retry_after(now)} s")
+
+    def proof_to_check(self, key: bytes, msg: dict, now: float) -> str | None:
+        """The identity proof the glue must check (slow: off the event loop) before this create or
+        join may store ``key``; None when none is needed (a stored node, a checked proof, or the
+        server asks none). A new node without one is refused, and so is one from a key or address
+        that failed too often."""
+        if not self.identity_bits or key not in self._guests or key in self._proven:
+            return None
+        proof = msg.get("proof")
+        if proof is None:
+            raise RequestError("identity_proof", f"this server stores a new node only with a proof of work on "
+                                                 f"its key ({self.identity_bits} bits) and this node sent none: "
+                                                 "upgrade overlay on this node")
+        self._failures_check(key, now)
+        return proof
+
+    def proof_checked(self, key: bytes, good: bool, now: float) -> None:
+        """The glue's verdict on the proof from ``proof_to_check``; a bad one counts as a failure."""
+        if good:
+            if key in self._guests:
+                self._proven.add(key)
+            return
+        self._record_failure(key, None, now)
+        raise RequestError("identity_proof", f"the proof of work on this node's key does not check "
+                                             f"({self.identity_bits} bits needed)")
 
     def _store_node(self, key: bytes, now: float) -> None:
         """First create / join / join request of a node: store it and give it its virtual IP."""
         if key not in self._guests:
             return
         self._new_node_check(key, now)
+        if self.identity_bits and key not in self._proven:
+            raise RequestError("identity_proof", "a new node needs a checked proof of work on its key")
         vip = self._allocate_vip()
         self.store.add_node(key, self._guests.pop(key), vip, now)
-        src = self._source.get(key)
+        self._proven.discard(key)
+        src = source_bucket(self._source.get(key))
         if src is not None:
-            w = self._new_per_source.get(src)
-            if w is None:
-                if len(self._new_per_source) > 100_000:  # bound memory under a flood of addresses
-                    self._new_per_source.clear()
-                w = self._new_per_source[src] = _Window(length=NEW_NODES_WINDOW)
-            w.times.append(now)
+            _count_in(self._new_per_source, src, now, self.new_nodes_per_hour, NEW_NODES_WINDOW)
         self._push(key, {"t": "address", "ip": vip})
 
     def expire(self, now: float) -> list[bytes]:
@@ -349,7 +410,7 @@ class Mediator:
             for k in self.store.pending(net):
                 self._push(key, self._join_request_event(net, k))
         return ok(msg["id"], name=name, ip=node.vip if node else None, key=key_to_text(key),
-                  networks=networks, pool=str(self.pool))
+                  networks=networks, pool=str(self.pool), identity_work=0 if node else self.identity_bits)
 
     def disconnect(self, key: bytes, now: float) -> None:
         if key not in self.online:
@@ -360,6 +421,7 @@ class Mediator:
         self.iface.pop(key, None)
         self.advertised.pop(key, None)
         self._source.pop(key, None)
+        self._proven.discard(key)
         if self._guests.pop(key, None) is not None:
             return
         self.store.update_node(key, self.store.node(key).name, now)
@@ -429,11 +491,7 @@ class Mediator:
     def join_precheck(self, key: bytes, msg: dict, now: float) -> bytes:
         """Everything that can refuse a join before the (slow) password check; returns the hash."""
         name = normalize_name(msg["network"], "network name")
-        for window, limit in ((self._fail_node.get(key), FAILED_JOINS_PER_NODE),
-                              (self._fail_net.get(name), FAILED_JOINS_PER_NETWORK)):
-            if window is not None and window.count(now) >= limit:
-                raise RequestError("rate_limited", f"too many failed join attempts; try again in "
-                                                   f"{window.retry_after(now)} s")
+        self._failures_check(key, now)
         net = self.store.network(name)
         if net is None:
             raise RequestError("unknown_network", f"network {name!r} does not exist")
@@ -444,14 +502,33 @@ class Mediator:
         self._new_node_check(key, now)
         return net.pw_hash
 
-    def _record_failure(self, key: bytes, network: str, now: float) -> None:
-        for table, k in ((self._fail_node, key), (self._fail_net, network)):
-            w = table.get(k)
-            if w is None:
-                if len(table) > 100_000:  # bound memory under a flood of distinct keys
-                    table.clear()
-                w = table[k] = _Window()
-            w.times.append(now)
+    def failure_delay(self, network: str, now: float) -> float:
+        """How long the glue holds a wrong-password answer (and that connection's next request):
+        nothing until ``network`` had FAILED_JOINS_PER_NETWORK failures in the window, then
+        FAILED_JOIN_DELAY. A network-wide bound that only slows guessing: refusing there would let
+        anyone lock the owner and the members out with failures from fresh keys."""
+        name = normalize_name(network, "network name")
+        w = self._fail_net.get(name)
+        return FAILED_JOIN_DELAY if w is not None and w.count(now) >= FAILED_JOINS_PER_NETWORK else 0.0
+
+    def _failures_check(self, key: bytes, now: float) -> None:
+        """Refuse a node key or a source address that failed too often (wrong passwords, bad
+        identity proofs); failures elsewhere never refuse anyone: the right password gets in."""
+        for window, limit, whence in (
+                (self._fail_node.get(key), FAILED_JOINS_PER_NODE, ""),
+                (self._fail_src.get(source_bucket(self._source.get(key))), FAILED_JOINS_PER_SOURCE,
+                 " from your address")):
+            if window is not None and window.count(now) >= limit:
+                raise RequestError("rate_limited", f"too many failed join attempts{whence}; try again in "
+                                                   f"{window.retry_after(now)} s")
+
+    def _record_failure(self, key: bytes, network: str | None, now: float) -> None:
+        _count_in(self._fail_node, key, now, FAILED_JOINS_PER_NODE)
+        src = source_bucket(self._source.get(key))
+        if src is not None:
+            _count_in(self._fail_src, src, now, FAILED_JOINS_PER_SOURCE)
+        if network is not None:
+            _count_in(self._fail_net, network, now, FAILED_JOINS_PER_NETWORK)
 
     def _join(self, key: bytes, msg: dict, now: float, password_ok: bool | None) -> dict:
         self.join_precheck(key, msg, now)
