@@ -639,7 +639,8 @@ class Daemon:
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
-                    "port_mapping": self.dataplane.port_mapping_summary()},
+                    "port_mapping": self.dataplane.port_mapping_summary(),
+                    "candidates": self.dataplane.local_candidates()},
         }
 
     def _gateway_status(self) -> dict:
