@@ -102,6 +102,7 @@ def test_gateway_lan_address_is_never_a_path_through_the_tunnel(tmp_path, gw_kin
                   f"paths {paths}, refused {_refused(m)} (member) {_refused(gw)} (gateway)")
             assert paths == ["relay", "relay"] and tx < TX_LIMIT, (tx, paths, ol.dump())
             assert _refused(m) > 0, ol.dump()
+            assert LAN77 in m.status()["udp"]["tunnel_guard"]["prefixes"]
 
             # through the gateway, by kernel ping and curl
             r = nl.run("b1", ["ping", "-c", "3", "-i", "0.3", "-W", "2", web], check=False)

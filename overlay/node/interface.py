@@ -150,12 +150,14 @@ class KernelInterface:
                 and not any(n.overlaps(o) for o in self.advertised)]   # our own LAN stays ours
         if self.edge:
             self.edge.routes = want
-        self.dp.guard.set_routes(want)
         names = {str(n) for n in want}
         for dst in [d for d in self.net.added_routes if d not in names and d != LIMITED_BROADCAST]:
             self.net.remove_route(dst)
         for dst in names:
             self.net.add_route(dst)
+        # what now leads into the device (a prefix the host already routes elsewhere, e.g. the LAN
+        # it sits on, was not added and stays a usable path; the kernel-route check sees the rest)
+        self.dp.guard.set_routes([ipaddress.IPv4Network(d) for d in self.net.added_routes if d != LIMITED_BROADCAST])
 
     def info(self) -> dict:
         return {"kind": self.kind, "name": self.name,
