@@ -252,3 +252,30 @@ def test_interface_drops_our_outer_datagrams_read_from_the_device():
         finally:
             dp.close()
     asyncio.run(main())
+
+
+def test_a_kernel_route_into_the_device_is_noticed_at_the_next_keepalive():
+    """A route the node did not add (an administrator's) sends the confirmed path's address into
+    the device: the next keepalive asks the kernel again and the path falls back, unprobed."""
+    clock, via = Clock(), {}
+    g = TunnelGuard(clock, lambda addr: via.get(addr[0], "10.0.2.2"))
+    g.set_pool(POOL)
+    g.set_device([DEVICE_IP], [POOL])
+    codec = DiscoCodec(crypto.generate_private_key())
+    peer = Peer(codec)
+    path = PeerPath(codec, peer.codec.public_key, blocked=g.blocked)
+    path.set_remote_candidates([Candidate(WAN, SRFLX)])
+    path.start_punch(0.0)
+    path.handle_timer(0.0)
+    confirm(path, peer, WAN, 0.0, 0.01)
+    events(path)
+    while (t := path.get_timer()) < 10:        # the punch rounds, answered
+        path.handle_timer(t)
+        for p, a in peer.pings(path.datagrams_to_send(t)):
+            path.receive_pong(peer.pong_for(p), a, t + 0.01)
+    via[WAN[0]] = DEVICE_IP                    # ip route add 198.51.100.20/32 dev ovl0
+    t = path.get_timer()                       # the keepalive...
+    clock.t = CACHE_TTL + 1                    # ...after the cached verdict expired
+    path.handle_timer(t)
+    assert peer.pings(path.datagrams_to_send(t)) == [] and path.state == RELAY
+    assert events(path) == [PathChanged(None, None, "inside the tunnel")] and g.stats["kernel_route"] == 1

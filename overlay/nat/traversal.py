@@ -45,7 +45,8 @@ No path inside our own tunnel. The caller's ``blocked(addr)`` says whether an ou
 address would enter this node's own overlay device (its pool, the routes it sends into the device:
 ``overlay.node.tunnel_guard``); such an address is never a candidate, is never learned from a Ping,
 gets no Pong, and a Pong from it confirms nothing. When the answer changes (a gateway route was
-installed after the candidates came), ``drop_blocked`` forgets them and falls back from such a path.
+installed after the candidates came; the caller says so, and every probe round and keepalive asks
+again), ``drop_blocked`` forgets them and falls back from such a path.
 """
 
 from __future__ import annotations
@@ -362,7 +363,9 @@ class PeerPath:
             elif now - cur.last_sent >= c.retry_interval and not self._select(now):
                 self._send_ping(cur.addr, now)
         elif now >= cur.last_sent + c.keepalive_interval:
-            self._send_ping(cur.addr, now)
+            self.drop_blocked(now)      # (routes change: no keepalive into our own tunnel)
+            if self.current_path is not None:
+                self._send_ping(self.current_path, now)
 
     # ------------------------------------------------------------------ internals
 
@@ -402,6 +405,7 @@ class PeerPath:
         self._queue(self.disco.seal(self.peer_key, Ping(tx)), addr)
 
     def _probe_all(self, now: float) -> None:
+        self.drop_blocked(now)      # (routes change: ask again before every round)
         order = sorted(self._remote.items(), key=lambda item: _KIND_ORDER[item[1]])
         addrs = [a for a, _ in order] + [a for a in self._paths if a not in self._remote]
         for addr in addrs:

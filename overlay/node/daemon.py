@@ -640,7 +640,6 @@ class Daemon:
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
                     "port_mapping": self.dataplane.port_mapping_summary(),
-                    "candidates": self.dataplane.local_candidates(),
                     "tunnel_guard": self.dataplane.guard.summary()},
         }
 
