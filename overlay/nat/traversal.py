@@ -40,12 +40,19 @@ at ``probe_rate`` (4/s); and a punch (server introduction, CallMeMaybe) restarts
 most once per ``min_punch_interval`` (2 s). Whatever a peer does, this node sends at most
 128 + 4 per second discovery datagrams to addresses that are not confirmed paths of that peer.
 Confirmed paths (keepalives, liveness checks) are not limited: they answered, so they want them.
+
+No path inside our own tunnel. The caller's ``blocked(addr)`` says whether an outer datagram to an
+address would enter this node's own overlay device (its pool, the routes it sends into the device:
+``overlay.node.tunnel_guard``); such an address is never a candidate, is never learned from a Ping,
+gets no Pong, and a Pong from it confirms nothing. When the answer changes (a gateway route was
+installed after the candidates came; the caller says so, and every probe round and keepalive asks
+again), ``drop_blocked`` forgets them and falls back from such a path.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .candidate import KINDS, PEER, Addr, Candidate, is_ipv6, is_lan, normalize
@@ -103,7 +110,7 @@ class PathChanged:
 
     path: Addr | None
     rtt: float | None
-    reason: str  # confirmed | better | roamed | failover | lost | no direct path
+    reason: str  # confirmed | better | roamed | failover | lost | no direct path | inside the tunnel
 
 
 @dataclass(slots=True)
@@ -126,8 +133,10 @@ class _Path:
 class PeerPath:
     """Direct-path discovery and maintenance towards one peer (identified by its public key)."""
 
-    def __init__(self, disco: DiscoCodec, peer_key: bytes, config: TraversalConfig | None = None):
+    def __init__(self, disco: DiscoCodec, peer_key: bytes, config: TraversalConfig | None = None,
+                 blocked: Callable[[Addr], bool] | None = None):
         self.disco = disco
+        self._blocked = blocked or (lambda addr: False)
         self.peer_key = peer_key
         self.config = config or TraversalConfig()
         self.state = IDLE
@@ -167,7 +176,9 @@ class PeerPath:
         for c in candidates:
             if len(new) >= self.config.max_candidates:
                 break
-            new.setdefault(normalize(c.addr), c.kind)
+            addr = normalize(c.addr)
+            if not self._blocked(addr):
+                new.setdefault(addr, c.kind)
         for addr, kind in self._remote.items():
             if kind == PEER:
                 new.setdefault(addr, kind)
@@ -212,6 +223,8 @@ class PeerPath:
 
     def receive_ping(self, ping: Ping, addr: Addr, now: float) -> None:
         addr = normalize(addr)
+        if self._blocked(addr):
+            return      # it came through our own tunnel: a Pong would go back the same way
         self._queue(self.disco.seal(self.peer_key, Pong(ping.tx_id, addr)), addr)
         self.peer_seen_at(addr, now)
 
@@ -222,6 +235,8 @@ class PeerPath:
         current path, if elsewhere, gets a liveness check: if it has died, the path moves to the
         new address as soon as that one answers."""
         addr = normalize(addr)
+        if self._blocked(addr):
+            return
         path = self._paths.get(addr)
         if path is None or now - path.last_pong > self.config.keepalive_interval:
             self._learn(addr)
@@ -233,6 +248,8 @@ class PeerPath:
 
     def receive_pong(self, pong: Pong, addr: Addr, now: float) -> None:
         addr = normalize(addr)
+        if self._blocked(addr):
+            return
         entry = self._pending.pop(pong.tx_id, None)
         if entry is None:
             return  # not ours, already answered, or forgotten
@@ -261,6 +278,21 @@ class PeerPath:
             # evidence: the smoothed RTT and this very sample both warrant the switch
             path.streak = path.streak + 1 if self._beats(path, cur) and self._beats(path, cur, sample) else 0
         self._select(now)
+
+    def drop_blocked(self, now: float) -> bool:
+        """The addresses leading into our tunnel changed: forget the candidates and paths that do
+        now; from a current path among them, fall back (another path, else the relay). True if
+        anything was forgotten."""
+        gone = [a for a in self._remote if self._blocked(a)]
+        for a in gone:
+            del self._remote[a]
+        dead = [a for a in self._paths if self._blocked(a)]
+        for a in dead:
+            if a != self.current_path:
+                del self._paths[a]
+        if self.current_path in dead:
+            self._lose_current(now, "inside the tunnel")
+        return bool(gone or dead)
 
     def spray_ping(self, dst: Addr, now: float) -> bytes:
         """One sealed Ping for a birthday attempt (``nat.birthday``, which bounds its count): the
@@ -331,7 +363,9 @@ class PeerPath:
             elif now - cur.last_sent >= c.retry_interval and not self._select(now):
                 self._send_ping(cur.addr, now)
         elif now >= cur.last_sent + c.keepalive_interval:
-            self._send_ping(cur.addr, now)
+            self.drop_blocked(now)      # (routes change: no keepalive into our own tunnel)
+            if self.current_path is not None:
+                self._send_ping(self.current_path, now)
 
     # ------------------------------------------------------------------ internals
 
@@ -371,6 +405,7 @@ class PeerPath:
         self._queue(self.disco.seal(self.peer_key, Ping(tx)), addr)
 
     def _probe_all(self, now: float) -> None:
+        self.drop_blocked(now)      # (routes change: ask again before every round)
         order = sorted(self._remote.items(), key=lambda item: _KIND_ORDER[item[1]])
         addrs = [a for a, _ in order] + [a for a in self._paths if a not in self._remote]
         for addr in addrs:
@@ -449,12 +484,12 @@ class PeerPath:
         self._backoff_at = None
         self._events.append(PathChanged(path.addr, path.rtt, reason))
 
-    def _lose_current(self, now: float) -> None:
+    def _lose_current(self, now: float, reason: str = "lost") -> None:
         del self._paths[self.current_path]  # type: ignore[arg-type]
         self.current_path = None
         if self._select(now):
             self._events[-1] = PathChanged(self.current_path, self.rtt, "failover")
             return
         self.state = RELAY
-        self._events.append(PathChanged(None, None, "lost"))
+        self._events.append(PathChanged(None, None, reason))
         self.start_punch(now)

@@ -710,7 +710,8 @@ class Daemon:
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
-                    "port_mapping": self.dataplane.port_mapping_summary()},
+                    "port_mapping": self.dataplane.port_mapping_summary(),
+                    "tunnel_guard": self.dataplane.guard.summary()},
         }
 
     def _routes_in_pool(self) -> list[str]:

@@ -35,6 +35,7 @@ from overlay.nat.candidate import Candidate, format_addr, parse_addr
 from overlay.nat.classify import SEQUENTIAL, NatProbe, NatReport
 from overlay.nat.traversal import PeerPath, TraversalConfig
 from overlay.node import ipv6
+from overlay.node.tunnel_guard import TunnelGuard
 from overlay.relay import frames
 from overlay.wire.device import Device
 from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
@@ -207,7 +208,11 @@ class DataPlane:
         self._seq_pub: dict | None = None     # our base as published (withdrawn when the attempt ends)
         self._seq_easy: set[bytes] = set()    # peers whose window we spray from our socket (role EASY)
         self.stats = {"not_ours": 0, "spoofed": 0, "no_route": 0, "disco_bad": 0, "relay_tcp_tx": 0,
-                      "group_capped": 0}
+                      "group_capped": 0, "inside_tunnel": 0}
+        # addresses whose outer datagrams would enter our own tunnel (``tunnel_guard``): never a path
+        self.guard = TunnelGuard(lambda: self.loop.time() if self.loop else 0.0,
+                                 lambda addr: self._local_toward(addr)[0])
+        self.guard.on_change = self._guard_changed
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -332,8 +337,8 @@ class DataPlane:
             cands[at:at] = self.v6.candidates(self.own_ifaces)
         seen, unique = set(), []
         for c in cands:
-            if c["addr"] not in seen:
-                seen.add(c["addr"])
+            if c["addr"] not in seen and not self.guard.inside(parse_addr(c["addr"])[0]):
+                seen.add(c["addr"])     # (never an address that leads into our own tunnel)
                 unique.append(c)
         return unique[:16]
 
@@ -370,7 +375,7 @@ class DataPlane:
             if entry is not None and entry.path is None:
                 continue  # configured as a static WireGuard peer: that configuration wins
             if entry is None:
-                entry = PeerEntry(key, p["name"], p["ip"], PeerPath(self.disco, key, self.config))
+                entry = PeerEntry(key, p["name"], p["ip"], PeerPath(self.disco, key, self.config, self.guard.blocked))
                 self.peers[key] = entry
                 self.device.add_peer(key, endpoint=entry.endpoint)
             entry.name = p["name"]
@@ -483,6 +488,24 @@ class DataPlane:
     def set_pool(self, pool: str | None) -> None:
         self.pool = ipaddress.IPv4Network(pool) if pool else None
         self.pool_broadcast = self.pool.broadcast_address.packed if self.pool else b"\xff\xff\xff\xff"
+        self.guard.set_pool(self.pool)
+
+    def outer_in_tunnel(self, dst: tuple[str, int]) -> None:
+        """One of our outer datagrams to ``dst`` came out of our overlay device (the interface
+        dropped it): refuse that host as a path (``tunnel_guard``, layer 3)."""
+        if self.guard.caught(dst[0]):
+            log.warning("outer packets to %s entered this node's own tunnel: that address is no path "
+                        "(it is routed into the overlay device)", format_addr(dst))
+
+    def _guard_changed(self) -> None:
+        """The addresses leading into our tunnel changed: no candidate or path may stay among them."""
+        if self.loop is None:
+            return
+        now = self.now()
+        for entry in self.peers.values():
+            if entry.path is not None and entry.path.drop_blocked(now):
+                self._dirty_paths.add(entry)
+        self._schedule_flush()
 
     def is_group(self, dst: bytes) -> bool:
         """Multicast (224.0.0.0/4), limited broadcast or the pool's broadcast address."""
@@ -597,6 +620,9 @@ class DataPlane:
             return
         entry = self.peers.get(sender)
         if entry is not None and entry.path is not None:
+            if self.guard.blocked(addr):
+                self.stats["inside_tunnel"] += 1    # it came through our own tunnel: no path there
+                return
             entry.path.receive(msg, addr, self.now())
             self._dirty_paths.add(entry)
 
@@ -635,6 +661,9 @@ class DataPlane:
                     if (isinstance(ev.addr, RelayAddr) and entry.path is not None
                             and entry.path.current_path is not None):
                         dev.set_endpoint(entry.key, entry.path.current_path)  # keep the direct path
+                    elif not isinstance(ev.addr, RelayAddr) and self.guard.blocked(ev.addr):
+                        self.stats["inside_tunnel"] += 1    # came through our own tunnel: never roam there
+                        dev.set_endpoint(entry.key, entry.endpoint)
                     else:
                         entry.endpoint = ev.addr
                         if (not isinstance(ev.addr, RelayAddr) and entry.path is not None

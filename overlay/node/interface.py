@@ -9,6 +9,10 @@ filter (``overlay.node.inbound_filter``) narrows that to shared ports and replie
 then takes no IPv6 from peers. A node that is
 a gateway (``--advertise-routes``) also lets through packets from members to its approved routes
 (for those members only) and has the kernel forward them to its LAN (``overlay.iface.router``).
+
+The pool and every prefix routed into the device lead into the tunnel: the data plane's tunnel
+guard (``overlay.node.tunnel_guard``) learns them here, and one of our own outer datagrams read
+back from the device is dropped and reported (it would loop).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from overlay.iface.router import KernelRouter
 from overlay.iface.tuntap import DeviceError, TunTap, device_exists, open_device
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.approved_routes import ApprovedRoutes
+from overlay.node import tunnel_guard
 from overlay.node.inbound_filter import InboundFilter
 
 log = logging.getLogger("overlay.iface")
 
 DEFAULT_NAME = "ovl0"
+_UDP = b"\x11"     # IPv4 protocol byte (a one-byte slice compares without allocating)
 
 
 class KernelInterface:
@@ -50,7 +56,7 @@ class KernelInterface:
         self.address: str | None = None
         self._ip: bytes | None = None   # our address, packed
         self._network: ipaddress.IPv4Network | None = None
-        self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0, "routed": 0}
+        self.stats = {"not_ipv4": 0, "not_for_us": 0, "filtered": 0, "routed": 0, "own_outer": 0}
         # as a gateway: our own advertised prefixes (never routed into the device: they are our
         # LAN), the approved routes and who may use them, and the kernel's forwarding for them
         self.advertised = [ipaddress.IPv4Network(r) for r in advertised]
@@ -89,6 +95,7 @@ class KernelInterface:
             self.net = NetConfig(self.name, self.kind, broadcast_route=self.broadcast_route)
         self.net.apply(address, network.prefixlen, INNER_MTU, fmt_mac(self.mac) if self.mac else None)
         self._network = network
+        self.dp.guard.set_device([address], [network])
         self._sync_routes()
         if address != self.address:
             log.info("%s holds %s/%d, MTU %d", self.name, address, network.prefixlen, self.net.mtu)
@@ -149,6 +156,9 @@ class KernelInterface:
             self.net.remove_route(dst)
         for dst in names:
             self.net.add_route(dst)
+        # what now leads into the device (a prefix the host already routes elsewhere, e.g. the LAN
+        # it sits on, was not added and stays a usable path; the kernel-route check sees the rest)
+        self.dp.guard.set_routes([ipaddress.IPv4Network(d) for d in self.net.added_routes if d != LIMITED_BROADCAST])
 
     def info(self) -> dict:
         return {"kind": self.kind, "name": self.name,
@@ -168,6 +178,8 @@ class KernelInterface:
         for p in packets:
             if p[0] >> 4 != 4:
                 self.stats["not_ipv4"] += 1   # IPv6 router solicitations and the like: inner traffic is IPv4
+                continue
+            if p[9:10] == _UDP and self._own_outer(p):
                 continue
             if filt:
                 filt.outbound(p, now)
@@ -195,10 +207,21 @@ class KernelInterface:
                 l2.append((key, payload))
         if replies:
             self._write_frames(replies)
+        if ips and any(p[9:10] == _UDP and tunnel_guard.own_outer_destination(p, self.dp.port) for p in ips):
+            ips = [p for p in ips if not (p[9:10] == _UDP and self._own_outer(p))]
         if ips:
             self.dp.send_packets(ips)
         if l2:
             self.dp.send_frames(l2)
+
+    def _own_outer(self, p: bytes) -> bool:
+        """``p`` (IPv4 UDP, from the device) is one of our own outer datagrams: never into the tunnel."""
+        dst = tunnel_guard.own_outer_destination(p, self.dp.port)
+        if dst is None:
+            return False
+        self.stats["own_outer"] += 1
+        self.dp.outer_in_tunnel(dst)
+        return True
 
     def _unwrap_vnet(self, bufs: list[bytes], ips: list[bytes]) -> list[bytes]:
         """TAP reads with a virtio_net_hdr: IPv4 super-packets and partial checksums go through
