@@ -13,7 +13,7 @@ def test_refill_caps_at_burst_and_clock_going_back_takes_nothing():
     b = TokenBucket(rate=100, burst=5, now=0.0, tokens=0)
     assert b.level(1000.0) == 5
     assert b.take(1000.0, 5) and not b.take(999.0)   # an earlier `now` refills nothing
-    assert b.full(1000.05)
+    assert not b.full(1000.02) and b.full(1000.1)
 
 
 def test_take_many_is_all_or_nothing():
