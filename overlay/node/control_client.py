@@ -17,6 +17,7 @@ import random
 import socket
 from typing import Awaitable, Callable
 
+from overlay.hostport import parse_hostport  # noqa: F401  (re-exported: callers import it from here)
 from overlay import crypto
 from overlay.control import identity_proof
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
@@ -35,22 +36,6 @@ FATAL_RETRY = 30.0  # wrong server key, name taken: retry slowly
 
 class NotConnected(Exception):
     pass
-
-
-def parse_hostport(text: str, default_port: int | None = None, allow_zero: bool = False) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        if default_port is None:
-            raise ValueError(f"{text!r}: expected HOST:PORT")
-        return text, default_port
-    host = host.strip("[]")
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError(f"{text!r}: port must be a number") from None
-    if not host or not (0 if allow_zero else 1) <= p < 65536:
-        raise ValueError(f"{text!r}: expected HOST:PORT")
-    return host, p
 
 
 class ControlClient:
