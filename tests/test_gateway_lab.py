@@ -450,7 +450,7 @@ def test_members_drop_a_route_their_gateway_no_longer_advertises(tmp_path):
 
             gw.stop()
             i = gw.argv.index("--advertise-routes")
-            gw.argv = gw.argv[:i] + gw.argv[i + 2:]
+            gw.argv = gw.argv[:i] + ["--advertise-routes", ""] + gw.argv[i + 2:]   # plain `up` would reuse them
             gw.restart()
             ol.wait(lambda: (p := m.peer("gw")) and p["online"] and p["routes"] == []
                     and p["withdrawn"] == ["10.0.1.0/24"], 30, "the member sees the route withdrawn")
