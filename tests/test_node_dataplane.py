@@ -163,3 +163,30 @@ def test_hard_nat_drivers_share_one_interface_and_a_won_socket_joins_the_demux()
             peer.close()
             dp.close()
     asyncio.run(main())
+
+
+def test_local_candidates_order_and_bounds():
+    """``local_candidates.gather`` (sans-I/O): the server-reflexive address first, then the router's
+    mapping and IPv6, LAN addresses, the fixed port on the public address, predicted ports; no
+    duplicate, nothing inside our tunnel, at most 16."""
+    from overlay.nat.candidate import parse_addr
+    from overlay.node.local_candidates import gather
+
+    class Nat:
+        predictable = True
+
+        def gap_ports(self):
+            return [5001]
+
+        def predicted_ports(self, n):
+            return [5002 + i for i in range(2 * n)] + [5002]
+
+    got = gather(41641, ["10.0.0.2", "100.64.0.3"], srflx=("203.0.113.1", 5000), nat=Nat(),
+                 mapped=("203.0.113.1", 41641), magic_port=True, ipv6=[{"addr": "[2001:db8::1]:41641", "kind": "srflx"}],
+                 inside=lambda host: host.startswith("100.64."), parse=parse_addr)
+    assert [(c["kind"], c["addr"]) for c in got[:5]] == [
+        ("srflx", "203.0.113.1:5000"), ("magic", "203.0.113.1:41641"), ("srflx", "[2001:db8::1]:41641"),
+        ("lan", "10.0.0.2:41641"), ("predicted", "203.0.113.1:5001")]
+    assert len(got) == 16 and len({c["addr"] for c in got}) == 16
+    assert [c["addr"] for c in gather(7, ["10.0.0.2"], srflx=None, nat=None, mapped=None, magic_port=False,
+                                      ipv6=[], inside=lambda h: False, parse=parse_addr)] == ["10.0.0.2:7"]

@@ -10,6 +10,7 @@ path), and the parts composed here, each holding its own state:
 - ``server_path.ServerPath``: relay registration and framing, STUN probing of our NAT;
 - ``portmap_glue.PortMapGlue``: port mapping on the router;
 - ``hardnat.HardNat``: birthday and sequential punching through hard NATs;
+- ``local_candidates``: the addresses we publish for peers to probe;
 - ``ipv6.Ipv6Side``: the IPv6 socket and its addresses; ``tunnel_guard.TunnelGuard``.
 
 This module keeps the socket demultiplexing, the flush (device events, path changes, the outgoing
@@ -30,22 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fcntl
-import ipaddress
 import logging
 import socket
-import struct
 from typing import Callable
 
 from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
 from overlay.io.udp import UdpSocket, bind_udp
-from overlay.nat import DISCO, PORTMAP, RELAY, STUN, WIREGUARD, classify_datagram
+from overlay.nat import DISCO, PORTMAP, RELAY, STUN, WIREGUARD, birthday, classify_datagram, natpmp, portmap
 from overlay.nat import disco as disco_mod
-from overlay.nat import birthday, natpmp, portmap
 from overlay.nat.candidate import Candidate, format_addr, parse_addr
 from overlay.nat.traversal import TraversalConfig
-from overlay.node import ipv6
+from overlay.node import ipv6, local_candidates
 from overlay.node.hardnat import HardNat
+from overlay.node.local_candidates import interface_addresses
 from overlay.node.peers import PeerEntry, PeerTable, RelayAddr
 from overlay.node.peers import fmt_endpoint as _fmt
 from overlay.node.portmap_glue import PortMapGlue
@@ -56,31 +54,9 @@ from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketRecei
 
 log = logging.getLogger("overlay.dataplane")
 
-PREDICTED_PORTS = 8
 INNER_MTU = 1380
 """Largest inner IP packet: 1380 + 32 (WireGuard) + 37 (relay framing) + 8 (UDP) + 20 (IPv4) = 1477,
 under the 1500 of an Ethernet path; a TAP frame adds its 14-byte header and the inner type byte."""
-
-
-def interface_addresses(exclude_ifaces: tuple[str, ...] = (),
-                        exclude_net: ipaddress.IPv4Network | None = None) -> list[str]:
-    """IPv4 addresses of this host's interfaces that are up (loopback excluded), except those of
-    ``exclude_ifaces`` and inside ``exclude_net``: the overlay's own interface and pool must never
-    be offered as a path (that would be a tunnel inside the tunnel)."""
-    out = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            if name == "lo" or name in exclude_ifaces:
-                continue
-            try:
-                res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-            except OSError:
-                continue
-            addr = socket.inet_ntoa(res[20:24])
-            if exclude_net is not None and ipaddress.IPv4Address(addr) in exclude_net:
-                continue
-            out.append(addr)
-    return out
 
 
 class DataPlane:
@@ -222,30 +198,14 @@ class DataPlane:
             self.on_endpoints()
 
     def local_candidates(self) -> list[dict]:
-        srflx, nat = self.server.srflx, self.server.nat
+        """Our candidates (``local_candidates.gather``); the interfaces read through this module's
+        ``interface_addresses``."""
         loopback = self.server.server_is_loopback
-        addrs = ["127.0.0.1"] if loopback else interface_addresses(self.own_ifaces, self.table.pool)
-        cands = [{"addr": f"{a}:{self.port}", "kind": "lan"} for a in addrs[:6]]
-        if srflx:
-            cands.insert(0, {"addr": f"{srflx[0]}:{srflx[1]}", "kind": "srflx"})
-            if (m := self.port_mapped()) is not None:
-                # the router forwards this port to us (PCP, NAT-PMP or UPnP): reachable from anywhere
-                cands.insert(1, {"addr": f"{m[0]}:{m[1]}", "kind": "magic"})
-            if self.port and self.magic_port and srflx[1] != self.port:
-                # the "magic" port: a router forwarding this UDP port to us makes it reachable
-                cands.append({"addr": f"{srflx[0]}:{self.port}", "kind": "magic"})
-            if nat is not None and nat.predictable:
-                for p in nat.gap_ports() + nat.predicted_ports(PREDICTED_PORTS):
-                    cands.append({"addr": f"{srflx[0]}:{p}", "kind": "predicted"})
-        if not loopback:
-            at = (1 + (self.port_mapped() is not None)) if srflx else 0
-            cands[at:at] = self.v6.candidates(self.own_ifaces)
-        seen, unique = set(), []
-        for c in cands:
-            if c["addr"] not in seen and not self.guard.inside(parse_addr(c["addr"])[0]):
-                seen.add(c["addr"])     # (never an address that leads into our own tunnel)
-                unique.append(c)
-        return unique[:16]
+        lan = ["127.0.0.1"] if loopback else interface_addresses(self.own_ifaces, self.table.pool)
+        mapped = self.port_mapped() if self.server.srflx else None
+        return local_candidates.gather(self.port, lan, srflx=self.server.srflx, nat=self.server.nat, mapped=mapped,
+                                       magic_port=self.magic_port, inside=self.guard.inside, parse=parse_addr,
+                                       ipv6=[] if loopback else self.v6.candidates(self.own_ifaces))
 
     def _publish_endpoints(self) -> None:
         nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
