@@ -35,7 +35,7 @@ import logging
 import socket
 from typing import Callable
 
-from overlay.iface.ethernet import L2_FRAME, L2_PREFIX
+from overlay.iface.ethernet import L2_FRAME
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.nat import DISCO, PORTMAP, RELAY, STUN, WIREGUARD, birthday, classify_datagram, natpmp, portmap
 from overlay.nat import disco as disco_mod
@@ -308,37 +308,15 @@ class DataPlane:
         return self.table.is_group(dst)
 
     def send_packets(self, packets: list[bytes]) -> None:
-        """Outbound inner IPv4 packets (from the netstack or a TUN/TAP device), sent at once:
-        callers hand over whole batches, and waiting for another loop turn would only add latency.
-        Broadcast and multicast go to every online member with a kernel interface (rate capped)."""
-        now = self.now()
-        send = self.device.send
-        table = self.table
-        by_vip = table.by_vip
-        for pkt in packets:
-            dst = pkt[16:20]
-            entry = by_vip.get(dst)
-            if entry is None:
-                if table.is_group(dst):
-                    table.send_group(pkt, now, False)
-                    continue
-                entry = table.route(dst)
-                if entry is None:
-                    self.stats["no_route"] += 1
-                    continue
-            send(entry.key, pkt, now)
+        """Outbound inner IPv4 packets (from the netstack or a TUN/TAP device), sent at once
+        (``PeerTable.send_packets``): callers hand over whole batches, and waiting for another loop
+        turn would only add latency."""
+        self.table.send_packets(packets, self.now())
         self._flush()
 
     def send_frames(self, frames: list[tuple[bytes | None, bytes]]) -> None:
         """Ethernet frames from our TAP device: (key, frame) to one TAP member, (None, frame) to all."""
-        now = self.now()
-        for key, frame in frames:
-            if key is None:
-                self.table.send_group(L2_PREFIX + frame, now, True)
-            else:
-                entry = self.table.peers.get(key)
-                if entry is not None and entry.online and entry.iface == "tap":
-                    self.device.send(key, L2_PREFIX + frame, now)
+        self.table.send_frames(frames, self.now())
         self._flush()
 
     # ------------------------------------------------------------------ input

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import NamedTuple
 
+from overlay.iface.ethernet import L2_PREFIX
 from overlay.nat.candidate import format_addr
 from overlay.nat.disco import DiscoCodec
 from overlay.nat.traversal import PeerPath, TraversalConfig
@@ -65,7 +66,7 @@ class PeerTable:
 
     ``device``: the WireGuard device (peers are added to and removed from it here);
     ``blocked(addr)``: the tunnel guard's verdict handed to each member's ``PeerPath``;
-    ``stats``: the data plane's counters (``group_capped``)."""
+    ``stats``: the data plane's counters (``no_route``, ``group_capped``)."""
 
     def __init__(self, device: Device, disco: DiscoCodec, config: TraversalConfig,
                  blocked: Callable[[tuple], bool], stats: dict[str, int]):
@@ -162,6 +163,35 @@ class PeerTable:
     def is_group(self, dst: bytes) -> bool:
         """Multicast (224.0.0.0/4), limited broadcast or the pool's broadcast address."""
         return 224 <= dst[0] <= 239 or dst == b"\xff\xff\xff\xff" or dst == self.pool_broadcast
+
+    def send_packets(self, packets: list[bytes], now: float) -> None:
+        """Outbound inner IPv4 packets to the WireGuard device, each to the peer owning its
+        destination or the route to it. Broadcast and multicast go to every online member with a
+        kernel interface (rate capped)."""
+        send = self.device.send
+        by_vip = self.by_vip
+        for pkt in packets:
+            dst = pkt[16:20]
+            entry = by_vip.get(dst)
+            if entry is None:
+                if self.is_group(dst):
+                    self.send_group(pkt, now, False)
+                    continue
+                entry = self.route(dst)
+                if entry is None:
+                    self.stats["no_route"] += 1
+                    continue
+            send(entry.key, pkt, now)
+
+    def send_frames(self, frames: list[tuple[bytes | None, bytes]], now: float) -> None:
+        """Ethernet frames from our TAP device: (key, frame) to one TAP member, (None, frame) to all."""
+        for key, frame in frames:
+            if key is None:
+                self.send_group(L2_PREFIX + frame, now, True)
+            else:
+                entry = self.peers.get(key)
+                if entry is not None and entry.online and entry.iface == "tap":
+                    self.device.send(key, L2_PREFIX + frame, now)
 
     def send_group(self, pkt: bytes, now: float, tap_only: bool) -> None:
         """A broadcast / multicast packet (or a TAP frame) to every online member with a kernel
