@@ -37,7 +37,8 @@ import lab
 import natlab
 from lab_overlay import OVERLAY, PASSWORD, SERVER, OverlayLab, wait
 from overlay.iface.ethernet import fmt_mac, node_mac
-from overlay.node.dataplane import GROUP_BURST, GROUP_RATE, INNER_MTU
+from overlay.node.dataplane import INNER_MTU
+from overlay.node.peers import GROUP_BURST, GROUP_RATE
 
 pytestmark = pytest.mark.netns
 

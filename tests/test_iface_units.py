@@ -11,8 +11,9 @@ import struct
 from overlay import crypto
 from overlay.iface import ethernet as eth
 from overlay.netstack.wire import ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP, build_icmp, build_ipv4
-from overlay.node.dataplane import GROUP_BURST, DataPlane
+from overlay.node.dataplane import DataPlane
 from overlay.node.inbound_filter import InboundFilter
+from overlay.node.peers import GROUP_BURST
 
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
 ME, PEER_TAP, PEER_TUN = b"\x64\x40\x00\x01", b"\x64\x40\x00\x02", b"\x64\x40\x00\x03"

@@ -24,13 +24,14 @@ EVIL = "\x1b]0;owned\x07\x1b[2J203.0.113.5"
 async def main():
     dp = DataPlane(crypto.generate_private_key())
     dp.loop = asyncio.get_running_loop()
-    pm = dp._portmap = PortMapper("192.168.1.1", "192.168.1.20", 41641, dp.now(), protocols=("upnp",))
+    pm = PortMapper("192.168.1.1", "192.168.1.20", 41641, dp.now(), protocols=("upnp",))
+    dp.portmap.set_mapper(pm)
     pm.handle_timer(dp.now())
     [job] = pm.jobs_to_run()
     pm.job_done(job, {"external_ip": EVIL, "lan_addr": "192.168.1.20"}, dp.now())   # the IGD's answers
     [job] = pm.jobs_to_run()
     pm.job_done(job, {"external_ip": EVIL}, dp.now())
-    dp._portmap_changed()                       # logs the mapping, as after a real job
+    dp.portmap.changed()                        # logs the mapping, as after a real job
     logging.getLogger("overlay.dataplane").info("path to %s: relay", "evil\n00:00:00 overlay.node INFO forged")
 
 asyncio.run(main())

@@ -208,6 +208,23 @@ def test_demultiplexing():
     assert classify_datagram(b"hello") == OTHER and classify_datagram(b"") == OTHER
 
 
+def test_demultiplexing_sorts_everything_the_node_socket_carries():
+    """The node's socket demux is ``classify_datagram`` too: WireGuard's plaintext transport (type
+    5), relay frames, and the router's port-mapping answers (only from the router's PCP port)."""
+    from overlay.nat import PORTMAP, RELAY
+    from overlay.relay import frames
+
+    plain = b"\x05\x00\x00\x00" + bytes(28)
+    assert classify_datagram(plain) == WIREGUARD and classify_datagram(b"\x06\x00\x00\x00" + bytes(28)) == OTHER
+    assert classify_datagram(frames.data(bytes(32), b"\x04wg")) == RELAY
+    assert classify_datagram(memoryview(b"OVD\x01" + bytes(100))) == DISCO
+    natpmp_answer = b"\x00\x80\x00\x00" + bytes(8)
+    assert classify_datagram(natpmp_answer, ("192.168.1.1", 5351), "192.168.1.1") == PORTMAP
+    assert classify_datagram(natpmp_answer, ("192.168.1.1", 5351), None) == OTHER
+    assert classify_datagram(natpmp_answer, ("192.168.1.9", 5351), "192.168.1.1") == OTHER
+    assert classify_datagram(SAMPLE_IPV4_RESPONSE, ("192.168.1.1", 3478), "192.168.1.1") == STUN
+
+
 # ------------------------------------------------------------------ client transaction
 
 

@@ -98,3 +98,95 @@ def test_gateway_routes_of_members_longest_prefix_and_online_first():
         v["routes"] = []
     dp.update_peers(p)
     assert dp.route_peer("192.168.1.20") is None and not gw2.allows(socket.inet_aton("192.168.1.7"))
+
+
+def test_node_demux_is_the_simulators_classify_datagram(monkeypatch):
+    """The node sorts its socket's datagrams with ``nat.classify_datagram``, the simulator's
+    function: a spy on it sees every datagram, and a relay frame not from the server is dropped."""
+    from overlay import nat
+    from overlay.node import dataplane as dataplane_mod
+    from overlay.relay import frames
+
+    seen = []
+
+    def spy(datagram, addr=None, portmap_gateway=None):
+        seen.append(bytes(datagram[:4]))
+        return nat.classify_datagram(datagram, addr, portmap_gateway)
+
+    monkeypatch.setattr(dataplane_mod, "classify_datagram", spy)
+
+    async def main():
+        dp = DataPlane(crypto.generate_private_key())
+        dp.loop = asyncio.get_running_loop()
+        dp._on_datagram(memoryview(frames.data(bytes(32), b"\x04wg")), ("192.0.2.7", 9))
+        dp._on_datagram(memoryview(b"junk"), ("192.0.2.7", 9))
+        assert seen == [b"OVR\x01", b"junk"] and dp.stats["not_ours"] == 2
+    asyncio.run(main())
+
+
+def test_hard_nat_drivers_share_one_interface_and_a_won_socket_joins_the_demux():
+    """Both punchers are ``HardNatDriver``s; an attempt's socket reports to its driver until it
+    wins (``HardNat.adopt``), then its datagrams go to the node's demux and its address is routed
+    through it."""
+    from overlay.node.hardnat import HardNatDriver
+
+    async def main():
+        dp = DataPlane(crypto.generate_private_key())
+        dp.start()
+        hn = dp.hardnat
+        assert all(isinstance(d, HardNatDriver) for d in hn.drivers)
+        assert {type(d).__name__ for d in hn.drivers} == {"BirthdayDriver", "SequentialDriver"}
+        got: list = []
+        sock = hn.open_socket(lambda s, view, addr: got.append((s, bytes(view))))
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        target = ("127.0.0.1", sock.local_address[1])
+        try:
+            peer.sendto(b"probe", target)
+            for _ in range(200):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            assert got == [(sock, b"probe")]
+            src = peer.getsockname()
+            hn.adopt(b"k" * 32, src, sock)
+            assert hn.via[src] is sock and hn.winners[b"k" * 32] == (src, sock)
+            peer.sendto(b"junk", target)
+            for _ in range(200):
+                if dp.stats["not_ours"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert dp.stats["not_ours"] == 1 and len(got) == 1    # the node's demux, not the driver's
+            hn.drop_winner(b"k" * 32)
+            assert not hn.via and not hn.winners
+        finally:
+            peer.close()
+            dp.close()
+    asyncio.run(main())
+
+
+def test_local_candidates_order_and_bounds():
+    """``local_candidates.gather`` (sans-I/O): the server-reflexive address first, then the router's
+    mapping and IPv6, LAN addresses, the fixed port on the public address, predicted ports; no
+    duplicate, nothing inside our tunnel, at most 16."""
+    from overlay.nat.candidate import parse_addr
+    from overlay.node.local_candidates import gather
+
+    class Nat:
+        predictable = True
+
+        def gap_ports(self):
+            return [5001]
+
+        def predicted_ports(self, n):
+            return [5002 + i for i in range(2 * n)] + [5002]
+
+    got = gather(41641, ["10.0.0.2", "100.64.0.3"], srflx=("203.0.113.1", 5000), nat=Nat(),
+                 mapped=("203.0.113.1", 41641), magic_port=True, ipv6=[{"addr": "[2001:db8::1]:41641", "kind": "srflx"}],
+                 inside=lambda host: host.startswith("100.64."), parse=parse_addr)
+    assert [(c["kind"], c["addr"]) for c in got[:5]] == [
+        ("srflx", "203.0.113.1:5000"), ("magic", "203.0.113.1:41641"), ("srflx", "[2001:db8::1]:41641"),
+        ("lan", "10.0.0.2:41641"), ("predicted", "203.0.113.1:5001")]
+    assert len(got) == 16 and len({c["addr"] for c in got}) == 16
+    assert [c["addr"] for c in gather(7, ["10.0.0.2"], srflx=None, nat=None, mapped=None, magic_port=False,
+                                      ipv6=[], inside=lambda h: False, parse=parse_addr)] == ["10.0.0.2:7"]

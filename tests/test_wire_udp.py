@@ -222,3 +222,24 @@ def test_two_devices_over_loopback_udp():
             for s in socks:
                 s.close()
     run(main())
+
+
+def test_set_handler_hands_the_socket_to_a_new_owner():
+    """``set_handler``: datagrams after the call go to the new handler (how a hard-NAT attempt's
+    socket passes to the node's demux once it won)."""
+    async def main():
+        first: list[bytes] = []
+        second: list[bytes] = []
+        u = UdpSocket(bind_udp("127.0.0.1", 0), lambda v, a: first.append(bytes(v)), gro=False)
+        sender = plain_socket()
+        try:
+            sender.sendto(b"one", u.local_address)
+            await until(lambda: first == [b"one"])
+            u.set_handler(lambda v, a: second.append((bytes(v), a)))
+            sender.sendto(b"two", u.local_address)
+            await until(lambda: len(second) == 1)
+            assert first == [b"one"] and second == [(b"two", sender.getsockname())]
+        finally:
+            u.close()
+            sender.close()
+    run(main())

@@ -60,6 +60,7 @@ class UdpSocket:
     once after each wakeup's batch, which is where the owner flushes its outgoing datagrams with
     ``send_batch`` so that a burst of input produces one batch of output. Addresses given to
     ``send_batch`` must be socket addresses; the node routes "via relay" paths elsewhere.
+    ``set_handler`` replaces ``on_datagram`` (a socket handed from one owner to another).
     """
 
     def __init__(
@@ -92,6 +93,11 @@ class UdpSocket:
             ("rx", "rx_syscalls", "rx_errors", "tx", "tx_syscalls", "tx_dropped", "tx_errors", "gso_sends"), 0
         )
         self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def set_handler(self, on_datagram: OnDatagram) -> None:
+        """From the next wakeup on, received datagrams go to ``on_datagram`` (the rest of a batch
+        being delivered still goes to the previous handler)."""
+        self._on_datagram = on_datagram
 
     @property
     def local_address(self) -> Hashable:

@@ -69,7 +69,7 @@ class StunError(ValueError):
     """A datagram is not a well-formed STUN message (or a response does not fit its request)."""
 
 
-def is_stun(datagram: bytes) -> bool:
+def is_stun(datagram: bytes | memoryview) -> bool:
     """Cheap demultiplexing test: could this datagram be a STUN message (RFC 8489 §5, §7.3)?"""
     return (
         len(datagram) >= HEADER_LEN
