@@ -12,9 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, NoReturn, Optional
@@ -22,23 +19,16 @@ from typing import List, NoReturn, Optional
 import typer
 
 from overlay.cli_base import _up_command, daemon_call, err, fail, lit, out, print_json, show_status, visible
+from overlay.cli_options import HELP_OPTIONS, HomeOpt, JsonOpt, LogLevelOpt, NetworkArg, UdpOpt
+from overlay.cli_service import service_app
 from overlay.node import api
 from overlay.node.home import Home, HomeError
 
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="overlay: a zero-configuration peer-to-peer VPN.")
 admin_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS, help="Owner commands for a network.")
-service_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
-                          help="Run the node as a systemd user service.")
 app.add_typer(admin_app, name="admin")
 app.add_typer(service_app, name="service")
-
-HomeOpt = typer.Option(None, "--home", envvar="OVERLAY_HOME", help="Node home directory (key, config, socket).")
-JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see docs/json.md).")
-LogLevelOpt = typer.Option("info", "--log-level", help="Log detail: debug, info, warning or error.")
-UdpOpt = typer.Option(False, "--udp", help="UDP instead of TCP (same as PORT/udp).")
-NetworkArg = typer.Argument(..., help="Network name.")
 
 
 def _version(value: bool) -> None:
@@ -178,143 +168,36 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        log_level: str = LogLevelOpt):
     """Start the node daemon in the foreground. Without options it runs as the last `overlay up` did
     (prefs.json): an option given replaces the remembered value, --reset forgets them all."""
-    from overlay.control.messages import RequestError, normalize_name
-    from overlay.node.control_client import parse_hostport
-    from overlay.node.prefs import Prefs, hostname_label, off_if_empty, option_flags, up_options
+    from overlay.node.prefs import Prefs
+    from overlay.node.settings import SettingsError, UpOptions, resolve
     h = Home(home)
     try:
         cfg = h.config()
         last = Prefs(h.path)  # what the last `overlay up` ran with
     except HomeError as e:
         fail(str(e))
-    server = server or cfg.get("server") or last.server
-    name = name or cfg.get("name") or last.name or hostname_label()
-    # an option given > config.toml > the value the last `overlay up` was given > the default
-    given, reused, remember = up_options(
-        dict(socks=socks, http_proxy=http_proxy, advertise_routes=advertise_routes, port=port, keepalive=keepalive,
-             port_mapping=port_mapping, hard_nat_punch=hard_nat, via_proxy=via_proxy, address=address,
-             proxy_user=proxy_user, wg_peer=wg_peer), last.options, reset)
-    reused = {k: v for k, v in reused.items() if k not in cfg}  # proxy_user, wg_peer add to config's
 
-    def setting(key: str, default=None):
-        value = given[key] if key in given else cfg[key] if key in cfg else reused.get(key, default)
-        return off_if_empty(value)
-
-    via_proxy = None if setting("via_proxy") in (None, "off") else setting("via_proxy")
-    port = setting("port", 0)
-    keepalive = setting("keepalive", 25.0)
-    socks = setting("socks", "127.0.0.1:1080")
-    http_proxy = setting("http_proxy")
-    proxy_user = given.get("proxy_user", reused.get("proxy_user", []))
-    wg_peer = given.get("wg_peer", reused.get("wg_peer", []))
-    shares, forwards = cfg.get("share", []), cfg.get("forward", [])
-    proxy_users = dict(cfg.get("proxy_users", {}))
-    for pu in proxy_user:
-        user, sep, pw = pu.partition(":")
-        if not sep or not user or not pw:
-            fail(f"--proxy-user {pu!r}: expected USER:PASSWORD")
-        proxy_users[user] = pw
-    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in proxy_users.items()):
-        fail("config.toml: proxy_users maps user names to non-empty password strings")
-    for addr, flag in ((socks, "--socks"), (http_proxy, "--http-proxy")):
-        if addr and addr != "off":
-            try:
-                parse_hostport(addr, allow_zero=True)
-            except ValueError as e:
-                fail(f"{flag}: {e}")
-    if not isinstance(shares, list) or not all(isinstance(x, dict) and "port" in x for x in shares):
-        fail("config.toml: [[share]] entries need a port")
-    if not isinstance(forwards, list) or not all(isinstance(x, dict) and "listen" in x and "peer" in x
-                                                 for x in forwards):
-        fail("config.toml: [[forward]] entries need listen and peer")
-    if not isinstance(port, int) or not 0 <= port < 65536:
-        fail(f"--port {port}: expected 0-65535")
-    if not isinstance(keepalive, (int, float)) or not 7 <= keepalive <= 600:
-        fail(f"--keepalive {keepalive}: expected 7-600 seconds")
-    address = None if setting("address") in (None, "off") else setting("address")
-    if tun + tap + userspace > 1:
-        fail("--tun, --tap and --userspace exclude each other: choose one")
-    remembered = last.interface if not (tun or tap or userspace or reset) and "interface" not in cfg else None
-    interface = ("tun" if tun else "tap" if tap else "none" if userspace else
-                 remembered["kind"] if remembered else cfg.get("interface", "none"))
-    if interface not in ("tun", "tap", "none"):
-        fail(f"config.toml: interface = {interface!r}: expected \"tun\", \"tap\" or \"none\"")
-    interface = None if interface == "none" else interface
-    dev = dev or cfg.get("dev") or (remembered["dev"] if remembered else None)
-    only_shared = (only_shared if only_shared is not None else
-                   cfg["only_shared"] if "only_shared" in cfg else bool(remembered and remembered["only_shared"]))
-    if remembered or reused:
-        device = (f"--{interface}{' --dev ' + dev if dev else ''}{' --only-shared' if only_shared else ''}"
-                  if remembered else "")
-        err.print(f"note: {lit(' '.join(x for x in (device, option_flags(reused)) if x))} as last time "
-                  f"(an option given replaces it{'; `overlay up --userspace` for no device' if remembered else ''}"
+    def note(flags: str, device: bool) -> None:
+        err.print(f"note: {lit(flags)} as last time (an option given replaces it"
+                  f"{'; `overlay up --userspace` for no device' if device else ''}"
                   "; `overlay up --reset` for the defaults)", highlight=False, soft_wrap=True)
-    hard_nat = setting("hard_nat_punch", True)
-    from overlay.nat.portmap import parse_protocols
+
+    opts = UpOptions(server=server, name=name, via_proxy=via_proxy, port=port, keepalive=keepalive, socks=socks,
+                     address=address, wg_peer=wg_peer, http_proxy=http_proxy, proxy_user=proxy_user, tun=tun,
+                     tap=tap, userspace=userspace, dev=dev, only_shared=only_shared,
+                     advertise_routes=advertise_routes, hard_nat_punch=hard_nat, port_mapping=port_mapping,
+                     reset=reset)
     try:
-        mapping_protocols = list(parse_protocols(setting("port_mapping", True)))
-    except ValueError as e:
-        fail(f"--port-mapping: {e}")
-    if not isinstance(only_shared, bool):
-        fail("config.toml: only_shared must be true or false")
-    if dev is not None or only_shared:
-        if interface is None:
-            fail(f"{'--dev' if dev is not None else '--only-shared'} needs --tun or --tap")
-    if dev is not None:
-        from overlay.iface.tuntap import DeviceError, valid_name
-        try:
-            valid_name(dev)
-        except DeviceError as e:
-            fail(f"--dev: {e}")
-    if interface and not sys.platform.startswith("linux"):
-        fail(f"--{interface} needs Linux; elsewhere use the SOCKS5 / HTTP proxy and forwards")
-    try:
-        static_peers = [_static_peer(p) for p in cfg.get("peer", [])] + [_static_peer_arg(a) for a in wg_peer]
-        if address:
-            ipaddress.IPv4Address(address)
-    except (ValueError, OSError) as e:
+        settings = resolve(opts, cfg, last, note)
+    except SettingsError as e:
         fail(str(e))
-    if not server and not static_peers:
-        fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
-    if not server and not address:
-        fail("without a server, give this node's inner address with --address IP")
-    if not name:
-        fail("no name given: use --name NAME (or `name = \"NAME\"` in config.toml)")
-    try:
-        if server:
-            parse_hostport(server)
-        normalize_name(name, "node name")
-    except ValueError as e:
-        fail(str(e))
-    except RequestError as e:
-        fail(e.message)
-    from overlay.control.messages import MAX_ROUTES, parse_route
-    routes = setting("advertise_routes", [])
-    routes = [] if routes == "off" else [r.strip() for r in routes.split(",") if r.strip()] \
-        if isinstance(routes, str) else routes
-    try:
-        routes = sorted({str(parse_route(r)) for r in routes})
-    except ValueError as e:
-        fail(f"--advertise-routes: {e}")
-    if len(routes) > MAX_ROUTES:
-        fail(f"--advertise-routes: at most {MAX_ROUTES} subnets")
-    if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
-        fail(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
-    _exec_daemon(h, log_level, dict(server=server, name=name, via_proxy=via_proxy, port=port,
-                                    keepalive=float(keepalive), socks=socks, http_proxy=http_proxy,
-                                    shares=shares, forwards=forwards, address=address, static_peers=static_peers,
-                                    proxy_users=proxy_users or None, interface=interface, dev=dev,
-                                    only_shared=only_shared, advertise_routes=routes,
-                                    hard_nat=bool(hard_nat), port_mapping=mapping_protocols,
-                                    remember_options=remember))
+    _exec_daemon(h, log_level, settings.to_json())
 
 
 def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
     """Become the daemon (overlay/node/run.py, same PID) without the CLI's libraries in memory;
-    the settings go through an inherited pipe."""
-    for p in settings["static_peers"]:
-        p.pop("key_bytes", None)  # rebuilt from the key text on the other side
-    data = json.dumps({**settings, "home": str(h.path), "log_level": log_level}).encode()
+    the settings (NodeSettings.to_json) go through an inherited pipe."""
+    data = json.dumps({"settings": settings, "home": str(h.path), "log_level": log_level}).encode()
     r, w = os.pipe()
     if len(data) > 60000:  # a pipe holds 64 KiB without a reader
         fail("too many settings for `overlay up` (more than 60 KB)")
@@ -324,37 +207,6 @@ def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "overlay.node.run", str(r), "--home", str(h.path)])
-
-
-def _static_peer(p: dict) -> dict:
-    """A [[peer]] table from config.toml: public_key, endpoint, allowed_ips, name, persistent_keepalive."""
-    from overlay.control.messages import key_from_text
-    from overlay.nat.candidate import normalize
-    from overlay.node.control_client import parse_hostport
-    if not isinstance(p, dict) or "public_key" not in p or "allowed_ips" not in p:
-        raise ValueError("[[peer]] needs public_key and allowed_ips")
-    key = key_from_text(p["public_key"])
-    endpoint = parse_hostport(p["endpoint"]) if p.get("endpoint") else None
-    if endpoint:   # an IPv6 endpoint ([2001:db8::1]:51820) goes through the node's IPv6 socket
-        infos = socket.getaddrinfo(endpoint[0], endpoint[1], socket.AF_UNSPEC, socket.SOCK_DGRAM)
-        v4 = [i for i in infos if i[0] == socket.AF_INET]
-        endpoint = normalize(((v4 or infos)[0][4][0], endpoint[1]))
-    allowed = p["allowed_ips"] if isinstance(p["allowed_ips"], list) else [p["allowed_ips"]]
-    for a in allowed:
-        ipaddress.IPv4Network(a, strict=False)
-    ka = p.get("persistent_keepalive")
-    return {"key": p["public_key"], "key_bytes": key, "endpoint": endpoint, "allowed_ips": allowed,
-            "name": p.get("name") or f"wg-{p['public_key'][:6]}", "persistent_keepalive": float(ka) if ka else None}
-
-
-def _static_peer_arg(text: str) -> dict:
-    parts = [x.strip() for x in text.split(",")]
-    if len(parts) < 3:
-        raise ValueError(f"--wg-peer {text!r}: expected PUBLIC_KEY,HOST:PORT,ALLOWED_IP/PREFIX[,...]")
-    try:
-        return _static_peer({"public_key": parts[0], "endpoint": parts[1] or None, "allowed_ips": parts[2:]})
-    except (ValueError, OSError) as e:
-        raise ValueError(f"--wg-peer {text!r}: {e}") from None
 
 
 @app.command("setup-interface")
@@ -915,136 +767,6 @@ def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to 
         out.print(f"forgot the key of {lit(server)}; `overlay up` pins the new one on first contact")
     else:
         out.print(f"forgot the key of {lit(server)}; the running node reconnects now and pins the new one")
-
-
-def _unit_name(h: Home) -> str:
-    """overlay.service for the default home; overlay-<hash of the home>.service for any other, so
-    each node on the machine gets its own unit."""
-    from overlay.node.home import default_home
-    if h.path.resolve() == default_home().resolve():
-        return "overlay.service"
-    import hashlib
-    return f"overlay-{hashlib.sha256(str(h.path.resolve()).encode()).hexdigest()[:8]}.service"
-
-
-def _unit_path(unit: str) -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "systemd" / "user" / unit
-
-
-@service_app.command("install")
-def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT "
-                                                         "(remembered for `overlay up`, as by `up --server`)."),
-                    name: Optional[str] = typer.Option(None, "--name", help="This node's name (remembered, "
-                                                       "default: the host name)."),
-                    home: Optional[Path] = HomeOpt):
-    """Write and enable a systemd user unit running `overlay up` for this home (no admin rights needed)."""
-    from overlay.control.messages import RequestError, normalize_name
-    from overlay.node.control_client import parse_hostport
-    from overlay.node.prefs import Prefs, hostname_label
-    h = Home(home)
-    cfg = h.config()
-    prefs = Prefs(h.path)
-    server = server or cfg.get("server") or prefs.server
-    name = name or cfg.get("name") or prefs.name or hostname_label()
-    if not server:
-        fail("no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)")
-    try:
-        parse_hostport(server)
-        name = normalize_name(name, "node name")
-    except ValueError as e:
-        fail(str(e))
-    except RequestError as e:
-        fail(e.message)
-    unit = _unit_name(h)
-    path = _unit_path(unit)
-    _require_systemd(f"`overlay up --home {h.path.resolve()}` in your init system or container entrypoint "
-                     "instead; nothing was written")
-    # the unit runs a bare `overlay up`: server and name live in the home, where `up` finds them
-    h.ensure()
-    prefs.remember(server=server, name=name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    exe = shutil.which("overlay") or f"{sys.executable} -m overlay"
-    path.write_text(
-        f"[Unit]\nDescription=overlay VPN node ({h.path.resolve()})\nAfter=network-online.target\n\n"
-        "[Service]\n"
-        f"ExecStart={exe} up --home {h.path.resolve()}\n"
-        "Restart=on-failure\nRestartSec=5\n\n"
-        "[Install]\nWantedBy=default.target\n")
-    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    problem = _systemctl("enable", "--now", unit)
-    if problem:
-        path.unlink(missing_ok=True)   # leave nothing behind that does not run
-        fail(f"{problem}; removed {path} again")
-    out.print(f"{unit} runs `overlay up --home {h.path.resolve()}` as {name} with server {server}", highlight=False, soft_wrap=True)
-    _linger_hint()
-
-
-@service_app.command("uninstall")
-def service_uninstall(home: Optional[Path] = HomeOpt):
-    """Stop, disable and remove the systemd user unit of this home."""
-    unit = _unit_name(Home(home))
-    path = _unit_path(unit)
-    if not path.exists():
-        fail(f"no unit installed at {path}" + ("" if home else " (installed for another home? give its --home)"))
-    running = _systemd_running()
-    problem = _systemctl("disable", "--now", unit) if running else None
-    path.unlink(missing_ok=True)   # whatever systemctl answered
-    if problem:
-        fail(f"{problem}; removed {path} anyway")
-    out.print(f"removed {path}" + ("" if running else " (systemd is not running here: nothing to stop)"),
-              highlight=False, soft_wrap=True)
-    if running:
-        subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True)
-
-
-def _systemd_running() -> bool:
-    """Whether systemd runs this machine (PID 1); False in most containers. `systemctl
-    is-system-running` answers "offline" there (and systemd's own sd_booted() checks /run/systemd/system)."""
-    if shutil.which("systemctl") is None:
-        return False
-    try:
-        r = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.stdout.strip() != "offline"
-
-
-def _require_systemd(instead: str) -> None:
-    if shutil.which("systemctl") is None:
-        fail(f"systemctl not found: this machine has no systemd to run the service; run {instead}")
-    if not _systemd_running():
-        init = Path("/proc/1/comm").read_text().strip() if Path("/proc/1/comm").exists() else "another program"
-        fail(f"systemd is not running on this machine (PID 1 is {init}, as in most containers): no service can "
-             f"be installed; run {instead}")
-
-
-def _systemctl(*args: str) -> Optional[str]:
-    """Run `systemctl --user ARGS` (after a daemon-reload): None once done, else the error line to show."""
-    command = f"systemctl --user {' '.join(args)}"
-    r = subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True, text=True)
-    if r.returncode == 0:
-        r = subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        why = (r.stderr or r.stdout).strip().splitlines()
-        return (f"{command} failed: {why[-1] if why else f'exit status {r.returncode}'}"
-                + (" (no user session bus: log in as this user, or run `loginctl enable-linger` as root)"
-                   if why and "bus" in why[-1].lower() else ""))
-    out.print(f"{command}: done", highlight=False, soft_wrap=True)
-    return None
-
-
-def _linger_hint() -> None:
-    """A user service stops at logout unless the user lingers: say how to keep it running."""
-    import getpass
-    if shutil.which("loginctl") is None:
-        return
-    user = getpass.getuser()
-    r = subprocess.run(["loginctl", "show-user", user, "--property=Linger", "--value"], capture_output=True,
-                       text=True)
-    if r.returncode == 0 and r.stdout.strip() == "no":
-        err.print(f"[yellow]note:[/] the node runs only while {user} is logged in; to keep it running without "
-                  f"a login: loginctl enable-linger {user}", highlight=False, soft_wrap=True)
 
 
 @app.command()

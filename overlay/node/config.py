@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from overlay.control.messages import RequestError, normalize_name
+from overlay.hostport import parse_hostport
+from overlay.node.settings import KEEPALIVE_RANGE, PORT_RANGE
 
 
 class ConfigError(ValueError):
@@ -27,14 +29,13 @@ def _str(v) -> str | None:
 def _hostport(allow_off: bool = False, allow_zero: bool = False):
     def check(v) -> str | None:
         what = "\"HOST:PORT\"" + (" or \"off\"" if allow_off else "")
-        if not isinstance(v, str):
-            return f"expected {what}"
         if allow_off and v == "off":
             return None
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not (0 if allow_zero else 1) <= int(port) <= 65535:
+        try:
+            parse_hostport(v, allow_zero=allow_zero)
+        except ValueError:
             return f"expected {what}"
-        return None
+        return None if v.rpartition(":")[2].isdigit() else f"expected {what}"   # no sign, no blanks
     return check
 
 
@@ -132,8 +133,8 @@ TOP: dict[str, Check] = {
     "server": _hostport(),
     "name": _name,
     "via_proxy": _proxy_url,
-    "port": _int(0, 65535, "a UDP port (0: any)"),
-    "keepalive": _number(7, 600, "a number of seconds"),
+    "port": _int(*PORT_RANGE, "a UDP port (0: any)"),
+    "keepalive": _number(*KEEPALIVE_RANGE, "a number of seconds"),
     "socks": _hostport(allow_off=True, allow_zero=True),
     "http_proxy": _hostport(allow_off=True, allow_zero=True),
     "proxy_users": _proxy_users,

@@ -1,7 +1,8 @@
 """The node daemon (``overlay up``): server connection, local API, and (later) the data plane.
 
-It holds the node's view of its networks (``NodeState``), serves the CLI over the local API socket
-and forwards network commands to the mediation server.
+It runs with the ``NodeSettings`` that ``overlay up`` resolved (overlay/node/settings.py), holds the
+node's view of its networks (``NodeState``), serves the CLI over the local API socket (its commands:
+overlay/node/local_api.py) and forwards network commands to the mediation server.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -19,7 +19,6 @@ from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
 from overlay.nat.candidate import format_addr
 from overlay.node import api
-from overlay.nat import portmap
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
@@ -29,9 +28,11 @@ from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
 from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
+from overlay.node.local_api import LocalApi
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
-from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares, nothing_listens
+from overlay.node.settings import NodeSettings
+from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares
 from proxy.forward import Forward
 from proxy.listen import ListenError
 from proxy.server import AuthRequired, HttpProxyServer, SocksServer
@@ -39,7 +40,6 @@ from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")
 
-FOLLOW_QUEUE = 1000
 TCP_BUFFER = 4 << 20
 PUNCH_RETRY = 10.0  # ask the server to introduce an online peer without a direct path at most this often
 
@@ -49,44 +49,36 @@ class DaemonError(Exception):
 
 
 class Daemon:
-    def __init__(self, home: Home, *, server: str | None, name: str, via_proxy: str | None = None,
-                 port: int = 0, keepalive: float = 25.0, socks: str | None = "127.0.0.1:1080",
-                 http_proxy: str | None = None, shares: list[dict] = (), forwards: list[dict] = (),
-                 address: str | None = None, static_peers: list[dict] = (),
-                 proxy_users: dict[str, str] | None = None, interface: str | None = None,
-                 dev: str | None = None, only_shared: bool = False, advertise_routes: list[str] = (),
-                 hard_nat: bool = True, port_mapping: list[str] | tuple[str, ...] | None = None,
-                 remember_options: dict | None = None):
+    def __init__(self, home: Home, settings: NodeSettings):
+        s = self.settings = settings
         self.home = home
         self.prefs = Prefs(home.path)  # runtime shares and forwards, last server and name
         self.private_key = home.private_key()
         self.public_key = crypto.public_key(self.private_key)
-        self.name = normalize_name(name, "node name")
+        self.name = normalize_name(s.name, "node name")
         self.state = NodeState()
         self.state.me = {"name": self.name, "key": key_to_text(self.public_key)}
         # Without a server the node is a plain WireGuard endpoint for its static peers.
-        self.client = ControlClient(home, server, self.name, self.private_key, via_proxy=via_proxy,
+        self.client = ControlClient(home, s.server, self.name, self.private_key, via_proxy=s.via_proxy,
                                     on_event=self._on_event, on_reset=self.state.networks.clear,
-                                    on_session=self._on_session) if server else None
-        self.dataplane = DataPlane(self.private_key, port=port, keepalive=keepalive, hard_nat=hard_nat,
-                                   port_mapping=portmap.parse_protocols(port_mapping),
+                                    on_session=self._on_session) if s.server else None
+        self.dataplane = DataPlane(self.private_key, port=s.port, keepalive=s.keepalive, hard_nat=s.hard_nat,
+                                   port_mapping=s.port_mapping,
                                    send_control=self.client.post if self.client else lambda msg: None)
         self.shares = Shares()
-        self.address = address
-        self.static_peers = [dict(p) for p in static_peers]
+        self.address = s.address
+        self.static_peers = s.static_peers
         self.dataplane.on_endpoints = self._repunch
         self.kernel_if: KernelInterface | None = None
-        self._iface_choice = (interface, dev, only_shared)   # remembered once the device is open
-        self._remember_options = remember_options             # ... and these once the proxies listen
-        if interface:
+        if s.interface:
             self.kernel_if = KernelInterface(
-                interface, dev or DEFAULT_NAME, self.dataplane, self.public_key,
-                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if only_shared else None,
-                advertised=sorted(advertise_routes))
+                s.interface, s.dev or DEFAULT_NAME, self.dataplane, self.public_key,
+                only_shared=InboundFilter(self.shares.tcp, self.shares.udp) if s.only_shared else None,
+                advertised=sorted(s.advertise_routes))
             if self.client:
-                self.client.hello_extra["iface"] = interface
+                self.client.hello_extra["iface"] = s.interface
         self._fatal: str | None = None
-        self.advertise_routes = sorted(advertise_routes)
+        self.advertise_routes = sorted(s.advertise_routes)
         # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets;
         # with a TUN/TAP device the kernel forwards them instead (KernelInterface.set_gateway_routes)
         self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU)
@@ -96,16 +88,13 @@ class Daemon:
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
         self.pinger = Pinger()
-        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=interface is not None,
+        self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=s.interface is not None,
                                     find_route=self._dial_route,
                                     path=lambda key: self.dataplane.peer_path(base64.b64decode(key))[0])
-        self.socks_addr, self.http_addr = socks, http_proxy
-        self.proxy_users = dict(proxy_users) if proxy_users else None
+        self.proxy_users = dict(s.proxy_users) if s.proxy_users else None
         self.proxies: list = []
         self.forwards: dict[tuple[int, bool], Forward] = {}
-        self._initial_shares = list(shares)
-        self._initial_forwards = list(forwards)
-        self._followers: set[asyncio.Queue] = set()
+        self.api = LocalApi(self)
         self._api_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
 
@@ -125,19 +114,20 @@ class Daemon:
             except DeviceError as e:
                 self.dataplane.close()
                 raise DaemonError(str(e)) from None
-        self.prefs.remember_interface(*self._iface_choice)
+        s = self.settings
+        self.prefs.remember_interface(s.interface, s.dev, s.only_shared)  # once the device is open
         try:
             await self._start_proxies()
         except (ListenError, ValueError) as e:
             self._close_data()
             raise DaemonError(str(e)) from None
-        if self._remember_options is not None:
-            self.prefs.remember_options(self._remember_options)
+        if s.remember_options is not None:   # ... and the options once the proxies listen
+            self.prefs.remember_options(dict(s.remember_options))
         try:
             for p in self.static_peers:
-                self.dataplane.add_static_peer(p["key_bytes"], name=p["name"], endpoint=p["endpoint"],
-                                               allowed_ips=p["allowed_ips"],
-                                               persistent_keepalive=p.get("persistent_keepalive"))
+                self.dataplane.add_static_peer(p.key, name=p.name, endpoint=p.endpoint,
+                                               allowed_ips=list(p.allowed_ips),
+                                               persistent_keepalive=p.persistent_keepalive)
         except ValueError as e:
             self._close_data()
             raise DaemonError(str(e)) from None
@@ -153,7 +143,7 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
-            await self._stop_followers()
+            await self.api.stop_followers()
             if client:
                 client.cancel()
             self._api_server.close()
@@ -174,21 +164,13 @@ class Daemon:
         if self._fatal:
             raise DaemonError(self._fatal)
 
+    def stop(self) -> None:
+        self._stop.set()
+
     def _close_data(self) -> None:
         if self.kernel_if is not None:
             self.kernel_if.close()
         self.dataplane.close()
-
-    async def _stop_followers(self, wait: float = 1.0) -> None:
-        """Tell every `chat --follow` that the daemon stops, and give them a moment to hear it."""
-        for q in list(self._followers):
-            if q.full():
-                q.get_nowait()
-            q.put_nowait({"t": "stopping"})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while self._followers and loop.time() < deadline:
-            await asyncio.sleep(0.01)
 
     async def _start_api(self) -> None:
         self.home.ensure()
@@ -203,7 +185,7 @@ class Daemon:
                                   f"(stop it with `overlay down --home {self.home.path}`)")
         old = os.umask(0o177)
         try:
-            self._api_server = await asyncio.start_unix_server(self._api_conn, path=str(path), limit=api.MAX_LINE)
+            self._api_server = await asyncio.start_unix_server(self.api.connection, path=str(path), limit=api.MAX_LINE)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -226,7 +208,7 @@ class Daemon:
                                   base64.b64decode(hello["udp_token"]), hello.get("stun_ports"),
                                   hello.get("stun_alt_ip"), hello.get("udp_addrs"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
-        self._sync_peers()
+        self.sync_peers()
 
     def _attach_stack(self, address: str) -> None:
         """The userspace TCP/IP stack answering for our overlay address, or the kernel interface."""
@@ -313,7 +295,7 @@ class Daemon:
         """Overlay peers (sharing a network) and static WireGuard peers, as status shows them."""
         peers = list(self.state.peers().values())
         for sp in self.static_peers:
-            peers.append({"name": sp["name"], "key": sp["key"], "ip": sp["allowed_ips"][0].split("/")[0],
+            peers.append({"name": sp.name, "key": sp.key_text, "ip": sp.allowed_ips[0].split("/")[0],
                           "online": True, "networks": [], "routes": [], "withdrawn": [], "encrypted": True})
         return peers
 
@@ -347,8 +329,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ proxies, forwards, shares
     async def _start_proxies(self) -> None:
-        for addr, cls, flag in ((self.socks_addr, SocksServer, "--socks"),
-                                (self.http_addr, HttpProxyServer, "--http-proxy")):
+        for addr, cls, flag in ((self.settings.socks, SocksServer, "--socks"),
+                                (self.settings.http_proxy, HttpProxyServer, "--http-proxy")):
             if not addr or addr == "off":
                 continue
             host, port = parse_hostport(addr, allow_zero=True)
@@ -361,11 +343,10 @@ class Daemon:
                 raise ListenError(f"{e} (choose another address with {flag} HOST:PORT, or {flag} off)") from None
             self.proxies.append(srv)
             log.info("%s on %s:%d", srv.kind, *srv.address)
-        for sh in self._initial_shares:
-            self.shares.add(int(sh["port"]), sh.get("proto", "tcp") == "udp")
-        for fw in self._initial_forwards:
-            await self.add_forward(int(fw["listen"]), fw["peer"], int(fw.get("peer_port", fw["listen"])),
-                                   bool(fw.get("udp", False)))
+        for sh in self.settings.shares:
+            self.shares.add(sh.port, sh.udp)
+        for fw in self.settings.forwards:
+            await self.add_forward(fw.listen, fw.peer, fw.peer_port, fw.udp)
         await self._restore_runtime()
 
     async def _restore_runtime(self) -> None:
@@ -400,7 +381,7 @@ class Daemon:
         self.forwards[(fwd.address[1], udp)] = fwd
         return self._forward_info(fwd)
 
-    def _forward_target_warning(self, peer: str) -> str | None:
+    def forward_target_warning(self, peer: str) -> str | None:
         """Refuse a forward to a name no network of ours knows; a warning for an offline peer."""
         p = self.find_peer(peer) or self.route_peer(peer.strip())
         if p is None:
@@ -459,7 +440,7 @@ class Daemon:
         path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
         return {**info, "seq": seq, "rtt_ms": rtt, "path": path}
 
-    def _sync_peers(self) -> None:
+    def sync_peers(self) -> None:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
         self.dataplane.update_peers(peers)
@@ -488,7 +469,7 @@ class Daemon:
     def _repunch(self) -> None:
         """Our candidates changed (first probe, rebinding): ask for fresh introductions."""
         self._punched.clear()
-        self._sync_peers()
+        self.sync_peers()
 
     def _on_event(self, ev: dict) -> None:
         t = ev.get("t")
@@ -504,188 +485,12 @@ class Daemon:
             return
         change = self.state.apply(ev)
         if t in ("members", "member_left", "removed", "network"):   # network: type, encryption
-            self._sync_peers()
+            self.sync_peers()
         if change:
             log.info("%s", change)
         if ev.get("t") in ("chat", "removed", "join_request", "join_approved", "join_rejected", "members",
                            "member_left"):
-            for q in list(self._followers):
-                if q.full():
-                    q.get_nowait()  # a slow follower loses the oldest line, never blocks the daemon
-                q.put_nowait(ev)
-
-    # ------------------------------------------------------------------ local API
-    async def _api_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await reader.readline()
-            if not line:
-                return
-            try:
-                req = json.loads(line)
-                cmd = req.pop("cmd")
-            except (ValueError, KeyError, AttributeError):
-                await self._reply(writer, {"ok": False, "code": "bad_request", "error": "malformed API request"})
-                return
-            if cmd == "follow":
-                await self._follow(req, reader, writer)
-                return
-            try:
-                reply = await self._command(cmd, req)
-                reply = {"ok": True, **reply}
-            except RequestError as e:
-                reply = {"ok": False, "code": e.code, "error": e.message}
-            except NotConnected as e:
-                reply = {"ok": False, "code": "not_connected", "error": str(e)}
-            except (TypeError, KeyError, ValueError) as e:
-                reply = {"ok": False, "code": "bad_request", "error": f"bad arguments for {cmd}: {e}"}
-            await self._reply(writer, reply)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            pass
-        except asyncio.CancelledError:
-            pass  # the daemon is stopping; a task ending cancelled would be logged as an error
-        finally:
-            writer.close()
-
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, obj: dict) -> None:
-        writer.write(json.dumps(obj).encode() + b"\n")
-        await writer.drain()
-
-    async def _follow(self, req: dict, reader, writer) -> None:
-        network = req.get("network")
-        q: asyncio.Queue = asyncio.Queue(FOLLOW_QUEUE)
-        self._followers.add(q)
-        loop = asyncio.get_running_loop()
-        eof = get = None
-        try:
-            await self._reply(writer, {"ok": True, "t": "following", "network": network})
-            eof = loop.create_task(reader.read(1))
-            while True:
-                get = loop.create_task(q.get())
-                done, _ = await asyncio.wait({get, eof}, return_when=asyncio.FIRST_COMPLETED)
-                if eof in done:
-                    return
-                ev = get.result()
-                if ev.get("t") == "stopping":
-                    await self._reply(writer, {"ok": True, "t": "stopping"})
-                    return
-                if network and ev.get("network") != network:
-                    continue
-                await self._reply(writer, {"ok": True, **ev})
-        finally:
-            self._followers.discard(q)
-            for task in (eof, get):
-                if task is not None:
-                    task.cancel()
-
-    async def _server(self, msg: dict) -> dict:
-        if self.client is None:
-            raise NotConnected("this node runs without a mediation server (no --server)")
-        reply = await self.client.request(msg)
-        reply.pop("t", None)
-        reply.pop("id", None)
-        return reply
-
-    async def _command(self, cmd: str, a: dict) -> dict:
-        if cmd == "ping":
-            return {}
-        if cmd == "status":
-            return self.status()
-        if cmd == "share":
-            port = int(a["port"])
-            if not 0 < port < 65536:
-                raise RequestError("bad_request", f"port {port} out of range")
-            self.shares.add(port, bool(a.get("udp")))
-            self.prefs.add_share(port, bool(a.get("udp")))
-            reply = {"shares": self.shares.listing()}
-            if nothing_listens(port, bool(a.get("udp"))):
-                reply["warning"] = (f"nothing listens on 127.0.0.1:{port}{'/udp' if a.get('udp') else ''} yet: "
-                                    "peers are refused until something does")
-            return reply
-        if cmd == "unshare":
-            if not self.shares.remove(int(a["port"]), bool(a.get("udp"))):
-                raise RequestError("not_shared", f"port {a['port']}{'/udp' if a.get('udp') else ''} is not shared")
-            self.prefs.remove_share(int(a["port"]), bool(a.get("udp")))
-            return {"shares": self.shares.listing()}
-        if cmd == "forward":
-            warning = self._forward_target_warning(a["peer"])
-            r = await self.add_forward(int(a["listen"]), a["peer"], int(a["peer_port"]), bool(a.get("udp")))
-            self.prefs.add_forward(int(r["listen"].rsplit(":", 1)[1]), r["peer"], int(a["peer_port"]), bool(a.get("udp")),
-                                   key=r["key"])
-            return {**r, "warning": warning} if warning else r
-        if cmd == "unforward":
-            fwd = self.forwards.pop((int(a["listen"]), bool(a.get("udp"))), None)
-            self.prefs.remove_forward(int(a["listen"]), bool(a.get("udp")))
-            if fwd is None:
-                raise RequestError("not_forwarded", f"port {a['listen']}{'/udp' if a.get('udp') else ''} is not forwarded")
-            fwd.close()
-            return {}
-        if cmd == "netcheck":
-            if self.dataplane.server_udp is None:
-                raise NotConnected("not connected to the server yet")
-            await asyncio.wait_for(self.dataplane.start_probe(), 10)
-            return {"udp": self.dataplane.udp_ok, "nat": self.dataplane.nat_summary(),
-                    "port_mapping": self.dataplane.port_mapping_summary(), "local_port": self.dataplane.port, "server": self.client.server if self.client else None,
-                    "candidates": self.dataplane.local_candidates(), "ipv6": self.dataplane.ipv6_summary()}
-        if cmd == "ping_peer":
-            return await self.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
-        if cmd == "retry_server":
-            if self.client is not None:
-                self.client.retry_now()
-            return {}
-        if cmd == "down":
-            asyncio.get_running_loop().call_soon(self._stop.set)
-            return {}
-        if cmd == "create":
-            msg = {"t": "create", "network": a["network"], "password": a["password"]}
-            if a.get("approval"):
-                msg["approval"] = True
-            if a.get("max_members"):
-                msg["max_members"] = int(a["max_members"])
-            return await self._server(msg)
-        if cmd == "join":
-            return await self._server({"t": "join", "network": a["network"], "password": a["password"]})
-        if cmd == "leave":
-            return await self._server({"t": "leave", "network": a["network"]})
-        if cmd == "chat":
-            return await self._server({"t": "chat", "network": a["network"], "text": a["text"]})
-        if cmd == "history":
-            name = normalize_name(a["network"], "network name")
-            await self._server({"t": "history", "network": name})
-            view = self.state.networks.get(name)
-            return {"network": name, "messages": list(view.chat) if view else []}
-        if cmd == "admin":
-            msg = {"t": "admin", "network": a["network"], "action": a["action"]}
-            if a.get("target") is not None:
-                msg["target"] = a["target"]
-            if a.get("value") is not None:
-                msg["value"] = int(a["value"])
-            if a.get("password") is not None:
-                msg["password"] = a["password"]
-            if a.get("prefix") is not None:
-                msg["prefix"] = a["prefix"]
-            reply = await self._server(msg)
-            if a["action"] in ("approve", "reject", "ban") and a.get("target"):
-                self.state.forget_pending(normalize_name(a["network"], "network name"), a["target"].strip().lower())
-            return reply
-        if cmd == "presence":
-            online = bool(a["online"])
-            reply = await self._server({"t": "presence", "network": a["network"], "online": online})
-            net = reply["network"]
-            (self.state.away.discard if online else self.state.away.add)(net)
-            self.prefs.set_away(net, not online)
-            self._sync_peers()
-            return reply
-        if cmd == "rename":
-            name = normalize_name(a["name"], "node name")
-            if self.client is not None:
-                await self._server({"t": "rename", "name": name})
-                self.client.name = name  # the next hello (reconnect) uses it too
-            self.name = name
-            self.state.me["name"] = name
-            self.prefs.remember(server=self.client.server if self.client else None, name=name)
-            return {"name": name}
-        raise RequestError("unknown_command", f"unknown command {cmd!r}")
+            self.api.publish(ev)
 
     def status(self) -> dict:
         c = self.client
@@ -738,9 +543,9 @@ class Daemon:
         return {**p, "path": path, "rtt_ms": rtt}
 
 
-async def run_daemon(home: Home, **kw) -> None:
+async def run_daemon(home: Home, settings: NodeSettings) -> None:
     try:
-        daemon = Daemon(home, **kw)
+        daemon = Daemon(home, settings)
     except HomeError as e:
         raise DaemonError(str(e)) from None
     await daemon.run()

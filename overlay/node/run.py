@@ -2,8 +2,8 @@
 ``python -m overlay.node.run`` (same PID), so the daemon does not carry the CLI's libraries
 (typer, rich, pydantic: ~14 MiB resident and ~100 ms of imports) for its whole life.
 
-The settings travel through an inherited pipe, never the command line or the environment
-(proxy passwords must not show in ``ps``). Failures are one ``error:`` line and exit status 1,
+The settings (``NodeSettings`` of overlay/node/settings.py, as JSON) travel through an inherited
+pipe, never the command line or the environment (proxy passwords must not show in ``ps``). Failures are one ``error:`` line and exit status 1,
 as from the CLI.
 """
 
@@ -27,17 +27,13 @@ def main(argv: list[str]) -> int:
         print("error: overlay.node.run is started by `overlay up`", file=sys.stderr)
         return 1
     s = read_settings(int(argv[1]))
-    log_to_stderr(s.pop("log_level", "INFO"))   # peer and LAN strings in log lines: escaped
-    from overlay.control.messages import key_from_text
+    log_to_stderr(s.get("log_level", "INFO"))   # peer and LAN strings in log lines: escaped
     from overlay.node.daemon import DaemonError, run_daemon
     from overlay.node.home import Home, HomeError
-    for p in s.get("static_peers", []):
-        p["key_bytes"] = key_from_text(p["key"])
-        if p.get("endpoint"):
-            p["endpoint"] = tuple(p["endpoint"])
-    home = Home(s.pop("home"))
+    from overlay.node.settings import NodeSettings
+    home, settings = Home(s["home"]), NodeSettings.from_json(s["settings"])
     try:
-        asyncio.run(run_daemon(home, **s))
+        asyncio.run(run_daemon(home, settings))
     except (DaemonError, HomeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
