@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import TYPE_CHECKING, List, NoReturn, Optional
 
 import typer
 
@@ -23,6 +23,9 @@ from overlay.cli_options import HELP_OPTIONS, HomeOpt, JsonOpt, LogLevelOpt, Net
 from overlay.cli_service import service_app
 from overlay.node import api
 from overlay.node.home import Home, HomeError
+
+if TYPE_CHECKING:
+    from overlay.node.settings import NodeSettings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="overlay: a zero-configuration peer-to-peer VPN.")
@@ -191,13 +194,13 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
         settings = resolve(opts, cfg, last, note)
     except SettingsError as e:
         fail(str(e))
-    _exec_daemon(h, log_level, settings.to_json())
+    _exec_daemon(h, log_level, settings)
 
 
-def _exec_daemon(h: Home, log_level: str, settings: dict) -> NoReturn:
+def _exec_daemon(h: Home, log_level: str, settings: NodeSettings) -> NoReturn:
     """Become the daemon (overlay/node/run.py, same PID) without the CLI's libraries in memory;
-    the settings (NodeSettings.to_json) go through an inherited pipe."""
-    data = json.dumps({"settings": settings, "home": str(h.path), "log_level": log_level}).encode()
+    the settings go through an inherited pipe (NodeSettings.to_json, read back by from_json)."""
+    data = json.dumps({"settings": settings.to_json(), "home": str(h.path), "log_level": log_level}).encode()
     r, w = os.pipe()
     if len(data) > 60000:  # a pipe holds 64 KiB without a reader
         fail("too many settings for `overlay up` (more than 60 KB)")

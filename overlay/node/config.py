@@ -15,7 +15,7 @@ from pathlib import Path
 
 from overlay.control.messages import RequestError, normalize_name
 from overlay.hostport import parse_hostport
-from overlay.node.settings import KEEPALIVE_RANGE, PORT_RANGE
+from overlay.node.settings import KEEPALIVE_RANGE, PORT_RANGE, PROXY_SCHEMES
 
 
 class ConfigError(ValueError):
@@ -82,7 +82,7 @@ def _ipv4(v) -> str | None:
 
 
 def _proxy_url(v) -> str | None:
-    if isinstance(v, str) and v.startswith(("http://", "socks5://", "socks4://")):
+    if isinstance(v, str) and v.startswith(PROXY_SCHEMES):
         return None
     return "expected \"http://HOST:PORT\" or \"socks5://[USER:PASS@]HOST:PORT\""
 

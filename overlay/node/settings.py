@@ -23,6 +23,7 @@ from overlay.hostport import parse_hostport
 
 PORT_RANGE = (0, 65535)       # the node's UDP port (0: any free port)
 KEEPALIVE_RANGE = (7, 600)    # NAT keepalive interval, seconds
+PROXY_SCHEMES = ("http://", "socks5://", "socks4://")   # --via-proxy / via_proxy
 DEFAULT_SOCKS = "127.0.0.1:1080"
 DEFAULT_KEEPALIVE = 25.0
 NO_SERVER = "no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)"
@@ -219,7 +220,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
     check_server_and_name(server, name)
     routes = _routes(setting("advertise_routes", []))
     via_proxy = on("via_proxy")
-    if via_proxy and not via_proxy.startswith(("http://", "socks5://", "socks4://")):
+    if via_proxy and not via_proxy.startswith(PROXY_SCHEMES):
         raise SettingsError(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     return NodeSettings(
         server=server, name=name, via_proxy=via_proxy, port=port, keepalive=float(keepalive), socks=socks,
