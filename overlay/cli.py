@@ -87,7 +87,7 @@ def server(listen: Optional[List[str]] = typer.Option(
     """Run a mediation server in the foreground."""
     import asyncio
 
-    from overlay.node.control_client import parse_hostport
+    from overlay.hostport import parse_hostport
     from overlay.server.app import run_server
     listen = listen or ["0.0.0.0:7777"]
     try:

@@ -46,7 +46,12 @@ def service_install(server: Optional[str] = typer.Option(None, "--server", help=
                     home: Optional[Path] = HomeOpt):
     """Write and enable a systemd user unit running `overlay up` for this home (no admin rights needed)."""
     from overlay.node.prefs import Prefs
-    from overlay.node.settings import NO_SERVER, SettingsError, check_server_and_name, server_and_name
+    from overlay.node.settings import (
+        NO_SERVER,
+        SettingsError,
+        check_server_and_name,
+        server_and_name,
+    )
     h = Home(home)
     cfg = h.config()
     prefs = Prefs(h.path)

@@ -9,8 +9,14 @@ import json
 import pytest
 
 from overlay.node.prefs import Prefs
-from overlay.node.settings import (NodeSettings, SettingsError, StaticPeer, UpOptions, resolve,
-                                   server_and_name)
+from overlay.node.settings import (
+    NodeSettings,
+    SettingsError,
+    StaticPeer,
+    UpOptions,
+    resolve,
+    server_and_name,
+)
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 

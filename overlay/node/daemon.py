@@ -17,12 +17,13 @@ import socket
 
 from overlay import crypto
 from overlay.control.messages import RequestError, key_to_text, normalize_name
+from overlay.hostport import parse_hostport
 from overlay.nat.candidate import format_addr
 from overlay.node import api
 from overlay.netstack.asyncio_glue import StackDriver
 from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
-from overlay.node.control_client import ControlClient, NotConnected, parse_hostport
+from overlay.node.control_client import ControlClient, NotConnected
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError

@@ -126,7 +126,7 @@ class LocalApi:
                 raise RequestError("bad_request", f"port {port} out of range")
             d.shares.add(port, bool(a.get("udp")))
             d.prefs.add_share(port, bool(a.get("udp")))
-            reply = {"shares": d.shares.listing()}
+            reply: dict = {"shares": d.shares.listing()}
             if nothing_listens(port, bool(a.get("udp"))):
                 reply["warning"] = (f"nothing listens on 127.0.0.1:{port}{'/udp' if a.get('udp') else ''} yet: "
                                     "peers are refused until something does")

@@ -160,13 +160,9 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
     ``cfg`` and ``last`` (Prefs: what the last ``overlay up`` ran with). ``note(flags, device)``
     hears which remembered options (as flags) and whether the remembered device are reused.
     Raises SettingsError with the line to show."""
-    from overlay.node.prefs import off_if_empty, option_flags, up_options
+    from overlay.node.prefs import UP_OPTIONS, off_if_empty, option_flags, up_options
     server, name = server_and_name(opts.server, opts.name, cfg, last)
-    given, reused, remember = up_options(
-        dict(socks=opts.socks, http_proxy=opts.http_proxy, advertise_routes=opts.advertise_routes, port=opts.port,
-             keepalive=opts.keepalive, port_mapping=opts.port_mapping, hard_nat_punch=opts.hard_nat_punch,
-             via_proxy=opts.via_proxy, address=opts.address, proxy_user=opts.proxy_user, wg_peer=opts.wg_peer),
-        last.options, opts.reset)
+    given, reused, remember = up_options({k: getattr(opts, k) for k in UP_OPTIONS}, last.options, opts.reset)
     reused = {k: v for k, v in reused.items() if k not in cfg}  # proxy_user, wg_peer add to config's
 
     def setting(key: str, default=None):
@@ -255,9 +251,8 @@ def _device(opts: UpOptions, cfg: dict, last, reused: dict, option_flags, note: 
 
 
 def _check_device(interface: str | None, dev: str | None, only_shared: bool) -> None:
-    if dev is not None or only_shared:
-        if interface is None:
-            raise SettingsError(f"{'--dev' if dev is not None else '--only-shared'} needs --tun or --tap")
+    if (dev is not None or only_shared) and interface is None:
+        raise SettingsError(f"{'--dev' if dev is not None else '--only-shared'} needs --tun or --tap")
     if dev is not None:
         from overlay.iface.tuntap import DeviceError, valid_name
         try:
@@ -292,7 +287,7 @@ def static_peer(p: dict) -> StaticPeer:
     if endpoint:   # an IPv6 endpoint ([2001:db8::1]:51820) goes through the node's IPv6 socket
         infos = socket.getaddrinfo(endpoint[0], endpoint[1], socket.AF_UNSPEC, socket.SOCK_DGRAM)
         v4 = [i for i in infos if i[0] == socket.AF_INET]
-        endpoint = normalize(((v4 or infos)[0][4][0], endpoint[1]))
+        endpoint = normalize((str((v4 or infos)[0][4][0]), endpoint[1]))
     allowed = p["allowed_ips"] if isinstance(p["allowed_ips"], list) else [p["allowed_ips"]]
     for a in allowed:
         ipaddress.IPv4Network(a, strict=False)
