@@ -158,9 +158,9 @@ Note = Callable[[str, bool], None]
 def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device: None) -> NodeSettings:
     """The settings ``overlay up`` runs with, from its options ``opts``, the validated config.toml
     ``cfg`` and ``last`` (Prefs: what the last ``overlay up`` ran with). ``note(flags, device)``
-    hears which remembered options (as flags) and whether the remembered device are reused.
+    hears which remembered options (as flags) are reused, and whether the remembered device is.
     Raises SettingsError with the line to show."""
-    from overlay.node.prefs import UP_OPTIONS, off_if_empty, option_flags, up_options
+    from overlay.node.prefs import UP_OPTIONS, off_if_empty, up_options
     server, name = server_and_name(opts.server, opts.name, cfg, last)
     given, reused, remember = up_options({k: getattr(opts, k) for k in UP_OPTIONS}, last.options, opts.reset)
     reused = {k: v for k, v in reused.items() if k not in cfg}  # proxy_user, wg_peer add to config's
@@ -192,7 +192,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
         raise SettingsError(f"--port {port}: expected {PORT_RANGE[0]}-{PORT_RANGE[1]}")
     if not isinstance(keepalive, (int, float)) or not KEEPALIVE_RANGE[0] <= keepalive <= KEEPALIVE_RANGE[1]:
         raise SettingsError(f"--keepalive {keepalive}: expected {KEEPALIVE_RANGE[0]}-{KEEPALIVE_RANGE[1]} seconds")
-    interface, dev, only_shared = _device(opts, cfg, last, reused, option_flags, note)
+    interface, dev, only_shared = _device(opts, cfg, last, reused, note)
     from overlay.nat.portmap import parse_protocols
     try:
         port_mapping = parse_protocols(setting("port_mapping", True))
@@ -230,9 +230,10 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
         remember_options=remember)
 
 
-def _device(opts: UpOptions, cfg: dict, last, reused: dict, option_flags, note: Note):
+def _device(opts: UpOptions, cfg: dict, last, reused: dict, note: Note):
     """(interface or None, dev, only_shared): --tun / --tap / --userspace > config.toml > the device
     of the last run (noted, with the reused options)."""
+    from overlay.node.prefs import option_flags
     if opts.tun + opts.tap + opts.userspace > 1:
         raise SettingsError("--tun, --tap and --userspace exclude each other: choose one")
     remembered = (last.interface if not (opts.tun or opts.tap or opts.userspace or opts.reset)
