@@ -2,7 +2,7 @@
 # They install the project into a virtual environment of its own (.venv, made here with
 # `$(PYTHON) -m venv`), never into whatever `python3` is. `make PY=python3 test` uses that
 # interpreter instead (installing into it, as before); PYTEST_ARGS picks tests:
-# `make test PYTEST_ARGS='tests/test_cli_literal.py -x'`.
+# `make test PYTEST_ARGS='tests/unit/cli/test_cli_literal.py -x'`.
 PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python

@@ -2,8 +2,8 @@
 
     sudo python benchmarks/bench_lab.py [--runs 3] [--mb 32]
 
-Builds the NAT lab (tests/natlab.py: network namespaces + nftables NATs), one ``overlay server`` and
-one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (tests/lab_overlay.py).
+Builds the NAT lab (tests/support/natlab.py: network namespaces + nftables NATs), one ``overlay server`` and
+one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (tests/support/lab_overlay.py).
 
 - per NAT pair: share of runs direct, median time to direct, birthday probes and NAT mappings.
   Both nodes of every pair are started fresh (routers' conntrack flushed, b first, then a, whose
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 import lab  # noqa: E402
 import natlab  # noqa: E402
