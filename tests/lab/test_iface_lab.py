@@ -394,7 +394,7 @@ def _connected(home) -> bool:
 
 
 def _links(w, host: str) -> list[str]:
-    return [l["ifname"] for l in json.loads(w.nl.run(host, ["ip", "-j", "link"]).stdout)]
+    return [link["ifname"] for link in json.loads(w.nl.run(host, ["ip", "-j", "link"]).stdout)]
 
 
 def test_without_net_admin_one_error_line(world):

@@ -118,7 +118,8 @@ def test_gateway_lan_address_is_never_a_path_through_the_tunnel(tmp_path, gw_kin
                 # gateway's public address: the kernel-route check or the device's evidence of our
                 # own outer packets refuses it; nothing loops
                 nl.run("b1", ["ip", "route", "add", f"{a.wan_ip}/32", "dev", "ovl0"])
-                guard = lambda: m.status()["udp"]["tunnel_guard"]
+                def guard():
+                    return m.status()["udp"]["tunnel_guard"]
                 ol.wait(lambda: guard()["caught"] + guard()["kernel_route"] > 0, 60,
                         "the member notices the route into its device")
                 assert m.path_to("gw") == "relay"

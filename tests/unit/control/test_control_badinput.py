@@ -400,6 +400,7 @@ def test_second_connection_with_same_key_replaces_first(tmp_path):
 # ============================================================================ floods
 
 
+@pytest.mark.slow
 def test_join_flood_is_rate_limited_and_others_are_served(tmp_path):
     async def body(server):
         owner = await Client(server.port).connect("owner")

@@ -813,10 +813,12 @@ def test_presence_on_hello_and_disconnect(w):
     assert [e["t"] for e in w.ev("alice")] == ["network", "members"]
 
 
+@pytest.mark.slow
 def test_member_batches_for_450_members():
     w = World()
     try:
-        long = lambda i: f"member-{i:04d}-" + "x" * 20       # 32-character names: worst case size
+        def long(i):                                     # 32-character names: worst case size
+            return f"member-{i:04d}-" + "x" * 20
         w.hello("owner", name=long(0))
         w.req("owner", "create", network="big", password=PW)
         w.disconnect("owner")

@@ -214,7 +214,7 @@ def test_large_udp_datagrams_cross_between_stacks(size):
 
 
 def test_large_ping_is_answered_with_fragments():
-    a, b = Stack(A_IP, mtu=MTU, now=0), Stack(B_IP, mtu=MTU, now=0)
+    b = Stack(B_IP, mtu=MTU, now=0)
     data = bytes(range(256)) * 12
     echo = wire.build_icmp(wire.ICMP_ECHO_REQUEST, 0, 0x0042_0001, data)
     for p in wire.build_ipv4_fragments(A, B, wire.PROTO_ICMP, echo, MTU, ident=77):

@@ -478,12 +478,12 @@ def test_receiver_sack_blocks_describe_out_of_order_data():
     inject(300, b"y" * 50)
     p._collect()
     last = p.sent("b")[-1]
-    blocks = [((l - base) & 0xFFFFFFFF, (r - base) & 0xFFFFFFFF) for l, r in last.sack]
+    blocks = [((left - base) & 0xFFFFFFFF, (right - base) & 0xFFFFFFFF) for left, right in last.sack]
     assert blocks == [(300, 350), (100, 200)]  # most recent first
     inject(0, b"z" * 100)
     p._collect()
     last = p.sent("b")[-1]
-    assert [((l - base) & 0xFFFFFFFF, (r - base) & 0xFFFFFFFF) for l, r in last.sack] == [(300, 350)]
+    assert [((left - base) & 0xFFFFFFFF, (right - base) & 0xFFFFFFFF) for left, right in last.sack] == [(300, 350)]
     assert drain(cb) == b"z" * 100 + b"x" * 100
 
 
@@ -669,6 +669,7 @@ def transfer(seed: int, size_a: int, size_b: int, loss: float, dup: float, reord
         assert c.unread == 0
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32),

@@ -156,6 +156,7 @@ def test_retransmitted_fin_rearms_time_wait_in_order():
     assert first.state is S.CLOSED and p.b.time_wait_count == 0
 
 
+@pytest.mark.slow
 def test_many_short_connections_never_wait_for_a_retransmission(monkeypatch):
     """The whole pattern, with the port range cut to 500 so it wraps three times: B holds every
     connection in TIME-WAIT (long MSL, big table); A's ports walk the range, and each SYN that lands

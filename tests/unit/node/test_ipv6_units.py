@@ -166,13 +166,3 @@ def test_stun_in_the_other_family_for_a_node_on_ipv6():
     other = Ipv6Side()
     other.set_server("2001:db8::7", "2001:db8::7", 7777, ["[2001:db8::7]:7777"], False)
     assert other.server_other is None and other.start_stun(0.0) == [] and other.timer() is None
-
-
-def test_server_listen_addresses_share_one_port(tmp_path):
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-m", "overlay", "server", "--listen", "127.0.0.1:7000",
-                        "--listen", "[::1]:7001", "--data", str(tmp_path / "srv")],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
-        "error: every --listen address takes the same port, each address once"), r.stderr

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import sqlite3
 
 import pytest
 
-from cluster import Cluster
 from tests.unit.control.test_control_mediator import PW, World
 from overlay import crypto
 from overlay.control import identity_proof, passwords
-from overlay.control.messages import RequestError, key_from_text
+from overlay.control.messages import RequestError
 from overlay.control.rawclient import RawClient
 from overlay.server.app import MediationServer
 from overlay.server.mediator import (
@@ -115,6 +113,7 @@ def _proved(w: World, who: str) -> str:
     return identity_proof.solve(w.key(who), w.m.identity_bits)
 
 
+@pytest.mark.slow
 def test_a_crowd_behind_one_address_joins_with_the_defaults():
     """40 nodes behind one NAT join one network within a minute: a LAN party, a class, an office."""
     w = World(identity_bits=1)          # the default per-address bound; proofs made cheap here
@@ -161,6 +160,7 @@ def test_a_new_node_proves_work_on_its_key():
     w.store.close()
 
 
+@pytest.mark.slow
 def test_a_flood_of_fresh_identities_stays_bounded():
     """Without proofs nothing is stored; with proofs (each costing its maker) at most the
     per-address bound an hour; the server's memory holds only the online guests."""
@@ -193,6 +193,7 @@ def cheap_argon2(monkeypatch):
     monkeypatch.setattr(passwords, "MEMLIMIT", pwhash.argon2id.MEMLIMIT_MIN)
 
 
+@pytest.mark.slow
 def test_forty_nodes_behind_one_address_join_a_real_server(tmp_path, cheap_argon2):
     """40 raw control clients from 127.0.0.1 with the server's default per-address bound, each
     proving work on its key (1 bit here, to keep the test light: the cost is in
@@ -261,39 +262,3 @@ def test_expiry_policy(w):
     assert w.m.expire(w.now + NODE_TTL) == [w.key("recent")]          # its own 30 days later
     assert {vips["leaver"], vips["asker"], vips["recent"]}.isdisjoint(
         {f"{a}" for a in map(ipaddress.IPv4Address, w.m.vips._used)})
-
-
-def test_real_node_gets_its_address_on_its_first_network(tmp_path):
-    with Cluster(tmp_path) as c:
-        c.start_server()
-        a = c.start_node("alice")
-        b = c.start_node("bob")
-        assert a.status()["node"]["virtual_ip"] is None
-        assert " -  server" in a.ok("status")
-        db = sqlite3.connect(tmp_path / "server" / "overlay.db")
-        assert db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 0
-        a.ok("create", "lan", "--password", "pw")
-        b.ok("join", "lan", "--password", "pw")
-        c.wait(lambda: a.status()["node"]["virtual_ip"] and b.status()["node"]["virtual_ip"],
-               what="addresses after joining")
-        assert db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 2
-        # each proved work on its key once (the server's default), cached beside the key
-        for n in (a, b):
-            proof = (n.home / identity_proof.FILE).read_text().strip()
-            pub = crypto.public_key(key_from_text((n.home / "node.key").read_text().strip()))
-            assert identity_proof.check(pub, proof, DEFAULT_IDENTITY_BITS)
-        assert "pong from bob" in a.ok("ping", "bob", "-c", "3")     # the stack answers on the new address
-        db.close()
-
-
-def test_server_flags_set_the_work_and_the_bound(tmp_path):
-    """`overlay server --identity-work 0 --new-nodes-per-hour 1`: no proof is asked, and a second
-    new node from the same address is refused with the time to wait."""
-    with Cluster(tmp_path) as c:
-        c.start_server("--identity-work", "0", "--new-nodes-per-hour", "1")
-        a = c.start_node("alice")
-        b = c.start_node("bob")
-        a.ok("create", "lan", "--password", "pw")
-        assert not (a.home / identity_proof.FILE).exists()
-        out = b.fails("join", "lan", "--password", "pw")
-        assert "too many new nodes from your address; try again in" in out, out
