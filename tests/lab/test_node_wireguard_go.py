@@ -16,7 +16,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 
 from repo_paths import REPO
 import lab
+from polling import wait
 from overlay import crypto
 from overlay.node.home import Home
 
@@ -35,17 +35,6 @@ WG_INNER, NODE_INNER = "10.100.0.1", "10.100.0.2"
 
 def b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
-
-
-def wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

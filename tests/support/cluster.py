@@ -18,9 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from polling import wait
 from overlay.node import api
 
 OVERLAY = [sys.executable, "-m", "overlay"]
@@ -170,14 +170,7 @@ class Cluster:
         return n
 
     def wait(self, cond, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
-        deadline = time.monotonic() + timeout
-        while True:
-            v = cond()
-            if v:
-                return v
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(interval)
+        return wait(cond, timeout, what, interval)
 
 
 def _tcp_open(port: int) -> bool:

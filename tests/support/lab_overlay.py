@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import natlab
+from polling import wait  # also `from lab_overlay import wait`, as the lab tests do
 from overlay.node import api
 
 SERVER_IP = natlab.SERVER_IPS[0]
@@ -41,19 +42,6 @@ SERVER = f"{SERVER_IP}:{SERVER_PORT}"
 OVERLAY = [sys.executable, "-m", "overlay"]
 PASSWORD = "lab-password"
 T = TypeVar("T")
-
-
-def wait(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.1,
-         on_fail: Callable[[], str] = lambda: "") -> T:
-    """Poll ``cond`` until truthy (returned) or raise AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{on_fail()}")
-        time.sleep(interval)
 
 
 class LabNode:

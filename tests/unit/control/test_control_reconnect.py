@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from polling import wait_async
+
 from overlay import crypto
 from overlay.control.channel import Channel, Message
 from overlay.node import control_client
@@ -67,15 +69,6 @@ def _client(tmp_path, port) -> ControlClient:
     return ControlClient(Home(tmp_path / "home"), f"127.0.0.1:{port}", "n1", crypto.generate_private_key())
 
 
-async def _until(cond, timeout):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
 def test_eof_fails_the_request_in_flight_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(control_client, "PING_INTERVAL", 0.3)
     assert control_client.REQUEST_TIMEOUT >= 20   # what a lost EOF would cost
@@ -88,7 +81,7 @@ def test_eof_fails_the_request_in_flight_at_once(tmp_path, monkeypatch):
         try:
             # the first session ends with EOF while its ping is in flight; the node must notice
             # at once and reconnect (its back-off starts afresh after an established session)
-            assert await _until(lambda: len(srv.accepted) >= 2, 5.0), "no reconnect within 5 s of the EOF"
+            await wait_async(lambda: len(srv.accepted) >= 2, 5.0, "a reconnect within 5 s of the EOF")
             assert srv.accepted[1] - srv.closed[0] < 2.0
         finally:
             task.cancel()
@@ -105,8 +98,8 @@ def test_backoff_resets_after_an_established_session(tmp_path):
         client = _client(tmp_path, port)
         task = asyncio.get_running_loop().create_task(client.run())
         try:
-            assert await _until(lambda: len(srv.accepted) >= 7, 15.0), \
-                f"only {len(srv.accepted)} sessions in 15 s: the back-off kept growing"
+            await wait_async(lambda: len(srv.accepted) >= 7, 15.0, "7 sessions",
+                             on_fail=lambda: f"only {len(srv.accepted)}: the back-off kept growing")
             gaps = [b - a for a, b in zip(srv.closed, srv.accepted[1:])]
             # BACKOFF_MIN with jitter each time: at most 0.75 s (before: 0.5, 1, 2, 4, 8 s ... doubled)
             assert max(gaps) < 1.5, gaps

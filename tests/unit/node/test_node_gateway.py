@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from polling import wait_async
+
 from overlay.netstack.wire import (ACK, PROTO_TCP, PROTO_UDP, SYN, build_ipv4, build_tcp, build_udp,
                                    parse_ipv4, parse_tcp, parse_udp)
 from overlay.node import gateway
@@ -98,11 +100,7 @@ HOG = "100.64.0.66"   # a member flooding the gateway's tables
 
 
 async def _until(cond, what: str, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    await wait_async(cond, timeout, what)
 
 
 def test_one_member_cannot_fill_the_udp_flows_for_the_others():

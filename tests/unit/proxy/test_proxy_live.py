@@ -22,6 +22,8 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
+from polling import wait_async
+
 from proxy import forward as forward_mod
 from proxy.dialer import (
     ConnectionRefused,
@@ -161,9 +163,7 @@ def url(server: SocksServer | HttpProxyServer, scheme: str = "http", userinfo: s
 
 async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
     """Poll ``condition`` until true (state changes that have no event to wait on)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
+    await wait_async(condition, timeout)
 
 
 def hostport(server: SocksServer | HttpProxyServer) -> str:

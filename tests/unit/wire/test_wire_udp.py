@@ -8,6 +8,8 @@ import socket
 
 import pytest
 
+from polling import wait_async
+
 from overlay import crypto
 from overlay.io.udp import SOL_UDP, UDP_SEGMENT, UdpSocket, bind_udp
 from overlay.wire import Device, PacketReceived
@@ -20,11 +22,7 @@ def run(coro):
 
 
 async def until(predicate, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.005)
+    await wait_async(predicate, timeout, interval=0.005)
 
 
 def plain_socket() -> socket.socket:
