@@ -180,12 +180,12 @@ def matrix(env):
 
 @pytest.mark.parametrize("nat_a,nat_b,direct", [
     m if hasattr(m, "values") else pytest.param(*m, id=f"{SHORT[m[0]]}-{SHORT[m[1]]}") for m in MATRIX])
-def test_nat_pair(env, matrix, nat_a, nat_b, direct, record_property):
+def test_nat_pair(env, matrix, nat_a, nat_b, direct):
+    """Each pair ends on the path its NAT types allow, within the matrix's bounded watch (OBSERVE
+    seconds); how long each took is benchmarks/bench_lab.py's table."""
     _, ol = env
     p = matrix[(nat_a, nat_b)]
-    times = {n: round(t, 2) for n, t in p.to_direct.items()}
-    record_property("time_to_direct_s", times)
-    print(f"\n{SHORT[nat_a]}-{SHORT[nat_b]}: paths {p.final}, seconds from both online to direct {times}")
+    print(f"\n{SHORT[nat_a]}-{SHORT[nat_b]}: paths {p.final}")
     for me, peer, peer_site in ((p.a, p.b, p.site_b), (p.b, p.a, p.site_a)):
         answered = ping_paths(p.pings[me.name])
         assert answered, f"{me.name}: no ping answered by {peer.name}: {p.pings[me.name]}\n{ol.dump()}"
@@ -243,9 +243,7 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
         opt_a, opt_b = pairs[-1]
         opt_paths = (opt_a.path_to(opt_b.name), opt_b.path_to(opt_a.name), birthday(opt_a), birthday(opt_b))
         direct = [r[0] for r in rows if r[0] is not None]
-        med = sorted(direct)[len(direct) // 2] if direct else None
-        summary = {"direct": f"{len(direct)}/{len(rows)}", "median_s": med and round(med, 2),
-                   "times": [t and round(t, 2) for t in times[:-1]],
+        summary = {"direct": f"{len(direct)}/{len(rows)}", "went_direct": [t is not None for t in times[:-1]],
                    "hard_mappings": [r[1] for r in rows], "easy_mappings": [r[2] for r in rows],
                    "easy_probes": [r[4].get("probes") for r in rows]}
         record_property("birthday", summary)
@@ -262,8 +260,8 @@ def test_birthday_punching_success_rate_and_cost(env, record_property):
             # (a hit may also land on the main socket's own mapping: then none stays)
             assert open_socks <= (1 if direct_now else 0), \
                 f"{st['udp']['birthday']} direct now: {direct_now}\n{hard_node.log()[-4000:]}"
+        # direct within BIRTHDAY_WINDOW: the first attempt (the time it took: benchmarks/bench_lab.py)
         assert len(direct) >= 8, f"only {len(direct)} of {len(rows)} sr-pr pairs went direct: {summary}\n{ol.dump()}"
-        assert med < 5.0, summary
         # opt-out: relay, and no attempt on either side (the easy side learns it through the server)
         assert opt_paths[0] == "relay" and opt_paths[1] == "relay", opt_paths
         assert opt_paths[2].get("attempts") == 0 and opt_paths[2].get("enabled") is False, opt_paths
@@ -303,9 +301,7 @@ def test_sequential_both_sides_success_rate_and_cost(env, record_property):
                 for t, (a, b), (sa, sb) in zip(times, pairs, sites)]
         opt = rows.pop()
         direct = [r[0] for r in rows if r[0] is not None]
-        med = sorted(direct)[len(direct) // 2] if direct else None
-        summary = {"direct": f"{len(direct)}/{len(rows)}", "median_s": med and round(med, 2),
-                   "times": [t and round(t, 2) for t in times[:-1]],
+        summary = {"direct": f"{len(direct)}/{len(rows)}", "went_direct": [t is not None for t in times[:-1]],
                    "mappings": [(r[1], r[2]) for r in rows],
                    "probes": [r[3].get("probes", 0) + r[4].get("probes", 0) for r in rows]}
         record_property("sequential", summary)
@@ -315,8 +311,8 @@ def test_sequential_both_sides_success_rate_and_cost(env, record_property):
             assert 1 <= sa_.get("attempts", 0) <= 2 and 1 <= sb_.get("attempts", 0) <= 2, (sa_, sb_)
             if t is not None:
                 assert sa_.get("hits", 0) + sb_.get("hits", 0) >= 1, (sa_, sb_)
+        # direct within SEQ_WINDOW: the first attempt (the time it took: benchmarks/bench_lab.py)
         assert len(direct) == len(rows), f"only {len(direct)} of {len(rows)} ss-ss pairs went direct: {summary}\n{ol.dump()}"
-        assert med < 5.0, summary
         assert opt[0] is None and opt[3].get("attempts") == 0 and opt[4].get("attempts") == 0, opt
         a, b = pairs[0]
         assert ping_paths(a.answered(b.name))[-1].startswith("direct"), "traffic takes the sprayed path"
@@ -324,7 +320,7 @@ def test_sequential_both_sides_success_rate_and_cost(env, record_property):
         ol.stop_nodes(*(n for p in pairs for n in p))
 
 
-def test_sequential_triangle_all_direct(env, record_property):
+def test_sequential_triangle_all_direct(env):
     """Three nodes, each behind its own sequential symmetric NAT, in one network: each has two
     such peers at once but one attempt at a time; the one that waits joins when the other side
     starts (its base comes through the server), so all three pairs go direct."""
@@ -333,14 +329,11 @@ def test_sequential_triangle_all_direct(env, record_property):
     nodes = [ol.start_node(s.hosts[0].name, f"tri{i}") for i, s in enumerate(sites)]
     try:
         ol.pair(nodes[0], nodes[1], "trinet", nodes[2])
-        t0 = time.monotonic()
         pairs = [(nodes[i], nodes[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
-        for a, b in pairs:
+        for a, b in pairs:      # (how long it takes: benchmarks/bench_lab.py --scenarios)
             wait_direct(ol, a, b, timeout=40)
-        took = round(time.monotonic() - t0, 2)
         stats = {n.name: sequential(n) for n in nodes}
-        record_property("triangle_s", took)
-        print(f"\nss triangle: all direct after {took} s; {stats}")
+        print(f"\nss triangle: all direct; {stats}")
         for n in nodes:
             assert stats[n.name]["attempts"] <= 4 and stats[n.name]["mappings"] <= 4 * 17, stats
             for peer in nodes:
@@ -350,7 +343,7 @@ def test_sequential_triangle_all_direct(env, record_property):
         ol.stop_nodes(*nodes)
 
 
-def test_easy_sequential_pair_goes_direct_after_a_missed_prediction(env, record_property):
+def test_easy_sequential_pair_goes_direct_after_a_missed_prediction(env):
     """Two sequential symmetric sites and an easy (port-restricted) one, in one network at once:
     the sequential node ``rxa`` spends its NAT's next ports on its predicted window toward ``rxb``
     while ``rxe`` punches it at the ports ``rxa`` published (predicted from its last probe). To make
@@ -367,13 +360,10 @@ def test_easy_sequential_pair_goes_direct_after_a_missed_prediction(env, record_
         sock = nl.socket(sa.hosts[0].name)
         for port in range(20000, 20040):          # 40 new flows: rxa's published prediction is stale
             sock.sendto(b"x", (SERVER_IP, port))
-        t0 = time.monotonic()
         ol.pair(a, b, "rxnet", e)
-        wait_direct(ol, e, a, timeout=90)
-        took = round(time.monotonic() - t0, 2)
+        wait_direct(ol, e, a, timeout=90)   # (how long it takes: benchmarks/bench_lab.py --scenarios)
         stats = {n.name: sequential(n) for n in (a, e)}
-        record_property("easy_sequential_s", took)
-        print(f"\neasy <-> sequential after a missed prediction: direct after {took} s; {stats}")
+        print(f"\neasy <-> sequential after a missed prediction: direct; {stats}")
         assert direct_ip(e.path_to(a.name)) == sa.wan_ip
         assert stats["rxa"]["attempts"] <= 6 and stats["rxa"]["mappings"] <= 6 * 17, stats
     finally:
