@@ -92,13 +92,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
 
 from lab import Netns, sh
+from polling import wait
 
 NAT_TYPES = (
     "none",
@@ -204,17 +204,16 @@ class Proc:
         )
 
     def wait_for(self, text: str, timeout: float = 10.0) -> None:
-        """Wait (bounded) until ``text`` appears in stdout or stderr; raise with the logs if not."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Wait (bounded) until ``text`` appears in stdout or stderr; raise with the logs if not
+        (RuntimeError at once if the process exited without printing it)."""
+        def printed() -> bool:
             exited = self.poll() is not None  # read before the logs: no race with a last line
             if text in self.stdout() or text in self.stderr():
-                return
+                return True
             if exited:
                 raise RuntimeError(f"{self.name} exited before printing {text!r}\n{self.describe()}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.name} did not print {text!r} in {timeout}s\n{self.describe()}")
-            time.sleep(0.02)
+            return False
+        wait(printed, timeout, f"{self.name} to print {text!r}", interval=0.02, on_fail=self.describe)
 
     def stop(self, timeout: float = 3.0) -> int:
         """SIGTERM the process group, SIGKILL it after ``timeout``; return the exit code."""
