@@ -4,7 +4,7 @@
 
 Needs root (network namespaces), nft, conntrack, curl and /dev/net/tun; otherwise it says why and
 exits 0 (so ``make bench`` runs everywhere). Everything runs in the real-kernel NAT lab of the
-tests (``tests/natlab.py``), in namespaces it creates:
+tests (``tests/support/natlab.py``), in namespaces it creates:
 
     site a (NAT), LAN 10.0.1.0/24:  a1 userspace gateway (--advertise-routes a3/32)
                                     a2 TUN gateway (--tun --advertise-routes a4/32)
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_forward  # noqa: E402  (puts the repo and tests/ on sys.path)
+import bench_forward  # noqa: E402  (puts the repo and tests/support on sys.path)
 from bench_forward import BenchError  # noqa: E402
 
 WEB_PORT = 8080

@@ -2,8 +2,8 @@
 
     sudo python benchmarks/bench_lab.py [--runs 3] [--mb 32]
 
-Builds the NAT lab (tests/natlab.py: network namespaces + nftables NATs), one ``overlay server`` and
-one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (tests/lab_overlay.py).
+Builds the NAT lab (tests/support/natlab.py: network namespaces + nftables NATs), one ``overlay server`` and
+one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (tests/support/lab_overlay.py).
 
 - per NAT pair: share of runs direct, median time to direct, birthday probes and NAT mappings.
   Both nodes of every pair are started fresh (routers' conntrack flushed, b first, then a, whose
@@ -14,6 +14,10 @@ one pair of ``overlay up`` nodes per NAT pair, all started through the CLI (test
 - throughput of one TCP stream through ``overlay forward`` -> ``overlay share``: over the relay
   (two random-symmetric nodes), with the server's default per-node relay cap and uncapped, and over
   a direct path (port-restricted pair) for comparison.
+- ``--scenarios``: the two sequential-NAT scenarios of tests/lab/test_traversal_lab.py, timed
+  (that test checks that they end direct within a bound): three nodes behind sequential symmetric
+  NATs in one network (seconds from the pairing to all three pairs direct), and an easy <->
+  sequential pair after a missed prediction (seconds from the pairing to direct).
 
 Needs root (network namespaces); prints the reason and exits 0 elsewhere, like the lab tests skip.
 """
@@ -28,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 import lab  # noqa: E402
 import natlab  # noqa: E402
@@ -91,6 +95,46 @@ def stream_mbps(nl: natlab.NatLab, a: LabNode, b: LabNode, megabytes: int, port:
     return n / elapsed / 1e6
 
 
+def scenarios(nl: natlab.NatLab, ol: OverlayLab, runs: int) -> None:
+    """Seconds to direct in the sequential-NAT scenarios of tests/lab/test_traversal_lab.py (fresh
+    sites and nodes each run)."""
+    def wait_direct(a: LabNode, b: LabNode, timeout: float) -> None:
+        ol.wait(lambda: a.path_to(b.name, direct=True) and b.path_to(a.name, direct=True), timeout,
+                f"{a.name} <-> {b.name} direct")
+
+    triangle, easy = [], []
+    for r in range(runs):
+        sites = [nl.add_site(f"tri{r}{i}", "symmetric_sequential") for i in range(3)]
+        nodes = [ol.start_node(s.hosts[0].name, f"tri{r}{i}") for i, s in enumerate(sites)]
+        try:
+            ol.pair(nodes[0], nodes[1], f"trinet{r}", nodes[2])
+            t0 = time.monotonic()
+            for i, j in ((0, 1), (0, 2), (1, 2)):
+                wait_direct(nodes[i], nodes[j], 120)
+            triangle.append(time.monotonic() - t0)
+        finally:
+            ol.stop_nodes(*nodes)
+        sa, sb = nl.add_site(f"rx{r}a", "symmetric_sequential"), nl.add_site(f"rx{r}b", "symmetric_sequential")
+        se = nl.add_site(f"rx{r}e", "port_restricted")
+        a, b, e = (ol.start_node(s.hosts[0].name, s.name) for s in (sa, sb, se))
+        try:
+            ol.wait_connected(a, b, e)
+            ol.wait(lambda: a.status()["udp"]["nat"].get("sequential"), 20, "a classified sequential")
+            sock = nl.socket(sa.hosts[0].name)
+            for port in range(20000, 20040):      # 40 new flows: a's published prediction is stale
+                sock.sendto(b"x", (natlab.SERVER_IPS[0], port))
+            t0 = time.monotonic()
+            ol.pair(a, b, f"rxnet{r}", e)
+            wait_direct(e, a, 180)
+            easy.append(time.monotonic() - t0)
+        finally:
+            ol.stop_nodes(a, b, e)
+    for label, times in (("three sequential nodes, all pairs direct", triangle),
+                         ("easy <-> sequential after a missed prediction", easy)):
+        print(f"  {label:<47} median {statistics.median(times):6.2f} s   "
+              f"[{', '.join(f'{t:.2f}' for t in times)}]")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="time-to-direct runs per pair (median)")
@@ -98,6 +142,8 @@ def main() -> int:
     ap.add_argument("--mb", type=int, default=32, help="megabytes per throughput stream")
     ap.add_argument("--log-dir", default=None, help="keep every process's log in this directory")
     ap.add_argument("--pairs", default="", help="only these pairs, by short name, comma separated (e.g. ss-ss,sr-pr)")
+    ap.add_argument("--scenarios", action="store_true",
+                    help="only the sequential-NAT scenarios (triangle; easy <-> sequential after a miss)")
     args = ap.parse_args()
     global PAIRS
     if args.pairs:
@@ -114,6 +160,10 @@ def main() -> int:
         ol = OverlayLab(nl)
         try:
             ol.start_server("--relay-rate", str(UNCAPPED))
+            if args.scenarios:
+                print(f"sequential-NAT scenarios over {args.runs} fresh runs (seconds from the pairing to direct):")
+                scenarios(nl, ol, args.runs)
+                return 0
             pairs, sites = [], []
             for i, (x, y) in enumerate(PAIRS):
                 sa, sb = nl.add_site(f"t{i}a", x), nl.add_site(f"t{i}b", y)

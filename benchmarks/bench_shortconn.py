@@ -10,7 +10,7 @@ exits 0. The namespaces, nodes and wireguard-go pair are bench_forward.py's (its
     [ovA] alpha: overlay forward 15401 bravo:5401    [ovB] bravo: overlay share 5401, server :5401
     [wgA] wireguard-go 10.78.0.1                     [wgB] wireguard-go 10.78.0.2, server :5401
 
-The server and client are tests/shortconn_tools.py's. The server is threaded: it reads 1 byte,
+The server and client are tests/support/shortconn_tools.py's. The server is threaded: it reads 1 byte,
 answers 100 bytes and closes (so the share's node, not the dialling one, closes first and holds
 TIME-WAIT). ``--clients`` threads each loop: connect, send 1 byte, read the 100 bytes to EOF,
 close. Per round of ``--round-size`` connections it
@@ -39,7 +39,7 @@ from bench_forward import WG_B, BenchError, Lab, guarded  # noqa: E402
 
 SHORT_PORT, FWD_SHORT = 5401, 15401
 
-TOOLS = str(Path(__file__).resolve().parent.parent / "tests" / "shortconn_tools.py")
+TOOLS = str(Path(__file__).resolve().parent.parent / "tests" / "support" / "shortconn_tools.py")
 
 
 def rss_kib(pid: int) -> int:

@@ -57,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_forward as bf  # noqa: E402  (puts the repo and tests/ on sys.path)
+import bench_forward as bf  # noqa: E402  (puts the repo and tests/support on sys.path)
 import lab  # noqa: E402
 from bench_forward import CLK_TCK, OVERLAY, BenchError, wait  # noqa: E402
 from overlay.node import api  # noqa: E402

@@ -77,7 +77,7 @@ class Aead:
     def encrypt(self, counter: int, plaintext: bytes, ad: bytes | None = b"") -> bytes:
         return self._c.encrypt(_NONCE.pack(counter), plaintext, ad or None)
 
-    def decrypt(self, counter: int, ciphertext: bytes, ad: bytes | None = b"") -> bytes:
+    def decrypt(self, counter: int, ciphertext: bytes | memoryview, ad: bytes | None = b"") -> bytes:
         try:
             return self._c.decrypt(_NONCE.pack(counter), ciphertext, ad or None)
         except InvalidTag:
@@ -129,7 +129,7 @@ def blake2s(*parts: bytes) -> bytes:
     return h.digest()
 
 
-def mac(key: bytes, *parts: bytes) -> bytes:
+def mac(key: bytes, *parts: bytes | memoryview) -> bytes:
     """Keyed BLAKE2s with a 16-byte digest (WireGuard's MAC)."""
     h = hashlib.blake2s(key=key, digest_size=16)
     for p in parts:

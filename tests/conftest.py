@@ -1,5 +1,5 @@
 import sys
 from pathlib import Path
 
-# make tests/lab.py importable as `lab`
-sys.path.insert(0, str(Path(__file__).parent))
+# the helper modules in tests/support are imported as top-level modules (`import natlab`)
+sys.path.insert(0, str(Path(__file__).parent / "support"))

@@ -175,6 +175,7 @@ class BirthdayPunch:
             ports = self._ports[self._sent:upto]
             self._sent = max(self._sent, upto)
             self.probes_sent += len(ports)
+            assert self.target is not None   # set with the role (for mypy)
             return [(self.target[0], p) for p in ports]
         if self._next_resend is not None and now >= self._next_resend:
             self._next_resend = now + c.resend

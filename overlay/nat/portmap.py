@@ -20,6 +20,8 @@ Datagrams (PCP, NAT-PMP: from the node's socket to gateway:5351) come from
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import mapclient, natpmp, pcp, upnp
 
 PCP, NAT_PMP, UPNP = "pcp", "nat-pmp", "upnp"
@@ -52,7 +54,7 @@ class PortMapper:
         self.gateway = (gateway, mapclient.PORT)
         self.internal_port = internal_port
         self.protocols = tuple(p for p in PROTOCOLS if p in protocols)
-        self.clients: dict[str, object] = {}
+        self.clients: dict[str, Any] = {}   # PCP: pcp.Pcp, NAT_PMP: natpmp.NatPmp, UPNP: upnp.UpnpCore
         first = True
         for p in self.protocols:
             if p == PCP:

@@ -188,6 +188,7 @@ class Igd:
         limit = self.timeout + (DISCOVER_ROUNDS * self.discover_ms / 1000 if job[0] == "discover" else 0)
         try:
             proc = self._worker()
+            assert proc.stdin is not None   # a pipe (for mypy)
             os.write(proc.stdin.fileno(), json.dumps(
                 {"job": list(job), "discover_ms": self.discover_ms, "timeout": limit}).encode() + b"\n")
             line = self._read_line(proc, time.monotonic() + limit)
@@ -212,12 +213,14 @@ class Igd:
             self._proc = subprocess.Popen([sys.executable, "-m", "overlay.nat.upnp_worker"],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL, close_fds=True)
+            assert self._proc.stdout is not None   # a pipe (for mypy)
             os.set_blocking(self._proc.stdout.fileno(), False)
         return self._proc
 
     @staticmethod
     def _read_line(proc: subprocess.Popen, deadline: float) -> bytes | None:
         """One answer line, at most ``MAX_ANSWER`` bytes, before ``deadline``; None otherwise."""
+        assert proc.stdout is not None   # a pipe (for mypy)
         fd, buf = proc.stdout.fileno(), b""
         while b"\n" not in buf:
             left = deadline - time.monotonic()
@@ -246,6 +249,7 @@ class Igd:
         except subprocess.TimeoutExpired:
             pass
         for f in (proc.stdin, proc.stdout):
+            assert f is not None   # pipes (for mypy)
             try:
                 f.close()
             except OSError:

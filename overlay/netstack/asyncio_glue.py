@@ -95,8 +95,10 @@ class StackDriver:
         self._timer_at: float | None = None
         self._streams: dict[TcpConnection, _Stream] = {}
         self._connecting: dict[TcpConnection, asyncio.Future[None]] = {}
-        self._servers: dict[int, ClientConnected] = {}
-        self._prepare: dict[int, Callable[[tuple[str, int]], Awaitable[Any]]] = {}
+        # callbacks take (reader, writer) or, after a prepare, (reader, writer, prepared); prepare
+        # takes (remote) or, for listen_any (port 0), (remote, port)
+        self._servers: dict[int, Callable[..., Awaitable[None] | None]] = {}
+        self._prepare: dict[int, Callable[..., Awaitable[Any]]] = {}
         self._discard: dict[int, Callable[[Any], None]] = {}
         self._prepared: dict[TcpConnection, Any] = {}
         self._udp: dict[UdpSocket, NetstackDatagramEndpoint] = {}
@@ -266,8 +268,10 @@ class StackDriver:
         self._flush()
 
     def _dispatch_events(self) -> None:
-        stack = self.stack
-        while (e := stack.next_event()) is not None:
+        # each event is dispatched on its exact type (cheaper than isinstance), which mypy does not
+        # narrow: the events are typed Any here
+        next_event: Callable[[], Any] = self.stack.next_event
+        while (e := next_event()) is not None:
             t = type(e)
             if t is ev.DataReceived or t is ev.EndOfStream:
                 s = self._streams.get(e.conn)

@@ -252,9 +252,10 @@ class Stack:
                 return
             if ip.frag:
                 self.stats["rx_fragments"] += 1
-                ip = self.fragments.add(ip, now)
-                if ip is None:
+                whole = self.fragments.add(ip, now)
+                if whole is None:
                     return
+                ip = whole
             if ip.proto == PROTO_TCP:
                 self._receive_tcp(ip.src, parse_tcp(ip, self.verify_checksums), now)
             elif ip.proto == PROTO_UDP:

@@ -15,6 +15,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import cast
 
 from overlay import crypto
 from overlay.wire.cookie import CookieChecker
@@ -535,7 +536,7 @@ class Device:
         if entry is None:
             self.stats["unknown_index"] += 1
             return
-        peer = entry if type(entry) is Peer else entry.peer
+        peer = entry if type(entry) is Peer else cast(Keypair, entry).peer
         if peer.cookies.consume_reply(reply, now):
             self.stats["cookie_received"] += 1
         else:

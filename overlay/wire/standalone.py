@@ -19,6 +19,7 @@ import json
 import signal
 import struct
 import sys
+from typing import cast
 
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.wire.device import Device
@@ -104,6 +105,7 @@ class Harness:
 
     def ping(self) -> None:
         self.ping_seq += 1
+        assert self.ping_target is not None   # ping runs only with a target (for mypy)
         packet = ipv4_icmp(self.address, self.ping_target, _ICMP_ECHO_REQUEST, 0x4F56, self.ping_seq, b"overlay-ping")
         self.device.send(self.peer, packet, self.loop.time())
         self.flush()
@@ -118,7 +120,7 @@ class Harness:
             elif isinstance(event, HandshakeCompleted):
                 self.print(event="handshake-completed")
             elif isinstance(event, EndpointChanged):
-                self.print(event="endpoint-changed", addr=list(event.addr))
+                self.print(event="endpoint-changed", addr=list(cast(tuple, event.addr)))
             elif isinstance(event, PeerUnreachable):
                 self.print(event="peer-unreachable")
         self.udp.send_batch(dev.datagrams_to_send())
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(args, loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, loop.stop)
-    harness.print(event="listening", addr=list(harness.udp.local_address))
+    harness.print(event="listening", addr=list(cast(tuple, harness.udp.local_address)))
     try:
         loop.run_forever()
     finally:
