@@ -32,9 +32,9 @@ from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
 from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares, nothing_listens
-from proxy.forward import Forward
-from proxy.listen import ListenError
-from proxy.server import AuthRequired, HttpProxyServer, SocksServer
+from overlay.proxy.forward import Forward
+from overlay.proxy.listen import ListenError
+from overlay.proxy.server import AuthRequired, HttpProxyServer, SocksServer
 from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")
