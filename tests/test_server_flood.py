@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster import Cluster, Proc, _tcp_open
-from overlay.proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 from overlay.server.admission import MEMBER, STRANGER, UNAUTH, Admission, max_conns_for
 
 HERE = Path(__file__).resolve().parent

@@ -23,7 +23,7 @@ from typing import Callable
 from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
 from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
                           PeerUnreachable, PortNotShared)
-from overlay.proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 from overlay.proxy.relay import relay
 
 log = logging.getLogger("overlay.node")

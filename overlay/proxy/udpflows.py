@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from overlay.proxy.dialer import Dialer, DialError, UdpFlow
-from overlay.proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
 from overlay.nat import stun
 from overlay.nat.candidate import format_addr
-from overlay.proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
 from overlay.server import datadir

@@ -4,7 +4,8 @@ Anyone who can open connections can make the server log; a line per event turns 
 hundreds of megabytes of log. ``LogLimiter`` gives each kind of line (its format string, not its
 arguments: the table stays bounded) a token bucket: ``burst`` lines at once, then ``rate`` per
 second; the next line that passes says how many of its kind were suppressed meanwhile.
-Sans-I/O: the caller passes ``now``.
+Sans-I/O: the caller passes ``now``. Shared by the server, the node and the proxy (it lives in
+neither, so the server does not depend on the proxy).
 """
 
 from __future__ import annotations
