@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import time
 
+from overlay.tokenbucket import TokenBucket
+
 
 class LogLimiter:
     def __init__(self, rate: float = 1.0, burst: float = 20.0, clock=time.monotonic):
         self.rate = rate
         self.burst = burst
         self.clock = clock
-        self._buckets: dict[str, list] = {}      # kind -> [tokens, last, suppressed]
+        self._buckets: dict[str, list] = {}      # kind -> [TokenBucket, suppressed]
 
     def allow(self, kind: str, now: float) -> tuple[bool, int]:
         """Whether a line of ``kind`` may be written now, and how many were suppressed before it."""
@@ -27,14 +29,11 @@ class LogLimiter:
         if b is None:
             if len(self._buckets) > 1000:       # kinds are format strings: this never happens
                 self._buckets.clear()
-            b = self._buckets[kind] = [self.burst, now, 0]
-        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-        b[1] = now
-        if b[0] < 1.0:
-            b[2] += 1
+            b = self._buckets[kind] = [TokenBucket(self.rate, self.burst, now), 0]
+        if not b[0].take(now):
+            b[1] += 1
             return False, 0
-        b[0] -= 1.0
-        suppressed, b[2] = b[2], 0
+        suppressed, b[1] = b[1], 0
         return True, suppressed
 
     def log(self, logger: logging.Logger, level: int, msg: str, *args, exc_info=None) -> bool:
