@@ -28,7 +28,7 @@ from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
-from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
+from overlay.node.kernel_device import DEFAULT_NAME, DeviceError, KernelInterface
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
 from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares, nothing_listens
