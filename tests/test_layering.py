@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def _imported_by(module: str) -> set[str]:
     code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
@@ -42,3 +44,14 @@ def test_every_rate_limit_is_the_one_token_bucket():
     from overlay.server.app import ControlConnection
     conn = ControlConnection(SimpleNamespace(private_key=crypto.generate_private_key()))
     assert isinstance(conn.requests, TokenBucket)
+
+
+def test_host_port_text_has_one_parser():
+    from overlay import hostport
+    from overlay.nat import candidate
+    from overlay.wire import standalone
+
+    assert candidate.parse_hostport is hostport.parse_hostport
+    assert standalone.parse_hostport is hostport.parse_hostport and not hasattr(standalone, "_hostport")
+    with pytest.raises(candidate.AddressError, match="bad address"):
+        candidate.parse_addr("[2001:db8::1:80")           # half a bracket pair
