@@ -21,10 +21,10 @@ import socket
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
-from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
-                          PeerUnreachable, PortNotShared)
-from overlay.ratelog import LogLimiter
+from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
+                                  OsDialer, PeerUnreachable, PortNotShared)
 from overlay.proxy.relay import relay
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger("overlay.node")
 
