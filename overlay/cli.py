@@ -465,7 +465,7 @@ def forward(local: str = typer.Argument(..., help="Local port on 127.0.0.1 (PORT
             target: str = typer.Argument(..., help="PEER or PEER:PORT (default: the same port)."),
             udp: bool = UdpOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     """Forward 127.0.0.1:LOCAL to a peer's port: overlay forward 3389 peer-name."""
-    from proxy.forward import parse_spec
+    from overlay.proxy.forward import parse_spec
     p, u = _port_proto(local, udp)
     try:
         spec = parse_spec(f"{p}{'/udp' if u else ''} {target}")

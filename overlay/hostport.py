@@ -13,7 +13,10 @@ def parse_hostport(text: str, default_port: int | None = None, allow_zero: bool 
         if default_port is None:
             raise ValueError(f"{text!r}: expected HOST:PORT")
         return text, default_port
-    host = host.strip("[]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if "[" in host or "]" in host:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
     try:
         p = int(port)
     except ValueError:

@@ -1,7 +1,7 @@
 """A TUN/TAP node as the gateway to its LAN: the kernel forwards the members' packets.
 
 With ``--advertise-routes`` and ``--tun`` / ``--tap``, packets from members to an approved route
-are written to the device (``overlay.node.interface`` checks each one against the approved routes
+are written to the device (``overlay.node.kernel_device`` checks each one against the approved routes
 first) and the kernel forwards them to the LAN; the replies reach the device through the
 kernel's route to the pool and go back to the member. What the kernel needs is set up here while
 routes are approved, and undone on exit:

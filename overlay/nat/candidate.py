@@ -12,6 +12,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from overlay.hostport import parse_hostport
+
 Addr = tuple[str, int]
 
 # Candidate kinds, in the order a probe round visits them. Predicted ports go first: against a
@@ -83,15 +85,8 @@ def format_addr(addr: Addr) -> str:
 
 def parse_addr(text: str) -> Addr:
     """The inverse of ``format_addr`` (a bare ``v6addr:port`` is accepted too), normalized."""
-    if not isinstance(text, str):
-        raise AddressError(f"bad address {text!r}")
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise AddressError(f"bad address {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        return normalize((host, int(port)))
+        return normalize(parse_hostport(text))
     except ValueError as e:
         raise AddressError(f"bad address {text!r}") from e
 

@@ -55,6 +55,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from overlay.tokenbucket import TokenBucket
+
 from .candidate import KINDS, PEER, Addr, Candidate, is_ipv6, is_lan, normalize
 from .disco import MAX_CANDIDATES, CallMeMaybe, DiscoCodec, DiscoMessage, Ping, Pong, new_tx_id
 
@@ -153,8 +155,7 @@ class PeerPath:
         self._backoff = self.config.backoff_initial
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[PathChanged] = deque(maxlen=_MAX_EVENTS)
-        self._probe_tokens = self.config.probe_burst
-        self._probe_t: float | None = None
+        self._probes: TokenBucket | None = None     # made full at the first probe
         self._punch_started: float | None = None
         self.probes_suppressed = 0
 
@@ -377,14 +378,11 @@ class PeerPath:
         """The per-peer budget for pings to addresses that are not confirmed paths."""
         if addr in self._paths:
             return True
-        c = self.config
-        if self._probe_t is not None:
-            self._probe_tokens = min(c.probe_burst, self._probe_tokens + max(0.0, now - self._probe_t) * c.probe_rate)
-        self._probe_t = now
-        if self._probe_tokens < 1.0:
+        if self._probes is None:
+            self._probes = TokenBucket(self.config.probe_rate, self.config.probe_burst, now)
+        if not self._probes.take(now):
             self.probes_suppressed += 1
             return False
-        self._probe_tokens -= 1.0
         return True
 
     def _send_ping(self, addr: Addr, now: float) -> None:

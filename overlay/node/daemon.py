@@ -28,15 +28,15 @@ from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
-from overlay.node.interface import DEFAULT_NAME, DeviceError, KernelInterface
+from overlay.node.kernel_device import DEFAULT_NAME, DeviceError, KernelInterface
 from overlay.node.local_api import LocalApi
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
 from overlay.node.settings import NodeSettings
 from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares
-from proxy.forward import Forward
-from proxy.listen import ListenError
-from proxy.server import AuthRequired, HttpProxyServer, SocksServer
+from overlay.proxy.forward import Forward
+from overlay.proxy.listen import ListenError
+from overlay.proxy.server import AuthRequired, HttpProxyServer, SocksServer
 from overlay.node.state import NodeState
 
 log = logging.getLogger("overlay.node")

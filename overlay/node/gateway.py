@@ -39,8 +39,8 @@ from overlay.netstack.wire import (ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP, PRO
 from overlay.node.approved_routes import ApprovedRoutes
 from overlay.node.fair_share import FairShare
 from overlay.node.gateway_icmp import IcmpEcho
-from proxy.ratelog import LogLimiter
-from proxy.relay import relay
+from overlay.proxy.relay import relay
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger("overlay.gateway")
 

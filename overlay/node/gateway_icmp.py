@@ -32,7 +32,7 @@ from typing import Callable
 
 from overlay.netstack.wire import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, build_icmp, build_ipv4
 from overlay.node.fair_share import FairShare
-from proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger("overlay.gateway")
 

@@ -1,6 +1,6 @@
 """What a userspace node offers its apps and its peers, on top of the netstack.
 
-- ``OverlayDialer``: the proxy's Dialer (proxy/dialer.py) over the userspace stack: peer names,
+- ``OverlayDialer``: the proxy's Dialer (overlay/proxy/dialer.py) over the userspace stack: peer names,
   ``name.network`` and virtual IPs resolve inside the overlay; anything else is refused (no
   accidental exit node); a reset from the peer means "that peer does not share this port".
   Addresses inside a gateway route approved in one of our networks go to that gateway member
@@ -21,10 +21,10 @@ import socket
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
-from proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress, OsDialer,
-                          PeerUnreachable, PortNotShared)
-from proxy.ratelog import LogLimiter
-from proxy.relay import relay
+from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
+                                  OsDialer, PeerUnreachable, PortNotShared)
+from overlay.proxy.relay import relay
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger("overlay.node")
 

@@ -16,19 +16,12 @@ import os
 from typing import Callable
 
 from overlay.relay import frames
+from overlay.tokenbucket import TokenBucket
 
 REGISTRATION_TTL = 90.0
 NONCE_PERIOD = 60.0      # a nonce is good for the minute it was made in and the next
 DEFAULT_RATE = 2 * 1024 * 1024  # bytes per second per node
 MAX_REGISTRATIONS = 100_000
-
-
-class _Bucket:
-    __slots__ = ("tokens", "t")
-
-    def __init__(self, burst: float, now: float):
-        self.tokens = burst
-        self.t = now
 
 
 class RelayServer:
@@ -43,7 +36,7 @@ class RelayServer:
         self.key_at: dict[tuple, bytes] = {}         # UDP address -> key
         self.seen: dict[bytes, float] = {}
         self.tcp_sinks: dict[bytes, Callable[[bytes, bytes], None]] = {}  # key -> send(src, payload)
-        self._buckets: dict[bytes, _Bucket] = {}
+        self._buckets: dict[bytes, TokenBucket] = {}
         self.stats = {"forwarded": 0, "bytes": 0, "refused": 0, "malformed": 0, "capped": 0, "challenged": 0}
 
     def token_for(self, key: bytes) -> bytes:
@@ -120,13 +113,8 @@ class RelayServer:
     def _spend(self, key: bytes, n: int, now: float) -> bool:
         b = self._buckets.get(key)
         if b is None:
-            b = self._buckets[key] = _Bucket(self.burst, now)
-        b.tokens = min(self.burst, b.tokens + (now - b.t) * self.rate)
-        b.t = now
-        if b.tokens < n:
-            return False
-        b.tokens -= n
-        return True
+            b = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return b.take(now, n)
 
     def _register(self, key: bytes, addr: tuple, now: float) -> None:
         old = self.addr_of.get(key)

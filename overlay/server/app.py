@@ -26,13 +26,14 @@ from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
 from overlay.nat import stun
 from overlay.nat.candidate import format_addr
-from proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
 from overlay.server import datadir
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
 from overlay.server.store import Store
+from overlay.tokenbucket import TokenBucket
 
 log = logging.getLogger("overlay.server")
 
@@ -69,7 +70,7 @@ class ControlConnection(asyncio.Protocol):
         self.key: bytes | None = None      # authenticated node key
         self.registered = False            # hello accepted
         self.last_rx = self.opened = time.monotonic()
-        self.tokens = BURST
+        self.requests = TokenBucket(RATE, BURST, self.opened)   # requests per connection (relay frames free)
         self.refused = 0
         self.peer = self.source = "?"
         self.closed = False
@@ -131,16 +132,13 @@ class ControlConnection(asyncio.Protocol):
     # ------------------------------------------------------------ requests
     def _on_message(self, body: dict) -> None:
         now = time.monotonic()
-        self.tokens = min(BURST, self.tokens + (now - getattr(self, "_t_tokens", now)) * RATE)
-        self._t_tokens = now
         rid = body.get("id") if isinstance(body.get("id"), int) else None
         if body.get("t") == "relay" and self.registered:
             self.server.relay_over_tcp(self, body)  # byte-capped by the relay, never answered
             return
-        if self.tokens < 1:
+        if not self.requests.take(now):
             self._refuse(error(rid, "rate_limited", "too many requests; slow down"))
             return
-        self.tokens -= 1
         try:
             msg = validate_request(body)
         except RequestError as e:

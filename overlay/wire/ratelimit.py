@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+from overlay.tokenbucket import TokenBucket
+
 PACKETS_PER_SECOND = 20.0
 PACKETS_BURSTABLE = 5.0
 MAX_SOURCES = 65536
@@ -25,7 +27,7 @@ class RateLimiter:
     __slots__ = ("_buckets", "rate", "burst", "_purged")
 
     def __init__(self, rate: float = PACKETS_PER_SECOND, burst: float = PACKETS_BURSTABLE) -> None:
-        self._buckets: dict[Hashable, list[float]] = {}
+        self._buckets: dict[Hashable, TokenBucket] = {}
         self.rate, self.burst = rate, burst
         self._purged = float("-inf")
 
@@ -35,15 +37,9 @@ class RateLimiter:
         if bucket is None:
             if len(self._buckets) >= MAX_SOURCES and not self._purge(now):
                 return False
-            self._buckets[key] = [self.burst - 1.0, now]
+            self._buckets[key] = TokenBucket(self.rate, self.burst, now, self.burst - 1.0)
             return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
+        return bucket.take(now)
 
     def _purge(self, now: float) -> bool:
         """Forget buckets that have refilled completely; True if room was made. At most once per
@@ -52,6 +48,6 @@ class RateLimiter:
         if now - self._purged < refill:
             return False
         self._purged = now
-        for key in [k for k, (_, last) in self._buckets.items() if now - last >= refill]:
+        for key in [k for k, b in self._buckets.items() if now - b.at >= refill]:
             del self._buckets[key]
         return len(self._buckets) < MAX_SOURCES

@@ -21,6 +21,7 @@ import struct
 import sys
 from typing import cast
 
+from overlay.hostport import parse_hostport
 from overlay.io.udp import UdpSocket, bind_udp
 from overlay.wire.device import Device
 from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
@@ -67,11 +68,6 @@ def parse_echo(packet: bytes, address: bytes) -> tuple[int, bytes, int, int, byt
     return icmp[0], packet[12:16], ident, seq, icmp[8:]
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 class Harness:
     def __init__(self, args: argparse.Namespace, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -80,7 +76,7 @@ class Harness:
         self.device = Device(base64.b64decode(args.key))
         self.device.add_peer(
             self.peer,
-            endpoint=_hostport(args.endpoint) if args.endpoint else None,
+            endpoint=parse_hostport(args.endpoint) if args.endpoint else None,
             persistent_keepalive=args.persistent_keepalive,
         )
         self.device.force_under_load = args.under_load
@@ -88,7 +84,7 @@ class Harness:
         self.ping_seq = 0
         self.echo_replies_sent = 0
         self.echo_replies_received = 0
-        self.udp = UdpSocket(bind_udp(*_hostport(args.listen)), self.on_datagram, on_batch=self.flush, loop=loop)
+        self.udp = UdpSocket(bind_udp(*parse_hostport(args.listen, allow_zero=True)), self.on_datagram, on_batch=self.flush, loop=loop)
         self.timer: asyncio.TimerHandle | None = None
         if args.initiate:
             self.device.initiate_handshake(self.peer, loop.time())

@@ -433,7 +433,7 @@ def test_a_dial_that_found_no_path_says_so():
     """A time-out with no path to the peer is "unreachable" (0x04), not "timed out" (0x06)."""
     import asyncio
     from overlay.node.services import OverlayDialer
-    from proxy.dialer import DialTimeout, PeerUnreachable
+    from overlay.proxy.dialer import DialTimeout, PeerUnreachable
 
     class Stalls:
         async def open_connection(self, ip, port, timeout):

@@ -405,7 +405,7 @@ def test_kernel_node_proxy_dials_approved_gateway_routes_through_the_os():
     """A TUN/TAP node's SOCKS/HTTP proxy reaches a host inside an approved gateway route with an
     ordinary socket (the kernel routes it through the device), as a userspace node's proxy does."""
     from overlay.node.services import OverlayDialer
-    from proxy.dialer import ConnectionRefused, NotOverlayAddress
+    from overlay.proxy.dialer import ConnectionRefused, NotOverlayAddress
 
     gw = {"name": "gw", "online": True, "ip": "100.64.0.9"}
 

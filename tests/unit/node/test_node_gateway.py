@@ -172,7 +172,7 @@ def test_member_is_told_what_the_gateway_saw_when_a_lan_host_does_not_answer(mon
     from overlay.netstack.asyncio_glue import StackDriver
     from overlay.netstack.stack import Stack
     from overlay.node.services import OverlayDialer
-    from proxy.dialer import DialTimeout, PeerUnreachable
+    from overlay.proxy.dialer import DialTimeout, PeerUnreachable
     monkeypatch.setattr(gateway, "LAN_DIAL_TIMEOUT", 0.3)
 
     async def main():

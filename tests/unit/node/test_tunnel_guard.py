@@ -25,7 +25,7 @@ from overlay.netstack.wire import (
 )
 from overlay.node import dataplane as dataplane_mod
 from overlay.node.dataplane import DataPlane
-from overlay.node.interface import KernelInterface
+from overlay.node.kernel_device import KernelInterface
 from overlay.node.tunnel_guard import (
     CACHE_TTL,
     CAUGHT_FOR,

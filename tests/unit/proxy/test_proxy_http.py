@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import http
-from proxy.http import BodyFramer, HeadBuffer, HttpProxyError
+from overlay.proxy import http
+from overlay.proxy.http import BodyFramer, HeadBuffer, HttpProxyError
 
 
 def parse(text: str) -> http.ProxyRequest:

@@ -24,8 +24,8 @@ from python_socks.async_.asyncio import Proxy
 
 from polling import wait_async
 
-from proxy import forward as forward_mod
-from proxy.dialer import (
+from overlay.proxy import forward as forward_mod
+from overlay.proxy.dialer import (
     ConnectionRefused,
     DialError,
     DialTimeout,
@@ -34,9 +34,9 @@ from proxy.dialer import (
     PeerUnreachable,
     PortNotShared,
 )
-from proxy.forward import Forward, ForwardSpec, parse_spec
-from proxy.listen import ListenError
-from proxy.server import HttpProxyServer, SocksServer
+from overlay.proxy.forward import Forward, ForwardSpec, parse_spec
+from overlay.proxy.listen import ListenError
+from overlay.proxy.server import HttpProxyServer, SocksServer
 
 T = TypeVar("T")
 CURL_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
@@ -392,7 +392,7 @@ async def recv_or_none(sock: socket.socket, timeout: float) -> bytes | None:
 
 
 def test_udp_associate_round_trip():
-    from proxy import socks5
+    from overlay.proxy import socks5
 
     async def main():
         echo, echo_port = await udp_echo()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import socks5
-from proxy.socks5 import Rejected, Request, ServerConnection, State
+from overlay.proxy import socks5
+from overlay.proxy.socks5 import Rejected, Request, ServerConnection, State
 
 USERS = {"alice": "s3cret"}
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 
-from proxy.ratelog import LogLimiter
+from overlay.ratelog import LogLimiter
 from overlay.server.admission import MEMBER, STRANGER, UNAUTH, Admission, max_conns_for
 
 

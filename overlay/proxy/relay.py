@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 
-from proxy.dialer import StreamReaderLike, StreamWriterLike
+from overlay.proxy.dialer import StreamReaderLike, StreamWriterLike
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.dialer import Dialer, DialError
-from proxy.listen import bound_address, create_udp_endpoint, format_address, is_loopback, start_tcp_server
-from proxy.relay import close_now, close_writer, relay, reset_now
-from proxy.udpflows import UdpFlows
+from overlay.proxy.dialer import Dialer, DialError
+from overlay.proxy.listen import bound_address, create_udp_endpoint, format_address, is_loopback, start_tcp_server
+from overlay.proxy.relay import close_now, close_writer, relay, reset_now
+from overlay.proxy.udpflows import UdpFlows
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Forward:
         return f"{proto} {format_address(self.listen_host, self.listen_port)} -> {self.peer_name}:{self.peer_port}"
 
     async def start(self) -> None:
-        """Start listening; raises :class:`~proxy.listen.ListenError` (e.g. port already in use)."""
+        """Start listening; raises :class:`~overlay.proxy.listen.ListenError` (e.g. port already in use)."""
         if not is_loopback(self.listen_host):
             log.warning("forward %s listens beyond loopback: anyone who reaches it reaches the peer", self)
         if self.udp:

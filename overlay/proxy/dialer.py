@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from proxy import socks5
+from overlay.proxy import socks5
 
 
 class DialError(Exception):

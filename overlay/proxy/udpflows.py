@@ -17,8 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from proxy.dialer import Dialer, DialError, UdpFlow
-from proxy.ratelog import LogLimiter
+from overlay.proxy.dialer import Dialer, DialError, UdpFlow
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 

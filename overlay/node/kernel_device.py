@@ -1,4 +1,4 @@
-"""The node's kernel interface (``--tun`` / ``--tap``): one more source and sink of inner packets.
+"""The node's kernel device edge (``--tun`` / ``--tap``): one more source and sink of inner packets.
 
 Beside the userspace stack this is the other local endpoint of the data plane: batches read from
 the device go to ``DataPlane.send_packets`` (IPv4) or ``send_frames`` (TAP frames that are not

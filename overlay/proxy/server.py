@@ -2,7 +2,7 @@
 
 Both refuse to listen beyond loopback unless authentication is configured (a proxy open to the
 LAN would hand the whole overlay to anyone there), bound the number of clients and the time a
-client may take to send its request, and map every :class:`~proxy.dialer.DialError` to the reply
+client may take to send its request, and map every :class:`~overlay.proxy.dialer.DialError` to the reply
 its class names (SOCKS5 reply code / HTTP status with the human message as body). No exception
 from a client escapes: each connection is served in its own task and any failure closes only it.
 """
@@ -15,11 +15,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from proxy import http, socks5
-from proxy.dialer import Dialer, DialError, StreamReaderLike, StreamWriterLike
-from proxy.listen import ListenError, bound_address, format_address, is_loopback, start_tcp_server
-from proxy.relay import CHUNK, close_now, close_writer, relay
-from proxy.udpflows import UdpFlows
+from overlay.proxy import http, socks5
+from overlay.proxy.dialer import Dialer, DialError, StreamReaderLike, StreamWriterLike
+from overlay.proxy.listen import ListenError, bound_address, format_address, is_loopback, start_tcp_server
+from overlay.proxy.relay import CHUNK, close_now, close_writer, relay
+from overlay.proxy.udpflows import UdpFlows
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _ProxyServer:
         self._clients: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        """Start listening; raises :class:`~proxy.listen.ListenError` (e.g. port already in use)."""
+        """Start listening; raises :class:`~overlay.proxy.listen.ListenError` (e.g. port already in use)."""
         self._server = await start_tcp_server(self._accept, self.host, self.port)
         log.info("%s listening on %s", self.kind, format_address(*self.address))
 

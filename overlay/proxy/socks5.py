@@ -2,7 +2,7 @@
 
 :class:`ServerConnection` is fed the bytes a client sends and hands back the bytes to answer and
 events (:class:`Request`, :class:`Rejected`); it never touches a socket, so it is tested and fuzzed
-without any. The asyncio glue in ``proxy/server.py`` turns a :class:`Request` into a dial and calls
+without any. The asyncio glue in ``overlay/proxy/server.py`` turns a :class:`Request` into a dial and calls
 :meth:`ServerConnection.reply` with the outcome.
 
 Supported: methods "no authentication" and "username/password"; CONNECT and UDP ASSOCIATE; address
