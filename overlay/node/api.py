@@ -8,6 +8,7 @@ send one line per event until the client hangs up.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +27,21 @@ class ApiError(Exception):
         self.message = message
 
 
+SUN_PATH_MAX = 107   # bytes of a Unix socket's path on Linux (sun_path holds 108 with the NUL)
+
+
+def socket_path_problem(sock_path: Path) -> str | None:
+    """Why the API socket cannot live at ``sock_path`` (its path is too long), or None."""
+    n = len(os.fsencode(sock_path))
+    if n <= SUN_PATH_MAX:
+        return None
+    return (f"the node's home {sock_path.parent} is too deep for its API socket ({n} bytes in "
+            f"{sock_path.name}'s path; Linux allows {SUN_PATH_MAX}): use a shorter --home")
+
+
 def _connect(sock_path: Path, timeout: float | None) -> socket.socket:
+    if (problem := socket_path_problem(sock_path)) is not None:
+        raise ApiError("home", problem)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

@@ -176,6 +176,8 @@ class Daemon:
     async def _start_api(self) -> None:
         self.home.ensure()
         path = self.home.socket_path
+        if (problem := api.socket_path_problem(path)) is not None:
+            raise DaemonError(problem)
         if path.exists():
             try:
                 api.call(path, "ping", timeout=2)
