@@ -367,7 +367,8 @@ def ip(peer: Optional[str] = typer.Argument(None, help="Peer name, name.network 
         if t in (p["name"], p["ip"]) or any(t == f"{p['name']}.{n}" for n in p.get("networks", [])):
             print(p["ip"])
             return
-    fail(f"no peer named {peer!r} shares a network with this node (`overlay status` lists your peers)")
+    # the daemon says why (no such peer, or one a hub-and-spoke / gateway network keeps out of reach)
+    print(daemon_call(home, "peer", peer=peer)["peer"]["ip"])
 
 
 def port_mapping_lines(pm: dict | None) -> list[str]:

@@ -853,6 +853,8 @@ def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
     assert "shares a network" not in msg
     msg = s1.fails("forward", str(free_port()), "s2:22")
     assert "spokes do not reach each other in the hub-and-spoke network star" in msg, msg
+    msg = s1.fails("ip", "s2")
+    assert "spokes do not reach each other in the hub-and-spoke network star" in msg, msg
     # and a hand-built handshake from one spoke's key to the other is not answered: cryptokey
     # routing refuses it (the hub, which has s1 as a peer, does answer the same probe)
     assert not _handshake_answered(s1.home, s2.home, s2.status()["udp"]["port"])
