@@ -371,6 +371,24 @@ def ip(peer: Optional[str] = typer.Argument(None, help="Peer name, name.network 
     print(daemon_call(home, "peer", peer=peer)["peer"]["ip"])
 
 
+@app.command()
+def whois(address: str = typer.Argument(..., help="A loopback address a shared service saw (127.B.C.D), a "
+                                                  "virtual IP or a peer name."),
+          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """Which peer an address stands for: a shared service sees each peer as its own 127.B.C.D."""
+    r = daemon_call(home, "whois", as_json, address=address)
+    r.pop("ok", None)
+    if as_json:
+        print(json.dumps(r))
+        return
+    out.print(f"{lit(r['query'])} is {lit(r['name'])}" + ("" if r["online"] else " (offline)"), highlight=False)
+    out.print(f"  virtual IP  {lit(r['virtual_ip'])}", highlight=False)
+    if r["loopback"]:
+        out.print(f"  loopback    {lit(r['loopback'])} (what your shared services see)", highlight=False)
+    out.print(f"  networks    {lit(', '.join(r['networks']) or '-')}", highlight=False)
+    out.print(f"  key         {lit(r['key'])}", highlight=False)
+
+
 def port_mapping_lines(pm: dict | None) -> list[str]:
     """netcheck's lines about the router's port mapping protocols (``port_mapping`` of the API)."""
     if pm is None:

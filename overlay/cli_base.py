@@ -128,6 +128,14 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
     if st.get("shares"):
         out.print("sharing " + ", ".join(f"{lit(x['port'])}/{lit(x['proto'])}" for x in st["shares"]),
                   highlight=False)
+        src = st.get("share_source") or {}
+        if src.get("mode") == "per_peer":
+            out.print("  your services see each peer as its own address 127.x.y.z: overlay whois ADDR names it",
+                      highlight=False)
+        elif src.get("mode") == "virtual_ip":
+            out.print("  your services see each peer's virtual IP: overlay whois ADDR names it", highlight=False)
+        elif src.get("mode") == "localhost":
+            out.print(f"  your services see every peer as 127.0.0.1: {lit(src.get('note'))}", highlight=False)
     for f in st.get("forwards", []):
         out.print(f"forward {lit(f['proto'])} {lit(f['listen'])} -> {lit(f['peer'])}:{lit(f['peer_port'])} "
                   f"({lit(f['active'])} active)", highlight=False)

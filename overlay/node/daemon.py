@@ -66,7 +66,7 @@ class Daemon:
         self.dataplane = DataPlane(self.private_key, port=s.port, keepalive=s.keepalive, hard_nat=s.hard_nat,
                                    port_mapping=s.port_mapping,
                                    send_control=self.client.post if self.client else lambda msg: None)
-        self.shares = Shares()
+        self.shares = Shares(pool=lambda: self.dataplane.pool)  # a loopback source address per peer
         self.address = s.address
         self.static_peers = s.static_peers
         self.dataplane.on_endpoints = self._repunch
@@ -512,6 +512,9 @@ class Daemon:
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
             "interface": self.kernel_if.info() if self.kernel_if is not None else None,
             "shares": self.shares.listing(),
+            # what a shared service sees as the peer's address (TUN/TAP: the kernel delivers its virtual IP)
+            "share_source": (self.shares.source_info() if self.kernel_if is None
+                             else {"mode": "virtual_ip", "note": None}),
             "gateway": self._gateway_status() if self.advertise_routes else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,

@@ -6,12 +6,14 @@ requests) until the client hangs up or the daemon stops.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from typing import TYPE_CHECKING
 
 from overlay.control.messages import RequestError, normalize_name
 from overlay.node.control_client import NotConnected
 from overlay.node.services import nothing_listens
+from overlay.node.share_source import loopback_for, vip_for
 
 if TYPE_CHECKING:
     from overlay.node.daemon import Daemon
@@ -122,6 +124,8 @@ class LocalApi:
             return d.status()
         if cmd == "peer":   # one peer by name, name.network or virtual IP; else why there is none
             return {"peer": d.resolve_peer(str(a["peer"]))}
+        if cmd == "whois":  # the peer behind a share's loopback source address, a virtual IP or a name
+            return whois(d, str(a["address"]))
         if cmd == "share":
             port = int(a["port"])
             if not 0 < port < 65536:
@@ -217,3 +221,34 @@ class LocalApi:
             d.prefs.remember(server=d.client.server if d.client else None, name=name)
             return {"name": name}
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
+
+
+def whois(d: Daemon, text: str) -> dict:
+    """The peer a loopback address (127.B.C.D, as a shared service sees it), a virtual IP or a name
+    stands for."""
+    t = text.strip()
+    pool = d.dataplane.pool
+    try:
+        loopback = ipaddress.IPv4Address(t).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        if pool is None:
+            raise NotConnected("this node does not know its server's address pool yet: it is not connected")
+        vip = vip_for(t, pool)
+        if vip is None:
+            raise RequestError("unknown_peer", f"{t} stands for no peer: a connection from it is a program on this "
+                               "machine, or a peer's while shares cannot use an address per peer (overlay status "
+                               "says why) or from outside the pool (a host behind a gateway member, a static "
+                               "WireGuard peer)")
+        p = d.find_peer(vip)
+        if p is None:
+            if vip == d.state.me.get("ip"):
+                raise RequestError("self", f"{t} stands for {vip}, this node's own virtual IP")
+            raise RequestError("unknown_peer", f"{t} stands for {vip}, which no peer of this node has")
+    else:
+        p = d.resolve_peer(t)
+    per_peer = d.kernel_if is None and d.shares.source_info()["mode"] == "per_peer"
+    return {"query": t, "name": p["name"], "virtual_ip": p["ip"],
+            "loopback": loopback_for(p["ip"], pool) if per_peer else None,
+            "networks": list(p.get("networks", [])), "key": p["key"], "online": bool(p.get("online"))}

@@ -10,12 +10,17 @@
   127.0.0.1:port on this machine; everything else gets a reset from the stack. The handshake of
   an inbound connection only completes once 127.0.0.1:port accepted ours; if nothing listens
   there the peer gets ICMP port unreachable, which its dialer reports as "NAME shares port N but
-  nothing listens there" (a Linux peer sees ECONNREFUSED).
+  nothing listens there" (a Linux peer sees ECONNREFUSED). The socket toward the service is bound
+  first to a loopback address per peer (overlay/node/share_source.py: 127.B.C.D for 100.B.C.D), so
+  the service tells peers apart and ``overlay whois`` names them; where the OS cannot bind it
+  (only Linux binds all of 127.0.0.0/8) every peer comes from 127.0.0.1, said once in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import socket
 from typing import Callable
@@ -24,6 +29,7 @@ from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensEr
 from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
                                   OsDialer, PeerUnreachable, PortNotShared)
 from overlay.proxy.relay import relay
+from overlay.node.share_source import loopback_for, mappable
 from overlay.ratelog import LogLimiter
 
 log = logging.getLogger("overlay.node")
@@ -198,15 +204,72 @@ def nothing_listens(port: int, udp: bool) -> bool:
         s.close()
 
 
-class Shares:
-    """Ports this node shares with its peers (TCP and UDP), each carried to 127.0.0.1:port."""
+LOCALHOST = "127.0.0.1"
+PROBE_SOURCE = "127.128.0.1"   # any loopback address but 127.0.0.1: bindable on Linux only
 
-    def __init__(self) -> None:
+
+class Shares:
+    """Ports this node shares with its peers (TCP and UDP), each carried to 127.0.0.1:port from a
+    loopback address per peer."""
+
+    def __init__(self, pool: Callable[[], ipaddress.IPv4Network | None] = lambda: None) -> None:
         self.tcp: set[int] = set()
         self.udp: set[int] = set()
         self._driver: StackDriver | None = None
         self._udp_tasks: dict[int, asyncio.Task] = {}
         self._rlog = LogLimiter()        # a peer's connection attempts must not flood the log
+        self._pool = pool                # the server's address pool (None before the first hello)
+        self._os_refused: str | None = None   # why this OS binds no loopback address but 127.0.0.1
+        self._probed = False
+        self._wide_pool_logged: ipaddress.IPv4Network | None = None
+
+    # ---------------------------------------------------------------- per-peer source addresses
+    def source_info(self) -> dict:
+        """status's ``share_source``: ``per_peer`` or ``localhost`` (with the reason in ``note``)."""
+        self._probe()
+        pool = self._pool()
+        if self._os_refused is not None:
+            return {"mode": "localhost", "note": self._os_refused}
+        if pool is not None and not mappable(pool):
+            return {"mode": "localhost", "note": _wide(pool)}
+        return {"mode": "per_peer", "note": None}
+
+    def source(self, remote_ip: str) -> str:
+        """The address a share's socket toward the service binds for the peer ``remote_ip``."""
+        self._probe()
+        if self._os_refused is not None:
+            return LOCALHOST
+        pool = self._pool()
+        if pool is not None and not mappable(pool) and self._wide_pool_logged != pool:
+            self._wide_pool_logged = pool
+            log.warning("shares: your services see every peer as 127.0.0.1: %s", _wide(pool))
+        return loopback_for(remote_ip, pool) or LOCALHOST
+
+    def _probe(self) -> None:
+        """Once: can this OS bind a loopback address other than 127.0.0.1 (Linux: yes; macOS, BSD: no)?"""
+        if self._probed:
+            return
+        self._probed = True
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((PROBE_SOURCE, 0))
+        except OSError as e:
+            self._refused(e)
+        finally:
+            s.close()
+
+    def _refused(self, e: OSError) -> None:
+        if self._os_refused is None:
+            self._os_refused = (f"this system cannot bind loopback addresses other than 127.0.0.1 "
+                                f"({e.strerror or e})")
+            log.warning("shares: your services see every peer as 127.0.0.1: %s", self._os_refused)
+
+    def _bind_failed(self, e: OSError, src: str) -> bool:
+        """Whether binding ``src`` failed because the OS has no such address (then: 127.0.0.1 from now on)."""
+        if src != LOCALHOST and e.errno == errno.EADDRNOTAVAIL:
+            self._refused(e)
+            return True
+        return False
 
     def attach(self, driver: StackDriver) -> None:
         """(Re)apply every share to a new stack."""
@@ -252,10 +315,21 @@ class Shares:
                 + [{"port": p, "proto": "udp"} for p in sorted(self.udp)])
 
     def _listen(self, port: int) -> None:
+        async def connect(src: str):
+            return await asyncio.wait_for(asyncio.open_connection(LOCALHOST, port, local_addr=(src, 0)),
+                                          LOCAL_DIAL_TIMEOUT)
+
         async def local(remote: tuple[str, int]):
-            """Reach 127.0.0.1:port before the overlay handshake completes (None: refuse it)."""
+            """Reach 127.0.0.1:port, from the peer's loopback address, before the overlay handshake
+            completes (None: refuse it)."""
+            src = self.source(remote[0])
             try:
-                return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), LOCAL_DIAL_TIMEOUT)
+                try:
+                    return await connect(src)
+                except OSError as e:
+                    if not self._bind_failed(e, src):
+                        raise
+                    return await connect(LOCALHOST)
             except (OSError, asyncio.TimeoutError) as e:
                 self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
                                       "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
@@ -300,8 +374,9 @@ class Shares:
                 if remote not in flows:
                     if len(flows) >= MAX_UDP_FLOWS:
                         continue
-                    tr, _ = await loop.create_datagram_endpoint(lambda r=remote: Back(r),
-                                                                remote_addr=("127.0.0.1", port))
+                    tr = await self._udp_flow(loop, lambda r=remote: Back(r), remote[0], port)
+                    if tr is None:
+                        continue
                     flows[remote] = (tr, [now])
                 tr, seen = flows[remote]
                 seen[0] = now
@@ -312,3 +387,25 @@ class Shares:
             for tr, _ in flows.values():
                 tr.close()
             ep.close()
+
+    async def _udp_flow(self, loop, protocol, remote_ip: str, port: int) -> asyncio.DatagramTransport | None:
+        """A socket toward 127.0.0.1:port from the peer's loopback address (None: none could be made)."""
+        src = self.source(remote_ip)
+        try:
+            try:
+                tr, _ = await loop.create_datagram_endpoint(protocol, local_addr=(src, 0),
+                                                            remote_addr=(LOCALHOST, port))
+            except OSError as e:
+                if not self._bind_failed(e, src):
+                    raise
+                tr, _ = await loop.create_datagram_endpoint(protocol, local_addr=(LOCALHOST, 0),
+                                                            remote_addr=(LOCALHOST, port))
+        except OSError as e:
+            self._rlog.log(log, logging.WARNING, "shared udp port %d: no socket for %s: %s", port, remote_ip,
+                           e.strerror or e)
+            return None
+        return tr
+
+
+def _wide(pool: ipaddress.IPv4Network) -> str:
+    return f"the server's address pool {pool} is wider than /9 (no loopback address per peer fits)"
