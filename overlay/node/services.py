@@ -315,21 +315,11 @@ class Shares:
                 + [{"port": p, "proto": "udp"} for p in sorted(self.udp)])
 
     def _listen(self, port: int) -> None:
-        async def connect(src: str):
-            return await asyncio.wait_for(asyncio.open_connection(LOCALHOST, port, local_addr=(src, 0)),
-                                          LOCAL_DIAL_TIMEOUT)
-
         async def local(remote: tuple[str, int]):
             """Reach 127.0.0.1:port, from the peer's loopback address, before the overlay handshake
             completes (None: refuse it)."""
-            src = self.source(remote[0])
             try:
-                try:
-                    return await connect(src)
-                except OSError as e:
-                    if not self._bind_failed(e, src):
-                        raise
-                    return await connect(LOCALHOST)
+                return await self._connect_local(remote[0], port)
             except (OSError, asyncio.TimeoutError) as e:
                 self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
                                       "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
@@ -388,23 +378,52 @@ class Shares:
                 tr.close()
             ep.close()
 
+    async def _connect_local(self, remote_ip: str, port: int):
+        """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1)."""
+        src = self.source(remote_ip)
+        try:
+            return await asyncio.wait_for(_open_local(src, port), LOCAL_DIAL_TIMEOUT)
+        except OSError as e:
+            if not self._bind_failed(e, src):
+                raise
+            return await asyncio.wait_for(_open_local(LOCALHOST, port), LOCAL_DIAL_TIMEOUT)
+
     async def _udp_flow(self, loop, protocol, remote_ip: str, port: int) -> asyncio.DatagramTransport | None:
         """A socket toward 127.0.0.1:port from the peer's loopback address (None: none could be made)."""
         src = self.source(remote_ip)
         try:
             try:
-                tr, _ = await loop.create_datagram_endpoint(protocol, local_addr=(src, 0),
-                                                            remote_addr=(LOCALHOST, port))
+                tr, _ = await loop.create_datagram_endpoint(protocol, remote_addr=(LOCALHOST, port),
+                                                            local_addr=(src, 0) if src != LOCALHOST else None)
             except OSError as e:
                 if not self._bind_failed(e, src):
                     raise
-                tr, _ = await loop.create_datagram_endpoint(protocol, local_addr=(LOCALHOST, 0),
-                                                            remote_addr=(LOCALHOST, port))
+                tr, _ = await loop.create_datagram_endpoint(protocol, remote_addr=(LOCALHOST, port))
         except OSError as e:
             self._rlog.log(log, logging.WARNING, "shared udp port %d: no socket for %s: %s", port, remote_ip,
                            e.strerror or e)
             return None
         return tr
+
+
+async def _open_local(src: str, port: int):
+    """A TCP connection to 127.0.0.1:``port`` from ``src`` (127.0.0.1: not bound, as any client). The
+    port is chosen at connect, not at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in
+    TIME_WAIT toward another 4-tuple as it does for unbound sockets: short connections in a burst
+    do not run out of ports."""
+    if src == LOCALHOST:
+        return await asyncio.open_connection(LOCALHOST, port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((src, 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
 
 
 def _wide(pool: ipaddress.IPv4Network) -> str:

@@ -126,9 +126,9 @@ def test_a_bind_refused_later_falls_back_for_tcp_and_udp(monkeypatch):
         real_dgram = asyncio.get_running_loop().create_datagram_endpoint
         calls = []
 
-        async def dgram(protocol, local_addr=None, remote_addr=None, **kw):
-            calls.append(local_addr[0])
-            if local_addr[0] != "127.0.0.1":
+        async def dgram(protocol, remote_addr=None, local_addr=None, **kw):
+            calls.append(local_addr and local_addr[0])
+            if local_addr is not None:
                 raise OSError(errno.EADDRNOTAVAIL, "Can't assign requested address")
             return await real_dgram(protocol, local_addr=local_addr, remote_addr=remote_addr, **kw)
 
@@ -147,6 +147,49 @@ def test_a_bind_refused_later_falls_back_for_tcp_and_udp(monkeypatch):
         assert await asyncio.wait_for(got, 5) == "127.0.0.1"
         tr.close()
         svc.close()
-        assert calls == ["127.64.0.7", "127.0.0.1"]
+        assert calls == ["127.64.0.7", None]
         assert sh.source("100.64.0.9") == "127.0.0.1" and sh.source_info()["mode"] == "localhost"
+
+        # TCP likewise: binding the peer's address fails, the connection comes from 127.0.0.1
+        sh = Shares(pool=lambda: pool)
+        sh._probe()
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        srv.setblocking(False)
+        monkeypatch.setattr(services.socket, "socket", _NoBind)
+        _, w = await sh._connect_local("100.64.0.7", srv.getsockname()[1])
+        conn, addr = await loop.sock_accept(srv)
+        assert addr[0] == "127.0.0.1" and sh.source_info()["mode"] == "localhost"
+        w.close()
+        conn.close()
+        srv.close()
+    asyncio.run(main())
+
+
+def test_tcp_and_udp_come_from_the_peers_address():
+    async def main():
+        loop = asyncio.get_running_loop()
+        sh = Shares(pool=lambda: net("100.64.0.0/10"))
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        srv.setblocking(False)
+        _, w = await sh._connect_local("100.64.3.9", srv.getsockname()[1])
+        conn, addr = await loop.sock_accept(srv)
+        assert addr[0] == "127.64.3.9"
+        w.close()
+        conn.close()
+        srv.close()
+        got = loop.create_future()
+
+        class Service(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                got.set_result(addr[0])
+        svc, _ = await loop.create_datagram_endpoint(Service, local_addr=("127.0.0.1", 0))
+        tr = await sh._udp_flow(loop, asyncio.DatagramProtocol, "100.64.3.10", svc.get_extra_info("sockname")[1])
+        tr.sendto(b"hi")
+        assert await asyncio.wait_for(got, 5) == "127.64.3.10"
+        tr.close()
+        svc.close()
     asyncio.run(main())
