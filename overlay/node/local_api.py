@@ -121,7 +121,7 @@ class LocalApi:
         if cmd == "status":
             return d.status()
         if cmd == "peer":   # one peer by name, name.network or virtual IP; else why there is none
-            return {"peer": d.resolve_peer(str(a["peer"]))}
+            return {"peer": d.resolve_peer(str(a["peer"])).to_json()}
         if cmd == "share":
             port = int(a["port"])
             if not 0 < port < 65536:
