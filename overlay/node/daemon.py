@@ -37,7 +37,7 @@ from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares
 from overlay.proxy.forward import Forward
 from overlay.proxy.listen import ListenError
 from overlay.proxy.server import AuthRequired, HttpProxyServer, SocksServer
-from overlay.node.state import NodeState
+from overlay.node.state import NodeState, Peer
 
 log = logging.getLogger("overlay.node")
 
@@ -69,6 +69,8 @@ class Daemon:
         self.shares = Shares(pool=lambda: self.dataplane.pool)  # a loopback source address per peer
         self.address = s.address
         self.static_peers = s.static_peers
+        self._static_peers = [Peer(sp.name, sp.key, sp.key_text, sp.allowed_ips[0].split("/")[0], True, static=True)
+                              for sp in s.static_peers]
         self.dataplane.on_endpoints = self._repunch
         self.kernel_if: KernelInterface | None = None
         if s.interface:
@@ -91,7 +93,7 @@ class Daemon:
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=s.interface is not None,
                                     find_route=self._dial_route,
-                                    path=lambda key: self.dataplane.peer_path(base64.b64decode(key))[0])
+                                    path=lambda key: self.dataplane.peer_path(key)[0])
         self.proxy_users = dict(s.proxy_users) if s.proxy_users else None
         self.proxies: list = []
         self.forwards: dict[tuple[int, bool], Forward] = {}
@@ -254,7 +256,7 @@ class Daemon:
                     self.gateway.deliver(lan)
             self.netstack.receive_packets(packets)
 
-    def route_peer(self, host: str) -> dict | None:
+    def route_peer(self, host: str) -> Peer | None:
         """The online (else any) member whose approved gateway route holds the IPv4 ``host``."""
         try:
             if ipaddress.IPv4Address(host) in (self.dataplane.pool or ()):
@@ -274,35 +276,31 @@ class Daemon:
         except ValueError:
             return None
         for p in self.state.peers().values():
-            for r in p.get("withdrawn", ()):
+            for r in p.withdrawn:
                 if ip in ipaddress.IPv4Network(r):
-                    return p["name"], r
+                    return p.name, r
         return None
 
-    def _dial_route(self, host: str) -> dict | None:
+    def _dial_route(self, host: str) -> Peer | None:
         """``route_peer`` for the dialer: a withdrawn route is refused at once, naming its gateway."""
         p = self.route_peer(host)
         if p is None and (w := self.withdrawn_route(host)) is not None:
             raise RouteWithdrawn(host, *w)
         return p
 
-    def find_peer(self, text: str) -> dict | None:
+    def find_peer(self, text: str) -> Peer | None:
         """A peer by name, name.network, virtual IP or key; None if no such peer."""
         t = text.strip().lower().rstrip(".")
         for p in self._all_peers():
-            if t in (p["name"], p["ip"], p["key"].lower()) or any(t == f"{p['name']}.{n}" for n in p["networks"]):
+            if t in (p.name, p.ip, p.key_text.lower()) or any(t == f"{p.name}.{n}" for n in p.networks):
                 return p
         return None
 
-    def _all_peers(self) -> list[dict]:
+    def _all_peers(self) -> list[Peer]:
         """Overlay peers (sharing a network) and static WireGuard peers, as status shows them."""
-        peers = list(self.state.peers().values())
-        for sp in self.static_peers:
-            peers.append({"name": sp.name, "key": sp.key_text, "ip": sp.allowed_ips[0].split("/")[0],
-                          "online": True, "networks": [], "routes": [], "withdrawn": [], "encrypted": True})
-        return peers
+        return [*self.state.peers().values(), *self._static_peers]
 
-    def resolve_peer(self, text: str) -> dict:
+    def resolve_peer(self, text: str) -> Peer:
         p = self.find_peer(text)
         if p is None and text.strip().lower().rstrip(".") in (self.name, self.state.me.get("ip")):
             raise RequestError("self", f"{text} is this node (`overlay status` lists your peers)")
@@ -373,9 +371,9 @@ class Daemon:
         if (listen, udp) in self.forwards:
             raise RequestError("forward_exists", f"port {listen}{'/udp' if udp else ''} is already forwarded")
         p = self.find_peer(key or peer)
-        target = p["key"] if p else (key or peer)
+        target = p.key_text if p else (key or peer)
         fwd = Forward(self.dialer, listen, target, peer_port, udp,
-                      label=lambda: (q["name"] if (q := self.find_peer(fwd.peer)) else peer))
+                      label=lambda: (q.name if (q := self.find_peer(fwd.peer)) else peer))
         try:
             await fwd.start()
         except ListenError as e:
@@ -391,8 +389,8 @@ class Daemon:
             if self.client is not None and not self.client.connected:
                 return f"not connected to the server yet: cannot check that {peer} is a peer"
             raise RequestError("unknown_peer", self._no_peer(peer, " (`overlay status` lists your peers)"))
-        if not p["online"]:
-            return f"{p['name']} is offline: the forward works once it is online"
+        if not p.online:
+            return f"{p.name} is offline: the forward works once it is online"
         return None
 
     def _pin_forwards(self) -> None:
@@ -403,14 +401,14 @@ class Daemon:
             p = self.find_peer(fwd.peer)
             if p is None:
                 continue
-            fwd.peer = p["key"]
+            fwd.peer = p.key_text
             if (f := saved.get((port, udp))) is not None:
-                self.prefs.add_forward(port, p["name"], f["peer_port"], udp, key=p["key"])
+                self.prefs.add_forward(port, p.name, f["peer_port"], udp, key=p.key_text)
 
     def _forward_info(self, f: Forward) -> dict:
         p = self.find_peer(f.peer)
         return {"listen": f"{f.address[0]}:{f.address[1]}", "peer": f.peer_name, "peer_port": f.peer_port,
-                "proto": "udp" if f.udp else "tcp", "active": f.active, "key": p["key"] if p else None}
+                "proto": "udp" if f.udp else "tcp", "active": f.active, "key": p.key_text if p else None}
 
     async def ping(self, target: str, timeout: float = 2.0) -> dict:
         """One echo to a peer, or to a LAN host behind a gateway member (an approved route holds it)."""
@@ -421,14 +419,14 @@ class Daemon:
             raise RequestError("route_withdrawn", f"{target.strip()}: gateway {w[0]} no longer advertises {w[1]}")
         else:
             p = self.resolve_peer(target)
-        if not p["online"]:
-            raise RequestError("peer_offline", f"{p['name']} is offline"
+        if not p.online:
+            raise RequestError("peer_offline", f"{p.name} is offline"
                                                + (f" (the gateway to {host})" if host else ""))
         me = self.state.me.get("ip")
         if not me:
             raise NotConnected("not connected to the server yet")
-        dst = host or p["ip"]
-        info = {"peer": p["name"], "ip": dst, "gateway": p["name"] if host else None}
+        dst = host or p.ip
+        info = {"peer": p.name, "ip": dst, "gateway": p.name if host else None}
         seq, pkt = self.pinger.request(me, dst)
         fut = self.pinger.wait(seq)
         loop = asyncio.get_running_loop()
@@ -437,10 +435,10 @@ class Daemon:
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
+            path, _ = self.dataplane.peer_path(p.key)
             return {**info, "seq": seq, "rtt_ms": None, "path": path}
         rtt = (loop.time() - t0) * 1000
-        path, _ = self.dataplane.peer_path(base64.b64decode(p["key"]))
+        path, _ = self.dataplane.peer_path(p.key)
         return {**info, "seq": seq, "rtt_ms": rtt, "path": path}
 
     def sync_peers(self) -> None:
@@ -459,15 +457,14 @@ class Daemon:
         if self.client is None or (not self.client.connected and self.client.state != "hello"):
             return
         now = asyncio.get_running_loop().time()
-        for text, p in peers.items():
-            key = base64.b64decode(text)
+        for key, p in peers.items():
             entry = self.dataplane.peers.get(key)
-            if not p["online"] or entry is None or entry.path.current_path is not None:
+            if not p.online or entry is None or entry.path.current_path is not None:
                 continue
             if now - self._punched.get(key, float("-inf")) < PUNCH_RETRY:
                 continue
             self._punched[key] = now
-            self.client.post({"t": "punch", "peer": text})
+            self.client.post({"t": "punch", "peer": p.key_text})
 
     def _repunch(self) -> None:
         """Our candidates changed (first probe, rebinding): ask for fresh introductions."""
@@ -507,7 +504,7 @@ class Daemon:
                       {"address": None, "state": "none", "connected": False, "error": None, "key": None,
                        "pool": None},
             "networks": self.state.status(),
-            "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p["name"])],
+            "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p.name)],
             "proxies": [{"kind": "socks5" if isinstance(p, SocksServer) else "http",
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
             "interface": self.kernel_if.info() if self.kernel_if is not None else None,
@@ -542,11 +539,11 @@ class Daemon:
                 "icmp": "kernel",
                 "stats": self.kernel_if.router_stats() if self.kernel_if is not None else {}}
 
-    def _peer_status(self, p: dict) -> dict:
-        path, rtt = self.dataplane.peer_path(base64.b64decode(p["key"]))
-        if not p["online"]:
+    def _peer_status(self, p: Peer) -> dict:
+        path, rtt = self.dataplane.peer_path(p.key)
+        if not p.online:
             path, rtt = None, None
-        return {**p, "path": path, "rtt_ms": rtt}
+        return {**p.to_json(), "path": path, "rtt_ms": rtt}
 
 
 async def run_daemon(home: Home, settings: NodeSettings) -> None:

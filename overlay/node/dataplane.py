@@ -48,6 +48,7 @@ from overlay.node.peers import PeerEntry, PeerTable, RelayAddr
 from overlay.node.peers import fmt_endpoint as _fmt
 from overlay.node.portmap_glue import PortMapGlue
 from overlay.node.server_path import ServerPath
+from overlay.node.state import Peer
 from overlay.node.tunnel_guard import TunnelGuard
 from overlay.wire.device import Device
 from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
@@ -227,8 +228,8 @@ class DataPlane:
         """What each port-mapping protocol answered (for ``netcheck``); None when none was tried."""
         return self.portmap.summary(self.server.srflx[0] if self.server.srflx else None)
 
-    def update_peers(self, peers: dict[str, dict]) -> None:
-        """``peers``: key (base64) -> {name, ip, online}: everyone sharing a network with us."""
+    def update_peers(self, peers: dict[bytes, Peer]) -> None:
+        """``peers``: key -> ``Peer``: everyone sharing a network with us."""
         for entry in self.table.update(peers):
             self.hardnat.forget(entry.key)
             self._dirty_paths.discard(entry)

@@ -123,7 +123,7 @@ class LocalApi:
         if cmd == "status":
             return d.status()
         if cmd == "peer":   # one peer by name, name.network or virtual IP; else why there is none
-            return {"peer": d.resolve_peer(str(a["peer"]))}
+            return {"peer": d.resolve_peer(str(a["peer"])).to_json()}
         if cmd == "whois":  # the peer behind a share's loopback source address, a virtual IP or a name
             return whois(d, str(a["address"]))
         if cmd == "share":
@@ -249,6 +249,6 @@ def whois(d: Daemon, text: str) -> dict:
     else:
         p = d.resolve_peer(t)
     per_peer = d.kernel_if is None and d.shares.source_info()["mode"] == "per_peer"
-    return {"query": t, "name": p["name"], "virtual_ip": p["ip"],
-            "loopback": loopback_for(p["ip"], pool) if per_peer else None,
-            "networks": list(p.get("networks", [])), "key": p["key"], "online": bool(p.get("online"))}
+    return {"query": t, "name": p.name, "virtual_ip": p.ip,
+            "loopback": loopback_for(p.ip, pool) if per_peer else None,
+            "networks": list(p.networks), "key": p.key_text, "online": p.online}

@@ -10,7 +10,6 @@ peer may only send from the addresses it owns (``PeerEntry.allows``).
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from overlay.iface.ethernet import L2_PREFIX
 from overlay.nat.candidate import format_addr
 from overlay.nat.disco import DiscoCodec
 from overlay.nat.traversal import PeerPath, TraversalConfig
+from overlay.node.state import Peer
 from overlay.tokenbucket import TokenBucket
 from overlay.wire.device import Device
 
@@ -82,12 +82,9 @@ class PeerTable:
         self.pool = ipaddress.IPv4Network(pool) if pool else None
         self.pool_broadcast = self.pool.broadcast_address.packed if self.pool else b"\xff\xff\xff\xff"
 
-    def update(self, peers: dict[str, dict]) -> list[PeerEntry]:
-        """``peers``: key (base64) -> {name, ip, online}: everyone sharing a network with us.
+    def update(self, wanted: dict[bytes, Peer]) -> list[PeerEntry]:
+        """``wanted``: key -> ``Peer``: everyone sharing a network with us.
         Returns the members that left (already out of the table and the device)."""
-        wanted = {}
-        for text, p in peers.items():
-            wanted[base64.b64decode(text)] = p
         gone = []
         for key in list(self.peers):
             if key not in wanted and self.peers[key].path is not None:
@@ -100,20 +97,20 @@ class PeerTable:
             if entry is not None and entry.path is None:
                 continue  # configured as a static WireGuard peer: that configuration wins
             if entry is None:
-                entry = PeerEntry(key, p["name"], p["ip"], PeerPath(self.disco, key, self.config, self.blocked))
+                entry = PeerEntry(key, p.name, p.ip, PeerPath(self.disco, key, self.config, self.blocked))
                 self.peers[key] = entry
                 self.device.add_peer(key, endpoint=entry.endpoint)
-            entry.name = p["name"]
-            entry.iface = p.get("iface")
-            if entry.vip != p["ip"]:
+            entry.name = p.name
+            entry.iface = p.iface
+            if entry.vip != p.ip:
                 self.by_vip.pop(socket.inet_aton(entry.vip), None)
-                entry.vip = p["ip"]
+                entry.vip = p.ip
             # cryptokey routing: the peer speaks for its virtual IP and its approved gateway routes
             entry.allowed = [ipaddress.IPv4Network(f"{entry.vip}/32")] + [
-                ipaddress.IPv4Network(r) for r in p.get("routes", ())]
+                ipaddress.IPv4Network(r) for r in p.routes]
             self.by_vip[socket.inet_aton(entry.vip)] = entry
-            entry.online = p["online"]
-            self.device.set_plaintext(key, p.get("encrypted", True) is False)
+            entry.online = p.online
+            self.device.set_plaintext(key, not p.encrypted)
         self._set_member_routes()
         return gone
 

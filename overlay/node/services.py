@@ -26,6 +26,7 @@ import socket
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
+from overlay.node.state import Peer
 from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
                                   OsDialer, PeerUnreachable, PortNotShared)
 from overlay.proxy.relay import relay
@@ -59,9 +60,9 @@ class RouteWithdrawn(NotRouted):
 
 
 class OverlayDialer:
-    def __init__(self, find_peer: Callable[[str], dict | None], netstack: Callable[[], StackDriver | None],
-                 kernel: bool = False, find_route: Callable[[str], dict | None] = lambda ip: None,
-                 path: Callable[[str], str | None] = lambda key: "?"):
+    def __init__(self, find_peer: Callable[[str], Peer | None], netstack: Callable[[], StackDriver | None],
+                 kernel: bool = False, find_route: Callable[[str], Peer | None] = lambda ip: None,
+                 path: Callable[[bytes], str | None] = lambda key: "?"):
         self._find = find_peer
         self._path = path            # a peer's key -> its path ("direct ...", "relay"), None: no path
         self._route = find_route     # a LAN address -> the gateway member whose approved route holds it
@@ -71,9 +72,9 @@ class OverlayDialer:
 
     def resolve(self, host: str) -> str | None:
         p = self._find(host)
-        return p["ip"] if p else None
+        return p.ip if p else None
 
-    def _peer(self, host: str) -> tuple[dict, str | None]:
+    def _peer(self, host: str) -> tuple[Peer, str | None]:
         """(online peer, LAN address if the peer is the gateway to it)."""
         lan = None
         p = self._find(host)
@@ -84,16 +85,16 @@ class OverlayDialer:
                     raise NotRouted(host)
                 raise NotOverlayAddress(host)
             lan = host.strip()
-        if not p["online"]:
-            raise PeerUnreachable(p["name"], f"it is offline (the gateway to {lan})" if lan else "it is offline")
+        if not p.online:
+            raise PeerUnreachable(p.name, f"it is offline (the gateway to {lan})" if lan else "it is offline")
         return p, lan
 
-    def _target(self, host: str) -> tuple[dict, StackDriver, str | None]:
+    def _target(self, host: str) -> tuple[Peer, StackDriver, str | None]:
         """(peer, stack, LAN address if the peer is the gateway to it)."""
         p, lan = self._peer(host)
         ns = self._netstack()
         if ns is None:
-            raise PeerUnreachable(p["name"], "this node is not connected yet")
+            raise PeerUnreachable(p.name, "this node is not connected yet")
         return p, ns, lan
 
     async def open_connection(self, host: str, port: int):
@@ -102,15 +103,15 @@ class OverlayDialer:
             # device, so an ordinary socket reaches a peer or a host behind a gateway member
             p, lan = self._peer(host)
             try:
-                return await self._os.open_connection(lan or p["ip"], port)
+                return await self._os.open_connection(lan or p.ip, port)
             except ConnectionRefused:
                 if lan is not None:
                     e = ConnectionRefused(lan, port)
-                    e.message += f" (reached through gateway {p['name']})"
+                    e.message += f" (reached through gateway {p.name})"
                     raise e from None
-                raise PortNotShared(p["name"], port) from None
+                raise PortNotShared(p.name, port) from None
             except DialTimeout:
-                raise DialTimeout(f"{lan} (through gateway {p['name']})" if lan else p["name"], port,
+                raise DialTimeout(f"{lan} (through gateway {p.name})" if lan else p.name, port,
                                   DIAL_TIMEOUT) from None
         p, ns, lan = self._target(host)
         if lan is not None:
@@ -118,34 +119,34 @@ class OverlayDialer:
                 return await ns.open_connection(lan, port, timeout=DIAL_TIMEOUT)
             except (NothingListensError, ConnectionRefusedError):
                 e = ConnectionRefused(lan, port)
-                e.message += f" (reached through gateway {p['name']})"
+                e.message += f" (reached through gateway {p.name})"
                 raise e from None
             except (asyncio.TimeoutError, TimeoutError):
-                raise DialTimeout(f"{lan} (through gateway {p['name']})", port, DIAL_TIMEOUT) from None
+                raise DialTimeout(f"{lan} (through gateway {p.name})", port, DIAL_TIMEOUT) from None
             except HostUnreachableError as e:
-                raise _lan_unreachable(lan, port, p["name"], e.reason) from None
+                raise _lan_unreachable(lan, port, p.name, e.reason) from None
         try:
-            return await ns.open_connection(p["ip"], port, timeout=DIAL_TIMEOUT)
+            return await ns.open_connection(p.ip, port, timeout=DIAL_TIMEOUT)
         except NothingListensError:
-            raise NothingListens(p["name"], port) from None
+            raise NothingListens(p.name, port) from None
         except ConnectionRefusedError:
-            raise PortNotShared(p["name"], port) from None
+            raise PortNotShared(p.name, port) from None
         except (asyncio.TimeoutError, TimeoutError):
             raise self._timeout(p, port) from None
 
-    def _timeout(self, p: dict, port: int) -> DialError:
+    def _timeout(self, p: Peer, port: int) -> DialError:
         """No answer in time: the peer did not answer (a path exists), or no path to it formed."""
-        if self._path(p["key"]) is None:
-            return PeerUnreachable(p["name"], f"no path to it formed in {DIAL_TIMEOUT:g} s (overlay status shows "
+        if self._path(p.key) is None:
+            return PeerUnreachable(p.name, f"no path to it formed in {DIAL_TIMEOUT:g} s (overlay status shows "
                                               f"its path; overlay netcheck tells why)")
-        return DialTimeout(p["name"], port, DIAL_TIMEOUT)
+        return DialTimeout(p.name, port, DIAL_TIMEOUT)
 
     async def open_udp(self, host: str, port: int):
         if self._os is not None:
             p, lan = self._peer(host)
-            return await self._os.open_udp(lan or p["ip"], port)
+            return await self._os.open_udp(lan or p.ip, port)
         p, ns, lan = self._target(host)
-        return _NetstackUdpFlow(ns.udp_bind(0), (lan or p["ip"], port))
+        return _NetstackUdpFlow(ns.udp_bind(0), (lan or p.ip, port))
 
 
 def _lan_unreachable(lan: str, port: int, gateway: str, reason: str) -> DialError:

@@ -1,12 +1,13 @@
 """The node's view of its networks and peers, rebuilt from server events (sans-I/O).
 
 ``apply(event)`` folds one server event into the view and returns a short description of what
-changed for the log (or None). ``peers()`` merges members of every network into one entry per node
-key, which is what the tunnel layer needs: a peer is someone sharing at least one network.
+changed for the log (or None). ``peers()`` merges members of every network into one ``Peer`` per
+node key, which is what the tunnel layer needs: a peer is someone sharing at least one network.
 """
 
 from __future__ import annotations
 
+import base64
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -24,6 +25,32 @@ class Member:
     kind: str | None = None    # hub / spoke (hub-and-spoke networks), gateway / member (gateway networks)
     routes: tuple = ()         # approved gateway routes (LAN subnets reached through this member)
     withdrawn: tuple = ()      # approved routes it no longer advertises (online without them)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A node this one tunnels to: a member sharing a network, or a static WireGuard peer (``static``).
+    ``key`` is the raw public key, ``key_text`` its base64 form (what the API and status show)."""
+    name: str
+    key: bytes
+    key_text: str
+    ip: str
+    online: bool
+    iface: str | None = None          # "tun" / "tap": the member runs a kernel interface
+    networks: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()      # approved gateway routes, over every shared network
+    withdrawn: tuple[str, ...] = ()   # approved routes it no longer advertises
+    encrypted: bool = True
+    static: bool = False
+
+    def to_json(self) -> dict:
+        """The peer as status and the API show it (docs/json.md); a static peer has no iface."""
+        d: dict = {"name": self.name, "key": self.key_text, "ip": self.ip, "online": self.online}
+        if not self.static:
+            d["iface"] = self.iface
+        d.update(networks=list(self.networks), routes=list(self.routes), withdrawn=list(self.withdrawn),
+                 encrypted=self.encrypted)
+        return d
 
 
 def _routes(raw) -> tuple:
@@ -120,9 +147,9 @@ class NodeState:
         if view is not None:
             view.pending = {k: n for k, n in view.pending.items() if n != name}
 
-    def peers(self) -> dict[str, dict]:
-        """key -> {name, ip, online, networks} for every node sharing a network with us."""
-        out: dict[str, dict] = {}
+    def peers(self) -> dict[bytes, Peer]:
+        """raw key -> ``Peer`` for every node sharing a network with us."""
+        merged: dict[str, tuple[Member, list[str], list[str], list[str], list[bool]]] = {}
         mine = self.me.get("key")
         for view in self.networks.values():
             if view.name in self.away:
@@ -132,14 +159,17 @@ class NodeState:
             for m in view.members.values():
                 if m.key == mine or not reaches(net_type, me.kind if me else None, m.kind):
                     continue
-                p = out.setdefault(m.key, {"name": m.name, "key": m.key, "ip": m.ip,
-                                           "online": m.online, "iface": m.iface, "networks": [], "routes": [],
-                                           "withdrawn": [], "encrypted": False})
-                p["networks"].append(view.name)
+                _, networks, routes, withdrawn, encrypted = merged.setdefault(m.key, (m, [], [], [], [False]))
+                networks.append(view.name)
                 # encryption drops only when every network shared with this peer is unencrypted
-                p["encrypted"] = p["encrypted"] or view.info.get("encrypted", True) is not False
-                p["routes"].extend(r for r in m.routes if r not in p["routes"])
-                p["withdrawn"].extend(r for r in m.withdrawn if r not in p["withdrawn"])
+                encrypted[0] = encrypted[0] or view.info.get("encrypted", True) is not False
+                routes.extend(r for r in m.routes if r not in routes)
+                withdrawn.extend(r for r in m.withdrawn if r not in withdrawn)
+        out: dict[bytes, Peer] = {}
+        for text, (m, networks, routes, withdrawn, encrypted) in merged.items():
+            key = base64.b64decode(text)
+            out[key] = Peer(m.name, key, text, m.ip, m.online, m.iface, tuple(networks), tuple(routes),
+                            tuple(withdrawn), encrypted[0])
         return out
 
     def own_routes(self) -> list[tuple[str, set[str]]]:

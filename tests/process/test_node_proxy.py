@@ -439,13 +439,15 @@ def test_a_dial_that_found_no_path_says_so():
         async def open_connection(self, ip, port, timeout):
             raise TimeoutError
 
-    peer = {"name": "bob", "key": "K", "ip": "100.64.0.2", "online": True}
-    paths = {"K": None}
+    from overlay.node.state import Peer
+    key = bytes(range(32))
+    peer = Peer("bob", key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "100.64.0.2", True)
+    paths: dict[bytes, str | None] = {key: None}
     d = OverlayDialer(lambda h: peer if h == "bob" else None, Stalls, path=paths.get)
     with pytest.raises(PeerUnreachable) as e:
         asyncio.run(d.open_connection("bob", 22))
     assert e.value.socks_reply == 0x04 and "no path to it" in e.value.message
-    paths["K"] = "direct 192.0.2.5:41641"
+    paths[key] = "direct 192.0.2.5:41641"
     with pytest.raises(DialTimeout) as e:
         asyncio.run(d.open_connection("bob", 22))
     assert e.value.socks_reply == 0x06

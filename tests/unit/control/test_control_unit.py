@@ -28,7 +28,7 @@ from overlay.control.channel import (
 )
 from overlay.control.messages import RequestError, validate_request
 from overlay.control.noise import HandshakeError, XXHandshake
-from overlay.node.state import NodeState
+from overlay.node.state import NodeState, Peer
 
 NOISE_NAME = b"Noise_XX_25519_ChaChaPoly_BLAKE2s"
 
@@ -774,17 +774,30 @@ def test_passwords_hash_and_verify():
 # ============================================================================ NodeState
 
 
+def _k(label: str) -> str:
+    """A well-formed member key (base64 of 32 bytes) named by a readable label."""
+    return messages.key_to_text(label.encode().ljust(32, b"."))
+
+
+def _peer(s: NodeState, label: str) -> Peer:
+    return s.peers()[messages.key_from_text(_k(label))]
+
+
+def _peer_keys(s: NodeState) -> set[str]:
+    return {p.key_text for p in s.peers().values()}
+
+
 def _member(name: str, key: str, online: bool = True, role: str = "member", ip: str | None = None) -> dict:
     return {"name": name, "key": key, "ip": ip or f"100.64.0.{len(name)}", "online": online, "role": role}
 
 
 def _state() -> NodeState:
     s = NodeState()
-    s.me = {"key": "ME", "name": "me", "networks": ["lan"]}
+    s.me = {"key": _k("ME"), "name": "me", "networks": ["lan"]}
     s.apply({"t": "network", "network": {"name": "lan", "owner": "me", "role": "owner", "locked": False,
                                          "approval": True, "max_members": 5, "count": 2}})
     s.apply({"t": "members", "network": "lan",
-             "members": [_member("me", "ME", role="owner"), _member("bob", "BOB")]})
+             "members": [_member("me", _k("ME"), role="owner"), _member("bob", _k("BOB"))]})
     return s
 
 
@@ -794,28 +807,30 @@ def test_state_network_and_members():
     (st_,) = s.status()
     assert st_["name"] == "lan" and st_["role"] == "owner" and st_["approval"] and st_["max_members"] == 5
     assert [(m["name"], m["self"]) for m in st_["members"]] == [("bob", False), ("me", True)]
-    assert s.peers() == {"BOB": {"name": "bob", "key": "BOB", "ip": "100.64.0.3", "online": True,
-                                 "iface": None, "networks": ["lan"], "routes": [], "withdrawn": [],
-                                 "encrypted": True}}
+    key = messages.key_from_text(_k("BOB"))
+    assert s.peers() == {key: Peer("bob", key, _k("BOB"), "100.64.0.3", True, None, ("lan",))}
+    assert s.peers()[key].to_json() == {"name": "bob", "key": _k("BOB"), "ip": "100.64.0.3", "online": True,
+                                        "iface": None, "networks": ["lan"], "routes": [], "withdrawn": [],
+                                        "encrypted": True}
 
 
 def test_state_members_changes_are_described():
     s = _state()
-    assert s.apply({"t": "members", "network": "lan", "members": [_member("bob", "BOB")]}) is None
+    assert s.apply({"t": "members", "network": "lan", "members": [_member("bob", _k("BOB"))]}) is None
     assert "offline" in s.apply({"t": "members", "network": "lan",
-                                 "members": [_member("bob", "BOB", online=False)]})
-    assert s.peers()["BOB"]["online"] is False
-    msg = s.apply({"t": "members", "network": "lan", "members": [_member("carol", "CAROL")]})
+                                 "members": [_member("bob", _k("BOB"), online=False)]})
+    assert _peer(s, "BOB").online is False
+    msg = s.apply({"t": "members", "network": "lan", "members": [_member("carol", _k("CAROL"))]})
     assert "carol" in msg and "lan" in msg
-    assert set(s.networks["lan"].members) == {"ME", "BOB", "CAROL"}
+    assert set(s.networks["lan"].members) == {_k("ME"), _k("BOB"), _k("CAROL")}
 
 
 def test_state_member_left_and_removed():
     s = _state()
-    assert "bob" in s.apply({"t": "member_left", "network": "lan", "key": "BOB", "reason": "kicked"})
+    assert "bob" in s.apply({"t": "member_left", "network": "lan", "key": _k("BOB"), "reason": "kicked"})
     assert s.peers() == {}
-    assert s.apply({"t": "member_left", "network": "lan", "key": "BOB"}) is None     # already gone
-    assert s.apply({"t": "member_left", "network": "nope", "key": "BOB"}) is None    # unknown network
+    assert s.apply({"t": "member_left", "network": "lan", "key": _k("BOB")}) is None     # already gone
+    assert s.apply({"t": "member_left", "network": "nope", "key": _k("BOB")}) is None    # unknown network
     assert "lan" in s.apply({"t": "removed", "network": "lan", "reason": "deleted"})
     assert s.networks == {} and s.status() == []
     assert s.apply({"t": "removed", "network": "lan", "reason": "deleted"})          # idempotent
@@ -824,15 +839,14 @@ def test_state_member_left_and_removed():
 def test_state_peers_merge_networks():
     s = _state()
     s.apply({"t": "members", "network": "games",
-             "members": [_member("bob", "BOB"), _member("me", "ME"), _member("dan", "DAN", online=False)]})
-    p = s.peers()
-    assert set(p) == {"BOB", "DAN"}
-    assert sorted(p["BOB"]["networks"]) == ["games", "lan"]
-    assert p["DAN"]["networks"] == ["games"]
+             "members": [_member("bob", _k("BOB")), _member("me", _k("ME")), _member("dan", _k("DAN"), online=False)]})
+    assert _peer_keys(s) == {_k("BOB"), _k("DAN")}
+    assert sorted(_peer(s, "BOB").networks) == ["games", "lan"]
+    assert _peer(s, "DAN").networks == ("games",)
 
 
 def _chat(cid: int, network: str = "lan") -> dict:
-    return {"t": "chat", "network": network, "id": cid, "from": "bob", "from_key": "BOB", "text": str(cid),
+    return {"t": "chat", "network": network, "id": cid, "from": "bob", "from_key": _k("BOB"), "text": str(cid),
             "ts": float(cid)}
 
 
@@ -873,42 +887,41 @@ def test_hostname_as_node_name():
 def test_state_enforces_network_types_even_if_the_server_lists_more():
     """A spoke never takes another spoke as a peer, whatever member list it is handed."""
     s = NodeState()
-    s.me = {"key": "ME", "name": "me"}
+    s.me = {"key": _k("ME"), "name": "me"}
     s.apply({"t": "network", "network": {"name": "star", "owner": "o", "role": "member", "type": "hub-and-spoke"}})
     s.apply({"t": "members", "network": "star", "members": [
-        {**_member("me", "ME"), "kind": "spoke"}, {**_member("hub", "HUB"), "kind": "hub"},
-        {**_member("other", "OTHER"), "kind": "spoke"}, _member("unknown", "UNK")]})
-    assert set(s.peers()) == {"HUB"}
+        {**_member("me", _k("ME")), "kind": "spoke"}, {**_member("hub", _k("HUB")), "kind": "hub"},
+        {**_member("other", _k("OTHER")), "kind": "spoke"}, _member("unknown", _k("UNK"))]})
+    assert _peer_keys(s) == {_k("HUB")}
     (st_,) = s.status()
     assert st_["type"] == "hub-and-spoke"
     assert {m["name"]: m["kind"] for m in st_["members"]} == {"me": "spoke", "hub": "hub", "other": "spoke",
                                                               "unknown": None}
     # as a hub it reaches everyone; a member listed in a mesh network too is a peer through that one
-    s.apply({"t": "members", "network": "star", "members": [{**_member("me", "ME"), "kind": "hub"}]})
-    assert set(s.peers()) == {"HUB", "OTHER", "UNK"}
-    s.apply({"t": "members", "network": "star", "members": [{**_member("me", "ME"), "kind": "spoke"}]})
+    s.apply({"t": "members", "network": "star", "members": [{**_member("me", _k("ME")), "kind": "hub"}]})
+    assert _peer_keys(s) == {_k("HUB"), _k("OTHER"), _k("UNK")}
+    s.apply({"t": "members", "network": "star", "members": [{**_member("me", _k("ME")), "kind": "spoke"}]})
     s.apply({"t": "network", "network": {"name": "side", "owner": "o", "role": "member"}})
-    s.apply({"t": "members", "network": "side", "members": [_member("me", "ME"), _member("other", "OTHER")]})
-    assert set(s.peers()) == {"HUB", "OTHER"} and s.peers()["OTHER"]["networks"] == ["side"]
+    s.apply({"t": "members", "network": "side", "members": [_member("me", _k("ME")), _member("other", _k("OTHER"))]})
+    assert _peer_keys(s) == {_k("HUB"), _k("OTHER")} and _peer(s, "OTHER").networks == ("side",)
     # gateway networks: members reach only the gateway
     s.apply({"t": "network", "network": {"name": "gw", "owner": "o", "role": "member", "type": "gateway"}})
     s.apply({"t": "members", "network": "gw", "members": [
-        {**_member("me", "ME"), "kind": "member"}, {**_member("g", "G"), "kind": "gateway"},
-        {**_member("x", "X"), "kind": "member"}]})
-    assert set(s.peers()) == {"HUB", "OTHER", "G"}
-    assert "out of reach" in s.apply({"t": "member_left", "network": "gw", "key": "G", "reason": "out of reach"})
+        {**_member("me", _k("ME")), "kind": "member"}, {**_member("g", _k("G")), "kind": "gateway"},
+        {**_member("x", _k("X")), "kind": "member"}]})
+    assert _peer_keys(s) == {_k("HUB"), _k("OTHER"), _k("G")}
+    assert "out of reach" in s.apply({"t": "member_left", "network": "gw", "key": _k("G"), "reason": "out of reach"})
 
 
 def test_state_peer_unencrypted_only_when_every_shared_network_is():
     s = NodeState()
-    s.me = {"key": "ME", "name": "me"}
+    s.me = {"key": _k("ME"), "name": "me"}
     for net, enc in (("fast", False), ("fast2", False), ("safe", True)):
         s.apply({"t": "network", "network": {"name": net, "owner": "o", "role": "member", "encrypted": enc}})
-    s.apply({"t": "members", "network": "fast", "members": [_member("me", "ME"), _member("bob", "BOB"),
-                                                             _member("carol", "CAROL")]})
-    s.apply({"t": "members", "network": "fast2", "members": [_member("me", "ME"), _member("bob", "BOB")]})
-    s.apply({"t": "members", "network": "safe", "members": [_member("me", "ME"), _member("carol", "CAROL")]})
-    peers = s.peers()
-    assert peers["BOB"]["encrypted"] is False            # fast and fast2: both unencrypted
-    assert peers["CAROL"]["encrypted"] is True           # also shares "safe": mixed keeps encryption
+    s.apply({"t": "members", "network": "fast", "members": [_member("me", _k("ME")), _member("bob", _k("BOB")),
+                                                             _member("carol", _k("CAROL"))]})
+    s.apply({"t": "members", "network": "fast2", "members": [_member("me", _k("ME")), _member("bob", _k("BOB"))]})
+    s.apply({"t": "members", "network": "safe", "members": [_member("me", _k("ME")), _member("carol", _k("CAROL"))]})
+    assert _peer(s, "BOB").encrypted is False            # fast and fast2: both unencrypted
+    assert _peer(s, "CAROL").encrypted is True           # also shares "safe": mixed keeps encryption
     assert {n["name"]: n["encrypted"] for n in s.status()} == {"fast": False, "fast2": False, "safe": True}

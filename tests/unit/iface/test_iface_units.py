@@ -14,6 +14,7 @@ from overlay.netstack.wire import ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP, buil
 from overlay.node.dataplane import DataPlane
 from overlay.node.inbound_filter import InboundFilter
 from overlay.node.peers import GROUP_BURST
+from overlay.node.state import Peer
 
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
 ME, PEER_TAP, PEER_TUN = b"\x64\x40\x00\x01", b"\x64\x40\x00\x02", b"\x64\x40\x00\x03"
@@ -260,10 +261,8 @@ def test_group_fan_out_and_caps():
         keys = {kind: crypto.public_key(crypto.generate_private_key()) for kind in ("tap", "tun", "user", "off")}
         peers = {}
         for i, (kind, k) in enumerate(keys.items()):
-            p = {"name": kind, "ip": f"100.64.0.{i + 2}", "online": kind != "off"}
-            if kind in ("tap", "tun", "off"):
-                p["iface"] = "tap" if kind == "off" else kind
-            peers[base64.b64encode(k).decode()] = p
+            iface = ("tap" if kind == "off" else kind) if kind in ("tap", "tun", "off") else None
+            peers[k] = Peer(kind, k, base64.b64encode(k).decode(), f"100.64.0.{i + 2}", kind != "off", iface)
         dp.update_peers(peers)
         sent = []
         dp.device.send = lambda key, pkt, now: sent.append((key, pkt))
@@ -407,7 +406,7 @@ def test_kernel_node_proxy_dials_approved_gateway_routes_through_the_os():
     from overlay.node.services import OverlayDialer
     from overlay.proxy.dialer import ConnectionRefused, NotOverlayAddress
 
-    gw = {"name": "gw", "online": True, "ip": "100.64.0.9"}
+    gw = Peer("gw", bytes(32), base64.b64encode(bytes(32)).decode(), "100.64.0.9", True)
 
     async def main():
         async def serve(reader, writer):

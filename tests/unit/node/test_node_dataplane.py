@@ -8,6 +8,7 @@ import socket
 from overlay import crypto
 from overlay.netstack.wire import ICMP_ECHO_REQUEST, PROTO_ICMP, build_icmp, build_ipv4
 from overlay.node.dataplane import DataPlane
+from overlay.node.state import Peer
 from overlay.wire.device import Device
 from overlay.wire.events import PacketReceived
 
@@ -76,10 +77,10 @@ def test_gateway_routes_of_members_longest_prefix_and_online_first():
     dp = DataPlane(crypto.generate_private_key())
     keys = {n: crypto.public_key(crypto.generate_private_key()) for n in ("gw1", "gw2", "gw3", "plain")}
 
-    def peers(online: dict[str, bool]) -> dict:
-        routes = {"gw1": ["192.168.1.0/24"], "gw2": ["192.168.1.0/24"], "gw3": ["192.168.1.128/25"], "plain": []}
-        return {base64.b64encode(keys[n]).decode(): {"name": n, "ip": f"100.64.0.{i + 1}", "online": online[n],
-                                                     "routes": routes[n]}
+    def peers(online: dict[str, bool], withdrawn: bool = False) -> dict:
+        routes = {"gw1": ("192.168.1.0/24",), "gw2": ("192.168.1.0/24",), "gw3": ("192.168.1.128/25",), "plain": ()}
+        return {keys[n]: Peer(n, keys[n], base64.b64encode(keys[n]).decode(), f"100.64.0.{i + 1}", online[n],
+                              routes=() if withdrawn else routes[n])
                 for i, n in enumerate(keys)}
 
     dp.update_peers(peers({"gw1": True, "gw2": True, "gw3": True, "plain": True}))
@@ -93,10 +94,7 @@ def test_gateway_routes_of_members_longest_prefix_and_online_first():
     assert gw2.allows(socket.inet_aton("192.168.1.7")) and gw2.allows(socket.inet_aton("100.64.0.2"))
     assert not dp.peers[keys["plain"]].allows(socket.inet_aton("192.168.1.7"))   # no route: no spoofing it
     # a route withdrawn (removed by the owner) is gone from both directions
-    p = peers({"gw1": True, "gw2": True, "gw3": True, "plain": True})
-    for v in p.values():
-        v["routes"] = []
-    dp.update_peers(p)
+    dp.update_peers(peers({"gw1": True, "gw2": True, "gw3": True, "plain": True}, withdrawn=True))
     assert dp.route_peer("192.168.1.20") is None and not gw2.allows(socket.inet_aton("192.168.1.7"))
 
 

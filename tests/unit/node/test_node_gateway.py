@@ -15,6 +15,7 @@ from overlay.netstack.wire import (ACK, PROTO_TCP, PROTO_UDP, SYN, build_ipv4, b
                                    parse_ipv4, parse_tcp, parse_udp)
 from overlay.node import gateway
 from overlay.node.gateway import Gateway
+from overlay.node.state import Peer
 
 MEMBER = "100.64.0.2"
 STRANGER = "100.64.0.9"   # a member of a network where the route is not approved
@@ -187,7 +188,7 @@ def test_member_is_told_what_the_gateway_saw_when_a_lan_host_does_not_answer(mon
         loop = asyncio.get_running_loop()
         member = StackDriver(Stack(MEMBER, mtu=1380, now=loop.time()), lambda p: gw.deliver([p]),
                              send_packets=gw.deliver)
-        peer = {"name": "homepc", "ip": "100.64.0.1", "online": True}
+        peer = Peer("homepc", bytes(32), "A" * 43 + "=", "100.64.0.1", True)
         dialer = OverlayDialer(lambda h: None, lambda: member, find_route=lambda ip: peer)
         try:
             try:

@@ -26,6 +26,7 @@ from overlay.netstack.wire import (
 from overlay.node import dataplane as dataplane_mod
 from overlay.node.dataplane import DataPlane
 from overlay.node.kernel_device import KernelInterface
+from overlay.node.state import Peer as PeerRecord
 from overlay.node.tunnel_guard import (
     CACHE_TTL,
     CAUGHT_FOR,
@@ -168,7 +169,7 @@ def _dataplane_with_peer():
     dp.set_pool(str(POOL))
     peer_key = crypto.generate_private_key()
     pub = crypto.public_key(peer_key)
-    dp.update_peers({base64.b64encode(pub).decode(): {"name": "p", "ip": PEER_VIP[0], "online": True}})
+    dp.update_peers({pub: PeerRecord("p", pub, base64.b64encode(pub).decode(), PEER_VIP[0], True)})
     return dp, sent, peer_key, pub
 
 
