@@ -1,0 +1,219 @@
+// The node's page: live status and chat over server-sent events (/events), actions as
+// POST /api/COMMAND (the daemon's local API, errors as the CLI's one-line messages).
+// Every name and text comes from peers: it goes into the page as text only, never as HTML.
+"use strict";
+
+const csrf = document.querySelector('meta[name="csrf"]').content;
+let status = null;
+const chats = new Map();   // network -> [chat events]
+const CHAT_KEEP = 500;
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+
+async function call(cmd, args) {
+  let r;
+  try {
+    const res = await fetch("/api/" + cmd, {
+      method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify(args || {}), credentials: "same-origin"});
+    r = res.headers.get("Content-Type") === "application/json" ? await res.json()
+      : {ok: false, error: (await res.text()).trim() || res.statusText};
+  } catch (e) {
+    r = {ok: false, error: "the node does not answer (is it running?)"};
+  }
+  if (!r.ok) say(r.error, true);
+  else if (r.warning) say(r.warning, true);
+  return r;
+}
+
+let msgTimer = 0;
+function say(text, error) {
+  const m = document.getElementById("msg");
+  m.textContent = (error ? "error: " : "") + text;
+  m.className = error ? "error" : "";
+  m.hidden = false;
+  clearTimeout(msgTimer);
+  msgTimer = setTimeout(() => { m.hidden = true; }, error ? 8000 : 4000);
+}
+
+function copyButton(text) {
+  return el("button", {class: "small", type: "button", "aria-label": "copy " + text, title: "copy",
+    onclick: () => navigator.clipboard.writeText(text).then(() => say("copied " + text))}, "copy");
+}
+
+// ----------------------------------------------------------------------- this node
+function renderNode(st) {
+  const n = st.node, s = st.server, u = st.udp || {};
+  const nat = u.nat || {};
+  const pm = u.port_mapping;
+  const natText = nat.udp === false ? "no UDP to the server" : nat.behind_nat === false ? "none (public address)"
+    : nat.mapping ? nat.mapping + (nat.allocation ? ", " + nat.allocation + " ports" : "") : "unknown yet";
+  const facts = [
+    ["Name", n.name], ["Virtual IP", n.virtual_ip || "none yet"],
+    ["Server", s.address ? s.address + " (" + (s.connected ? "connected" : s.state) + ")" + (s.error ? ": " + s.error : "") : "none"],
+    ["Public address", u.public || "unknown"], ["NAT", natText],
+    ["Port mapping", pm ? (pm.mapped ? pm.protocol + " " + pm.mapped : pm.note || "none") : "not tried"],
+    ["Proxies", (st.proxies || []).map(p => p.kind + " " + p.address).join(", ") || "none"],
+  ];
+  const dl = document.getElementById("node-facts");
+  dl.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k),
+    el("dd", {}, v, k === "Virtual IP" && n.virtual_ip ? copyButton(n.virtual_ip) : null)]));
+}
+
+// ----------------------------------------------------------------------- networks
+function light(member, peer) {
+  // green: direct, yellow: relayed, blinking: connecting, grey: offline, red: no path from here
+  if (!member.online) return ["offline", "offline"];
+  if (!peer) return ["nopath", "no path from this node"];
+  if (!peer.path) return ["connecting", "connecting"];
+  if (peer.path === "relay") return ["relayed", "relayed by the server"];
+  return ["direct", peer.path];
+}
+
+function renderNets(st) {
+  const peers = new Map((st.peers || []).map(p => [p.key, p]));
+  const box = document.getElementById("net-list");
+  if (!st.networks.length) { box.replaceChildren(el("p", {class: "tags"}, "No network yet: join or create one.")); return; }
+  box.replaceChildren(...st.networks.map(net => {
+    const owner = net.role === "owner";
+    const tags = [net.type, "you: " + (net.role || "member"), net.encrypted ? "encrypted" : "NOT encrypted",
+      net.locked ? "locked" : null, net.approval ? "owner approves joins" : null, net.away ? "you are offline here" : null]
+      .filter(Boolean).join(" · ");
+    const rows = net.members.map(m => {
+      const p = peers.get(m.key);
+      const [cls, what] = m.self ? ["direct", "this node"] : light(m, p);
+      return el("tr", {},
+        el("td", {}, el("span", {class: "light " + cls, role: "img", "aria-label": what, title: what}), m.name,
+          m.self ? " (you)" : "", m.role === "owner" ? " ★" : ""),
+        el("td", {}, m.ip || "", m.ip ? copyButton(m.ip) : null),
+        el("td", {}, m.self ? "" : what),
+        el("td", {}, p && p.rtt_ms != null ? p.rtt_ms.toFixed(1) + " ms" : ""),
+        el("td", {}, m.iface || "userspace"),
+        el("td", {}, m.self || !m.online || !p ? "" :
+          el("button", {class: "small", type: "button", onclick: () => ping(m.name + "." + net.name)}, "ping")));
+    });
+    const pending = owner && net.pending.length ? el("div", {},
+      el("h3", {}, "Waiting for approval"),
+      el("ul", {}, ...net.pending.map(r => el("li", {}, r.name, " ",
+        el("button", {class: "small", type: "button", onclick: () => admin(net.name, "approve", r.name)}, "approve"), " ",
+        el("button", {class: "small", type: "button", onclick: () => admin(net.name, "reject", r.name)}, "reject"))))) : null;
+    return el("div", {class: "net"},
+      el("h3", {}, net.name, " ",
+        el("button", {class: "small", type: "button", onclick: () => leave(net.name)}, "leave")),
+      el("div", {class: "tags"}, tags), pending,
+      el("div", {class: "wrap"}, el("table", {},
+        el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Interface", ""].map(h => el("th", {scope: "col"}, h)))),
+        el("tbody", {}, ...rows))));
+  }));
+}
+
+async function ping(peer) {
+  say("pinging " + peer + "…");
+  const r = await call("ping_peer", {peer, wait: 2.0});
+  if (r.ok) say(peer + ": " + (r.rtt_ms != null ? r.rtt_ms.toFixed(1) + " ms" : "no answer") + (r.path ? " via " + r.path : ""));
+}
+
+async function admin(network, action, target) {
+  const r = await call("admin", {network, action, target});
+  if (r.ok) say(action + " " + target + ": done");
+}
+
+async function leave(network) {
+  if (!confirm("Leave the network " + network + "?")) return;
+  if ((await call("leave", {network})).ok) say("left " + network);
+}
+
+// ----------------------------------------------------------------------- shares
+function renderShares(st) {
+  const list = document.getElementById("share-list");
+  list.replaceChildren(...(st.shares || []).map(s => {
+    const text = typeof s === "object" ? s.port + (s.proto === "udp" || s.udp ? "/udp" : "") : String(s);
+    const [port, proto] = text.split("/");
+    return el("li", {}, text, " ", el("button", {class: "small", type: "button",
+      onclick: () => call("unshare", {port: Number(port), udp: proto === "udp"})}, "remove"));
+  }));
+  if (!list.children.length) list.append(el("li", {class: "tags"}, "none"));
+}
+
+// ----------------------------------------------------------------------- chat
+function renderChatNets(st) {
+  const sel = document.getElementById("chat-net");
+  const names = st.networks.map(n => n.name);
+  const cur = sel.value;
+  if ([...sel.options].map(o => o.value).join() !== names.join()) {
+    sel.replaceChildren(...names.map(n => el("option", {value: n}, n)));
+    if (names.includes(cur)) sel.value = cur;
+  }
+  for (const n of names) if (!chats.has(n)) { chats.set(n, []); loadHistory(n); }
+  renderChat();
+}
+
+async function loadHistory(network) {
+  const r = await call("history", {network});
+  if (r.ok) for (const m of r.messages) addChat(m);
+}
+
+function addChat(ev) {
+  const list = chats.get(ev.network) || [];
+  if (ev.id != null && list.some(m => m.id === ev.id)) return;
+  list.push(ev);
+  list.sort((a, b) => (a.ts || 0) - (b.ts || 0));
+  if (list.length > CHAT_KEEP) list.splice(0, list.length - CHAT_KEEP);
+  chats.set(ev.network, list);
+  renderChat();
+}
+
+function renderChat() {
+  const net = document.getElementById("chat-net").value;
+  const log = document.getElementById("chat-log");
+  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  log.replaceChildren(...(chats.get(net) || []).map(m => el("li", {},
+    m.ts ? el("time", {}, new Date(m.ts * 1000).toLocaleTimeString()) : null,
+    el("span", {class: "from"}, m.from || "?"), m.text)));
+  if (atEnd) log.scrollTop = log.scrollHeight;
+}
+
+// ----------------------------------------------------------------------- forms
+document.getElementById("chat-net").addEventListener("change", renderChat);
+document.getElementById("chat-form").addEventListener("submit", async e => {
+  e.preventDefault();
+  const input = e.target.elements.text, network = document.getElementById("chat-net").value;
+  if (!network) { say("join a network first", true); return; }
+  if ((await call("chat", {network, text: input.value})).ok) input.value = "";
+});
+document.getElementById("net-form").addEventListener("submit", async e => {
+  e.preventDefault();
+  const f = e.target.elements, cmd = e.submitter && e.submitter.value === "create" ? "create" : "join";
+  const r = await call(cmd, {network: f.network.value, password: f.password.value});
+  if (r.ok) { say((cmd === "create" ? "created " : "joined ") + f.network.value); f.password.value = ""; }
+});
+document.getElementById("share-form").addEventListener("submit", async e => {
+  e.preventDefault();
+  const [port, proto] = e.target.elements.port.value.trim().split("/");
+  if ((await call("share", {port: Number(port), udp: proto === "udp"})).ok) e.target.reset();
+});
+
+// ----------------------------------------------------------------------- live
+function render(st) {
+  status = st;
+  renderNode(st); renderNets(st); renderShares(st); renderChatNets(st);
+}
+
+function connect() {
+  const conn = document.getElementById("conn");
+  const es = new EventSource("/events");
+  es.addEventListener("open", () => { conn.textContent = "live"; conn.className = "conn live"; });
+  es.addEventListener("status", e => render(JSON.parse(e.data)));
+  es.addEventListener("chat", e => addChat(JSON.parse(e.data)));
+  es.addEventListener("error", () => { conn.textContent = "reconnecting…"; conn.className = "conn lost"; });
+}
+connect();

@@ -1,0 +1,164 @@
+"""`overlay ui`: the daemon's local web page, through real processes (server and nodes started
+through the CLI): who gets in, the headers, the live event stream and chat both ways."""
+
+import http.client
+import json
+import re
+import stat
+import subprocess
+
+import pytest
+
+from cluster import OVERLAY, Cluster
+from overlay.ui.guard import SECRET_FILE
+
+HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+           "cache-control": "no-store"}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        yield c
+
+
+def request(address: str, method: str, path: str, headers: dict | None = None, body: dict | None = None):
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def check_headers(headers: dict) -> None:
+    for k, v in HEADERS.items():
+        assert headers.get(k) == v, (k, headers)
+    csp = headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+
+
+class Events:
+    """An open /events stream, read event by event."""
+
+    def __init__(self, address: str, cookie: str):
+        host, port = address.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=15)
+        self.conn.request("GET", "/events", headers={"Cookie": cookie})
+        self.r = self.conn.getresponse()
+        assert self.r.status == 200 and self.r.getheader("Content-Type").startswith("text/event-stream")
+
+    def next(self, kind: str, cond=lambda data: True, limit: int = 200) -> dict:
+        for _ in range(limit):
+            event, data = None, None
+            while True:
+                line = self.r.readline().decode()
+                assert line, "the event stream ended"
+                line = line.rstrip("\n")
+                if not line:
+                    break
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+            if event == kind and cond(data):
+                return data
+        raise AssertionError(f"no {kind} event")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_ui_page_guards_events_and_chat(cluster):
+    a = cluster.start_node("alice")
+    b = cluster.start_node("bob", "--ui", "off")
+    a.ok("create", "games", "--password", "pw")
+    b.ok("join", "games", "--password", "pw")
+
+    # the UI off: no address, and `overlay ui` says how to turn it on
+    assert b.status()["ui"] is None
+    assert "the web page is off" in b.fails("ui", "--no-open")
+
+    url = a.ok("ui", "--no-open").strip()
+    address = a.status()["ui"]
+    secret = (a.home / SECRET_FILE).read_text().strip()
+    assert stat.S_IMODE((a.home / SECRET_FILE).stat().st_mode) == 0o600
+    assert url == f"http://{address}/?s={secret}" and address.startswith("127.0.0.1:")
+
+    # no cookie: 403 (with the headers all the same)
+    status, headers, _ = request(address, "GET", "/")
+    assert status == 403
+    check_headers(headers)
+    assert request(address, "GET", "/events")[0] == 403
+    assert request(address, "GET", "/?s=" + "x" * 43)[0] == 403
+
+    # the secret URL: a redirect to a clean URL that sets the cookie
+    status, headers, _ = request(address, "GET", url.split(address, 1)[1])
+    assert status == 303 and headers["location"] == "/"
+    set_cookie = headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    cookie = set_cookie.split(";", 1)[0]
+    assert cookie.endswith("=" + secret)
+
+    status, headers, body = request(address, "GET", "/", {"Cookie": cookie})
+    assert status == 200
+    check_headers(headers)
+    html = body.decode()
+    assert '<script src="/app.js"' in html and "<script>" not in html
+    csrf = re.search(r'<meta name="csrf" content="([0-9a-f]{64})">', html).group(1)
+    status, headers, js = request(address, "GET", "/app.js", {"Cookie": cookie})
+    assert status == 200 and headers["content-type"].startswith("text/javascript") and b"EventSource" in js
+    assert request(address, "GET", "/app.css", {"Cookie": cookie})[0] == 200
+
+    # DNS rebinding: a foreign Host header is refused, cookie or not
+    assert request(address, "GET", "/", {"Cookie": cookie, "Host": f"evil.example:{address.split(':')[1]}"})[0] == 403
+
+    # cross-site POSTs: without Origin, with a foreign one, without the CSRF token
+    good = {"Cookie": cookie, "Origin": f"http://{address}", "X-CSRF-Token": csrf,
+            "Content-Type": "application/json"}
+    chat = {"network": "games", "text": "forged"}
+    for bad in ({k: v for k, v in good.items() if k != "Origin"}, {**good, "Origin": "http://evil.example"},
+                {k: v for k, v in good.items() if k != "X-CSRF-Token"}, {k: v for k, v in good.items() if k != "Cookie"}):
+        status, headers, _ = request(address, "POST", "/api/chat", bad, chat)
+        assert status == 403
+        check_headers(headers)
+
+    # the event stream: the status first, then a chat line sent from another node's CLI
+    ev = Events(address, cookie)
+    try:
+        st = ev.next("status")
+        assert st["node"]["name"] == "alice" and st["ui"] == address
+        assert [n["name"] for n in st["networks"]] == ["games"]
+        b.ok("chat", "games", "hello from the CLI")
+        line = ev.next("chat", lambda d: d["text"] == "hello from the CLI")
+        assert line["from"] == "bob" and line["network"] == "games"
+
+        # a chat line sent from the page reaches bob's `overlay chat --follow`
+        follow = subprocess.Popen([*OVERLAY, "chat", "games", "--follow", "--json", "--home", str(b.home)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "following chat of games" in follow.stderr.readline()
+            status, _, body = request(address, "POST", "/api/chat", good, {"network": "games", "text": "hi from the page"})
+            assert status == 200 and json.loads(body)["ok"] is True
+            line = json.loads(follow.stdout.readline())
+            assert line["text"] == "hi from the page" and line["from"] == "alice"
+        finally:
+            follow.terminate()
+            follow.wait(5)
+        # ... and shows on the page's own stream too
+        ev.next("chat", lambda d: d["text"] == "hi from the page")
+    finally:
+        ev.close()
+
+    # an error is the CLI's one line; the forged lines never reached the chat
+    cli_error = a.fails("chat", "nosuchnet", "x")
+    status, _, body = request(address, "POST", "/api/chat", good, {"network": "nosuchnet", "text": "x"})
+    reply = json.loads(body)
+    assert reply["ok"] is False and reply["error"] in cli_error
+    assert "forged" not in a.ok("chat", "games", "--history")
+    # only the page's commands: not `down`
+    status, _, body = request(address, "POST", "/api/down", good, {})
+    assert json.loads(body)["ok"] is False and a.connected()
