@@ -19,6 +19,21 @@ function el(tag, attrs, ...kids) {
   return e;
 }
 
+// Re-draw a part of the page only when its data changed, and give the focus back to the control
+// that had it (same data-key), so a keyboard user is not thrown out by a live update.
+const drawn = new Map();
+function redraw(box, data, build) {
+  const text = JSON.stringify(data);
+  if (drawn.get(box.id) === text) return;
+  drawn.set(box.id, text);
+  const focused = box.contains(document.activeElement) ? document.activeElement.dataset.key : null;
+  box.replaceChildren(...build());
+  if (focused) {
+    const again = box.querySelector('[data-key="' + CSS.escape(focused) + '"]');
+    if (again) again.focus();
+  }
+}
+
 async function call(cmd, args) {
   let r;
   try {
@@ -46,7 +61,7 @@ function say(text, error) {
 }
 
 function copyButton(text) {
-  return el("button", {class: "small", type: "button", "aria-label": "copy " + text, title: "copy",
+  return el("button", {class: "small", type: "button", "aria-label": "copy " + text, title: "copy", "data-key": "copy:" + text,
     onclick: () => navigator.clipboard.writeText(text).then(() => say("copied " + text))}, "copy");
 }
 
@@ -64,8 +79,7 @@ function renderNode(st) {
     ["Port mapping", pm ? (pm.mapped ? pm.protocol + " " + pm.mapped : pm.note || "none") : "not tried"],
     ["Proxies", (st.proxies || []).map(p => p.kind + " " + p.address).join(", ") || "none"],
   ];
-  const dl = document.getElementById("node-facts");
-  dl.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k),
+  redraw(document.getElementById("node-facts"), facts, () => facts.flatMap(([k, v]) => [el("dt", {}, k),
     el("dd", {}, v, k === "Virtual IP" && n.virtual_ip ? copyButton(n.virtual_ip) : null)]));
 }
 
@@ -82,8 +96,7 @@ function light(member, peer) {
 function renderNets(st) {
   const peers = new Map((st.peers || []).map(p => [p.key, p]));
   const box = document.getElementById("net-list");
-  if (!st.networks.length) { box.replaceChildren(el("p", {class: "tags"}, "No network yet: join or create one.")); return; }
-  box.replaceChildren(...st.networks.map(net => {
+  redraw(box, [st.networks, st.peers], () => st.networks.length ? st.networks.map(net => {
     const owner = net.role === "owner";
     const tags = [net.type, "you: " + (net.role || "member"), net.encrypted ? "encrypted" : "NOT encrypted",
       net.locked ? "locked" : null, net.approval ? "owner approves joins" : null, net.away ? "you are offline here" : null]
@@ -91,7 +104,7 @@ function renderNets(st) {
     const rows = net.members.map(m => {
       const p = peers.get(m.key);
       const [cls, what] = m.self ? ["direct", "this node"] : light(m, p);
-      return el("tr", {},
+      return el("tr", {"data-member": m.name, "data-light": m.self ? "self" : cls},
         el("td", {}, el("span", {class: "light " + cls, role: "img", "aria-label": what, title: what}), m.name,
           m.self ? " (you)" : "", m.role === "owner" ? " ★" : ""),
         el("td", {}, m.ip || "", m.ip ? copyButton(m.ip) : null),
@@ -99,21 +112,24 @@ function renderNets(st) {
         el("td", {}, p && p.rtt_ms != null ? p.rtt_ms.toFixed(1) + " ms" : ""),
         el("td", {}, m.iface || "userspace"),
         el("td", {}, m.self || !m.online || !p ? "" :
-          el("button", {class: "small", type: "button", onclick: () => ping(m.name + "." + net.name)}, "ping")));
+          el("button", {class: "small", type: "button", "data-key": "ping:" + m.name + "." + net.name,
+            onclick: () => ping(m.name + "." + net.name)}, "ping")));
     });
     const pending = owner && net.pending.length ? el("div", {},
       el("h3", {}, "Waiting for approval"),
       el("ul", {}, ...net.pending.map(r => el("li", {}, r.name, " ",
-        el("button", {class: "small", type: "button", onclick: () => admin(net.name, "approve", r.name)}, "approve"), " ",
-        el("button", {class: "small", type: "button", onclick: () => admin(net.name, "reject", r.name)}, "reject"))))) : null;
-    return el("div", {class: "net"},
+        el("button", {class: "small", type: "button", "data-key": "approve:" + r.name + "." + net.name,
+          onclick: () => admin(net.name, "approve", r.name)}, "approve"), " ",
+        el("button", {class: "small", type: "button", "data-key": "reject:" + r.name + "." + net.name,
+          onclick: () => admin(net.name, "reject", r.name)}, "reject"))))) : null;
+    return el("div", {class: "net", "data-network": net.name},
       el("h3", {}, net.name, " ",
-        el("button", {class: "small", type: "button", onclick: () => leave(net.name)}, "leave")),
+        el("button", {class: "small", type: "button", "data-key": "leave:" + net.name, onclick: () => leave(net.name)}, "leave")),
       el("div", {class: "tags"}, tags), pending,
       el("div", {class: "wrap"}, el("table", {},
         el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Interface", ""].map(h => el("th", {scope: "col"}, h)))),
         el("tbody", {}, ...rows))));
-  }));
+  }) : [el("p", {class: "tags"}, "No network yet: join or create one.")]);
 }
 
 async function ping(peer) {
@@ -134,14 +150,12 @@ async function leave(network) {
 
 // ----------------------------------------------------------------------- shares
 function renderShares(st) {
-  const list = document.getElementById("share-list");
-  list.replaceChildren(...(st.shares || []).map(s => {
-    const text = typeof s === "object" ? s.port + (s.proto === "udp" || s.udp ? "/udp" : "") : String(s);
-    const [port, proto] = text.split("/");
-    return el("li", {}, text, " ", el("button", {class: "small", type: "button",
-      onclick: () => call("unshare", {port: Number(port), udp: proto === "udp"})}, "remove"));
-  }));
-  if (!list.children.length) list.append(el("li", {class: "tags"}, "none"));
+  const shares = st.shares || [];
+  redraw(document.getElementById("share-list"), shares, () => shares.length ? shares.map(s => {
+    const text = s.port + (s.proto === "udp" ? "/udp" : "");
+    return el("li", {}, text, " ", el("button", {class: "small", type: "button", "data-key": "unshare:" + text,
+      onclick: () => call("unshare", {port: s.port, udp: s.proto === "udp"})}, "remove"));
+  }) : [el("li", {class: "tags"}, "none")]);
 }
 
 // ----------------------------------------------------------------------- chat

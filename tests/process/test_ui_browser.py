@@ -1,0 +1,127 @@
+"""`overlay ui` in a real browser: Debian's chromium driven by Selenium (skipped where either is
+missing), against a server and nodes started through the CLI."""
+
+import json
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from cluster import OVERLAY, Cluster
+
+webdriver = pytest.importorskip("selenium.webdriver")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromium-driver")
+
+
+def browser(dark: bool = False):
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900",
+                "--disable-gpu", "--no-first-run"):
+        opts.add_argument(arg)
+    if dark:
+        opts.add_argument("--force-dark-mode")
+        opts.add_argument("--blink-settings=preferredColorScheme=0")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+
+
+def click(driver, css: str) -> bool:
+    """Click the element (False while it is missing or being re-drawn by a live update)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        if found:
+            found[0].click()
+            return True
+    except StaleElementReferenceException:
+        pass
+    return False
+
+
+def row(driver, network: str, member: str):
+    from selenium.webdriver.common.by import By
+    found = driver.find_elements(By.CSS_SELECTOR, f'[data-network="{network}"] tr[data-member="{member}"]')
+    return found[0] if found else None
+
+
+def light(driver, network: str, member: str) -> str | None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    try:
+        r = row(driver, network, member)
+        return r.get_attribute("data-light") if r is not None else None
+    except StaleElementReferenceException:
+        return None
+
+
+def chat_lines(driver) -> list[str]:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        return [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#chat-log li")]
+    except StaleElementReferenceException:
+        return []
+
+
+def severe_logs(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        a = c.start_node("alice")
+        b = c.start_node("bob")
+        d = c.start_node("dave")
+        a.ok("create", "games", "--password", "pw", "--approval")
+        r = b.run("join", "games", "--password", "pw")
+        assert r.returncode == 0, r.stderr
+        c.wait(lambda: (a.network("games") or {}).get("pending"), what="bob's join request")
+        driver = browser()
+        try:
+            driver.get(a.ok("ui", "--no-open").strip())
+            assert "?s=" not in driver.current_url     # the secret left the address bar
+            # the owner approves bob's join from the page
+            c.wait(lambda: click(driver, '[data-key="approve:bob.games"]'), what="approve bob on the page")
+            c.wait(lambda: b.network("games"), what="bob in games")
+            # bob is online and direct (green), without a reload
+            c.wait(lambda: light(driver, "games", "bob") == "direct", timeout=30, what="bob direct on the page")
+
+            # chat: a line from bob's CLI appears; one typed on the page reaches dave's --follow
+            d.ok("join", "games", "--password", "pw")   # approval: the owner approves dave from the page too
+            c.wait(lambda: click(driver, '[data-key="approve:dave.games"]'), what="approve dave on the page")
+            c.wait(lambda: d.network("games"), what="dave in games")
+            b.ok("chat", "games", "hello page")
+            c.wait(lambda: any("hello page" in t for t in chat_lines(driver)), what="CLI chat on the page")
+            follow = subprocess.Popen([*OVERLAY, "chat", "games", "--follow", "--json", "--home", str(d.home)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert "following chat of games" in follow.stderr.readline()
+                box = driver.find_element(By.CSS_SELECTOR, "#chat-form input[name=text]")
+                box.send_keys("hello from the browser", Keys.ENTER)   # keyboard only
+                line = json.loads(follow.stdout.readline())
+                assert line["text"] == "hello from the browser" and line["from"] == "alice"
+            finally:
+                follow.terminate()
+                follow.wait(5)
+
+            # a share added on the page shows in `overlay status`
+            box = driver.find_element(By.CSS_SELECTOR, "#share-form input[name=port]")
+            box.send_keys("27015/udp", Keys.ENTER)
+            c.wait(lambda: {"port": 27015, "proto": "udp"} in a.cli_status()["shares"], what="share in status")
+
+            # bob goes offline: his light turns grey once alice's daemon knows
+            b.kill(signal.SIGTERM)
+            c.wait(lambda: not {m["name"]: m for m in a.network("games")["members"]}["bob"]["online"],
+                   what="bob offline for alice")
+            c.wait(lambda: light(driver, "games", "bob") == "offline", timeout=5, what="bob grey on the page")
+            assert severe_logs(driver) == []      # no script error, no CSP violation
+        finally:
+            driver.quit()
