@@ -55,7 +55,7 @@ class UiServer:
         self.guard: Guard | None = None
         self._server: asyncio.Server | None = None
         self._connections = 0
-        self._streams = 0
+        self._queues: set[asyncio.Queue] = set()   # the open /events streams
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connection, self.host, self.port, limit=MAX_HEAD)
@@ -178,15 +178,18 @@ class UiServer:
                 reply = {"ok": False, "code": "bad_request", "error": f"bad request: {e}"}
             else:
                 reply = await self.api.answer(cmd, args)
+                for q in self._queues:       # the pages show what the command changed at once
+                    if not q.full():
+                        q.put_nowait({"t": "refresh"})
         await self._send(conn, writer, 200, json.dumps(reply).encode(), "application/json")
 
     # ------------------------------------------------------------------ server-sent events
     async def _events(self, conn, reader, writer) -> None:
-        if self._streams >= MAX_STREAMS:
+        if len(self._queues) >= MAX_STREAMS:
             await self._send(conn, writer, 503, b"too many open pages\n", "text/plain; charset=utf-8")
             return
-        self._streams += 1
         q: asyncio.Queue = asyncio.Queue(STREAM_QUEUE)
+        self._queues.add(q)
         self.api.followers.add(q)
         loop = asyncio.get_running_loop()
         eof = loop.create_task(reader.read(1))   # the page hung up
@@ -215,7 +218,7 @@ class UiServer:
                     writer.write(conn.send(h11.Data(data=b"event: chat\ndata: " + json.dumps(ev).encode() + b"\n\n")))
         finally:
             self.api.followers.discard(q)
-            self._streams -= 1
+            self._queues.discard(q)
             for task in (eof, get):
                 if task is not None:
                     task.cancel()

@@ -2,6 +2,7 @@
 missing), against a server and nodes started through the CLI."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,18 +17,24 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromium-driver")
 
 
-def browser(dark: bool = False):
+def browser():
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,760",
                 "--disable-gpu", "--no-first-run"):
         opts.add_argument(arg)
-    if dark:
-        opts.add_argument("--force-dark-mode")
-        opts.add_argument("--blink-settings=preferredColorScheme=0")
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+
+
+def screenshots(driver, folder: str) -> None:
+    """The page in light and dark (README pictures): OVERLAY_UI_SCREENSHOTS=docs pytest this file."""
+    for scheme in ("light", "dark"):
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                               {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+        driver.save_screenshot(os.path.join(folder, f"ui-{scheme}.png"))
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
 
 def click(driver, css: str) -> bool:
@@ -116,6 +123,10 @@ def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
             box = driver.find_element(By.CSS_SELECTOR, "#share-form input[name=port]")
             box.send_keys("27015/udp", Keys.ENTER)
             c.wait(lambda: {"port": 27015, "proto": "udp"} in a.cli_status()["shares"], what="share in status")
+            if os.environ.get("OVERLAY_UI_SCREENSHOTS"):
+                c.wait(lambda: light(driver, "games", "dave") == "direct", timeout=30, what="dave direct")
+                c.wait(lambda: "27015/udp" in driver.find_element(By.ID, "share-list").text, what="share on the page")
+                screenshots(driver, os.environ["OVERLAY_UI_SCREENSHOTS"])
 
             # bob goes offline: his light turns grey once alice's daemon knows
             b.kill(signal.SIGTERM)

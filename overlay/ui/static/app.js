@@ -46,7 +46,7 @@ async function call(cmd, args) {
     r = {ok: false, error: "the node does not answer (is it running?)"};
   }
   if (!r.ok) say(r.error, true);
-  else if (r.warning) say(r.warning, true);
+  else if (r.warning) say("warning: " + r.warning);
   return r;
 }
 
