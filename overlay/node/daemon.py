@@ -556,10 +556,16 @@ class Daemon:
                 "stats": self.kernel_if.router_stats() if self.kernel_if is not None else {}}
 
     def _peer_status(self, p: dict) -> dict:
-        path, rtt = self.dataplane.peer_path(base64.b64decode(p["key"]))
+        key = base64.b64decode(p["key"])
+        path, rtt = self.dataplane.peer_path(key)
         if not p["online"]:
             path, rtt = None, None
-        return {**p, "path": path, "rtt_ms": rtt}
+        try:
+            wg = self.dataplane.device.peer_stats(key)
+            rx, tx = wg["rx_bytes"], wg["tx_bytes"]
+        except KeyError:      # not a tunnel peer (yet)
+            rx = tx = 0
+        return {**p, "path": path, "rtt_ms": rtt, "rx_bytes": rx, "tx_bytes": tx}
 
 
 async def run_daemon(home: Home, settings: NodeSettings) -> None:

@@ -3,6 +3,7 @@ missing), against a server and nodes started through the CLI."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ def browser():
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,760",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,800",
                 "--disable-gpu", "--no-first-run"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -30,6 +31,7 @@ def browser():
 
 def screenshots(driver, folder: str) -> None:
     """The page in light and dark (README pictures): OVERLAY_UI_SCREENSHOTS=docs pytest this file."""
+    driver.find_element("tag name", "body").send_keys("\ue00c")   # Escape closes the last message
     for scheme in ("light", "dark"):
         driver.execute_cdp_cmd("Emulation.setEmulatedMedia",
                                {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
@@ -66,6 +68,20 @@ def light(driver, network: str, member: str) -> str | None:
         return None
 
 
+def cell(driver, network: str, member: str, css: str, attribute: str | None = None) -> str:
+    """Text (or an attribute) of an element in a member's row; "" while missing or being re-drawn."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        r = row(driver, network, member)
+        found = r.find_elements(By.CSS_SELECTOR, css) if r is not None else []
+        if not found:
+            return ""
+        return (found[0].get_attribute(attribute) if attribute else found[0].text) or ""
+    except StaleElementReferenceException:
+        return ""
+
+
 def chat_lines(driver) -> list[str]:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -100,6 +116,14 @@ def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
             c.wait(lambda: b.network("games"), what="bob in games")
             # bob is online and direct (green), without a reload
             c.wait(lambda: light(driver, "games", "bob") == "direct", timeout=30, what="bob direct on the page")
+
+            # ping from the page: its answer shows; the tunnel's traffic and its chart fill in
+            c.wait(lambda: click(driver, '[data-key="ping:bob.games"]'), what="ping bob on the page")
+            c.wait(lambda: re.search(r"bob\.games: [0-9.]+ ms", driver.find_element(By.ID, "msg").text),
+                   what="ping answer on the page")
+            c.wait(lambda: cell(driver, "games", "bob", ".traffic span").startswith("↓")
+                   and "↓ 0 B" not in cell(driver, "games", "bob", ".traffic span"), what="bob's traffic")
+            c.wait(lambda: cell(driver, "games", "bob", "svg.chart .down", "points"), what="bob's chart")
 
             # chat: a line from bob's CLI appears; one typed on the page reaches dave's --follow
             d.ok("join", "games", "--password", "pw")   # approval: the owner approves dave from the page too

@@ -132,6 +132,10 @@ def test_ui_page_guards_events_and_chat(cluster):
         st = ev.next("status")
         assert st["node"]["name"] == "alice" and st["ui"] == address
         assert [n["name"] for n in st["networks"]] == ["games"]
+        # the tunnel's traffic per peer, in the status the page gets
+        a.ok("ping", "bob", "-c", "1")
+        ev.next("status", lambda d: any(p["name"] == "bob" and p["rx_bytes"] > 0 and p["tx_bytes"] > 0
+                                        for p in d["peers"]))
         b.ok("chat", "games", "hello from the CLI")
         line = ev.next("chat", lambda d: d["text"] == "hello from the CLI")
         assert line["from"] == "bob" and line["network"] == "games"

@@ -51,6 +51,8 @@ async function call(cmd, args) {
 }
 
 let msgTimer = 0;
+document.getElementById("msg").addEventListener("click", e => { e.currentTarget.hidden = true; });
+document.addEventListener("keydown", e => { if (e.key === "Escape") document.getElementById("msg").hidden = true; });
 function say(text, error) {
   const m = document.getElementById("msg");
   m.textContent = (error ? "error: " : "") + text;
@@ -83,6 +85,62 @@ function renderNode(st) {
     el("dd", {}, v, k === "Virtual IP" && n.virtual_ip ? copyButton(n.virtual_ip) : null)]));
 }
 
+// ----------------------------------------------------------------------- traffic
+// Per peer: the tunnel's byte counters sampled every SAMPLE ms from the last status (no new status:
+// nothing moved), as rates for a small chart of the last CHART_POINTS samples.
+const SAMPLE = 1500, CHART_POINTS = 60, SVG = "http://www.w3.org/2000/svg";
+const traffic = new Map();   // key -> {rx, tx, down: [B/s], up: [B/s]}
+
+function bytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+
+function sample() {
+  if (!status) return;
+  for (const p of status.peers || []) {
+    const t = traffic.get(p.key) || {rx: p.rx_bytes, tx: p.tx_bytes, down: [], up: []};
+    t.down.push(Math.max(0, p.rx_bytes - t.rx) * 1000 / SAMPLE);
+    t.up.push(Math.max(0, p.tx_bytes - t.tx) * 1000 / SAMPLE);
+    if (t.down.length > CHART_POINTS) { t.down.shift(); t.up.shift(); }
+    t.rx = p.rx_bytes; t.tx = p.tx_bytes;
+    traffic.set(p.key, t);
+  }
+  for (const svg of document.querySelectorAll("svg[data-chart]")) drawChart(svg);
+}
+
+function chart(key) {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("data-chart", key);
+  svg.setAttribute("viewBox", "0 0 " + CHART_POINTS + " 20");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("class", "chart");
+  for (const cls of ["down", "up"]) {
+    const line = document.createElementNS(SVG, "polyline");
+    line.setAttribute("class", cls);
+    svg.append(line);
+  }
+  drawChart(svg);
+  return svg;
+}
+
+function drawChart(svg) {
+  const t = traffic.get(svg.dataset.chart);
+  if (!t) return;
+  const top = Math.max(1024, ...t.down, ...t.up);
+  const points = series => series.map((v, i) => (CHART_POINTS - series.length + i) + "," + (19.5 - 19 * v / top).toFixed(1)).join(" ");
+  svg.querySelector(".down").setAttribute("points", points(t.down));
+  svg.querySelector(".up").setAttribute("points", points(t.up));
+  const now = t.down.length ? "now ↓ " + bytes(Math.round(t.down[t.down.length - 1])) + "/s ↑ " + bytes(Math.round(t.up[t.up.length - 1])) + "/s" : "";
+  svg.setAttribute("aria-label", now);
+  let title = svg.querySelector("title");
+  if (!title) { title = document.createElementNS(SVG, "title"); svg.prepend(title); }
+  title.textContent = now;
+}
+setInterval(sample, SAMPLE);
+
 // ----------------------------------------------------------------------- networks
 function light(member, peer) {
   // green: direct, yellow: relayed, blinking: connecting, grey: offline, red: no path from here
@@ -108,8 +166,10 @@ function renderNets(st) {
         el("td", {}, el("span", {class: "light " + cls, role: "img", "aria-label": what, title: what}), m.name,
           m.self ? " (you)" : "", m.role === "owner" ? " ★" : ""),
         el("td", {}, m.ip || "", m.ip ? copyButton(m.ip) : null),
-        el("td", {}, m.self ? "" : what),
+        el("td", {class: "path"}, m.self ? "" : what),
         el("td", {}, p && p.rtt_ms != null ? p.rtt_ms.toFixed(1) + " ms" : ""),
+        el("td", {class: "traffic"}, p ? el("span", {}, "↓ " + bytes(p.rx_bytes) + " ↑ " + bytes(p.tx_bytes)) : "",
+          p ? chart(p.key) : null),
         el("td", {}, m.iface || "userspace"),
         el("td", {}, m.self || !m.online || !p ? "" :
           el("button", {class: "small", type: "button", "data-key": "ping:" + m.name + "." + net.name,
@@ -127,7 +187,7 @@ function renderNets(st) {
         el("button", {class: "small", type: "button", "data-key": "leave:" + net.name, onclick: () => leave(net.name)}, "leave")),
       el("div", {class: "tags"}, tags), pending,
       el("div", {class: "wrap"}, el("table", {},
-        el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Interface", ""].map(h => el("th", {scope: "col"}, h)))),
+        el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Traffic", "Interface", ""].map(h => el("th", {scope: "col"}, h)))),
         el("tbody", {}, ...rows))));
   }) : [el("p", {class: "tags"}, "No network yet: join or create one.")]);
 }
