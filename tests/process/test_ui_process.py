@@ -3,9 +3,13 @@ through the CLI): who gets in, the headers, the live event stream and chat both 
 
 import http.client
 import json
+import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +170,41 @@ def test_ui_page_guards_events_and_chat(cluster):
     # only the page's commands: not `down`
     status, _, body = request(address, "POST", "/api/down", good, {})
     assert json.loads(body)["ok"] is False and a.connected()
+
+
+OTHER_USER = """
+import http.client, json, sys
+out = {}
+try:
+    open(sys.argv[1]).read()
+    out["secret"] = "read"
+except PermissionError:
+    out["secret"] = "refused"
+host, port = sys.argv[2].rsplit(":", 1)
+for path in ("/", "/?s=" + "x" * 43, "/events"):
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    c.request("GET", path)
+    out[path] = c.getresponse().status
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root, setpriv and a system python3 to act as another user")
+def test_another_local_user_cannot_read_the_secret_or_use_the_page():
+    # a folder every user may enter (pytest's tmp_path is root's alone, which would hide the file's mode)
+    top = Path(tempfile.mkdtemp(prefix="overlay-ui-"))
+    try:
+        os.chmod(top, 0o711)
+        with Cluster(top) as c:
+            c.start_server()
+            a = c.start_node("alice")
+            address = a.status()["ui"]
+            os.chmod(a.home, 0o711)   # even in a home others may enter, the secret is the owner's alone
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                                "-c", OTHER_USER, str(a.home / SECRET_FILE), address],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout) == {"secret": "refused", "/": 403, "/?s=" + "x" * 43: 403, "/events": 403}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
