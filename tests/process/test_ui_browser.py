@@ -152,6 +152,22 @@ def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
                 c.wait(lambda: "27015/udp" in driver.find_element(By.ID, "share-list").text, what="share on the page")
                 screenshots(driver, os.environ["OVERLAY_UI_SCREENSHOTS"])
 
+            # owner actions: lock the network from the page; a forward added there shows in status
+            c.wait(lambda: click(driver, '[data-key="lock:games"]'), what="lock on the page")
+            c.wait(lambda: a.network("games")["locked"], what="games locked")
+            driver.find_element(By.CSS_SELECTOR, "#forward-form input[name=listen]").send_keys("0")
+            driver.find_element(By.CSS_SELECTOR, "#forward-form input[name=peer]").send_keys("dave")
+            driver.find_element(By.CSS_SELECTOR, "#forward-form input[name=peer_port]").send_keys("8080", Keys.ENTER)
+            c.wait(lambda: [f["peer"] for f in a.cli_status()["forwards"]] == ["dave"], what="forward in status")
+            c.wait(lambda: "dave:8080" in driver.find_element(By.ID, "forward-list").text, what="forward on the page")
+            # an error is the CLI's one line
+            before = a.fails("forward", "45999", "nobody:80")
+            driver.find_element(By.CSS_SELECTOR, "#forward-form input[name=listen]").send_keys("0")
+            driver.find_element(By.CSS_SELECTOR, "#forward-form input[name=peer]").send_keys("nobody")
+            driver.find_element(By.CSS_SELECTOR, "#forward-form input[name=peer_port]").send_keys("80", Keys.ENTER)
+            c.wait(lambda: driver.find_element(By.ID, "msg").text.startswith("error: "), what="error on the page")
+            assert driver.find_element(By.ID, "msg").text[len("error: "):] in before
+
             # bob goes offline: his light turns grey once alice's daemon knows
             b.kill(signal.SIGTERM)
             c.wait(lambda: not {m["name"]: m for m in a.network("games")["members"]}["bob"]["online"],

@@ -164,16 +164,20 @@ function renderNets(st) {
       const [cls, what] = m.self ? ["direct", "this node"] : light(m, p);
       return el("tr", {"data-member": m.name, "data-light": m.self ? "self" : cls},
         el("td", {}, el("span", {class: "light " + cls, role: "img", "aria-label": what, title: what}), m.name,
-          m.self ? " (you)" : "", m.role === "owner" ? " ★" : ""),
+          m.self ? " (you)" : "", m.role === "owner" ? " ★" : "",
+          el("span", {class: "tags", title: "interface"}, " " + (m.iface || "userspace"))),
         el("td", {}, m.ip || "", m.ip ? copyButton(m.ip) : null),
         el("td", {class: "path"}, m.self ? "" : what),
         el("td", {}, p && p.rtt_ms != null ? p.rtt_ms.toFixed(1) + " ms" : ""),
         el("td", {class: "traffic"}, p ? el("span", {}, "↓ " + bytes(p.rx_bytes) + " ↑ " + bytes(p.tx_bytes)) : "",
           p ? chart(p.key) : null),
-        el("td", {}, m.iface || "userspace"),
-        el("td", {}, m.self || !m.online || !p ? "" :
+        el("td", {class: "actions"}, m.self || !m.online || !p ? "" :
           el("button", {class: "small", type: "button", "data-key": "ping:" + m.name + "." + net.name,
-            onclick: () => ping(m.name + "." + net.name)}, "ping")));
+            onclick: () => ping(m.name + "." + net.name)}, "ping"),
+          owner && !m.self ? button("kick:" + m.name + "." + net.name, "kick",
+            () => confirm("Remove " + m.name + " from " + net.name + "? (it may join again)") && admin(net.name, "kick", m.name)) : null,
+          owner && !m.self ? button("ban:" + m.name + "." + net.name, "ban",
+            () => confirm("Ban " + m.name + " from " + net.name + "?") && admin(net.name, "ban", m.name)) : null));
     });
     const pending = owner && net.pending.length ? el("div", {},
       el("h3", {}, "Waiting for approval"),
@@ -182,12 +186,29 @@ function renderNets(st) {
           onclick: () => admin(net.name, "approve", r.name)}, "approve"), " ",
         el("button", {class: "small", type: "button", "data-key": "reject:" + r.name + "." + net.name,
           onclick: () => admin(net.name, "reject", r.name)}, "reject"))))) : null;
+    const ownerBar = owner ? el("div", {class: "row owner"},
+      button("lock:" + net.name, net.locked ? "unlock" : "lock", () => admin(net.name, net.locked ? "unlock" : "lock")),
+      button("approval:" + net.name, net.approval ? "approval off" : "approval on",
+        () => admin(net.name, net.approval ? "approval-off" : "approval-on")),
+      el("label", {}, "type ", el("select", {"data-key": "type:" + net.name, "aria-label": "network type",
+        onchange: e => admin(net.name, "type", e.target.value)},
+        ...["mesh", "hub-and-spoke", "gateway"].map(t => {
+          const o = el("option", {value: t}, t);
+          if (t === net.type) o.selected = true;
+          return o;
+        }))),
+      button("password:" + net.name, "set password", () => {
+        const pw = prompt("New password for " + net.name + " (members stay)");
+        if (pw) admin(net.name, "password", undefined, {password: pw, value: 0});
+      })) : null;
     return el("div", {class: "net", "data-network": net.name},
       el("h3", {}, net.name, " ",
-        el("button", {class: "small", type: "button", "data-key": "leave:" + net.name, onclick: () => leave(net.name)}, "leave")),
-      el("div", {class: "tags"}, tags), pending,
+        el("button", {class: "small", type: "button", "data-key": "leave:" + net.name, onclick: () => leave(net.name)}, "leave"), " ",
+        button("presence:" + net.name, net.away ? "go online here" : "go offline here",
+          () => call("presence", {network: net.name, online: net.away}))),
+      el("div", {class: "tags"}, tags), ownerBar, pending,
       el("div", {class: "wrap"}, el("table", {},
-        el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Traffic", "Interface", ""].map(h => el("th", {scope: "col"}, h)))),
+        el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Traffic", ""].map(h => el("th", {scope: "col"}, h)))),
         el("tbody", {}, ...rows))));
   }) : [el("p", {class: "tags"}, "No network yet: join or create one.")]);
 }
@@ -198,9 +219,13 @@ async function ping(peer) {
   if (r.ok) say(peer + ": " + (r.rtt_ms != null ? r.rtt_ms.toFixed(1) + " ms" : "no answer") + (r.path ? " via " + r.path : ""));
 }
 
-async function admin(network, action, target) {
-  const r = await call("admin", {network, action, target});
-  if (r.ok) say(action + " " + target + ": done");
+function button(key, text, onclick) {
+  return el("button", {class: "small", type: "button", "data-key": key, onclick}, text);
+}
+
+async function admin(network, action, target, extra) {
+  const r = await call("admin", {network, action, target, ...(extra || {})});
+  if (r.ok) say(network + ": " + action + (target ? " " + target : "") + " done");
 }
 
 async function leave(network) {
@@ -215,6 +240,15 @@ function renderShares(st) {
     const text = s.port + (s.proto === "udp" ? "/udp" : "");
     return el("li", {}, text, " ", el("button", {class: "small", type: "button", "data-key": "unshare:" + text,
       onclick: () => call("unshare", {port: s.port, udp: s.proto === "udp"})}, "remove"));
+  }) : [el("li", {class: "tags"}, "none")]);
+}
+
+function renderForwards(st) {
+  const fwds = st.forwards || [];
+  redraw(document.getElementById("forward-list"), fwds, () => fwds.length ? fwds.map(f => {
+    const port = Number(f.listen.split(":").pop()), udp = f.proto === "udp";
+    return el("li", {}, f.listen + (udp ? "/udp" : "") + " → " + f.peer + ":" + f.peer_port, " ",
+      button("unforward:" + port + (udp ? "/udp" : ""), "remove", () => call("unforward", {listen: port, udp})));
   }) : [el("li", {class: "tags"}, "none")]);
 }
 
@@ -270,6 +304,12 @@ document.getElementById("net-form").addEventListener("submit", async e => {
   const r = await call(cmd, {network: f.network.value, password: f.password.value});
   if (r.ok) { say((cmd === "create" ? "created " : "joined ") + f.network.value); f.password.value = ""; }
 });
+document.getElementById("forward-form").addEventListener("submit", async e => {
+  e.preventDefault();
+  const f = e.target.elements, [port, proto] = f.listen.value.trim().split("/");
+  const args = {listen: Number(port), peer: f.peer.value.trim(), peer_port: Number(f.peer_port.value || port), udp: proto === "udp"};
+  if ((await call("forward", args)).ok) e.target.reset();
+});
 document.getElementById("share-form").addEventListener("submit", async e => {
   e.preventDefault();
   const [port, proto] = e.target.elements.port.value.trim().split("/");
@@ -279,7 +319,7 @@ document.getElementById("share-form").addEventListener("submit", async e => {
 // ----------------------------------------------------------------------- live
 function render(st) {
   status = st;
-  renderNode(st); renderNets(st); renderShares(st); renderChatNets(st);
+  renderNode(st); renderNets(st); renderShares(st); renderForwards(st); renderChatNets(st);
 }
 
 function connect() {
