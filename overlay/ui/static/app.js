@@ -318,6 +318,7 @@ document.getElementById("share-form").addEventListener("submit", async e => {
 
 // ----------------------------------------------------------------------- live
 function render(st) {
+  if (!status) performance.mark("first-status");   // benchmarks/bench_ui.py: time to first render
   status = st;
   renderNode(st); renderNets(st); renderShares(st); renderForwards(st); renderChatNets(st);
 }
