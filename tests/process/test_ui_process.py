@@ -88,6 +88,14 @@ def test_ui_page_guards_events_and_chat(cluster):
 
     url = a.ok("ui", "--no-open").strip()
     address = a.status()["ui"]
+    # a taken address, or one beyond loopback, is one error line naming the fix
+    carol = cluster.tmp / "home-carol"
+    r = subprocess.run([*OVERLAY, "up", "--server", cluster.server_addr, "--name", "carol", "--socks", "127.0.0.1:0",
+                        "--ui", address, "--home", str(carol)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and f"cannot serve the web page on {address}" in r.stderr and "--ui off" in r.stderr
+    r = subprocess.run([*OVERLAY, "up", "--server", cluster.server_addr, "--name", "carol", "--ui", "0.0.0.0:0",
+                        "--home", str(carol)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "--ui: 0.0.0.0 is not a loopback address" in r.stderr
     secret = (a.home / SECRET_FILE).read_text().strip()
     assert stat.S_IMODE((a.home / SECRET_FILE).stat().st_mode) == 0o600
     assert url == f"http://{address}/?s={secret}" and address.startswith("127.0.0.1:")
