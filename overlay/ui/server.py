@@ -36,6 +36,7 @@ MAX_BODY = 16 * 1024          # a POST's JSON
 REQUEST_TIMEOUT = 10.0        # to send the whole request
 MAX_CONNECTIONS = 32
 MAX_STREAMS = 8               # open /events streams (tabs)
+STALLED = 30.0                # an event stream whose reader stops reading that long is closed
 TICK = 1.5                    # seconds between status checks while a stream is open (counters)
 STREAM_QUEUE = 200
 # the local API commands the page may run (POST /api/COMMAND)
@@ -90,7 +91,7 @@ class UiServer:
             if req is None:
                 return
             await self._handle(conn, reader, writer, req, body)
-        except (ConnectionError, h11.LocalProtocolError, asyncio.IncompleteReadError):
+        except (ConnectionError, h11.LocalProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
         except asyncio.CancelledError:
             pass
@@ -203,7 +204,7 @@ class UiServer:
                 if text != last:
                     writer.write(conn.send(h11.Data(data=b"event: status\ndata: " + text.encode() + b"\n\n")))
                     last = text
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), STALLED)   # a page that stops reading is dropped
                 get = loop.create_task(q.get())
                 done, _ = await asyncio.wait({get, eof}, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
                 if eof in done:

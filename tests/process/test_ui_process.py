@@ -216,3 +216,28 @@ def test_another_local_user_cannot_read_the_secret_or_use_the_page():
             assert json.loads(r.stdout) == {"secret": "refused", "/": 403, "/?s=" + "x" * 43: 403, "/events": 403}
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_hostile_requests_get_an_error_and_the_daemon_goes_on(cluster):
+    import socket
+    a = cluster.start_node("alice")
+    address = a.status()["ui"]
+    host, port = address.rsplit(":", 1)
+
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=15) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    assert raw(b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(b"GET / HTTP/1.1\r\nHost: " + address.encode() + b"\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"
+               ).startswith(b"HTTP/1.1 400")
+    secret = (a.home / SECRET_FILE).read_text().strip()
+    big = (b"POST /api/chat HTTP/1.1\r\nHost: " + address.encode() + b"\r\nContent-Length: 100000\r\n"
+           b"Cookie: overlay_ui_" + port.encode() + b"=" + secret.encode() + b"\r\n\r\n" + b"x" * 100)
+    assert raw(big).startswith(b"HTTP/1.1 400")
+    assert a.connected() and request(address, "GET", "/")[0] == 403
