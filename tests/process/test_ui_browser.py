@@ -168,6 +168,16 @@ def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
             c.wait(lambda: driver.find_element(By.ID, "msg").text.startswith("error: "), what="error on the page")
             assert driver.find_element(By.ID, "msg").text[len("error: "):] in before
 
+            # a narrow window, and 125 % zoom: nothing sticks out of the page sideways (the members
+            # table scrolls inside its box)
+            overflow = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            driver.set_window_size(420, 900)
+            c.wait(lambda: driver.execute_script(overflow) <= 0, timeout=5, what="narrow window fits")
+            driver.set_window_size(1200, 800)
+            driver.execute_script("document.documentElement.style.zoom = '1.25'")
+            c.wait(lambda: driver.execute_script(overflow) <= 0, timeout=5, what="125 % zoom fits")
+            driver.execute_script("document.documentElement.style.zoom = ''")
+
             # bob goes offline: his light turns grey once alice's daemon knows
             b.kill(signal.SIGTERM)
             c.wait(lambda: not {m["name"]: m for m in a.network("games")["members"]}["bob"]["online"],
