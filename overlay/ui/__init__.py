@@ -17,7 +17,7 @@ on/off, type, password), `overlay ui [--no-open]`, screenshots in docs/ made by 
 Figures (benchmarks/bench_ui.py): +0.25 MB daemon RSS with the UI on and no page open, no CPU
 while no page is open, 23 kB page, ~120 ms to the first status drawn (headless chromium).
 Tests: tests/unit/ui, tests/process/test_ui_process.py, tests/process/test_ui_browser.py.
-Missing: owner route approval, hub/gateway member choice, unban, limit and delete on the page;
-pending routes for owners; a readability check at 125 % zoom and a narrow-window screenshot;
-chat history paging beyond the server's history.
+Missing: on the page, owner route approval and the routes waiting for it, hub/gateway member
+choice, unban, transfer, limit, encryption and delete; chat history beyond the server's; the
+browser test does not yet cover keyboard-only use beyond typing and Enter.
 """
