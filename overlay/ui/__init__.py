@@ -13,11 +13,11 @@ node; each network with type, role, encryption, lock/approval; members with a st
 path, RTT, tunnel traffic and a live throughput chart, interface kind, virtual IP with a copy
 button; chat with history and send; ping; shares and forwards add/remove; create/join/leave;
 online/offline per network; owner: approve/reject joins, kick, ban, lock/unlock, approval
-on/off, type, password), `overlay ui [--no-open]`, screenshots in docs/ made by the browser test.
+on/off, type, password, the routes members offer with approve/remove), `overlay ui [--no-open]`, screenshots in docs/ made by the browser test.
 Figures (benchmarks/bench_ui.py): +0.25 MB daemon RSS with the UI on and no page open, no CPU
 while no page is open, 23 kB page, ~120 ms to the first status drawn (headless chromium).
 Tests: tests/unit/ui, tests/process/test_ui_process.py, tests/process/test_ui_browser.py.
-Missing: on the page, owner route approval and the routes waiting for it, hub/gateway member
-choice, unban, transfer, limit, encryption and delete; chat history beyond the server's; the
+Missing: on the page, routes waiting for approval shown without asking (a list on demand
+now), hub/gateway member choice, unban, transfer, limit, encryption and delete; chat history beyond the server's; the
 browser test does not yet cover keyboard-only use beyond typing and Enter.
 """

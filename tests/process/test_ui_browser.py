@@ -82,6 +82,17 @@ def cell(driver, network: str, member: str, css: str, attribute: str | None = No
         return ""
 
 
+def text(driver, css: str) -> str:
+    """The text of the first element matching ``css``; "" while missing or being re-drawn."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
+
+
 def chat_lines(driver) -> list[str]:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -184,5 +195,26 @@ def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
                    what="bob offline for alice")
             c.wait(lambda: light(driver, "games", "bob") == "offline", timeout=5, what="bob grey on the page")
             assert severe_logs(driver) == []      # no script error, no CSP violation
+        finally:
+            driver.quit()
+
+
+def test_owner_approves_a_route_from_the_page(tmp_path):
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        a = c.start_node("alice")
+        g = c.start_node("gw", "--advertise-routes", "192.168.77.0/24")
+        a.ok("create", "lan", "--password", "pw")
+        g.ok("join", "lan", "--password", "pw")
+        driver = browser()
+        try:
+            driver.get(a.ok("ui", "--no-open").strip())
+            c.wait(lambda: click(driver, '[data-key="routes:lan"]'), what="routes on the page")
+            c.wait(lambda: click(driver, '[data-key="route:gw:192.168.77.0/24.lan"]'), what="approve the route")
+            c.wait(lambda: json.loads(a.ok("admin", "routes", "lan", "--json"))["routes"][0]["approved"]
+                   == ["192.168.77.0/24"], what="route approved")
+            c.wait(lambda: "192.168.77.0/24 through gw: approved" in text(driver, '[data-network="lan"] .routes'),
+                   what="shown approved")
+            assert severe_logs(driver) == []
         finally:
             driver.quit()

@@ -154,7 +154,7 @@ function light(member, peer) {
 function renderNets(st) {
   const peers = new Map((st.peers || []).map(p => [p.key, p]));
   const box = document.getElementById("net-list");
-  redraw(box, [st.networks, st.peers], () => st.networks.length ? st.networks.map(net => {
+  redraw(box, [st.networks, st.peers, [...routes]], () => st.networks.length ? st.networks.map(net => {
     const owner = net.role === "owner";
     const tags = [net.type, "you: " + (net.role || "member"), net.encrypted ? "encrypted" : "NOT encrypted",
       net.locked ? "locked" : null, net.approval ? "owner approves joins" : null, net.away ? "you are offline here" : null]
@@ -197,16 +197,27 @@ function renderNets(st) {
           if (t === net.type) o.selected = true;
           return o;
         }))),
+      button("routes:" + net.name, routes.has(net.name) ? "hide routes" : "routes",
+        () => routes.has(net.name) ? (routes.delete(net.name), renderNets(status)) : loadRoutes(net.name)),
       button("password:" + net.name, "set password", () => {
         const pw = prompt("New password for " + net.name + " (members stay)");
         if (pw) admin(net.name, "password", undefined, {password: pw, value: 0});
       })) : null;
+    const routeList = owner && routes.has(net.name) ? el("div", {class: "routes"},
+      el("h3", {}, "Routes members offer (LAN subnets)"),
+      el("ul", {}, ...(routes.get(net.name).length ? routes.get(net.name).flatMap(g => {
+        const approved = new Set(g.approved);
+        return [...new Set([...g.advertised, ...g.approved])].sort().map(prefix => el("li", {},
+          prefix + " through " + g.name + (g.online ? "" : " (offline)") + ": " + (approved.has(prefix) ? "approved" : "not approved") + " ",
+          button("route:" + g.name + ":" + prefix + "." + net.name, approved.has(prefix) ? "remove" : "approve",
+            () => routeAction(net.name, approved.has(prefix) ? "route-remove" : "route-approve", g.name, prefix))));
+      }) : [el("li", {class: "tags"}, "no member offers routes (overlay up --advertise-routes SUBNET)")]))) : null;
     return el("div", {class: "net", "data-network": net.name},
       el("h3", {}, net.name, " ",
         el("button", {class: "small", type: "button", "data-key": "leave:" + net.name, onclick: () => leave(net.name)}, "leave"), " ",
         button("presence:" + net.name, net.away ? "go online here" : "go offline here",
           () => call("presence", {network: net.name, online: net.away}))),
-      el("div", {class: "tags"}, tags), ownerBar, pending,
+      el("div", {class: "tags"}, tags), ownerBar, routeList, pending,
       el("div", {class: "wrap"}, el("table", {},
         el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Traffic", ""].map(h => el("th", {scope: "col"}, h)))),
         el("tbody", {}, ...rows))));
@@ -217,6 +228,18 @@ async function ping(peer) {
   say("pinging " + peer + "…");
   const r = await call("ping_peer", {peer, wait: 2.0});
   if (r.ok) say(peer + ": " + (r.rtt_ms != null ? r.rtt_ms.toFixed(1) + " ms" : "no answer") + (r.path ? " via " + r.path : ""));
+}
+
+const routes = new Map();   // network -> its routes (owner's `admin routes`), while shown
+
+async function loadRoutes(network) {
+  const r = await call("admin", {network, action: "routes"});
+  if (r.ok) { routes.set(network, r.routes); renderNets(status); }
+}
+
+async function routeAction(network, action, target, prefix) {
+  const r = await call("admin", {network, action, target, prefix});
+  if (r.ok) { say(prefix + " through " + target + ": " + (action === "route-approve" ? "approved" : "removed")); loadRoutes(network); }
 }
 
 function button(key, text, onclick) {
