@@ -135,6 +135,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                          "PUBLIC_KEY,ENDPOINT_HOST:PORT,ALLOWED_IP/PREFIX[,...] (repeatable)."),
        http_proxy: Optional[str] = typer.Option(None, "--http-proxy", help="HTTP proxy address (off by default; "
                                                                            "'off' or \"\" turns a remembered one off)."),
+       ui: Optional[str] = typer.Option(None, "--ui", help="Address of the local web page (`overlay ui`): "
+                                                         "127.0.0.1:0 (any free port; the default), another "
+                                                         "loopback HOST:PORT, or 'off'."),
        proxy_user: list[str] = typer.Option([], "--proxy-user", help="USER:PASSWORD required by the SOCKS5 and "
                                             "HTTP proxies (repeatable); needed to listen beyond loopback."),
        tun: bool = typer.Option(False, "--tun", help="Attach a TUN device (full IP: the kernel reaches peers "
@@ -186,7 +189,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                   "; `overlay up --reset` for the defaults)", highlight=False, soft_wrap=True)
 
     opts = UpOptions(server=server, name=name, via_proxy=via_proxy, port=port, keepalive=keepalive, socks=socks,
-                     address=address, wg_peer=wg_peer, http_proxy=http_proxy, proxy_user=proxy_user, tun=tun,
+                     address=address, wg_peer=wg_peer, http_proxy=http_proxy, ui=ui, proxy_user=proxy_user, tun=tun,
                      tap=tap, userspace=userspace, dev=dev, only_shared=only_shared,
                      advertise_routes=advertise_routes, hard_nat_punch=hard_nat, port_mapping=port_mapping,
                      reset=reset)
@@ -275,6 +278,26 @@ def down(home: Optional[Path] = HomeOpt):
 def _logging(level: str) -> None:
     from overlay.escape import log_to_stderr
     log_to_stderr(level)
+
+
+@app.command()
+def ui(no_open: bool = typer.Option(False, "--no-open", help="Only print the page's address."),
+       home: Optional[Path] = HomeOpt):
+    """Open this node's web page (networks, members, chat) in the browser; prints its address,
+    which holds the secret that lets only you in."""
+    from overlay.ui.guard import read_secret
+    address = daemon_call(home, "status").get("ui")
+    if not address:
+        fail("the web page is off: start the node with `overlay up --ui 127.0.0.1:0` (or `ui` in config.toml)")
+    secret = read_secret(Home(home).path)
+    if secret is None:
+        fail(f"cannot read the web page's secret in {Home(home).path}: run `overlay ui` as the user who runs the node")
+    url = f"http://{address}/?s={secret}"
+    print(url)
+    if not no_open and (sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+        if not webbrowser.open(url):
+            err.print("no browser found: open the address above", highlight=False)
 
 
 # ---------------------------------------------------------------------------- status

@@ -137,6 +137,7 @@ TOP: dict[str, Check] = {
     "keepalive": _number(*KEEPALIVE_RANGE, "a number of seconds"),
     "socks": _hostport(allow_off=True, allow_zero=True),
     "http_proxy": _hostport(allow_off=True, allow_zero=True),
+    "ui": _hostport(allow_off=True, allow_zero=True),   # the local web page (loopback; checked in settings)
     "proxy_users": _proxy_users,
     "address": _ipv4,
     # kernel interface settings of `overlay up --tun/--tap` (validated further where they are used)

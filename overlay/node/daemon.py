@@ -99,11 +99,13 @@ class Daemon:
         self.forwards: dict[tuple[int, bool], Forward] = {}
         self.api = LocalApi(self)
         self._api_server: asyncio.AbstractServer | None = None
+        self.ui = None       # the local web page (overlay/ui/server.py UiServer) once it listens
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self._start_api()
+        await self._start_ui()
         self.prefs.remember(server=self.client.server if self.client else None, name=self.name)
         loop = asyncio.get_running_loop()
         try:
@@ -150,6 +152,8 @@ class Daemon:
             if client:
                 client.cancel()
             self._api_server.close()
+            if self.ui is not None:
+                self.ui.close()
             for srv in self.proxies:
                 srv.close()
             for fwd in self.forwards.values():
@@ -194,6 +198,17 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+
+    async def _start_ui(self) -> None:
+        """The local web page (overlay/ui), imported only when it is on."""
+        if not self.settings.ui:
+            return
+        from overlay.ui import server as ui_server
+        try:
+            self.ui = await ui_server.start(self.api, self.status, self.home.path, self.settings.ui)
+        except OSError as e:
+            raise DaemonError(f"cannot serve the web page on {self.settings.ui}: {e.strerror or e} (choose "
+                              "another address with --ui HOST:PORT, or --ui off)") from None
 
     # ------------------------------------------------------------------ server events
     def _on_session(self, hello: dict) -> None:
@@ -508,6 +523,7 @@ class Daemon:
             "proxies": [{"kind": "socks5" if isinstance(p, SocksServer) else "http",
                          "address": f"{p.address[0]}:{p.address[1]}"} for p in self.proxies],
             "interface": self.kernel_if.info() if self.kernel_if is not None else None,
+            "ui": self.ui.address if self.ui is not None else None,
             "shares": self.shares.listing(),
             # what a shared service sees as the peer's address (TUN/TAP: the kernel delivers its virtual IP)
             "share_source": (self.shares.source_info() if self.kernel_if is None
@@ -543,7 +559,12 @@ class Daemon:
         path, rtt = self.dataplane.peer_path(p.key)
         if not p.online:
             path, rtt = None, None
-        return {**p.to_json(), "path": path, "rtt_ms": rtt}
+        try:
+            wg = self.dataplane.device.peer_stats(p.key)
+            rx, tx = wg["rx_bytes"], wg["tx_bytes"]
+        except KeyError:      # not a tunnel peer (yet)
+            rx = tx = 0
+        return {**p.to_json(), "path": path, "rtt_ms": rtt, "rx_bytes": rx, "tx_bytes": tx}
 
 
 async def run_daemon(home: Home, settings: NodeSettings) -> None:

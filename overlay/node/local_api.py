@@ -58,22 +58,25 @@ class LocalApi:
             if cmd == "follow":
                 await self._follow(req, reader, writer)
                 return
-            try:
-                reply = await self.command(cmd, req)
-                reply = {"ok": True, **reply}
-            except RequestError as e:
-                reply = {"ok": False, "code": e.code, "error": e.message}
-            except NotConnected as e:
-                reply = {"ok": False, "code": "not_connected", "error": str(e)}
-            except (TypeError, KeyError, ValueError) as e:
-                reply = {"ok": False, "code": "bad_request", "error": f"bad arguments for {cmd}: {e}"}
-            await self._reply(writer, reply)
+            await self._reply(writer, await self.answer(cmd, req))
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         except asyncio.CancelledError:
             pass  # the daemon is stopping; a task ending cancelled would be logged as an error
         finally:
             writer.close()
+
+    async def answer(self, cmd: str, req: dict) -> dict:
+        """The reply to one command: {"ok": True, ...} or {"ok": False, "code", "error"} with the
+        one line the CLI prints (the local web page, overlay/ui, answers with it too)."""
+        try:
+            return {"ok": True, **await self.command(cmd, req)}
+        except RequestError as e:
+            return {"ok": False, "code": e.code, "error": e.message}
+        except NotConnected as e:
+            return {"ok": False, "code": "not_connected", "error": str(e)}
+        except (TypeError, KeyError, ValueError) as e:
+            return {"ok": False, "code": "bad_request", "error": f"bad arguments for {cmd}: {e}"}
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, obj: dict) -> None:

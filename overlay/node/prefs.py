@@ -35,6 +35,7 @@ PREFS_FILE = "prefs.json"
 UP_OPTIONS: dict[str, tuple[str, object, type]] = {
     "socks": ("--socks", "127.0.0.1:1080", str),
     "http_proxy": ("--http-proxy", "off", str),
+    "ui": ("--ui", "127.0.0.1:0", str),
     "advertise_routes": ("--advertise-routes", "off", str),
     "port": ("--port", 0, int),
     "keepalive": ("--keepalive", 25.0, float),

@@ -25,6 +25,7 @@ PORT_RANGE = (0, 65535)       # the node's UDP port (0: any free port)
 KEEPALIVE_RANGE = (7, 600)    # NAT keepalive interval, seconds
 PROXY_SCHEMES = ("http://", "socks5://", "socks4://")   # --via-proxy / via_proxy
 DEFAULT_SOCKS = "127.0.0.1:1080"
+DEFAULT_UI = "127.0.0.1:0"                   # the local web page (overlay/ui): loopback, any free port
 DEFAULT_KEEPALIVE = 25.0
 NO_SERVER = "no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)"
 
@@ -77,6 +78,7 @@ class NodeSettings:
     keepalive: float = DEFAULT_KEEPALIVE
     socks: str | None = DEFAULT_SOCKS            # None: off
     http_proxy: str | None = None                # None: off
+    ui: str | None = DEFAULT_UI                  # None: off; a loopback address only
     shares: tuple[ShareSpec, ...] = ()           # config.toml's (runtime ones live in prefs.json)
     forwards: tuple[ForwardSpec, ...] = ()
     address: str | None = None
@@ -120,6 +122,7 @@ class UpOptions:
     address: str | None = None
     wg_peer: list[str] = field(default_factory=list)
     http_proxy: str | None = None
+    ui: str | None = None
     proxy_user: list[str] = field(default_factory=list)
     tun: bool = False
     tap: bool = False
@@ -187,6 +190,14 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
                 parse_hostport(addr, allow_zero=True)
             except ValueError as e:
                 raise SettingsError(f"{flag}: {e}") from None
+    ui = on("ui", DEFAULT_UI)
+    if ui:
+        try:
+            host, _ = parse_hostport(ui, allow_zero=True)
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ValueError(f"{host} is not a loopback address (the page is for this machine's user only)")
+        except ValueError as e:
+            raise SettingsError(f"--ui: {e}") from None
     port, keepalive = setting("port", 0), setting("keepalive", DEFAULT_KEEPALIVE)
     if not isinstance(port, int) or not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
         raise SettingsError(f"--port {port}: expected {PORT_RANGE[0]}-{PORT_RANGE[1]}")
@@ -220,7 +231,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
         raise SettingsError(f"--via-proxy {via_proxy!r}: expected http://HOST:PORT or socks5://[USER:PASS@]HOST:PORT")
     return NodeSettings(
         server=server, name=name, via_proxy=via_proxy, port=port, keepalive=float(keepalive), socks=socks,
-        http_proxy=http_proxy,
+        http_proxy=http_proxy, ui=ui,
         shares=tuple(ShareSpec(int(s["port"]), s.get("proto", "tcp") == "udp") for s in cfg.get("share", [])),
         forwards=tuple(ForwardSpec(int(f["listen"]), f["peer"], int(f.get("peer_port", f["listen"])),
                                    bool(f.get("udp", False))) for f in cfg.get("forward", [])),

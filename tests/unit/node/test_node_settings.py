@@ -98,3 +98,18 @@ def test_settings_cross_to_the_daemon_typed_and_whole(tmp_path):
     assert [(x.port, x.udp) for x in s.shares] == [(8080, False), (53, True)]
     wire = json.loads(json.dumps(s.to_json()))   # what overlay/node/run.py reads from its pipe
     assert NodeSettings.from_json(wire) == s
+
+
+def test_ui_is_on_by_default_on_loopback_only_and_off_turns_it_off(tmp_path):
+    last = _prefs(tmp_path)
+    assert resolve(UpOptions(), {}, last).ui == "127.0.0.1:0"
+    assert resolve(UpOptions(ui="[::1]:8080"), {}, last).ui == "[::1]:8080"
+    assert resolve(UpOptions(ui="off"), {}, last).ui is None
+    assert resolve(UpOptions(), {"ui": "off"}, last).ui is None
+    assert resolve(UpOptions(), {"ui": "127.0.0.2:9000"}, last).ui == "127.0.0.2:9000"
+    for bad in ("0.0.0.0:8080", "192.168.1.2:80", "localhost:80", "127.0.0.1"):
+        with pytest.raises(SettingsError, match="^--ui: "):
+            resolve(UpOptions(ui=bad), {}, last)
+    # remembered like the other options: the next `overlay up` keeps it off
+    assert resolve(UpOptions(ui="off"), {}, last).remember_options["ui"] == "off"
+    assert resolve(UpOptions(), {}, _prefs(tmp_path, ui="off")).ui is None
