@@ -98,3 +98,19 @@ def test_settings_cross_to_the_daemon_typed_and_whole(tmp_path):
     assert [(x.port, x.udp) for x in s.shares] == [(8080, False), (53, True)]
     wire = json.loads(json.dumps(s.to_json()))   # what overlay/node/run.py reads from its pipe
     assert NodeSettings.from_json(wire) == s
+
+
+def test_dns_is_auto_off_or_a_loopback_address_only(tmp_path):
+    from overlay.node.config import ConfigError, validate
+    last = _prefs(tmp_path)
+    assert resolve(UpOptions(), {}, last).dns == "auto"
+    assert resolve(UpOptions(dns="off"), {}, last).dns is None
+    assert resolve(UpOptions(), {"dns": "127.0.0.2:5353"}, last).dns == "127.0.0.2:5353"
+    s = resolve(UpOptions(dns="127.0.0.1:1053"), {}, last)
+    assert s.dns == "127.0.0.1:1053" and s.remember_options == {"dns": "127.0.0.1:1053"}
+    assert NodeSettings.from_json(json.loads(json.dumps(s.to_json()))).dns == "127.0.0.1:1053"
+    for bad in ("0.0.0.0:53", "192.168.1.5:53", "localhost:53", "127.0.0.1"):   # never on a LAN interface
+        with pytest.raises(SettingsError, match="--dns"):
+            resolve(UpOptions(dns=bad), {}, last)
+        with pytest.raises(ConfigError, match="dns"):
+            validate({"dns": bad}, "config.toml")
