@@ -128,7 +128,11 @@ class Daemon:
             self._close_data()
             raise DaemonError(str(e)) from None
         if self.dns is not None and (s.dns != DEFAULT_DNS or self.kernel_if is None):
-            await self._start_dns(s.dns)   # with a TUN/TAP device, 'auto' waits for the virtual IP
+            try:
+                await self._start_dns(s.dns)   # with a TUN/TAP device, 'auto' waits for the virtual IP
+            except DaemonError:
+                self._close_data()
+                raise
         if s.remember_options is not None:   # ... and the options once the proxies listen
             self.prefs.remember_options(dict(s.remember_options))
         try:
@@ -257,29 +261,33 @@ class Daemon:
         assert self.dns is not None
         if where == DEFAULT_DNS:
             where, fallback = f"127.0.0.1:{DNS_PORT}", True
-        host, port = dns_address(where) if not fallback else where.rsplit(":", 1)
+        host, port = where.rsplit(":", 1) if fallback else dns_address(where)
         if self.dns.address == (host, int(port)):
             return
         self.dns.close()
-        try:
-            await self.dns.start(host, int(port))
-        except OSError as e:
-            if not fallback:
-                raise DaemonError(f"cannot answer DNS on {where}: {e.strerror or e} (choose another address with "
-                                  "--dns 127.0.0.1:PORT, or --dns off)") from None
-            log.warning("cannot answer DNS on %s (%s): answering on the loopback instead", where, e.strerror or e)
+        tries = [(host, int(port))] + ([("127.0.0.1", DNS_PORT), ("127.0.0.1", 0)] if fallback else [])
+        for h, p in dict.fromkeys(tries):
             try:
-                await self.dns.start("127.0.0.1", DNS_PORT)
-            except OSError:
-                await self.dns.start("127.0.0.1", 0)
+                await self.dns.start(h, p)
+                return
+            except OSError as e:
+                if not fallback:
+                    raise DaemonError(f"cannot answer DNS on {where}: {e.strerror or e} (choose another address "
+                                      "with --dns 127.0.0.1:PORT, or --dns off)") from None
+                log.warning("cannot answer DNS on %s:%d (%s): trying the loopback", h, p, e.strerror or e)
 
     def _local_source(self, source) -> bool:
-        """A DNS query from this machine (loopback or our own virtual IP), not from a peer."""
+        """A DNS query from this machine (loopback or our own virtual IP), not from a peer (nor from
+        a LAN host sending to our virtual IP: Linux delivers to a local address on any interface)."""
         host = source[0] if isinstance(source, tuple) else None
         try:
             return host is not None and (ipaddress.ip_address(host).is_loopback or host == self.state.me.get("ip"))
         except ValueError:
             return False
+
+    def names_changed(self) -> None:
+        """Something DNS answers from changed (peers, presence, a rename): rebuild on the next query."""
+        self._names = None
 
     def dns_names(self) -> Names:
         """The DNS names table from the live state (rebuilt after any change: ``_names`` = None)."""
@@ -496,7 +504,7 @@ class Daemon:
     def sync_peers(self) -> None:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
-        self._names = None
+        self.names_changed()
         self.dataplane.update_peers(peers)
         self._pin_forwards()
         if self.advertise_routes:
@@ -535,7 +543,7 @@ class Daemon:
             return
         if t == "address":                # the server gave us our virtual IP (first network)
             self.state.me["ip"] = ev["ip"]
-            self._names = None
+            self.names_changed()
             self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)

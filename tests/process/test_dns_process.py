@@ -68,3 +68,27 @@ def test_a_userspace_node_answers_peers_names_and_follows_a_rename(tmp_path):
         c.wait(lambda: not alice.peer("robert")["online"], what="robert offline for alice")
         assert query(address, "robert.gamers").rcode() == dns.rcode.NXDOMAIN
         assert alice.status()["dns"]["stats"]["answered"] >= 8
+
+
+def test_a_busy_dns_address_given_is_one_error_line_and_auto_falls_back(tmp_path):
+    import socket
+    import sys
+    with Cluster(tmp_path) as c, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        c.start_server()
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "overlay", "up", "--server", c.server_addr, "--name", "carol",
+                            "--home", str(tmp_path / "carol"), "--socks", "127.0.0.1:0", "--dns", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"error: cannot answer DNS on 127.0.0.1:{port}" in r.stderr and "--dns off" in r.stderr
+        r = subprocess.run([sys.executable, "-m", "overlay", "up", "--name", "carol", "--home", str(tmp_path / "carol"),
+                            "--dns", "192.168.1.1:53"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "only a loopback address" in r.stderr
+        # 'auto' (the default): 127.0.0.1:1053, else any free loopback port
+        dave = c.start_node("dave")
+        c.wait(lambda: (dave.status().get("dns") or {}).get("address", "").startswith("127.0.0.1:"), what="dns")
+        assert query(dave.status()["dns"]["address"], "dave").rcode() == dns.rcode.REFUSED  # no address yet
+        dave.ok("create", "solo", "--password", "pw")
+        c.wait(lambda: "dave.solo" in dave.status()["dns"]["names"], what="own name")
+        assert a(dave.status()["dns"]["address"], "dave.solo") == [dave.status()["node"]["virtual_ip"]]

@@ -157,3 +157,36 @@ def test_peers_reaching_the_overlay_address_are_refused():
     assert dns.message.from_wire(r.handle(q, ("100.64.0.1", 1), 0.0)).answer
     out = dns.message.from_wire(r.handle(q, ("100.64.0.3", 1), 0.0))
     assert out.rcode() == dns.rcode.REFUSED and r.stats["foreign"] == 1
+
+
+def test_tcp_glue_answers_length_prefixed_and_bounds_connections():
+    import asyncio
+
+    from overlay.node import dns_server
+    from overlay.node.dns_server import DnsServer
+
+    async def main():
+        srv = DnsServer(Responder(names))
+        await srv.start("127.0.0.1", 0)
+        host, port = srv.address
+        q = dns.message.make_query("bob.gamers", "A").to_wire()
+        r, w = await asyncio.open_connection(host, port)
+        w.write(len(q).to_bytes(2, "big") + q)
+        size = int.from_bytes(await r.readexactly(2), "big")
+        assert a_records(dns.message.from_wire(await r.readexactly(size))) == ["100.64.0.2"]
+        w.write((60000).to_bytes(2, "big"))          # over MAX_TCP_QUERY: closed, counted
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        assert srv.responder.stats["malformed"] == 1
+        held = [await asyncio.open_connection(host, port) for _ in range(dns_server.MAX_TCP_CONNECTIONS)]
+
+        async def all_accepted():
+            while len(srv._conns) < dns_server.MAX_TCP_CONNECTIONS:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(all_accepted(), 5)
+        r2, _ = await asyncio.open_connection(host, port)
+        assert await asyncio.wait_for(r2.read(), 5) == b""   # one too many: closed at once
+        for _, hw in held:
+            hw.close()
+        srv.close()
+
+    asyncio.run(main())
