@@ -274,7 +274,9 @@ class Daemon:
                 if not fallback:
                     raise DaemonError(f"cannot answer DNS on {where}: {e.strerror or e} (choose another address "
                                       "with --dns 127.0.0.1:PORT, or --dns off)") from None
-                log.warning("cannot answer DNS on %s:%d (%s): trying the loopback", h, p, e.strerror or e)
+                (log.info if (h, p) == ("127.0.0.1", DNS_PORT) else log.warning)(
+                    "cannot answer DNS on %s:%d (%s): trying %s", h, p, e.strerror or e,
+                    "any free loopback port" if p == DNS_PORT else "the loopback")
 
     def _local_source(self, source) -> bool:
         """A DNS query from this machine (loopback or our own virtual IP), not from a peer (nor from

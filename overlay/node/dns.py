@@ -25,6 +25,7 @@ and counts it; nothing is sent back).
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ QTYPE_A, QTYPE_PTR, QTYPE_AAAA, QTYPE_OPT, QTYPE_ANY = 1, 12, 28, 41, 255
 CLASS_IN = 1
 NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
 _HEADER = struct.Struct("!HHHHHH")
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")   # a name that is no DNS label (a static peer's) is left out
 _OPT = struct.pack("!BHHIH", 0, QTYPE_OPT, MAX_EDNS_QUERY, 0, 0)
 
 
@@ -160,7 +162,7 @@ class Names:
               pool: ipaddress.IPv4Network | None = None) -> Names:
         """From the daemon's peers (``{name, ip, online, networks}``; offline ones are left out),
         this node (``me``: name, ip, networks) and the names of its networks."""
-        entries = [p for p in peers if p.get("online") and p.get("ip")]
+        entries = [p for p in peers if p.get("online") and p.get("ip") and _LABEL.fullmatch(p["name"])]
         if me and me.get("ip") and me.get("name"):
             entries.append({"name": me["name"], "ip": me["ip"], "networks": list(me.get("networks", ()))})
         forward: dict[str, str] = {}

@@ -190,3 +190,11 @@ def test_tcp_glue_answers_length_prefixed_and_bounds_connections():
         srv.close()
 
     asyncio.run(main())
+
+
+def test_a_name_that_is_no_dns_label_is_left_out():
+    odd = [{"name": n, "ip": f"100.64.1.{i}", "online": True, "networks": []}
+           for i, n in enumerate(["caf\u00e9", "wg-ab+/cd", "x" * 64, "a.b"], 1)]
+    n = Names.build([*PEERS, *odd], ME, ["gamers", "work"], POOL)
+    assert not any(k.startswith(("caf", "wg-", "xxx", "a.b")) for k in n.forward)
+    assert ask("1.1.64.100.in-addr.arpa", "PTR", names_=n).rcode() == dns.rcode.NXDOMAIN
