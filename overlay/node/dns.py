@@ -179,8 +179,8 @@ class Names:
         for name, ips in owners.items():
             if len(ips) == 1:       # a bare name only when it is unambiguous
                 forward[name] = forward[f"{name}.{SUFFIX}"] = next(iter(ips))
-        nets = {n.lower() for n in networks}
-        return cls(forward, reverse, nets | {f"{n}.{SUFFIX}" for n in nets} | {SUFFIX}, pool)
+        zones = {n.lower() for n in networks}
+        return cls(forward, reverse, zones | {f"{n}.{SUFFIX}" for n in zones} | {SUFFIX}, pool)
 
     def names(self) -> list[str]:
         """The names answered (without the suffixed copies), for ``overlay status``."""
