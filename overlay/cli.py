@@ -168,6 +168,9 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                                                   help="Ask the router to map this node's UDP port: 'all' "
                                                        "(PCP, NAT-PMP, UPnP IGD; the default), 'off', or a "
                                                        "comma-separated choice such as 'pcp,nat-pmp'."),
+       dns: Optional[str] = typer.Option(None, "--dns", help="Answer DNS for peers (NAME.NET) on this loopback "
+                                                             "IP:PORT; 'auto' (127.0.0.1:1053, with --tun/--tap "
+                                                             "VIRTUAL_IP:53) or 'off'."),
        reset: bool = typer.Option(False, "--reset", help="Forget the options and device remembered from the last "
                                                           "`overlay up` (server, name, shares and forwards stay)."),
        home: Optional[Path] = HomeOpt,
@@ -192,7 +195,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                      address=address, wg_peer=wg_peer, http_proxy=http_proxy, ui=ui, proxy_user=proxy_user, tun=tun,
                      tap=tap, userspace=userspace, dev=dev, only_shared=only_shared,
                      advertise_routes=advertise_routes, hard_nat_punch=hard_nat, port_mapping=port_mapping,
-                     reset=reset)
+                     dns=dns, reset=reset)
     try:
         settings = resolve(opts, cfg, last, note)
     except SettingsError as e:

@@ -108,6 +108,8 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
                   + (f", MAC {iface['mac']}" if iface.get("mac") else ""), highlight=False)
     for pr in st.get("proxies", []):
         out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
+    if st.get("dns"):
+        out.print(f"DNS for peers on {lit(st['dns']['address'])} ({len(st['dns']['names'])} names)", highlight=False)
     gw = st.get("gateway")
     if gw:
         in_pool = gw.get("in_pool") or []

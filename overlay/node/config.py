@@ -127,6 +127,19 @@ def _port_mapping(v) -> str | None:
     return None
 
 
+def _dns(v) -> str | None:
+    from overlay.node.settings import dns_address
+    if not isinstance(v, str):
+        return "expected \"auto\", \"off\" or a loopback \"IP:PORT\""
+    if v.strip() in ("auto", "off", ""):
+        return None
+    try:
+        dns_address(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 Check = Callable[[object], "str | None"]
 
 TOP: dict[str, Check] = {
@@ -149,6 +162,8 @@ TOP: dict[str, Check] = {
     "hard_nat_punch": _bool,
     # port mapping protocols asked of the router: true (all), false, or a list of pcp, nat-pmp, upnp
     "port_mapping": _port_mapping,
+    # the node's DNS for its peers: "auto", "off" or a loopback "IP:PORT"
+    "dns": _dns,
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

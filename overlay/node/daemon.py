@@ -25,6 +25,8 @@ from overlay.netstack.stack import Stack
 from overlay.netstack.tcp import TcpConfig
 from overlay.node.control_client import ControlClient, NotConnected
 from overlay.node.dataplane import INNER_MTU, DataPlane
+from overlay.node.dns import Names, Responder
+from overlay.node.dns_server import DnsServer
 from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
@@ -32,7 +34,7 @@ from overlay.node.kernel_device import DEFAULT_NAME, DeviceError, KernelInterfac
 from overlay.node.local_api import LocalApi
 from overlay.node.pinger import Pinger
 from overlay.node.prefs import Prefs
-from overlay.node.settings import NodeSettings
+from overlay.node.settings import DEFAULT_DNS, DNS_PORT, NodeSettings, dns_address
 from overlay.node.services import OverlayDialer, RouteWithdrawn, Shares
 from overlay.proxy.forward import Forward
 from overlay.proxy.listen import ListenError
@@ -97,6 +99,9 @@ class Daemon:
         self.proxy_users = dict(s.proxy_users) if s.proxy_users else None
         self.proxies: list = []
         self.forwards: dict[tuple[int, bool], Forward] = {}
+        self._dns_task: asyncio.Task | None = None
+        self._names: Names | None = None   # the DNS names table, rebuilt when the state changed
+        self.dns = DnsServer(Responder(self.dns_names, local=self._local_source)) if s.dns else None
         self.api = LocalApi(self)
         self._api_server: asyncio.AbstractServer | None = None
         self.ui = None       # the local web page (overlay/ui/server.py UiServer) once it listens
@@ -126,6 +131,12 @@ class Daemon:
         except (ListenError, ValueError) as e:
             self._close_data()
             raise DaemonError(str(e)) from None
+        if self.dns is not None and (s.dns != DEFAULT_DNS or self.kernel_if is None):
+            try:
+                await self._start_dns(s.dns)   # with a TUN/TAP device, 'auto' waits for the virtual IP
+            except DaemonError:
+                self._close_data()
+                raise
         if s.remember_options is not None:   # ... and the options once the proxies listen
             self.prefs.remember_options(dict(s.remember_options))
         try:
@@ -162,6 +173,8 @@ class Daemon:
                 self.netstack.close()
             if self.gateway:
                 self.gateway.close()
+            if self.dns is not None:
+                self.dns.close()
             self._close_data()
             try:
                 os.unlink(self.home.socket_path)
@@ -241,6 +254,9 @@ class Daemon:
                 self._stop.set()
                 return
             self.dataplane.inner_sink = self._inbound
+            if self.dns is not None and self.settings.dns == DEFAULT_DNS:   # on the virtual IP, port 53
+                self._dns_task = asyncio.get_running_loop().create_task(self._start_dns(f"{address}:53",
+                                                                                        fallback=True))
             return
         if self.netstack is not None and self.netstack.stack.address == address:
             return
@@ -255,6 +271,50 @@ class Daemon:
                                     send_packets=self.dataplane.send_packets)
         self.shares.attach(self.netstack)
         self.dataplane.inner_sink = self._inbound
+
+    async def _start_dns(self, where: str, fallback: bool = False) -> None:
+        """Answer DNS on ``where`` ("auto": 127.0.0.1:DNS_PORT, else any free port). A busy or
+        forbidden address given explicitly stops the daemon; 'auto' falls back to the loopback."""
+        assert self.dns is not None
+        if where == DEFAULT_DNS:
+            where, fallback = f"127.0.0.1:{DNS_PORT}", True
+        host, port = where.rsplit(":", 1) if fallback else dns_address(where)
+        if self.dns.address == (host, int(port)):
+            return
+        self.dns.close()
+        tries = [(host, int(port))] + ([("127.0.0.1", DNS_PORT), ("127.0.0.1", 0)] if fallback else [])
+        for h, p in dict.fromkeys(tries):
+            try:
+                await self.dns.start(h, p)
+                return
+            except OSError as e:
+                if not fallback:
+                    raise DaemonError(f"cannot answer DNS on {where}: {e.strerror or e} (choose another address "
+                                      "with --dns 127.0.0.1:PORT, or --dns off)") from None
+                (log.info if (h, p) == ("127.0.0.1", DNS_PORT) else log.warning)(
+                    "cannot answer DNS on %s:%d (%s): trying %s", h, p, e.strerror or e,
+                    "any free loopback port" if p == DNS_PORT else "the loopback")
+
+    def _local_source(self, source) -> bool:
+        """A DNS query from this machine (loopback or our own virtual IP), not from a peer (nor from
+        a LAN host sending to our virtual IP: Linux delivers to a local address on any interface)."""
+        host = source[0] if isinstance(source, tuple) else None
+        try:
+            return host is not None and (ipaddress.ip_address(host).is_loopback or host == self.state.me.get("ip"))
+        except ValueError:
+            return False
+
+    def names_changed(self) -> None:
+        """Something DNS answers from changed (peers, presence, a rename): rebuild on the next query."""
+        self._names = None
+
+    def dns_names(self) -> Names:
+        """The DNS names table from the live state (rebuilt after any change: ``_names`` = None)."""
+        if self._names is None:
+            nets = [n for n in self.state.networks if n not in self.state.away]
+            me = dict(self.state.me, networks=nets)
+            self._names = Names.build(self._all_peers(), me, nets, self.dataplane.pool)
+        return self._names
 
     def _inbound(self, packets: list[bytes]) -> None:
         packets = self.pinger.intercept(packets)
@@ -459,6 +519,7 @@ class Daemon:
     def sync_peers(self) -> None:
         """Tell the data plane who our peers are, and ask the server to introduce new online ones."""
         peers = self.state.peers()
+        self.names_changed()
         self.dataplane.update_peers(peers)
         self._pin_forwards()
         if self.advertise_routes:
@@ -496,6 +557,7 @@ class Daemon:
             return
         if t == "address":                # the server gave us our virtual IP (first network)
             self.state.me["ip"] = ev["ip"]
+            self.names_changed()
             self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)
@@ -530,6 +592,8 @@ class Daemon:
                              else {"mode": "virtual_ip", "note": None}),
             "gateway": self._gateway_status() if self.advertise_routes else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
+            "dns": {"address": format_addr(self.dns.address), "names": self.dns_names().names(),
+                    "stats": dict(self.dns.responder.stats)} if self.dns is not None and self.dns.address else None,
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),

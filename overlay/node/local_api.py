@@ -221,6 +221,7 @@ class LocalApi:
                 d.client.name = name  # the next hello (reconnect) uses it too
             d.name = name
             d.state.me["name"] = name
+            d.names_changed()   # DNS answers the new name at once
             d.prefs.remember(server=d.client.server if d.client else None, name=name)
             return {"name": name}
         raise RequestError("unknown_command", f"unknown command {cmd!r}")

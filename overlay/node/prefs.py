@@ -45,6 +45,7 @@ UP_OPTIONS: dict[str, tuple[str, object, type]] = {
     "address": ("--address", "off", str),
     "proxy_user": ("--proxy-user", [], list),
     "wg_peer": ("--wg-peer", [], list),
+    "dns": ("--dns", "auto", str),
 }
 
 

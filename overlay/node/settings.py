@@ -27,6 +27,8 @@ PROXY_SCHEMES = ("http://", "socks5://", "socks4://")   # --via-proxy / via_prox
 DEFAULT_SOCKS = "127.0.0.1:1080"
 DEFAULT_UI = "127.0.0.1:0"                   # the local web page (overlay/ui): loopback, any free port
 DEFAULT_KEEPALIVE = 25.0
+DEFAULT_DNS = "auto"          # userspace: 127.0.0.1:DNS_PORT (else a free port); TUN/TAP: VIRTUAL_IP:53
+DNS_PORT = 1053
 NO_SERVER = "no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)"
 
 
@@ -90,6 +92,7 @@ class NodeSettings:
     advertise_routes: tuple[str, ...] = ()       # sorted, normalized
     hard_nat: bool = True
     port_mapping: tuple[str, ...] = ()           # protocol names (overlay.nat.portmap)
+    dns: str | None = DEFAULT_DNS                # "auto", a loopback HOST:PORT, or None (off)
     remember_options: Mapping | None = None      # the options to remember (prefs.json) once the node runs
 
     def to_json(self) -> dict:
@@ -132,6 +135,7 @@ class UpOptions:
     advertise_routes: str | None = None
     hard_nat_punch: bool | None = None
     port_mapping: str | None = None
+    dns: str | None = None
     reset: bool = False
 
 
@@ -210,6 +214,12 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
     except ValueError as e:
         raise SettingsError(f"--port-mapping: {e}") from None
     _check_device(interface, dev, only_shared)
+    dns = on("dns", DEFAULT_DNS)
+    if dns not in (None, DEFAULT_DNS):
+        try:
+            dns_address(dns)
+        except ValueError as e:
+            raise SettingsError(f"--dns: {e}") from None
     address = on("address")
     try:
         static_peers = ([static_peer(p) for p in cfg.get("peer", [])]
@@ -237,8 +247,21 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
                                    bool(f.get("udp", False))) for f in cfg.get("forward", [])),
         address=address, static_peers=tuple(static_peers), proxy_users=proxy_users or None,
         interface=interface, dev=dev, only_shared=only_shared, advertise_routes=routes,
-        hard_nat=bool(setting("hard_nat_punch", True)), port_mapping=tuple(port_mapping),
+        hard_nat=bool(setting("hard_nat_punch", True)), port_mapping=tuple(port_mapping), dns=dns,
         remember_options=remember)
+
+
+def dns_address(text: str) -> tuple[str, int]:
+    """--dns HOST:PORT: a loopback address only (the node's DNS is never reachable from a LAN)."""
+    host, port = parse_hostport(text, allow_zero=True)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ValueError(f"{text!r}: expected 'auto', 'off' or a loopback IP:PORT such as 127.0.0.1:1053") from None
+    if not loopback:
+        raise ValueError(f"{text!r}: only a loopback address (127.0.0.1:PORT; with --tun/--tap 'auto' answers on "
+                         "the virtual IP, port 53)")
+    return host, port
 
 
 def _device(opts: UpOptions, cfg: dict, last, reused: dict, note: Note):

@@ -113,3 +113,19 @@ def test_ui_is_on_by_default_on_loopback_only_and_off_turns_it_off(tmp_path):
     # remembered like the other options: the next `overlay up` keeps it off
     assert resolve(UpOptions(ui="off"), {}, last).remember_options["ui"] == "off"
     assert resolve(UpOptions(), {}, _prefs(tmp_path, ui="off")).ui is None
+
+
+def test_dns_is_auto_off_or_a_loopback_address_only(tmp_path):
+    from overlay.node.config import ConfigError, validate
+    last = _prefs(tmp_path)
+    assert resolve(UpOptions(), {}, last).dns == "auto"
+    assert resolve(UpOptions(dns="off"), {}, last).dns is None
+    assert resolve(UpOptions(), {"dns": "127.0.0.2:5353"}, last).dns == "127.0.0.2:5353"
+    s = resolve(UpOptions(dns="127.0.0.1:1053"), {}, last)
+    assert s.dns == "127.0.0.1:1053" and s.remember_options == {"dns": "127.0.0.1:1053"}
+    assert NodeSettings.from_json(json.loads(json.dumps(s.to_json()))).dns == "127.0.0.1:1053"
+    for bad in ("0.0.0.0:53", "192.168.1.5:53", "localhost:53", "127.0.0.1"):   # never on a LAN interface
+        with pytest.raises(SettingsError, match="--dns"):
+            resolve(UpOptions(dns=bad), {}, last)
+        with pytest.raises(ConfigError, match="dns"):
+            validate({"dns": bad}, "config.toml")

@@ -1,0 +1,80 @@
+"""DNS for peers on TUN nodes in the real-kernel NAT lab, through the CLI.
+
+Two ``overlay up --tun`` nodes, each behind its own NAT, in one network. The node answers on its
+virtual IP, port 53: ``dig`` (Debian's dnsutils) asks it for the peer's name, and ``curl`` reaches
+the peer by name with no ``--resolve``, through the C library's resolver reading a resolv.conf
+that points at the node (``ip netns exec`` mounts /etc/netns/NAMESPACE/resolv.conf over
+/etc/resolv.conf). A peer asking the node's address is refused: the table shows every network of
+the node, not only the ones it shares with that peer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import lab
+import natlab
+from lab_overlay import OverlayLab, wait
+
+pytestmark = pytest.mark.netns
+
+NET = "lan"
+
+
+@pytest.fixture(scope="module")
+def world():
+    lab.require_lab("nft", "ip", "curl", "dig")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs /dev/net/tun")
+    nl = natlab.NatLab()
+    ol = OverlayLab(nl)
+    ok = False
+    etc = None
+    try:
+        for site in ("da", "db"):
+            nl.add_site(site, "port_restricted")
+        ol.start_server()
+        a = ol.start_node("da1", "dns1", "--tun")
+        b = ol.start_node("db1", "dns2", "--tun")
+        ol.pair(a, b, NET)
+        for n in (a, b):
+            ol.wait(lambda n=n: any(p["online"] for p in n.status()["peers"]), 20, f"{n.name} sees its peer")
+        vip_a, vip_b = a.status()["node"]["virtual_ip"], b.status()["node"]["virtual_ip"]
+        ol.wait(lambda: (a.status().get("dns") or {}).get("address") == f"{vip_a}:53", 20, "dns1 on its VIP")
+        etc = Path("/etc/netns") / nl.ns("da1").name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"nameserver {vip_a}\noptions timeout:2 attempts:1\n")
+        ok = True
+        yield nl, ol, a, b, vip_a, vip_b
+    finally:
+        if etc is not None:
+            shutil.rmtree(etc, ignore_errors=True)
+        if not ok:
+            print(ol.dump())
+        ol.close()
+        nl.close(failed=not ok)
+
+
+def test_dig_asks_the_virtual_ip_and_curl_resolves_the_peer_by_name(world, tmp_path):
+    nl, ol, a, b, vip_a, vip_b = world
+    r = nl.run("da1", ["dig", f"@{vip_a}", "+short", "+tries=1", "+time=2", f"dns2.{NET}"], check=False)
+    assert r.stdout.split() == [vip_b], r.stdout + r.stderr
+    r = nl.run("da1", ["dig", f"@{vip_a}", "+short", "+tries=1", "+time=2", "-x", vip_b], check=False)
+    assert r.stdout.split() == [f"dns2.{NET}.overlay.internal."], r.stdout + r.stderr
+    (tmp_path / "hello.txt").write_text("hello from dns2\n")
+    nl.popen("db1", ["python3", "-m", "http.server", "8000", "--bind", vip_b, "--directory", str(tmp_path)],
+             label=ol.label("http-dns2"))
+    wait(lambda: "LISTEN" in nl.run("db1", ["ss", "-ltn", "sport = :8000"]).stdout, 10, "http.server on dns2")
+    r = nl.run("da1", ["curl", "-sS", "--max-time", "10", f"http://dns2.{NET}:8000/hello.txt"], check=False)
+    assert r.returncode == 0 and r.stdout == "hello from dns2\n", r.stdout + r.stderr
+
+
+def test_a_peer_asking_the_nodes_address_is_refused(world):
+    nl, ol, a, b, vip_a, vip_b = world
+    r = nl.run("db1", ["dig", f"@{vip_a}", "+tries=1", "+time=2", f"dns2.{NET}"], check=False)
+    assert "status: REFUSED" in r.stdout, r.stdout + r.stderr
+    assert a.status()["dns"]["stats"]["foreign"] >= 1
