@@ -313,7 +313,7 @@ class Daemon:
         if self._names is None:
             nets = [n for n in self.state.networks if n not in self.state.away]
             me = dict(self.state.me, networks=nets)
-            self._names = Names.build(self._all_peers(), me, nets, self.dataplane.pool)
+            self._names = Names.build((p.to_json() for p in self._all_peers()), me, nets, self.dataplane.pool)
         return self._names
 
     def _inbound(self, packets: list[bytes]) -> None:
