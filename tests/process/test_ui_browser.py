@@ -200,6 +200,9 @@ def test_page_in_chromium_live_members_chat_share_approve_offline(tmp_path):
 
 
 def test_owner_approves_a_route_from_the_page(tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     with Cluster(tmp_path) as c:
         c.start_server()
         a = c.start_node("alice")
@@ -209,12 +212,33 @@ def test_owner_approves_a_route_from_the_page(tmp_path):
         driver = browser()
         try:
             driver.get(a.ok("ui", "--no-open").strip())
-            c.wait(lambda: click(driver, '[data-key="routes:lan"]'), what="routes on the page")
-            c.wait(lambda: click(driver, '[data-key="route:gw:192.168.77.0/24.lan"]'), what="approve the route")
+            # the route waits for approval in the network's box without a click on "routes"
+            waiting = '[data-network="lan"] .waiting-routes'
+            c.wait(lambda: text(driver, waiting).startswith("1 route waiting for approval"), what="route waiting")
+            assert "192.168.77.0/24 through gw" in text(driver, waiting)
+            assert not driver.find_elements(By.CSS_SELECTOR, '[data-network="lan"] .routes')   # full view still hidden
+            c.wait(lambda: click(driver, '[data-key="approve-route:gw:192.168.77.0/24.lan"]'), what="approve the route")
             c.wait(lambda: json.loads(a.ok("admin", "routes", "lan", "--json"))["routes"][0]["approved"]
                    == ["192.168.77.0/24"], what="route approved")
+            c.wait(lambda: not driver.find_elements(By.CSS_SELECTOR, waiting), what="waiting line gone")
+
+            # keyboard: Tab reaches the "routes" button, its focus is visible, Enter and Space press it
+            def tab_to(key: str) -> None:
+                driver.execute_script("document.activeElement.blur(); window.focus()")
+                for _ in range(80):
+                    ActionChains(driver).send_keys(Keys.TAB).perform()
+                    if driver.execute_script("return document.activeElement.dataset.key") == key:
+                        return
+                raise AssertionError(f"Tab never reached {key}")
+            tab_to("routes:lan")
+            assert driver.execute_script("return getComputedStyle(document.activeElement).outlineStyle") != "none"
+            ActionChains(driver).send_keys(Keys.ENTER).perform()
             c.wait(lambda: "192.168.77.0/24 through gw: approved" in text(driver, '[data-network="lan"] .routes'),
                    what="shown approved")
+            assert driver.execute_script("return document.activeElement.dataset.key") == "routes:lan"
+            ActionChains(driver).send_keys(Keys.SPACE).perform()
+            c.wait(lambda: not driver.find_elements(By.CSS_SELECTOR, '[data-network="lan"] .routes'),
+                   what="routes hidden with Space")
             assert severe_logs(driver) == []
         finally:
             driver.quit()

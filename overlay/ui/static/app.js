@@ -154,7 +154,7 @@ function light(member, peer) {
 function renderNets(st) {
   const peers = new Map((st.peers || []).map(p => [p.key, p]));
   const box = document.getElementById("net-list");
-  redraw(box, [st.networks, st.peers, [...routes]], () => st.networks.length ? st.networks.map(net => {
+  redraw(box, [st.networks, st.peers, [...routes], [...offered]], () => st.networks.length ? st.networks.map(net => {
     const owner = net.role === "owner";
     const tags = [net.type, "you: " + (net.role || "member"), net.encrypted ? "encrypted" : "NOT encrypted",
       net.locked ? "locked" : null, net.approval ? "owner approves joins" : null, net.away ? "you are offline here" : null]
@@ -212,12 +212,19 @@ function renderNets(st) {
           button("route:" + g.name + ":" + prefix + "." + net.name, approved.has(prefix) ? "remove" : "approve",
             () => routeAction(net.name, approved.has(prefix) ? "route-remove" : "route-approve", g.name, prefix))));
       }) : [el("li", {class: "tags"}, "no member offers routes (overlay up --advertise-routes SUBNET)")]))) : null;
+    const waiting = owner ? (offered.get(net.name) || []).flatMap(g =>
+      g.advertised.filter(p => !g.approved.includes(p)).map(prefix => [g.name, prefix])) : [];
+    const routesWaiting = waiting.length ? el("div", {class: "waiting-routes"},
+      el("h3", {}, waiting.length + (waiting.length === 1 ? " route" : " routes") + " waiting for approval"),
+      el("ul", {}, ...waiting.map(([name, prefix]) => el("li", {}, prefix + " through " + name + " ",
+        button("approve-route:" + name + ":" + prefix + "." + net.name, "approve",
+          () => routeAction(net.name, "route-approve", name, prefix)))))) : null;
     return el("div", {class: "net", "data-network": net.name},
       el("h3", {}, net.name, " ",
         el("button", {class: "small", type: "button", "data-key": "leave:" + net.name, onclick: () => leave(net.name)}, "leave"), " ",
         button("presence:" + net.name, net.away ? "go online here" : "go offline here",
           () => call("presence", {network: net.name, online: net.away}))),
-      el("div", {class: "tags"}, tags), ownerBar, routeList, pending,
+      el("div", {class: "tags"}, tags), ownerBar, routeList, routesWaiting, pending,
       el("div", {class: "wrap"}, el("table", {},
         el("thead", {}, el("tr", {}, ...["Member", "Virtual IP", "Path", "RTT", "Traffic", ""].map(h => el("th", {scope: "col"}, h)))),
         el("tbody", {}, ...rows))));
@@ -231,15 +238,37 @@ async function ping(peer) {
 }
 
 const routes = new Map();   // network -> its routes (owner's `admin routes`), while shown
+const offered = new Map();  // network -> its routes, fetched on their own for the "waiting" line
 
-async function loadRoutes(network) {
+async function loadRoutes(network, quiet) {
   const r = await call("admin", {network, action: "routes"});
-  if (r.ok) { routes.set(network, r.routes); renderNets(status); }
+  if (!r.ok) return;
+  offered.set(network, r.routes);
+  if (!quiet || routes.has(network)) routes.set(network, r.routes);
+  renderNets(status);
+}
+
+// Owned networks' routes without a click: fetched again when a network's members (who is in,
+// who is online) change, at most once per ROUTES_EVERY ms per network.
+const ROUTES_EVERY = 3000;
+const routeWatch = new Map();   // network -> {seen, last, timer}
+function watchRoutes(st) {
+  for (const net of st.networks) {
+    if (net.role !== "owner") { routeWatch.delete(net.name); offered.delete(net.name); continue; }
+    const w = routeWatch.get(net.name) || {seen: null, last: -Infinity, timer: 0};
+    routeWatch.set(net.name, w);
+    const seen = JSON.stringify(net.members.map(m => [m.name, m.online]));
+    if (seen === w.seen) continue;
+    w.seen = seen;
+    if (w.timer) continue;   // the fetch already planned sees this change too
+    w.timer = setTimeout(() => { w.timer = 0; w.last = performance.now(); loadRoutes(net.name, true); },
+      Math.max(0, w.last + ROUTES_EVERY - performance.now()));
+  }
 }
 
 async function routeAction(network, action, target, prefix) {
   const r = await call("admin", {network, action, target, prefix});
-  if (r.ok) { say(prefix + " through " + target + ": " + (action === "route-approve" ? "approved" : "removed")); loadRoutes(network); }
+  if (r.ok) { say(prefix + " through " + target + ": " + (action === "route-approve" ? "approved" : "removed")); loadRoutes(network, true); }
 }
 
 function button(key, text, onclick) {
@@ -343,7 +372,7 @@ document.getElementById("share-form").addEventListener("submit", async e => {
 function render(st) {
   if (!status) performance.mark("first-status");   // benchmarks/bench_ui.py: time to first render
   status = st;
-  renderNode(st); renderNets(st); renderShares(st); renderForwards(st); renderChatNets(st);
+  renderNode(st); renderNets(st); watchRoutes(st); renderShares(st); renderForwards(st); renderChatNets(st);
 }
 
 function connect() {
