@@ -231,7 +231,8 @@ def test_owner_approves_a_route_from_the_page(tmp_path):
                         return
                 raise AssertionError(f"Tab never reached {key}")
             tab_to("routes:lan")
-            assert driver.execute_script("return getComputedStyle(document.activeElement).outlineStyle") != "none"
+            outline = "const s = getComputedStyle(document.activeElement); return s.outlineStyle + ' ' + s.outlineWidth"
+            assert driver.execute_script(outline) == "solid 2px"     # app.css :focus-visible, not the default ring
             ActionChains(driver).send_keys(Keys.ENTER).perform()
             c.wait(lambda: "192.168.77.0/24 through gw: approved" in text(driver, '[data-network="lan"] .routes'),
                    what="shown approved")
