@@ -59,22 +59,42 @@ def world():
         nl.close(failed=not ok)
 
 
+def _dig(nl, host: str, *args: str):
+    return nl.run(host, ["dig", "+tries=1", "+time=2", *args], check=False)
+
+
 def test_dig_asks_the_virtual_ip_and_curl_resolves_the_peer_by_name(world, tmp_path):
     nl, ol, a, b, vip_a, vip_b = world
-    r = nl.run("da1", ["dig", f"@{vip_a}", "+short", "+tries=1", "+time=2", f"dns2.{NET}"], check=False)
-    assert r.stdout.split() == [vip_b], r.stdout + r.stderr
-    r = nl.run("da1", ["dig", f"@{vip_a}", "+short", "+tries=1", "+time=2", "-x", vip_b], check=False)
-    assert r.stdout.split() == [f"dns2.{NET}.overlay.internal."], r.stdout + r.stderr
+    # each answer polled for (a bounded wait: the node's socket, the peer's presence), never taken from one try
+    last = {}
+
+    def answers(*args: str, want: list[str]) -> bool:
+        last["r"] = r = _dig(nl, "da1", f"@{vip_a}", "+short", *args)
+        return r.stdout.split() == want
+    wait(lambda: answers(f"dns2.{NET}", want=[vip_b]), 20, f"dns2.{NET} -> {vip_b}",
+         on_fail=lambda: last["r"].stdout + last["r"].stderr + ol.dump())
+    wait(lambda: answers("-x", vip_b, want=[f"dns2.{NET}.overlay.internal."]), 20, f"PTR of {vip_b}",
+         on_fail=lambda: last["r"].stdout + last["r"].stderr)
     (tmp_path / "hello.txt").write_text("hello from dns2\n")
-    nl.popen("db1", ["python3", "-m", "http.server", "8000", "--bind", vip_b, "--directory", str(tmp_path)],
-             label=ol.label("http-dns2"))
-    wait(lambda: "LISTEN" in nl.run("db1", ["ss", "-ltn", "sport = :8000"]).stdout, 10, "http.server on dns2")
-    r = nl.run("da1", ["curl", "-sS", "--max-time", "10", f"http://dns2.{NET}:8000/hello.txt"], check=False)
-    assert r.returncode == 0 and r.stdout == "hello from dns2\n", r.stdout + r.stderr
+    web = nl.popen("db1", ["python3", "-m", "http.server", "8000", "--bind", vip_b, "--directory", str(tmp_path)],
+                   label=ol.label("http-dns2"))
+    wait(lambda: "LISTEN" in nl.run("db1", ["ss", "-ltn", "sport = :8000"]).stdout, 20, "http.server on dns2",
+         on_fail=lambda: f"{web.describe()}\n{web.stdout()}{web.stderr()}")
+
+    def fetched() -> bool:
+        last["r"] = r = nl.run("da1", ["curl", "-sS", "--max-time", "10", f"http://dns2.{NET}:8000/hello.txt"],
+                               check=False, timeout=20)
+        return r.returncode == 0 and r.stdout == "hello from dns2\n"
+    wait(fetched, 40, f"curl http://dns2.{NET}:8000/ by name", interval=1.0,
+         on_fail=lambda: last["r"].stdout + last["r"].stderr + ol.dump())
 
 
 def test_a_peer_asking_the_nodes_address_is_refused(world):
     nl, ol, a, b, vip_a, vip_b = world
-    r = nl.run("db1", ["dig", f"@{vip_a}", "+tries=1", "+time=2", f"dns2.{NET}"], check=False)
-    assert "status: REFUSED" in r.stdout, r.stdout + r.stderr
+    last = {}
+
+    def refused() -> bool:
+        last["r"] = r = _dig(nl, "db1", f"@{vip_a}", f"dns2.{NET}")
+        return "status: REFUSED" in r.stdout
+    wait(refused, 20, "the peer's query refused", on_fail=lambda: last["r"].stdout + last["r"].stderr)
     assert a.status()["dns"]["stats"]["foreign"] >= 1
