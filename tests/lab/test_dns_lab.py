@@ -44,7 +44,10 @@ def world():
         for n in (a, b):
             ol.wait(lambda n=n: any(p["online"] for p in n.status()["peers"]), 20, f"{n.name} sees its peer")
         vip_a, vip_b = a.status()["node"]["virtual_ip"], b.status()["node"]["virtual_ip"]
+        # both devices hold their virtual IPs (each node's DNS answers there only once it does): dns2's
+        # web server binds its address
         ol.wait(lambda: (a.status().get("dns") or {}).get("address") == f"{vip_a}:53", 20, "dns1 on its VIP")
+        ol.wait(lambda: (b.status().get("dns") or {}).get("address") == f"{vip_b}:53", 20, "dns2 on its VIP")
         etc = Path("/etc/netns") / nl.ns("da1").name
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(f"nameserver {vip_a}\noptions timeout:2 attempts:1\n")
