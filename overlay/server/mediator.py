@@ -352,7 +352,7 @@ class Mediator:
         self._new_node_check(key, now)
         if self.identity_bits and key not in self._proven:
             raise RequestError("identity_proof", "a new node needs a checked proof of work on its key")
-        vip = self._allocate_vip()
+        vip = self.store.claimed_vip(key) or self._allocate_vip()
         self.store.add_node(key, self._guests.pop(key), vip, now)
         self._proven.discard(key)
         src = source_bucket(self._source.get(key))

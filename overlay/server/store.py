@@ -1,9 +1,16 @@
-"""Persistent state of the mediation server: SQLite under ``--data``.
+"""Persistent state of the mediation server: SQLite under ``--data`` (the default backend).
 
 Nodes (key, name, virtual IP), networks (password hash, owner, settings, type, hubs, gateway,
 approved routes), members, pending join requests, bans and the last chat messages survive a
 server restart. Writes are tiny and rare next
 to the control traffic, so every call commits (WAL mode keeps that cheap).
+
+The mediator calls the synchronous methods of ``Store``; the PostgreSQL backend
+(overlay/server/store_pg.py) offers the same ones over an in-memory model. ``StoreHooks`` are what
+the asyncio glue awaits around a request: ``prepare`` (a database transaction that decides what
+must hold across server instances: a virtual IP, name uniqueness, the member limit), ``undo``
+(when the mediator then refused) and ``flush`` (the request's writes are durable); SQLite, one
+process and synchronous, needs none of them. The schema and its migrations: overlay/server/migrations.py.
 """
 
 from __future__ import annotations
@@ -13,39 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from overlay.control.messages import CHAT_HISTORY
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS nodes (
-    key BLOB PRIMARY KEY, name TEXT NOT NULL, vip TEXT NOT NULL UNIQUE, created REAL NOT NULL,
-    last_seen REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS networks (
-    name TEXT PRIMARY KEY, pw_hash BLOB NOT NULL, owner BLOB NOT NULL, locked INTEGER NOT NULL DEFAULT 0,
-    approval INTEGER NOT NULL DEFAULT 0, max_members INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS members (
-    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
-    joined REAL NOT NULL, PRIMARY KEY (network, key));
-CREATE INDEX IF NOT EXISTS members_by_key ON members(key);
-CREATE TABLE IF NOT EXISTS pending (
-    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
-    requested REAL NOT NULL, PRIMARY KEY (network, key));
-CREATE TABLE IF NOT EXISTS former (
-    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
-    PRIMARY KEY (network, key));
-CREATE TABLE IF NOT EXISTS bans (
-    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
-    PRIMARY KEY (network, key));
-CREATE TABLE IF NOT EXISTS chat (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE,
-    sender BLOB NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, ts REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS chat_by_network ON chat(network, id);
-CREATE TABLE IF NOT EXISTS routes (
-    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL, prefix TEXT NOT NULL,
-    PRIMARY KEY (network, key, prefix));
-CREATE TABLE IF NOT EXISTS hubs (
-    network TEXT NOT NULL REFERENCES networks(name) ON DELETE CASCADE, key BLOB NOT NULL,
-    PRIMARY KEY (network, key));
-"""
-
+from overlay.server.migrations import migrate_sqlite
 
 @dataclass
 class Network:
@@ -67,20 +42,36 @@ class Node:
     vip: str
 
 
-class Store:
+class StoreHooks:
+    """What the glue awaits around a request (no-ops for SQLite; see the module docstring)."""
+
+    async def prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None = None):
+        return None
+
+    async def undo(self, claim) -> None:
+        return None
+
+    def claimed_vip(self, key: bytes) -> str | None:
+        """The virtual IP ``prepare`` reserved in the database for a new node (None: allocate one)."""
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Store(StoreHooks):
     def __init__(self, path: str | Path):
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(networks)")}
-        if "type" not in cols:   # databases from before network types
-            self.db.execute("ALTER TABLE networks ADD COLUMN type TEXT NOT NULL DEFAULT 'mesh'")
-        if "gateway" not in cols:
-            self.db.execute("ALTER TABLE networks ADD COLUMN gateway BLOB")
-        if "encrypted" not in cols:
-            self.db.execute("ALTER TABLE networks ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 1")
+        self.schema_version = migrate_sqlite(self.db)
 
     def close(self) -> None:
         self.db.close()

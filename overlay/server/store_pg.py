@@ -1,0 +1,297 @@
+"""The server's store on PostgreSQL (``overlay server --database postgresql://USER@HOST:PORT/DB``).
+
+The mediator is synchronous (sans-I/O), so it reads an in-memory ``Model`` loaded at start and
+its writes are queued as SQL; the glue awaits ``flush`` (one transaction, in order) before it
+answers a request, so a reply means the change is in the database, as with SQLite.
+
+What must stay true with several server instances on one database is decided by the database, in
+``prepare``, a transaction the glue awaits before the mediator applies a request:
+
+- a new node's virtual IP: inserted under ``UNIQUE (vip)``; a clash (another instance took it)
+  tries the next address;
+- a join or join request: the network's row is locked (``SELECT ... FOR UPDATE``), which orders
+  every join into it and every rename of one of its members across instances; under that lock the
+  database checks the ban, the lock, ``max_members`` and name uniqueness (members and pending
+  requesters), then inserts the member or the request;
+- a create: the network's primary key;
+- a node's new name (hello, rename): its networks' rows locked, then checked as above;
+- a chat message's id: the table's sequence.
+
+Should the mediator then refuse for a reason of its own (a rate limit), ``undo`` removes what
+``prepare`` inserted. The driver is asyncpg (see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+from overlay.control.messages import RequestError, normalize_name
+from overlay.server.migrations import migrate_postgres
+from overlay.server.model import Model, NodeRow
+from overlay.server.vips import PoolExhausted
+
+log = logging.getLogger("overlay.server")
+
+VIP_ATTEMPTS = 64      # addresses tried when other instances keep taking the one proposed
+
+NAME_CLASH = ("SELECT 1 FROM nodes n WHERE n.name=$2 AND n.key<>$3 AND ("
+              "EXISTS (SELECT 1 FROM members m WHERE m.network=$1 AND m.key=n.key) OR "
+              "EXISTS (SELECT 1 FROM pending p WHERE p.network=$1 AND p.key=n.key)) LIMIT 1")
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+class Claim:
+    """What ``prepare`` changed in the database, for ``undo``."""
+
+    def __init__(self) -> None:
+        self.undo: list[tuple[str, tuple]] = []
+        self.vip: str | None = None        # a virtual IP taken from the mediator's allocator
+        self.key: bytes | None = None
+        self.release = lambda vip: None     # gives ``vip`` back to the mediator's allocator
+
+
+class PgStore(Model):
+    def __init__(self, pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self._queue: list[tuple[str, tuple]] = []
+        self._flush_lock = asyncio.Lock()
+        self._kicked = False
+        self._claimed: dict[bytes, str] = {}
+        self._chat_ids: list[int] = []
+        self.schema_version = 0
+        self.write_errors = 0
+
+    @classmethod
+    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 4) -> "PgStore":
+        import asyncpg   # the optional extra: overlay[postgres]
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        try:
+            store = cls(pool)
+            async with pool.acquire() as conn:
+                store.schema_version = await migrate_postgres(conn)
+                await store._load(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def _load(self, conn) -> None:
+        for r in await conn.fetch("SELECT key, name, vip, created, last_seen FROM nodes"):
+            self._nodes[bytes(r[0])] = _node_row(r)
+        for r in await conn.fetch("SELECT name, pw_hash, owner, locked, approval, max_members, created, type, "
+                                  "gateway, encrypted FROM networks ORDER BY created, name"):
+            self._load_network(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5], r[6], r[7],
+                               bytes(r[8]) if r[8] is not None else None, r[9])
+        for r in await conn.fetch("SELECT network, key, joined FROM members ORDER BY joined, seq"):
+            self._load_member(r[0], bytes(r[1]), r[2])
+        for r in await conn.fetch("SELECT network, key, requested FROM pending ORDER BY requested, seq"):
+            self._load_pending(r[0], bytes(r[1]), r[2])
+        for r in await conn.fetch("SELECT network, key FROM former ORDER BY seq"):
+            self._former[r[0]][bytes(r[1])] = None
+        for r in await conn.fetch("SELECT network, key FROM bans"):
+            self._load_ban(r[0], bytes(r[1]))
+        for r in await conn.fetch("SELECT network, key, prefix FROM routes ORDER BY prefix"):
+            self._routes[r[0]].setdefault(bytes(r[1]), []).append(r[2])
+        for r in await conn.fetch("SELECT network, key FROM hubs"):
+            self._hubs[r[0]].add(bytes(r[1]))
+        for r in await conn.fetch("SELECT id, network, sender, name, text, ts FROM chat ORDER BY id"):
+            self._chat[r[1]].append((r[0], bytes(r[2]), r[3], r[4], r[5]))
+
+    # ---------------------------------------------------------------- writes
+    def _write(self, sql: str, *args) -> None:
+        self._queue.append((sql, args))
+        if not self._kicked:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return      # no loop (a synchronous caller): the next flush() takes it
+            self._kicked = True
+            loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._queue:
+            asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        """Write everything queued so far, in order, in one transaction (writes of the sync paths,
+        such as a disconnect, are flushed by a task the first of them schedules)."""
+        async with self._flush_lock:
+            batch, self._queue = self._queue, []
+            if not batch:
+                return
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    for sql, args in batch:
+                        await conn.execute(sql, *args)
+            except Exception as e:      # one bad statement must not lose the others: one by one
+                log.warning("database write failed (%s); writing %d changes one by one", e, len(batch))
+                async with self.pool.acquire() as conn:
+                    for sql, args in batch:
+                        try:
+                            await conn.execute(sql, *args)
+                        except Exception as e2:
+                            self.write_errors += 1
+                            log.error("database write lost: %s: %s", sql.split(" ")[0:3], e2)
+
+    async def aclose(self) -> None:
+        await self.flush()
+        await self.pool.close()
+
+    def close(self) -> None:
+        """Synchronous callers cannot close a pool; ``aclose`` does."""
+
+    # ---------------------------------------------------------------- claims (see the module docstring)
+    def claimed_vip(self, key: bytes) -> str | None:
+        return self._claimed.pop(key, None)
+
+    def _next_chat_id(self) -> int:
+        if self._chat_ids:
+            return self._chat_ids.pop(0)
+        # no reservation (a caller that skipped prepare): past the highest id seen here
+        return max((m[-1][0] for m in self._chat.values() if m), default=0) + 1
+
+    async def prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None = None):
+        t = msg["t"]
+        if t == "chat":
+            self._chat_ids.append(await self.pool.fetchval("SELECT nextval(pg_get_serial_sequence('chat', 'id'))"))
+            return None
+        if t in ("hello", "rename"):
+            node = self.node(key)
+            try:
+                name = normalize_name(msg["name"], "node name")
+            except RequestError:
+                return None                  # the mediator refuses it
+            if node is None or node.name == name:
+                return None
+            return await self._claim_name(key, name, node.name, now)
+        if t in ("create", "join"):
+            return await self._claim_membership(mediator, key, msg, now, password_hash)
+        return None
+
+    async def undo(self, claim) -> None:
+        if claim is None:
+            return
+        if claim.key is not None:
+            self._claimed.pop(claim.key, None)
+        if claim.vip is not None and claim.key is not None and self.node(claim.key) is None:
+            claim.release(claim.vip)
+        async with self.pool.acquire() as conn, conn.transaction():
+            for sql, args in claim.undo:
+                await conn.execute(sql, *args)
+
+    async def _claim_name(self, key: bytes, name: str, old: str, now: float) -> Claim:
+        claim = Claim()
+        async with self.pool.acquire() as conn, conn.transaction():
+            nets = [r[0] for r in await conn.fetch(
+                "SELECT name FROM networks WHERE name IN (SELECT network FROM members WHERE key=$1 "
+                "UNION SELECT network FROM pending WHERE key=$1) ORDER BY name FOR UPDATE", key)]
+            for net in nets:
+                if await conn.fetchval(NAME_CLASH, net, name, key):
+                    raise RequestError("name_taken", f"the name {name!r} is already taken in network {net!r}")
+            await conn.execute("UPDATE nodes SET name=$1 WHERE key=$2", name, key)
+        claim.undo.append(("UPDATE nodes SET name=$1 WHERE key=$2 AND name=$3", (old, key, name)))
+        return claim
+
+    async def _claim_membership(self, mediator, key: bytes, msg: dict, now: float,
+                                password_hash: bytes | None) -> Claim | None:
+        network = normalize_name(msg["network"], "network name")
+        if self.node(key) is None:
+            name = mediator._guests.get(key)
+            if name is None:
+                return None                  # not said hello: the mediator refuses
+        else:
+            name = self.node(key).name
+        claim = Claim()
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if self.node(key) is None:
+                    await self._claim_node(conn, mediator, key, name, now, claim)
+                if msg["t"] == "create":
+                    if password_hash is None:
+                        raise RequestError("internal", "password was not hashed")
+                    made = await conn.fetchval(
+                        "INSERT INTO networks (name, pw_hash, owner, approval, max_members, created) "
+                        "VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (name) DO NOTHING RETURNING name",
+                        network, password_hash, key, bool(msg.get("approval", False)), msg.get("max_members", 0), now)
+                    if made is None:
+                        raise RequestError("network_exists", f"network {network!r} already exists")
+                    await conn.execute("INSERT INTO members (network, key, joined) VALUES ($1,$2,$3)", network, key, now)
+                    claim.undo.append(("DELETE FROM networks WHERE name=$1 AND owner=$2", (network, key)))
+                else:
+                    await self._claim_join(conn, key, name, network, now, claim)
+        except BaseException:
+            if claim.vip is not None:
+                mediator.vips.release(claim.vip)
+                self._claimed.pop(key, None)
+            raise
+        if claim.vip is not None:
+            # the node row goes when the whole request is undone, unless the node got stored
+            claim.undo.append(("DELETE FROM nodes WHERE key=$1 AND NOT EXISTS "
+                               "(SELECT 1 FROM members WHERE key=$1) AND NOT EXISTS "
+                               "(SELECT 1 FROM pending WHERE key=$1)", (key,)))
+        return claim
+
+    async def _claim_node(self, conn, mediator, key: bytes, name: str, now: float, claim: Claim) -> None:
+        for _ in range(VIP_ATTEMPTS):
+            try:
+                vip = mediator.vips.allocate()
+            except PoolExhausted:
+                raise RequestError("pool_exhausted",
+                                   f"the server's address pool {mediator.pool} is exhausted") from None
+            got = await conn.fetchval("INSERT INTO nodes VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING "
+                                      "RETURNING vip", key, name, vip, now, now)
+            if got is not None:
+                claim.vip, claim.key, claim.release = vip, key, mediator.vips.release
+                self._claimed[key] = vip
+                return
+            have = await conn.fetchval("SELECT vip FROM nodes WHERE key=$1", key)
+            mediator.vips.release(vip)
+            if have is not None:            # another instance stored this node meanwhile
+                self._claimed[key] = have
+                claim.key = key
+                return
+            # the address went to a node of another instance: leave it marked used here
+            mediator.vips._used.add(_vip_int(vip))
+        raise RequestError("internal", "could not allocate a virtual IP; try again")
+
+    async def _claim_join(self, conn, key: bytes, name: str, network: str, now: float, claim: Claim) -> None:
+        row = await conn.fetchrow("SELECT approval, locked, max_members FROM networks WHERE name=$1 FOR UPDATE",
+                                  network)
+        if row is None:
+            raise RequestError("unknown_network", f"network {network!r} does not exist")
+        approval, locked, max_members = row
+        if await conn.fetchval("SELECT 1 FROM members WHERE network=$1 AND key=$2", network, key):
+            raise RequestError("already_member", f"you are already a member of {network!r}")
+        if await conn.fetchval("SELECT 1 FROM bans WHERE network=$1 AND key=$2", network, key):
+            raise RequestError("banned", f"you are banned from {network!r}")
+        if locked:
+            raise RequestError("locked", f"network {network!r} is locked: its owner is not accepting new members")
+        if max_members and await conn.fetchval("SELECT count(*) FROM members WHERE network=$1",
+                                               network) >= max_members:
+            raise RequestError("full", f"network {network!r} is full ({max_members} members)")
+        if await conn.fetchval(NAME_CLASH, network, name, key):
+            raise RequestError("name_taken", f"the name {name!r} is already taken in network {network!r}; "
+                                             "restart with another --name")
+        if approval:
+            if await conn.fetchval("SELECT 1 FROM pending WHERE network=$1 AND key=$2", network, key) is None:
+                await conn.execute("INSERT INTO pending (network, key, requested) VALUES ($1,$2,$3)",
+                                   network, key, now)
+                claim.undo.append(("DELETE FROM pending WHERE network=$1 AND key=$2", (network, key)))
+        else:
+            await conn.execute("INSERT INTO members (network, key, joined) VALUES ($1,$2,$3)", network, key, now)
+            claim.undo.append(("DELETE FROM members WHERE network=$1 AND key=$2", (network, key)))
+
+
+def _node_row(r) -> NodeRow:
+    return NodeRow(r[1], r[2], r[3], r[4])
+
+
+def _vip_int(vip: str) -> int:
+    return int(ipaddress.IPv4Address(vip))
