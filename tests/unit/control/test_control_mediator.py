@@ -1,4 +1,8 @@
-"""The mediation server's sans-I/O core: ``Mediator`` over a real SQLite ``Store``, injected ``now``.
+"""The mediation server's sans-I/O core: ``Mediator`` over a real ``Store``, injected ``now``.
+
+Most tests run twice, on SQLite and on PostgreSQL (``PgStore``; a throw-away cluster from
+tests/support/postgres.py): ``World`` then awaits the store's hooks around each request as the
+glue does (``prepare`` before the mediator, ``undo`` when it refuses, ``flush`` after).
 
 Requests go through ``validate_request`` and the same precheck -> verify -> handle sequence as the
 asyncio glue (overlay/server/app.py); the slow Argon2id step is replaced by a cheap stand-in hash
@@ -11,6 +15,7 @@ Bugs these tests found were fixed; the tests stay as regressions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 
@@ -29,6 +34,7 @@ from overlay.server.mediator import (
     MAX_PENDING, Mediator,
 )
 from overlay.server.store import Store
+from overlay.server.store_pg import PgStore, is_postgres_url
 
 PW = "s3cret"
 
@@ -43,7 +49,12 @@ class World:
     def __init__(self, path=":memory:", pool: str = mediator_mod.DEFAULT_POOL, real_passwords: bool = False,
                  **settings):
         self.path, self.pool = path, pool
-        self.store = Store(path)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if isinstance(path, str) and is_postgres_url(path):
+            self.loop = asyncio.new_event_loop()
+            self.store = self.loop.run_until_complete(PgStore.open(path))
+        else:
+            self.store = Store(path)
         # identity proofs (slow on purpose) are off here; tests/unit/server/test_server_identities.py has them
         self.settings = {"identity_bits": 0, **settings}
         self.m = Mediator(self.store, pool, **self.settings)
@@ -51,6 +62,25 @@ class World:
         self._rid = 0
         self.real = real_passwords
         self._buf: dict[bytes, list[dict]] = defaultdict(list)
+
+    def run(self, coro):
+        """Await a store hook as the glue does (SQLite's are no-ops)."""
+        if self.loop is None:
+            coro.close()
+            return None
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        if self.loop is None:
+            self.store.close()
+        else:
+            self.loop.run_until_complete(self.store.aclose())
+            self.loop.close()
+
+    def count(self, table: str) -> int:
+        if self.loop is None:
+            return self.store.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return self.run(self.store.pool.fetchval(f"SELECT COUNT(*) FROM {table}"))
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -66,13 +96,27 @@ class World:
               **extra) -> dict:
         msg = validate_request({"t": "hello", "id": self._id(), "name": name or who, "version": version, **extra})
         try:
-            return self.m.hello(self.key(who), msg, self.now, source=source)
+            return self._applied(self.key(who), msg, None, lambda: self.m.hello(self.key(who), msg, self.now,
+                                                                                source=source))
         finally:
             self._collect()
 
     def disconnect(self, who: str) -> None:
         self.m.disconnect(self.key(who), self.now)
+        self.run(self.store.flush())
         self._collect()
+
+    def _applied(self, key: bytes, msg: dict, password_hash: bytes | None, apply):
+        """The glue's sequence around the mediator: the store's prepare, the mediator's answer,
+        undo if it refused, flush."""
+        claim = self.run(self.store.prepare(self.m, key, msg, self.now, password_hash))
+        try:
+            reply = apply()
+        except RequestError:
+            self.run(self.store.undo(claim))
+            raise
+        self.run(self.store.flush())
+        return reply
 
     def req(self, who: str, t: str, **fields) -> dict:
         try:
@@ -88,7 +132,7 @@ class World:
             m.create_precheck(key, msg, self.now)
             self._check_proof(key, msg)
             h = passwords.hash_password(msg["password"]) if self.real else fake_hash(msg["password"])
-            reply = m.handle(key, msg, self.now, password_hash=h)
+            reply = self._applied(key, msg, h, lambda: m.handle(key, msg, self.now, password_hash=h))
         elif t == "join":
             stored = m.join_precheck(key, msg, self.now)
             self._check_proof(key, msg)
@@ -96,12 +140,16 @@ class World:
                 good = passwords.verify_password(stored, msg["password"])
             else:
                 good = stored == fake_hash(msg["password"])
-            reply = m.handle(key, msg, self.now, password_ok=good)
+            if good:
+                reply = self._applied(key, msg, None, lambda: m.handle(key, msg, self.now, password_ok=good))
+            else:
+                reply = m.handle(key, msg, self.now, password_ok=good)
         elif t == "admin" and msg["action"] == "password":  # as the glue: owner check, then hashing
             m.admin_precheck(key, msg)
-            reply = m.handle(key, msg, self.now, password_hash=fake_hash(msg["password"]))
+            reply = self._applied(key, msg, None,
+                                  lambda: m.handle(key, msg, self.now, password_hash=fake_hash(msg["password"])))
         else:
-            reply = m.handle(key, msg, self.now)
+            reply = self._applied(key, msg, None, lambda: m.handle(key, msg, self.now))
         assert reply["t"] == "ok" and reply["id"] == msg["id"]
         return reply
 
@@ -164,11 +212,19 @@ class World:
         return {n.name for n in self.store.nodes(self.store.members(network)).values()}
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """Where a World keeps its state: an SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "overlay.db")
+
+
 @pytest.fixture
-def w():
-    world = World()
+def w(db):
+    world = World(db)
     yield world
-    world.store.close()
+    world.close()
 
 
 def _setup(w: World, *names: str, network: str = "lan", **create) -> None:
@@ -451,15 +507,16 @@ def test_ban_former_members_kicked_or_left(w):
     assert w.req("dave", "join", network="lan", password=PW)["status"] == "joined"
 
 
-def test_former_members_survive_a_server_restart(tmp_path):
-    w = World(str(tmp_path / "db.sqlite"))
+def test_former_members_survive_a_server_restart(db):
+    w = World(db)
     _setup(w, "alice", "dave")
     w.admin("alice", "lan", "kick", target="dave")
-    w.store.close()
-    w2 = World(str(tmp_path / "db.sqlite"))
+    w.close()
+    w2 = World(db)
     w2.hello("alice")
     w2.admin("alice", "lan", "ban", target="dave")
     assert w2.store.is_banned("lan", w2.key("dave"))
+    w2.close()
 
 
 def test_owner_changes_the_password(w):
@@ -618,8 +675,8 @@ def test_vip_stable_and_unique(w):
     assert all(ipaddress.IPv4Address(ip) in pool for ip in ips.values())
 
 
-def test_vip_pool_exhaustion():
-    w = World(pool="10.9.0.0/29")
+def test_vip_pool_exhaustion(db):
+    w = World(db, pool="10.9.0.0/29")
     try:
         ips = list(_join_all(w, 6).values())
         assert sorted(ips) == [f"10.9.0.{i}" for i in range(1, 7)]   # hosts only: no .0 or .7
@@ -628,7 +685,7 @@ def test_vip_pool_exhaustion():
         assert w.store.node(w.key("n6")) is None
         assert w.hello("n3")["ip"] == ips[3]                          # existing nodes unaffected
     finally:
-        w.store.close()
+        w.close()
 
 
 def test_tiny_pool_refused():
@@ -757,7 +814,7 @@ def test_chat_delivery_and_history_capped_per_network(w):
     assert [e["id"] for e in hist] == sorted(e["id"] for e in hist)
     w.req("carol", "history", network="other")
     assert [e["text"] for e in w.ev("carol")] == [f"o{i}" for i in range(5)]
-    assert w.store.db.execute("SELECT COUNT(*) FROM chat").fetchone()[0] == CHAT_HISTORY + 5
+    assert w.count("chat") == CHAT_HISTORY + 5
 
 
 def test_chat_keeps_sender_name_at_send_time(w):
@@ -1024,13 +1081,12 @@ def test_gateway_network_members_reach_only_the_gateway(w):
     assert w.store.network("lan").gateway is None
 
 
-def test_network_type_survives_store_reopen(tmp_path):
-    db = tmp_path / "overlay.db"
+def test_network_type_survives_store_reopen(db):
     w = World(db)
     _setup(w, "alice", "hub", "s1", "s2")
     w.admin("alice", "lan", "type", target="hub-and-spoke")
     w.admin("alice", "lan", "hub-on", target="hub")
-    w.store.close()
+    w.close()
     w2 = World(db)
     try:
         for n in ("alice", "hub", "s1", "s2"):
@@ -1038,7 +1094,7 @@ def test_network_type_survives_store_reopen(tmp_path):
         assert w2.store.network("lan").type == "hub-and-spoke"
         assert _seen(w2, "s1") == {"s1", "hub"}
     finally:
-        w2.store.close()
+        w2.close()
 
 
 def test_old_database_gains_network_types(tmp_path):
@@ -1143,8 +1199,7 @@ def test_routes_are_validated():
 # ============================================================================ persistence
 
 
-def test_state_survives_store_reopen(tmp_path):
-    db = tmp_path / "overlay.db"
+def test_state_survives_store_reopen(db):
     w = World(db)
     _setup(w, "alice", "bob", "carol", approval=False)
     _setup(w, "dan", network="other", approval=True)
@@ -1154,7 +1209,7 @@ def test_state_survives_store_reopen(tmp_path):
     w.admin("alice", "lan", "lock")
     w.req("bob", "chat", network="lan", text="persist me")
     ips = {n: w.store.node(w.key(n)).vip for n in ("alice", "bob", "carol", "dan", "eve")}
-    w.store.close()
+    w.close()
 
     w2 = World(db)
     try:
@@ -1174,4 +1229,4 @@ def test_state_survives_store_reopen(tmp_path):
         w2.req("alice", "history", network="lan")
         assert [(e["from"], e["text"]) for e in w2.ev("alice")] == [("bob", "persist me")]
     finally:
-        w2.store.close()
+        w2.close()
