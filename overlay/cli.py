@@ -83,6 +83,13 @@ def server(listen: Optional[List[str]] = typer.Option(
                                                   "(each bit doubles it; 0: none)."),
            new_nodes_per_hour: int = typer.Option(256, "--new-nodes-per-hour", min=1,
                                                   help="New nodes stored per IP address (IPv6: /64) and hour."),
+           database: Optional[str] = typer.Option(
+               None, "--database", help="postgresql://USER@HOST:PORT/DB: keep networks, members and chat in "
+                                        "PostgreSQL (needs overlay[postgres]; several servers may share it). "
+                                        "Default: SQLite in --data."),
+           migrate_from: Optional[str] = typer.Option(
+               None, "--migrate-from", help="sqlite:PATH: copy that SQLite database (a server's overlay.db) into "
+                                            "the empty --database, say what moved, and exit."),
            log_level: str = LogLevelOpt):
     """Run a mediation server in the foreground."""
     import asyncio
@@ -106,10 +113,37 @@ def server(listen: Optional[List[str]] = typer.Option(
             raise PermissionError(13, "not writable")
     except OSError as e:
         fail(f"cannot use data directory {data}: {e.strerror or e}")
+    if database is not None:
+        from overlay.server.store_pg import is_postgres_url
+        if database.startswith("sqlite:") and migrate_from is None:
+            if Path(database[len("sqlite:"):]).resolve() != (data / "overlay.db").resolve():
+                fail("an SQLite database lives in --data (overlay.db); give --data instead")
+            database = None
+        elif not is_postgres_url(database):
+            fail("--database takes postgresql://USER@HOST:PORT/DB")
+        else:
+            try:
+                import asyncpg  # noqa: F401
+            except ImportError:
+                fail("PostgreSQL needs asyncpg: pip install 'overlay[postgres]'")
     _logging(log_level)
+    if migrate_from is not None:
+        import sqlite3
+
+        from overlay.server import migrate
+        if database is None:
+            fail("--migrate-from needs --database postgresql://...")
+        try:
+            moved = asyncio.run(migrate.migrate(migrate_from, database))
+        except (OSError, sqlite3.Error, migrate.TargetNotEmpty) as e:
+            fail(f"cannot migrate: {e}")
+        except Exception as e:       # the driver's errors: authentication, an unknown database ...
+            fail(f"cannot migrate: {type(e).__name__}: {e}")
+        print(migrate.summary(moved), flush=True)
+        return
     try:
         asyncio.run(run_server(data, hosts, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
-                               max_per_address, identity_work, new_nodes_per_hour))
+                               max_per_address, identity_work, new_nodes_per_hour, database))
     except OSError as e:
         fail(f"cannot listen on {', '.join(listen)}: {e.strerror or e}")
     except KeyboardInterrupt:

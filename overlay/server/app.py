@@ -32,7 +32,7 @@ from overlay.relay.server import DEFAULT_RATE, RelayServer
 from overlay.server import datadir
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
-from overlay.server.store import Store
+from overlay.server.store import Store, StoreHooks
 from overlay.tokenbucket import TokenBucket
 
 log = logging.getLogger("overlay.server")
@@ -210,14 +210,17 @@ class MediationServer:
     def __init__(self, data_dir: Path, host: str | list[str], port: int, pool: str = DEFAULT_POOL,
                  relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                  max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
-                 identity_bits: int = DEFAULT_IDENTITY_BITS, new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR):
+                 identity_bits: int = DEFAULT_IDENTITY_BITS, new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR,
+                 store: StoreHooks | None = None):
         self.data_dir = Path(data_dir)
         datadir.secure(self.data_dir)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
         self.public_key = crypto.public_key(self.private_key)
-        datadir.create_private(self.data_dir / "overlay.db")
-        self.store = Store(self.data_dir / "overlay.db")
-        datadir.secure(self.data_dir)       # the -wal and -shm files SQLite just created
+        if store is None:                   # the default: SQLite in the data directory
+            datadir.create_private(self.data_dir / "overlay.db")
+            store = Store(self.data_dir / "overlay.db")
+            datadir.secure(self.data_dir)   # the -wal and -shm files SQLite just created
+        self.store = store                  # or a PgStore, opened by run_server
         self.mediator = Mediator(self.store, pool, identity_bits=identity_bits, new_nodes_per_hour=new_nodes_per_hour)
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
         self.relay = RelayServer(self._may_relay, rate=relay_rate)
@@ -317,7 +320,7 @@ class MediationServer:
             self._udp.close()
         for tr in self._stun_extra:
             tr.close()
-        self.store.close()
+        await self.store.aclose()
 
     async def _reap(self) -> None:
         while True:
@@ -397,7 +400,7 @@ class MediationServer:
             if old is not None and old is not conn:
                 old.close(error(None, "replaced", "this node connected again from elsewhere"))
                 self.unregister(old)
-            reply = m.hello(conn.key, msg, now, source=conn.source)
+            reply = await self._apply(conn, msg, lambda: m.hello(conn.key, msg, now, source=conn.source))
             reply["udp_token"] = base64.b64encode(self.relay.token_for(conn.key)).decode()
             reply["udp_port"] = self.port
             reply["stun_ports"] = self.stun_ports
@@ -436,12 +439,12 @@ class MediationServer:
             await self._check_proof(conn, msg, now)
             async with self._hash_slots:
                 h = await asyncio.to_thread(passwords.hash_password, msg["password"])
-            return m.handle(conn.key, msg, time.time(), password_hash=h)
+            return await self._apply(conn, msg, lambda: m.handle(conn.key, msg, time.time(), password_hash=h), h)
         if t == "admin" and msg["action"] == "password":
             m.admin_precheck(conn.key, msg)
             async with self._hash_slots:
                 h = await asyncio.to_thread(passwords.hash_password, msg["password"])
-            return m.handle(conn.key, msg, time.time(), password_hash=h)
+            return await self._apply(conn, msg, lambda: m.handle(conn.key, msg, time.time(), password_hash=h))
         if t == "join":
             stored = m.join_precheck(conn.key, msg, now)
             await self._check_proof(conn, msg, now)
@@ -449,8 +452,23 @@ class MediationServer:
                 good = await asyncio.to_thread(passwords.verify_password, stored, msg["password"])
             if not good and (delay := m.failure_delay(msg["network"], time.time())):
                 await asyncio.sleep(delay)      # a network under guessing: failures answer slowly
-            return m.handle(conn.key, msg, time.time(), password_ok=good)
-        return m.handle(conn.key, msg, now)
+            if not good:
+                return m.handle(conn.key, msg, time.time(), password_ok=good)
+            return await self._apply(conn, msg, lambda: m.handle(conn.key, msg, time.time(), password_ok=good))
+        return await self._apply(conn, msg, lambda: m.handle(conn.key, msg, now))
+
+    async def _apply(self, conn: ControlConnection, msg: dict, handle, password_hash: bytes | None = None) -> dict:
+        """Run the mediator on ``msg`` between the store's hooks: ``prepare`` (what the database
+        decides across server instances), ``undo`` if the mediator refuses, ``flush`` before the
+        reply (its changes are stored). SQLite's hooks return at once without yielding."""
+        claim = await self.store.prepare(self.mediator, conn.key, msg, time.time(), password_hash)
+        try:
+            reply = handle()
+        except RequestError:
+            await self.store.undo(claim)
+            raise
+        await self.store.flush()
+        return reply
 
     async def _check_proof(self, conn: ControlConnection, msg: dict, now: float) -> None:
         """A new node's proof of work on its key, checked off the loop (one 8 MiB scrypt)."""
@@ -574,6 +592,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         pass
 
 
+def redact_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    head, sep, tail = url.partition("://")
+    if "@" in tail.split("/")[0]:
+        cred, _, rest = tail.partition("@")
+        user = cred.split(":")[0]
+        return f"{head}{sep}{user}@{rest}"
+    return url
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft descriptor limit to the hard one; return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -591,7 +619,7 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
                      relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                      max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
                      identity_bits: int = DEFAULT_IDENTITY_BITS,
-                     new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR) -> None:
+                     new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR, database: str | None = None) -> None:
     nofile = raise_nofile_limit()
     cap = max_conns_for(nofile, max_conns)
     if cap < max_conns:
@@ -605,8 +633,21 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
         if limiter.allow(str(context.get("message")), time.monotonic())[0]:
             loop.default_exception_handler(context)
     loop.set_exception_handler(exception_handler)
-    server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source,
-                             identity_bits, new_nodes_per_hour)
+    store = None
+    if database is not None:
+        from overlay.server.store_pg import PgStore
+        try:
+            store = await PgStore.open(database)
+        except Exception as e:      # refused, unknown database, authentication: say so and stop
+            raise SystemExit(f"cannot open database {redact_url(database)}: {type(e).__name__}: {e}") from None
+        log.info("database %s (schema version %d)", redact_url(database), store.schema_version)
+    try:
+        server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source,
+                                 identity_bits, new_nodes_per_hour, store=store)
+    except BaseException:
+        if store is not None:
+            await store.aclose()
+        raise
     await server.start()
     print(f"overlay server listening on {server.listening()} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)
