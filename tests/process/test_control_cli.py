@@ -17,10 +17,17 @@ from cluster import OVERLAY, Cluster, free_port
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    with Cluster(tmp_path) as c:
+def cluster(tmp_path, request):
+    """A server (SQLite; ``parametrize("cluster", BACKENDS, indirect=True)``: each backend) and its nodes."""
+    database = request.getfixturevalue("pg_url") if getattr(request, "param", "sqlite") == "postgres" else None
+    with Cluster(tmp_path, database) as c:
         c.start_server()
         yield c
+
+
+# the representative tests that run against PostgreSQL too (`overlay server --database`)
+BACKENDS = ["sqlite", "postgres"]
+both_backends = pytest.mark.parametrize("cluster", BACKENDS, indirect=True)
 
 
 def members(node, net):
@@ -28,6 +35,7 @@ def members(node, net):
     return {m["name"]: m for m in n["members"]} if n else {}
 
 
+@both_backends
 def test_networks_presence_chat(cluster):
     a = cluster.start_node("alice")
     b = cluster.start_node("bob")
@@ -93,6 +101,7 @@ def test_networks_presence_chat(cluster):
     assert "not a member" in c.fails("leave", "games")
 
 
+@both_backends
 def test_admin_commands(cluster):
     a = cluster.start_node("owner")
     b = cluster.start_node("bob")
@@ -200,6 +209,7 @@ def test_key_and_socket_permissions(cluster):
     assert (a.home / "known_servers").read_text().startswith(cluster.server_addr + " ")
 
 
+@both_backends
 def test_server_restart_persists_everything(cluster):
     a = cluster.start_node("alice")
     b = cluster.start_node("bob")
@@ -624,6 +634,7 @@ def test_ip_prints_virtual_addresses_and_chat_confirms(cluster):
     assert a.ok("chat", "lan", "hi bob").strip() == "sent to lan"
 
 
+@both_backends
 def test_down_is_clean_and_followers_are_told(cluster):
     """`overlay down` with a chat follower, a UDP share in use and forwards: no traceback in the log,
     and the follower says why it ends (exit 1)."""
@@ -671,6 +682,7 @@ def test_down_is_clean_and_followers_are_told(cluster):
             follower.kill()
 
 
+@both_backends
 def test_rename_password_and_pending_requests_in_status(cluster):
     a = cluster.start_node("alice")
     b = cluster.start_node("bob")
@@ -816,6 +828,7 @@ def _handshake_answered(sender_home: Path, target: Path, port: int, wait: float 
     return data[0] == 2
 
 
+@both_backends
 def test_hub_and_spoke_spokes_cannot_see_or_reach_each_other(cluster):
     o = cluster.start_node("owner")
     hub = cluster.start_node("hub")
@@ -908,6 +921,7 @@ def test_piped_output_keeps_whole_lines_and_ping_streams(cluster):
         p.wait()
 
 
+@both_backends
 def test_status_roles_routes_to_approve_and_prompts_without_a_terminal(cluster):
     """A gateway network's plain member reads `member`, not `member, member`; the owner's status
     names the routes waiting for approval; a route in the overlay's pool is called unapprovable

@@ -130,8 +130,9 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, database: str | None = None):
         self.tmp = Path(tmp)
+        self.database = database            # postgresql://... for `overlay server --database`; None: SQLite
         self.port = free_port()
         self.server_addr = f"127.0.0.1:{self.port}"
         self.server: Proc | None = None
@@ -153,8 +154,9 @@ class Cluster:
             print(f"----- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
 
     def start_server(self, *extra: str, data: str = "server") -> Proc:
+        db = ["--database", self.database] if self.database else []
         self.server = Proc([*OVERLAY, "server", "--listen", self.server_addr, "--data", str(self.tmp / data),
-                            *extra], self.tmp / "server.log")
+                            *db, *extra], self.tmp / "server.log")
         self.wait(lambda: _tcp_open(self.port), what="server listening")
         return self.server
 
