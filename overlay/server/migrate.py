@@ -21,8 +21,8 @@ from overlay.server.store import Store
 TABLES = [
     ("nodes", "SELECT key, name, vip, created, last_seen FROM nodes ORDER BY rowid",
      "INSERT INTO nodes (key, name, vip, created, last_seen) VALUES ($1,$2,$3,$4,$5)", "nodes"),
-    ("networks", "SELECT name, pw_hash, owner, locked<>0, approval<>0, max_members, created, type, gateway, "
-                 "encrypted<>0 FROM networks ORDER BY rowid",
+    ("networks", "SELECT name, pw_hash, owner, locked, approval, max_members, created, type, gateway, "
+                 "encrypted FROM networks ORDER BY rowid",
      "INSERT INTO networks (name, pw_hash, owner, locked, approval, max_members, created, type, gateway, "
      "encrypted) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)", "networks"),
     ("members", "SELECT network, key, joined FROM members ORDER BY joined, rowid",
@@ -67,9 +67,12 @@ def read_sqlite(path: Path) -> dict[str, list[tuple]]:
             src.close()
         store = Store(copy)          # runs the SQLite migrations on the snapshot
         try:
-            return {table: [tuple(r) for r in store.db.execute(select)] for table, select, _, _ in TABLES}
+            rows = {table: [tuple(r) for r in store.db.execute(select)] for table, select, _, _ in TABLES}
         finally:
             store.close()
+    # SQLite's flags are integers, PostgreSQL's booleans
+    rows["networks"] = [(*r[:3], bool(r[3]), bool(r[4]), *r[5:9], bool(r[9])) for r in rows["networks"]]
+    return rows
 
 
 async def copy_to_postgres(rows: dict[str, list[tuple]], url: str) -> list[tuple[str, int]]:
