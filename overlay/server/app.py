@@ -221,6 +221,7 @@ class MediationServer:
             store = Store(self.data_dir / "overlay.db")
             datadir.secure(self.data_dir)   # the -wal and -shm files SQLite just created
         self.store = store                  # or a PgStore, opened by run_server
+        self.sync = None                    # with PostgreSQL: the other instances (overlay/server/pg_sync.py)
         self.mediator = Mediator(self.store, pool, identity_bits=identity_bits, new_nodes_per_hour=new_nodes_per_hour)
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
         self.relay = RelayServer(self._may_relay, rate=relay_rate)
@@ -320,6 +321,8 @@ class MediationServer:
             self._udp.close()
         for tr in self._stun_extra:
             tr.close()
+        if self.sync is not None:
+            await self.sync.close()
         await self.store.aclose()
 
     async def _reap(self) -> None:
@@ -328,6 +331,11 @@ class MediationServer:
             now = time.monotonic()
             self.relay.expire(now)
             self.mediator.expire(time.time())
+            if self.sync is not None:
+                try:
+                    await self.sync.check_liveness()
+                except Exception as e:     # the database away for a moment: next second
+                    self.rlog.log(log, logging.WARNING, "instance liveness check failed: %s", e)
             for c in list(self.connections):
                 if not c.registered and now - c.opened > HANDSHAKE_TIMEOUT:
                     self.rlog.log(log, logging.INFO, "%s: no hello within %.0f s; closing", c.peer, HANDSHAKE_TIMEOUT)
@@ -421,10 +429,7 @@ class MediationServer:
         finally:
             if t in ("create", "join", "leave"):
                 self.admission.registered(conn, not self.still_stranger(conn))
-            if t in ("create", "join", "leave", "admin"):
-                # who may relay to whom may have changed (a ban, a kick, a type, hub or gateway change,
-                # a new member): the relay must not forward on an old answer
-                self._peer_cache.clear()
+            self.membership_changed(t)
 
     def still_stranger(self, conn: ControlConnection) -> bool:
         """Said hello (or not even that) but belongs to no network and waits to join none."""
@@ -461,14 +466,23 @@ class MediationServer:
         """Run the mediator on ``msg`` between the store's hooks: ``prepare`` (what the database
         decides across server instances), ``undo`` if the mediator refuses, ``flush`` before the
         reply (its changes are stored). SQLite's hooks return at once without yielding."""
-        claim = await self.store.prepare(self.mediator, conn.key, msg, time.time(), password_hash)
+        now = time.time()
+        claim = await self.store.prepare(self.mediator, conn.key, msg, now, password_hash)
         try:
             reply = handle()
         except RequestError:
             await self.store.undo(claim)
             raise
+        if self.sync is not None:
+            self.sync.accepted(conn.key, msg, now, reply, password_hash, conn.source)
         await self.store.flush()
         return reply
+
+    def membership_changed(self, t: str) -> None:
+        if t in ("create", "join", "leave", "admin"):
+            # who may relay to whom may have changed (a ban, a kick, a type, hub or gateway change,
+            # a new member): the relay must not forward on an old answer
+            self._peer_cache.clear()
 
     async def _check_proof(self, conn: ControlConnection, msg: dict, now: float) -> None:
         """A new node's proof of work on its key, checked off the loop (one 8 MiB scrypt)."""
@@ -485,7 +499,11 @@ class MediationServer:
             del self.sessions[conn.key]
             self.relay.tcp_sinks.pop(conn.key, None)
             self._peer_cache.pop(conn.key, None)
-            self.mediator.disconnect(conn.key, time.time())
+            if self.sync is None:
+                self.mediator.disconnect(conn.key, time.time())
+            elif not self.sync.online_elsewhere(conn.key):   # not moved to another instance
+                self.mediator.disconnect(conn.key, time.time())
+                self.sync.bye(conn.key, time.time())
             self.rlog.log(log, logging.INFO, "%s: node offline", conn.peer)
             self.deliver()
 
@@ -648,6 +666,10 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
         if store is not None:
             await store.aclose()
         raise
+    if store is not None:
+        from overlay.server.pg_sync import InstanceSync
+        server.sync = InstanceSync(server, store)
+        await server.sync.start()
     await server.start()
     print(f"overlay server listening on {server.listening()} (tcp+udp)", flush=True)
     print(f"server key {key_to_text(server.public_key)}", flush=True)

@@ -56,9 +56,11 @@ class Claim:
 
 
 class PgStore(Model):
-    def __init__(self, pool) -> None:
+    def __init__(self, pool, url: str = "") -> None:
         super().__init__()
         self.pool = pool
+        self.url = url
+        self.replaying = False       # applying another instance's change: the database has it already
         self._queue: list[tuple[str, tuple]] = []
         self._flush_lock = asyncio.Lock()
         self._kicked = False
@@ -72,7 +74,7 @@ class PgStore(Model):
         import asyncpg   # the optional extra: overlay[postgres]
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
         try:
-            store = cls(pool)
+            store = cls(pool, url)
             async with pool.acquire() as conn:
                 store.schema_version = await migrate_postgres(conn)
                 await store._load(conn)
@@ -105,8 +107,17 @@ class PgStore(Model):
 
     # ---------------------------------------------------------------- writes
     def _write(self, sql: str, *args) -> None:
-        self._queue.append((sql, args))
-        if not self._kicked:
+        if not self.replaying:
+            self._queue.append((sql, args))
+            self.flush_soon()
+
+    def notify(self, channel: str, payload: str) -> None:
+        """NOTIFY other instances, in order with the writes queued before (same transaction)."""
+        self._queue.append(("SELECT pg_notify($1, $2)", (channel, payload)))
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
+        if self._queue and not self._kicked:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -150,6 +161,15 @@ class PgStore(Model):
     # ---------------------------------------------------------------- claims (see the module docstring)
     def claimed_vip(self, key: bytes) -> str | None:
         return self._claimed.pop(key, None)
+
+    def replay_vip(self, mediator, key: bytes, vip: str) -> None:
+        """Another instance stored ``key`` with ``vip``: the mediator's replay takes that one."""
+        if self.node(key) is None:
+            self._claimed[key] = vip
+            mediator.vips._used.add(_vip_int(vip))
+
+    def replay_chat_id(self, cid: int) -> None:
+        self._chat_ids.insert(0, cid)
 
     def _next_chat_id(self) -> int:
         if self._chat_ids:

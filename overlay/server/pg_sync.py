@@ -1,0 +1,193 @@
+"""Several ``overlay server`` instances on one PostgreSQL database: LISTEN/NOTIFY between them.
+
+Every instance holds the whole state in memory (overlay/server/store_pg.py) and decides what must
+be unique in the database. What one instance changes, the others learn through PostgreSQL's
+NOTIFY, sent in the same transaction as the change (so it arrives after the change is committed,
+in commit order): each request an instance's mediator accepted, with what made it deterministic
+(the virtual IP the database gave a new node, the chat message's id, a password's hash, ``now``),
+and each node's arrival (hello) and departure. A receiving instance replays that request on its
+own mediator with its writes switched off: its model follows the database, and the events the
+mediator produces reach that instance's own nodes (an event for a node connected elsewhere has no
+session here and is dropped). So presence, member changes, chat and punch introductions cross
+instances with no protocol of our own beyond the request messages themselves.
+
+A node is online on one instance at a time: a hello on another instance replaces the older session
+(as a second connection does on one instance). An instance that stops or dies drops its
+listening connection; the others see that in ``pg_stat_activity`` (the connection is named after
+the instance) and take its nodes offline. A starting instance asks the others (``sync``) to
+announce their online nodes again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from overlay.control.messages import RequestError, error, key_from_text, key_to_text
+from overlay.ratelog import LogLimiter
+
+log = logging.getLogger("overlay.server")
+
+CHANNEL = "overlay_events"
+MAX_PAYLOAD = 7900             # NOTIFY's limit is 8000 bytes
+APP_PREFIX = "overlay-server "
+LIVENESS_INTERVAL = 2.0        # how often instances look for departed ones
+
+# requests that change nothing: not announced
+READ_ONLY = {"ping", "history", "members"}
+READ_ONLY_ADMIN = {"pending", "routes"}
+
+
+class InstanceSync:
+    def __init__(self, server, store):
+        self.server = server
+        self.store = store
+        self.id = os.urandom(6).hex()
+        self.remote: dict[bytes, str] = {}       # node online on another instance -> that instance
+        self.conn = None
+        self.rlog = LogLimiter()
+        self.replayed = 0
+        self.diverged = 0                         # replays this instance's mediator refused
+        self._last_liveness = 0.0
+        self.local: dict[bytes, tuple[dict, str | None]] = {}   # our online nodes: their hello, source
+
+    async def start(self) -> None:
+        import asyncpg
+        self.conn = await asyncpg.connect(self.store.url, server_settings={"application_name": APP_PREFIX + self.id})
+        await self.conn.add_listener(CHANNEL, self._on_notify)
+        self._send({"k": "sync"})
+        await self.store.flush()
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            try:
+                await self.conn.close()
+            except Exception:
+                pass
+
+    # ---------------------------------------------------------------- out
+    def _send(self, ev: dict) -> None:
+        ev["i"] = self.id
+        payload = json.dumps(ev, separators=(",", ":"), ensure_ascii=False)
+        if len(payload.encode()) > MAX_PAYLOAD:
+            self.rlog.log(log, logging.WARNING, "instance sync: a %s event is too large to announce (%d bytes)",
+                          ev.get("k"), len(payload))
+            return
+        self.store.notify(CHANNEL, payload)
+
+    def online_elsewhere(self, key: bytes) -> bool:
+        return key in self.remote
+
+    def hello(self, key: bytes, msg: dict, now: float, source: str | None) -> None:
+        self.remote.pop(key, None)
+        self.local[key] = (msg, source)
+        self._send({"k": "hello", "key": key_to_text(key), "m": msg, "now": now, "src": source})
+
+    def bye(self, key: bytes, now: float) -> None:
+        self.local.pop(key, None)
+        self._send({"k": "bye", "key": key_to_text(key), "now": now})
+
+    def accepted(self, key: bytes, msg: dict, now: float, reply: dict, password_hash: bytes | None,
+                 source: str | None) -> None:
+        """The mediator accepted ``msg`` from a node connected here: tell the other instances."""
+        t = msg["t"]
+        if t == "hello":
+            self.hello(key, msg, now, source)
+            return
+        if t in READ_ONLY or (t == "admin" and msg["action"] in READ_ONLY_ADMIN):
+            return
+        msg = {k: v for k, v in msg.items() if k not in ("password", "proof")}
+        ev = {"k": "req", "key": key_to_text(key), "m": msg, "now": now}
+        node = self.store.node(key)
+        if t in ("create", "join") and node is not None:
+            ev["vip"] = node.vip
+        if t == "chat":
+            ev["cid"] = reply.get("chat_id")
+        if password_hash is not None:
+            ev["h"] = password_hash.hex()
+        self._send(ev)
+
+    # ---------------------------------------------------------------- in
+    def _on_notify(self, conn, pid, channel, payload) -> None:
+        try:
+            ev = json.loads(payload)
+            if ev.get("i") == self.id:
+                return
+            self._apply(ev)
+        except Exception:
+            self.rlog.log(log, logging.ERROR, "instance sync: cannot apply an event", exc_info=True)
+        self.server.deliver()
+
+    def _apply(self, ev: dict) -> None:
+        kind, origin = ev["k"], ev["i"]
+        server, m = self.server, self.server.mediator
+        if kind == "sync":               # a new instance: announce our nodes again
+            for key in list(server.sessions):
+                hello = self.local.get(key)
+                if hello is not None:
+                    self.hello(key, hello[0], time.time(), hello[1])
+                    if key in m.endpoints:
+                        self._send({"k": "req", "key": key_to_text(key), "now": time.time(),
+                                    "m": {"t": "endpoints", "id": 0, **m.endpoints[key]}})
+                    for net in m.away.get(key, ()):
+                        self._send({"k": "req", "key": key_to_text(key), "now": time.time(),
+                                    "m": {"t": "presence", "id": 0, "network": net, "online": False}})
+            return
+        key = key_from_text(ev["key"])
+        now = ev.get("now", time.time())
+        self.replayed += 1
+        self.store.replaying = True
+        proven = key in m._proven
+        try:
+            if kind == "hello":
+                self.remote[key] = origin
+                local = server.sessions.get(key)
+                if local is not None:    # the node moved here -> there: the newer session wins
+                    local.close(error(None, "replaced", "this node connected again from elsewhere"))
+                m.hello(key, ev["m"], now, source=ev.get("src"))
+            elif kind == "bye":
+                if self.remote.get(key) == origin:
+                    del self.remote[key]
+                    if key not in server.sessions:
+                        m.disconnect(key, now)
+            elif kind == "req":
+                msg = ev["m"]
+                if ev.get("vip"):
+                    self.store.replay_vip(m, key, ev["vip"])
+                if ev.get("cid") is not None:
+                    self.store.replay_chat_id(ev["cid"])
+                m._proven.add(key)       # the origin checked its proof of work
+                h = bytes.fromhex(ev["h"]) if ev.get("h") else None
+                m.handle(key, msg, now, password_ok=True, password_hash=h)
+                server.membership_changed(msg["t"])
+        except RequestError as e:
+            self.diverged += 1
+            self.rlog.log(log, logging.WARNING, "instance sync: %s from another instance refused here: %s",
+                          ev.get("m", {}).get("t", kind), e.message)
+        finally:
+            self.store.replaying = False
+            if not proven:
+                m._proven.discard(key)
+
+    # ---------------------------------------------------------------- liveness
+    async def check_liveness(self) -> None:
+        """Take the nodes of instances whose connection is gone offline."""
+        now = time.monotonic()
+        if now - self._last_liveness < LIVENESS_INTERVAL or not self.remote:
+            return
+        self._last_liveness = now
+        rows = await self.store.pool.fetch("SELECT application_name FROM pg_stat_activity "
+                                           "WHERE application_name LIKE $1", APP_PREFIX + "%")
+        alive = {r[0][len(APP_PREFIX):] for r in rows}
+        gone = [k for k, inst in self.remote.items() if inst not in alive]
+        if not gone:
+            return
+        m = self.server.mediator
+        for key in gone:
+            del self.remote[key]
+            if key not in self.server.sessions:
+                m.disconnect(key, time.time())
+        self.store.flush_soon()
+        self.server.deliver()
