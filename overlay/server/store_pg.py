@@ -24,7 +24,6 @@ Should the mediator then refuse for a reason of its own (a rate limit), ``undo``
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 
 from overlay.control.messages import RequestError, normalize_name
@@ -166,7 +165,7 @@ class PgStore(Model):
         """Another instance stored ``key`` with ``vip``: the mediator's replay takes that one."""
         if self.node(key) is None:
             self._claimed[key] = vip
-            mediator.vips._used.add(_vip_int(vip))
+            mediator.vips.mark_used(vip)
 
     def replay_chat_id(self, cid: int) -> None:
         self._chat_ids.insert(0, cid)
@@ -222,12 +221,10 @@ class PgStore(Model):
     async def _claim_membership(self, mediator, key: bytes, msg: dict, now: float,
                                 password_hash: bytes | None) -> Claim | None:
         network = normalize_name(msg["network"], "network name")
-        if self.node(key) is None:
-            name = mediator._guests.get(key)
-            if name is None:
-                return None                  # not said hello: the mediator refuses
-        else:
-            name = self.node(key).name
+        node = self.node(key)
+        name = mediator._guests.get(key) if node is None else node.name
+        if name is None:
+            return None                      # not said hello: the mediator refuses
         claim = Claim()
         try:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -278,7 +275,7 @@ class PgStore(Model):
                 claim.key = key
                 return
             # the address went to a node of another instance: leave it marked used here
-            mediator.vips._used.add(_vip_int(vip))
+            mediator.vips.mark_used(vip)
         raise RequestError("internal", "could not allocate a virtual IP; try again")
 
     async def _claim_join(self, conn, key: bytes, name: str, network: str, now: float, claim: Claim) -> None:
@@ -311,7 +308,3 @@ class PgStore(Model):
 
 def _node_row(r) -> NodeRow:
     return NodeRow(r[1], r[2], r[3], r[4])
-
-
-def _vip_int(vip: str) -> int:
-    return int(ipaddress.IPv4Address(vip))

@@ -39,5 +39,9 @@ class VipAllocator:
                 self._used.add(addr)
                 return str(ipaddress.IPv4Address(addr))
 
+    def mark_used(self, vip: str) -> None:
+        """``vip`` was taken elsewhere (another server instance on the same database)."""
+        self._used.add(int(ipaddress.IPv4Address(vip)))
+
     def release(self, vip: str) -> None:
         self._used.discard(int(ipaddress.IPv4Address(vip)))
