@@ -173,11 +173,21 @@ class InstanceSync:
 
     # ---------------------------------------------------------------- liveness
     async def check_liveness(self) -> None:
-        """Take the nodes of instances whose connection is gone offline."""
+        """Listen again if our connection broke (announcing our nodes again, since the others took
+        them offline), and take the nodes of instances whose connection is gone offline."""
         now = time.monotonic()
-        if now - self._last_liveness < LIVENESS_INTERVAL or not self.remote:
+        if now - self._last_liveness < LIVENESS_INTERVAL:
             return
         self._last_liveness = now
+        if self.conn is None or self.conn.is_closed():
+            log.warning("instance sync: the listening connection was lost; listening again")
+            await self.start()
+            for key, (msg, source) in list(self.local.items()):
+                if key in self.server.sessions:
+                    self.hello(key, msg, time.time(), source)
+            await self.store.flush()
+        if not self.remote:
+            return
         rows = await self.store.pool.fetch("SELECT application_name FROM pg_stat_activity "
                                            "WHERE application_name LIKE $1", APP_PREFIX + "%")
         alive = {r[0][len(APP_PREFIX):] for r in rows}
