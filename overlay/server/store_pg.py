@@ -52,6 +52,7 @@ class Claim:
         self.vip: str | None = None        # a virtual IP taken from the mediator's allocator
         self.key: bytes | None = None
         self.release = lambda vip: None     # gives ``vip`` back to the mediator's allocator
+        self.chat_id: int | None = None     # reserved for a chat message
 
 
 class PgStore(Model):
@@ -179,8 +180,10 @@ class PgStore(Model):
     async def prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None = None):
         t = msg["t"]
         if t == "chat":
-            self._chat_ids.append(await self.pool.fetchval("SELECT nextval(pg_get_serial_sequence('chat', 'id'))"))
-            return None
+            claim = Claim()
+            claim.chat_id = await self.pool.fetchval("SELECT nextval(pg_get_serial_sequence('chat', 'id'))")
+            self._chat_ids.append(claim.chat_id)
+            return claim
         if t in ("hello", "rename"):
             node = self.node(key)
             try:
@@ -197,10 +200,14 @@ class PgStore(Model):
     async def undo(self, claim) -> None:
         if claim is None:
             return
+        if claim.chat_id in self._chat_ids:      # the mediator refused the message
+            self._chat_ids.remove(claim.chat_id)
         if claim.key is not None:
             self._claimed.pop(claim.key, None)
         if claim.vip is not None and claim.key is not None and self.node(claim.key) is None:
             claim.release(claim.vip)
+        if not claim.undo:
+            return
         async with self.pool.acquire() as conn, conn.transaction():
             for sql, args in claim.undo:
                 await conn.execute(sql, *args)

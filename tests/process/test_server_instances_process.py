@@ -69,9 +69,17 @@ def test_two_instances_share_networks_presence_chat_and_introductions(tmp_path, 
         bob.start()
         ca.wait(lambda: members(alice, "lan")["bob"]["online"], timeout=15, what="bob back")
         assert members(alice, "lan")["bob"]["ip"] == ips["bob"]
+
+        # an instance dying: its nodes show offline on the other; one moving to the other instance
+        # is online again there, with its virtual IP
         cb.server.kill(signal.SIGKILL)
         ca.wait(lambda: not members(alice, "lan")["bob"]["online"], timeout=15,
                 what="bob offline once his instance died")
+        bob.kill(signal.SIGKILL)
+        bob.start(server=ca.server_addr)
+        ca.wait(lambda: members(alice, "lan")["bob"]["online"], timeout=20, what="bob online on instance A")
+        assert members(alice, "lan")["bob"]["ip"] == ips["bob"]
+        assert members(bob, "lan")["alice"]["online"]
 
 
 def test_migrate_from_cli_says_what_moved_and_refuses_a_non_empty_target(tmp_path, pg_url):

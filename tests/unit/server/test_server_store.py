@@ -357,3 +357,17 @@ def test_racing_renames_into_one_name(pg_url):
         assert sorted(r[0] for r in names) in (["owner", "same", "y"], ["owner", "same", "x"])
     asyncio.run(main())
 
+
+
+def test_a_refused_chat_gives_its_reserved_id_back(pg_url):
+    w = World(pg_url)
+    try:
+        _setup(w, "alice", "bob")
+        w.hello("mallory")
+        assert w.fails("mallory", "chat", network="lan", text="x").code == "not_member"
+        assert w.store._chat_ids == []
+        first = w.req("bob", "chat", network="lan", text="one")["chat_id"]
+        second = w.req("alice", "chat", network="lan", text="two")["chat_id"]
+        assert second > first
+    finally:
+        w.close()
