@@ -29,10 +29,12 @@ import logging
 from overlay.control.messages import RequestError, normalize_name
 from overlay.server.migrations import migrate_postgres
 from overlay.server.model import Model, NodeRow
+from overlay.ratelog import LogLimiter
 from overlay.server.vips import PoolExhausted
 
 log = logging.getLogger("overlay.server")
 
+RETRY_INTERVAL = 1.0   # seconds between attempts while the database is out of reach
 VIP_ATTEMPTS = 64      # addresses tried when other instances keep taking the one proposed
 
 NAME_CLASH = ("SELECT 1 FROM nodes n WHERE n.name=$2 AND n.key<>$3 AND ("
@@ -68,6 +70,8 @@ class PgStore(Model):
         self._chat_ids: list[int] = []
         self.schema_version = 0
         self.write_errors = 0
+        self.rlog = LogLimiter()
+        self._retry: asyncio.Task | None = None
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 4) -> "PgStore":
@@ -132,7 +136,10 @@ class PgStore(Model):
 
     async def flush(self) -> None:
         """Write everything queued so far, in order, in one transaction (writes of the sync paths,
-        such as a disconnect, are flushed by a task the first of them schedules)."""
+        such as a disconnect, are flushed by a task the first of them schedules). The database
+        out of reach: the changes stay queued, in order, and are tried again every
+        ``RETRY_INTERVAL`` (the model, and so the server, goes on meanwhile); a statement the
+        database refuses is logged and counted, and the others are written one by one."""
         async with self._flush_lock:
             batch, self._queue = self._queue, []
             if not batch:
@@ -141,18 +148,39 @@ class PgStore(Model):
                 async with self.pool.acquire() as conn, conn.transaction():
                     for sql, args in batch:
                         await conn.execute(sql, *args)
+                return
+            except _unreachable() as e:
+                self._queue[:0] = batch
+                self.rlog.log(log, logging.WARNING, "database unreachable (%s); %d changes queued, retrying",
+                              e, len(self._queue))
+                self._retry_later()
+                return
             except Exception as e:      # one bad statement must not lose the others: one by one
                 log.warning("database write failed (%s); writing %d changes one by one", e, len(batch))
-                async with self.pool.acquire() as conn:
-                    for sql, args in batch:
-                        try:
-                            await conn.execute(sql, *args)
-                        except Exception as e2:
-                            self.write_errors += 1
-                            log.error("database write lost: %s: %s", sql.split(" ")[0:3], e2)
+            async with self.pool.acquire() as conn:
+                for sql, args in batch:
+                    try:
+                        await conn.execute(sql, *args)
+                    except Exception as e2:
+                        self.write_errors += 1
+                        self.rlog.log(log, logging.ERROR, "database write lost: %s: %s", " ".join(sql.split()[:3]), e2)
+
+    def _retry_later(self) -> None:
+        if self._retry is None or self._retry.done():
+            async def retry() -> None:
+                await asyncio.sleep(RETRY_INTERVAL)
+                self._retry = None           # a failure in this flush schedules the next try
+                await self.flush()
+            self._retry = asyncio.get_running_loop().create_task(retry())
 
     async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         await self.flush()
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._queue:
+            log.error("database unreachable at exit: %d changes not written", len(self._queue))
         await self.pool.close()
 
     def close(self) -> None:
@@ -178,6 +206,13 @@ class PgStore(Model):
         return max((m[-1][0] for m in self._chat.values() if m), default=0) + 1
 
     async def prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None = None):
+        try:
+            return await self._prepare(mediator, key, msg, now, password_hash)
+        except _unreachable() as e:
+            self.rlog.log(log, logging.WARNING, "database unreachable: %s", e)
+            raise RequestError("unavailable", "the server cannot reach its database; try again shortly") from None
+
+    async def _prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None):
         t = msg["t"]
         if t == "chat":
             claim = Claim()
@@ -311,6 +346,13 @@ class PgStore(Model):
         else:
             await conn.execute("INSERT INTO members (network, key, joined) VALUES ($1,$2,$3)", network, key, now)
             claim.undo.append(("DELETE FROM members WHERE network=$1 AND key=$2", (network, key)))
+
+
+def _unreachable() -> tuple:
+    """The exceptions of a database out of reach (a connection that failed or could not be made)."""
+    import asyncpg
+    return (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError)
 
 
 def _node_row(r) -> NodeRow:

@@ -371,3 +371,55 @@ def test_a_refused_chat_gives_its_reserved_id_back(pg_url):
         assert second > first
     finally:
         w.close()
+
+
+class _FlakyPool:
+    """A pool whose database is out of reach ``down`` times, then takes every statement."""
+
+    def __init__(self, down: int):
+        self.down = down
+        self.executed: list[tuple] = []
+        pool = self
+
+        class Conn:
+            def transaction(self):
+                return self
+
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc):
+                return False
+
+            async def execute(self, sql, *args):
+                pool.executed.append((sql.split()[0], args))
+
+        self.conn = Conn()
+
+    def acquire(self):
+        if self.down:
+            self.down -= 1
+            raise ConnectionRefusedError(111, "refused")
+        return self.conn
+
+    async def close(self):
+        pass
+
+
+def test_writes_wait_in_order_while_the_database_is_unreachable(monkeypatch):
+    monkeypatch.setattr("overlay.server.store_pg.RETRY_INTERVAL", 0.01)
+
+    async def main():
+        pool = _FlakyPool(down=3)
+        s = PgStore(pool)
+        s.add_node(key("a"), "a", "100.64.0.1", 1.0)
+        s.update_node(key("a"), "b", 2.0)
+        await s.flush()                          # refused: kept
+        assert pool.executed == [] and len(s._queue) == 2 and s.node(key("a")).name == "b"
+        for _ in range(200):
+            if not s._queue and pool.executed:
+                break
+            await asyncio.sleep(0.01)
+        assert [sql for sql, _ in pool.executed] == ["INSERT", "UPDATE"] and s.write_errors == 0
+        await s.aclose()
+    asyncio.run(main())
