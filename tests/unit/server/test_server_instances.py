@@ -1,0 +1,187 @@
+"""Two server instances on one PostgreSQL database, in one process: each a ``PgStore``, a
+``Mediator`` and an ``InstanceSync`` (overlay/server/pg_sync.py) over a stand-in for the glue that
+records what would be delivered to the nodes connected to it.
+
+Covers what the process test (tests/process/test_server_instances_process.py) cannot pin down:
+which instance a node is online on when it moves, a departure announced by an instance it has
+left, a late instance learning who is online, and an instance vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from polling import wait_async
+
+from overlay.control.messages import RequestError, validate_request
+from overlay.server.mediator import Mediator
+from overlay.server.pg_sync import InstanceSync
+from overlay.server.store_pg import PgStore
+from tests.unit.control.test_control_mediator import PW, World, fake_hash
+
+
+def key(label: str) -> bytes:
+    return World.key(label)
+
+
+class Session:
+    def __init__(self):
+        self.closed_with = None
+
+    def close(self, final=None):
+        self.closed_with = final
+
+
+class Glue:
+    """What InstanceSync needs of app.MediationServer, plus the glue's request sequence."""
+
+    def __init__(self, store: PgStore):
+        self.store = store
+        self.mediator = Mediator(store, identity_bits=0)
+        self.sessions: dict[bytes, Session] = {}
+        self.delivered: list[tuple[bytes, dict]] = []
+        self.sync = InstanceSync(self, store)
+        self.rid = 0
+
+    def deliver(self) -> None:
+        out = self.mediator.outgoing
+        while out:
+            k, msg = out.popleft()
+            if k in self.sessions:
+                self.delivered.append((k, msg))
+
+    def membership_changed(self, t: str) -> None:
+        pass
+
+    async def request(self, who: str, t: str, **fields) -> dict:
+        k = key(who)
+        self.rid += 1
+        msg = validate_request({"t": t, "id": self.rid, **fields})
+        now = time.time()
+        h = fake_hash(msg["password"]) if t == "create" else None
+        claim = await self.store.prepare(self.mediator, k, msg, now, h)
+        try:
+            if t == "hello":
+                self.sessions[k] = Session()
+                reply = self.mediator.hello(k, msg, now)
+            else:
+                reply = self.mediator.handle(k, msg, now, password_hash=h, password_ok=True)
+        except RequestError:
+            await self.store.undo(claim)
+            raise
+        self.sync.accepted(k, msg, now, reply, h, None)
+        await self.store.flush()
+        self.deliver()
+        return reply
+
+    async def leave_node(self, who: str) -> None:
+        """The node's connection closed here (app.MediationServer.unregister)."""
+        k = key(who)
+        self.sessions.pop(k, None)
+        if not self.sync.online_elsewhere(k):
+            self.mediator.disconnect(k, time.time())
+            self.sync.bye(k, time.time())
+        await self.store.flush()
+        self.deliver()
+
+    def online(self, who: str, network: str = "lan") -> bool | None:
+        """Whether this instance's mediator shows ``who`` online in ``network``."""
+        k = key(who)
+        net = self.store.network(network)
+        return self.mediator._member_record(net, k)["online"] if self.store.is_member(network, k) else None
+
+
+async def _pair(url: str) -> tuple[Glue, Glue]:
+    a = Glue(await PgStore.open(url))
+    await a.sync.start()
+    b = Glue(await PgStore.open(url))
+    await b.sync.start()
+    return a, b
+
+
+async def _close(*glues: Glue) -> None:
+    for g in glues:
+        await g.sync.close()
+        await g.store.aclose()
+
+
+def test_members_presence_chat_and_a_node_moving_between_instances(pg_url):
+    async def main():
+        a, b = await _pair(pg_url)
+        try:
+            await a.request("alice", "hello", name="alice", version=1)
+            await a.request("alice", "create", network="lan", password=PW)
+            await b.request("bob", "hello", name="bob", version=1)
+            await wait_async(lambda: b.store.network("lan"), 5, "B learns of lan")
+            await b.request("bob", "join", network="lan", password=PW)
+            await wait_async(lambda: a.online("bob"), 5, "A sees bob online")
+            assert b.online("alice") is True
+            assert a.store.node(key("bob")).vip == b.store.node(key("bob")).vip
+            # alice (on A) was told of bob joining on B, as a delta
+            assert any(m["t"] == "members" and m["members"][0]["name"] == "bob"
+                       for k, m in a.delivered if k == key("alice"))
+
+            await b.request("bob", "chat", network="lan", text="hi")
+            await wait_async(lambda: [m for k, m in a.delivered if m["t"] == "chat"], 5, "chat reaches A")
+            assert a.store.chat_history("lan") == b.store.chat_history("lan")
+
+            # bob moves to A: B's session is replaced, and B's closing it takes nobody offline
+            await a.request("bob", "hello", name="bob", version=1)
+            await wait_async(lambda: b.sessions[key("bob")].closed_with, 5, "B closes bob's old session")
+            assert b.sessions[key("bob")].closed_with["code"] == "replaced"
+            await b.leave_node("bob")
+            assert b.online("bob") is True and a.online("bob") is True
+            # a late departure announced by B (bob was online there once) changes nothing on A
+            b.sync.bye(key("bob"), time.time())
+            await b.store.flush()
+            await asyncio.sleep(0.2)
+            assert a.online("bob") is True
+            # bob leaves A for good: offline everywhere
+            await a.leave_node("bob")
+            await wait_async(lambda: b.online("bob") is False, 5, "B sees bob offline")
+        finally:
+            await _close(a, b)
+    asyncio.run(main())
+
+
+def test_a_late_instance_learns_who_is_online_and_a_dead_one_is_noticed(pg_url):
+    async def main():
+        a = Glue(await PgStore.open(pg_url))
+        await a.sync.start()
+        c = None
+        try:
+            await a.request("alice", "hello", name="alice", version=1)
+            await a.request("alice", "create", network="lan", password=PW)
+            await a.request("alice", "endpoints", candidates=[{"addr": "192.0.2.1:4000", "kind": "lan"}])
+            b = Glue(await PgStore.open(pg_url))
+            await b.sync.start()                              # asks A to announce alice again
+            await wait_async(lambda: b.online("alice"), 5, "the late instance sees alice online")
+            assert b.mediator.endpoints[key("alice")]["candidates"][0]["addr"] == "192.0.2.1:4000"
+            c = Glue(await PgStore.open(pg_url))
+            await c.sync.start()
+            await c.request("carol", "hello", name="carol", version=1)
+            await c.request("carol", "join", network="lan", password=PW)
+            await wait_async(lambda: a.online("carol") and b.online("carol"), 5, "carol online everywhere")
+            # c vanishes: its listening connection goes; the others take carol offline
+            await c.sync.close()
+            assert await _liveness_until(a, "carol"), "A never noticed that C is gone"
+            assert await _liveness_until(b, "carol"), "B never noticed that C is gone"
+            assert a.online("alice") is True and b.online("alice") is True
+            await _close(b)
+        finally:
+            await _close(a)
+            if c is not None:
+                await c.store.aclose()
+    asyncio.run(main())
+
+
+async def _liveness_until(g: Glue, who: str) -> bool:
+    """Run the glue's liveness check (the reaper's job) until ``who`` is offline there."""
+    for _ in range(100):
+        g.sync._last_liveness = 0.0
+        await g.sync.check_liveness()
+        if g.online(who) is False:
+            return True
+        await asyncio.sleep(0.05)
+    return False
