@@ -3,6 +3,8 @@ with the old one; a ban is one key (issue 9.9). The mediator's side: tests/unit/
 
 from __future__ import annotations
 
+import pytest
+
 from cluster import Cluster, Node
 
 
@@ -11,8 +13,10 @@ def members(node, net):
     return {m["name"] for m in n["members"]} if n else set()
 
 
-def test_admin_password_through_the_cli(tmp_path):
-    with Cluster(tmp_path) as c:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_admin_password_through_the_cli(tmp_path, backend, request):
+    database = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    with Cluster(tmp_path, database) as c:
         c.start_server()
         owner = c.start_node("owner")
         bob = c.start_node("bob")
