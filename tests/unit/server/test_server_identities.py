@@ -9,6 +9,7 @@ import ipaddress
 import pytest
 
 from tests.unit.control.test_control_mediator import PW, World
+from tests.unit.control.test_control_mediator import db  # noqa: F401  (the fixture: SQLite, PostgreSQL)
 from overlay import crypto
 from overlay.control import identity_proof, passwords
 from overlay.control.messages import RequestError
@@ -21,10 +22,10 @@ from overlay.server.vips import VipAllocator
 
 
 @pytest.fixture
-def w():
-    world = World()
+def w(db):  # noqa: F811
+    world = World(db)
     yield world
-    world.store.close()
+    world.close()
 
 
 def hello_from(w: World, who: str, source: str) -> dict:
@@ -129,8 +130,8 @@ def test_a_crowd_behind_one_address_joins_with_the_defaults():
     w.store.close()
 
 
-def test_a_new_node_proves_work_on_its_key():
-    w = World(identity_bits=3)
+def test_a_new_node_proves_work_on_its_key(db):  # noqa: F811
+    w = World(db, identity_bits=3)
     hello_from(w, "owner", "198.51.100.1")
     w.req("owner", "create", network="lan", password=PW, proof=_proved(w, "owner"))
     assert hello_from(w, "old", "203.0.113.5")["identity_work"] == 3
@@ -157,7 +158,7 @@ def test_a_new_node_proves_work_on_its_key():
     for _ in range(FAILED_JOINS_PER_NODE):
         assert w.fails("forger", "join", network="lan", password=PW, proof="0" * 16).code == "identity_proof"
     assert w.fails("forger", "join", network="lan", password=PW, proof="0" * 16).code == "rate_limited"
-    w.store.close()
+    w.close()
 
 
 @pytest.mark.slow
@@ -260,5 +261,7 @@ def test_expiry_policy(w):
     assert w.store.node(w.key("leaver")) is None and w.store.pending("gated") == []
     assert w.m.expire(w.now + 60) == []                      # hourly at most
     assert w.m.expire(w.now + NODE_TTL) == [w.key("recent")]          # its own 30 days later
+    w.run(w.store.flush())                                   # the database forgot them too
+    assert w.count("nodes") == w.store.node_count() == 4 and w.count("pending") == 0
     assert {vips["leaver"], vips["asker"], vips["recent"]}.isdisjoint(
         {f"{a}" for a in map(ipaddress.IPv4Address, w.m.vips._used)})
