@@ -171,6 +171,11 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        dns: Optional[str] = typer.Option(None, "--dns", help="Answer DNS for peers (NAME.NET) on this loopback "
                                                              "IP:PORT; 'auto' (127.0.0.1:1053, with --tun/--tap "
                                                              "VIRTUAL_IP:53) or 'off'."),
+       dns_config: Optional[str] = typer.Option(None, "--dns-config",
+                                                help="With --tun/--tap, tell this machine's resolver: 'auto' "
+                                                     "(systemd-resolved per link when it runs, else nothing), "
+                                                     "'resolv-conf' (else put the node first in /etc/resolv.conf, "
+                                                     "restored when it stops) or 'off'."),
        reset: bool = typer.Option(False, "--reset", help="Forget the options and device remembered from the last "
                                                           "`overlay up` (server, name, shares and forwards stay)."),
        home: Optional[Path] = HomeOpt,
@@ -195,7 +200,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                      address=address, wg_peer=wg_peer, http_proxy=http_proxy, ui=ui, proxy_user=proxy_user, tun=tun,
                      tap=tap, userspace=userspace, dev=dev, only_shared=only_shared,
                      advertise_routes=advertise_routes, hard_nat_punch=hard_nat, port_mapping=port_mapping,
-                     dns=dns, reset=reset)
+                     dns=dns, dns_config=dns_config, reset=reset)
     try:
         settings = resolve(opts, cfg, last, note)
     except SettingsError as e:

@@ -164,6 +164,9 @@ TOP: dict[str, Check] = {
     "port_mapping": _port_mapping,
     # the node's DNS for its peers: "auto", "off" or a loopback "IP:PORT"
     "dns": _dns,
+    # this machine's resolver in TUN/TAP mode: "auto" (systemd-resolved when it runs), "resolv-conf"
+    # (else edit /etc/resolv.conf, restored when the node stops) or "off"
+    "dns_config": _choice("auto", "resolv-conf", "off"),
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

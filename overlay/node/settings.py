@@ -93,6 +93,7 @@ class NodeSettings:
     hard_nat: bool = True
     port_mapping: tuple[str, ...] = ()           # protocol names (overlay.nat.portmap)
     dns: str | None = DEFAULT_DNS                # "auto", a loopback HOST:PORT, or None (off)
+    dns_config: str = "auto"                     # this machine's resolver (overlay/node/dns_system.py)
     remember_options: Mapping | None = None      # the options to remember (prefs.json) once the node runs
 
     def to_json(self) -> dict:
@@ -136,6 +137,7 @@ class UpOptions:
     hard_nat_punch: bool | None = None
     port_mapping: str | None = None
     dns: str | None = None
+    dns_config: str | None = None
     reset: bool = False
 
 
@@ -220,6 +222,10 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
             dns_address(dns)
         except ValueError as e:
             raise SettingsError(f"--dns: {e}") from None
+    from overlay.node.dns_system import MODES
+    dns_config = setting("dns_config", "auto")
+    if dns_config not in MODES:
+        raise SettingsError(f"--dns-config {dns_config!r}: expected {', '.join(MODES)}")
     address = on("address")
     try:
         static_peers = ([static_peer(p) for p in cfg.get("peer", [])]
@@ -248,6 +254,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
         address=address, static_peers=tuple(static_peers), proxy_users=proxy_users or None,
         interface=interface, dev=dev, only_shared=only_shared, advertise_routes=routes,
         hard_nat=bool(setting("hard_nat_punch", True)), port_mapping=tuple(port_mapping), dns=dns,
+        dns_config=dns_config,
         remember_options=remember)
 
 
