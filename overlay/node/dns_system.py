@@ -10,7 +10,7 @@
   and DefaultRoute=false: only those names go to the node, everything else as before. Without
   systemd-resolved nothing is changed: ``overlay status`` says what to add.
 - ``resolv-conf``: the same with systemd-resolved; without it the node edits /etc/resolv.conf
-  (its nameserver first, the original lines kept after it; a copy beside it as
+  (its nameserver first, the original lines kept after it; a copy in the node's home as
   ``resolv.conf.overlay-backup``) and puts the original back when it stops, unless someone changed
   the file since (then it is left as it is, and the log says so). A symlink (a file managed by
   systemd-resolved or resolvconf) is never replaced.
@@ -190,8 +190,8 @@ class ResolvConf:
         self.path = Path(path or os.environ.get(RESOLV_CONF_ENV) or RESOLV_CONF)
 
     def apply(self, ip: str, record: Record, home: Path) -> None:
-        """Put ``nameserver ip`` first; the record is saved before the file changes. OSError (with
-        a reason to show) when it cannot."""
+        """Put ``nameserver ip`` first; the original is copied to the node's home and recorded
+        before the file changes. OSError (with a reason to show) when it cannot."""
         if self.path.is_symlink():
             raise OSError(errno.EPERM, f"{self.path} is a symlink to {os.readlink(self.path)} (a resolver "
                                        "manager owns it): left as it is")
@@ -201,7 +201,7 @@ class ResolvConf:
         written = with_nameserver(original, ip)
         if original == written:
             return
-        backup = self.path.with_name(self.path.name + BACKUP_SUFFIX)
+        backup = home / ("resolv.conf" + BACKUP_SUFFIX)
         _write_atomic(backup, original, mode=0o644)
         record.resolv_conf = {"path": str(self.path), "original": original, "written": written,
                               "backup": str(backup)}
@@ -265,12 +265,29 @@ class Resolved:
         finally:
             conn.close()
 
+    def _bus(self, method: str, *args: str):
+        return self._call(method, "s", args, destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                          interface="org.freedesktop.DBus")[0]
+
     def running(self) -> bool:
+        """resolved runs, and in this network namespace (interface indexes are per namespace: a node
+        in a container must not set the links of the host's resolver)."""
         try:
-            return bool(self._call("NameHasOwner", "s", (RESOLVE1,), destination="org.freedesktop.DBus",
-                                   path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")[0])
+            if not self._bus("NameHasOwner", RESOLVE1):
+                return False
+            pid = self._bus("GetConnectionUnixProcessID", RESOLVE1)
         except ResolvedError:
             return False
+        try:
+            theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
+        except PermissionError:
+            return True          # cannot tell (not root): resolved will refuse an unprivileged caller anyway
+        except OSError:
+            return False         # not in our PID namespace: another container
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            log.info("DNS: systemd-resolved runs in another network namespace: not told")
+            return False
+        return True
 
     def configure(self, ifindex: int, ip: str, port: int, domains: list[tuple[str, bool]]) -> None:
         addr = ipaddress.ip_address(ip)

@@ -72,7 +72,7 @@ def test_resolv_conf_edit_and_restore(tmp_path):
     rc, rec = ResolvConf(str(path)), Record()
     rc.apply("100.64.0.1", rec, home)
     assert path.read_text().splitlines()[1:] == ["nameserver 100.64.0.1", "nameserver 10.0.0.1"]
-    backup = path.with_name("resolv.conf" + ds.BACKUP_SUFFIX)
+    backup = home / ("resolv.conf" + ds.BACKUP_SUFFIX)
     assert backup.read_text() == "nameserver 10.0.0.1\n"
     saved = json.loads((home / ds.STATE_FILE).read_text())   # recorded before the file changed
     assert saved["resolv_conf"]["path"] == str(path)
@@ -90,7 +90,7 @@ def test_resolv_conf_changed_by_someone_else_is_left(tmp_path):
     note = ResolvConf.restore(rec, home)
     assert note and "changed by someone else" in note
     assert path.read_text() == "nameserver 192.0.2.9\n"
-    assert path.with_name("resolv.conf" + ds.BACKUP_SUFFIX).read_text() == "nameserver 10.0.0.1\n"   # kept
+    assert (home / ("resolv.conf" + ds.BACKUP_SUFFIX)).read_text() == "nameserver 10.0.0.1\n"   # kept
 
 
 def test_resolv_conf_symlink_is_never_replaced(tmp_path):
