@@ -323,6 +323,13 @@ class SystemDns:
 
     def recover(self) -> None:
         """Undo what a node of this home set and did not undo (it was killed)."""
+        try:
+            self._recover()
+        except (KeyError, TypeError, AttributeError, ValueError) as e:   # a damaged record: dropped
+            log.warning("DNS: ignoring %s: %s", self.home / STATE_FILE, e)
+            Record().save(self.home)
+
+    def _recover(self) -> None:
         old = Record.load(self.home)
         if old.empty():
             return

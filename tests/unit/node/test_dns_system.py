@@ -189,3 +189,28 @@ def test_no_system_bus_means_no_resolved(monkeypatch, tmp_path):
     assert ds.Resolved().running() is False
     with pytest.raises(ResolvedError, match="no system bus"):
         ds.Resolved().revert(1)
+
+
+def test_a_damaged_record_is_dropped(tmp_path):
+    (tmp_path / ds.STATE_FILE).write_text('{"resolved": "ovl0", "resolv_conf": {"path": 3}}')
+    SystemDns(tmp_path, resolved=FakeResolved()).recover()
+    assert not (tmp_path / ds.STATE_FILE).exists()
+
+
+def test_status_text_says_where_names_answer():
+    from overlay.cli_base import dns_system_lines
+    dns = {"address": "100.64.0.7:53", "names": []}
+    base = {"mode": "auto", "via": None, "link": None, "domains": [], "file": None, "note": None}
+    assert dns_system_lines({**dns, "system": None}) == []
+    hint = dns_system_lines({**dns, "system": base})[0]
+    assert "add `nameserver 100.64.0.7` to /etc/resolv.conf, or run systemd-resolved" in hint
+    assert "--dns-config resolv-conf" in hint
+    assert dns_system_lines({**dns, "system": {**base, "mode": "off"}}) == []
+    via = {**base, "via": "systemd-resolved", "link": "ovl0",
+           "domains": ["~games", "overlay.internal"] + [f"~{i}.100.in-addr.arpa" for i in range(64, 128)]}
+    assert dns_system_lines({**dns, "system": via}) == [
+        "systemd-resolved asks it for ~games overlay.internal on ovl0 (and 64 reverse zones)"]
+    assert "first nameserver in /etc/resolv.conf" in dns_system_lines(
+        {**dns, "system": {**base, "via": "resolv.conf", "file": "/etc/resolv.conf"}})[0]
+    lo = dns_system_lines({"address": "127.0.0.1:1053", "system": base})[0]
+    assert "dig -p 1053 @127.0.0.1" in lo
