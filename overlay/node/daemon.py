@@ -323,6 +323,7 @@ class Daemon:
         async with self._dns_system_lock:
             await asyncio.to_thread(self.dns_system.apply, self.kernel_if.name, host, port, self._dns_networks(),
                                     self.dataplane.pool)
+        self.names_changed()   # networks joined while the thread ran: their domains now
 
     def _dns_networks(self) -> list[str]:
         return [n for n in self.state.networks if n not in self.state.away]
