@@ -366,6 +366,11 @@ class SystemDns:
                 self.record.save(self.home)
                 self.resolved.configure(ifindex, ip, port, self.domains)
             except (OSError, ResolvedError) as e:
+                if self.record.resolved:   # a call failed half-way: take back what was set
+                    try:
+                        self.resolved.revert(self.record.resolved["ifindex"])
+                    except ResolvedError:
+                        pass
                 self.record.resolved = None
                 self.record.save(self.home)
                 self.note = f"cannot configure systemd-resolved for {ifname}: {e}"

@@ -182,6 +182,7 @@ def test_resolved_refusing_leaves_a_note_and_no_record(tmp_path):
     st = sd.status()
     assert st["via"] is None and "AccessDenied" in st["note"]
     assert Record.load(tmp_path).empty()
+    assert sd.resolved.calls == [("revert", 1)]   # whatever it took before it refused is taken back
 
 
 def test_no_system_bus_means_no_resolved(monkeypatch, tmp_path):
