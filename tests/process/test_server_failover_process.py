@@ -285,3 +285,21 @@ def test_malformed_server_list_is_a_clear_error(tmp_path):
                          ("a.example:1,A.example:1", "is listed twice")):
             msg = n.fails("up", "--server", bad, "--name", "alice")
             assert why in msg and msg.count("\n") == 0, msg
+
+
+def test_a_listed_server_with_another_key_is_refused(tmp_path):
+    """Servers listed together share one key: B with a key of its own (its own data directory)
+    is not pinned on first contact once A's key is, and the node says what to do."""
+    pa, pb = _two_ports()
+    with Cluster(tmp_path) as c:
+        c.server_addr = f"127.0.0.1:{pa},127.0.0.1:{pb}"
+        c.server = _server(c, pa, tmp_path / "a", "server-a.log")
+        alice = c.start_node("alice")
+        c.server.kill()
+        c.server = _server(c, pb, tmp_path / "b", "server-b.log")       # another key
+
+        def refused() -> str | None:
+            return alice.status()["server"].get("servers", [{}, {}])[1].get("error")
+        c.wait(lambda: "share one key" in (refused() or ""), timeout=30, what="B refused for its key")
+        assert not alice.connected()
+        assert "copy server.key" in refused() and f"127.0.0.1:{pb}" not in (alice.home / "known_servers").read_text()

@@ -165,3 +165,46 @@ def test_a_new_session_keeps_peers_until_its_snapshots_are_in():
     st.apply({"t": "network", "network": {"name": "n", "type": "mesh"}})
     st.apply({"t": "members", "network": "n", "members": [_member("bob", "Qk9C", "100.64.0.2")]})
     assert st.end_resync() is False
+
+
+# ---------------------------------------------------------------------------- the real client, two servers
+def test_control_client_moves_to_the_next_server_and_says_hello_again(tmp_path, monkeypatch):
+    """The real ControlClient against two scripted servers of one deployment (one key): the first
+    ends every session; the client moves to the second, says hello there, and reports both."""
+    import asyncio
+
+    from polling import wait_async
+
+    from overlay.node import control_client
+    from overlay.node.control_client import ControlClient
+    from tests.unit.control.test_control_reconnect import ScriptedServer
+
+    monkeypatch.setattr(control_client, "PING_INTERVAL", 0.3)
+
+    async def main():
+        first = ScriptedServer(close_on_ping=True)       # dies at the first ping after the hello
+        second = ScriptedServer()
+        second.key = first.key                           # one deployment, one key
+        p1, p2 = await first.start(), await second.start()
+        synced: list[str] = []
+        client = ControlClient(Home(tmp_path / "home"), f"127.0.0.1:{p1}, 127.0.0.1:{p2}", "n1",
+                               crypto.generate_private_key())
+        client.on_synced = lambda: synced.append(client.server)
+        task = asyncio.get_running_loop().create_task(client.run())
+        try:
+            await wait_async(lambda: client.connected and client.server == f"127.0.0.1:{p2}", 5.0,
+                             "connected to the second server")
+            first.close()
+            await wait_async(lambda: synced == [f"127.0.0.1:{p2}"], 5.0, "its snapshots in")
+            assert first.accepted and second.accepted
+            st = client.servers_status()
+            assert [s["in_use"] for s in st] == [False, True] and st[0]["error"], st
+            assert client.server_list == f"127.0.0.1:{p1},127.0.0.1:{p2}"
+            assert client.choice.switch_count == 1
+            pins = (tmp_path / "home" / "known_servers").read_text()
+            assert f"127.0.0.1:{p1} " in pins and f"127.0.0.1:{p2} " in pins
+        finally:
+            task.cancel()
+            second.close()
+
+    asyncio.run(main())
