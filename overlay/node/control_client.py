@@ -129,11 +129,11 @@ class ControlClient:
                 self._fail(f"{type(e).__name__}: {e}")
             self.errors[self.server] = self.last_error
             # a session was established: this outage starts its back-off afresh (on the next server)
-            delay = self.choice.ended(loop.time(), established=self.connects != connects, fatal=fatal,
-                                      why=self.last_error or "")
+            established = self.connects != connects
+            delay = self.choice.ended(loop.time(), established=established, fatal=fatal, why=self.last_error or "")
             if self.choice.current != self.server:
-                log.info("server %s: %s; trying %s%s", self.server, self.last_error or "lost",
-                         self.choice.current, f" in {delay:.1f} s" if delay else "")
+                log.log(logging.INFO if established else logging.DEBUG, "server %s: %s; trying %s%s", self.server,
+                        self.last_error or "lost", self.choice.current, f" in {delay:.1f} s" if delay else "")
             self.retry_delays.append(delay)
             if not delay:
                 continue
@@ -176,7 +176,7 @@ class ControlClient:
 
     def _fail(self, message: str, level: int = logging.WARNING) -> None:
         self.state = "error" if level >= logging.ERROR else "connecting"
-        if message != self.last_error:
+        if message != self.errors.get(self.server):     # once per server and cause (several take turns)
             log.log(level, "server %s: %s", self.server, message)
         self.last_error = message
 

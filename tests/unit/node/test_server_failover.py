@@ -55,6 +55,8 @@ def test_settings_and_config_take_a_list(tmp_path):
     assert s.server == "a.example:1,[::1]:2"
     with pytest.raises(SettingsError, match="entry #2 of the server list is empty"):
         resolve(UpOptions(server="a:1,,b:2", name="n1"), {}, last)
+    last.remember(server="a.example:1,b.example:2", name="n1")        # as the daemon remembers it
+    assert resolve(UpOptions(), {}, Prefs(tmp_path / "home")).server == "a.example:1,b.example:2"
     assert validate({"server": ["a:1", "b:2"]}, "c.toml")
     with pytest.raises(ConfigError, match=r'c.toml: server = \[.*expected "HOST:PORT" or a list of them'):
         validate({"server": ["a:1", "a:1"]}, "c.toml")
