@@ -210,3 +210,61 @@ def test_control_client_moves_to_the_next_server_and_says_hello_again(tmp_path, 
             second.close()
 
     asyncio.run(main())
+
+
+def test_a_server_that_stops_answering_is_left_for_the_next(tmp_path, monkeypatch):
+    """Death without a closed connection (a frozen host): the keepalive goes unanswered within
+    REQUEST_TIMEOUT and the client moves to the second server."""
+    import asyncio
+
+    from polling import wait_async
+
+    from overlay.control.channel import Channel, Message
+    from overlay.node import control_client
+    from overlay.node.control_client import ControlClient
+    from tests.unit.control.test_control_reconnect import ScriptedServer
+
+    monkeypatch.setattr(control_client, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(control_client, "REQUEST_TIMEOUT", 0.5)
+
+    class Mute:
+        """Answers the hello, then nothing (the connection stays open)."""
+        def __init__(self, key):
+            self.key, self.writers = key, []
+
+        async def start(self) -> int:
+            self._srv = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+            return self._srv.sockets[0].getsockname()[1]
+
+        async def _conn(self, reader, writer):
+            self.writers.append(writer)
+            ch = Channel(initiator=False, static_private=self.key)
+            while data := await reader.read(65536):
+                ch.receive_data(data)
+                while (ev := ch.next_event()) is not None:
+                    if isinstance(ev, Message) and ev.body.get("t") == "hello":
+                        ch.send({"t": "ok", "id": ev.body["id"], "name": ev.body["name"], "ip": "100.64.0.1"})
+                writer.write(ch.data_to_send())
+
+        def close(self):
+            self._srv.close()
+            for w in self.writers:
+                w.close()
+
+    async def main():
+        second = ScriptedServer()
+        first = Mute(second.key)
+        p1, p2 = await first.start(), await second.start()
+        client = ControlClient(Home(tmp_path / "home"), f"127.0.0.1:{p1},127.0.0.1:{p2}", "n1",
+                               crypto.generate_private_key())
+        task = asyncio.get_running_loop().create_task(client.run())
+        try:
+            await wait_async(lambda: client.connected and client.server == f"127.0.0.1:{p2}", 10.0,
+                             "moved to the second server")
+            assert "did not answer" in client.errors[f"127.0.0.1:{p1}"]
+        finally:
+            task.cancel()
+            first.close()
+            second.close()
+
+    asyncio.run(main())
