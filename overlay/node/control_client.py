@@ -132,8 +132,8 @@ class ControlClient:
             established = self.connects != connects
             delay = self.choice.ended(loop.time(), established=established, fatal=fatal, why=self.last_error or "")
             if self.choice.current != self.server:
-                log.log(logging.INFO if established else logging.DEBUG, "server %s: %s; trying %s%s", self.server,
-                        self.last_error or "lost", self.choice.current, f" in {delay:.1f} s" if delay else "")
+                log.log(logging.INFO if established else logging.DEBUG, "moving from server %s to %s%s", self.server,
+                        self.choice.current, f" in {delay:.1f} s" if delay else "")
             self.retry_delays.append(delay)
             if not delay:
                 continue
