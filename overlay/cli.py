@@ -117,8 +117,9 @@ def server(listen: Optional[List[str]] = typer.Option(
 
 
 @app.command()
-def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT (default: "
-                                                                  "config.toml, else the last one used)."),
+def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT, or several "
+                                                                  "of one deployment, HOST:PORT,HOST:PORT, tried in "
+                                                                  "turn (default: config.toml, else the last used)."),
        name: Optional[str] = typer.Option(None, "--name", help="This node's name, a DNS label (default: "
                                                               "config.toml, else the last one used, else the "
                                                               "host name)."),
@@ -808,12 +809,14 @@ def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--y
 
 # ---------------------------------------------------------------------------- keys and service
 @app.command("forget-server")
-def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server."),
+def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server (A:P,B:P: each)."),
                   home: Optional[Path] = HomeOpt):
     """Forget a server's pinned key (after the server was really reinstalled)."""
     h = Home(home)
-    if not h.forget_server(server):
+    forgot = [s for s in dict.fromkeys(x.strip() for x in server.split(",")) if s and h.forget_server(s)]
+    if not forgot:
         fail(f"no pinned key for {server}")
+    server = ",".join(forgot)
     try:
         api.call(h.socket_path, "retry_server", timeout=5)
     except (api.DaemonNotRunning, api.ApiError, OSError):

@@ -122,7 +122,10 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
         return
     node, srv = st["node"], st["server"]
     conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{lit(srv['state'])}[/]"
-    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])} {conn}")
+    others = len(srv.get("servers") or []) - 1
+    more = f" (+{others} more listed)" if others > 0 else ""
+    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])}{more} "
+              f"{conn}")
     if srv.get("error"):
         out.print(f"  [red]{lit(srv['error'])}[/]", soft_wrap=True)
     iface = st.get("interface")

@@ -64,8 +64,8 @@ class Daemon:
         self.state.me = {"name": self.name, "key": key_to_text(self.public_key)}
         # Without a server the node is a plain WireGuard endpoint for its static peers.
         self.client = ControlClient(home, s.server, self.name, self.private_key, via_proxy=s.via_proxy,
-                                    on_event=self._on_event, on_reset=self.state.networks.clear,
-                                    on_session=self._on_session) if s.server else None
+                                    on_event=self._on_event, on_reset=self.state.begin_resync,
+                                    on_session=self._on_session, on_synced=self._on_synced) if s.server else None
         self.dataplane = DataPlane(self.private_key, port=s.port, keepalive=s.keepalive, hard_nat=s.hard_nat,
                                    port_mapping=s.port_mapping,
                                    send_control=self.client.post if self.client else lambda msg: None)
@@ -117,7 +117,7 @@ class Daemon:
         await self._start_api()
         self.dns_system.recover()   # what a killed node of this home left in the resolver
         await self._start_ui()
-        self.prefs.remember(server=self.client.server if self.client else None, name=self.name)
+        self.prefs.remember(server=self.client.server_list if self.client else None, name=self.name)
         loop = asyncio.get_running_loop()
         try:
             self.dataplane.start()
@@ -249,6 +249,13 @@ class Daemon:
                                   hello.get("stun_alt_ip"), hello.get("udp_addrs"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
         self.sync_peers()
+
+    def _on_synced(self) -> None:
+        """The server's snapshots after the hello are all in: drop networks and members it no
+        longer lists (kept meanwhile, so a reconnection or a move to another server of the list
+        leaves peers, tunnels and paths as they were)."""
+        if self.state.end_resync():
+            self.sync_peers()
 
     def _attach_stack(self, address: str) -> None:
         """The userspace TCP/IP stack answering for our overlay address, or the kernel interface."""
@@ -609,10 +616,12 @@ class Daemon:
         return {
             "node": {"name": me.get("name", self.name), "public_key": me.get("key"),
                      "virtual_ip": me.get("ip"), "home": str(self.home.path)},
-            "server": {"address": c.server, "state": c.state, "connected": c.connected,
+            "server": {"address": c.server, "servers": c.servers_status(), "switches": c.choice.switch_count,
+                       "state": c.state, "connected": c.connected,
                        "error": c.last_error, "pool": str(self.dataplane.pool) if self.dataplane.pool else None,
                        "key": key_to_text(c.server_key) if c.server_key else None} if c else
-                      {"address": None, "state": "none", "connected": False, "error": None, "key": None,
+                      {"address": None, "servers": [], "switches": 0, "state": "none", "connected": False,
+                       "error": None, "key": None,
                        "pool": None},
             "networks": self.state.status(),
             "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p.name)],

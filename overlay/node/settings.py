@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from overlay.hostport import parse_hostport
+from overlay.node.server_list import parse_servers, server_text
 
 PORT_RANGE = (0, 65535)       # the node's UDP port (0: any free port)
 KEEPALIVE_RANGE = (7, 600)    # NAT keepalive interval, seconds
@@ -30,6 +31,7 @@ DEFAULT_KEEPALIVE = 25.0
 DEFAULT_DNS = "auto"          # userspace: 127.0.0.1:DNS_PORT (else a free port); TUN/TAP: VIRTUAL_IP:53
 DNS_PORT = 1053
 NO_SERVER = "no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)"
+# several servers of one deployment: --server A:P,B:P, or `server = ["A:P", "B:P"]` (overlay/node/server_list.py)
 
 
 class SettingsError(ValueError):
@@ -73,7 +75,7 @@ class ForwardSpec:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    server: str | None
+    server: str | None                           # one HOST:PORT, or several: "A:P,B:P" (server_list.py)
     name: str
     via_proxy: str | None = None
     port: int = 0
@@ -143,17 +145,21 @@ class UpOptions:
 
 def server_and_name(server: str | None, name: str | None, cfg: dict, last) -> tuple[str | None, str | None]:
     """The server and node name: given > config.toml > the last ones used (``last``: Prefs) >
-    (the name only) the host name."""
+    (the name only) the host name. The server may be a list (``A:P,B:P``; config.toml's list is
+    joined so)."""
     from overlay.node.prefs import hostname_label
-    return server or cfg.get("server") or last.server, name or cfg.get("name") or last.name or hostname_label()
+    cfg_server = cfg.get("server")
+    if isinstance(cfg_server, list):
+        cfg_server = server_text(cfg_server)
+    return server or cfg_server or last.server, name or cfg.get("name") or last.name or hostname_label()
 
 
 def check_server_and_name(server: str | None, name: str) -> str:
-    """``name`` normalized; SettingsError for a malformed server address or name."""
+    """``name`` normalized; SettingsError for a malformed server address (or list) or name."""
     from overlay.control.messages import RequestError, normalize_name
     try:
         if server:
-            parse_hostport(server)
+            parse_servers(server)
         return normalize_name(name, "node name")
     except ValueError as e:
         raise SettingsError(str(e)) from None
@@ -241,6 +247,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
     if not name:
         raise SettingsError("no name given: use --name NAME (or `name = \"NAME\"` in config.toml)")
     check_server_and_name(server, name)
+    server = server_text(parse_servers(server)) if server else None
     routes = _routes(setting("advertise_routes", []))
     via_proxy = on("via_proxy")
     if via_proxy and not via_proxy.startswith(PROXY_SCHEMES):
