@@ -151,8 +151,9 @@ def server(listen: Optional[List[str]] = typer.Option(
 
 
 @app.command()
-def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT (default: "
-                                                                  "config.toml, else the last one used)."),
+def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT, or several "
+                                                                  "of one deployment, HOST:PORT,HOST:PORT, tried in "
+                                                                  "turn (default: config.toml, else the last used)."),
        name: Optional[str] = typer.Option(None, "--name", help="This node's name, a DNS label (default: "
                                                               "config.toml, else the last one used, else the "
                                                               "host name)."),
@@ -205,6 +206,11 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
        dns: Optional[str] = typer.Option(None, "--dns", help="Answer DNS for peers (NAME.NET) on this loopback "
                                                              "IP:PORT; 'auto' (127.0.0.1:1053, with --tun/--tap "
                                                              "VIRTUAL_IP:53) or 'off'."),
+       dns_config: Optional[str] = typer.Option(None, "--dns-config",
+                                                help="With --tun/--tap, tell this machine's resolver: 'auto' "
+                                                     "(systemd-resolved per link when it runs, else nothing), "
+                                                     "'resolv-conf' (else put the node first in /etc/resolv.conf, "
+                                                     "restored when it stops) or 'off'."),
        reset: bool = typer.Option(False, "--reset", help="Forget the options and device remembered from the last "
                                                           "`overlay up` (server, name, shares and forwards stay)."),
        home: Optional[Path] = HomeOpt,
@@ -229,7 +235,7 @@ def up(server: Optional[str] = typer.Option(None, "--server", help="Mediation se
                      address=address, wg_peer=wg_peer, http_proxy=http_proxy, ui=ui, proxy_user=proxy_user, tun=tun,
                      tap=tap, userspace=userspace, dev=dev, only_shared=only_shared,
                      advertise_routes=advertise_routes, hard_nat_punch=hard_nat, port_mapping=port_mapping,
-                     dns=dns, reset=reset)
+                     dns=dns, dns_config=dns_config, reset=reset)
     try:
         settings = resolve(opts, cfg, last, note)
     except SettingsError as e:
@@ -837,12 +843,14 @@ def admin_delete(network: str = NetworkArg, yes: bool = typer.Option(False, "--y
 
 # ---------------------------------------------------------------------------- keys and service
 @app.command("forget-server")
-def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server."),
+def forget_server(server: str = typer.Argument(..., help="HOST:PORT as given to --server (A:P,B:P: each)."),
                   home: Optional[Path] = HomeOpt):
     """Forget a server's pinned key (after the server was really reinstalled)."""
     h = Home(home)
-    if not h.forget_server(server):
+    forgot = [s for s in dict.fromkeys(x.strip() for x in server.split(",")) if s and h.forget_server(s)]
+    if not forgot:
         fail(f"no pinned key for {server}")
+    server = ",".join(forgot)
     try:
         api.call(h.socket_path, "retry_server", timeout=5)
     except (api.DaemonNotRunning, api.ApiError, OSError):

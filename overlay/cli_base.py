@@ -90,6 +90,29 @@ def _up_command(h: Home, home: Optional[Path]) -> str:
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
+def dns_system_lines(dns: dict) -> list[str]:
+    """How this machine's programs reach the node's names (status "dns"), as text lines."""
+    sysd = dns.get("system")
+    if not sysd:   # userspace mode: a loopback address and port
+        return []
+    if sysd.get("via") == "systemd-resolved":
+        names = [d for d in sysd["domains"] if not d.endswith(".in-addr.arpa")]
+        reverse = len(sysd["domains"]) - len(names)
+        return [f"systemd-resolved asks it for {' '.join(names)} on {sysd['link']}"
+                + (f" (and {reverse} reverse zone{'s' if reverse != 1 else ''})" if reverse else "")]
+    if sysd.get("via") == "resolv.conf":
+        return [f"it is the first nameserver in {sysd['file']} (restored when the node stops)"]
+    if sysd.get("note"):
+        return [sysd["note"]]
+    if sysd.get("mode") == "off":
+        return []
+    host, port = dns["address"].rsplit(":", 1)
+    if port != "53":
+        return [f"names answer at {dns['address']} for programs told so (dig -p {port} @{host} NAME.NET)"]
+    return [f"DNS: names answer at {dns['address']}; to use them, add `nameserver {host}` to /etc/resolv.conf, "
+            "or run systemd-resolved, or `overlay up --dns-config resolv-conf`"]
+
+
 def show_status(home: Optional[Path], as_json: bool) -> None:
     """This node, its server connection, networks and peers."""
     st = daemon_call(home, "status", as_json)
@@ -99,7 +122,10 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
         return
     node, srv = st["node"], st["server"]
     conn = "[green]connected[/]" if srv["connected"] else f"[yellow]{lit(srv['state'])}[/]"
-    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])} {conn}")
+    others = len(srv.get("servers") or []) - 1
+    more = f" (+{others} more listed)" if others > 0 else ""
+    out.print(f"[bold]{lit(node['name'])}[/]  {lit(node['virtual_ip'] or '-')}  server {lit(srv['address'])}{more} "
+              f"{conn}")
     if srv.get("error"):
         out.print(f"  [red]{lit(srv['error'])}[/]", soft_wrap=True)
     iface = st.get("interface")
@@ -110,6 +136,8 @@ def show_status(home: Optional[Path], as_json: bool) -> None:
         out.print(f"{lit(pr['kind'])} proxy on {lit(pr['address'])}", highlight=False)
     if st.get("dns"):
         out.print(f"DNS for peers on {lit(st['dns']['address'])} ({len(st['dns']['names'])} names)", highlight=False)
+        for line in dns_system_lines(st["dns"]):
+            out.print(f"  {lit(line)}", highlight=False, soft_wrap=True)
     gw = st.get("gateway")
     if gw:
         in_pool = gw.get("in_pool") or []

@@ -39,7 +39,7 @@ def _unit_path(unit: str) -> Path:
 
 
 @service_app.command("install")
-def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT "
+def service_install(server: Optional[str] = typer.Option(None, "--server", help="Mediation server HOST:PORT (or A:P,B:P) "
                                                          "(remembered for `overlay up`, as by `up --server`)."),
                     name: Optional[str] = typer.Option(None, "--name", help="This node's name (remembered, "
                                                        "default: the host name)."),

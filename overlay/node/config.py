@@ -39,6 +39,18 @@ def _hostport(allow_off: bool = False, allow_zero: bool = False):
     return check
 
 
+def _servers(v) -> str | None:
+    """One "HOST:PORT", or several of one deployment: a list (or "A:P,B:P")."""
+    from overlay.node.server_list import parse_servers
+    if not isinstance(v, (str, list)) or not v:
+        return "expected \"HOST:PORT\" or a list of them, such as [\"a.example:7777\", \"b.example:7777\"]"
+    try:
+        parse_servers(v)
+    except ValueError as e:
+        return f"expected \"HOST:PORT\" or a list of them ({e})"
+    return None
+
+
 def _int(lo: int, hi: int, what: str = "an integer"):
     def check(v) -> str | None:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -143,7 +155,7 @@ def _dns(v) -> str | None:
 Check = Callable[[object], "str | None"]
 
 TOP: dict[str, Check] = {
-    "server": _hostport(),
+    "server": _servers,
     "name": _name,
     "via_proxy": _proxy_url,
     "port": _int(*PORT_RANGE, "a UDP port (0: any)"),
@@ -164,6 +176,9 @@ TOP: dict[str, Check] = {
     "port_mapping": _port_mapping,
     # the node's DNS for its peers: "auto", "off" or a loopback "IP:PORT"
     "dns": _dns,
+    # this machine's resolver in TUN/TAP mode: "auto" (systemd-resolved when it runs), "resolv-conf"
+    # (else edit /etc/resolv.conf, restored when the node stops) or "off"
+    "dns_config": _choice("auto", "resolv-conf", "off"),
 }
 
 TABLES: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {

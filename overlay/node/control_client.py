@@ -4,7 +4,12 @@ Connects directly or through an HTTP CONNECT / SOCKS5 proxy (python-socks), chec
 key against the pin in ``known_servers`` (trust on first use), says hello, then runs requests and
 delivers server events. On any failure it reconnects with exponential backoff and jitter; a
 pinned-key mismatch or a refused hello keeps retrying slowly so a fixed config is picked up
-without restarting the daemon. A node the server has not stored yet proves work on its key when
+without restarting the daemon. Given several servers of one deployment (``--server A,B``), it
+moves to the next when its server's session ends or an attempt fails, waiting only once every
+server failed (``server_choice.ServerChoice``); the new server answers the hello with the node's
+stored virtual IP and fresh snapshots of its networks, and a ping round trip right after the hello
+tells the daemon when those snapshots are complete (``on_synced``), so it can drop what the server
+no longer lists without tearing tunnels down in between. A node the server has not stored yet proves work on its key when
 the hello reply asks for it (``identity_work``): computed off the loop as soon as the hello is
 answered, cached in the home beside the key, and sent with the first create or join.
 """
@@ -14,7 +19,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 import logging
-import random
 import socket
 from typing import Awaitable, Callable
 
@@ -24,15 +28,14 @@ from overlay.control import identity_proof
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
 from overlay.control.messages import PROTOCOL_VERSION, RequestError
 from overlay.node.home import Home, ServerKeyChanged
+from overlay.node.server_choice import BACKOFF_MAX, BACKOFF_MIN, FATAL_RETRY, ServerChoice  # noqa: F401
+from overlay.node.server_list import parse_servers, server_text
 
 log = logging.getLogger("overlay.node")
 
 PING_INTERVAL = 15.0
 REQUEST_TIMEOUT = 20.0
 CONNECT_TIMEOUT = 10.0
-BACKOFF_MIN = 0.5
-BACKOFF_MAX = 30.0
-FATAL_RETRY = 30.0  # wrong server key, name taken: retry slowly
 
 
 class NotConnected(Exception):
@@ -44,10 +47,16 @@ class ControlClient:
                  via_proxy: str | None = None,
                  on_event: Callable[[dict], None] = lambda ev: None,
                  on_reset: Callable[[], None] = lambda: None,
-                 on_session: Callable[[dict], Awaitable[None] | None] = lambda hello: None):
+                 on_session: Callable[[dict], Awaitable[None] | None] = lambda hello: None,
+                 on_synced: Callable[[], None] = lambda: None):
         self.home = home
-        self.server = server
-        self.host, self.port = parse_hostport(server)
+        self.servers = parse_servers(server)          # one or several: "A:P,B:P"
+        self.server_list = server_text(self.servers)  # as remembered
+        self.choice = ServerChoice(self.servers, backoff_min=BACKOFF_MIN, backoff_max=BACKOFF_MAX,
+                                   fatal_retry=FATAL_RETRY)
+        self.errors: dict[str, str | None] = dict.fromkeys(self.servers)   # each server's last failure
+        self.server = self.servers[0]                 # the server in use, or tried next
+        self.host, self.port = parse_hostport(self.server)
         self.server_ip: str | None = None
         self.name = name
         self.hello_extra: dict = {}   # more hello fields (the kernel interface kind)
@@ -56,6 +65,7 @@ class ControlClient:
         self.on_event = on_event
         self.on_reset = on_reset
         self.on_session = on_session
+        self.on_synced = on_synced
         self.state = "connecting"
         self.last_error: str | None = None
         self._retry = asyncio.Event()
@@ -100,10 +110,11 @@ class ControlClient:
         self._writer.write(ch.data_to_send())
 
     async def run(self) -> None:
-        backoff = BACKOFF_MIN
+        loop = asyncio.get_running_loop()
         while True:
             fatal = False
             connects = self.connects
+            self._use(self.choice.current)
             try:
                 await self._session()   # returns only by raising why the session ended
             except ServerKeyChanged as e:
@@ -116,16 +127,33 @@ class ControlClient:
                 self._fail(self._describe(e))
             except Exception as e:  # python-socks errors and anything unexpected: keep the daemon alive
                 self._fail(f"{type(e).__name__}: {e}")
-            if self.connects != connects:
-                backoff = BACKOFF_MIN   # a session was established: this outage starts its back-off afresh
-            delay = FATAL_RETRY if fatal else backoff * random.uniform(0.5, 1.5)
-            backoff = min(BACKOFF_MAX, backoff * 2)
+            self.errors[self.server] = self.last_error
+            # a session was established: this outage starts its back-off afresh (on the next server)
+            established = self.connects != connects
+            delay = self.choice.ended(loop.time(), established=established, fatal=fatal, why=self.last_error or "")
+            if self.choice.current != self.server:
+                log.log(logging.INFO if established else logging.DEBUG, "moving from server %s to %s%s", self.server,
+                        self.choice.current, f" in {delay:.1f} s" if delay else "")
             self.retry_delays.append(delay)
+            if not delay:
+                continue
             self._retry.clear()
             try:
                 await asyncio.wait_for(self._retry.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+
+    def _use(self, server: str) -> None:
+        """Connect to ``server`` (of ``servers``) from now on."""
+        if server != self.server:
+            self.server = server
+            self.host, self.port = parse_hostport(server)
+            self.server_ip = None
+
+    def servers_status(self) -> list[dict]:
+        """Each server of the list: its address, whether it is the one in use, its last failure."""
+        return [{"address": s, "in_use": s == self.server and self.connected, "error": self.errors.get(s)}
+                for s in self.servers]
 
     def retry_now(self) -> None:
         """Skip the wait before the next connection attempt (after `overlay forget-server`)."""
@@ -148,7 +176,7 @@ class ControlClient:
 
     def _fail(self, message: str, level: int = logging.WARNING) -> None:
         self.state = "error" if level >= logging.ERROR else "connecting"
-        if message != self.last_error:
+        if message != self.errors.get(self.server):     # once per server and cause (several take turns)
             log.log(level, "server %s: %s", self.server, message)
         self.last_error = message
 
@@ -180,7 +208,7 @@ class ControlClient:
                 ch.receive_data(data)
                 while (ev := ch.next_event()) is not None:
                     if isinstance(ev, Handshaked):
-                        if self.home.check_server_key(self.server, ev.remote_static):
+                        if self.home.check_server_key(self.server, ev.remote_static, self.servers):
                             log.info("pinned the key of server %s (first contact)", self.server)
                         self.server_key = ev.remote_static
                     else:
@@ -196,12 +224,18 @@ class ControlClient:
             self._prove(hello)
             self.state = "connected"
             self.last_error = None
+            self.errors[self.server] = None
             self.connects += 1
+            self.choice.connected(asyncio.get_running_loop().time())
             log.info("connected to %s as %s (%s)", self.server, hello["name"],
                      hello["ip"] or "no address before its first network")
             r = self.on_session(hello)
             if asyncio.iscoroutine(r):
                 await r
+            # the server sent the snapshots of our networks before it answers this (one connection's
+            # requests are answered in order): now the daemon may drop what it no longer lists
+            await self._request({"t": "ping"}, REQUEST_TIMEOUT)
+            self.on_synced()
             while True:
                 done, _ = await asyncio.wait({reader_task}, timeout=PING_INTERVAL)
                 if done:
@@ -250,7 +284,9 @@ class ControlClient:
                 while (ev := ch.next_event()) is not None:
                     self._dispatch(ev)
         except (OSError, ProtocolError) as e:   # ConnectionError is an OSError
-            # requests in flight (a ping, hello) fail now instead of waiting out their timeout
+            # requests in flight (a ping, hello) fail now instead of waiting out their timeout, and
+            # so do those made from now on
+            self._channel = None
             self._fail_pending(f"connection to the server was lost: {e}")
             raise
 

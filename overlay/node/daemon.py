@@ -27,6 +27,7 @@ from overlay.node.control_client import ControlClient, NotConnected
 from overlay.node.dataplane import INNER_MTU, DataPlane
 from overlay.node.dns import Names, Responder
 from overlay.node.dns_server import DnsServer
+from overlay.node.dns_system import SystemDns, routing_domains
 from overlay.node.gateway import Gateway
 from overlay.node.home import Home, HomeError
 from overlay.node.inbound_filter import InboundFilter
@@ -63,8 +64,8 @@ class Daemon:
         self.state.me = {"name": self.name, "key": key_to_text(self.public_key)}
         # Without a server the node is a plain WireGuard endpoint for its static peers.
         self.client = ControlClient(home, s.server, self.name, self.private_key, via_proxy=s.via_proxy,
-                                    on_event=self._on_event, on_reset=self.state.networks.clear,
-                                    on_session=self._on_session) if s.server else None
+                                    on_event=self._on_event, on_reset=self.state.begin_resync,
+                                    on_session=self._on_session, on_synced=self._on_synced) if s.server else None
         self.dataplane = DataPlane(self.private_key, port=s.port, keepalive=s.keepalive, hard_nat=s.hard_nat,
                                    port_mapping=s.port_mapping,
                                    send_control=self.client.post if self.client else lambda msg: None)
@@ -102,6 +103,10 @@ class Daemon:
         self._dns_task: asyncio.Task | None = None
         self._names: Names | None = None   # the DNS names table, rebuilt when the state changed
         self.dns = DnsServer(Responder(self.dns_names, local=self._local_source)) if s.dns else None
+        # this machine's resolver (TUN/TAP): systemd-resolved per link, or opt-in resolv.conf
+        self.dns_system = SystemDns(home.path, s.dns_config)
+        self._dns_system_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
         self.api = LocalApi(self)
         self._api_server: asyncio.AbstractServer | None = None
         self.ui = None       # the local web page (overlay/ui/server.py UiServer) once it listens
@@ -110,8 +115,9 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self._start_api()
+        self.dns_system.recover()   # what a killed node of this home left in the resolver
         await self._start_ui()
-        self.prefs.remember(server=self.client.server if self.client else None, name=self.name)
+        self.prefs.remember(server=self.client.server_list if self.client else None, name=self.name)
         loop = asyncio.get_running_loop()
         try:
             self.dataplane.start()
@@ -173,6 +179,7 @@ class Daemon:
                 self.netstack.close()
             if self.gateway:
                 self.gateway.close()
+            self.dns_system.revert()
             if self.dns is not None:
                 self.dns.close()
             self._close_data()
@@ -243,6 +250,13 @@ class Daemon:
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
         self.sync_peers()
 
+    def _on_synced(self) -> None:
+        """The server's snapshots after the hello are all in: drop networks and members it no
+        longer lists (kept meanwhile, so a reconnection or a move to another server of the list
+        leaves peers, tunnels and paths as they were)."""
+        if self.state.end_resync():
+            self.sync_peers()
+
     def _attach_stack(self, address: str) -> None:
         """The userspace TCP/IP stack answering for our overlay address, or the kernel interface."""
         if self.kernel_if is not None:
@@ -286,6 +300,8 @@ class Daemon:
         for h, p in dict.fromkeys(tries):
             try:
                 await self.dns.start(h, p)
+                if self.kernel_if is not None and self.settings.dns == DEFAULT_DNS and self.state.me.get("ip"):
+                    await self._tell_system_dns(h, p)
                 return
             except OSError as e:
                 if not fallback:
@@ -304,9 +320,34 @@ class Daemon:
         except ValueError:
             return False
 
+    async def _tell_system_dns(self, host: str, port: int) -> None:
+        """Our DNS answers on ``host``:``port``: tell this machine's resolver (TUN/TAP mode)."""
+        assert self.kernel_if is not None
+        if host != self.state.me.get("ip"):
+            self.dns_system.note = (f"port 53 of the device's address {self.state.me.get('ip')} was refused, so "
+                                    f"names answer on {host}:{port} only (ask it with dig -p {port} @{host} NAME.NET)")
+            return
+        async with self._dns_system_lock:
+            await asyncio.to_thread(self.dns_system.apply, self.kernel_if.name, host, port, self._dns_networks(),
+                                    self.dataplane.pool)
+        self.names_changed()   # networks joined while the thread ran: their domains now
+
+    def _dns_networks(self) -> list[str]:
+        return [n for n in self.state.networks if n not in self.state.away]
+
+    async def _sync_system_dns(self) -> None:
+        async with self._dns_system_lock:
+            await asyncio.to_thread(self.dns_system.set_domains, self._dns_networks(), self.dataplane.pool)
+
     def names_changed(self) -> None:
         """Something DNS answers from changed (peers, presence, a rename): rebuild on the next query."""
         self._names = None
+        if (self.dns_system.via == "systemd-resolved"
+                and routing_domains(self._dns_networks(), self.dataplane.pool) != self.dns_system.domains):
+            self.dns_system.domains = routing_domains(self._dns_networks(), self.dataplane.pool)
+            task = asyncio.get_running_loop().create_task(self._sync_system_dns())   # networks joined or left
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def dns_names(self) -> Names:
         """The DNS names table from the live state (rebuilt after any change: ``_names`` = None)."""
@@ -575,10 +616,12 @@ class Daemon:
         return {
             "node": {"name": me.get("name", self.name), "public_key": me.get("key"),
                      "virtual_ip": me.get("ip"), "home": str(self.home.path)},
-            "server": {"address": c.server, "state": c.state, "connected": c.connected,
+            "server": {"address": c.server, "servers": c.servers_status(), "switches": c.choice.switch_count,
+                       "state": c.state, "connected": c.connected,
                        "error": c.last_error, "pool": str(self.dataplane.pool) if self.dataplane.pool else None,
                        "key": key_to_text(c.server_key) if c.server_key else None} if c else
-                      {"address": None, "state": "none", "connected": False, "error": None, "key": None,
+                      {"address": None, "servers": [], "switches": 0, "state": "none", "connected": False,
+                       "error": None, "key": None,
                        "pool": None},
             "networks": self.state.status(),
             "peers": [self._peer_status(p) for p in sorted(self._all_peers(), key=lambda p: p.name)],
@@ -593,7 +636,9 @@ class Daemon:
             "gateway": self._gateway_status() if self.advertise_routes else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "dns": {"address": format_addr(self.dns.address), "names": self.dns_names().names(),
-                    "stats": dict(self.dns.responder.stats)} if self.dns is not None and self.dns.address else None,
+                    "stats": dict(self.dns.responder.stats),
+                    "system": self.dns_system.status() if self.kernel_if is not None else None}
+                   if self.dns is not None and self.dns.address else None,
             "udp": {"port": self.dataplane.port, "server_udp": self.dataplane.udp_ok,
                     "public": format_addr(self.dataplane.srflx) if self.dataplane.srflx else None,
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),

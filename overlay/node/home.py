@@ -96,8 +96,14 @@ class Home:
                     out[parts[0]] = parts[1]
         return out
 
-    def check_server_key(self, server: str, key: bytes) -> bool:
-        """Pin on first contact; True if newly pinned. Raises ServerKeyChanged on a mismatch."""
+    def check_server_key(self, server: str, key: bytes, group: tuple[str, ...] | list[str] = ()) -> bool:
+        """Pin on first contact; True if newly pinned. Raises ServerKeyChanged on a mismatch.
+
+        ``group``: the other servers listed with this one (``--server A,B``), one deployment that
+        shares one key. A server of the list met for the first time is pinned only if it shows
+        the key already pinned for another server of the list (or none of them is pinned yet:
+        trust on first use, as for a single server): so a node that trusts A authenticates B
+        when it first fails over to it, the moment an attacker who can cut A off would choose."""
         from overlay.control.messages import key_to_text
         known = self._known()
         text = key_to_text(key)
@@ -110,6 +116,14 @@ class Home:
                 f"If the server was really reinstalled, run `overlay forget-server {server}` "
                 f"(with the same --home; a running node then reconnects at once); otherwise someone may be "
                 f"impersonating it")
+        others = {s: known[s] for s in group if s != server and s in known}
+        if others and text not in others.values():
+            first, their = next(iter(others.items()))
+            raise ServerKeyChanged(
+                f"server {server} presented key {text}, not the key {their} pinned for {first} listed with it. "
+                f"Servers listed together in --server are one deployment and share one key: copy server.key "
+                f"from {first}'s data directory to {server}'s (or, if the deployment's key really changed, "
+                f"`overlay forget-server {','.join(group)}`); otherwise someone may be impersonating {server}")
         self.ensure()
         with open(self.path / KNOWN_SERVERS, "a") as f:
             f.write(f"{server} {text}\n")

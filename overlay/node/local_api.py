@@ -222,7 +222,7 @@ class LocalApi:
             d.name = name
             d.state.me["name"] = name
             d.names_changed()   # DNS answers the new name at once
-            d.prefs.remember(server=d.client.server if d.client else None, name=name)
+            d.prefs.remember(server=d.client.server_list if d.client else None, name=name)
             return {"name": name}
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
 

@@ -46,6 +46,7 @@ UP_OPTIONS: dict[str, tuple[str, object, type]] = {
     "proxy_user": ("--proxy-user", [], list),
     "wg_peer": ("--wg-peer", [], list),
     "dns": ("--dns", "auto", str),
+    "dns_config": ("--dns-config", "auto", str),
 }
 
 

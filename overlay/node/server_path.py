@@ -63,6 +63,8 @@ class ServerPath:
             return None
         v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
         ip = v4[0] if v4 else infos[0][4][0]
+        if self.server_udp is not None and self.server_udp != (ip, udp_port):
+            self.udp_ok = False       # another server (of the list): relay over TCP until it acknowledges us
         self.server_udp = (ip, udp_port)
         self.server_is_loopback = ipaddress.ip_address(ip).is_loopback
         return ip

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from overlay.hostport import parse_hostport
+from overlay.node.server_list import parse_servers, server_text
 
 PORT_RANGE = (0, 65535)       # the node's UDP port (0: any free port)
 KEEPALIVE_RANGE = (7, 600)    # NAT keepalive interval, seconds
@@ -30,6 +31,7 @@ DEFAULT_KEEPALIVE = 25.0
 DEFAULT_DNS = "auto"          # userspace: 127.0.0.1:DNS_PORT (else a free port); TUN/TAP: VIRTUAL_IP:53
 DNS_PORT = 1053
 NO_SERVER = "no server given: use --server HOST:PORT (or `server = \"HOST:PORT\"` in config.toml)"
+# several servers of one deployment: --server A:P,B:P, or `server = ["A:P", "B:P"]` (overlay/node/server_list.py)
 
 
 class SettingsError(ValueError):
@@ -73,7 +75,7 @@ class ForwardSpec:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    server: str | None
+    server: str | None                           # one HOST:PORT, or several: "A:P,B:P" (server_list.py)
     name: str
     via_proxy: str | None = None
     port: int = 0
@@ -93,6 +95,7 @@ class NodeSettings:
     hard_nat: bool = True
     port_mapping: tuple[str, ...] = ()           # protocol names (overlay.nat.portmap)
     dns: str | None = DEFAULT_DNS                # "auto", a loopback HOST:PORT, or None (off)
+    dns_config: str = "auto"                     # this machine's resolver (overlay/node/dns_system.py)
     remember_options: Mapping | None = None      # the options to remember (prefs.json) once the node runs
 
     def to_json(self) -> dict:
@@ -136,22 +139,27 @@ class UpOptions:
     hard_nat_punch: bool | None = None
     port_mapping: str | None = None
     dns: str | None = None
+    dns_config: str | None = None
     reset: bool = False
 
 
 def server_and_name(server: str | None, name: str | None, cfg: dict, last) -> tuple[str | None, str | None]:
     """The server and node name: given > config.toml > the last ones used (``last``: Prefs) >
-    (the name only) the host name."""
+    (the name only) the host name. The server may be a list (``A:P,B:P``; config.toml's list is
+    joined so)."""
     from overlay.node.prefs import hostname_label
-    return server or cfg.get("server") or last.server, name or cfg.get("name") or last.name or hostname_label()
+    cfg_server = cfg.get("server")
+    if isinstance(cfg_server, list):
+        cfg_server = server_text(cfg_server)
+    return server or cfg_server or last.server, name or cfg.get("name") or last.name or hostname_label()
 
 
 def check_server_and_name(server: str | None, name: str) -> str:
-    """``name`` normalized; SettingsError for a malformed server address or name."""
+    """``name`` normalized; SettingsError for a malformed server address (or list) or name."""
     from overlay.control.messages import RequestError, normalize_name
     try:
         if server:
-            parse_hostport(server)
+            parse_servers(server)
         return normalize_name(name, "node name")
     except ValueError as e:
         raise SettingsError(str(e)) from None
@@ -220,6 +228,10 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
             dns_address(dns)
         except ValueError as e:
             raise SettingsError(f"--dns: {e}") from None
+    from overlay.node.dns_system import MODES
+    dns_config = setting("dns_config", "auto")
+    if dns_config not in MODES:
+        raise SettingsError(f"--dns-config {dns_config!r}: expected {', '.join(MODES)}")
     address = on("address")
     try:
         static_peers = ([static_peer(p) for p in cfg.get("peer", [])]
@@ -235,6 +247,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
     if not name:
         raise SettingsError("no name given: use --name NAME (or `name = \"NAME\"` in config.toml)")
     check_server_and_name(server, name)
+    server = server_text(parse_servers(server)) if server else None
     routes = _routes(setting("advertise_routes", []))
     via_proxy = on("via_proxy")
     if via_proxy and not via_proxy.startswith(PROXY_SCHEMES):
@@ -248,6 +261,7 @@ def resolve(opts: UpOptions, cfg: dict, last, note: Note = lambda flags, device:
         address=address, static_peers=tuple(static_peers), proxy_users=proxy_users or None,
         interface=interface, dev=dev, only_shared=only_shared, advertise_routes=routes,
         hard_nat=bool(setting("hard_nat_punch", True)), port_mapping=tuple(port_mapping), dns=dns,
+        dns_config=dns_config,
         remember_options=remember)
 
 

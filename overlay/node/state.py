@@ -88,6 +88,37 @@ class NodeState:
         self.networks: dict[str, NetworkView] = {}
         self.me: dict = {}
         self.away: set[str] = set()  # networks this node went offline in: their members are no peers
+        # while a new session's snapshots arrive: network -> members not re-announced yet (None: no
+        # resync); networks re-announced so far
+        self._unconfirmed: dict[str, set[str]] | None = None
+        self._reannounced: set[str] = set()
+
+    def begin_resync(self) -> None:
+        """A new session with the server (the same or another of its deployment): it re-sends every
+        network as snapshots. What it said before stays until ``end_resync``, so peers (and their
+        tunnels) are not dropped and re-added while the snapshots arrive."""
+        self._unconfirmed = {name: set(view.members) for name, view in self.networks.items()}
+        self._reannounced = set()
+        for view in self.networks.values():
+            view.pending.clear()          # the server re-sends the join requests an owner has
+
+    def end_resync(self) -> bool:
+        """The snapshots are all in: drop the networks and members they did not list. True if
+        anything was dropped."""
+        unconfirmed, self._unconfirmed = self._unconfirmed, None
+        changed = False
+        for name, keys in (unconfirmed or {}).items():
+            view = self.networks.get(name)
+            if view is None:
+                continue
+            if name not in self._reannounced:
+                del self.networks[name]
+                changed = True
+                continue
+            for k in keys:
+                changed = view.members.pop(k, None) is not None or changed
+        self._reannounced = set()
+        return changed
 
     def apply(self, ev: dict) -> str | None:
         t = ev.get("t")
@@ -95,9 +126,13 @@ class NodeState:
             info = ev["network"]
             view = self.networks.setdefault(info["name"], NetworkView(info["name"]))
             view.info = info
+            if self._unconfirmed is not None:
+                self._reannounced.add(view.name)
             return None
         if t == "members":
             view = self.networks.setdefault(ev["network"], NetworkView(ev["network"]))
+            if self._unconfirmed is not None and view.name in self._unconfirmed:
+                self._unconfirmed[view.name].difference_update(m["key"] for m in ev["members"])
             changes = []
             for m in ev["members"]:
                 old = view.members.get(m["key"])

@@ -378,6 +378,9 @@ def test_interface_address_is_no_candidate(world):
 
 # ---------------------------------------------------------------------------- privileges and cleanup
 NO_NET_ADMIN = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"]
+# nor CAP_NET_BIND_SERVICE: port 53 of the device's address is refused, DNS answers on the loopback
+UNPRIVILEGED = ["setpriv", "--bounding-set=-net_admin,-net_bind_service",
+                "--inh-caps=-net_admin,-net_bind_service", "--"]
 
 
 def _up(w, host: str, home, name: str, *extra: str, prefix=()):
@@ -392,6 +395,14 @@ def _connected(home) -> bool:
         return bool(api.call(home / "overlay.sock", "status", timeout=5)["server"]["connected"])
     except Exception:
         return False
+
+
+def _dns_address(home) -> str:
+    from overlay.node import api
+    try:
+        return (api.call(home / "overlay.sock", "status", timeout=5).get("dns") or {}).get("address") or ""
+    except Exception:
+        return ""
 
 
 def _links(w, host: str) -> list[str]:
@@ -433,10 +444,15 @@ def test_persistent_device_runs_without_net_admin(world):
     m = re.search(r"--address (\S+)", p.stderr())
     assert m and "needs admin" in p.stderr(), p.stderr()
     w.nl.run(host, [*OVERLAY, "setup-interface", "--tun", "--dev", dev, "--user", "root", "--address", m.group(1)])
-    p = _up(w, host, home, "persist", "--tun", "--dev", dev, prefix=NO_NET_ADMIN)
+    p = _up(w, host, home, "persist", "--tun", "--dev", dev, prefix=UNPRIVILEGED)
     try:
         w.ol.wait(lambda: p.poll() is None and "holds" in p.stderr(), 20, "unprivileged node up", )
         vip = m.group(1).split("/")[0]
+        # no right to bind port 53: DNS answers on the loopback, and status says where
+        w.ol.wait(lambda: _dns_address(home).startswith("127.0.0.1:"), 20, "DNS on the loopback")
+        r = subprocess.run([*OVERLAY, "status", "--home", str(home)], capture_output=True, text=True, timeout=30)
+        assert f"DNS for peers on {_dns_address(home)}" in r.stdout, r.stdout + r.stderr
+        assert f"port 53 of the device's address {vip} was refused" in r.stdout, r.stdout
         # the state the ping needs: the node back online at tun2 (presence, then a path), not luck
         w.ol.wait(lambda: (w.tun2.peer("persist") or {}).get("online"), 30, "tun2 sees the node back online")
         try:

@@ -92,3 +92,26 @@ def test_a_busy_dns_address_given_is_one_error_line_and_auto_falls_back(tmp_path
         dave.ok("create", "solo", "--password", "pw")
         c.wait(lambda: "dave.solo" in dave.status()["dns"]["names"], what="own name")
         assert a(dave.status()["dns"]["address"], "dave.solo") == [dave.status()["node"]["virtual_ip"]]
+
+
+def test_a_start_undoes_what_a_killed_node_left_in_the_resolver(tmp_path):
+    """dns-system.json in the home (what a TUN/TAP node had set when it was killed): the next start,
+    in any mode, puts resolv.conf back (here a temporary file: the record names the file it edited)
+    and clears the record."""
+    import json
+    conf = tmp_path / "resolv.conf"
+    original = "nameserver 192.0.2.1\n"
+    written = "# overlay: the node's DNS\nnameserver 100.64.0.9\n" + original
+    conf.write_text(written)
+    home = tmp_path / "home-alice"
+    home.mkdir(mode=0o700)
+    (home / "dns-system.json").write_text(json.dumps({
+        "resolved": {"ifname": "ovl-gone9", "ifindex": 4242},   # the device went with the node
+        "resolv_conf": {"path": str(conf), "original": original, "written": written,
+                        "backup": str(home / "resolv.conf.overlay-backup")}}))
+    with Cluster(tmp_path) as c:
+        c.start_server()
+        alice = c.start_node("alice", "--dns", "off")
+        assert alice.home == home
+        c.wait(lambda: not (home / "dns-system.json").exists(), what="the record cleared")
+        assert conf.read_text() == original

@@ -47,9 +47,10 @@ T = TypeVar("T")
 class LabNode:
     """One ``overlay up`` daemon in a lab host."""
 
-    def __init__(self, ol: "OverlayLab", host: str, name: str, home: Path, argv: list[str]):
-        self.ol, self.host, self.name, self.home, self.argv = ol, host, name, home, argv
-        self.proc = ol.nl.popen(host, argv, label=ol.label(f"node-{name}"))
+    def __init__(self, ol: "OverlayLab", host: str, name: str, home: Path, argv: list[str],
+                 env: dict[str, str] | None = None):
+        self.ol, self.host, self.name, self.home, self.argv, self.env = ol, host, name, home, argv, env
+        self.proc = ol.nl.popen(host, argv, env=env, label=ol.label(f"node-{name}"))
 
     @property
     def socket_path(self) -> Path:
@@ -117,7 +118,7 @@ class LabNode:
     def restart(self) -> "LabNode":
         """Stop the daemon and start a fresh process with the same home and arguments."""
         self.stop()
-        self.proc = self.ol.nl.popen(self.host, self.argv, label=self.ol.label(f"node-{self.name}"))
+        self.proc = self.ol.nl.popen(self.host, self.argv, env=self.env, label=self.ol.label(f"node-{self.name}"))
         return self
 
     def log(self) -> str:
@@ -170,14 +171,15 @@ class OverlayLab:
             self.server.stop()
 
     def start_node(self, host: str, name: str, *extra: str, keepalive: float | None = None,
-                   server: str = SERVER) -> LabNode:
-        """Start ``overlay up`` for node ``name`` in lab host ``host`` (not waiting for it)."""
+                   server: str = SERVER, env: dict[str, str] | None = None) -> LabNode:
+        """Start ``overlay up`` for node ``name`` in lab host ``host`` (not waiting for it; ``env``
+        added to its environment)."""
         home = self.tmp / name
         argv = [*OVERLAY, "up", "--server", server, "--name", name, "--home", str(home),
                 "--socks", "127.0.0.1:0", "--log-level", self.log_level, *extra]
         if keepalive is not None:
             argv += ["--keepalive", str(keepalive)]
-        node = LabNode(self, host, name, home, argv)
+        node = LabNode(self, host, name, home, argv, env)
         self.nodes.append(node)
         return node
 

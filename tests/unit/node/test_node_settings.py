@@ -129,3 +129,18 @@ def test_dns_is_auto_off_or_a_loopback_address_only(tmp_path):
             resolve(UpOptions(dns=bad), {}, last)
         with pytest.raises(ConfigError, match="dns"):
             validate({"dns": bad}, "config.toml")
+
+
+def test_dns_config_is_auto_resolv_conf_or_off(tmp_path):
+    from overlay.node.config import ConfigError, validate
+    last = _prefs(tmp_path)
+    assert resolve(UpOptions(), {}, last).dns_config == "auto"
+    assert resolve(UpOptions(), {"dns_config": "resolv-conf"}, last).dns_config == "resolv-conf"
+    s = resolve(UpOptions(dns_config="off"), {}, last)
+    assert s.dns_config == "off" and s.remember_options == {"dns_config": "off"}
+    assert NodeSettings.from_json(json.loads(json.dumps(s.to_json()))).dns_config == "off"
+    assert resolve(UpOptions(), {}, _prefs(tmp_path, dns_config="resolv-conf")).dns_config == "resolv-conf"
+    with pytest.raises(SettingsError, match="--dns-config"):
+        resolve(UpOptions(dns_config="resolvconf"), {}, last)
+    with pytest.raises(ConfigError, match="dns_config"):
+        validate({"dns_config": "yes"}, "config.toml")
