@@ -9,6 +9,7 @@ the other instance. The database is a fresh one in the session's throw-away clus
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 
@@ -115,3 +116,37 @@ def test_database_errors_are_one_line(tmp_path, pg_cluster):
     r = subprocess.run([*OVERLAY, "server", "--data", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
                         "--database", pg_cluster.url("no_such_db")], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "cannot open database" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_instance_dies_and_its_nodes_move_to_the_other_keeping_their_addresses(tmp_path, pg_url):
+    """The servers of one deployment share one database and one key; nodes list both."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Cluster(tmp_path / "a", pg_url) as ca, Cluster(tmp_path / "b", pg_url) as cb:
+        ca.start_server()
+        (tmp_path / "b" / "server").mkdir(mode=0o700)
+        shutil.copy2(tmp_path / "a" / "server" / "server.key", tmp_path / "b" / "server" / "server.key")
+        cb.start_server()
+        both = f"{ca.server_addr},{cb.server_addr}"
+        alice = ca.start_node("alice", "--server", both)
+        bob = ca.start_node("bob", "--server", both)
+        carol = cb.start_node("carol", "--server", f"{cb.server_addr},{ca.server_addr}")   # on B
+        alice.ok("create", "lan", "--password", "pw")
+        bob.ok("join", "lan", "--password", "pw")
+        carol.ok("join", "lan", "--password", "pw")
+        ca.wait(lambda: all(m["online"] for m in members(carol, "lan").values()) and len(members(carol, "lan")) == 3,
+                timeout=10, what="carol (B) sees alice and bob (A) online")
+        ips = {n: m["ip"] for n, m in members(alice, "lan").items()}
+        assert "pong from bob" in alice.ok("ping", "bob", "-c", "2")
+
+        ca.server.kill(signal.SIGKILL)
+        cb.wait(lambda: alice.status()["server"].get("address") == cb.server_addr
+                and bob.status()["server"].get("address") == cb.server_addr and alice.connected()
+                and bob.connected(), timeout=30, what="alice and bob moved to instance B",
+                interval=0.2)
+        cb.wait(lambda: {n for n, m in members(carol, "lan").items() if m["online"]} == {"alice", "bob", "carol"},
+                timeout=15, what="carol sees alice and bob online again")
+        assert {n: m["ip"] for n, m in members(alice, "lan").items()} == ips
+        assert {n: m["ip"] for n, m in members(carol, "lan").items()} == ips
+        assert "pong from bob" in alice.ok("ping", "bob", "-c", "2")
+        assert "pong from carol" in alice.ok("ping", "carol", "-c", "2")
