@@ -83,7 +83,7 @@ class InstanceSync:
     def hello(self, key: bytes, msg: dict, now: float, source: str | None) -> None:
         self.remote.pop(key, None)
         self.local[key] = (msg, source)
-        self._send({"k": "hello", "key": key_to_text(key), "m": msg, "now": now, "src": source})
+        self._send({"k": "hello", "key": key_to_text(key), "m": msg, "now": now})
 
     def bye(self, key: bytes, now: float) -> None:
         self.local.pop(key, None)
@@ -146,7 +146,9 @@ class InstanceSync:
                 local = server.sessions.get(key)
                 if local is not None:    # the node moved here -> there: the newer session wins
                     local.close(error(None, "replaced", "this node connected again from elsewhere"))
-                m.hello(key, ev["m"], now, source=ev.get("src"))
+                # no source address: the rate limits per address are the origin's business (a
+                # replica counting every instance's new nodes would refuse what the origin accepted)
+                m.hello(key, ev["m"], now, source=None)
             elif kind == "bye":
                 if self.remote.get(key) == origin:
                     del self.remote[key]
