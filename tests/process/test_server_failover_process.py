@@ -4,9 +4,10 @@ and a TCP transfer right through the switch; a node whose first server is down a
 second; a malformed list is a clear error. The parser and the choice of server:
 tests/unit/node/test_server_failover.py.
 
-Until several servers can share one PostgreSQL store, A and B share state the way SQLite allows:
-B is started on another port with A's data directory once A was killed (SIGKILL), so B holds the
-same networks, members, addresses and key (the servers of one deployment share one key).
+Here A and B share state the way SQLite allows: B is started on another port with A's data
+directory once A was killed (SIGKILL), so B holds the same networks, members, addresses and key
+(the servers of one deployment share one key). Two servers running side by side on one
+PostgreSQL database: tests/process/test_server_instances_process.py.
 """
 
 from __future__ import annotations
