@@ -38,6 +38,8 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from overlay.hostport import parse_hostport
+
 from . import stun
 from .candidate import Addr, normalize
 
@@ -116,6 +118,21 @@ def integrity_ok(datagram: bytes, key: bytes) -> bool:
     return False
 
 
+def parse_turn_url(text: str) -> tuple[str, int]:
+    """``turn:HOST:PORT`` (RFC 7065; ``?transport=udp`` allowed, the default port 3478) -> (host, port);
+    ValueError with the fix. Only TURN over UDP: ``turns:`` and TCP transports are refused."""
+    t = text.strip()
+    if not t.startswith("turn:"):
+        raise ValueError(f"{text!r}: give the TURN server as turn:HOST:PORT (over UDP; turns: is not supported)")
+    t = t[5:]
+    t, _, query = t.partition("?")
+    if query and query.lower() != "transport=udp":
+        raise ValueError(f"{text!r}: only ?transport=udp is supported")
+    if t.endswith("]"):
+        t += ":3478"
+    return parse_hostport(t, default_port=3478)
+
+
 def channel_data(channel: int, payload: bytes | memoryview) -> bytes:
     """A ChannelData message (RFC 8656 §12.4); no padding over UDP."""
     return struct.pack("!HH", channel, len(payload)) + payload
@@ -132,6 +149,9 @@ class TurnConfig:
     max_pending: int = 64
     max_peers: int = 256
     max_stale: int = 3
+    # a Binding indication this often keeps the NAT's mapping toward the server alive while no
+    # data flows (a rebinding NAT would give the server a new 5-tuple: another client to it)
+    keepalive_interval: float = 20.0
 
 
 @dataclass(slots=True)
@@ -197,6 +217,7 @@ class TurnClient:
         self.lifetime: int | None = None
         self.expires_at: float | None = None
         self._refresh_at: float | None = None
+        self._keepalive_at: float | None = None
         self.realm: bytes | None = None
         self.nonce: bytes | None = None
         self._key: bytes | None = None
@@ -354,6 +375,8 @@ class TurnClient:
         if self.state == ALLOCATED:
             if self._refresh_at is not None:
                 times.append(self._refresh_at)
+            if self._keepalive_at is not None:
+                times.append(self._keepalive_at)
             for p in self.peers.values():
                 times.extend(t for t in (p.perm_at, p.chan_at) if t is not None)
         return min(times) if times else None
@@ -385,6 +408,9 @@ class TurnClient:
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = None
             self._request(REFRESH, [(LIFETIME, self._u32(c.lifetime))], now)
+        if self._keepalive_at is not None and now >= self._keepalive_at:
+            self._keepalive_at = now + c.keepalive_interval
+            self._out.append(build(stun_type(stun.BINDING, stun.INDICATION), stun.new_transaction_id(), []))
         self._peer_requests(now)
 
     def _peer_requests(self, now: float) -> None:
@@ -455,6 +481,7 @@ class TurnClient:
             self.mapped = msg.xor_mapped_address
             self._set_lifetime(msg, now)
             self.state = ALLOCATED
+            self._keepalive_at = now + c.keepalive_interval
             for p in self.peers.values():
                 p.perm_at = p.chan_at = now
             self._peer_requests(now)
@@ -521,4 +548,4 @@ class TurnClient:
 
 
 __all__ = ["TurnClient", "TurnConfig", "TurnStats", "build", "channel_data", "integrity_ok", "long_term_key",
-           "stun_type"]
+           "stun_type", "parse_turn_url"]

@@ -116,8 +116,11 @@ def allocated(now: float = 0.0, config: TurnConfig | None = None) -> TurnClient:
     return c
 
 
-def bound(now: float = 0.0) -> TurnClient:
-    c = allocated(now)
+QUIET = TurnConfig(keepalive_interval=1e6)   # no keepalives in the way of a test's exact datagram counts
+
+
+def bound(now: float = 0.0, config: TurnConfig | None = QUIET) -> TurnClient:
+    c = allocated(now, config)
     assert c.permit(PEER, now)
     reqs = by_method(c.datagrams_to_send(now))
     assert set(reqs) == {CREATE_PERMISSION, CHANNEL_BIND}
@@ -233,10 +236,19 @@ def test_refresh_keeps_the_allocation_and_peers_are_refreshed():
 
 
 def test_refused_refresh_fails_the_allocation():
-    c = allocated()
+    c = allocated(config=QUIET)
     c.handle_timer(480.0)
     c.receive(error(one(c, 480.0), 437, "Allocation Mismatch"), 480.0)
     assert c.state == turn.FAILED and "437" in c.error and c.wrap(PEER, b"x") is None
+
+
+def test_keepalive_binding_indications_while_allocated():
+    c = bound(config=TurnConfig(keepalive_interval=20.0))
+    assert c.get_timer() == pytest.approx(20.0)
+    c.handle_timer(20.0)
+    out = c.datagrams_to_send(20.0)
+    assert [stun.parse(d).msg_type for d in out] == [stun_type(stun.BINDING, stun.INDICATION)]
+    assert c.get_timer() == pytest.approx(40.0)
 
 
 def test_close_deallocates_once():
