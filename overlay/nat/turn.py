@@ -130,7 +130,10 @@ def parse_turn_url(text: str) -> tuple[str, int]:
         raise ValueError(f"{text!r}: only ?transport=udp is supported")
     if t.endswith("]"):
         t += ":3478"
-    return parse_hostport(t, default_port=3478)
+    host, port = parse_hostport(t, default_port=3478)
+    if not host:
+        raise ValueError(f"{text!r}: give the TURN server as turn:HOST:PORT")
+    return host, port
 
 
 def channel_data(channel: int, payload: bytes | memoryview) -> bytes:

@@ -173,8 +173,8 @@ class TurnPath:
         if self.client is not None:
             if (t := self.client.get_timer()) is not None:
                 times.append(t)
-            if self._rotation_due() is not None:
-                times.append(self._rotation_due())  # type: ignore[arg-type]
+            if (rot := self.rotation_at()) is not None:
+                times.append(rot)
         elif self.wanted and self.configured:
             times.append(self.retry_at if self.retry_at is not None else self.now())
         return min(times) if times else None
@@ -184,7 +184,7 @@ class TurnPath:
             if self.wanted and self.configured and (self.retry_at is None or now >= self.retry_at):
                 self._start(now)
             return
-        rot = self._rotation_due()
+        rot = self.rotation_at()
         if rot is not None and now >= rot:
             log.info("TURN: new allocation with fresh credentials")
             self._stop(now)
@@ -195,7 +195,7 @@ class TurnPath:
             self.client.handle_timer(now)
         self._drain(now)
 
-    def _rotation_due(self) -> float | None:
+    def rotation_at(self) -> float | None:
         c, creds = self.client, self.creds
         if c is None or creds is None or c.username == creds["username"] or self.client_deadline is None:
             return None
