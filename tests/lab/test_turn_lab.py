@@ -148,3 +148,33 @@ def test_without_turn_the_builtin_relay_carries_the_pair(turn_lab):
           f"{TRANSFER * 8 / took / 1e6:.0f} Mbit/s")
     assert a.path_to(b.name) == "relay" and b.path_to(a.name) == "relay"
     assert "ALLOCATE" not in coturn.stdout()
+
+
+def test_turn_path_upgrades_to_direct_when_one_appears(turn_lab):
+    """Two port-restricted sites, which punch at once, while UDP between their routers is dropped
+    on the wire: they relay through coturn; once the wire lets them, the TURN path gives way to a
+    direct one (the relay state keeps probing), as the built-in relay does."""
+    nl, ol, turn_host, _ = turn_lab
+    ol.start_server("--turn", f"turn:{turn_host.ip}:{TURN_PORT}", "--turn-secret", SECRET)
+    sa, sb = nl.add_site("upa", "port_restricted"), nl.add_site("upb", "port_restricted")
+    pair = "{ " + f"{sa.wan_ip}, {sb.wan_ip}" + " }"
+    block = f"""
+table bridge turnlab_block
+delete table bridge turnlab_block
+table bridge turnlab_block {{
+  chain forward {{
+    type filter hook forward priority -20; policy accept;
+    ip saddr {pair} ip daddr {pair} meta l4proto udp drop
+  }}
+}}"""
+    nl.pub.nft(block)
+    a, b = ol.start_node(sa.hosts[0].name, "upa"), ol.start_node(sb.hosts[0].name, "upb")
+    ol.pair(a, b, "upnet")
+    want = f"turn {turn_host.ip}:{TURN_PORT}"
+    ol.wait(lambda: a.path_to(b.name) == want and b.path_to(a.name) == want, 40, "both on the TURN path",
+            interval=0.3)
+    assert {p["path"] for p in a.answered(b.name)} == {want}
+    nl.pub.nft("table bridge turnlab_block\ndelete table bridge turnlab_block\n")
+    ol.wait(lambda: a.path_to(b.name, direct=True) and b.path_to(a.name, direct=True), 60,
+            "the pair direct once the wire lets it", interval=0.3)
+    assert all(p["path"].startswith("direct ") for p in a.answered(b.name))
