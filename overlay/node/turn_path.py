@@ -17,7 +17,12 @@ allocation) -> B's relayed address -> TURN -> B.
 A failed allocation is tried again after 30 s, doubling to 10 min. Fresh credentials (the node
 asks at half their lifetime) replace the allocation shortly before the old ones expire (a TURN
 server refuses a Refresh with another username): the relayed address changes, is published
-again, and peers re-bind. Sans-I/O apart from the callables it is given, like ``ServerPath``.
+again, and peers re-bind.
+
+A member could publish any address as its relayed one, and our allocation would then forward to
+it what we send that member. So a peer's relayed address is only permitted on the TURN server's
+own address or our own relayed address's IP (one TURN server relays for both; coturn with several
+relay IPs is not supported); other addresses are counted (``foreign``) and ignored. Sans-I/O apart from the callables it is given, like ``ServerPath``.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class TurnPath:
         self.allocations = 0
         self.conflicts = 0                     # a relayed address claimed by two peers (the first keeps it)
         self.unknown = 0                       # data from a relayed address no peer claims
+        self.foreign = 0                       # a peer's relayed address not on our TURN server
         self.rlog = LogLimiter()
 
     # ------------------------------------------------------------------ configuration
@@ -118,10 +124,18 @@ class TurnPath:
         if relayed is not None:
             self.peer_addr[key] = relayed
             self.by_addr[relayed] = key
-            if self.client is not None:
+            if self.client is not None and self._plausible(relayed, count=True):
                 self.client.permit(relayed, self.now())
             self.need()
         self.schedule_flush()
+
+    def _plausible(self, addr: Addr, count: bool = False) -> bool:
+        """Could ``addr`` be a relayed address on our TURN server (see the module doc)?"""
+        ok = (self.server is not None and addr[0] == self.server[0]) or (
+            self.published is not None and addr[0] == self.published[0])
+        if not ok and count:
+            self.foreign += 1
+        return ok
 
     def forget_peer(self, key: bytes) -> None:
         self.set_peer(key, None)
@@ -207,7 +221,8 @@ class TurnPath:
         self.client_deadline = self.creds_deadline
         self.allocations += 1
         for addr in self.peer_addr.values():
-            self.client.permit(addr, now)
+            if self._plausible(addr):
+                self.client.permit(addr, now)
         self.client.start(now)
         self._drain(now)
 
@@ -223,6 +238,9 @@ class TurnPath:
         if c.state == turn_mod.ALLOCATED and self.published != c.relayed:
             self.published = c.relayed
             self.backoff = RETRY_INITIAL
+            for addr in self.peer_addr.values():     # those on our relayed IP, now that we know it
+                if addr not in c.peers and self._plausible(addr, count=True):
+                    c.permit(addr, now)
             log.info("TURN: relayed address %s on %s", format_addr(c.relayed), self.label)
             self.on_relayed()
         elif c.state == turn_mod.FAILED:
@@ -267,5 +285,5 @@ class TurnPath:
                 "peers": len(self.peer_addr),
                 "ready": sum(1 for a in self.peer_addr.values() if c is not None and c.ready(a)),
                 "allocations": self.allocations, "error": self.last_error,
-                "conflicts": self.conflicts, "unknown": self.unknown,
+                "conflicts": self.conflicts, "unknown": self.unknown, "foreign": self.foreign,
                 "stats": c.stats.as_dict() if c is not None else None}

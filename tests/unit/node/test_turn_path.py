@@ -80,6 +80,8 @@ def test_lazy_allocation_publish_bind_and_data():
     # another peer claiming the same relayed address is refused; a peer leaving is forgotten
     p.set_peer(C, PEER_B)
     assert p.conflicts == 1 and p.peer_addr == {B: PEER_B}
+    p.set_peer(C, ("192.0.2.99", 4000))     # not on our TURN server: never permitted
+    assert p.foreign == 1 and ("192.0.2.99", 4000) not in p.client.peers
     p.forget_peer(B)
     assert not p.active(B) and not p.send(B, b"x", []) and h.feed(b"\x40\x00\x00\x01x") is None
 
