@@ -89,6 +89,13 @@ def transfer(nl: natlab.NatLab, ol: OverlayLab, a: LabNode, b: LabNode) -> float
     return took
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (for the figures printed, never asserted)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def symmetric_pair(nl: natlab.NatLab, ol: OverlayLab, tag: str) -> tuple[LabNode, LabNode]:
     sa, sb = nl.add_site(f"{tag}a", "symmetric_random"), nl.add_site(f"{tag}b", "symmetric_random")
     a, b = ol.start_node(sa.hosts[0].name, f"{tag}a"), ol.start_node(sb.hosts[0].name, f"{tag}b")
@@ -111,9 +118,11 @@ def test_symmetric_pair_relays_through_coturn(turn_lab):
     assert st["relayed"].startswith(turn_host.ip + ":") and st["ready"] == 1, st
     assert {p["path"] for p in a.answered(b.name)} == {want}
 
+    cpu = cpu_seconds(coturn.pid), cpu_seconds(ol.server.pid)
     took = transfer(nl, ol, a, b)
     print(f"\n20 MB through coturn (random-symmetric NATs both sides): {took:.2f} s, "
-          f"{TRANSFER * 8 / took / 1e6:.0f} Mbit/s")
+          f"{TRANSFER * 8 / took / 1e6:.0f} Mbit/s; CPU: coturn {cpu_seconds(coturn.pid) - cpu[0]:.2f} s, "
+          f"mediation server {cpu_seconds(ol.server.pid) - cpu[1]:.2f} s")
     assert a.path_to(b.name) == want and b.path_to(a.name) == want
     for n in (a, b):
         stats = n.status()["udp"]["turn"]["stats"]
@@ -143,9 +152,10 @@ def test_without_turn_the_builtin_relay_carries_the_pair(turn_lab):
     ol.wait(lambda: a.path_to(b.name) == "relay" and b.path_to(a.name) == "relay" and a.answered(b.name), 30,
             "both peers on the built-in relay")
     assert a.status()["udp"]["turn"] is None
+    cpu = cpu_seconds(ol.server.pid)
     took = transfer(nl, ol, a, b)
     print(f"\n20 MB through the built-in relay (random-symmetric NATs both sides): {took:.2f} s, "
-          f"{TRANSFER * 8 / took / 1e6:.0f} Mbit/s")
+          f"{TRANSFER * 8 / took / 1e6:.0f} Mbit/s; CPU: mediation server {cpu_seconds(ol.server.pid) - cpu:.2f} s")
     assert a.path_to(b.name) == "relay" and b.path_to(a.name) == "relay"
     assert "ALLOCATE" not in coturn.stdout()
 
