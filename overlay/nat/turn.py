@@ -155,6 +155,7 @@ class TurnConfig:
     # a Binding indication this often keeps the NAT's mapping toward the server alive while no
     # data flows (a rebinding NAT would give the server a new 5-tuple: another client to it)
     keepalive_interval: float = 20.0
+    allocation_refresh: float | None = None   # seconds between Refreshes (None: 80 % of the lifetime)
 
 
 @dataclass(slots=True)
@@ -506,7 +507,8 @@ class TurnClient:
         life = max(30, min(life, 3600 * 24))
         self.lifetime = life
         self.expires_at = now + life
-        self._refresh_at = now + min(life * 0.8, max(life - 60, life / 2))
+        every = self.config.allocation_refresh
+        self._refresh_at = now + (every if every else min(life * 0.8, max(life - 60, life / 2)))
 
     def _error(self, tx: _Tx, msg: stun.Message, now: float) -> None:
         code, reason = msg.error or (0, "")

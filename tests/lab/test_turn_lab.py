@@ -25,7 +25,8 @@ import pytest
 import lab
 import natlab
 from lab_overlay import LabNode, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener
-from overlay.server.turn_credentials import node_id
+from overlay.nat.turn import ALLOCATED, TurnClient, TurnConfig
+from overlay.server.turn_credentials import TurnSettings, node_id
 
 pytestmark = pytest.mark.netns
 
@@ -35,14 +36,15 @@ TRANSFER = 20 * 1024 * 1024
 FORWARD = 18090
 
 
-def start_coturn(nl: natlab.NatLab, host: natlab.Host, workdir: str) -> natlab.Proc:
+def start_coturn(nl: natlab.NatLab, host: natlab.Host, workdir: str, *extra: str) -> natlab.Proc:
     """Debian's turnserver in ``host``'s namespace: REST credentials, UDP only, 200 relay ports."""
     argv = ["turnserver", "-n", "--listening-ip", host.ip, "--relay-ip", host.ip, "--external-ip", host.ip,
             "--listening-port", str(TURN_PORT), "--min-port", "49152", "--max-port", "49351",
             "--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "overlay.lab",
             "--no-tls", "--no-dtls", "--no-tcp-relay", "--no-cli", "--no-multicast-peers",
             "--fingerprint", "--log-file", "stdout", "--simple-log", "--verbose",
-            "--pidfile", os.path.join(workdir, "turnserver.pid"), "--userdb", os.path.join(workdir, "turndb")]
+            "--pidfile", os.path.join(workdir, "turnserver.pid"), "--userdb", os.path.join(workdir, "turndb"),
+            *extra]
     proc = nl.popen(host.name, argv, label="coturn", cwd=workdir)
 
     def listening() -> bool:
@@ -188,3 +190,67 @@ table bridge turnlab_block {{
     ol.wait(lambda: a.path_to(b.name, direct=True) and b.path_to(a.name, direct=True), 60,
             "the pair direct once the wire lets it", interval=0.3)
     assert all(p["path"].startswith("direct ") for p in a.answered(b.name))
+
+
+def test_turn_client_keeps_permissions_channels_and_allocation_alive_on_coturn(tmp_path):
+    """The sans-I/O client against coturn itself, with coturn's lifetimes cut short (permissions
+    8 s, channels 15 s, nonces 4 s): two clients behind random-port symmetric NATs, each with a
+    channel to the other's relayed address, trade datagrams for 25 s. Without the refreshes
+    (every 3 s here) and the stale-nonce retries, the data would stop within 15 s."""
+    lab.require_lab("conntrack")
+    if shutil.which("turnserver") is None:
+        pytest.skip("coturn (turnserver) is not installed")
+    import select
+    with natlab.NatLab() as nl:
+        host = nl.add_site("turn", "none").hosts[0]
+        coturn = start_coturn(nl, host, str(tmp_path), "--permission-lifetime", "8", "--channel-lifetime", "15",
+                              "--stale-nonce=4")
+        settings = TurnSettings(f"turn:{host.ip}:{TURN_PORT}", SECRET, ttl=3600)
+        server = (host.ip, TURN_PORT)
+        config = TurnConfig(refresh_interval=3.0, allocation_refresh=5.0, keepalive_interval=2.0)
+        sides = []
+        for tag in ("ca", "cb"):
+            site = nl.add_site(tag, "symmetric_random")
+            creds = settings.credentials(tag, time.time())
+            sock = nl.udp_socket(site.hosts[0].name, timeout=0.05)
+            sides.append((TurnClient(server, creds["username"], creds["password"], config=config), sock))
+        t0 = time.monotonic()
+        received = {0: 0, 1: 0}
+        last_rx = {0: 0.0, 1: 0.0}
+        for c, _ in sides:
+            c.start(0.0)
+        sent_at = 0.0
+        while (now := time.monotonic() - t0) < 25.0:
+            for c, sock in sides:
+                t = c.get_timer()
+                if t is not None and t <= now:
+                    c.handle_timer(now)
+                for d in c.datagrams_to_send(now):
+                    sock.sendto(d, server)
+            if all(c.state == ALLOCATED for c, _ in sides):
+                (ca, _), (cb, _) = sides
+                ca.permit(cb.relayed, now)
+                cb.permit(ca.relayed, now)
+                if now - sent_at >= 0.1:
+                    sent_at = now
+                    for i, (c, sock) in enumerate(sides):
+                        other = sides[1 - i][0].relayed
+                        if (d := c.wrap(other, b"ping %d" % i)) is not None:
+                            sock.sendto(d, server)
+            ready, _, _ = select.select([s for _, s in sides], [], [], 0.02)
+            for i, (c, sock) in enumerate(sides):
+                if sock in ready:
+                    data, _ = sock.recvfrom(2048)
+                    got = c.receive(data, time.monotonic() - t0)
+                    if got is not None and bytes(got[1]) == b"ping %d" % (1 - i):
+                        received[i] += 1
+                        last_rx[i] = time.monotonic() - t0
+            assert all(c.state != "failed" for c, _ in sides), [(c.error, c.stats) for c, _ in sides]
+        for i, (c, _) in enumerate(sides):
+            s = c.stats
+            print(f"\nclient {i}: received {received[i]}, last at {last_rx[i]:.1f} s, {s.as_dict()}")
+            assert received[i] > 50 and last_rx[i] > 24.0, (received, last_rx, coturn.stdout()[-3000:])
+            assert s.stale_nonce > 0 and s.integrity_failed == 0 and s.malformed == 0, s
+            assert c.channel_of(sides[1 - i][0].relayed) is not None
+        log = coturn.stdout()
+        assert log.count("REFRESH processed, success") >= 4 and "error 438" in log, log[-3000:]
