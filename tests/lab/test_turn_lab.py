@@ -8,6 +8,11 @@ hands the nodes time-limited credentials; both allocate, exchange relayed addres
 server, and send their WireGuard datagrams through coturn: ``status`` shows ``turn HOST:PORT``, a
 20 MB transfer through a port forward arrives intact, and coturn's own log shows the allocations.
 
+A pair that can punch but whose direct UDP is dropped on the wire relays through coturn, and
+goes direct once the wire lets it. The TURN client alone, against coturn with permission, channel
+and nonce lifetimes cut to seconds, keeps its channels alive through refreshes and stale nonces
+(a mutant without the channel refreshes loses the data at 15 s).
+
 Without ``--turn`` the built-in relay carries such a pair as before
 (``tests/lab/test_traversal_lab.py``: the matrix's symmetric_random pair and the UDP-blocked case).
 """
@@ -203,7 +208,7 @@ def test_turn_client_keeps_permissions_channels_and_allocation_alive_on_coturn(t
     import select
     with natlab.NatLab() as nl:
         host = nl.add_site("turn", "none").hosts[0]
-        coturn = start_coturn(nl, host, str(tmp_path), "--permission-lifetime", "8", "--channel-lifetime", "15",
+        coturn = start_coturn(nl, host, str(tmp_path), "--permission-lifetime=8", "--channel-lifetime=15",
                               "--stale-nonce=4")
         settings = TurnSettings(f"turn:{host.ip}:{TURN_PORT}", SECRET, ttl=3600)
         server = (host.ip, TURN_PORT)
