@@ -27,6 +27,7 @@ import time
 
 import pytest
 
+import coturn as coturn_mod
 import lab
 import natlab
 from lab_overlay import LabNode, OverlayLab, fetch, serve_once, tcp_connect, tcp_listener
@@ -35,33 +36,10 @@ from overlay.server.turn_credentials import TurnSettings, node_id
 
 pytestmark = pytest.mark.netns
 
-TURN_PORT = 3478
-SECRET = "lab-turn-secret"
+TURN_PORT = coturn_mod.PORT
+SECRET = coturn_mod.SECRET
 TRANSFER = 20 * 1024 * 1024
 FORWARD = 18090
-
-
-def start_coturn(nl: natlab.NatLab, host: natlab.Host, workdir: str, *extra: str) -> natlab.Proc:
-    """Debian's turnserver in ``host``'s namespace: REST credentials, UDP only, 200 relay ports."""
-    argv = ["turnserver", "-n", "--listening-ip", host.ip, "--relay-ip", host.ip, "--external-ip", host.ip,
-            "--listening-port", str(TURN_PORT), "--min-port", "49152", "--max-port", "49351",
-            "--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "overlay.lab",
-            "--no-tls", "--no-dtls", "--no-tcp-relay", "--no-cli", "--no-multicast-peers",
-            "--fingerprint", "--log-file", "stdout", "--simple-log", "--verbose",
-            "--pidfile", os.path.join(workdir, "turnserver.pid"), "--userdb", os.path.join(workdir, "turndb"),
-            *extra]
-    proc = nl.popen(host.name, argv, label="coturn", cwd=workdir)
-
-    def listening() -> bool:
-        r = nl.run(host.name, ["ss", "-uln", f"( sport = :{TURN_PORT} )"], check=False, timeout=5)
-        return f"{host.ip}:{TURN_PORT}" in r.stdout
-    lab_wait(listening, 15, "coturn listening", proc)
-    return proc
-
-
-def lab_wait(cond, timeout: float, what: str, proc: natlab.Proc) -> None:
-    from polling import wait
-    wait(cond, timeout, what, 0.1, on_fail=lambda: proc.describe())
 
 
 @pytest.fixture()
@@ -73,7 +51,7 @@ def turn_lab(tmp_path):
     ol = OverlayLab(nl)
     try:
         turn_host = nl.add_site("turn", "none").hosts[0]
-        coturn = start_coturn(nl, turn_host, str(tmp_path))
+        coturn = coturn_mod.start(nl, turn_host, str(tmp_path))
         yield nl, ol, turn_host, coturn
     finally:
         ol.close()
@@ -208,8 +186,8 @@ def test_turn_client_keeps_permissions_channels_and_allocation_alive_on_coturn(t
     import select
     with natlab.NatLab() as nl:
         host = nl.add_site("turn", "none").hosts[0]
-        coturn = start_coturn(nl, host, str(tmp_path), "--permission-lifetime=8", "--channel-lifetime=15",
-                              "--stale-nonce=4")
+        coturn = coturn_mod.start(nl, host, str(tmp_path), "--permission-lifetime=8", "--channel-lifetime=15",
+                                  "--stale-nonce=4")
         settings = TurnSettings(f"turn:{host.ip}:{TURN_PORT}", SECRET, ttl=3600)
         server = (host.ip, TURN_PORT)
         config = TurnConfig(refresh_interval=3.0, allocation_refresh=5.0, keepalive_interval=2.0)
