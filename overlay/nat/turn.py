@@ -367,6 +367,10 @@ class TurnClient:
         return peer, data
 
     # ------------------------------------------------------------------ timers and output
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Datagrams for the server (all of them go to ``server``)."""
         out, self._out = self._out, []
@@ -453,15 +457,17 @@ class TurnClient:
                     p.perm_at = now + self.config.retry_after
                 else:
                     p.chan_at = now + self.config.retry_after
+            elif method == REFRESH:
+                self._refresh_at = now + self.config.retry_after
             return
         tid = stun.new_transaction_id()
         authed = authed and self.nonce is not None
         tx = _Tx(method, attrs, peer, authed, self._encode(method, tid, attrs, authed, peer), tid, now,
                  self.config.rto, stale=stale)
         self._txs[tid] = tx
-        self.handle_timer_tx(tx, now)
+        self._send_first(tx, now)
 
-    def handle_timer_tx(self, tx: _Tx, now: float) -> None:
+    def _send_first(self, tx: _Tx, now: float) -> None:
         """Send a new transaction's first datagram at once."""
         self._out.append(tx.request)
         tx.sends = 1

@@ -171,7 +171,7 @@ class TurnPath:
         if c is None:
             return None
         got = c.receive(datagram, now)
-        if c._out or c.state != turn_mod.ALLOCATED or self.published != c.relayed:
+        if c.has_output or c.state != turn_mod.ALLOCATED or self.published != c.relayed:
             self._drain(now)
         if got is None:
             return None
