@@ -479,6 +479,10 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
     for line in port_mapping_lines(r.get("port_mapping")):
         out.print(line, highlight=False, soft_wrap=True)
+    if (t := r.get("turn")) is not None:    # the TURN server the mediation server names
+        state = t["state"] + (f", relayed address {t['relayed']}" if t.get("relayed") else "") + \
+            (f", last error: {t['error']}" if t.get("error") else "")
+        out.print(f"{'TURN server:':<26}{lit(t['server'])} ({lit(state)})", highlight=False, soft_wrap=True)
     v6 = r.get("ipv6") or {}
     if v6.get("port") is None or not v6.get("addresses"):
         out.print("IPv6:                     none (no global IPv6 address)")

@@ -30,6 +30,7 @@ def test_nodes_learn_the_turn_server_and_allocate_only_when_needed(tmp_path):
         turn = c.wait(lambda: a.status()["udp"].get("turn"), what="alice knows the TURN server")
         # no peer needed a relay: nothing allocated (and nothing sent to 127.0.0.1:3478)
         assert turn["server"] == "127.0.0.1:3478" and turn["state"] == "idle" and turn["allocations"] == 0, turn
+        assert "TURN server:              127.0.0.1:3478 (idle)" in a.ok("netcheck")
         c.stop_server()
         c.start_server()                    # the same server without --turn: the nodes forget it
         c.wait(lambda: a.connected() and a.status()["udp"]["turn"] is None, timeout=30,
