@@ -97,11 +97,14 @@ def test_symmetric_pair_relays_through_coturn(turn_lab):
     def both_turn():
         pa, pb = a.path_to(b.name), b.path_to(a.name)
         return (pa, pb) if pa == want and pb == want else None
+    t0 = time.monotonic()
     ol.wait(both_turn, 40, "both peers on the TURN path", interval=0.3)
+    print(f"\non the TURN path {time.monotonic() - t0:.1f} s after the pairing")
     st = a.status()["udp"]["turn"]
     assert st["server"] == f"{turn_host.ip}:{TURN_PORT}" and st["state"] == "allocated", st
     assert st["relayed"].startswith(turn_host.ip + ":") and st["ready"] == 1, st
     assert {p["path"] for p in a.answered(b.name)} == {want}
+    assert f"{turn_host.ip}:{TURN_PORT} (allocated, relayed address {st['relayed']})" in a.ok("netcheck")
 
     cpu = cpu_seconds(coturn.pid), cpu_seconds(ol.server.pid)
     took = transfer(nl, ol, a, b)
