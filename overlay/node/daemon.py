@@ -93,6 +93,7 @@ class Daemon:
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
         self._turn_renewal: asyncio.TimerHandle | None = None
+        self._turn_task: asyncio.Task | None = None
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=s.interface is not None,
                                     find_route=self._dial_route,
@@ -253,8 +254,10 @@ class Daemon:
         self._turn_renewal = None
         if isinstance(creds, dict) and isinstance(creds.get("ttl"), int) and creds["ttl"] > 0:
             loop = asyncio.get_running_loop()
-            self._turn_renewal = loop.call_later(max(60, creds["ttl"] / 2),
-                                                 lambda: loop.create_task(self._renew_turn()))
+            self._turn_renewal = loop.call_later(max(60, creds["ttl"] / 2), self._start_turn_renewal)
+
+    def _start_turn_renewal(self) -> None:
+        self._turn_task = asyncio.get_running_loop().create_task(self._renew_turn())   # (a reference kept)
 
     async def _renew_turn(self) -> None:
         try:
