@@ -85,6 +85,7 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "endpoints": {"candidates": (list, True), "nat": (dict, False)},
     "punch": {"peer": (_STR, True)},
     "relay": {"to": (_STR, True), "data": (_STR, True)},   # fire and forget: no reply
+    "turn": {},     # fresh TURN credentials (overlay/server/turn_credentials.py), when the server has one
 }
 
 MAX_CANDIDATES = 16

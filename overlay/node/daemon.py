@@ -93,6 +93,8 @@ class Daemon:
             self.client.hello_extra["routes"] = self.advertise_routes
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
+        self._turn_renewal: asyncio.TimerHandle | None = None
+        self._turn_task: asyncio.Task | None = None
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=s.interface is not None,
                                     find_route=self._dial_route,
@@ -248,6 +250,7 @@ class Daemon:
                                   base64.b64decode(hello["udp_token"]), hello.get("stun_ports"),
                                   hello.get("stun_alt_ip"), hello.get("udp_addrs"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
+        self._set_turn(hello.get("turn"))
         self.sync_peers()
 
     def _on_synced(self) -> None:
@@ -256,6 +259,27 @@ class Daemon:
         leaves peers, tunnels and paths as they were)."""
         if self.state.end_resync():
             self.sync_peers()
+
+    def _set_turn(self, creds) -> None:
+        """The server's TURN credentials (``overlay/node/turn_path.py``): renewed at half their life."""
+        self.dataplane.set_turn(creds)
+        if self._turn_renewal is not None:
+            self._turn_renewal.cancel()
+        self._turn_renewal = None
+        if isinstance(creds, dict) and isinstance(creds.get("ttl"), int) and creds["ttl"] > 0:
+            loop = asyncio.get_running_loop()
+            self._turn_renewal = loop.call_later(max(60, creds["ttl"] / 2), self._start_turn_renewal)
+
+    def _start_turn_renewal(self) -> None:
+        self._turn_task = asyncio.get_running_loop().create_task(self._renew_turn())   # (a reference kept)
+
+    async def _renew_turn(self) -> None:
+        try:
+            reply = await self.client.request({"t": "turn"})
+        except (NotConnected, RequestError, asyncio.TimeoutError, ConnectionError) as e:   # the next hello brings new ones
+            log.info("TURN credentials not renewed: %s", e)
+            return
+        self._set_turn(reply.get("turn"))
 
     def _attach_stack(self, address: str) -> None:
         """The userspace TCP/IP stack answering for our overlay address, or the kernel interface."""
@@ -644,6 +668,7 @@ class Daemon:
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
                     "port_mapping": self.dataplane.port_mapping_summary(),
+                    "turn": self.dataplane.turn_summary(),
                     "tunnel_guard": self.dataplane.guard.summary()},
         }
 

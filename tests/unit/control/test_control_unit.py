@@ -517,6 +517,7 @@ GOOD = {
     "endpoints": {"candidates": [{"addr": "10.0.0.1:5000", "kind": "lan"}], "nat": {"type": "cone"}},
     "punch": {"peer": KEY},
     "relay": {"to": KEY, "data": "AAAA"},
+    "turn": {},
 }
 
 
