@@ -129,6 +129,8 @@ class Daemon:
             except DeviceError as e:
                 self.dataplane.close()
                 raise DaemonError(str(e)) from None
+            if self.kernel_if.checksum_free and self.client:
+                self.client.hello_extra["caps"] = [CAP_NO_INNER_CHECKSUM]
         s = self.settings
         self.prefs.remember_interface(s.interface, s.dev, s.only_shared)  # once the device is open
         try:
