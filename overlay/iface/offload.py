@@ -8,8 +8,8 @@ With ``IFF_VNET_HDR`` every read and write of the device carries a 10-byte ``vir
   one super-packet that the kernel takes through its GRO path, as if a NIC had coalesced it: one
   write and one pass through the receiving TCP stack instead of up to 64. Everything else is
   written alone, flagged DATA_VALID (which Linux's TUN driver ignores: it verifies such packets),
-  except TCP segments to our own address (``local``): those go as CHECKSUM_PARTIAL, like the
-  runs, so the kernel takes them whatever checksum a peer sent (none: ``no-inner-csum``). That
+  except TCP segments to our own address (``local``) that came without a checksum (a peer that
+  knows we take that: ``no-inner-csum``): those go as CHECKSUM_PARTIAL, like the runs. That
   is what made wireguard-go several times faster in 2023, and it pays here too
   (benchmarks/bench_tun.py).
 - ``split``: a read buffer -> MTU-sized IPv4 packets for the tunnel. With ``TUNSETOFFLOAD``
@@ -47,6 +47,7 @@ MAX_COALESCED = 65535 - 100   # IPv4 total length, with room for the headers
 MAX_SEGMENTS = 64
 
 _U16 = struct.Struct(">H")
+_ZERO16 = b"\0\0"
 _U32 = struct.Struct(">I")
 _TCP_ACK, _TCP_PSH, _TCP_FIN, _TCP_CWR = 0x10, 0x08, 0x01, 0x80
 _DATA_FLAGS = (_TCP_ACK, _TCP_ACK | _TCP_PSH)
@@ -136,9 +137,10 @@ def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 
     """Writes for a batch of IPv4 packets, TCP data runs coalesced: each a tuple (virtio_net_hdr,
     IP packet or its headers, payload pieces...) for one ``writev``. ``l2``: the length of the
     link-layer header the caller writes after the virtio header (14 on TAP). ``local``: our own
-    address (TUN): a TCP segment to it that is not coalesced is still written with a partial
-    checksum (``partial_tcp``), so whatever its checksum field holds (a peer may leave it 0) the
-    kernel takes it as checksummed, and computes it should the packet go on elsewhere."""
+    address (TUN): a TCP segment to it that is not coalesced and whose checksum field is 0 (a
+    peer left it to the tunnel) is written with a partial checksum (``partial_tcp``), which the
+    kernel takes as checksummed (and computes should the packet go on elsewhere); one with a
+    checksum is written as it came (no extra work for the common kernel-to-kernel case)."""
     out: list = []            # (header, packet) or a _Run being built
     runs: dict[bytes, _Run] = {}
     for p in packets:
@@ -164,7 +166,7 @@ def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 
                 continue
             if run is not None:
                 del runs[key]     # anything else of the flow goes after the run, in order
-            if local is not None and p[16:20] == local and hl <= n:
+            if local is not None and p[36:38] == _ZERO16 and p[16:20] == local and hl <= n:
                 out.append(partial_tcp(p, hl))
                 continue
         out.append((HDR_VALID, p))
@@ -220,7 +222,7 @@ class _Run:
     def finish(self, stats: OffloadStats | None, l2: int = 0, local: bytes | None = None) -> tuple:
         first = self.first
         if len(self.parts) == 1:
-            if local is not None and first[16:20] == local:
+            if local is not None and first[36:38] == _ZERO16 and first[16:20] == local:
                 return partial_tcp(first, self.hl)
             return HDR_VALID, first
         hl = self.hl

@@ -163,8 +163,9 @@ class KernelInterface:
     @property
     def checksum_free(self) -> bool:
         """Peers may send us TCP/UDP without computed checksums (CAP_NO_INNER_CHECKSUM): a TUN
-        device with virtio_net_hdr gets every TCP segment to our address as CHECKSUM_PARTIAL
-        (``offload.coalesce``), which the kernel never verifies; a zero UDP checksum means none.
+        device with virtio_net_hdr gets TCP segments to our address that came without a checksum
+        as CHECKSUM_PARTIAL (``offload.coalesce``), which the kernel does not verify; a zero UDP
+        checksum means none.
         Not without the header (the kernel verifies every checksum), nor on TAP (not done there)."""
         return self.vnet and self.edge is None
 
