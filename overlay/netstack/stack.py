@@ -20,8 +20,9 @@ many connections come and go.
 
 Checksums: ``verify_checksums=False`` skips verifying received ones, and TCP segments and UDP
 datagrams to an address in ``checksum_free`` go out with the checksum left 0 (an overlay node
-whose peer said it accepts that: the tunnel authenticates every packet, so computing a checksum
-nobody verifies is a fifth of the sender's CPU). Everything else always carries valid checksums.
+whose peer said it accepts that: the tunnel authenticates every packet, and computing checksums
+nobody verifies was a fifth of a sending node's busy time). The IPv4 header checksum is always
+computed (20 bytes; a kernel always checks it). Everything else always carries valid checksums.
 
 IP fragments are reassembled within fixed bounds (``fragments.py``); UDP datagrams and ICMP echo
 replies larger than the MTU are sent as fragments, as Linux sends them over a TUN device. TCP
