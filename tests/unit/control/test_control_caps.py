@@ -177,3 +177,31 @@ def test_hello_falls_back_without_caps_for_a_server_that_refuses_them(tmp_path, 
             task.cancel()
             srv.close()
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ a userspace gateway
+
+def test_userspace_gateway_answers_capable_members_without_checksums():
+    """Its per-LAN-host stacks and its UDP replies leave the checksum to the tunnel toward members
+    in the data plane's set, and compute it for everyone else."""
+    from overlay.netstack import wire
+    from overlay.node.gateway import Gateway
+
+    able, other = socket.inet_aton("100.64.0.5"), socket.inet_aton("100.64.0.6")
+    free: set[bytes] = {able}
+
+    async def main():
+        sent: list[bytes] = []
+        gw = Gateway(sent.extend, mtu=1380, checksum_free=free)
+        try:
+            for member in (able, other):
+                gw._udp_back((socket.inet_ntoa(member), 5000, "192.168.1.7", 53), b"answer")
+            to_able, to_other = sent
+            assert to_able[26:28] == b"\0\0"      # UDP checksum field: none
+            ip = wire.parse_ipv4(to_other)
+            assert wire.parse_udp(ip).data == b"answer" and to_other[26:28] != b"\0\0"
+            driver = gw._stack_for("192.168.1.7", 0.0)
+            assert driver is not None and driver.stack.checksum_free is free
+        finally:
+            gw.close()
+    asyncio.run(main())
