@@ -16,7 +16,7 @@ import signal
 import socket
 
 from overlay import crypto
-from overlay.control.messages import RequestError, key_to_text, normalize_name
+from overlay.control.messages import CAP_NO_INNER_CHECKSUM, RequestError, key_to_text, normalize_name
 from overlay.hostport import parse_hostport
 from overlay.nat.candidate import format_addr
 from overlay.node import api
@@ -83,11 +83,16 @@ class Daemon:
                 advertised=sorted(s.advertise_routes))
             if self.client:
                 self.client.hello_extra["iface"] = s.interface
+        elif self.client:
+            # every inner packet ends in our userspace stacks (or, as a gateway, in OS sockets):
+            # peers may leave TCP/UDP checksums 0 (Stack.checksum_free)
+            self.client.hello_extra["caps"] = [CAP_NO_INNER_CHECKSUM]
         self._fatal: str | None = None
         self.advertise_routes = sorted(s.advertise_routes)
         # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets;
         # with a TUN/TAP device the kernel forwards them instead (KernelInterface.set_gateway_routes)
-        self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU)
+        self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU,
+                                checksum_free=self.dataplane.table.checksum_free)
                         if self.advertise_routes and self.kernel_if is None else None)
         if self.advertise_routes and self.client:
             self.client.hello_extra["routes"] = self.advertise_routes
@@ -132,6 +137,8 @@ class Daemon:
             except DeviceError as e:
                 self.dataplane.close()
                 raise DaemonError(str(e)) from None
+            if self.kernel_if.checksum_free and self.client:
+                self.client.hello_extra["caps"] = [CAP_NO_INNER_CHECKSUM]
         s = self.settings
         self.prefs.remember_interface(s.interface, s.dev, s.only_shared)  # once the device is open
         try:
@@ -304,6 +311,7 @@ class Daemon:
         # 4 MiB windows: a 256 KiB window halves throughput at the ~3 ms RTT of a busy tunnel
         # (measured in benchmarks/bench_forward.py); memory is only used while an app reads slowly.
         stack = Stack(address, mtu=INNER_MTU, now=loop.time(), verify_checksums=False,
+                      checksum_free=self.dataplane.table.checksum_free,
                       tcp=TcpConfig(send_buffer=TCP_BUFFER, recv_buffer=TCP_BUFFER))
         self.netstack = StackDriver(stack, lambda pkt: self.dataplane.send_packets([pkt]),
                                     send_packets=self.dataplane.send_packets)
@@ -658,6 +666,7 @@ class Daemon:
             "share_source": (self.shares.source_info() if self.kernel_if is None
                              else {"mode": "virtual_ip", "note": None}),
             "gateway": self._gateway_status() if self.advertise_routes else None,
+            "netstack": dict(self.netstack.stack.stats) if self.netstack is not None else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "dns": {"address": format_addr(self.dns.address), "names": self.dns_names().names(),
                     "stats": dict(self.dns.responder.stats),
