@@ -83,6 +83,12 @@ def server(listen: Optional[List[str]] = typer.Option(
                                                   "(each bit doubles it; 0: none)."),
            new_nodes_per_hour: int = typer.Option(256, "--new-nodes-per-hour", min=1,
                                                   help="New nodes stored per IP address (IPv6: /64) and hour."),
+           turn: Optional[str] = typer.Option(None, "--turn", help="A TURN server (e.g. coturn) nodes relay "
+                                              "through when they cannot punch: turn:HOST:PORT (UDP)."),
+           turn_secret: Optional[str] = typer.Option(None, "--turn-secret", envvar="OVERLAY_TURN_SECRET",
+                                                     help="The TURN server's static-auth-secret (coturn "
+                                                          "use-auth-secret): nodes get time-limited credentials."),
+           turn_ttl: int = typer.Option(86400, "--turn-ttl", help="Lifetime of those credentials, seconds."),
            database: Optional[str] = typer.Option(
                None, "--database", help="postgresql://USER@HOST:PORT/DB: keep networks, members and chat in "
                                         "PostgreSQL (needs overlay[postgres]; several servers may share it). "
@@ -107,6 +113,15 @@ def server(listen: Optional[List[str]] = typer.Option(
         fail("every --listen address takes the same port, each address once")
     if max_connections < 1 or max_per_address < 1:
         fail("--max-connections and --max-per-address must be at least 1")
+    turn_settings = None
+    if turn or turn_secret:
+        from overlay.server.turn_credentials import TurnSettings
+        if not (turn and turn_secret):
+            fail("--turn and --turn-secret go together (the secret is coturn's static-auth-secret)")
+        try:
+            turn_settings = TurnSettings(turn, turn_secret, turn_ttl)
+        except ValueError as e:
+            fail(str(e))
     try:
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.access(data, os.W_OK):
@@ -143,7 +158,7 @@ def server(listen: Optional[List[str]] = typer.Option(
         return
     try:
         asyncio.run(run_server(data, hosts, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
-                               max_per_address, identity_work, new_nodes_per_hour, database))
+                               max_per_address, identity_work, new_nodes_per_hour, turn_settings, database))
     except OSError as e:
         fail(f"cannot listen on {', '.join(listen)}: {e.strerror or e}")
     except KeyboardInterrupt:
@@ -504,6 +519,10 @@ def netcheck(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     out.print(f"RTT to the server:        {f'{rtt:.1f} ms' if rtt is not None else '-'}")
     for line in port_mapping_lines(r.get("port_mapping")):
         out.print(line, highlight=False, soft_wrap=True)
+    if (t := r.get("turn")) is not None:    # the TURN server the mediation server names
+        state = t["state"] + (f", relayed address {t['relayed']}" if t.get("relayed") else "") + \
+            (f", last error: {t['error']}" if t.get("error") else "")
+        out.print(f"{'TURN server:':<26}{lit(t['server'])} ({lit(state)})", highlight=False, soft_wrap=True)
     v6 = r.get("ipv6") or {}
     if v6.get("port") is None or not v6.get("addresses"):
         out.print("IPv6:                     none (no global IPv6 address)")

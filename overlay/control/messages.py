@@ -66,7 +66,8 @@ def key_from_text(text: str) -> bytes:
 _STR, _INT, _BOOL = str, int, bool
 REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"name": (_STR, True), "version": (_INT, True), "iface": (_STR, False),
-              "routes": (list, False)},   # subnets this node offers as a gateway (--advertise-routes)
+              "routes": (list, False),   # subnets this node offers as a gateway (--advertise-routes)
+              "caps": (list, False)},    # what its data plane accepts (CAP_* below)
     "ping": {},
     # proof: of work on a new node's key, when the hello reply asks one (overlay/control/identity_proof.py)
     "create": {"network": (_STR, True), "password": (_STR, True),
@@ -85,7 +86,25 @@ REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "endpoints": {"candidates": (list, True), "nat": (dict, False)},
     "punch": {"peer": (_STR, True)},
     "relay": {"to": (_STR, True), "data": (_STR, True)},   # fire and forget: no reply
+    "turn": {},     # fresh TURN credentials (overlay/server/turn_credentials.py), when the server has one
 }
+
+# Capabilities a node states in its hello; the server hands them to its peers with its member
+# record (``caps``, only while it is online). Unknown ones are passed on as they are (bounded), so
+# a new capability needs no new server; a node ignores those it does not know. Absent: none.
+CAP_NO_INNER_CHECKSUM = "no-inner-csum"
+"""Send this node inner TCP/UDP packets without computed checksums (field 0): every packet is
+authenticated by the tunnel, and the node never hands one unchanged to a kernel that would verify it."""
+MAX_CAPS = 8
+_CAP_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def parse_caps(raw: object) -> tuple[str, ...]:
+    """Capabilities from a hello or a member record: the well-formed ones, sorted, at most MAX_CAPS."""
+    if not isinstance(raw, list):
+        return ()
+    return tuple(sorted({c for c in raw[:MAX_CAPS] if isinstance(c, str) and _CAP_RE.match(c)}))
+
 
 MAX_CANDIDATES = 16
 CANDIDATE_KINDS = {"lan", "srflx", "magic", "predicted", "peer"}
@@ -198,6 +217,8 @@ def validate_request(msg: dict) -> dict:
                 parse_route(r)
             except ValueError as e:
                 raise RequestError("bad_request", str(e)) from None
+    if t == "hello" and "caps" in msg and (len(msg["caps"]) > MAX_CAPS or len(parse_caps(msg["caps"])) != len(msg["caps"])):
+        raise RequestError("bad_request", f"caps: at most {MAX_CAPS} distinct names of 1-32 letters, digits or '-'")
     if t == "endpoints":
         cands = msg["candidates"]
         if len(cands) > MAX_CANDIDATES:

@@ -7,8 +7,11 @@ With ``IFF_VNET_HDR`` every read and write of the device carries a 10-byte ``vir
   addresses, ports, ACK, options, only ACK/PSH flags, equal sizes but the last) are joined into
   one super-packet that the kernel takes through its GRO path, as if a NIC had coalesced it: one
   write and one pass through the receiving TCP stack instead of up to 64. Everything else is
-  written alone, marked as already checksummed (the tunnel authenticated it). That is what made
-  wireguard-go several times faster in 2023, and it pays here too (benchmarks/bench_tun.py).
+  written alone, flagged DATA_VALID (which Linux's TUN driver ignores: it verifies such packets),
+  except TCP segments to our own address (``local``) that came without a checksum (a peer that
+  knows we take that: ``no-inner-csum``): those go as CHECKSUM_PARTIAL, like the runs. That
+  is what made wireguard-go several times faster in 2023, and it pays here too
+  (benchmarks/bench_tun.py).
 - ``split``: a read buffer -> MTU-sized IPv4 packets for the tunnel. With ``TUNSETOFFLOAD``
   TSO4/CSUM the kernel hands over TCP super-packets of up to 64 KB; they become ``gso_size``
   segments with their own IP length, ID and checksum, sequence number, flags (FIN/PSH only on the
@@ -44,6 +47,7 @@ MAX_COALESCED = 65535 - 100   # IPv4 total length, with room for the headers
 MAX_SEGMENTS = 64
 
 _U16 = struct.Struct(">H")
+_ZERO16 = b"\0\0"
 _U32 = struct.Struct(">I")
 _TCP_ACK, _TCP_PSH, _TCP_FIN, _TCP_CWR = 0x10, 0x08, 0x01, 0x80
 _DATA_FLAGS = (_TCP_ACK, _TCP_ACK | _TCP_PSH)
@@ -128,10 +132,15 @@ def split_packet(flags: int, gso: int, gso_size: int, cstart: int, coff: int, pk
         stats.split_out += i
 
 
-def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 0) -> list[tuple]:
+def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 0,
+             local: bytes | None = None) -> list[tuple]:
     """Writes for a batch of IPv4 packets, TCP data runs coalesced: each a tuple (virtio_net_hdr,
     IP packet or its headers, payload pieces...) for one ``writev``. ``l2``: the length of the
-    link-layer header the caller writes after the virtio header (14 on TAP)."""
+    link-layer header the caller writes after the virtio header (14 on TAP). ``local``: our own
+    address (TUN): a TCP segment to it that is not coalesced and whose checksum field is 0 (a
+    peer left it to the tunnel) is written with a partial checksum (``partial_tcp``), which the
+    kernel takes as checksummed (and computes should the packet go on elsewhere); one with a
+    checksum is written as it came (no extra work for the common kernel-to-kernel case)."""
     out: list = []            # (header, packet) or a _Run being built
     runs: dict[bytes, _Run] = {}
     for p in packets:
@@ -157,14 +166,28 @@ def coalesce(packets: list[bytes], stats: OffloadStats | None = None, l2: int = 
                 continue
             if run is not None:
                 del runs[key]     # anything else of the flow goes after the run, in order
+            if local is not None and p[36:38] == _ZERO16 and p[16:20] == local and hl <= n:
+                out.append(partial_tcp(p, hl))
+                continue
         out.append((HDR_VALID, p))
     writes = []
     for item in out:
         if type(item) is tuple:
             writes.append(item)
         else:
-            writes.append(item.finish(stats, l2))
+            writes.append(item.finish(stats, l2, local))
     return writes
+
+
+def partial_tcp(p: bytes, hl: int) -> tuple:
+    """A write of one unfragmented IPv4 TCP segment (20-byte IP header, ``hl`` bytes of headers)
+    as CHECKSUM_PARTIAL: the checksum field replaced by the pseudo-header sum (the TCP checksum a
+    peer sent is not used), start and offset in the virtio_net_hdr. Linux then treats it as
+    checksummed on local delivery and completes the checksum if it forwards the packet."""
+    total = (p[2] << 8) | p[3]
+    psum = pseudo_header_sum(p[12:16], p[16:20], 6, total - 20)
+    mv = memoryview(p)
+    return VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, hl, 0, 20, 16), mv[:36], _U16.pack(psum), mv[38:]
 
 
 class _Run:
@@ -196,9 +219,11 @@ class _Run:
         self.psh = bool(p[33] & _TCP_PSH)
         return True
 
-    def finish(self, stats: OffloadStats | None, l2: int = 0) -> tuple:
+    def finish(self, stats: OffloadStats | None, l2: int = 0, local: bytes | None = None) -> tuple:
         first = self.first
         if len(self.parts) == 1:
+            if local is not None and first[36:38] == _ZERO16 and first[16:20] == local:
+                return partial_tcp(first, self.hl)
             return HDR_VALID, first
         hl = self.hl
         head = bytearray(first[:hl])

@@ -18,6 +18,12 @@ connections sit in a table of their own, ordered by expiry and bounded (``max_ti
 oldest is recycled), so they cost nothing per packet or timer scan and memory stays flat however
 many connections come and go.
 
+Checksums: ``verify_checksums=False`` skips verifying received ones, and TCP segments and UDP
+datagrams to an address in ``checksum_free`` go out with the checksum left 0 (an overlay node
+whose peer said it accepts that: the tunnel authenticates every packet, and computing checksums
+nobody verifies was a fifth of a sending node's busy time). The IPv4 header checksum is always
+computed (20 bytes; a kernel always checks it). Everything else always carries valid checksums.
+
 IP fragments are reassembled within fixed bounds (``fragments.py``); UDP datagrams and ICMP echo
 replies larger than the MTU are sent as fragments, as Linux sends them over a TUN device. TCP
 never needs fragments (its MSS follows the MTU).
@@ -29,6 +35,7 @@ import os
 import random
 import struct
 from collections import deque
+from collections.abc import Container
 
 from .. import crypto
 from . import events
@@ -97,6 +104,7 @@ class Stack:
         icmp_errors_per_second: int = 100,
         verify_checksums: bool = True,
         reassembler: Reassembler | None = None,
+        checksum_free: Container[bytes] = frozenset(),
     ):
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} outside {MIN_MTU}..{MAX_MTU}")
@@ -106,6 +114,10 @@ class Stack:
         # False when every packet arrives through an authenticated tunnel (Poly1305 already
         # guarantees integrity; Linux WireGuard marks such packets CHECKSUM_UNNECESSARY too)
         self.verify_checksums = verify_checksums
+        # destinations (packed IPv4) whose TCP segments and UDP datagrams we send with the
+        # checksum left 0: peers that said they never verify it nor hand it on unchanged to a
+        # kernel (one set lookup per packet; the owner may update the container in place)
+        self.checksum_free = checksum_free
         self.now = now
         self.tcp_config = tcp or TcpConfig()
         self.listen_backlog = listen_backlog
@@ -135,7 +147,7 @@ class Stack:
         self.stats = dict.fromkeys(
             ("rx_packets", "tx_packets", "malformed", "not_for_us", "unknown_proto", "rst_sent", "backlog_full",
              "udp_dropped", "icmp_echo", "rx_fragments", "tx_fragmented", "time_wait_reopened",
-             "time_wait_recycled"),
+             "time_wait_recycled", "tx_no_checksum"),
             0,
         )
 
@@ -509,7 +521,11 @@ class Stack:
     def _emit_udp(self, sport: int, addr: tuple[str, int], data: bytes) -> None:
         dst = ip_to_bytes(addr[0])
         _check_port(addr[1])
-        self._send_ip(dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data))
+        if dst in self.checksum_free:
+            self.stats["tx_no_checksum"] += 1
+            self._send_ip(dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data, False))
+        else:
+            self._send_ip(dst, PROTO_UDP, build_udp(self._addr, dst, sport, addr[1], data))
 
     def _send_ip(self, dst: bytes, proto: int, payload: bytes) -> None:
         """One IPv4 packet, or fragments of at most the MTU when it does not fit."""
@@ -527,10 +543,14 @@ class Stack:
 
     def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes, options: bytes) -> None:
         self._ident = ident = (self._ident + 1) & 0xFFFF
-        self._out.append(
-            build_ipv4_tcp(conn.local_ip_bytes, conn.remote_ip_bytes, ident, conn.local_port, conn.remote_port,
-                           seq, ack, flags, window, data, options)
-        )
+        dst = conn.remote_ip_bytes
+        if dst in self.checksum_free:
+            self.stats["tx_no_checksum"] += 1
+            self._out.append(build_ipv4_tcp(conn.local_ip_bytes, dst, ident, conn.local_port, conn.remote_port,
+                                            seq, ack, flags, window, data, options, False))
+        else:
+            self._out.append(build_ipv4_tcp(conn.local_ip_bytes, dst, ident, conn.local_port, conn.remote_port,
+                                            seq, ack, flags, window, data, options))
 
     def _event(self, ev: object) -> None:
         self._events.append(ev)

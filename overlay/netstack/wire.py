@@ -2,7 +2,8 @@
 
 The smoltcp ``wire`` layer in Python: parsers turn bytes into small immutable records and
 raise :class:`WireError` (with the reason) on anything malformed, truncated or unsupported;
-emitters build complete packets with correct checksums. Nothing here keeps state.
+emitters build complete packets with correct checksums (TCP and UDP ones may be left 0 for a
+peer that never verifies them). Nothing here keeps state.
 
 Checksums use the RFC 1071 one's-complement sum computed as ``int.from_bytes(data) % 0xFFFF``
 (2**16 is 1 modulo 0xFFFF, so the remainder is the folded sum; CPython does it at C speed).
@@ -260,10 +261,13 @@ def parse_udp(ip: Ipv4Packet, verify: bool = True) -> UdpDatagram:
     return UdpDatagram(sport, dport, seg[UDP_HEADER_LEN:])
 
 
-def build_udp(src: bytes, dst: bytes, sport: int, dport: int, data: bytes) -> bytes:
-    """A UDP datagram (transport part only) with its checksum; 0 is sent as 0xFFFF (RFC 768)."""
+def build_udp(src: bytes, dst: bytes, sport: int, dport: int, data: bytes, l4_checksum: bool = True) -> bytes:
+    """A UDP datagram (transport part only) with its checksum; 0 is sent as 0xFFFF (RFC 768).
+    ``l4_checksum=False``: the field stays 0 ("no checksum", which IPv4 allows)."""
     length = UDP_HEADER_LEN + len(data)
     hdr = _UDP.pack(sport, dport, length, 0)
+    if not l4_checksum:
+        return hdr + data
     c = checksum(hdr + data, pseudo_header_sum(src, dst, PROTO_UDP, length))
     return hdr[:6] + _U16.pack(c or 0xFFFF) + data
 
@@ -414,9 +418,12 @@ def build_ipv4_tcp(
     window: int,
     data: bytes = b"",
     options: bytes = b"",
+    l4_checksum: bool = True,
 ) -> bytes:
     """IPv4 + TCP in one go (the stack's per-segment hot path): one header pack, both checksums
-    patched in place, one copy of the payload. Same bytes as ``build_ipv4(build_tcp(...))``."""
+    patched in place, one copy of the payload. Same bytes as ``build_ipv4(build_tcp(...))``.
+    ``l4_checksum=False``: the TCP checksum is left 0 (for a peer that never verifies it: the
+    tunnel authenticates every packet); the IPv4 header checksum is always computed."""
     hlen = TCP_HEADER_LEN + len(options)
     total = IPV4_HEADER_LEN + hlen + len(data)
     if total > MAX_IPV4_LEN:
@@ -431,6 +438,9 @@ def build_ipv4_tcp(
         hdr += options
     mv = memoryview(hdr)
     _U16.pack_into(hdr, 10, checksum(mv[:IPV4_HEADER_LEN]))
+    if not l4_checksum:
+        mv.release()
+        return b"".join((hdr, data))
     s = checksum_sum(mv[IPV4_HEADER_LEN:]) + checksum_sum(data) + pseudo_header_sum(src, dst, PROTO_TCP, hlen + len(data))
     s %= 0xFFFF
     _U16.pack_into(hdr, IPV4_HEADER_LEN + 16, 0xFFFF - s if s else 0)

@@ -217,9 +217,7 @@ class ControlClient:
             reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
             self.state = "hello"
             self.on_reset()  # the server answers hello with fresh snapshots of our networks
-            hello = await self._request({"t": "hello", "name": self.name, "version": PROTOCOL_VERSION,
-                                         **self.hello_extra},
-                                        REQUEST_TIMEOUT)
+            hello = await self._hello()
             self.hello = hello
             self._prove(hello)
             self.state = "connected"
@@ -250,6 +248,20 @@ class ControlClient:
             self._fail_pending("connection to the server was lost")
             self._channel = None
             writer.close()
+
+    async def _hello(self) -> dict:
+        msg = {"t": "hello", "name": self.name, "version": PROTOCOL_VERSION, **self.hello_extra}
+        try:
+            return await self._request(msg, REQUEST_TIMEOUT)
+        except RequestError as e:
+            # a server older than capabilities refuses the field: hello again without it (its
+            # peers then treat this node as one without capabilities, which every node handles)
+            if "caps" not in msg or e.code != "bad_request" or "unexpected field" not in e.message \
+                    or "caps" not in e.message:
+                raise
+        log.info("server %s does not know node capabilities: hello without them", self.server)
+        del msg["caps"]
+        return await self._request(msg, REQUEST_TIMEOUT)
 
     def _prove(self, hello: dict) -> None:
         """Start the proof of work the server asks of a node it has not stored (once per key and

@@ -16,7 +16,7 @@ import signal
 import socket
 
 from overlay import crypto
-from overlay.control.messages import RequestError, key_to_text, normalize_name
+from overlay.control.messages import CAP_NO_INNER_CHECKSUM, RequestError, key_to_text, normalize_name
 from overlay.hostport import parse_hostport
 from overlay.nat.candidate import format_addr
 from overlay.node import api
@@ -83,16 +83,23 @@ class Daemon:
                 advertised=sorted(s.advertise_routes))
             if self.client:
                 self.client.hello_extra["iface"] = s.interface
+        elif self.client:
+            # every inner packet ends in our userspace stacks (or, as a gateway, in OS sockets):
+            # peers may leave TCP/UDP checksums 0 (Stack.checksum_free)
+            self.client.hello_extra["caps"] = [CAP_NO_INNER_CHECKSUM]
         self._fatal: str | None = None
         self.advertise_routes = sorted(s.advertise_routes)
         # a gateway member: approved routes' destinations end in userspace stacks, then OS sockets;
         # with a TUN/TAP device the kernel forwards them instead (KernelInterface.set_gateway_routes)
-        self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU)
+        self.gateway = (Gateway(self.dataplane.send_packets, mtu=INNER_MTU,
+                                checksum_free=self.dataplane.table.checksum_free)
                         if self.advertise_routes and self.kernel_if is None else None)
         if self.advertise_routes and self.client:
             self.client.hello_extra["routes"] = self.advertise_routes
         self.netstack: StackDriver | None = None
         self._punched: dict[bytes, float] = {}
+        self._turn_renewal: asyncio.TimerHandle | None = None
+        self._turn_task: asyncio.Task | None = None
         self.pinger = Pinger()
         self.dialer = OverlayDialer(self.find_peer, lambda: self.netstack, kernel=s.interface is not None,
                                     find_route=self._dial_route,
@@ -130,6 +137,8 @@ class Daemon:
             except DeviceError as e:
                 self.dataplane.close()
                 raise DaemonError(str(e)) from None
+            if self.kernel_if.checksum_free and self.client:
+                self.client.hello_extra["caps"] = [CAP_NO_INNER_CHECKSUM]
         s = self.settings
         self.prefs.remember_interface(s.interface, s.dev, s.only_shared)  # once the device is open
         try:
@@ -248,6 +257,7 @@ class Daemon:
                                   base64.b64decode(hello["udp_token"]), hello.get("stun_ports"),
                                   hello.get("stun_alt_ip"), hello.get("udp_addrs"))
         self.client.post({"t": "endpoints", "candidates": self.dataplane.local_candidates()})
+        self._set_turn(hello.get("turn"))
         self.sync_peers()
 
     def _on_synced(self) -> None:
@@ -256,6 +266,27 @@ class Daemon:
         leaves peers, tunnels and paths as they were)."""
         if self.state.end_resync():
             self.sync_peers()
+
+    def _set_turn(self, creds) -> None:
+        """The server's TURN credentials (``overlay/node/turn_path.py``): renewed at half their life."""
+        self.dataplane.set_turn(creds)
+        if self._turn_renewal is not None:
+            self._turn_renewal.cancel()
+        self._turn_renewal = None
+        if isinstance(creds, dict) and isinstance(creds.get("ttl"), int) and creds["ttl"] > 0:
+            loop = asyncio.get_running_loop()
+            self._turn_renewal = loop.call_later(max(60, creds["ttl"] / 2), self._start_turn_renewal)
+
+    def _start_turn_renewal(self) -> None:
+        self._turn_task = asyncio.get_running_loop().create_task(self._renew_turn())   # (a reference kept)
+
+    async def _renew_turn(self) -> None:
+        try:
+            reply = await self.client.request({"t": "turn"})
+        except (NotConnected, RequestError, asyncio.TimeoutError, ConnectionError) as e:   # the next hello brings new ones
+            log.info("TURN credentials not renewed: %s", e)
+            return
+        self._set_turn(reply.get("turn"))
 
     def _attach_stack(self, address: str) -> None:
         """The userspace TCP/IP stack answering for our overlay address, or the kernel interface."""
@@ -280,6 +311,7 @@ class Daemon:
         # 4 MiB windows: a 256 KiB window halves throughput at the ~3 ms RTT of a busy tunnel
         # (measured in benchmarks/bench_forward.py); memory is only used while an app reads slowly.
         stack = Stack(address, mtu=INNER_MTU, now=loop.time(), verify_checksums=False,
+                      checksum_free=self.dataplane.table.checksum_free,
                       tcp=TcpConfig(send_buffer=TCP_BUFFER, recv_buffer=TCP_BUFFER))
         self.netstack = StackDriver(stack, lambda pkt: self.dataplane.send_packets([pkt]),
                                     send_packets=self.dataplane.send_packets)
@@ -634,6 +666,7 @@ class Daemon:
             "share_source": (self.shares.source_info() if self.kernel_if is None
                              else {"mode": "virtual_ip", "note": None}),
             "gateway": self._gateway_status() if self.advertise_routes else None,
+            "netstack": dict(self.netstack.stack.stats) if self.netstack is not None else None,
             "forwards": [self._forward_info(f) for f in self.forwards.values()],
             "dns": {"address": format_addr(self.dns.address), "names": self.dns_names().names(),
                     "stats": dict(self.dns.responder.stats),
@@ -644,6 +677,7 @@ class Daemon:
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
                     "port_mapping": self.dataplane.port_mapping_summary(),
+                    "turn": self.dataplane.turn_summary(),
                     "tunnel_guard": self.dataplane.guard.summary()},
         }
 

@@ -8,6 +8,7 @@ path), and the parts composed here, each holding its own state:
 
 - ``peers.PeerTable``: the peers, cryptokey routing, the group (broadcast) cap;
 - ``server_path.ServerPath``: relay registration and framing, STUN probing of our NAT;
+- ``turn_path.TurnPath``: the relay through a TURN server, when the server names one;
 - ``portmap_glue.PortMapGlue``: port mapping on the router;
 - ``hardnat.HardNat``: birthday and sequential punching through hard NATs;
 - ``local_candidates``: the addresses we publish for peers to probe;
@@ -50,6 +51,7 @@ from overlay.node.portmap_glue import PortMapGlue
 from overlay.node.server_path import ServerPath
 from overlay.node.state import Peer
 from overlay.node.tunnel_guard import TunnelGuard
+from overlay.node.turn_path import TurnPath
 from overlay.wire.device import Device
 from overlay.wire.events import EndpointChanged, HandshakeCompleted, PacketReceived, PeerUnreachable
 
@@ -106,6 +108,9 @@ class DataPlane:
                                    on_changed=self._mapping_changed, loop=lambda: self.loop)
         self.hard_nat = hard_nat
         self.hardnat = HardNat(self, hard_nat, birthday_config or birthday.BirthdayConfig())
+        # the relay through a TURN server (``turn_path``): used before the built-in one when ready
+        self.turn = TurnPath(now=self.now, out=self._out, schedule_flush=self._schedule_flush,
+                             on_relayed=self._public_changed)
         # IPv6 (``overlay.node.ipv6``): a second socket beside the IPv4 one, and STUN in the
         # other address family than ``server_udp``'s
         self.v6 = ipv6.Ipv6Side()
@@ -135,6 +140,8 @@ class DataPlane:
         if self._timer:
             self._timer.cancel()
         self.hardnat.close()
+        if self.udp is not None and (bye := self.turn.close()):
+            self.udp.send_batch(bye)        # Deallocate
         self.portmap.close(self.udp.send_batch if self.udp is not None else None)
         if self.udp:
             self.udp.close()
@@ -212,7 +219,14 @@ class DataPlane:
         nat = {k: v for k, v in self.nat_summary().items() if k in ("mapping", "allocation", "port_delta")}
         if self.server.server_udp is not None and ":" in self.server.server_udp[0]:
             nat = {}   # classified over IPv6: says nothing about an IPv4 NAT (birthday punching)
-        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": self.hardnat.advertise(nat)})
+        nat = self.hardnat.advertise(nat)
+        if self.turn.published is not None:
+            nat["turn"] = format_addr(self.turn.published)     # our relayed address (``turn_path``)
+        self.send_control({"t": "endpoints", "candidates": self.local_candidates(), "nat": nat})
+
+    def set_turn(self, creds: dict | None) -> None:
+        """The server's TURN server and our credentials for it (None: it names none)."""
+        self.turn.configure(creds)
 
     def ipv6_summary(self) -> dict:
         return self.v6.summary(self.server.server_udp, self.server.srflx, self.own_ifaces)
@@ -232,6 +246,7 @@ class DataPlane:
         """``peers``: key -> ``Peer``: everyone sharing a network with us."""
         for entry in self.table.update(peers):
             self.hardnat.forget(entry.key)
+            self.turn.forget_peer(entry.key)
             self._dirty_paths.discard(entry)
         self._paths_stale = True
         self._schedule_flush()
@@ -273,8 +288,19 @@ class DataPlane:
         entry.path.start_punch(self.now())
         if isinstance(ev.get("nat"), dict):
             self.hardnat.on_punch(key, entry, ev["nat"])
+        if self.turn.configured:
+            self.turn.set_peer(key, self._turn_addr(ev.get("nat")))
         self._dirty_paths.add(entry)
         self._schedule_flush()
+
+    @staticmethod
+    def _turn_addr(nat) -> tuple[str, int] | None:
+        """The relayed address a peer published (``nat.turn``), if any and well-formed."""
+        text = nat.get("turn") if isinstance(nat, dict) else None
+        try:
+            return parse_addr(text) if isinstance(text, str) and len(text) <= 64 else None
+        except ValueError:
+            return None
 
     def relay_from_tcp(self, ev: dict) -> None:
         """A relayed WireGuard packet that reached us over the control connection."""
@@ -322,6 +348,11 @@ class DataPlane:
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, view: memoryview, addr) -> None:
+        if self.turn.server is not None and self.turn.is_server(addr):
+            # before the classifier: ChannelData's first bytes look like other protocols' magic
+            if (got := self.turn.receive(view, self.now())) is not None and got[0] in self.table.peers:
+                self.device.receive(got[1], RelayAddr(got[0]), self.now())
+            return
         kind = classify_datagram(view, addr, self.portmap.gateway)
         if kind is WIREGUARD:
             self.device.receive(view, addr, self.loop.time())
@@ -391,7 +422,9 @@ class DataPlane:
             elif type(ev) is EndpointChanged:
                 entry = peers.get(ev.public_key)
                 if entry is not None:
-                    if (isinstance(ev.addr, RelayAddr) and entry.path is not None
+                    if isinstance(ev.addr, RelayAddr) and ev.addr.key != entry.key:
+                        dev.set_endpoint(entry.key, entry.endpoint)     # relayed as another peer: never roam there
+                    elif (isinstance(ev.addr, RelayAddr) and entry.path is not None
                             and entry.path.current_path is not None):
                         dev.set_endpoint(entry.key, entry.path.current_path)  # keep the direct path
                     elif not isinstance(ev.addr, RelayAddr) and self.guard.blocked(ev.addr):
@@ -432,6 +465,8 @@ class DataPlane:
                 entry.endpoint = new
                 dev.set_endpoint(entry.key, new)
                 self.hardnat.path_changed(entry.key, pev.path)
+                if pev.path is None:
+                    self.turn.need()    # no direct path: relay through the TURN server, if there is one
                 if pev.path is None and pev.reason == "lost":
                     self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
@@ -445,7 +480,8 @@ class DataPlane:
         via = self.hardnat.via
         for data, addr in items:
             if isinstance(addr, RelayAddr):
-                self.server.relay_send(addr.key, data, batch)
+                if not self.turn.send(addr.key, data, batch):
+                    self.server.relay_send(addr.key, data, batch)
             elif via and addr in via:
                 via[addr].send_batch([(data, addr)])
             else:
@@ -464,7 +500,7 @@ class DataPlane:
         server = self.server
         times = [t for t in (self.device.get_timer(), server.next_register(), server.next_probe, self._paths_at,
                              server.probe.get_timer() if server.probe else None, self.hardnat.timer(),
-                             self.portmap.timer(), self.v6.timer())
+                             self.portmap.timer(), self.v6.timer(), self.turn.timer())
                  if t is not None]
         at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
         if at == self._timer_at:
@@ -485,6 +521,7 @@ class DataPlane:
         if self.server.next_probe is not None and self.server.next_probe <= now:
             self.start_probe()
         self.portmap.tick(now)
+        self.turn.tick(now)
         self.server.probe_tick(now)
         self._out.extend(self.v6.on_timer(now))
         if self._paths_at is not None and self._paths_at <= now:
@@ -501,7 +538,13 @@ class DataPlane:
 
     # ------------------------------------------------------------------ status
     def peer_path(self, key: bytes) -> tuple[str | None, float | None]:
-        return self.table.path_of(key)
+        path, rtt = self.table.path_of(key)
+        if path == "relay" and self.turn.active(key):
+            return f"turn {self.turn.label}", rtt
+        return path, rtt
+
+    def turn_summary(self) -> dict | None:
+        return self.turn.summary()
 
     def birthday_stats(self) -> dict:
         return self.hardnat.birthday.stats()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Container
 from typing import Callable
 
 from overlay.netstack.asyncio_glue import REFUSE_BUSY, REFUSE_TIMED_OUT, REFUSE_UNREACHABLE, StackDriver
@@ -56,9 +57,10 @@ TCP_BUFFER = 1 << 20
 
 class Gateway:
     def __init__(self, send_packets: Callable[[list[bytes]], None], *, mtu: int,
-                 open_connection=asyncio.open_connection):
+                 open_connection=asyncio.open_connection, checksum_free: Container[bytes] = frozenset()):
         self._send = send_packets
         self._mtu = mtu
+        self.checksum_free = checksum_free   # members whose TCP/UDP checksums may stay 0 (Stack.checksum_free)
         self._open = open_connection
         self.routes = ApprovedRoutes()   # approved route -> the members it is approved for
         self._stacks: dict[str, tuple[StackDriver, list[float]]] = {}
@@ -124,7 +126,7 @@ class Gateway:
                 self._refused.log(log, logging.WARNING, "gateway: %d LAN hosts busy at once: %s dropped",
                                   MAX_DESTINATIONS, dst)
                 return None
-        stack = Stack(dst, mtu=self._mtu, now=now, verify_checksums=False,
+        stack = Stack(dst, mtu=self._mtu, now=now, verify_checksums=False, checksum_free=self.checksum_free,
                       tcp=TcpConfig(send_buffer=TCP_BUFFER, recv_buffer=TCP_BUFFER))
         driver = StackDriver(stack, lambda p: self._send([p]), send_packets=self._send)
 
@@ -234,7 +236,8 @@ class Gateway:
 
     def _udp_back(self, key: tuple[str, int, str, int], data: bytes) -> None:
         src, sport, dst, dport = key
-        payload = build_udp(ip_to_bytes(dst), ip_to_bytes(src), dport, sport, data)
+        to = ip_to_bytes(src)
+        payload = build_udp(ip_to_bytes(dst), to, dport, sport, data, to not in self.checksum_free)
         if 20 + len(payload) > self._mtu:
             return   # no fragmentation toward members here: LAN services answer in small datagrams
         self._send([build_ipv4(ip_to_bytes(dst), ip_to_bytes(src), PROTO_UDP, payload)])

@@ -160,6 +160,15 @@ class KernelInterface:
         # it sits on, was not added and stays a usable path; the kernel-route check sees the rest)
         self.dp.guard.set_routes([ipaddress.IPv4Network(d) for d in self.net.added_routes if d != LIMITED_BROADCAST])
 
+    @property
+    def checksum_free(self) -> bool:
+        """Peers may send us TCP/UDP without computed checksums (CAP_NO_INNER_CHECKSUM): a TUN
+        device with virtio_net_hdr gets TCP segments to our address that came without a checksum
+        as CHECKSUM_PARTIAL (``offload.coalesce``), which the kernel does not verify; a zero UDP
+        checksum means none.
+        Not without the header (the kernel verifies every checksum), nor on TAP (not done there)."""
+        return self.vnet and self.edge is None
+
     def info(self) -> dict:
         return {"kind": self.kind, "name": self.name,
                 "mtu": self.net.mtu if self.net is not None else None,
@@ -292,7 +301,7 @@ class KernelInterface:
             else:
                 dev.write_framed([(header(p), p) for p in ok])
         elif self.vnet:
-            dev.write_framed(offload.coalesce(ok, self.offload_stats))
+            dev.write_framed(offload.coalesce(ok, self.offload_stats, local=me))
         else:
             dev.write(ok)
 

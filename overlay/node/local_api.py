@@ -164,7 +164,8 @@ class LocalApi:
             await asyncio.wait_for(d.dataplane.start_probe(), 10)
             return {"udp": d.dataplane.udp_ok, "nat": d.dataplane.nat_summary(),
                     "port_mapping": d.dataplane.port_mapping_summary(), "local_port": d.dataplane.port, "server": d.client.server if d.client else None,
-                    "candidates": d.dataplane.local_candidates(), "ipv6": d.dataplane.ipv6_summary()}
+                    "candidates": d.dataplane.local_candidates(), "ipv6": d.dataplane.ipv6_summary(),
+                    "turn": d.dataplane.turn_summary()}
         if cmd == "ping_peer":
             return await d.ping(a["peer"], min(10.0, float(a.get("wait", 2.0))))
         if cmd == "retry_server":

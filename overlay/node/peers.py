@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import NamedTuple
 
+from overlay.control.messages import CAP_NO_INNER_CHECKSUM
 from overlay.iface.ethernet import L2_PREFIX
 from overlay.nat.candidate import format_addr
 from overlay.nat.disco import DiscoCodec
@@ -77,6 +78,10 @@ class PeerTable:
         self.pool: ipaddress.IPv4Network | None = None
         self.pool_broadcast = b"\xff\xff\xff\xff"
         self.group_tx = TokenBucket(GROUP_RATE, GROUP_BURST)
+        # virtual IPs (packed) of members that accept inner TCP/UDP packets without computed
+        # checksums (CAP_NO_INNER_CHECKSUM); one set object for good, updated in place: the
+        # userspace stacks hold it (Stack.checksum_free)
+        self.checksum_free: set[bytes] = set()
 
     def set_pool(self, pool: str | None) -> None:
         self.pool = ipaddress.IPv4Network(pool) if pool else None
@@ -112,7 +117,21 @@ class PeerTable:
             entry.online = p.online
             self.device.set_plaintext(key, not p.encrypted)
         self._set_member_routes()
+        self._set_checksum_free(wanted)
         return gone
+
+    def _set_checksum_free(self, wanted: dict[bytes, Peer]) -> None:
+        """Members whose hello said they take checksum-free packets; never a static peer's address."""
+        free = set()
+        for key, p in wanted.items():
+            entry = self.peers.get(key)
+            if entry is not None and entry.path is not None and CAP_NO_INNER_CHECKSUM in p.caps:
+                vip = socket.inet_aton(entry.vip)
+                if self.by_vip.get(vip) is entry:
+                    free.add(vip)
+        if free != self.checksum_free:
+            self.checksum_free.clear()
+            self.checksum_free.update(free)
 
     def add_static(self, key: bytes, *, name: str, endpoint: tuple[str, int] | None,
                    allowed_ips: list[str], persistent_keepalive: float | None = None) -> None:
@@ -129,6 +148,7 @@ class PeerTable:
         for n in nets:
             if n.prefixlen == 32:
                 self.by_vip[n.network_address.packed] = entry
+                self.checksum_free.discard(n.network_address.packed)
             else:
                 self.routes.append((n, entry))
         self.routes.sort(key=lambda r: -r[0].prefixlen)  # longest prefix first

@@ -11,7 +11,7 @@ import base64
 from collections import deque
 from dataclasses import dataclass, field
 
-from overlay.control.messages import CHAT_HISTORY, MAX_ROUTES, parse_route
+from overlay.control.messages import CHAT_HISTORY, MAX_ROUTES, parse_caps, parse_route
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Member:
     kind: str | None = None    # hub / spoke (hub-and-spoke networks), gateway / member (gateway networks)
     routes: tuple = ()         # approved gateway routes (LAN subnets reached through this member)
     withdrawn: tuple = ()      # approved routes it no longer advertises (online without them)
+    caps: tuple = ()           # capabilities the node stated in its hello (only while online)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +43,14 @@ class Peer:
     withdrawn: tuple[str, ...] = ()   # approved routes it no longer advertises
     encrypted: bool = True
     static: bool = False
+    caps: tuple[str, ...] = ()        # capabilities (control.messages CAP_*); none for a static peer
 
     def to_json(self) -> dict:
         """The peer as status and the API show it (docs/json.md); a static peer has no iface."""
         d: dict = {"name": self.name, "key": self.key_text, "ip": self.ip, "online": self.online}
         if not self.static:
             d["iface"] = self.iface
+            d["caps"] = list(self.caps)
         d.update(networks=list(self.networks), routes=list(self.routes), withdrawn=list(self.withdrawn),
                  encrypted=self.encrypted)
         return d
@@ -139,7 +142,7 @@ class NodeState:
                 new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
                              m.get("iface") if m.get("iface") in ("tun", "tap") else None,
                              m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None,
-                             _routes(m.get("routes")), _routes(m.get("withdrawn")))
+                             _routes(m.get("routes")), _routes(m.get("withdrawn")), parse_caps(m.get("caps")))
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -185,6 +188,7 @@ class NodeState:
     def peers(self) -> dict[bytes, Peer]:
         """raw key -> ``Peer`` for every node sharing a network with us."""
         merged: dict[str, tuple[Member, list[str], list[str], list[str], list[bool]]] = {}
+        caps: dict[str, tuple] = {}   # key -> capabilities every record of it states (in case one is stale)
         mine = self.me.get("key")
         for view in self.networks.values():
             if view.name in self.away:
@@ -196,6 +200,7 @@ class NodeState:
                     continue
                 _, networks, routes, withdrawn, encrypted = merged.setdefault(m.key, (m, [], [], [], [False]))
                 networks.append(view.name)
+                caps[m.key] = tuple(c for c in caps.get(m.key, m.caps) if c in m.caps)
                 # encryption drops only when every network shared with this peer is unencrypted
                 encrypted[0] = encrypted[0] or view.info.get("encrypted", True) is not False
                 routes.extend(r for r in m.routes if r not in routes)
@@ -204,7 +209,7 @@ class NodeState:
         for text, (m, networks, routes, withdrawn, encrypted) in merged.items():
             key = base64.b64decode(text)
             out[key] = Peer(m.name, key, text, m.ip, m.online, m.iface, tuple(networks), tuple(routes),
-                            tuple(withdrawn), encrypted[0])
+                            tuple(withdrawn), encrypted[0], caps=caps[text])
         return out
 
     def own_routes(self) -> list[tuple[str, set[str]]]:

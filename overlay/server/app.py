@@ -23,7 +23,7 @@ from pathlib import Path
 from overlay import crypto
 from overlay.control import identity_proof, passwords
 from overlay.control.channel import Channel, Handshaked, Message, ProtocolError
-from overlay.control.messages import RequestError, error, key_from_text, key_to_text, validate_request
+from overlay.control.messages import RequestError, error, key_from_text, key_to_text, ok, validate_request
 from overlay.nat import stun
 from overlay.nat.candidate import format_addr
 from overlay.ratelog import LogLimiter
@@ -33,6 +33,7 @@ from overlay.server import datadir
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
 from overlay.server.store import Store, StoreHooks
+from overlay.server.turn_credentials import TurnSettings, node_id
 from overlay.tokenbucket import TokenBucket
 
 log = logging.getLogger("overlay.server")
@@ -211,8 +212,9 @@ class MediationServer:
                  relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                  max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
                  identity_bits: int = DEFAULT_IDENTITY_BITS, new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR,
-                 store: StoreHooks | None = None):
+                 turn: TurnSettings | None = None, store: StoreHooks | None = None):
         self.data_dir = Path(data_dir)
+        self.turn = turn        # a TURN server whose credentials the nodes get (``turn_credentials``)
         datadir.secure(self.data_dir)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
         self.public_key = crypto.public_key(self.private_key)
@@ -415,6 +417,8 @@ class MediationServer:
             if self.stun_alt_ip:
                 reply["stun_alt_ip"] = self.stun_alt_ip
             reply["udp_addrs"] = self.udp_addresses(conn)
+            if self.turn is not None:
+                reply["turn"] = self.turn.credentials(node_id(conn.key), now)
             conn.registered = True
             self.admission.registered(conn, bool(reply["networks"]) or not self.still_stranger(conn))
             self.sessions[conn.key] = conn
@@ -424,6 +428,8 @@ class MediationServer:
             return reply
         if t != "ping":
             self.admission.touch(conn)
+        if t == "turn":     # fresh TURN credentials (the node asks at half their lifetime)
+            return ok(msg["id"], turn=self.turn.credentials(node_id(conn.key), now) if self.turn else None)
         try:
             return await self._dispatch(conn, msg, now)
         finally:
@@ -637,7 +643,8 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
                      relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                      max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
                      identity_bits: int = DEFAULT_IDENTITY_BITS,
-                     new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR, database: str | None = None) -> None:
+                     new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR, turn: TurnSettings | None = None,
+                     database: str | None = None) -> None:
     nofile = raise_nofile_limit()
     cap = max_conns_for(nofile, max_conns)
     if cap < max_conns:
@@ -661,7 +668,7 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
         log.info("database %s (schema version %d)", redact_url(database), store.schema_version)
     try:
         server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source,
-                                 identity_bits, new_nodes_per_hour, store=store)
+                                 identity_bits, new_nodes_per_hour, turn, store=store)
     except BaseException:
         if store is not None:
             await store.aclose()

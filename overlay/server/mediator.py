@@ -37,6 +37,7 @@ from typing import Callable
 from overlay.control.messages import (
     MEMBER_BATCH, PROTOCOL_VERSION, RequestError, key_from_text, key_to_text, normalize_name, ok, parse_route,
 )
+from overlay.control.messages import parse_caps
 from overlay.control.identity_proof import DEFAULT_BITS as DEFAULT_IDENTITY_BITS
 from overlay.nat.candidate import format_addr
 from overlay.server.store import Store
@@ -113,6 +114,7 @@ class Mediator:
         self.endpoints: dict[bytes, dict] = {}   # key -> {"candidates": [...], "nat": {...}}
         self.iface: dict[bytes, str] = {}        # online node -> "tun" / "tap" (its kernel interface)
         self.advertised: dict[bytes, list[str]] = {}  # online node -> subnets it offers (--advertise-routes)
+        self.caps: dict[bytes, list[str]] = {}   # online node -> capabilities from its hello (passed to peers)
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
@@ -234,6 +236,9 @@ class Mediator:
         iface = self.iface.get(key)
         if iface:
             rec["iface"] = iface   # only while online with a kernel interface
+        caps = self.caps.get(key)
+        if caps:
+            rec["caps"] = caps     # only while online (a node may come back in another mode)
         return rec
 
     def _network_info(self, network, key: bytes, count: int | None = None) -> dict:
@@ -400,6 +405,11 @@ class Mediator:
             self.iface[key] = msg["iface"]
         else:
             self.iface.pop(key, None)
+        caps = parse_caps(msg.get("caps"))
+        if caps:
+            self.caps[key] = list(caps)
+        else:
+            self.caps.pop(key, None)
         if source is not None:
             self._source[key] = source
         networks = self.store.networks_of(key)
@@ -419,6 +429,7 @@ class Mediator:
         self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
+        self.caps.pop(key, None)
         self.advertised.pop(key, None)
         self._source.pop(key, None)
         self._proven.discard(key)

@@ -148,6 +148,7 @@ function light(member, peer) {
   if (!peer) return ["nopath", "no path from this node"];
   if (!peer.path) return ["connecting", "connecting"];
   if (peer.path === "relay") return ["relayed", "relayed by the server"];
+  if (peer.path.startsWith("turn ")) return ["relayed", "relayed by the TURN server " + peer.path.slice(5)];
   return ["direct", peer.path];
 }
 

@@ -517,6 +517,7 @@ GOOD = {
     "endpoints": {"candidates": [{"addr": "10.0.0.1:5000", "kind": "lan"}], "nat": {"type": "cone"}},
     "punch": {"peer": KEY},
     "relay": {"to": KEY, "data": "AAAA"},
+    "turn": {},
 }
 
 
@@ -810,7 +811,7 @@ def test_state_network_and_members():
     key = messages.key_from_text(_k("BOB"))
     assert s.peers() == {key: Peer("bob", key, _k("BOB"), "100.64.0.3", True, None, ("lan",))}
     assert s.peers()[key].to_json() == {"name": "bob", "key": _k("BOB"), "ip": "100.64.0.3", "online": True,
-                                        "iface": None, "networks": ["lan"], "routes": [], "withdrawn": [],
+                                        "iface": None, "caps": [], "networks": ["lan"], "routes": [], "withdrawn": [],
                                         "encrypted": True}
 
 
