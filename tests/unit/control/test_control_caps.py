@@ -154,7 +154,10 @@ def test_hello_falls_back_without_caps_for_a_server_that_refuses_them(tmp_path, 
                             self.hellos.append(ev.body)
                             try:
                                 validate_request(ev.body)
-                                ch.send({"t": "ok", "id": ev.body["id"], "name": ev.body["name"], "ip": None})
+                                reply = {"t": "ok", "id": ev.body["id"]}
+                                if ev.body["t"] == "hello":
+                                    reply.update(name=ev.body["name"], ip=None)
+                                ch.send(reply)
                             except RequestError as e:
                                 ch.send({"t": "error", "id": ev.body["id"], "code": e.code, "message": e.message})
                     writer.write(ch.data_to_send())
