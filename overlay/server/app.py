@@ -237,6 +237,7 @@ class MediationServer:
         self.rlog = LogLimiter()
         self.closing = False
         self.sessions: dict[bytes, ControlConnection] = {}
+        self._arriving: dict[bytes, list[dict]] = {}   # hello being stored: events held for the node
         self._hash_slots = asyncio.Semaphore(2)
         self._listener: socket.socket | None = None
         self._listeners: list[socket.socket] = []
@@ -410,7 +411,13 @@ class MediationServer:
             if old is not None and old is not conn:
                 old.close(error(None, "replaced", "this node connected again from elsewhere"))
                 self.unregister(old)
-            reply = await self._apply(conn, msg, lambda: m.hello(conn.key, msg, now, source=conn.source))
+            # events for this node while its hello is being stored (other requests, departures,
+            # other instances) wait for its session, after what the hello itself caused
+            self._arriving[conn.key] = []
+            try:
+                reply = await self._apply(conn, msg, lambda: m.hello(conn.key, msg, now, source=conn.source))
+            finally:
+                held = self._arriving.pop(conn.key, [])
             reply["udp_token"] = base64.b64encode(self.relay.token_for(conn.key)).decode()
             reply["udp_port"] = self.port
             reply["stun_ports"] = self.stun_ports
@@ -424,6 +431,7 @@ class MediationServer:
             self.sessions[conn.key] = conn
             key = conn.key
             self.relay.tcp_sinks[key] = lambda src, payload, c=conn: self._tcp_deliver(c, src, payload)
+            m.outgoing.extend((key, ev) for ev in held)
             self.rlog.log(log, logging.INFO, "%s: node %s (%s) online", conn.peer, reply["name"], reply["ip"])
             return reply
         if t != "ping":
@@ -474,6 +482,8 @@ class MediationServer:
         reply (its changes are stored). SQLite's hooks return at once without yielding."""
         now = time.time()
         claim = await self.store.prepare(self.mediator, conn.key, msg, now, password_hash)
+        out = self.mediator.outgoing
+        before = len(out)
         try:
             reply = handle()
         except RequestError:
@@ -481,7 +491,11 @@ class MediationServer:
             raise
         if self.sync is not None:
             self.sync.accepted(conn.key, msg, now, reply, password_hash, conn.source)
+        # the events this request caused wait for its flush: nobody hears of a change before it is
+        # stored, and the requester gets its reply first (as when nothing yields here, with SQLite)
+        caused = [out.pop() for _ in range(len(out) - before)][::-1]
         await self.store.flush()
+        out.extend(caused)
         return reply
 
     def membership_changed(self, t: str) -> None:
@@ -552,6 +566,8 @@ class MediationServer:
             if c is not None:
                 c.send(msg)
                 touched.add(c)
+            elif key in self._arriving:
+                self._arriving[key].append(msg)
         for c in touched:
             c.flush()
 

@@ -185,3 +185,72 @@ async def _liveness_until(g: Glue, who: str) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+# ============================================================================ the glue, awaiting the database
+
+
+class FakeConn:
+    """What MediationServer.dispatch needs of a control connection."""
+
+    def __init__(self, label: str):
+        self.key = key(label)
+        self.registered = False
+        self.source = "127.0.0.1"
+        self.peer = label
+        self.transport = None
+        self.sent: list[dict] = []
+
+    def send(self, msg: dict) -> None:
+        self.sent.append(msg)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, final=None) -> None:
+        pass
+
+
+def test_events_during_a_hello_being_stored_reach_the_node_after_its_snapshot(tmp_path, pg_url):
+    """While a hello's writes are being flushed (the glue yields), another member goes offline:
+    the event waits for the new session instead of being dropped."""
+    from overlay.server.app import MediationServer
+
+    async def main():
+        store = await PgStore.open(pg_url)
+        server = MediationServer(tmp_path, "127.0.0.1", 0, identity_bits=0, store=store)
+        conns = {n: FakeConn(n) for n in ("alice", "carol")}
+        rid = iter(range(1, 100))
+
+        async def req(n, t, **f):
+            r = await server.dispatch(conns[n], validate_request({"t": t, "id": next(rid), **f}))
+            server.deliver()
+            return r
+        try:
+            for n in ("alice", "carol"):
+                await req(n, "hello", name=n, version=1)
+            await req("alice", "create", network="lan", password=PW)
+            await req("carol", "join", network="lan", password=PW)
+            server.unregister(conns["alice"])           # alice's connection drops; she comes back
+            conns["alice"] = FakeConn("alice")
+            gate, flushing = asyncio.Event(), asyncio.Event()
+            real_flush = store.flush
+
+            async def slow_flush():
+                flushing.set()
+                await gate.wait()
+                await real_flush()
+            store.flush = slow_flush
+            hello = asyncio.create_task(req("alice", "hello", name="alice", version=1))
+            await flushing.wait()
+            store.flush = real_flush
+            server.unregister(conns["carol"])          # carol leaves while alice's hello is stored
+            gate.set()
+            await hello
+            server.deliver()
+            carol = [m for e in conns["alice"].sent if e["t"] == "members" for m in e["members"]
+                     if m["name"] == "carol"]
+            assert carol and carol[0]["online"] is True and carol[-1]["online"] is False, carol
+        finally:
+            await server.close()
+    asyncio.run(main())
