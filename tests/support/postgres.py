@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -63,7 +64,11 @@ class Cluster:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
         except (RuntimeError, subprocess.TimeoutExpired):
             pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for _ in range(50):      # the server's last files may still be going away
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.tmp.exists():
+                break
+            time.sleep(0.1)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.tmp}&port={self.port}"
