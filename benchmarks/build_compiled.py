@@ -1,6 +1,6 @@
 """Build the optional compiled hot path: the per-packet modules, unchanged, through mypyc.
 
-    python benchmarks/build_compiled.py [--out DIR] [--check]      (or: make compiled)
+    python benchmarks/build_compiled.py [--out DIR] [--check | --status]      (or: make compiled)
 
 Compiles the modules in ``MODULES`` with mypyc (``pip install mypy``; needs a C compiler and the
 Python headers, e.g. Debian's gcc and python3-dev) in a scratch copy of the package, then puts
@@ -8,7 +8,8 @@ the extension files and a manifest (the interpreter's extension suffix, the SHA-
 source in the compiled packages) into ``overlay/_compiled/`` (or ``--out``). A node loads them
 from there when the manifest matches this interpreter and these sources (see
 ``overlay/compiled_hotpath.py``); ``OVERLAY_PURE=1`` forces pure Python; deleting the directory
-undoes the build. ``--check`` only says whether a compiler is there (exit 0) or why not (exit 1).
+undoes the build. ``--check`` only says whether a compiler is there (exit 0) or why not (exit 1);
+``--status`` whether this interpreter loads the compiled modules, or why not.
 
 What is left out, and why (mypy/mypyc 2.4, CPython 3.11):
 
@@ -139,9 +140,13 @@ def _mypy_version() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=compiled_hotpath.DEFAULT_DIR, help="where the build goes")
+    ap.add_argument("--out", type=Path, default=Path(compiled_hotpath.DEFAULT_DIR), help="where the build goes")
     ap.add_argument("--check", action="store_true", help="only say whether this machine can build")
+    ap.add_argument("--status", action="store_true", help="only say whether nodes load a compiled build")
     args = ap.parse_args()
+    if args.status:
+        print(compiled_hotpath.describe())
+        return 0
     why = missing_tools()
     if why:
         print(f"cannot build the compiled hot path: {why}", file=sys.stderr)

@@ -10,59 +10,67 @@ and the pure-Python modules load as always. It is all or nothing: mypyc's module
 natively, so one changed source (a stale build) means pure Python for all of them.
 
 ``OVERLAY_PURE=1`` forces pure Python. :data:`active` names the modules loaded compiled and
-:data:`reason` says why none are (``python -m overlay.compiled_hotpath`` prints both).
+:data:`reason` says why none are (``python benchmarks/build_compiled.py --status`` prints which).
 Nothing here needs a compiler: the default install is pure Python.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import json
+# only os and sys here: every `overlay` command imports this first, and without a build the whole
+# cost is one stat (importlib.abc alone would add tens of milliseconds to start-up)
 import os
 import sys
-from pathlib import Path
 
 PURE_ENV = "OVERLAY_PURE"
 DIR_ENV = "OVERLAY_COMPILED"
 MANIFEST = "manifest.json"
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_DIR = PACKAGE_DIR / "_compiled"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DIR = os.path.join(PACKAGE_DIR, "_compiled")
 
 active: tuple[str, ...] = ()
 reason = "not installed"
 
 
-def build_dir() -> Path:
-    return Path(os.environ.get(DIR_ENV) or DEFAULT_DIR)
+def build_dir() -> str:
+    return os.environ.get(DIR_ENV) or DEFAULT_DIR
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Loads exactly the modules of one build (and mypyc's shared runtime) from their files."""
+class _Finder:
+    """A ``sys.meta_path`` finder: loads exactly the modules of one build (and mypyc's shared
+    runtime) from their extension files."""
 
-    def __init__(self, files: dict[str, Path]) -> None:
+    def __init__(self, files: dict[str, str]) -> None:
         self.files = files
 
     def find_spec(self, name, path=None, target=None):
         f = self.files.get(name)
         if f is None:
             return None
+        import importlib.machinery
+        import importlib.util
+
         return importlib.util.spec_from_file_location(
-            name, f, loader=importlib.machinery.ExtensionFileLoader(name, str(f)))
+            name, f, loader=importlib.machinery.ExtensionFileLoader(name, f))
 
 
-def check(base: Path) -> tuple[dict[str, Path], str]:
+def check(base: str | os.PathLike[str]) -> tuple[dict[str, str], str]:
     """The files to load from the build in ``base`` and "", or {} and why not."""
+    import importlib.machinery
+    import json
+
+    base = os.fspath(base)
     try:
-        manifest = json.loads((base / MANIFEST).read_text())
+        with open(os.path.join(base, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
     except FileNotFoundError:
-        return {}, f"not built ({base / MANIFEST} absent)"
+        return {}, f"not built ({os.path.join(base, MANIFEST)} absent)"
     except (OSError, ValueError) as e:
         return {}, f"unreadable manifest: {e}"
     if not isinstance(manifest, dict):
@@ -70,18 +78,18 @@ def check(base: Path) -> tuple[dict[str, Path], str]:
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     if manifest.get("ext_suffix") != suffix:
         return {}, f"built for {manifest.get('ext_suffix')!r}, this interpreter loads {suffix!r}"
-    files: dict[str, Path] = {}
+    files: dict[str, str] = {}
     try:
         # every source of the compiled packages, compiled or not (mypyc may have relied on them)
         for rel, digest in manifest["sources"].items():
-            src = PACKAGE_DIR / rel
-            if not src.is_file() or sha256_file(src) != digest:
+            src = os.path.join(PACKAGE_DIR, *rel.split("/"))
+            if not os.path.isfile(src) or sha256_file(src) != digest:
                 return {}, f"stale: overlay/{rel} changed since the build"
         for name, rel in manifest["modules"].items():
-            files[name] = base / rel
+            files[name] = os.path.join(base, *rel.split("/"))
     except (KeyError, TypeError, AttributeError) as e:
         return {}, f"unreadable manifest: {e!r}"
-    missing = [str(f) for f in files.values() if not f.is_file()]
+    missing = [f for f in files.values() if not os.path.isfile(f)]
     if missing:
         return {}, f"missing: {', '.join(missing)}"
     if not files:
@@ -97,7 +105,11 @@ def install() -> None:
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         reason = f"{PURE_ENV} is set"
         return
-    files, why = check(build_dir())
+    base = build_dir()
+    if not os.path.exists(os.path.join(base, MANIFEST)):
+        reason = f"not built ({os.path.join(base, MANIFEST)} absent)"
+        return
+    files, why = check(base)
     if not files:
         reason = why
         return
@@ -113,10 +125,3 @@ def install() -> None:
 
 def describe() -> str:
     return f"compiled: {', '.join(active)}" if active else f"pure Python: {reason}"
-
-
-if __name__ == "__main__":
-    # run as a script this file is a second module: ask the one overlay/__init__.py installed
-    from overlay import compiled_hotpath
-
-    print(compiled_hotpath.describe())
