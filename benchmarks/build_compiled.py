@@ -5,10 +5,10 @@
 Compiles the modules in ``MODULES`` with mypyc (``pip install mypy``; needs a C compiler and the
 Python headers, e.g. Debian's gcc and python3-dev) in a scratch copy of the package, then puts
 the extension files and a manifest (the interpreter's extension suffix, the SHA-256 of every
-source in the compiled packages) into ``overlay/_compiled/`` (or ``--out``). A node loads them
-from there when the manifest matches this interpreter and these sources (see
-``overlay/compiled_hotpath.py``); ``OVERLAY_PURE=1`` forces pure Python; deleting the directory
-undoes the build. ``--check`` only says whether a compiler is there (exit 0) or why not (exit 1);
+source in the compiled packages and of ``overlay/crypto.py``, which they import) into
+``overlay/_compiled/`` (or ``--out``). A node loads them from there when the manifest matches this
+interpreter and these sources (see ``overlay/compiled_hotpath.py``); ``OVERLAY_PURE=1`` forces
+pure Python; deleting the directory undoes the build. ``--check`` only says whether a compiler is there (exit 0) or why not (exit 1);
 ``--status`` whether this interpreter loads the compiled modules, or why not.
 
 What is left out, and why (mypy/mypyc 2.4, CPython 3.11):
@@ -59,9 +59,10 @@ MODULES = [
     "overlay.wire.events",
     "overlay.wire.constants",
 ]
-# every source in these packages goes into the manifest: a change to any of them (compiled or
-# not) makes the build stale
+# every source in these packages, and the modules they import from outside them, goes into the
+# manifest: a change to any of them (compiled or not) makes the build stale
 PACKAGES = ["netstack", "wire"]
+IMPORTED = ["crypto.py"]
 
 
 def missing_tools() -> str:
@@ -82,6 +83,8 @@ def sources() -> dict[str, str]:
     for pkg in PACKAGES:
         for f in sorted((PACKAGE / pkg).glob("*.py")):
             out[f.relative_to(PACKAGE).as_posix()] = compiled_hotpath.sha256_file(f)
+    for rel in IMPORTED:
+        out[rel] = compiled_hotpath.sha256_file(PACKAGE / rel)
     return out
 
 
