@@ -1,9 +1,12 @@
 """Drive a sans-I/O :class:`~overlay.netstack.stack.Stack` on an asyncio loop, with stream APIs.
 
 :class:`StackDriver` is bound to a ``send_packet`` callback (the tunnel). Feed it inbound IPv4
-packets with :meth:`StackDriver.receive_packet`; it runs the stack's timers with
-``loop.call_at``, flushes outbound packets once per loop iteration (so a burst of inbound packets
-read in one go is answered in one batch), and turns stack events into stream wake-ups.
+packets with :meth:`StackDriver.receive_packet` (or a batch read in one go with
+:meth:`StackDriver.receive_packets`); it runs the stack's timers with ``loop.call_at`` and turns
+stack events into stream wake-ups. Output is flushed in the callback that made it, never a loop
+turn later: after each inbound batch (answered as one batch: one ACK per connection, as GRO gives
+Linux), after each ``write``, close or read that opened the window. A flush already running (an
+event handler writing) takes what its handlers add, so nothing recurses.
 
 Streams look like asyncio's (``read``/``readexactly``/``readuntil``/``readline``;
 ``write``/``drain``/``write_eof``/``close``/``wait_closed``/``get_extra_info``) and keep memory
@@ -91,6 +94,8 @@ class StackDriver:
         self._send_packets = send_packets
         self._loop = loop or asyncio.get_running_loop()
         self._flush_scheduled = False
+        self._flushing = False  # inside _flush: a kick only asks the running flush for another round
+        self._again = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._streams: dict[TcpConnection, _Stream] = {}
@@ -110,15 +115,18 @@ class StackDriver:
     # ------------------------------------------------------------------ tunnel side
 
     def receive_packet(self, packet: bytes) -> None:
-        """An inbound IPv4 packet from the tunnel; the answer is flushed later this loop turn."""
+        """An inbound IPv4 packet from the tunnel; the answer goes out before this returns."""
         self.stack.receive_packet(packet, self._loop.time())
-        self._schedule_flush()
+        self._kick()
 
     def receive_packets(self, packets: list[bytes]) -> None:
+        """Inbound IPv4 packets read in one go: processed as one batch, then answered at once
+        (segments of one connection in the batch get one ACK)."""
         now = self._loop.time()
+        receive = self.stack.receive_packet
         for p in packets:
-            self.stack.receive_packet(p, now)
-        self._schedule_flush()
+            receive(p, now)
+        self._kick()
 
     # ------------------------------------------------------------------ application side
 
@@ -135,7 +143,7 @@ class StackDriver:
         conn = self.stack.connect(ip, port, self._loop.time())
         fut: asyncio.Future[None] = self._loop.create_future()
         self._connecting[conn] = fut
-        self._schedule_flush()
+        self._kick()
         try:
             if timeout is None:
                 await fut
@@ -144,7 +152,7 @@ class StackDriver:
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self._connecting.pop(conn, None)
             conn.abort()
-            self._schedule_flush()
+            self._kick()
             if fut.cancelled() or not fut.done():
                 fut.cancel()
             raise
@@ -221,28 +229,52 @@ class StackDriver:
         return s.reader, s.writer
 
     def _schedule_flush(self) -> None:
+        """Flush on the next loop turn (only when a flush is still busy after many rounds)."""
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _kick(self) -> None:
+        """Send what the stack has to send now, from this callback: a send that waited for the
+        next loop turn would add that turn to every round trip. Inside a running flush (an event
+        handler that writes, or a packet the flush sent that came straight back) the flush takes
+        it in another round."""
+        if self._flushing:
+            self._again = True
+        elif not self.closed:
+            self._flush()
+
+    def _kick_if_pending(self) -> None:
+        """:meth:`_kick` when the stack holds output (a read that made a window update due)."""
+        if self.stack.has_output:
+            self._kick()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._flushing:
+            self._again = True
+            return
         stack = self.stack
         now = self._loop.time()
-        for _ in range(8):  # events may make more output (a read opens the window) and so on
-            self._dispatch_events()
-            packets = stack.packets_to_send(now)
-            if not packets and not stack.has_events:
-                break
-            if self._send_packets is not None:
+        self._flushing = True
+        try:
+            for _ in range(8):  # events may make more output (a read opens the window) and so on
+                self._again = False
+                self._dispatch_events()
+                packets = stack.packets_to_send(now)
                 if packets:
-                    self._send_packets(packets)
+                    if self._send_packets is not None:
+                        self._send_packets(packets)
+                    else:
+                        send = self._send_packet
+                        for p in packets:
+                            send(p)
+                elif not stack.has_events and not self._again:
+                    break
             else:
-                send = self._send_packet
-                for p in packets:
-                    send(p)
-        else:
-            self._schedule_flush()  # still busy after several rounds: continue next loop turn
+                self._schedule_flush()  # still busy after several rounds: continue next loop turn
+        finally:
+            self._flushing = False
         if self._closing_writers:
             for w in list(self._closing_writers):
                 w._check_closed()
@@ -376,7 +408,7 @@ class StackDriver:
                 self._discard_value(req.port, prepared)
             else:
                 self._prepared[conn] = prepared
-        self._schedule_flush()
+        self._kick()
 
     def _discard_value(self, port: int, prepared: Any) -> None:
         discard = self._discard.get(port) or self._discard.get(0)
@@ -454,7 +486,7 @@ class NetstackStreamReader:
                     raise self._exc from None
                 raise
             if data:
-                self._s.driver._schedule_flush()  # the window may have opened
+                self._s.driver._kick_if_pending()  # a window update may be due
             return data
 
     async def read(self, n: int = -1) -> bytes:
@@ -559,11 +591,10 @@ class NetstackStreamWriter:
         n = self._s.conn.send(data)
         if n < len(data):
             self._pending += memoryview(data)[n:]
-        self._s.driver._schedule_flush()
+        self._s.driver._kick()
 
     def writelines(self, data: list[bytes]) -> None:
-        for d in data:
-            self.write(d)
+        self.write(b"".join(data))  # one write: one flush, the pieces share segments
 
     async def drain(self) -> None:
         """Wait until everything written has been taken into the TCP send buffer."""
@@ -589,7 +620,7 @@ class NetstackStreamWriter:
             self._wake_drain()
             if self._eof_requested:
                 self._s.conn.close(orphan=self._orphan)
-                self._s.driver._schedule_flush()
+                self._s.driver._kick()
 
     def _wake_drain(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -607,7 +638,7 @@ class NetstackStreamWriter:
         self._eof_requested = True
         if not self._pending:
             self._s.conn.close(orphan=self._orphan)
-            self._s.driver._schedule_flush()
+            self._s.driver._kick()
         self._s.driver._closing_writers.add(self)
 
     def close(self) -> None:
@@ -619,7 +650,7 @@ class NetstackStreamWriter:
         if self._eof_requested:
             if not self._pending:
                 self._s.conn.close(orphan=True)
-                self._s.driver._schedule_flush()
+                self._s.driver._kick()
         else:
             self.write_eof()
         self._s.reader._fail(ConnectionAbortedError("stream closed locally"))
@@ -629,7 +660,7 @@ class NetstackStreamWriter:
         self._orphan = True
         self._s.conn.abort()
         self._s.driver._streams.pop(self._s.conn, None)  # no event follows a local abort
-        self._s.driver._schedule_flush()
+        self._s.driver._kick()
         self._fail(ConnectionAbortedError("stream aborted locally"))
 
     def is_closing(self) -> bool:
@@ -683,7 +714,7 @@ class NetstackDatagramEndpoint:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.socket.sendto(data, addr)
-        self._driver._schedule_flush()
+        self._driver._kick()
 
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         while not self._queue:

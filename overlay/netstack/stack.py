@@ -319,6 +319,11 @@ class Stack:
     def has_events(self) -> bool:
         return bool(self._events)
 
+    @property
+    def has_output(self) -> bool:
+        """:meth:`packets_to_send` would return packets (or connections have output due)."""
+        return bool(self._out or self._dirty)
+
     def next_event(self) -> events.Event | None:
         if not self._events:
             return None
