@@ -15,7 +15,8 @@ baseline's forward), ``--count`` round trips each (after 50 warm-up) on one conn
 TCP_NODELAY. Printed per path: the median over rounds of each round's median, p90, and the
 added round trip (median minus the same round's veth median). With ``--iperf SECONDS`` each
 round also runs one iperf3 transfer each way per path (receiver-side Gbit/s, medians, ratio to
-wireguard-go). The load average before and after is printed: other jobs on the machine move
+wireguard-go, and the CPU seconds both tunnel processes spent per GB: steadier than the rates when
+other jobs load the machine; the CPU clock ticks at 100 Hz, so use a few seconds per transfer). The load average before and after is printed: other jobs on the machine move
 every figure.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import ECHO_PORT, FWD_ECHO, FWD_IPERF, IPERF_PLAIN, OV_B, WG_B, BenchError, Lab, guarded  # noqa: E402
+from bench_forward import ECHO_PORT, FWD_ECHO, FWD_IPERF, IPERF_PLAIN, OV_B, WG_B, Lab, cpu_seconds, guarded  # noqa: E402
 
 
 def load() -> str:
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> None:
         rtt: dict[str, list[dict]] = {n: [] for n in paths}
         added: dict[str, list[float]] = {n: [] for n in paths}
         gbps: dict[tuple[str, bool], list[float]] = {(n, r): [] for n in paths for r in (False, True)}
+        cpu_gb: dict[tuple[str, bool], list[float]] = {(n, r): [] for n in paths for r in (False, True)}
+        pids = {n: (list(lb.node_pids.values()) if n.endswith("forward") else main.wg_pids if n == "wireguard-go" else [])
+                for n, (lb, *_rest) in paths.items()}
         for i in range(args.rounds):
             for name, (lb, tag, host, port, _) in paths.items():
                 rtt[name].append(lb.ping_pong(tag, host, port, args.count))
@@ -68,7 +72,12 @@ def run(args: argparse.Namespace) -> None:
             if args.iperf:
                 for name, (lb, tag, host, _, iport) in paths.items():
                     for reverse in (False, True):
-                        gbps[(name, reverse)].append(lb.iperf(tag, host, iport, args.iperf, reverse)["gbps"])
+                        before = sum(cpu_seconds(p) for p in pids[name])
+                        g = lb.iperf(tag, host, iport, args.iperf, reverse)["gbps"]
+                        gbps[(name, reverse)].append(g)
+                        if pids[name]:  # CPU seconds of both tunnel processes per GB received (steadier than rates)
+                            cpu_gb[(name, reverse)].append((sum(cpu_seconds(p) for p in pids[name]) - before)
+                                                           / (g * args.iperf / 8))
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{n} +{added[n][-1]:.0f} us" for n in paths if n != "veth") + f"; load {load()}", flush=True)
 
@@ -89,8 +98,10 @@ def run(args: argparse.Namespace) -> None:
                 wgr = med(gbps[("wireguard-go", reverse)])
                 for name in paths:
                     g = gbps[(name, reverse)]
+                    c = cpu_gb[(name, reverse)]
                     print(f"  {name + ' ' + d:26s} {med(g):6.3f}   {med(g) / wgr:5.2f}x wireguard-go"
-                          f"   (runs: {', '.join(f'{x:.3f}' for x in g)})")
+                          + (f"   {med(c):5.1f} CPU s/GB" if c else "")
+                          + f"   (runs: {', '.join(f'{x:.3f}' for x in g)})")
         print(f"\nload average at the end {load()}; total time {time.monotonic() - t0:.0f} s")
     finally:
         for lb in labs.values():

@@ -450,8 +450,32 @@ class NetstackStreamReader:
         self._waiter: asyncio.Future[None] | None = None
         self._exc: Exception | None = None
         self._limit = limit
+        self._on_data: Callable[[], None] | None = None
+
+    def set_data_callback(self, cb: Callable[[], None] | None) -> None:
+        """Call ``cb()`` (instead of waking a ``read``) when data, EOF or an error arrives, from
+        the flush that received it: a relay then takes the bytes without a task switch or a loop
+        turn (``overlay.proxy.splice``). ``cb`` takes them with :meth:`take`."""
+        self._on_data = cb
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` bytes without waiting: b'' at EOF; raises BlockingIOError when none are
+        there yet and the stream's error if it failed."""
+        if self._buf:
+            data = bytes(self._buf[:n])
+            del self._buf[:n]
+            return data
+        try:
+            return self._s.conn.recv(n)
+        except (BlockingIOError, ConnectionResetError):
+            if self._exc is not None:
+                raise self._exc from None
+            raise
 
     def _wake(self) -> None:
+        if self._on_data is not None:
+            self._on_data()
+            return
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -621,6 +645,20 @@ class NetstackStreamWriter:
             if self._eof_requested:
                 self._s.conn.close(orphan=self._orphan)
                 self._s.driver._kick()
+
+    @property
+    def pending(self) -> int:
+        """Bytes written that the connection's send buffer has not taken yet."""
+        return len(self._pending)
+
+    def when_drained(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` once everything written has been taken (or the stream failed)."""
+        if not self._pending or self._exc is not None:
+            cb()
+            return
+        fut = self._s.driver._loop.create_future()
+        fut.add_done_callback(lambda _: cb())
+        self._drain_waiters.append(fut)
 
     def _wake_drain(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []

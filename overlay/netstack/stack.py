@@ -288,6 +288,8 @@ class Stack:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next run (None: no timer pending)."""
+        for conn in self._dirty:  # segments arrived, output not made yet: timers may have moved
+            conn._update_deadline()
         best = self.fragments.next_deadline()
         for conn in self._conns.values():
             d = conn.deadline
@@ -301,6 +303,8 @@ class Stack:
 
     def handle_timer(self, now: float) -> None:
         self.now = now
+        for conn in self._dirty:
+            conn._update_deadline()
         if self.fragments:
             self.fragments.expire(now)
         for conn in [c for c in self._conns.values() if c.deadline is not None and c.deadline <= now]:
@@ -530,7 +534,8 @@ class Stack:
 
     # ------------------------------------------------------------------ called by connections
 
-    def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes, options: bytes) -> None:
+    def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes | bytearray,
+                  options: bytes) -> None:
         self._ident = ident = (self._ident + 1) & 0xFFFF
         self._out.append(
             build_ipv4_tcp(conn.local_ip_bytes, conn.remote_ip_bytes, ident, conn.local_port, conn.remote_port,

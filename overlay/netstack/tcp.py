@@ -418,9 +418,11 @@ class TcpConnection:
             if self._ack_at_once:
                 self._ack_at_once = False
                 self._output(now)  # a duplicate ACK: one per segment, its SACK blocks current
+                self._update_deadline()
             else:
-                self._stack._mark_dirty(self)  # output at the end of the batch
-            self._update_deadline()
+                # output at the end of the batch, the deadline with it (Stack.get_timer updates
+                # the deadlines of connections still waiting for their output)
+                self._stack._mark_dirty(self)
 
     def _on_segment_syn_sent(self, seg: TcpSegment, now: float) -> None:
         flags = seg.flags
@@ -803,7 +805,7 @@ class TcpConnection:
         self,
         seq: int,
         flags: int,
-        data: bytes = b"",
+        data: bytes | bytearray = b"",
         options: bytes = b"",
         window: int | None = None,
     ) -> None:
@@ -863,18 +865,23 @@ class TcpConnection:
 
     def _send_data(self, now: float) -> None:
         data_end = self._buf_seq + len(self._sndbuf)
+        # nothing arrives while a burst goes out: its window and SACK blocks are the same for all
+        window = sack = None
         while (nxt := self._next_segment(data_end)) is not None:
             seq, end, fin, retransmit = nxt
-            payload = b""
+            payload: bytes | bytearray = b""
             if end > seq:
                 off = seq - self._buf_seq
-                payload = bytes(self._sndbuf[off : off + (end - seq)])
+                payload = self._sndbuf[off : off + (end - seq)]  # one copy (the packet is another)
             flags = ACK
             if fin:
                 flags |= FIN
             elif payload and end == data_end:
                 flags |= PSH
-            self._send_segment(seq, flags, payload, self._sack_option())
+            if window is None:
+                window = self._window_field()
+                sack = self._sack_option()
+            self._send_segment(seq, flags, payload, sack or b"", window)
             seg_end = end + fin
             if retransmit:
                 self.stats["retransmits"] += 1

@@ -412,7 +412,7 @@ def build_ipv4_tcp(
     ack: int,
     flags: int,
     window: int,
-    data: bytes = b"",
+    data: bytes | bytearray = b"",
     options: bytes = b"",
 ) -> bytes:
     """IPv4 + TCP in one go (the stack's per-segment hot path): one header pack, both checksums
