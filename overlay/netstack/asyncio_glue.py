@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+from ..ratelog import LogLimiter
 from . import events as ev
 from .stack import Stack
 from .tcp import TcpConnection, TcpState
@@ -46,6 +47,9 @@ ClientConnected = Callable[["NetstackStreamReader", "NetstackStreamWriter"], Awa
 
 READ_CHUNK = 65536
 DEFAULT_LIMIT = 65536  # readuntil/readline search bound, like asyncio's
+
+
+_errors = LogLimiter()
 
 
 class NothingListensError(ConnectionRefusedError):
@@ -242,7 +246,12 @@ class StackDriver:
         if self._flushing:
             self._again = True
         elif not self.closed:
-            self._flush()
+            try:
+                self._flush()
+            except Exception:
+                # a bug in an event handler must not break the caller (the data plane's flush of
+                # a whole inbound batch, an application's write): what asyncio does for a callback
+                _errors.log(log, logging.ERROR, "netstack flush failed", exc_info=True)
 
     def _kick_if_pending(self) -> None:
         """:meth:`_kick` when the stack holds output (a read that made a window update due)."""

@@ -117,18 +117,20 @@ class Splice(asyncio.Protocol):
         self.last = self._loop.time()
         try:
             self._nw.write(data)  # flushes: the segments leave before this returns
+            if self._nw.pending:
+                self._tr.pause_reading()
+                self._nw.when_drained(self._netstack_drained)
         except Exception as e:  # the netstack connection failed (reset, timed out)
             self._finish(e)
-            return
-        if self._nw.pending:
-            self._tr.pause_reading()
-            self._nw.when_drained(self._netstack_drained)
 
     def _netstack_drained(self) -> None:
         if self._nw._exc is not None:
             self._finish(self._nw._exc)
         elif not self.done.done() and not self._k2n_done and not self._tr.is_closing():
-            self._tr.resume_reading()
+            try:
+                self._tr.resume_reading()
+            except Exception as e:
+                self._finish(e)
 
     def eof_received(self) -> bool:
         if not self._k2n_done and not self.done.done():
@@ -154,6 +156,13 @@ class Splice(asyncio.Protocol):
         self._from_netstack()
 
     def _from_netstack(self) -> None:
+        """Called from the netstack's flush: never raises (a failure ends this pair only)."""
+        try:
+            self._netstack_to_kernel()
+        except Exception as e:  # e.g. shutdown() on a socket the service already reset
+            self._finish(e)
+
+    def _netstack_to_kernel(self) -> None:
         if self._write_paused or self._n2k_done or self.done.done():
             return
         nr, tr = self._nr, self._tr

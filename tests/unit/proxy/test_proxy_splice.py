@@ -30,6 +30,7 @@ class Chain:
         self.idle = idle
         self.relays: list[asyncio.Task] = []
         self.client_side: list[asyncio.StreamWriter] = []  # the forward's kernel writers
+        self.service_side: list[asyncio.StreamWriter] = []  # the share's kernel writers
 
     async def __aenter__(self) -> Chain:
         self.link = Link(self.cfg)
@@ -39,6 +40,7 @@ class Chain:
         async def share(nr, nw):  # B: the peer's connection to a shared port
             self.relays.append(asyncio.current_task())
             kr, kw = await asyncio.open_connection("127.0.0.1", svc_port)
+            self.service_side.append(kw)
             await relay(nr, nw, kr, kw, self.idle)
 
         self.link.b.listen(80, share)
@@ -171,6 +173,38 @@ def test_a_service_reset_ends_both_relays(count_splices):
             w.close()
             await c.relays_done()
             assert all(conn.state.name in ("CLOSED", "TIME_WAIT") for conn in c.link.a.stack.connections)
+
+    run(main())
+
+
+def test_a_failing_kernel_socket_ends_its_pair_not_the_netstack_flush(count_splices):
+    """shutdown() on a socket the service already reset raises ENOTCONN: from inside the netstack
+    flush that delivered the peer's FIN. Only that pair may end; nothing reaches the loop."""
+
+    async def service(r, w):
+        await r.read()
+        w.close()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        async with Chain(service) as c:
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            w.write(b"x")
+            await w.drain()
+            while not c.service_side:
+                await asyncio.sleep(0.01)
+
+            def broken_write_eof():
+                raise OSError(107, "Transport endpoint is not connected")
+
+            c.service_side[0].transport.write_eof = broken_write_eof
+            w.write_eof()  # the FIN reaches B's splice, whose write_eof fails
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
+            await c.relays_done()
+        assert errors == []
 
     run(main())
 
