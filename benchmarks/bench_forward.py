@@ -152,8 +152,9 @@ class Lab:
 
     def spawn(self, tag: str, label: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{label}.log", "wb")
+        # cwd: ``python -m overlay`` imports from the current directory before PYTHONPATH
         p = self.ns[tag].popen(*argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=env or dict(os.environ, PYTHONPATH=str(self.repo)))
+                               env=env or dict(os.environ, PYTHONPATH=str(self.repo)), cwd=str(self.repo))
         log.close()
         self.procs.append((label, p))
         return p
@@ -183,7 +184,7 @@ class Lab:
     # ------------------------------------------------------------------ the overlay side
     def overlay_cli(self, node: str, *args: str) -> str:
         r = subprocess.run([*OVERLAY, *args, "--home", str(self.tmp / node)], capture_output=True, text=True,
-                           timeout=30, env=dict(os.environ, PYTHONPATH=str(self.repo)))
+                           timeout=30, env=dict(os.environ, PYTHONPATH=str(self.repo)), cwd=str(self.repo))
         if r.returncode != 0:
             raise BenchError(f"overlay {' '.join(args)} on {node} failed: {r.stdout}{r.stderr}")
         return r.stdout

@@ -13,7 +13,9 @@ minutes: this shared machine's figures drift by 2x between runs, but much less w
 Each round runs, one after the other: the plain veth, wireguard-go, the overlay forward (and the
 baseline's forward), ``--count`` round trips each (after 50 warm-up) on one connection with
 TCP_NODELAY. Printed per path: the median over rounds of each round's median, p90, and the
-added round trip (median minus the same round's veth median). With ``--iperf SECONDS`` each
+added round trip (median minus the same round's veth median), and the CPU time the tunnel
+processes spent per round trip over all rounds (the work a round trip costs them: on a loaded
+machine the times mostly measure waiting for a CPU, this does not). With ``--iperf SECONDS`` each
 round also runs one iperf3 transfer each way per path (receiver-side Gbit/s, medians, ratio to
 wireguard-go, and the CPU seconds both tunnel processes spent per GB: steadier than the rates when
 other jobs load the machine; the CPU clock ticks at 100 Hz, so use a few seconds per transfer). The load average before and after is printed: other jobs on the machine move
@@ -63,9 +65,12 @@ def run(args: argparse.Namespace) -> None:
         cpu_gb: dict[tuple[str, bool], list[float]] = {(n, r): [] for n in paths for r in (False, True)}
         pids = {n: (list(lb.node_pids.values()) if n.endswith("forward") else main.wg_pids if n == "wireguard-go" else [])
                 for n, (lb, *_rest) in paths.items()}
+        rtt_cpu = dict.fromkeys(paths, 0.0)  # CPU seconds of the tunnel processes over all ping-pongs
         for i in range(args.rounds):
             for name, (lb, tag, host, port, _) in paths.items():
+                before = sum(cpu_seconds(p) for p in pids[name])
                 rtt[name].append(lb.ping_pong(tag, host, port, args.count))
+                rtt_cpu[name] += sum(cpu_seconds(p) for p in pids[name]) - before
             base = rtt["veth"][-1]["median_us"]
             for name in paths:
                 added[name].append(rtt[name][-1]["median_us"] - base)
@@ -88,6 +93,12 @@ def run(args: argparse.Namespace) -> None:
                 f"   added {med(added[name]):7.1f} us (rounds: {', '.join(f'{a:.0f}' for a in added[name])})")
             print(f"  {name:18s} median {med(r['median_us'] for r in rtt[name]):7.1f} us"
                   f"   p90 {med(r['p90_us'] for r in rtt[name]):7.1f} us{extra}")
+        trips = args.rounds * (args.count + 50)
+        print(f"  CPU of both tunnel processes per round trip (all rounds, {trips} round trips each; steady under "
+              "load, where the times are not):")
+        for name in paths:
+            if pids[name]:
+                print(f"    {name:18s} {rtt_cpu[name] / trips * 1e6:7.1f} us")
         wg = med(added["wireguard-go"])
         for name in labs:
             print(f"  {name} forward added round trip / wireguard-go's: {med(added[f'{name} forward']) / wg:.2f}x")

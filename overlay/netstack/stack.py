@@ -238,7 +238,11 @@ class Stack:
         return sock
 
     def receive_packet(self, ip_packet: bytes, now: float) -> None:
-        """Process one inbound IPv4 packet (from the tunnel). Never raises for bad input."""
+        """Process one inbound IPv4 packet (from the tunnel). Never raises for bad input.
+
+        What a TCP segment makes due (an ACK, data its ACK lets out) is built at the next
+        :meth:`packets_to_send`: packets received back to back form one batch, answered with
+        one ACK per connection (duplicate ACKs for out-of-order data still go out per segment)."""
         self.now = now
         self.stats["rx_packets"] += 1
         try:
