@@ -416,7 +416,7 @@ def build_ipv4_tcp(
     ack: int,
     flags: int,
     window: int,
-    data: bytes = b"",
+    data: bytes | bytearray = b"",
     options: bytes = b"",
     l4_checksum: bool = True,
 ) -> bytes:

@@ -300,3 +300,38 @@ def test_streams_are_released_however_a_connection_ends():
             link.close()
 
     run(main())
+
+
+def test_output_leaves_in_the_callback_that_made_it():
+    """No loop turn between a write (or an inbound packet) and the packets it makes: a flush
+    scheduled for later would add that turn to every round trip."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sent_a: list[bytes] = []
+        sent_b: list[bytes] = []
+        a = StackDriver(Stack(A_IP, now=loop.time()), sent_a.append)
+        b = StackDriver(Stack(B_IP, now=loop.time()), sent_b.append)
+        accepted = []
+        b.listen(7, lambda r, w: accepted.append((r, w)))
+        task = asyncio.ensure_future(a.open_connection(B_IP, 7))
+        await asyncio.sleep(0)  # open_connection runs up to its wait: the SYN is out
+        assert len(sent_a) == 1
+        b.receive_packet(sent_a.pop())  # answered (SYN-ACK) before receive_packet returns
+        assert len(sent_b) == 1
+        a.receive_packet(sent_b.pop())
+        assert len(sent_a) == 1  # the handshake's ACK
+        b.receive_packets([sent_a.pop()])
+        reader, writer = await task
+        (_, b_writer), = accepted
+        writer.write(b"ping")
+        assert len(sent_a) == 1  # the segment left inside write()
+        b.receive_packets([sent_a.pop()])
+        b_writer.write(b"pong")  # (B's reply carries the ACK: nothing else was sent)
+        assert len(sent_b) == 1
+        a.receive_packet(sent_b.pop())
+        assert await reader.read(10) == b"pong"
+        a.close()
+        b.close()
+
+    run(main())
