@@ -140,7 +140,8 @@ class StackDriver:
             if timeout is None:
                 await fut
             else:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
+                async with asyncio.timeout(timeout):   # (one timer; wait_for adds futures and hops)
+                    await fut
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self._connecting.pop(conn, None)
             conn.abort()
