@@ -391,6 +391,18 @@ class StackDriver:
                 self._discard_value(conn.local_port, prepared)
 
 
+class _Link:
+    """What a reader or writer needs of its connection. Not the ``_Stream`` itself: that would be a
+    reference cycle (stream -> reader -> stream), and every connection's objects would wait for
+    the garbage collector instead of going when the last reference does."""
+
+    __slots__ = ("driver", "conn")
+
+    def __init__(self, driver: StackDriver, conn: TcpConnection):
+        self.driver = driver
+        self.conn = conn
+
+
 class _Stream:
     """Glue between one connection and its reader/writer pair."""
 
@@ -399,8 +411,9 @@ class _Stream:
     def __init__(self, driver: StackDriver, conn: TcpConnection):
         self.driver = driver
         self.conn = conn
-        self.reader = NetstackStreamReader(self)
-        self.writer = NetstackStreamWriter(self)
+        link = _Link(driver, conn)
+        self.reader = NetstackStreamReader(link)
+        self.writer = NetstackStreamWriter(link, self.reader)
 
     def on_readable(self) -> None:
         self.reader._wake()
@@ -413,7 +426,7 @@ class _Stream:
 class NetstackStreamReader:
     """An asyncio.StreamReader look-alike reading straight from the connection's buffer."""
 
-    def __init__(self, stream: _Stream, limit: int = DEFAULT_LIMIT):
+    def __init__(self, stream: _Link, limit: int = DEFAULT_LIMIT):
         self._s = stream
         self._buf = bytearray()  # only used by readuntil/readexactly look-ahead
         self._waiter: asyncio.Future[None] | None = None
@@ -524,8 +537,9 @@ class NetstackStreamReader:
 class NetstackStreamWriter:
     """An asyncio.StreamWriter look-alike writing into the connection's send buffer."""
 
-    def __init__(self, stream: _Stream):
+    def __init__(self, stream: _Link, reader: NetstackStreamReader):
         self._s = stream
+        self._reader = reader
         self._pending = bytearray()  # bytes the connection's send buffer could not take yet
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._close_waiters: list[asyncio.Future[None]] = []
@@ -623,7 +637,7 @@ class NetstackStreamWriter:
                 self._s.driver._schedule_flush()
         else:
             self.write_eof()
-        self._s.reader._fail(ConnectionAbortedError("stream closed locally"))
+        self._reader._fail(ConnectionAbortedError("stream closed locally"))
 
     def abort(self) -> None:
         """Reset the connection at once."""

@@ -282,9 +282,13 @@ class TcpConnection:
         if not buf:
             self._data_event_pending = False
         if self.state in _CAN_RECEIVE or self.state is S.CLOSE_WAIT:
-            # send a window update when the window grew enough to matter (receiver SWS rule)
+            # send a window update when the window grew enough to matter (receiver SWS rule), and
+            # this read freed that much or the peer is near the edge: not for the first small
+            # read of a connection, whose window only looks grown from the SYN's 64 KiB cap
             free_edge = self.rcv_nxt + self._rcv_cap - len(buf)
-            if free_edge - self._rcv_adv >= min(self._rcv_cap // 2, 2 * self.our_mss) and not self._fin_received:
+            enough = min(self._rcv_cap // 2, 2 * self.our_mss)
+            if (free_edge - self._rcv_adv >= enough and not self._fin_received
+                    and (len(data) >= enough or self._rcv_adv - self.rcv_nxt < enough)):
                 self._ack_now = True
                 self._stack._mark_dirty(self)
         return data
@@ -575,15 +579,21 @@ class TcpConnection:
     def _receive_fin(self, now: float) -> None:
         self._fin_received = True
         self.rcv_nxt += 1
-        self._ack_now = True
         self._ooo.clear()
         st = self.state
         if st is S.ESTABLISHED:
             self.state = S.CLOSE_WAIT
-        elif st is S.FIN_WAIT_1:
-            self.state = S.CLOSING  # our FIN is not acked yet (else we would be in FIN-WAIT-2)
-        elif st is S.FIN_WAIT_2:
-            self._enter_time_wait(now)
+            # As Linux (pingpong mode): the ACK of a FIN that ends an established connection
+            # waits up to ``delayed_ack`` for our own FIN to carry it, since the application
+            # usually closes as soon as it read the end (one packet fewer per short connection).
+            if self._delack_at is None:
+                self._delack_at = now + self._cfg.delayed_ack
+        else:
+            self._ack_now = True
+            if st is S.FIN_WAIT_1:
+                self.state = S.CLOSING  # our FIN is not acked yet (else we would be in FIN-WAIT-2)
+            elif st is S.FIN_WAIT_2:
+                self._enter_time_wait(now)
         self._stack._event(events.EndOfStream(self))
         if not self._data_event_pending:
             self._data_event_pending = True
