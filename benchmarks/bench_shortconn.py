@@ -3,6 +3,7 @@ through SOCKS does this: a new connection for every few requests).
 
     python benchmarks/bench_shortconn.py [--rounds 10] [--round-size 1000] [--clients 10]
     python benchmarks/bench_shortconn.py --long        # 100,000 connections, RSS of both daemons
+    python benchmarks/bench_shortconn.py --skip-wireguard --profile DIR   # where the daemons spend it
 
 Needs root (network namespaces), wireguard-go, wg and /dev/net/tun; otherwise it says why and
 exits 0. The namespaces, nodes and wireguard-go pair are bench_forward.py's (its ``Lab``):
@@ -17,9 +18,13 @@ close. Per round of ``--round-size`` connections it
 prints the rate (connections/s over the round's wall time), p50/p99 of the whole connection
 time, the slowest connect() (for the forward that is only the local kernel handshake), how many
 connections took 1 s or more (a SYN inside the tunnel waiting out a retransmission timeout) and
-failures. wireguard-go runs first, then the overlay,
-in the same run. With ``--long`` the RSS of both overlay daemons is printed after every round
-(it must stay flat once TIME-WAIT tables are full).
+failures, and the CPU time each tunnel process (the two overlay daemons, the two wireguard-go)
+spent per connection: on a machine shared with other jobs the rate follows their load, the CPU
+per connection much less. wireguard-go runs first, then the overlay, in the same run. With
+``--long`` the RSS of both overlay daemons is printed after every round (it must stay flat once
+TIME-WAIT tables are full). With ``--profile DIR``, py-spy (``pip install py-spy``) samples both
+daemons during the overlay rounds: the share of time idle in epoll, then the functions with the
+most busy samples (idle thread-pool workers left out); the raw stacks stay in DIR.
 """
 
 from __future__ import annotations
