@@ -152,7 +152,8 @@ class StackDriver:
             if timeout is None:
                 await fut
             else:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
+                async with asyncio.timeout(timeout):   # (one timer; wait_for adds futures and hops)
+                    await fut
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self._connecting.pop(conn, None)
             conn.abort()
@@ -431,6 +432,18 @@ class StackDriver:
                 self._discard_value(conn.local_port, prepared)
 
 
+class _Link:
+    """What a reader or writer needs of its connection. Not the ``_Stream`` itself: that would be a
+    reference cycle (stream -> reader -> stream), and every connection's objects would wait for
+    the garbage collector instead of going when the last reference does."""
+
+    __slots__ = ("driver", "conn")
+
+    def __init__(self, driver: StackDriver, conn: TcpConnection):
+        self.driver = driver
+        self.conn = conn
+
+
 class _Stream:
     """Glue between one connection and its reader/writer pair."""
 
@@ -439,8 +452,9 @@ class _Stream:
     def __init__(self, driver: StackDriver, conn: TcpConnection):
         self.driver = driver
         self.conn = conn
-        self.reader = NetstackStreamReader(self)
-        self.writer = NetstackStreamWriter(self)
+        link = _Link(driver, conn)
+        self.reader = NetstackStreamReader(link)
+        self.writer = NetstackStreamWriter(link, self.reader)
 
     def on_readable(self) -> None:
         self.reader._wake()
@@ -453,7 +467,7 @@ class _Stream:
 class NetstackStreamReader:
     """An asyncio.StreamReader look-alike reading straight from the connection's buffer."""
 
-    def __init__(self, stream: _Stream, limit: int = DEFAULT_LIMIT):
+    def __init__(self, stream: _Link, limit: int = DEFAULT_LIMIT):
         self._s = stream
         self._buf = bytearray()  # only used by readuntil/readexactly look-ahead
         self._waiter: asyncio.Future[None] | None = None
@@ -588,8 +602,9 @@ class NetstackStreamReader:
 class NetstackStreamWriter:
     """An asyncio.StreamWriter look-alike writing into the connection's send buffer."""
 
-    def __init__(self, stream: _Stream):
+    def __init__(self, stream: _Link, reader: NetstackStreamReader):
         self._s = stream
+        self._reader = reader
         self._pending = bytearray()  # bytes the connection's send buffer could not take yet
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._close_waiters: list[asyncio.Future[None]] = []
@@ -700,7 +715,7 @@ class NetstackStreamWriter:
                 self._s.driver._kick()
         else:
             self.write_eof()
-        self._s.reader._fail(ConnectionAbortedError("stream closed locally"))
+        self._reader._fail(ConnectionAbortedError("stream closed locally"))
 
     def abort(self) -> None:
         """Reset the connection at once."""

@@ -290,10 +290,13 @@ class TcpConnection:
             self._data_event_pending = False
         if (self.state in _CAN_RECEIVE or self.state is S.CLOSE_WAIT) and not self._fin_received:
             # a window update when the window at least doubles over what the peer has left (Linux
-            # tcp_cleanup_rbuf) by enough to matter (receiver SWS rule); else the next ACK carries it
+            # tcp_cleanup_rbuf) by enough to matter (receiver SWS rule); not for a small read while
+            # the peer still has plenty of room (the first small read of a connection, whose window
+            # only looks grown from the SYN's 64 KiB cap): the next ACK carries it
             left = self._rcv_adv - self.rcv_nxt
             new = min(self._rcv_cap - len(buf), 0xFFFF << self._rcv_wscale)
-            if new >= 2 * left and new - left >= min(self._rcv_cap // 2, 2 * self.our_mss):
+            enough = min(self._rcv_cap // 2, 2 * self.our_mss)
+            if new >= 2 * left and new - left >= enough and (len(data) >= enough or left < 8 * enough):
                 self._ack_now = True
                 self._stack._mark_dirty(self)
         return data
@@ -592,15 +595,21 @@ class TcpConnection:
     def _receive_fin(self, now: float) -> None:
         self._fin_received = True
         self.rcv_nxt += 1
-        self._ack_now = True
         self._ooo.clear()
         st = self.state
         if st is S.ESTABLISHED:
             self.state = S.CLOSE_WAIT
-        elif st is S.FIN_WAIT_1:
-            self.state = S.CLOSING  # our FIN is not acked yet (else we would be in FIN-WAIT-2)
-        elif st is S.FIN_WAIT_2:
-            self._enter_time_wait(now)
+            # As Linux (pingpong mode): the ACK of a FIN that ends an established connection
+            # waits up to ``delayed_ack`` for our own FIN to carry it, since the application
+            # usually closes as soon as it read the end (one packet fewer per short connection).
+            if self._delack_at is None:
+                self._delack_at = now + self._cfg.delayed_ack
+        else:
+            self._ack_now = True
+            if st is S.FIN_WAIT_1:
+                self.state = S.CLOSING  # our FIN is not acked yet (else we would be in FIN-WAIT-2)
+            elif st is S.FIN_WAIT_2:
+                self._enter_time_wait(now)
         self._stack._event(events.EndOfStream(self))
         if not self._data_event_pending:
             self._data_event_pending = True

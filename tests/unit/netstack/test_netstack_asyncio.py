@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import random
+import weakref
 
 import pytest
+from polling import wait_async
 
 from overlay.netstack import Stack, TcpConfig, TcpState
 from overlay.netstack.asyncio_glue import StackDriver
@@ -333,5 +336,36 @@ def test_output_leaves_in_the_callback_that_made_it():
         assert await reader.read(10) == b"pong"
         a.close()
         b.close()
+
+    run(main())
+
+
+def test_a_finished_stream_is_freed_without_the_garbage_collector():
+    """No reference cycle per connection (stream <-> reader/writer): once the application drops a
+    closed connection's reader and writer, they go at once, not at the next collection."""
+    async def main():
+        link = Link()
+
+        async def serve(reader, writer):
+            await reader.read(1)
+            writer.write(b"x" * 100)
+            writer.close()
+
+        link.b.listen(9, serve)
+        gc.disable()
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 9)
+            writer.write(b"q")
+            assert await reader.read() == b"x" * 100
+            writer.close()
+            await writer.wait_closed()
+            await wait_async(lambda: not link.a._streams and not link.b._streams and not link.b._tasks, 10,
+                             "both drivers to let go of the connection")
+            refs = [weakref.ref(reader), weakref.ref(writer)]
+            del reader, writer
+            assert [r() for r in refs] == [None, None]
+        finally:
+            gc.enable()
+            link.close()
 
     run(main())
