@@ -5,13 +5,15 @@
 # `make test PYTEST_ARGS='tests/unit/cli/test_cli_literal.py -x'`.
 # `make test` runs every test once (tests/unit, tests/process, tests/lab); `make test-fast` the
 # unit tests not marked slow (under a minute); `make lint` ruff and mypy (set up in pyproject.toml).
+# `make compiled` builds the optional compiled hot path (mypyc; needs gcc and the Python headers) into
+# overlay/_compiled/, which nodes then load (OVERLAY_PURE=1: pure Python; rm -r overlay/_compiled undoes it).
 PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 PYTEST_ARGS ?=
 STAMP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.stamp-install,.stamp-install)
 
-.PHONY: demo test test-fast lint install bench
+.PHONY: demo test test-fast lint install bench compiled
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: install the venv module" \
@@ -39,3 +41,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+compiled: $(STAMP)
+	$(PY) benchmarks/build_compiled.py

@@ -136,7 +136,8 @@ def cpu_seconds(pid: int) -> float:
 class Lab:
     """The namespaces and processes of one benchmark run; ``close()`` removes all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, repo: Path = REPO) -> None:
+        self.repo = repo  # the checkout whose overlay code the daemons run (another one: a baseline)
         self.tmp = Path(tempfile.mkdtemp(prefix="ovbench-"))  # short: Unix socket paths are limited
         self.ns: dict[str, lab.Netns] = {}
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -151,8 +152,9 @@ class Lab:
 
     def spawn(self, tag: str, label: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{label}.log", "wb")
+        # cwd: ``python -m overlay`` imports from the current directory before PYTHONPATH
         p = self.ns[tag].popen(*argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=env or dict(os.environ, PYTHONPATH=str(REPO)))
+                               env=env or dict(os.environ, PYTHONPATH=str(self.repo)), cwd=str(self.repo))
         log.close()
         self.procs.append((label, p))
         return p
@@ -182,7 +184,7 @@ class Lab:
     # ------------------------------------------------------------------ the overlay side
     def overlay_cli(self, node: str, *args: str) -> str:
         r = subprocess.run([*OVERLAY, *args, "--home", str(self.tmp / node)], capture_output=True, text=True,
-                           timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                           timeout=30, env=dict(os.environ, PYTHONPATH=str(self.repo)), cwd=str(self.repo))
         if r.returncode != 0:
             raise BenchError(f"overlay {' '.join(args)} on {node} failed: {r.stdout}{r.stderr}")
         return r.stdout

@@ -3,6 +3,7 @@ through SOCKS does this: a new connection for every few requests).
 
     python benchmarks/bench_shortconn.py [--rounds 10] [--round-size 1000] [--clients 10]
     python benchmarks/bench_shortconn.py --long        # 100,000 connections, RSS of both daemons
+    python benchmarks/bench_shortconn.py --skip-wireguard --profile DIR   # where the daemons spend it
 
 Needs root (network namespaces), wireguard-go, wg and /dev/net/tun; otherwise it says why and
 exits 0. The namespaces, nodes and wireguard-go pair are bench_forward.py's (its ``Lab``):
@@ -17,9 +18,13 @@ close. Per round of ``--round-size`` connections it
 prints the rate (connections/s over the round's wall time), p50/p99 of the whole connection
 time, the slowest connect() (for the forward that is only the local kernel handshake), how many
 connections took 1 s or more (a SYN inside the tunnel waiting out a retransmission timeout) and
-failures. wireguard-go runs first, then the overlay,
-in the same run. With ``--long`` the RSS of both overlay daemons is printed after every round
-(it must stay flat once TIME-WAIT tables are full).
+failures, and the CPU time each tunnel process (the two overlay daemons, the two wireguard-go)
+spent per connection: on a machine shared with other jobs the rate follows their load, the CPU
+per connection much less. wireguard-go runs first, then the overlay, in the same run. With
+``--long`` the RSS of both overlay daemons is printed after every round (it must stay flat once
+TIME-WAIT tables are full). With ``--profile DIR``, py-spy (``pip install py-spy``) samples both
+daemons during the overlay rounds: the share of time idle in epoll, then the functions with the
+most busy samples (idle thread-pool workers left out); the raw stacks stay in DIR.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import WG_B, BenchError, Lab, guarded  # noqa: E402
+from bench_forward import WG_B, BenchError, Lab, Profile, cpu_seconds, guarded  # noqa: E402
 
 SHORT_PORT, FWD_SHORT = 5401, 15401
 
@@ -52,8 +57,11 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str, int] | None) -> list[dict]:
-    """Run the client in namespace ``tag``; one dict per round, printed as it arrives."""
+def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str, int] | None,
+              cpu_pids: dict[str, int]) -> list[dict]:
+    """Run the client in namespace ``tag``; one dict per round, printed as it arrives (with the CPU
+    time each of ``cpu_pids`` spent per connection in the round)."""
+    cpu = {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}
     argv = [*lb.ns[tag].prefix(), sys.executable, TOOLS, "client", host, str(port), str(args.rounds),
             str(args.round_size), str(args.clients)]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -62,10 +70,13 @@ def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str,
     for line in p.stdout:
         r = json.loads(line)
         out.append(r)
-        mem = ""
+        now = {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}
+        r["cpu_ms"] = {n: 1e3 * (now[n] - cpu[n]) / r["n"] for n in now}
+        cpu = now
+        mem = "   CPU/conn " + ", ".join(f"{n} {v:.2f} ms" for n, v in r["cpu_ms"].items()) if cpu_pids else ""
         if rss_pids:
             r["rss_mib"] = {n: rss_kib(pid) / 1024 for n, pid in rss_pids.items()}
-            mem = "   RSS " + ", ".join(f"{n} {v:.1f} MiB" for n, v in r["rss_mib"].items())
+            mem += "   RSS " + ", ".join(f"{n} {v:.1f} MiB" for n, v in r["rss_mib"].items())
         print(f"    round {len(out):3d}: {r['rate']:7.0f} conn/s   p50 {r['p50_ms']:7.1f} ms   "
               f"p99 {r['p99_ms']:7.1f} ms   slowest connect() {r['max_connect_ms']:6.1f} ms   "
               f"taking >= 1 s {r['slow']:4d}   failed {r['failed']}{mem}", flush=True)
@@ -75,12 +86,65 @@ def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str,
     return out
 
 
+def start_profile(lb: Lab, keep: Path) -> list[subprocess.Popen]:
+    """py-spy attached to both daemons for the overlay rounds (raw stacks into ``keep``)."""
+    keep.mkdir(parents=True, exist_ok=True)
+    venv_spy = Path(sys.executable).parent / "py-spy"
+    spy = str(venv_spy) if venv_spy.exists() else "py-spy"
+    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--idle",
+                              "--format", "raw", "--output", str(keep / f"pyspy-{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in lb.node_pids.items()]
+
+
+def stop_profile(spies: list[subprocess.Popen]) -> None:
+    for s in spies:
+        if s.poll() is None:
+            s.send_signal(2)  # py-spy writes its output on SIGINT
+    for s in spies:
+        try:
+            s.wait(30)
+        except subprocess.TimeoutExpired:
+            s.kill()
+            s.wait(5)
+
+
+IDLE_WORKER = "_worker (concurrent/futures/thread.py"   # a pool thread waiting for work
+
+
+def _main_thread(text: str) -> str:
+    """The raw stacks without idle thread-pool workers (py-spy's ``--idle`` counts them as busy)."""
+    return "\n".join(line for line in text.splitlines()
+                     if not line.rpartition(" ")[0].rpartition(";")[2].startswith(IDLE_WORKER))
+
+
+def profile_report(lb: Lab, keep: Path, top: int = 25) -> list[str]:
+    lines = []
+    for name in lb.node_pids:
+        try:
+            prof = Profile(_main_thread((keep / f"pyspy-{name}.txt").read_text()))
+        except OSError:
+            lines.append(f"  node {name}: no py-spy output")
+            continue
+        if not prof.total:
+            lines.append(f"  node {name}: no samples")
+            continue
+        role = "forward, dialling" if name == "alpha" else "share, serving"
+        lines.append(f"  node {name} ({role}): {prof.total} samples, "
+                     f"{100 * prof.idle / prof.total:.0f}% idle (waiting in epoll), {prof.busy} busy")
+        lines += prof.report(top)
+    return lines
+
+
 def summary(name: str, res: list[dict]) -> str:
     rates = [r["rate"] for r in res]
+    cpu = ", ".join(f"{n} {statistics.median(r['cpu_ms'][n] for r in res):.2f}" for n in res[0]["cpu_ms"])
     return (f"  {name:16s} first round {rates[0]:6.0f}/s, last {rates[-1]:6.0f}/s "
             f"(last/first {rates[-1] / rates[0]:.2f}), median {statistics.median(rates):6.0f}/s; "
             f"worst p99 {max(r['p99_ms'] for r in res):7.1f} ms; connections taking >= 1 s "
-            f"{sum(r['slow'] for r in res)}; failed {sum(r['failed'] for r in res)}")
+            f"{sum(r['slow'] for r in res)}; failed {sum(r['failed'] for r in res)}; "
+            f"p50 {statistics.median(r['p50_ms'] for r in res):.1f} ms (median of rounds); "
+            f"CPU ms per connection (medians) {cpu}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -100,12 +164,19 @@ def run(args: argparse.Namespace) -> None:
         results = {}
         if not args.skip_wireguard:
             print("  wireguard-go (kernel TCP through TUN):", flush=True)
-            results["wireguard-go"] = rounds_of(lb, "wgA", WG_B, SHORT_PORT, args, None)
+            results["wireguard-go"] = rounds_of(lb, "wgA", WG_B, SHORT_PORT, args, None,
+                                                dict(zip(("wg-a", "wg-b"), lb.wg_pids)))
         print("  overlay forward (127.0.0.1:%d on alpha -> bravo:%d):" % (FWD_SHORT, SHORT_PORT), flush=True)
         rss = lb.node_pids if args.long else None
         if rss:
             print("    RSS before: " + ", ".join(f"{n} {rss_kib(p) / 1024:.1f} MiB" for n, p in rss.items()))
-        results["overlay forward"] = rounds_of(lb, "ovA", "127.0.0.1", FWD_SHORT, args, rss)
+        spies = start_profile(lb, args.profile) if args.profile else []
+        try:
+            results["overlay forward"] = rounds_of(lb, "ovA", "127.0.0.1", FWD_SHORT, args, rss, lb.node_pids)
+        finally:
+            stop_profile(spies)
+        if args.profile:
+            print("\n".join(profile_report(lb, args.profile)))
         print("\nSummary")
         for name, res in results.items():
             print(summary(name, res))
@@ -130,6 +201,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=10, help="concurrent client threads")
     ap.add_argument("--long", action="store_true", help="100 rounds (100,000 connections) with daemon RSS")
     ap.add_argument("--skip-wireguard", action="store_true", help="only the overlay forward")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="py-spy both daemons during the overlay rounds; raw stacks kept in DIR, top functions printed")
     ap.add_argument("--deadline", type=float, default=None, help="abort (and clean up) after this many seconds")
     args = ap.parse_args()
     if args.long:

@@ -1,9 +1,12 @@
 """Drive a sans-I/O :class:`~overlay.netstack.stack.Stack` on an asyncio loop, with stream APIs.
 
 :class:`StackDriver` is bound to a ``send_packet`` callback (the tunnel). Feed it inbound IPv4
-packets with :meth:`StackDriver.receive_packet`; it runs the stack's timers with
-``loop.call_at``, flushes outbound packets once per loop iteration (so a burst of inbound packets
-read in one go is answered in one batch), and turns stack events into stream wake-ups.
+packets with :meth:`StackDriver.receive_packet` (or a batch read in one go with
+:meth:`StackDriver.receive_packets`); it runs the stack's timers with ``loop.call_at`` and turns
+stack events into stream wake-ups. Output is flushed in the callback that made it, never a loop
+turn later: after each inbound batch (answered as one batch: one ACK per connection, as GRO gives
+Linux), after each ``write``, close or read that opened the window. A flush already running (an
+event handler writing) takes what its handlers add, so nothing recurses.
 
 Streams look like asyncio's (``read``/``readexactly``/``readuntil``/``readline``;
 ``write``/``drain``/``write_eof``/``close``/``wait_closed``/``get_extra_info``) and keep memory
@@ -31,6 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+from ..ratelog import LogLimiter
 from . import events as ev
 from .stack import Stack
 from .tcp import TcpConnection, TcpState
@@ -43,6 +47,9 @@ ClientConnected = Callable[["NetstackStreamReader", "NetstackStreamWriter"], Awa
 
 READ_CHUNK = 65536
 DEFAULT_LIMIT = 65536  # readuntil/readline search bound, like asyncio's
+
+
+_errors = LogLimiter()
 
 
 class NothingListensError(ConnectionRefusedError):
@@ -91,6 +98,8 @@ class StackDriver:
         self._send_packets = send_packets
         self._loop = loop or asyncio.get_running_loop()
         self._flush_scheduled = False
+        self._flushing = False  # inside _flush: a kick only asks the running flush for another round
+        self._again = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._streams: dict[TcpConnection, _Stream] = {}
@@ -110,15 +119,18 @@ class StackDriver:
     # ------------------------------------------------------------------ tunnel side
 
     def receive_packet(self, packet: bytes) -> None:
-        """An inbound IPv4 packet from the tunnel; the answer is flushed later this loop turn."""
+        """An inbound IPv4 packet from the tunnel; the answer goes out before this returns."""
         self.stack.receive_packet(packet, self._loop.time())
-        self._schedule_flush()
+        self._kick()
 
     def receive_packets(self, packets: list[bytes]) -> None:
+        """Inbound IPv4 packets read in one go: processed as one batch, then answered at once
+        (segments of one connection in the batch get one ACK)."""
         now = self._loop.time()
+        receive = self.stack.receive_packet
         for p in packets:
-            self.stack.receive_packet(p, now)
-        self._schedule_flush()
+            receive(p, now)
+        self._kick()
 
     # ------------------------------------------------------------------ application side
 
@@ -135,16 +147,17 @@ class StackDriver:
         conn = self.stack.connect(ip, port, self._loop.time())
         fut: asyncio.Future[None] = self._loop.create_future()
         self._connecting[conn] = fut
-        self._schedule_flush()
+        self._kick()
         try:
             if timeout is None:
                 await fut
             else:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
+                async with asyncio.timeout(timeout):   # (one timer; wait_for adds futures and hops)
+                    await fut
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self._connecting.pop(conn, None)
             conn.abort()
-            self._schedule_flush()
+            self._kick()
             if fut.cancelled() or not fut.done():
                 fut.cancel()
             raise
@@ -221,28 +234,57 @@ class StackDriver:
         return s.reader, s.writer
 
     def _schedule_flush(self) -> None:
+        """Flush on the next loop turn (only when a flush is still busy after many rounds)."""
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _kick(self) -> None:
+        """Send what the stack has to send now, from this callback: a send that waited for the
+        next loop turn would add that turn to every round trip. Inside a running flush (an event
+        handler that writes, or a packet the flush sent that came straight back) the flush takes
+        it in another round."""
+        if self._flushing:
+            self._again = True
+        elif not self.closed:
+            try:
+                self._flush()
+            except Exception:
+                # a bug in an event handler must not break the caller (the data plane's flush of
+                # a whole inbound batch, an application's write): what asyncio does for a callback
+                _errors.log(log, logging.ERROR, "netstack flush failed", exc_info=True)
+
+    def _kick_if_pending(self) -> None:
+        """:meth:`_kick` when the stack holds output (a read that made a window update due)."""
+        if self.stack.has_output:
+            self._kick()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._flushing:
+            self._again = True
+            return
         stack = self.stack
         now = self._loop.time()
-        for _ in range(8):  # events may make more output (a read opens the window) and so on
-            self._dispatch_events()
-            packets = stack.packets_to_send(now)
-            if not packets and not stack.has_events:
-                break
-            if self._send_packets is not None:
+        self._flushing = True
+        try:
+            for _ in range(8):  # events may make more output (a read opens the window) and so on
+                self._again = False
+                self._dispatch_events()
+                packets = stack.packets_to_send(now)
                 if packets:
-                    self._send_packets(packets)
+                    if self._send_packets is not None:
+                        self._send_packets(packets)
+                    else:
+                        send = self._send_packet
+                        for p in packets:
+                            send(p)
+                elif not stack.has_events and not self._again:
+                    break
             else:
-                send = self._send_packet
-                for p in packets:
-                    send(p)
-        else:
-            self._schedule_flush()  # still busy after several rounds: continue next loop turn
+                self._schedule_flush()  # still busy after several rounds: continue next loop turn
+        finally:
+            self._flushing = False
         if self._closing_writers:
             for w in list(self._closing_writers):
                 w._check_closed()
@@ -376,7 +418,7 @@ class StackDriver:
                 self._discard_value(req.port, prepared)
             else:
                 self._prepared[conn] = prepared
-        self._schedule_flush()
+        self._kick()
 
     def _discard_value(self, port: int, prepared: Any) -> None:
         discard = self._discard.get(port) or self._discard.get(0)
@@ -390,6 +432,18 @@ class StackDriver:
                 self._discard_value(conn.local_port, prepared)
 
 
+class _Link:
+    """What a reader or writer needs of its connection. Not the ``_Stream`` itself: that would be a
+    reference cycle (stream -> reader -> stream), and every connection's objects would wait for
+    the garbage collector instead of going when the last reference does."""
+
+    __slots__ = ("driver", "conn")
+
+    def __init__(self, driver: StackDriver, conn: TcpConnection):
+        self.driver = driver
+        self.conn = conn
+
+
 class _Stream:
     """Glue between one connection and its reader/writer pair."""
 
@@ -398,8 +452,9 @@ class _Stream:
     def __init__(self, driver: StackDriver, conn: TcpConnection):
         self.driver = driver
         self.conn = conn
-        self.reader = NetstackStreamReader(self)
-        self.writer = NetstackStreamWriter(self)
+        link = _Link(driver, conn)
+        self.reader = NetstackStreamReader(link)
+        self.writer = NetstackStreamWriter(link, self.reader)
 
     def on_readable(self) -> None:
         self.reader._wake()
@@ -412,14 +467,38 @@ class _Stream:
 class NetstackStreamReader:
     """An asyncio.StreamReader look-alike reading straight from the connection's buffer."""
 
-    def __init__(self, stream: _Stream, limit: int = DEFAULT_LIMIT):
+    def __init__(self, stream: _Link, limit: int = DEFAULT_LIMIT):
         self._s = stream
         self._buf = bytearray()  # only used by readuntil/readexactly look-ahead
         self._waiter: asyncio.Future[None] | None = None
         self._exc: Exception | None = None
         self._limit = limit
+        self._on_data: Callable[[], None] | None = None
+
+    def set_data_callback(self, cb: Callable[[], None] | None) -> None:
+        """Call ``cb()`` (instead of waking a ``read``) when data, EOF or an error arrives, from
+        the flush that received it: a relay then takes the bytes without a task switch or a loop
+        turn (``overlay.proxy.splice``). ``cb`` takes them with :meth:`take`."""
+        self._on_data = cb
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` bytes without waiting: b'' at EOF; raises BlockingIOError when none are
+        there yet and the stream's error if it failed."""
+        if self._buf:
+            data = bytes(self._buf[:n])
+            del self._buf[:n]
+            return data
+        try:
+            return self._s.conn.recv(n)
+        except (BlockingIOError, ConnectionResetError):
+            if self._exc is not None:
+                raise self._exc from None
+            raise
 
     def _wake(self) -> None:
+        if self._on_data is not None:
+            self._on_data()
+            return
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -454,7 +533,7 @@ class NetstackStreamReader:
                     raise self._exc from None
                 raise
             if data:
-                self._s.driver._schedule_flush()  # the window may have opened
+                self._s.driver._kick_if_pending()  # a window update may be due
             return data
 
     async def read(self, n: int = -1) -> bytes:
@@ -523,8 +602,9 @@ class NetstackStreamReader:
 class NetstackStreamWriter:
     """An asyncio.StreamWriter look-alike writing into the connection's send buffer."""
 
-    def __init__(self, stream: _Stream):
+    def __init__(self, stream: _Link, reader: NetstackStreamReader):
         self._s = stream
+        self._reader = reader
         self._pending = bytearray()  # bytes the connection's send buffer could not take yet
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._close_waiters: list[asyncio.Future[None]] = []
@@ -559,11 +639,10 @@ class NetstackStreamWriter:
         n = self._s.conn.send(data)
         if n < len(data):
             self._pending += memoryview(data)[n:]
-        self._s.driver._schedule_flush()
+        self._s.driver._kick()
 
     def writelines(self, data: list[bytes]) -> None:
-        for d in data:
-            self.write(d)
+        self.write(b"".join(data))  # one write: one flush, the pieces share segments
 
     async def drain(self) -> None:
         """Wait until everything written has been taken into the TCP send buffer."""
@@ -589,7 +668,21 @@ class NetstackStreamWriter:
             self._wake_drain()
             if self._eof_requested:
                 self._s.conn.close(orphan=self._orphan)
-                self._s.driver._schedule_flush()
+                self._s.driver._kick()
+
+    @property
+    def pending(self) -> int:
+        """Bytes written that the connection's send buffer has not taken yet."""
+        return len(self._pending)
+
+    def when_drained(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` once everything written has been taken (or the stream failed)."""
+        if not self._pending or self._exc is not None:
+            cb()
+            return
+        fut = self._s.driver._loop.create_future()
+        fut.add_done_callback(lambda _: cb())
+        self._drain_waiters.append(fut)
 
     def _wake_drain(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -607,7 +700,7 @@ class NetstackStreamWriter:
         self._eof_requested = True
         if not self._pending:
             self._s.conn.close(orphan=self._orphan)
-            self._s.driver._schedule_flush()
+            self._s.driver._kick()
         self._s.driver._closing_writers.add(self)
 
     def close(self) -> None:
@@ -619,17 +712,17 @@ class NetstackStreamWriter:
         if self._eof_requested:
             if not self._pending:
                 self._s.conn.close(orphan=True)
-                self._s.driver._schedule_flush()
+                self._s.driver._kick()
         else:
             self.write_eof()
-        self._s.reader._fail(ConnectionAbortedError("stream closed locally"))
+        self._reader._fail(ConnectionAbortedError("stream closed locally"))
 
     def abort(self) -> None:
         """Reset the connection at once."""
         self._orphan = True
         self._s.conn.abort()
         self._s.driver._streams.pop(self._s.conn, None)  # no event follows a local abort
-        self._s.driver._schedule_flush()
+        self._s.driver._kick()
         self._fail(ConnectionAbortedError("stream aborted locally"))
 
     def is_closing(self) -> bool:
@@ -683,7 +776,7 @@ class NetstackDatagramEndpoint:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.socket.sendto(data, addr)
-        self._driver._schedule_flush()
+        self._driver._kick()
 
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         while not self._queue:

@@ -23,7 +23,10 @@ class NewReno:
     def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
         """New data acknowledged outside recovery."""
         if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * self.mss)
+            # every byte acknowledged, as Linux counts: a receiver acknowledging a whole batch
+            # at once (one ACK per GRO batch) must not slow the start down (RFC 3465's L = 2
+            # limit assumes an ACK every other segment)
+            self.cwnd += acked
             return
         self._avoid(acked, now, srtt)
 

@@ -250,7 +250,11 @@ class Stack:
         return sock
 
     def receive_packet(self, ip_packet: bytes, now: float) -> None:
-        """Process one inbound IPv4 packet (from the tunnel). Never raises for bad input."""
+        """Process one inbound IPv4 packet (from the tunnel). Never raises for bad input.
+
+        What a TCP segment makes due (an ACK, data its ACK lets out) is built at the next
+        :meth:`packets_to_send`: packets received back to back form one batch, answered with
+        one ACK per connection (duplicate ACKs for out-of-order data still go out per segment)."""
         self.now = now
         self.stats["rx_packets"] += 1
         try:
@@ -300,6 +304,8 @@ class Stack:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next run (None: no timer pending)."""
+        for conn in self._dirty:  # segments arrived, output not made yet: timers may have moved
+            conn._update_deadline()
         best = self.fragments.next_deadline()
         for conn in self._conns.values():
             d = conn.deadline
@@ -313,6 +319,8 @@ class Stack:
 
     def handle_timer(self, now: float) -> None:
         self.now = now
+        for conn in self._dirty:
+            conn._update_deadline()
         if self.fragments:
             self.fragments.expire(now)
         for conn in [c for c in self._conns.values() if c.deadline is not None and c.deadline <= now]:
@@ -330,6 +338,11 @@ class Stack:
     @property
     def has_events(self) -> bool:
         return bool(self._events)
+
+    @property
+    def has_output(self) -> bool:
+        """:meth:`packets_to_send` would return packets (or connections have output due)."""
+        return bool(self._out or self._dirty)
 
     def next_event(self) -> events.Event | None:
         if not self._events:
@@ -541,7 +554,8 @@ class Stack:
 
     # ------------------------------------------------------------------ called by connections
 
-    def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes, options: bytes) -> None:
+    def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes | bytearray,
+                  options: bytes) -> None:
         self._ident = ident = (self._ident + 1) & 0xFFFF
         dst = conn.remote_ip_bytes
         if dst in self.checksum_free:

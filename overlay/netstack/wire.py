@@ -14,6 +14,7 @@ A packet with a pseudo-header is never all zero, so there we treat remainder 0 a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from typing import NamedTuple
@@ -111,6 +112,7 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return checksum_sum(_PSEUDO.pack(src, dst, proto, length))
 
 
+@functools.lru_cache(maxsize=1024)   # per connection and per SYN: a few addresses over and over
 def ip_to_bytes(ip: str) -> bytes:
     try:
         return ipaddress.IPv4Address(ip).packed
@@ -118,6 +120,7 @@ def ip_to_bytes(ip: str) -> bytes:
         raise ValueError(f"not an IPv4 address: {ip!r}") from e
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_to_str(ip: bytes) -> str:
     return str(ipaddress.IPv4Address(ip))
 
@@ -416,7 +419,7 @@ def build_ipv4_tcp(
     ack: int,
     flags: int,
     window: int,
-    data: bytes = b"",
+    data: bytes | bytearray = b"",
     options: bytes = b"",
     l4_checksum: bool = True,
 ) -> bytes:

@@ -88,6 +88,7 @@ class DataPlane:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        self._delivering = False  # inside _flush handing inner packets over: it sends what they cause
         self.inner_sink: Callable[[list[bytes]], None] = lambda packets: None
         # Ethernet frames from TAP members, (key, frame): only a TAP node sets this
         self.frame_sink: Callable[[list[tuple[bytes, bytes]]], None] | None = None
@@ -337,9 +338,11 @@ class DataPlane:
     def send_packets(self, packets: list[bytes]) -> None:
         """Outbound inner IPv4 packets (from the netstack or a TUN/TAP device), sent at once
         (``PeerTable.send_packets``): callers hand over whole batches, and waiting for another loop
-        turn would only add latency."""
+        turn would only add latency. Answers made while ``_flush`` delivers inner packets (the
+        netstack's ACKs) go out with that flush's batch."""
         self.table.send_packets(packets, self.now())
-        self._flush()
+        if not self._delivering:
+            self._flush()
 
     def send_frames(self, frames: list[tuple[bytes | None, bytes]]) -> None:
         """Ethernet frames from our TAP device: (key, frame) to one TAP member, (None, frame) to all."""
@@ -447,7 +450,11 @@ class DataPlane:
                     log.info("%s unreachable: handshakes unanswered", entry.name)
         if self._inner:
             inner, self._inner = self._inner, []
-            self.inner_sink(inner)
+            self._delivering = True
+            try:
+                self.inner_sink(inner)
+            finally:
+                self._delivering = False
         if self._frames:
             frames, self._frames = self._frames, []
             self.frame_sink(frames)

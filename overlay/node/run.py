@@ -10,6 +10,7 @@ as from the CLI.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -32,6 +33,9 @@ def main(argv: list[str]) -> int:
     from overlay.node.home import Home, HomeError
     from overlay.node.settings import NodeSettings
     home, settings = Home(s["home"]), NodeSettings.from_json(s["settings"])
+    # What the imports made (most of the heap, there for the daemon's life) leaves the collector's
+    # view: the full collections that many short connections set off do not walk it every time.
+    gc.freeze()
     try:
         asyncio.run(run_daemon(home, settings))
     except (DaemonError, HomeError) as e:

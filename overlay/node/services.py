@@ -22,6 +22,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from typing import Callable
 
@@ -40,6 +41,7 @@ LOCAL_DIAL_TIMEOUT = 3.0  # below the peer's first SYN retransmission backoff ad
 TCP_IDLE = 3600.0
 UDP_IDLE = 120.0
 MAX_UDP_FLOWS = 256
+MAX_SOURCES = 4096   # remote IPs whose source address is remembered (then the memo starts afresh)
 
 
 class NotRouted(NotOverlayAddress):
@@ -223,6 +225,10 @@ class Shares:
         self._os_refused: str | None = None   # why this OS binds no loopback address but 127.0.0.1
         self._probed = False
         self._wide_pool_logged: ipaddress.IPv4Network | None = None
+        # remote IP -> source address, for the pool it was computed with (per connection, the
+        # ipaddress arithmetic cost more than the rest of choosing the source)
+        self._sources: dict[str, str] = {}
+        self._sources_pool: ipaddress.IPv4Network | None = None
 
     # ---------------------------------------------------------------- per-peer source addresses
     def source_info(self) -> dict:
@@ -241,10 +247,17 @@ class Shares:
         if self._os_refused is not None:
             return LOCALHOST
         pool = self._pool()
+        if pool is not self._sources_pool or len(self._sources) >= MAX_SOURCES:
+            self._sources_pool = pool
+            self._sources.clear()
+        src = self._sources.get(remote_ip)
+        if src is not None:
+            return src
         if pool is not None and not mappable(pool) and self._wide_pool_logged != pool:
             self._wide_pool_logged = pool
             log.warning("shares: your services see every peer as 127.0.0.1: %s", _wide(pool))
-        return loopback_for(remote_ip, pool) or LOCALHOST
+        src = self._sources[remote_ip] = loopback_for(remote_ip, pool) or LOCALHOST
+        return src
 
     def _probe(self) -> None:
         """Once: can this OS bind a loopback address other than 127.0.0.1 (Linux: yes; macOS, BSD: no)?"""
@@ -328,7 +341,8 @@ class Shares:
                 return None
 
         async def handle(reader, writer, pair) -> None:
-            log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
             await relay(reader, writer, pair[0], pair[1], TCP_IDLE)
 
         self._driver.listen(port, handle, prepare=local, discard=lambda pair: pair[1].close())
@@ -382,12 +396,14 @@ class Shares:
     async def _connect_local(self, remote_ip: str, port: int):
         """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1)."""
         src = self.source(remote_ip)
-        try:
-            return await asyncio.wait_for(_open_local(src, port), LOCAL_DIAL_TIMEOUT)
-        except OSError as e:
-            if not self._bind_failed(e, src):
-                raise
-            return await asyncio.wait_for(_open_local(LOCALHOST, port), LOCAL_DIAL_TIMEOUT)
+        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):   # (wait_for would add a task per connection)
+            try:
+                return await _open_local(src, port)
+            except OSError as e:
+                if not self._bind_failed(e, src):
+                    raise
+        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
+            return await _open_local(LOCALHOST, port)
 
     async def _udp_flow(self, loop, protocol, remote_ip: str, port: int) -> asyncio.DatagramTransport | None:
         """A socket toward 127.0.0.1:port from the peer's loopback address (None: none could be made)."""
@@ -412,19 +428,34 @@ async def _open_local(src: str, port: int):
     port is chosen at connect, not at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in
     TIME_WAIT toward another 4-tuple as it does for unbound sockets: short connections in a burst
     do not run out of ports."""
-    if src == LOCALHOST:
-        return await asyncio.open_connection(LOCALHOST, port)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        if hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((src, 0))
+        if src != LOCALHOST:
+            if hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((src, 0))
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
+        if not _connect_at_once(sock, (LOCALHOST, port)):
+            await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
     except BaseException:
         sock.close()
         raise
     return await asyncio.open_connection(sock=sock)
+
+
+def _connect_at_once(sock: socket.socket, addr: tuple[str, int]) -> bool:
+    """Start a non-blocking connect; True if it is already established. Over loopback the kernel
+    usually completes the handshake before connect() returns EINPROGRESS, which a second connect()
+    tells (EISCONN) without a wait for writability (a loop turn and two epoll changes); False: still
+    in progress. Raises the connection's error (ECONNREFUSED...)."""
+    err = sock.connect_ex(addr)
+    if err == errno.EINPROGRESS:
+        err = sock.connect_ex(addr)
+    if err in (0, errno.EISCONN):
+        return True
+    if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def _wide(pool: ipaddress.IPv4Network) -> str:

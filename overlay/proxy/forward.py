@@ -161,6 +161,7 @@ class Forward:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        relayed = False
         try:
             try:
                 up_reader, up_writer = await self.dialer.open_connection(self.peer, self.peer_port)
@@ -169,6 +170,7 @@ class Forward:
                 reset_now(writer)   # the application sees a failed connection, not an empty one
                 return
             await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
+            relayed = True   # relay() closed both ends and waited for them
         except OSError as e:
             log.debug("forward %s: %s", self, e)
         except asyncio.CancelledError:
@@ -177,9 +179,11 @@ class Forward:
             log.exception("forward %s: unexpected error", self)
         finally:
             self._clients.discard(task)
-            close_now(writer)
-        with contextlib.suppress(asyncio.CancelledError):
-            await close_writer(writer)
+            if not relayed:
+                close_now(writer)
+        if not relayed:
+            with contextlib.suppress(asyncio.CancelledError):
+                await close_writer(writer)
 
 
 class _UdpForward(asyncio.DatagramProtocol):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import random
+import weakref
 
 import pytest
+from polling import wait_async
 
 from overlay.netstack import Stack, TcpConfig, TcpState
 from overlay.netstack.asyncio_glue import StackDriver
@@ -297,6 +300,72 @@ def test_streams_are_released_however_a_connection_ends():
             assert not link.a._connecting
             assert all(c.state is TcpState.TIME_WAIT for c in link.a.stack.connections)
         finally:
+            link.close()
+
+    run(main())
+
+
+def test_output_leaves_in_the_callback_that_made_it():
+    """No loop turn between a write (or an inbound packet) and the packets it makes: a flush
+    scheduled for later would add that turn to every round trip."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sent_a: list[bytes] = []
+        sent_b: list[bytes] = []
+        a = StackDriver(Stack(A_IP, now=loop.time()), sent_a.append)
+        b = StackDriver(Stack(B_IP, now=loop.time()), sent_b.append)
+        accepted = []
+        b.listen(7, lambda r, w: accepted.append((r, w)))
+        task = asyncio.ensure_future(a.open_connection(B_IP, 7))
+        await asyncio.sleep(0)  # open_connection runs up to its wait: the SYN is out
+        assert len(sent_a) == 1
+        b.receive_packet(sent_a.pop())  # answered (SYN-ACK) before receive_packet returns
+        assert len(sent_b) == 1
+        a.receive_packet(sent_b.pop())
+        assert len(sent_a) == 1  # the handshake's ACK
+        b.receive_packets([sent_a.pop()])
+        reader, writer = await task
+        (_, b_writer), = accepted
+        writer.write(b"ping")
+        assert len(sent_a) == 1  # the segment left inside write()
+        b.receive_packets([sent_a.pop()])
+        b_writer.write(b"pong")  # (B's reply carries the ACK: nothing else was sent)
+        assert len(sent_b) == 1
+        a.receive_packet(sent_b.pop())
+        assert await reader.read(10) == b"pong"
+        a.close()
+        b.close()
+
+    run(main())
+
+
+def test_a_finished_stream_is_freed_without_the_garbage_collector():
+    """No reference cycle per connection (stream <-> reader/writer): once the application drops a
+    closed connection's reader and writer, they go at once, not at the next collection."""
+    async def main():
+        link = Link()
+
+        async def serve(reader, writer):
+            await reader.read(1)
+            writer.write(b"x" * 100)
+            writer.close()
+
+        link.b.listen(9, serve)
+        gc.disable()
+        try:
+            reader, writer = await link.a.open_connection(B_IP, 9)
+            writer.write(b"q")
+            assert await reader.read() == b"x" * 100
+            writer.close()
+            await writer.wait_closed()
+            await wait_async(lambda: not link.a._streams and not link.b._streams and not link.b._tasks, 10,
+                             "both drivers to let go of the connection")
+            refs = [weakref.ref(reader), weakref.ref(writer)]
+            del reader, writer
+            assert [r() for r in refs] == [None, None]
+        finally:
+            gc.enable()
             link.close()
 
     run(main())

@@ -304,6 +304,53 @@ def test_orderly_close_from_a():
     assert ca.state is S.CLOSED and not p.a.connections
 
 
+def test_the_ack_of_a_fin_rides_on_our_own_fin():
+    """As Linux: a FIN ending an established connection is acknowledged by our FIN when the
+    application closes at once (one packet fewer per short connection)."""
+    p = Pair(TcpConfig(delayed_ack=0.04))
+    ca, cb = p.connect()
+    ca.send(b"request")
+    ca.close()
+    before = len(p.sent("b"))
+    p.run(0.005)  # a few link latencies: no timer could have fired
+    assert cb.state is S.CLOSE_WAIT and ca.state is S.FIN_WAIT_1
+    assert len(p.sent("b")) == before  # nothing yet: the ACK waits
+    assert drain(cb) == b"request"
+    cb.close()
+    p.run(0.005)
+    (fin,) = p.sent("b")[before:]
+    assert fin.flags == wire.FIN | wire.ACK and fin.ack == (ca.snd_max) & 0xFFFFFFFF
+    assert ca.state is S.TIME_WAIT and cb.state is S.CLOSED
+
+
+def test_the_ack_of_a_fin_waits_at_most_the_delayed_ack():
+    p = Pair(TcpConfig(delayed_ack=0.04))
+    ca, cb = p.connect()
+    ca.close()
+    p.run(0.5)
+    (fin_t,) = [t for t, name, pkt in p.log if name == "a" and tcp_of(pkt).flags & wire.FIN]
+    (ack_t,) = [t for t, name, pkt in p.log if name == "b" and t > fin_t]
+    assert ack_t - (fin_t + p.latency) == pytest.approx(0.04)
+    assert ca.state is S.FIN_WAIT_2 and cb.state is S.CLOSE_WAIT
+
+
+def test_a_first_small_read_sends_no_window_update():
+    """The window after the handshake is capped at 64 KiB (SYNs are unscaled): a 1-byte read
+    does not announce the rest of the buffer in a packet of its own."""
+    p = Pair(TcpConfig(recv_buffer=256 * 1024))
+    ca, cb = p.connect()
+    ca.send(b"q")
+    p.run(0.005)
+    before = len(p.sent("b"))
+    assert drain(cb) == b"q"
+    p.run(0.005)
+    assert len(p.sent("b")) == before
+    cb.send(b"answer")  # the reply carries the ACK and the whole window
+    p.run(0.005)
+    (reply,) = p.sent("b")[before:]
+    assert reply.data == b"answer" and reply.window << cb._rcv_wscale >= 200 * 1024
+
+
 def test_simultaneous_close_goes_through_closing():
     p = Pair()
     ca, cb = p.connect()
@@ -413,12 +460,17 @@ def test_delayed_ack_is_bounded():
 
 
 def test_every_second_full_segment_is_acked_at_once():
+    """Segments arriving one batch each (one per packets_to_send): every second one is acked."""
     p = Pair()
     ca, cb = p.connect()
     ca.send(bytes(1360 * 10))
-    p.run(0.0015)  # one link latency: no timer could have fired
-    acks = [s for s in p.sent("b") if s.flags & wire.ACK and not s.flags & wire.SYN]
-    assert len(acks) >= 5
+    segs = [pkt for pkt in p.a.packets_to_send(p.now) if tcp_of(pkt).data]
+    assert len(segs) == 10
+    acks = []
+    for pkt in segs:
+        p.b.receive_packet(pkt, p.now)
+        acks += [tcp_of(q) for q in p.b.packets_to_send(p.now)]
+    assert len(acks) == 5 and all(a.flags == wire.ACK for a in acks)
 
 
 def test_rto_retransmits_with_backoff_and_karn():

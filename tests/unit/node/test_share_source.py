@@ -193,3 +193,39 @@ def test_tcp_and_udp_come_from_the_peers_address():
         tr.close()
         svc.close()
     asyncio.run(main())
+
+
+def test_the_source_follows_a_new_pool():
+    """The source address is remembered per peer, for the pool it was computed with."""
+    pool = [net("100.64.0.0/10")]
+    sh = Shares(pool=lambda: pool[0])
+    assert sh.source("10.9.0.7") == "127.0.0.1" and sh.source("100.64.0.7") == "127.64.0.7"
+    pool[0] = net("10.9.0.0/16")
+    assert sh.source("10.9.0.7") == "127.9.0.7" and sh.source("100.64.0.7") == "127.0.0.1"
+
+
+def test_a_local_service_that_refuses_or_accepts_at_once():
+    """The connection toward the service: refused is ConnectionRefusedError (the peer then gets
+    port unreachable), accepted gives streams that carry bytes, from the peer's address."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        sh = Shares(pool=lambda: net("100.64.0.0/10"))
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        closed_port = free.getsockname()[1]
+        free.close()
+        with pytest.raises(ConnectionRefusedError):
+            await sh._connect_local("100.64.3.9", closed_port)
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        srv.setblocking(False)
+        r, w = await sh._connect_local("100.64.3.9", srv.getsockname()[1])
+        conn, addr = await loop.sock_accept(srv)
+        assert addr[0] == "127.64.3.9"
+        await loop.sock_sendall(conn, b"hi")
+        assert await asyncio.wait_for(r.readexactly(2), 5) == b"hi"
+        w.close()
+        conn.close()
+        srv.close()
+    asyncio.run(main())

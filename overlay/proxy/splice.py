@@ -1,0 +1,190 @@
+"""Relay between a kernel TCP connection and a userspace-stack connection from callbacks, no tasks.
+
+:func:`overlay.proxy.relay.relay` copies with one task per direction, so every chunk costs the
+reading side a wake-up: a future resolved, a loop turn, a coroutine resumed. When one end is an
+asyncio socket transport (a forward's client, a shared service on 127.0.0.1) and the other a
+netstack stream, the bytes can move in the callback that received them instead:
+
+- kernel -> netstack: this protocol replaces the transport's ``StreamReaderProtocol``;
+  ``data_received`` writes into the TCP send buffer, which flushes at once (segments,
+  WireGuard, UDP, in the same callback);
+- netstack -> kernel: the netstack reader calls back from the flush that received the segment
+  (``NetstackStreamReader.set_data_callback``) and the bytes go to ``transport.write``.
+
+A round trip through a forward crosses four such hops (two per node), each a loop turn and a
+task switch less. The contract is relay()'s: backpressure both ways (a full netstack send buffer
+pauses reading the kernel socket; a full kernel write buffer stops taking bytes from the netstack
+connection, whose window then closes), EOF passed on as a half-close, the idle timeout, both
+ends closed at the end. Anything else (TLS, another transport or stream type) uses relay().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.selector_events
+from typing import Any
+
+from overlay.netstack.asyncio_glue import NetstackStreamReader, NetstackStreamWriter
+
+CHUNK = 256 * 1024
+_SOCKET_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
+
+
+class Splice(asyncio.Protocol):
+    """One relayed pair; :meth:`prepare` checks that the pair qualifies."""
+
+    def __init__(self, kreader: asyncio.StreamReader, kwriter: asyncio.StreamWriter,
+                 nreader: NetstackStreamReader, nwriter: NetstackStreamWriter, kernel_first: bool):
+        self._kreader = kreader
+        self._kwriter = kwriter
+        self._tr: Any = kwriter.transport
+        self._old: Any = self._tr.get_protocol()
+        self._nr = nreader
+        self._nw = nwriter
+        self._driver = nwriter._s.driver
+        self._loop = self._driver._loop
+        self._kernel_first = kernel_first  # relay()'s "a" side is the kernel one
+        self.last = self._loop.time()  # last bytes moved, for the idle timeout
+        self._k2n_done = False  # the kernel side's EOF was passed on as a FIN
+        self._n2k_done = False  # the netstack side's EOF was passed on as a half-close
+        self._write_paused = False  # the kernel socket's write buffer is over its high-water mark
+        self.done: asyncio.Future[BaseException | None] = self._loop.create_future()
+
+    @classmethod
+    def prepare(cls, a_reader: Any, a_writer: Any, b_reader: Any, b_writer: Any) -> Splice | None:
+        for kr, kw, nr, nw, kernel_first in ((a_reader, a_writer, b_reader, b_writer, True),
+                                             (b_reader, b_writer, a_reader, a_writer, False)):
+            if (type(kr) is asyncio.StreamReader and type(kw) is asyncio.StreamWriter
+                    and type(nr) is NetstackStreamReader and type(nw) is NetstackStreamWriter
+                    and _SOCKET_TRANSPORT is not None and type(kw.transport) is _SOCKET_TRANSPORT
+                    and not kw.transport.is_closing() and kr.exception() is None
+                    and nr._on_data is None and nr._s is nw._s and nw.pending == 0):
+                return cls(kr, kw, nr, nw, kernel_first)
+        return None
+
+    # ------------------------------------------------------------------ running
+    async def run(self, idle_timeout: float | None, first: bytes = b"") -> None:
+        """Relay until both directions end, one fails or the pair is idle for ``idle_timeout``
+        seconds; ``first``: bytes already read from relay()'s "a" side."""
+        from overlay.proxy.relay import close_now, close_writer
+
+        try:
+            self._start(first)
+            while not self.done.done():
+                timeout = None if idle_timeout is None else self.last + idle_timeout - self._loop.time()
+                if timeout is not None and timeout <= 0:
+                    break
+                await asyncio.wait((self.done,), timeout=timeout)
+        finally:
+            self._finish(None)
+            close_now(self._kwriter)
+            close_now(self._nw)
+            await asyncio.gather(close_writer(self._kwriter), close_writer(self._nw))
+
+    def _start(self, first: bytes) -> None:
+        kr = self._kreader
+        buffered = bytes(kr._buffer)  # read by the StreamReaderProtocol before we took over
+        kr._buffer.clear()
+        eof = kr._eof
+        self._tr.set_protocol(self)
+        self._nr.set_data_callback(self._from_netstack)
+        if first:
+            if self._kernel_first:
+                self.data_received(first)
+            else:
+                self._tr.write(first)
+        if buffered:
+            self.data_received(buffered)
+        if eof:
+            self.eof_received()
+        elif not self._tr.is_reading() and not self._nw.pending:
+            self._tr.resume_reading()  # the StreamReader had paused it (its buffer was full)
+        self._from_netstack()  # what arrived before
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_result(exc)
+        self._nr.set_data_callback(None)
+
+    def _check(self) -> None:
+        if self._k2n_done and self._n2k_done:
+            self._finish(None)
+
+    # ------------------------------------------------------------------ kernel -> netstack
+    def data_received(self, data: bytes) -> None:
+        if self._k2n_done or self.done.done():
+            return
+        self.last = self._loop.time()
+        try:
+            self._nw.write(data)  # flushes: the segments leave before this returns
+            if self._nw.pending:
+                self._tr.pause_reading()
+                self._nw.when_drained(self._netstack_drained)
+        except Exception as e:  # the netstack connection failed (reset, timed out)
+            self._finish(e)
+
+    def _netstack_drained(self) -> None:
+        if self._nw._exc is not None:
+            self._finish(self._nw._exc)
+        elif not self.done.done() and not self._k2n_done and not self._tr.is_closing():
+            try:
+                self._tr.resume_reading()
+            except Exception as e:
+                self._finish(e)
+
+    def eof_received(self) -> bool:
+        if not self._k2n_done and not self.done.done():
+            self._k2n_done = True
+            try:
+                self._nw.write_eof()
+            except Exception as e:
+                self._finish(e)
+                return True
+            self._check()
+        return True  # keep the transport: the other direction may go on (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._old.connection_lost(exc)  # the StreamWriter's wait_closed() learns of it
+        self._finish(exc)
+
+    # ------------------------------------------------------------------ netstack -> kernel
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._from_netstack()
+
+    def _from_netstack(self) -> None:
+        """Called from the netstack's flush: never raises (a failure ends this pair only)."""
+        try:
+            self._netstack_to_kernel()
+        except Exception as e:  # e.g. shutdown() on a socket the service already reset
+            self._finish(e)
+
+    def _netstack_to_kernel(self) -> None:
+        if self._write_paused or self._n2k_done or self.done.done():
+            return
+        nr, tr = self._nr, self._tr
+        moved = False
+        while not self._write_paused:
+            if tr.is_closing():
+                self._finish(ConnectionResetError("the local connection closed"))
+                return
+            try:
+                data = nr.take(CHUNK)
+            except BlockingIOError:
+                break
+            except Exception as e:  # reset, timed out, closed locally
+                self._finish(e)
+                return
+            if not data:
+                self._n2k_done = True
+                tr.write_eof()
+                self._check()
+                break
+            moved = True
+            tr.write(data)
+        if moved:
+            self.last = self._loop.time()
+            self._driver._kick_if_pending()  # the read may have made a window update due
