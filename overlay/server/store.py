@@ -254,6 +254,7 @@ class Store(StoreHooks):
                 "DELETE FROM chat WHERE network=? AND id NOT IN "
                 "(SELECT id FROM chat WHERE network=? ORDER BY id DESC LIMIT ?)",
                 (network, network, CHAT_HISTORY))
+        assert cid is not None   # an INSERT's row id
         return cid
 
     def chat_history(self, network: str) -> list[tuple[int, bytes, str, str, float]]:
