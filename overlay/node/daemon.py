@@ -171,6 +171,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         client = loop.create_task(self.client.run()) if self.client else None
+        # systemd-resolved restarted, or started after the node: its link settings again
+        resolved_watch = (loop.create_task(self.dns_system.keep(self._dns_system_lock, self._dns_networks,
+                                                                lambda: self.dataplane.pool))
+                          if self.kernel_if is not None else None)
         try:
             await self._stop.wait()
         finally:
@@ -188,6 +192,9 @@ class Daemon:
                 self.netstack.close()
             if self.gateway:
                 self.gateway.close()
+            if resolved_watch is not None:
+                resolved_watch.cancel()
+                await asyncio.gather(resolved_watch, return_exceptions=True)
             self.dns_system.revert()
             if self.dns is not None:
                 self.dns.close()

@@ -19,8 +19,13 @@
 What was set is recorded in the node's home (``dns-system.json``) before it is set, and the
 record is undone at the next start (a node killed with SIGKILL cannot clean up).
 
-The sans-I/O part: ``routing_domains``, ``reverse_zones``, ``with_nameserver``, ``restore_plan``
-and ``Record``; the I/O: ``Resolved`` (D-Bus through jeepney, blocking with short timeouts: the
+systemd-resolved forgets a link's settings when it restarts (a package upgrade, ``systemctl restart
+systemd-resolved``), and may start after the node: every ``RECHECK`` seconds the node asks the bus
+who owns ``org.freedesktop.resolve1`` (one GetNameOwner call) and sets the link again when the owner
+is new; one try per owner, and a log line only when something changed (``ResolvedWatch``).
+
+The sans-I/O part: ``routing_domains``, ``reverse_zones``, ``with_nameserver``, ``restore_plan``,
+``Record`` and ``ResolvedWatch``; the I/O: ``Resolved`` (D-Bus through jeepney, blocking with short timeouts: the
 daemon calls it from a thread) and ``ResolvConf`` (files).
 """
 
@@ -32,6 +37,8 @@ import json
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +55,7 @@ MARK = "# overlay:"                       # our lines in resolv.conf start with 
 MAX_RESOLV_CONF = 64 << 10
 MAX_REVERSE_ZONES = 256
 BUS_TIMEOUT = 3.0
+RECHECK = 15.0                            # seconds between looks at resolved's bus name
 
 RESOLVE1 = "org.freedesktop.resolve1"
 RESOLVE1_PATH = "/org/freedesktop/resolve1"
@@ -107,6 +115,35 @@ def restore_plan(current: str | None, written: str, original: str) -> str:
     if current is None or current == original:
         return "nothing"
     return "restore" if current == written else "changed"
+
+
+@dataclass
+class ResolvedWatch:
+    """Whether systemd-resolved needs the link's settings again, from what its bus name's owner (a
+    unique name like ``:1.42``, None when nobody owns it) was at each look. A new owner is a new
+    resolved (restarted, or started after the node): it knows nothing of the link. Each owner gets
+    one try (a refusal, say an unprivileged node, is not retried every ``period``)."""
+    period: float = RECHECK
+    owner: str | None = None      # the owner that was last tried (and has the settings when it worked)
+    ok: bool = False              # ... and it worked
+    next_at: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def seen(self, owner: str | None, now: float) -> str:
+        """What to do: "apply" (a new resolved), "gone" (the resolved that had the settings went
+        away: say so once), or "" (nothing)."""
+        self.next_at = now + self.period
+        if owner is None:
+            if self.owner is not None:
+                was_ok, self.owner, self.ok = self.ok, None, False
+                return "gone" if was_ok else ""
+            return ""
+        return "apply" if owner != self.owner else ""
+
+    def tried(self, owner: str | None, ok: bool) -> None:
+        self.owner, self.ok = owner, ok
 
 
 @dataclass
@@ -269,6 +306,14 @@ class Resolved:
         return self._call(method, "s", args, destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                           interface="org.freedesktop.DBus")[0]
 
+    def owner(self) -> str | None:
+        """The unique bus name of the process that owns ``org.freedesktop.resolve1`` (it changes
+        when resolved restarts), None when nobody does or there is no bus."""
+        try:
+            return str(self._bus("GetNameOwner", RESOLVE1))
+        except ResolvedError:   # org.freedesktop.DBus.Error.NameHasNoOwner, or no bus
+            return None
+
     def running(self) -> bool:
         """resolved runs, and in this network namespace (interface indexes are per namespace: a node
         in a container must not set the links of the host's resolver)."""
@@ -320,6 +365,8 @@ class SystemDns:
     link: str | None = None
     domains: list[tuple[str, bool]] = field(default_factory=list)
     note: str | None = None
+    watch: ResolvedWatch = field(default_factory=ResolvedWatch)
+    target: tuple[str, str, int] | None = None   # (ifname, ip, port) of the last apply: set again if resolved restarts
 
     def recover(self) -> None:
         """Undo what a node of this home set and did not undo (it was killed)."""
@@ -358,8 +405,11 @@ class SystemDns:
             return
         if self.via is not None:   # a new address: undo the old one first
             self.revert()
+        self.target = (ifname, ip, port)
         self.domains = routing_domains(networks, pool)
-        if self.resolved.running():
+        owner = self.resolved.owner()   # before the calls: a restart during them is seen at the next look
+        self.watch.tried(owner, False)
+        if owner is not None and self.resolved.running():
             try:
                 ifindex = socket.if_nametoindex(ifname)
                 self.record.resolved = {"ifname": ifname, "ifindex": ifindex}
@@ -377,6 +427,7 @@ class SystemDns:
                 log.warning("DNS: %s", self.note)
                 return
             self.via, self.link, self.note = "systemd-resolved", ifname, None
+            self.watch.tried(owner, True)
             log.info("DNS: systemd-resolved asks %s:%d for %s on %s", ip, port, " ".join(domain_texts(self.domains)),
                      ifname)
             return
@@ -392,6 +443,27 @@ class SystemDns:
             log.warning("DNS: %s", self.note)
             return
         self.via, self.note = "resolv.conf", None
+
+    def recheck(self, networks, pool, now: float | None = None) -> None:
+        """Look (at most every ``watch.period``) at who owns resolved's bus name; a new owner gets the
+        link's settings again (the daemon calls this from a thread, every few seconds)."""
+        now = time.monotonic() if now is None else now
+        if self.mode == "off" or self.target is None or self.via == "resolv.conf" or not self.watch.due(now):
+            return
+        owner = self.resolved.owner()
+        what = self.watch.seen(owner, now)
+        if what == "gone":   # its settings went with it: nothing to revert any more
+            self.record.resolved = None
+            self.record.save(self.home)
+            self.via, self.note = None, "systemd-resolved stopped: the node sets its link again when it is back"
+            log.warning("DNS: systemd-resolved stopped (its settings of %s went with it): set again when it is back",
+                        self.target[0])
+        elif what == "apply":
+            log.info("DNS: systemd-resolved (re)started (%s on the bus): setting %s again", owner, self.target[0])
+            self.record.resolved = None   # the new resolved knows nothing of it: nothing to revert first
+            self.via = None
+            self.apply(*self.target, networks, pool)
+            self.watch.next_at = now + self.watch.period
 
     def set_domains(self, networks, pool) -> None:
         if self.via != "systemd-resolved" or not self.record.resolved:
@@ -416,6 +488,22 @@ class SystemDns:
             ResolvConf.restore(self.record, self.home)
         self.record.save(self.home)
         self.via = self.link = None
+
+    async def keep(self, lock, networks: Callable[[], list[str]], pool: Callable[[], object]) -> None:
+        """Forever: ``recheck`` from a thread every few seconds, under the daemon's lock of this
+        object (asyncio glue; cancelled when the daemon stops)."""
+        import asyncio
+        while True:
+            await asyncio.sleep(min(5.0, self.watch.period))
+            if self.target is None or self.mode == "off" or not self.watch.due(time.monotonic()):
+                continue
+            async with lock:
+                look = asyncio.ensure_future(asyncio.to_thread(self.recheck, networks(), pool()))
+                try:
+                    await asyncio.shield(look)
+                except asyncio.CancelledError:   # the daemon stops: let the thread finish (bounded by
+                    await look                   # BUS_TIMEOUT) before it reverts the link
+                    raise
 
     def status(self) -> dict:
         return {"mode": self.mode, "via": self.via, "link": self.link,

@@ -11,8 +11,8 @@ import socket
 import pytest
 
 from overlay.node import dns_system as ds
-from overlay.node.dns_system import (Record, ResolvConf, ResolvedError, SystemDns, domain_texts, restore_plan,
-                                     reverse_zones, routing_domains, with_nameserver)
+from overlay.node.dns_system import (Record, ResolvConf, ResolvedError, ResolvedWatch, SystemDns, domain_texts,
+                                     restore_plan, reverse_zones, routing_domains, with_nameserver)
 
 POOL = ipaddress.IPv4Network("100.64.0.0/10")
 LO = socket.if_indextoname(1)   # the loopback device stands in for the overlay device
@@ -108,9 +108,15 @@ class FakeResolved:
     def __init__(self, running=True, fail=None):
         self.is_running, self.fail = running, fail
         self.calls: list[tuple] = []
+        self.bus_owner = ":1.1"
+        self.looks = 0
 
     def running(self):
         return self.is_running
+
+    def owner(self):
+        self.looks += 1
+        return self.bus_owner if self.is_running else None
 
     def configure(self, ifindex, ip, port, domains):
         if self.fail:
@@ -215,3 +221,110 @@ def test_status_text_says_where_names_answer():
         {**dns, "system": {**base, "via": "resolv.conf", "file": "/etc/resolv.conf"}})[0]
     lo = dns_system_lines({"address": "127.0.0.1:1053", "system": base})[0]
     assert "dig -p 1053 @127.0.0.1" in lo
+
+
+def test_watch_decides_from_the_bus_names_owner():
+    w = ResolvedWatch(period=15)
+    assert w.due(0)
+    assert w.seen(None, 0) == "" and not w.due(14.9) and w.due(15)   # never ran: nothing to say
+    assert w.seen(":1.5", 15) == "apply"                             # it appeared
+    w.tried(":1.5", True)
+    assert w.seen(":1.5", 30) == ""                                  # the same resolved: nothing
+    assert w.seen(":1.9", 45) == "apply"                             # restarted: a new owner
+    w.tried(":1.9", False)                                           # ... that refused
+    assert w.seen(":1.9", 60) == ""                                  # one try per owner
+    assert w.seen(None, 75) == ""                                    # gone, but it never had our settings
+    assert w.seen(":1.12", 90) == "apply"
+    w.tried(":1.12", True)
+    assert w.seen(None, 105) == "gone" and w.seen(None, 120) == ""   # said once
+    assert w.seen(":1.12", 135) == "apply"                           # back (even with a name seen before)
+
+
+def test_a_restarted_resolved_gets_the_link_again(tmp_path):
+    fake = FakeResolved()
+    sd = SystemDns(tmp_path, resolved=fake)
+    sd.apply(LO, "100.64.0.1", 53, ["lab"], POOL)
+    assert [c[0] for c in fake.calls] == ["configure"]
+    sd.recheck(["lab"], POOL, now=100)
+    looks = fake.looks
+    sd.recheck(["lab"], POOL, now=101)                    # not due: the bus is not asked
+    assert fake.looks == looks and [c[0] for c in fake.calls] == ["configure"]
+    fake.is_running = False                               # stopped: it forgot the link
+    sd.recheck(["lab"], POOL, now=200)
+    st = sd.status()
+    assert st["via"] is None and "systemd-resolved stopped" in st["note"]
+    assert Record.load(tmp_path).empty()                  # nothing left to revert
+    fake.is_running, fake.bus_owner = True, ":1.77"       # a new one
+    sd.recheck(["lab", "home"], POOL, now=300)            # the networks as they are now
+    assert fake.calls[-1][:4] == ("configure", 1, "100.64.0.1", 53) and ("home", True) in fake.calls[-1][4]
+    assert sd.status()["via"] == "systemd-resolved" and sd.status()["note"] is None
+    assert Record.load(tmp_path).resolved == {"ifname": LO, "ifindex": 1}
+    # restarted between two looks (never seen gone): the owner changed
+    fake.bus_owner = ":1.80"
+    sd.recheck(["lab"], POOL, now=400)
+    assert [c[0] for c in fake.calls] == ["configure", "configure", "configure"]
+    sd.recheck(["lab"], POOL, now=500)
+    assert len(fake.calls) == 3
+
+
+def test_resolved_started_after_the_node_gets_the_link_and_a_refusal_is_tried_once(tmp_path):
+    fake = FakeResolved(running=False)
+    sd = SystemDns(tmp_path, resolved=fake)
+    sd.apply(LO, "100.64.0.1", 53, ["lab"], POOL)
+    assert sd.status()["via"] is None and fake.calls == []
+    sd.recheck(["lab"], POOL, now=10)
+    assert fake.calls == []
+    fake.is_running = True
+    sd.recheck(["lab"], POOL, now=20)                     # not due yet
+    assert fake.calls == []
+    sd.recheck(["lab"], POOL, now=30)
+    assert fake.calls[0][0] == "configure" and sd.status()["via"] == "systemd-resolved"
+    # an unprivileged node: refused once, not asked again every look
+    fake2 = FakeResolved(running=False, fail="org.freedesktop.DBus.Error.AccessDenied: no")
+    sd2 = SystemDns(tmp_path, resolved=fake2)
+    sd2.apply(LO, "100.64.0.1", 53, ["lab"], POOL)
+    fake2.is_running = True
+    for now in (10, 20, 30, 40):
+        sd2.recheck(["lab"], POOL, now=now)
+    assert fake2.calls == [("revert", 1)] and "AccessDenied" in sd2.status()["note"]
+
+
+def test_no_looks_before_apply_with_off_or_with_resolv_conf(tmp_path, monkeypatch):
+    path, home = _conf(tmp_path)
+    monkeypatch.setenv(ds.RESOLV_CONF_ENV, str(path))
+    fake = FakeResolved()
+    SystemDns(home, resolved=fake).recheck(["lab"], POOL, now=10)   # the node's DNS is not on the device
+    off = SystemDns(home, mode="off", resolved=fake)
+    off.apply(LO, "100.64.0.1", 53, ["lab"], POOL)
+    off.recheck(["lab"], POOL, now=10)
+    assert fake.looks == 0
+    rc = SystemDns(home, mode="resolv-conf", resolved=FakeResolved(running=False))
+    rc.apply(LO, "100.64.0.1", 53, ["lab"], POOL)
+    looks = rc.resolved.looks
+    rc.recheck(["lab"], POOL, now=10)
+    assert rc.resolved.looks == looks and rc.status()["via"] == "resolv.conf"
+    rc.revert()
+
+
+def test_keep_looks_from_a_thread_and_stops_when_cancelled(tmp_path):
+    """The asyncio glue: ``keep`` rechecks under the daemon's lock; cancelled, it lets the look end."""
+    import asyncio
+
+    from polling import wait_async
+
+    async def main():
+        fake = FakeResolved()
+        sd = SystemDns(tmp_path, resolved=fake, watch=ResolvedWatch(period=0.01))
+        sd.apply(LO, "100.64.0.1", 53, ["lab"], POOL)
+        lock = asyncio.Lock()
+        task = asyncio.get_running_loop().create_task(sd.keep(lock, lambda: ["lab"], lambda: POOL))
+        await wait_async(lambda: fake.looks >= 2, 10, "a look at the bus")
+        fake.bus_owner = ":1.99"
+        await wait_async(lambda: len(fake.calls) == 2, 10, "the link set again")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled() and not lock.locked()
+        sd.revert()
+        assert fake.calls[-1] == ("revert", 1)
+
+    asyncio.run(main())
