@@ -129,10 +129,15 @@ def test_resolved_gets_the_link_and_loses_it_on_exit_and_after_a_crash(world):
         wait(socket_path.exists, 10, "the test's system bus", on_fail=logs)
         # the lab host's resolv.conf names resolved's stub (resolved too reads it: no other servers)
         _etc(nl, host, etcs, "nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")
-        procs.append(nl.popen(host, ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                     f"mount -t tmpfs tmpfs /run && mkdir /run/systemd && exec {RESOLVED}"],
-                              env=env, label="ra1-resolved"))
-        wait(lambda: _bus_owned(bus, "org.freedesktop.resolve1"), 20, "systemd-resolved on the test's bus", on_fail=logs)
+
+        def start_resolved(label: str):
+            procs.append(nl.popen(host, ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                         f"mount -t tmpfs tmpfs /run && mkdir /run/systemd && exec {RESOLVED}"],
+                                  env=env, label=label))
+            wait(lambda: _bus_owned(bus, "org.freedesktop.resolve1"), 20, "systemd-resolved on the test's bus",
+                 on_fail=logs)
+            return procs[-1]
+        resolved = start_resolved("ra1-resolved")
 
         def resolvectl(*args: str) -> str:
             r = nl.run(host, ["resolvectl", *args], env=env, check=False)
@@ -161,6 +166,17 @@ def test_resolved_gets_the_link_and_loses_it_on_exit_and_after_a_crash(world):
         # it lists the search domains in its stub-resolv.conf for the C library)
         ol.wait(lambda: vip_b in resolvectl("query", "rbob"), 20, "resolvectl query rbob (the search domain)")
         ol.wait(lambda: f"rbob.{NET}.overlay.internal" in _getent(nl, host, vip_b), 20, f"getent hosts {vip_b} (PTR)")
+        # resolved restarts (a package upgrade, systemctl restart): the new one knows nothing of the
+        # link; the node notices (a new owner of resolved's bus name) and sets it again
+        resolved.stop()
+        wait(lambda: not _bus_owned(bus, "org.freedesktop.resolve1"), 10, "systemd-resolved gone", on_fail=logs)
+        resolved = start_resolved("ra1-resolved-again")
+        wait(lambda: vip_a in resolvectl("dns", DEV) and f"~{NET}" in resolvectl("domain", DEV), 60,
+             "the link set again in the new systemd-resolved",
+             on_fail=lambda: resolvectl("status", DEV) + logs() + alice.log()[-3000:])
+        ol.wait(lambda: resolves(f"rbob.{NET}", vip_b), 30, f"getent hosts rbob.{NET} after the restart")
+        assert "systemd-resolved (re)started" in alice.log()
+        assert alice.status()["dns"]["system"]["via"] == "systemd-resolved"
         # domains follow the networks
         alice.ok("create", "rlab2", "--password", PASSWORD)
         ol.wait(lambda: "~rlab2" in resolvectl("domain", DEV), 20, "~rlab2 added")
