@@ -201,6 +201,20 @@ def test_resolved_gets_the_link_and_loses_it_on_exit_and_after_a_crash(world):
         ol.wait(lambda: ((alice.status().get("dns") or {}).get("system") or {}).get("mode") == "off", 30,
                 "ralice up with --dns-config off")
         assert alice.status()["dns"]["system"]["via"] is None
+        # resolved starts after the node: status says what to add, then the node sets the link
+        alice.stop()
+        resolved.stop()
+        wait(lambda: not _bus_owned(bus, "org.freedesktop.resolve1"), 10, "systemd-resolved gone", on_fail=logs)
+        alice = ol.start_node(host, "ralice", "--tun", "--dev", DEV, "--dns-config", "auto", env=env)   # (off was remembered)
+        ol.wait(lambda: (alice.status().get("dns") or {}).get("address") == f"{vip_a}:53", 30, "ralice's DNS on its VIP")
+        assert alice.status()["dns"]["system"]["via"] is None
+        assert f"add `nameserver {vip_a}` to /etc/resolv.conf, or run systemd-resolved" in alice.ok("status")
+        resolved = start_resolved("ra1-resolved-late")
+        wait(lambda: vip_a in resolvectl("dns", DEV) and f"~{NET}" in resolvectl("domain", DEV), 60,
+             "the link set in a systemd-resolved started after the node",
+             on_fail=lambda: resolvectl("status", DEV) + logs() + alice.log()[-3000:])
+        ol.wait(lambda: resolves(f"rbob.{NET}", vip_b), 30, f"getent hosts rbob.{NET} (resolved started late)")
+        assert alice.status()["dns"]["system"]["via"] == "systemd-resolved"
     finally:
         if alice is not None:
             alice.stop()
