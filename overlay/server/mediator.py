@@ -236,8 +236,8 @@ class Mediator:
             rec["iface"] = iface   # only while online with a kernel interface
         return rec
 
-    def _network_info(self, network, key: bytes, count: int | None = None) -> dict:
-        owner = self.store.node(network.owner)
+    def _network_info(self, network, key: bytes, count: int | None = None, owner=None) -> dict:
+        owner = owner or self.store.node(network.owner)
         return {"name": network.name, "owner": owner.name if owner else None,
                 "role": "owner" if key == network.owner else "member",
                 "locked": network.locked, "approval": network.approval, "type": network.type,
@@ -264,15 +264,30 @@ class Mediator:
             self._push(key, {"t": "members", "network": name, "members": batch})
 
     def _broadcast_info(self, name: str) -> None:
+        """The network's info to every member: two events (the owner's, the members'), each built
+        once, whatever the number of members."""
         net = self.store.network(name)
-        for k in self.store.members(name):
-            self._push(k, {"t": "network", "network": self._network_info(net, k)})
+        members = self.store.members(name)
+        owner = self.store.node(net.owner)
+        info = {role: {"t": "network", "network": self._network_info(net, k, len(members), owner)}
+                for role, k in (("owner", net.owner), ("member", b""))}
+        for k in members:
+            self._push(k, info["owner" if k == net.owner else "member"])
 
-    def _announce_member(self, name: str, key: bytes) -> None:
-        net = self.store.network(name)
-        topo = self._topology(net)
-        rec = self._member_record(net, key, topo=topo)
-        self._push_visible(name, key, {"t": "members", "network": name, "members": [rec]}, topo, exclude=key)
+    def _announce_member(self, name: str, key: bytes, ctx: tuple | None = None) -> None:
+        """One delta (``members`` with one record) to each member that sees ``key``; ``ctx``:
+        ``_snapshot_ctx(name)`` when the caller has it."""
+        if ctx is None:
+            net = self.store.network(name)
+            topo = self._topology(net)
+            rec = self._member_record(net, key, topo=topo)
+            self._push_visible(name, key, {"t": "members", "network": name, "members": [rec]}, topo, exclude=key)
+            return
+        net, topo, members, _order, nodes, routes = ctx
+        msg = {"t": "members", "network": name, "members": [self._member_record(net, key, nodes[key], topo, routes)]}
+        for k in members:
+            if k != key and self._sees(topo, k, key):
+                self._push(k, msg)
 
     def _network_for(self, key: bytes, raw_name: str, *, member: bool = True, owner: bool = False):
         name = normalize_name(raw_name, "network name")
@@ -404,8 +419,9 @@ class Mediator:
             self._source[key] = source
         networks = self.store.networks_of(key)
         for net in networks:
-            self._send_network(key, net)
-            self._announce_member(net, key)
+            ctx = self._snapshot_ctx(net)
+            self._send_network(key, net, ctx)
+            self._announce_member(net, key, ctx)
         for net in self.store.owned_networks(key):
             for k in self.store.pending(net):
                 self._push(key, self._join_request_event(net, k))
