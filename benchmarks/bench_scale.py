@@ -40,6 +40,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -200,9 +201,9 @@ class Worker:
                 return
 
 
-def worker_main(cfg_text: str) -> None:
+def worker_main(cfg_path: str) -> None:
     raise_nofile()
-    cfg = json.loads(cfg_text)
+    cfg = json.loads(Path(cfg_path).read_text())
     cfg["joiners"] = set(cfg["joiners"])
     import logging
     logging.basicConfig(level=logging.CRITICAL)
@@ -277,6 +278,8 @@ def seed_db(data: Path, args, pubs: list[bytes]) -> None:
                 store.db.execute("INSERT INTO members VALUES (?,?,?)", (net_of(i, args.m), pubs[i], now + i * 1e-6))
     store.db.execute("COMMIT")
     store.close()
+    for f in data.iterdir():
+        f.chmod(0o600)     # as the server keeps its database
 
 
 class Bench:
@@ -380,8 +383,10 @@ class Bench:
         for share in shares:
             cfg = {"port": self.port, "seed": a.seed, "indices": share, "per_address": a.per_address,
                    "members": a.m, "joiners": [i for i in share if i in set(joiners)]}
+            cfg_path = self.tmp / f"worker{len(self.workers)}.json"
+            cfg_path.write_text(json.dumps(cfg))
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--worker", json.dumps(cfg),
+                sys.executable, __file__, "--worker", str(cfg_path),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 24)
             wp = WorkerProc(proc)
             self.workers.append(wp)
@@ -489,6 +494,8 @@ class Bench:
         if self.server and self.server.poll() is None:
             self.server.terminate()
             self.server.wait(30)
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def show(n: int, m: int, r: dict) -> None:
@@ -525,6 +532,7 @@ def main() -> None:
     ap.add_argument("--per-address", type=int, default=50, help="nodes per loopback source address (50)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--verbose", action="store_true", help="print the server's pid (for py-spy) as it starts")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
     ap.add_argument("--json", action="store_true", help="print every figure as JSON too")
     ap.add_argument("--server-arg", action="append", default=[], dest="server_args",
                     help="extra `overlay server` argument (repeatable)")

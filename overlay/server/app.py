@@ -533,6 +533,7 @@ class MediationServer:
                     except (ProtocolError, ValueError, TypeError) as e:
                         self.rlog.log(log, logging.ERROR, "cannot send %s: %s", msg.get("t"), e)
                 self._dirty.add(c)
+        self.mediator.end_turn()
         dirty, self._dirty = self._dirty, set()
         for c in dirty:
             c.flush()

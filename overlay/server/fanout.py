@@ -9,8 +9,9 @@ and network rather than one per change. A record that appears twice keeps its or
 one wins on the node, as it would have as two messages.
 
 ``Encoder`` turns an event into the bytes of its JSON text once however many recipients share it
-(the mediator pushes one dict object to every member it concerns), and encodes a merged event from
-its records' cached texts. The bytes are what ``json.dumps`` gives (``Channel.send``): the control
+(the mediator pushes one dict object to every member it concerns), and a ``members`` event from its
+records' texts, each record encoded once (the mediator shares a network's records between the
+snapshots of one turn, and a merged event reuses the deltas' records). The bytes are what ``json.dumps`` gives (``Channel.send``): the control
 protocol does not change.
 """
 
@@ -61,7 +62,12 @@ class Encoder:
         self.encoded = 0           # json.dumps calls (for tests)
 
     def encode(self, msg: dict) -> bytes:
-        if isinstance(msg, _Merged):
+        data = self._events.get(id(msg))
+        if data is not None:
+            return data
+        if isinstance(msg, _Merged) or (msg.get("t") == "members" and list(msg) == ["t", "network", "members"]):
+            # a snapshot batch or a delta: its records may be shared with other events (the
+            # mediator builds a network's records once per turn), each is encoded once
             recs = []
             for r in msg["members"]:
                 text = self._records.get(id(r))
@@ -70,10 +76,11 @@ class Encoder:
                     self._keep.append(r)
                     self.encoded += 1
                 recs.append(text)
-            return f'{{"t":"members","network":{_dumps(msg["network"])},"members":[{",".join(recs)}]}}'.encode()
-        data = self._events.get(id(msg))
-        if data is None:
-            data = self._events[id(msg)] = _dumps(msg).encode()
-            self._keep.append(msg)
+            data = f'{{"t":"members","network":{_dumps(msg["network"])},"members":[{",".join(recs)}]}}'.encode()
+        else:
+            data = _dumps(msg).encode()
             self.encoded += 1
+        if not isinstance(msg, _Merged):     # a merged event has one recipient
+            self._events[id(msg)] = data
+            self._keep.append(msg)
         return data

@@ -124,6 +124,21 @@ class Mediator:
         self._proven: set[bytes] = set()             # guests whose identity proof checked
         self._new_per_source: dict[str, _Window] = {}
         self._next_expiry = float("-inf")
+        # Snapshots built since the glue's last ``end_turn`` (one event-loop turn): network ->
+        # (snapshot context, member -> record). When every node reconnects at once, the hellos of
+        # one turn in one network share the store reads and the records (encoded once too:
+        # overlay/server/fanout.py). A member's records are dropped when its state changes
+        # (hello, disconnect, presence), everything on any request that writes to the store.
+        self._turn: dict[str, tuple[tuple, dict[bytes, dict]]] = {}
+
+    # ------------------------------------------------------------------ the turn's snapshot cache
+    def end_turn(self) -> None:
+        """The glue delivered this turn's events: what was read from the store is read again."""
+        self._turn.clear()
+
+    def _forget_records(self, key: bytes) -> None:
+        for _ctx, records in self._turn.values():
+            records.pop(key, None)
 
     # ------------------------------------------------------------------ helpers
     def _push(self, key: bytes, msg: dict) -> None:
@@ -246,21 +261,33 @@ class Mediator:
 
     def _snapshot_ctx(self, name: str) -> tuple:
         """What snapshots of network ``name`` are made of: (network, topology, members in join
-        order, member -> position, nodes, routes)."""
+        order, member -> position, nodes, routes); read once per turn (``end_turn``)."""
+        hit = self._turn.get(name)
+        if hit is not None:
+            return hit[0]
         net = self.store.network(name)
         members = self.store.members(name)
-        return (net, self._topology(net), members, {k: i for i, k in enumerate(members)},
-                self.store.nodes(members), self.store.routes(name))
+        ctx = (net, self._topology(net), members, {k: i for i, k in enumerate(members)},
+               self.store.nodes(members), self.store.routes(name))
+        self._turn[name] = (ctx, {})
+        return ctx
 
     def _send_network(self, key: bytes, name: str, ctx: tuple | None = None) -> None:
         """Push a full snapshot of one network to ``key``: info, then members in batches (only
         whom it may reach). ``ctx``: ``_snapshot_ctx(name)``, when sending several."""
-        net, topo, everyone, order, nodes, routes = ctx or self._snapshot_ctx(name)
+        net, topo, everyone, order, nodes, routes = ctx = ctx or self._snapshot_ctx(name)
         self._push(key, {"t": "network", "network": self._network_info(net, key, len(everyone))})
         vis = self._visible(topo, key)
         members = everyone if vis is None else sorted((k for k in vis if k in order), key=order.__getitem__)
+        hit = self._turn.get(name)
+        records = hit[1] if hit is not None and hit[0] is ctx else {}
         for i in range(0, len(members), MEMBER_BATCH):
-            batch = [self._member_record(net, k, nodes[k], topo, routes) for k in members[i:i + MEMBER_BATCH]]
+            batch = []
+            for k in members[i:i + MEMBER_BATCH]:
+                rec = records.get(k)
+                if rec is None:
+                    rec = records[k] = self._member_record(net, k, nodes[k], topo, routes)
+                batch.append(rec)
             self._push(key, {"t": "members", "network": name, "members": batch})
 
     def _broadcast_info(self, name: str) -> None:
@@ -380,6 +407,7 @@ class Mediator:
         if now < self._next_expiry:
             return []
         self._next_expiry = now + EXPIRY_INTERVAL
+        self._turn.clear()
         gone = []
         for key, vip in self.store.expirable_nodes(now - NODE_TTL):
             if key in self.online:
@@ -400,6 +428,7 @@ class Mediator:
             self._guests[key] = name      # stored only when it first joins a network
         else:
             if node.name != name:
+                self._turn.clear()        # snapshots read this turn hold the old name
                 for net in self.store.networks_of(key) + self.store.pending_networks_of(key):
                     if self._name_clash(net, key, name):
                         raise RequestError("name_taken",
@@ -407,6 +436,7 @@ class Mediator:
             self.store.update_node(key, name, now)
         node = self.store.node(key)
         self.online.add(key)
+        self._forget_records(key)
         if msg.get("routes"):
             self.advertised[key] = sorted({str(parse_route(r)) for r in msg["routes"]})
         else:
@@ -432,6 +462,7 @@ class Mediator:
         if key not in self.online:
             return
         self.online.discard(key)
+        self._forget_records(key)
         self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
@@ -447,6 +478,16 @@ class Mediator:
     # ------------------------------------------------------------------ requests
     def handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
                password_hash: bytes | None = None) -> dict:
+        if msg["t"] in ("create", "join", "leave", "admin", "rename"):   # they write to the store
+            self._turn.clear()
+            try:
+                return self._handle(key, msg, now, password_ok=password_ok, password_hash=password_hash)
+            finally:
+                self._turn.clear()
+        return self._handle(key, msg, now, password_ok=password_ok, password_hash=password_hash)
+
+    def _handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
+                password_hash: bytes | None = None) -> dict:
         t = msg["t"]
         if t == "ping":
             return ok(msg["id"], t_server=now)
@@ -641,6 +682,7 @@ class Mediator:
             away.add(net.name)
         if not away:
             del self.away[key]
+        self._forget_records(key)
         self._announce_member(net.name, key)
         return ok(msg["id"], network=net.name, online=msg["online"])
 
