@@ -43,11 +43,11 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -112,6 +112,7 @@ class Worker:
         self.last_event = 0.0
         self.events = 0
         self.watches: dict[str, tuple] = {}        # key text -> (kind, online, times)
+        self.started: set[int] = set()
         server = f"127.0.0.1:{cfg['port']}"
         for i in cfg["indices"]:
             c = BenchClient(_NoHome(), server, f"n{i}", priv_of(cfg["seed"], i))
@@ -145,10 +146,14 @@ class Worker:
             which = [i for i in self.clients if cmd["joiners"] == (i in self.cfg["joiners"])]
             for i in which:
                 self.tasks.append(asyncio.create_task(self.clients[i].run()))
+                self.started.add(i)
             return {"started": len(which)}
         if op == "status":
             ru = resource.getrusage(resource.RUSAGE_SELF)
+            errors = Counter((c.last_error or c.state)[:70] for i, c in self.clients.items()
+                             if not c.connected and i in self.started)
             return {"connected": self.connected(self.clients), "total": len(self.clients),
+                    "errors": errors.most_common(3),
                     "connects": sum(c.connects for c in self.clients.values()),
                     "last_event": self.last_event, "events": self.events, "cpu": ru.ru_utime + ru.ru_stime,
                     "now": time.monotonic()}
@@ -290,6 +295,7 @@ class Bench:
         self.workers: list[WorkerProc] = []
         self.owner: dict[int, WorkerProc] = {}
         self.rows: dict[str, object] = {}
+        self._next_report = 0.0
 
     def start_server(self) -> None:
         a = self.args
@@ -327,6 +333,12 @@ class Bench:
                 done = done and sum(s["connects"] for s in st) >= since_connects + want
             if done:
                 return time.monotonic()
+            if self.args.verbose and time.monotonic() >= self._next_report:
+                self._next_report = time.monotonic() + 10
+                errs = Counter()
+                for s in st:
+                    errs.update({e: c for e, c in s["errors"]})
+                print(f"  {n} connected; not yet: {errs.most_common(3)}", flush=True)
             await asyncio.sleep(0.05)
         st = await self.all_status()
         raise RuntimeError(f"only {sum(s['connected'] for s in st)} of {want} nodes connected after {timeout:.0f} s")
