@@ -46,6 +46,7 @@ MAX_WRITE_BUFFER = 4 * 1024 * 1024
 ACCEPT_BATCH = 32              # connections accepted per loop turn
 FD_SLACK = 32                  # descriptors of shed connections not closed yet (see _accept_ready)
 ACCEPT_PAUSE = 0.5             # after accept() itself fails (EMFILE, ENOBUFS ...)
+TURN_EVENTS = 4_000            # events held for the end of a loop turn at most (then delivered at once)
 LISTEN_BACKLOG = 4096          # every node reconnects at once after a restart (the kernel caps it: somaxconn)
 
 
@@ -513,7 +514,11 @@ class MediationServer:
         turn however many presence changes concern it, and one write (overlay/server/fanout.py)."""
         if conn is not None:
             self._dirty.add(conn)
-        if self._turn_end is None:
+        if len(self.mediator.outgoing) > TURN_EVENTS:   # a storm: memory stays bounded
+            if self._turn_end is not None:
+                self._turn_end.cancel()
+            self._end_turn()
+        elif self._turn_end is None:
             self._turn_end = asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _end_turn(self) -> None:
