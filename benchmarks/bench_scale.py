@@ -455,7 +455,6 @@ class Bench:
             s = rng.randrange(a.n)
             net = net_of(s, a.m)
             size = len(range(s - s % a.m, min(a.n, s - s % a.m + a.m)))
-            key = key_to_text(crypto.public_key(priv_of(a.seed, s)))
             for online in (False, True):
                 lat = await self.probe("presence", s, s, {"t": "presence", "network": net, "online": online},
                                        size - 1, online=online, network=net)
@@ -466,7 +465,6 @@ class Bench:
             if peer == s:
                 peer = s - s % a.m + (s % a.m + 1) % size
             punch += await self.probe("punch", s, s, {"t": "punch", "peer": key_to_text(pubs[peer])}, 1)
-            del key
         r["probe_server_cpu_s"] = proc_cpu(pid) - cpu0
         r["presence_p50_ms"] = pct(pres, 50) * 1000
         r["presence_p99_ms"] = pct(pres, 99) * 1000

@@ -46,7 +46,7 @@ MAX_WRITE_BUFFER = 4 * 1024 * 1024
 ACCEPT_BATCH = 32              # connections accepted per loop turn
 FD_SLACK = 32                  # descriptors of shed connections not closed yet (see _accept_ready)
 ACCEPT_PAUSE = 0.5             # after accept() itself fails (EMFILE, ENOBUFS ...)
-TURN_EVENTS = 4_000            # events held for the end of a loop turn at most (then delivered at once)
+TURN_EVENTS = 16_000           # events held for the end of a loop turn at most (then delivered at once)
 LISTEN_BACKLOG = 4096          # every node reconnects at once after a restart (the kernel caps it: somaxconn)
 
 
