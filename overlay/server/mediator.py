@@ -3,7 +3,9 @@
 The asyncio glue (overlay/server/app.py) authenticates a connection (Noise XX), validates each
 request (overlay/control/messages.py) and calls ``hello`` / ``handle`` / ``disconnect`` with the
 node's public key and ``now``. Replies are returned; events for other nodes are appended to
-``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online.
+``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online: it does so
+once per event-loop turn (batched per member: overlay/server/fanout.py) and then calls
+``end_turn``. A change is pushed only to the members it concerns, as a delta (one record).
 
 Argon2id hashing is slow on purpose, so the glue does it off the event loop: it calls
 ``join_precheck`` (rate limits, existence) to get the stored hash, verifies the password in a
