@@ -515,14 +515,16 @@ class MediationServer:
         if conn is not None:
             self._dirty.add(conn)
         if len(self.mediator.outgoing) > TURN_EVENTS:   # a storm: memory stays bounded
-            if self._turn_end is not None:
-                self._turn_end.cancel()
-            self._end_turn()
-        elif self._turn_end is None:
+            self._deliver_now()
+        if self._turn_end is None:
             self._turn_end = asyncio.get_running_loop().call_soon(self._end_turn)
 
     def _end_turn(self) -> None:
         self._turn_end = None
+        self._deliver_now()
+        self.mediator.end_turn()
+
+    def _deliver_now(self) -> None:
         out = self.mediator.outgoing
         if out:
             batches = fanout.coalesce(out)
@@ -538,7 +540,6 @@ class MediationServer:
                     except (ProtocolError, ValueError, TypeError) as e:
                         self.rlog.log(log, logging.ERROR, "cannot send %s: %s", msg.get("t"), e)
                 self._dirty.add(c)
-        self.mediator.end_turn()
         dirty, self._dirty = self._dirty, set()
         for c in dirty:
             c.flush()
