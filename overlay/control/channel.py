@@ -76,6 +76,13 @@ class Channel:
             data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         except (UnicodeEncodeError, ValueError, TypeError) as e:
             raise ProtocolError(f"message cannot be encoded: {e}") from None
+        self.send_encoded(data)
+
+    def send_encoded(self, data: bytes) -> None:
+        """Queue one message already encoded as JSON text (UTF-8): the server encodes an event
+        once for all the members it goes to (overlay/server/fanout.py)."""
+        if self._send_cs is None:
+            raise ProtocolError("channel not established")
         if len(data) > MAX_PLAINTEXT:
             raise ProtocolError(f"message too large ({len(data)} bytes)")
         self._write_frame(self._send_cs.encrypt(b"", data))

@@ -14,6 +14,8 @@ Same primitives as WireGuard (overlay/crypto.py), so one set of vetted code serv
 
 from __future__ import annotations
 
+import functools
+
 from overlay import crypto
 
 PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_BLAKE2s"
@@ -80,6 +82,12 @@ class _SymmetricState:
         return CipherState(k1), CipherState(k2)
 
 
+@functools.lru_cache(maxsize=16)
+def _static_public(private: bytes) -> bytes:
+    """A static key's public half, computed once (the server's, for every connection)."""
+    return crypto.public_key(private)
+
+
 class XXHandshake:
     """One side of a Noise XX handshake.
 
@@ -92,7 +100,7 @@ class XXHandshake:
                  ephemeral_private: bytes | None = None):
         self.initiator = initiator
         self.s = static_private
-        self.s_pub = crypto.public_key(static_private)
+        self.s_pub = _static_public(static_private)
         self._e_fixed = ephemeral_private  # tests only: deterministic vectors
         self.e: bytes | None = None
         self.re: bytes | None = None

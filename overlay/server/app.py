@@ -29,7 +29,7 @@ from overlay.nat.candidate import format_addr
 from overlay.ratelog import LogLimiter
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
-from overlay.server import datadir
+from overlay.server import datadir, fanout
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
 from overlay.server.store import Store, StoreHooks
@@ -47,6 +47,8 @@ MAX_WRITE_BUFFER = 4 * 1024 * 1024
 ACCEPT_BATCH = 32              # connections accepted per loop turn
 FD_SLACK = 32                  # descriptors of shed connections not closed yet (see _accept_ready)
 ACCEPT_PAUSE = 0.5             # after accept() itself fails (EMFILE, ENOBUFS ...)
+TURN_EVENTS = 16_000           # events held for the end of a loop turn at most (then delivered at once)
+LISTEN_BACKLOG = 4096          # every node reconnects at once after a restart (the kernel caps it: somaxconn)
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -172,8 +174,7 @@ class ControlConnection(asyncio.Protocol):
             if self.closed:
                 return
             self.send(reply)
-            self.server.deliver()
-            self.flush()
+            self.server.deliver(self)   # this reply and the events it caused, written at the turn's end
 
     # ------------------------------------------------------------ output
     def send(self, msg: dict) -> None:
@@ -183,6 +184,10 @@ class ControlConnection(asyncio.Protocol):
             self.channel.send(msg)
         except ProtocolError as e:
             self.server.rlog.log(log, logging.ERROR, "cannot send %s: %s", msg.get("t"), e)
+
+    def send_encoded(self, data: bytes) -> None:
+        if not self.closed and self.channel.established:
+            self.channel.send_encoded(data)
 
     def flush(self) -> None:
         if self.closed or self.transport is None:
@@ -250,6 +255,8 @@ class MediationServer:
         self.udp_transport: asyncio.DatagramTransport | None = None
         self.udp_transport6: asyncio.DatagramTransport | None = None   # relay over IPv6
         self._reaper: asyncio.Task | None = None
+        self._dirty: set[ControlConnection] = set()   # written to at the end of this loop turn
+        self._turn_end: asyncio.Handle | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -557,18 +564,43 @@ class MediationServer:
         conn.send({"t": "relay", "from": key_to_text(src), "data": base64.b64encode(payload).decode()})
         conn.flush()
 
-    def deliver(self) -> None:
+    def deliver(self, conn: ControlConnection | None = None) -> None:
+        """Deliver the mediator's events (and flush ``conn``) at the end of this loop turn: every
+        request handled in the turn is batched, so a member gets one message per network and
+        turn however many presence changes concern it, and one write (overlay/server/fanout.py)."""
+        if conn is not None:
+            self._dirty.add(conn)
+        if len(self.mediator.outgoing) > TURN_EVENTS:   # a storm: memory stays bounded
+            self._deliver_now()
+        if self._turn_end is None:
+            self._turn_end = asyncio.get_running_loop().call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._turn_end = None
+        self._deliver_now()
+        self.mediator.end_turn()
+
+    def _deliver_now(self) -> None:
         out = self.mediator.outgoing
-        touched = set()
-        while out:
-            key, msg = out.popleft()
-            c = self.sessions.get(key)
-            if c is not None:
-                c.send(msg)
-                touched.add(c)
-            elif key in self._arriving:
-                self._arriving[key].append(msg)
-        for c in touched:
+        if out:
+            batches = fanout.coalesce(out)
+            out.clear()
+            enc = fanout.Encoder()
+            for key, msgs in batches.items():
+                c = self.sessions.get(key)
+                if c is None:
+                    held = self._arriving.get(key)   # its hello is being stored: sent after the reply
+                    if held is not None:
+                        held.extend(msgs)
+                    continue
+                for msg in msgs:
+                    try:
+                        c.send_encoded(enc.encode(msg))
+                    except (ProtocolError, ValueError, TypeError) as e:
+                        self.rlog.log(log, logging.ERROR, "cannot send %s: %s", msg.get("t"), e)
+                self._dirty.add(c)
+        dirty, self._dirty = self._dirty, set()
+        for c in dirty:
             c.flush()
 
 
@@ -580,7 +612,7 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
         if ":" in host:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, port))
-        s.listen(128)
+        s.listen(LISTEN_BACKLOG)
         s.setblocking(False)
     except OSError:
         s.close()

@@ -3,7 +3,9 @@
 The asyncio glue (overlay/server/app.py) authenticates a connection (Noise XX), validates each
 request (overlay/control/messages.py) and calls ``hello`` / ``handle`` / ``disconnect`` with the
 node's public key and ``now``. Replies are returned; events for other nodes are appended to
-``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online.
+``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online: it does so
+once per event-loop turn (batched per member: overlay/server/fanout.py) and then calls
+``end_turn``. A change is pushed only to the members it concerns, as a delta (one record).
 
 Argon2id hashing is slow on purpose, so the glue does it off the event loop: it calls
 ``join_precheck`` (rate limits, existence) to get the stored hash, verifies the password in a
@@ -126,6 +128,21 @@ class Mediator:
         self._proven: set[bytes] = set()             # guests whose identity proof checked
         self._new_per_source: dict[str, _Window] = {}
         self._next_expiry = float("-inf")
+        # Snapshots built since the glue's last ``end_turn`` (one event-loop turn): network ->
+        # (snapshot context, member -> record). When every node reconnects at once, the hellos of
+        # one turn in one network share the store reads and the records (encoded once too:
+        # overlay/server/fanout.py). A member's records are dropped when its state changes
+        # (hello, disconnect, presence), everything on any request that writes to the store.
+        self._turn: dict[str, tuple[tuple, dict[bytes, dict]]] = {}
+
+    # ------------------------------------------------------------------ the turn's snapshot cache
+    def end_turn(self) -> None:
+        """The glue delivered this turn's events: what was read from the store is read again."""
+        self._turn.clear()
+
+    def _forget_records(self, key: bytes) -> None:
+        for _ctx, records in self._turn.values():
+            records.pop(key, None)
 
     # ------------------------------------------------------------------ helpers
     def _push(self, key: bytes, msg: dict) -> None:
@@ -241,8 +258,8 @@ class Mediator:
             rec["caps"] = caps     # only while online (a node may come back in another mode)
         return rec
 
-    def _network_info(self, network, key: bytes, count: int | None = None) -> dict:
-        owner = self.store.node(network.owner)
+    def _network_info(self, network, key: bytes, count: int | None = None, owner=None) -> dict:
+        owner = owner or self.store.node(network.owner)
         return {"name": network.name, "owner": owner.name if owner else None,
                 "role": "owner" if key == network.owner else "member",
                 "locked": network.locked, "approval": network.approval, "type": network.type,
@@ -251,33 +268,60 @@ class Mediator:
 
     def _snapshot_ctx(self, name: str) -> tuple:
         """What snapshots of network ``name`` are made of: (network, topology, members in join
-        order, member -> position, nodes, routes)."""
+        order, member -> position, nodes, routes); read once per turn (``end_turn``)."""
+        hit = self._turn.get(name)
+        if hit is not None:
+            return hit[0]
         net = self.store.network(name)
         members = self.store.members(name)
-        return (net, self._topology(net), members, {k: i for i, k in enumerate(members)},
-                self.store.nodes(members), self.store.routes(name))
+        ctx = (net, self._topology(net), members, {k: i for i, k in enumerate(members)},
+               self.store.nodes(members), self.store.routes(name))
+        self._turn[name] = (ctx, {})
+        return ctx
 
     def _send_network(self, key: bytes, name: str, ctx: tuple | None = None) -> None:
         """Push a full snapshot of one network to ``key``: info, then members in batches (only
         whom it may reach). ``ctx``: ``_snapshot_ctx(name)``, when sending several."""
-        net, topo, everyone, order, nodes, routes = ctx or self._snapshot_ctx(name)
+        net, topo, everyone, order, nodes, routes = ctx = ctx or self._snapshot_ctx(name)
         self._push(key, {"t": "network", "network": self._network_info(net, key, len(everyone))})
         vis = self._visible(topo, key)
         members = everyone if vis is None else sorted((k for k in vis if k in order), key=order.__getitem__)
+        hit = self._turn.get(name)
+        records = hit[1] if hit is not None and hit[0] is ctx else {}
         for i in range(0, len(members), MEMBER_BATCH):
-            batch = [self._member_record(net, k, nodes[k], topo, routes) for k in members[i:i + MEMBER_BATCH]]
+            batch = []
+            for k in members[i:i + MEMBER_BATCH]:
+                rec = records.get(k)
+                if rec is None:
+                    rec = records[k] = self._member_record(net, k, nodes[k], topo, routes)
+                batch.append(rec)
             self._push(key, {"t": "members", "network": name, "members": batch})
 
     def _broadcast_info(self, name: str) -> None:
+        """The network's info to every member: two events (the owner's, the members'), each built
+        once, whatever the number of members."""
         net = self.store.network(name)
-        for k in self.store.members(name):
-            self._push(k, {"t": "network", "network": self._network_info(net, k)})
+        members = self.store.members(name)
+        owner = self.store.node(net.owner)
+        info = {role: {"t": "network", "network": self._network_info(net, k, len(members), owner)}
+                for role, k in (("owner", net.owner), ("member", b""))}
+        for k in members:
+            self._push(k, info["owner" if k == net.owner else "member"])
 
-    def _announce_member(self, name: str, key: bytes) -> None:
-        net = self.store.network(name)
-        topo = self._topology(net)
-        rec = self._member_record(net, key, topo=topo)
-        self._push_visible(name, key, {"t": "members", "network": name, "members": [rec]}, topo, exclude=key)
+    def _announce_member(self, name: str, key: bytes, ctx: tuple | None = None) -> None:
+        """One delta (``members`` with one record) to each member that sees ``key``; ``ctx``:
+        ``_snapshot_ctx(name)`` when the caller has it."""
+        if ctx is None:
+            net = self.store.network(name)
+            topo = self._topology(net)
+            rec = self._member_record(net, key, topo=topo)
+            self._push_visible(name, key, {"t": "members", "network": name, "members": [rec]}, topo, exclude=key)
+            return
+        net, topo, members, _order, nodes, routes = ctx
+        msg = {"t": "members", "network": name, "members": [self._member_record(net, key, nodes[key], topo, routes)]}
+        for k in members:
+            if k != key and self._sees(topo, k, key):
+                self._push(k, msg)
 
     def _network_for(self, key: bytes, raw_name: str, *, member: bool = True, owner: bool = False):
         name = normalize_name(raw_name, "network name")
@@ -370,6 +414,7 @@ class Mediator:
         if now < self._next_expiry:
             return []
         self._next_expiry = now + EXPIRY_INTERVAL
+        self._turn.clear()
         gone = []
         for key, vip in self.store.expirable_nodes(now - NODE_TTL):
             if key in self.online:
@@ -390,6 +435,7 @@ class Mediator:
             self._guests[key] = name      # stored only when it first joins a network
         else:
             if node.name != name:
+                self._turn.clear()        # snapshots read this turn hold the old name
                 for net in self.store.networks_of(key) + self.store.pending_networks_of(key):
                     if self._name_clash(net, key, name):
                         raise RequestError("name_taken",
@@ -397,6 +443,7 @@ class Mediator:
             self.store.update_node(key, name, now)
         node = self.store.node(key)
         self.online.add(key)
+        self._forget_records(key)
         if msg.get("routes"):
             self.advertised[key] = sorted({str(parse_route(r)) for r in msg["routes"]})
         else:
@@ -414,8 +461,9 @@ class Mediator:
             self._source[key] = source
         networks = self.store.networks_of(key)
         for net in networks:
-            self._send_network(key, net)
-            self._announce_member(net, key)
+            ctx = self._snapshot_ctx(net)
+            self._send_network(key, net, ctx)
+            self._announce_member(net, key, ctx)
         for net in self.store.owned_networks(key):
             for k in self.store.pending(net):
                 self._push(key, self._join_request_event(net, k))
@@ -426,6 +474,7 @@ class Mediator:
         if key not in self.online:
             return
         self.online.discard(key)
+        self._forget_records(key)
         self.away.pop(key, None)
         self.endpoints.pop(key, None)
         self.iface.pop(key, None)
@@ -442,6 +491,16 @@ class Mediator:
     # ------------------------------------------------------------------ requests
     def handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
                password_hash: bytes | None = None) -> dict:
+        if msg["t"] in ("create", "join", "leave", "admin", "rename"):   # they write to the store
+            self._turn.clear()
+            try:
+                return self._handle(key, msg, now, password_ok=password_ok, password_hash=password_hash)
+            finally:
+                self._turn.clear()
+        return self._handle(key, msg, now, password_ok=password_ok, password_hash=password_hash)
+
+    def _handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
+                password_hash: bytes | None = None) -> dict:
         t = msg["t"]
         if t == "ping":
             return ok(msg["id"], t_server=now)
@@ -636,6 +695,7 @@ class Mediator:
             away.add(net.name)
         if not away:
             del self.away[key]
+        self._forget_records(key)
         self._announce_member(net.name, key)
         return ok(msg["id"], network=net.name, online=msg["online"])
 

@@ -115,7 +115,9 @@ class InstanceSync:
             ev = json.loads(payload)
             if ev.get("i") == self.id:
                 return
+            self.server.mediator.end_turn()   # another instance changed the store: no cached reads
             self._apply(ev)
+            self.server.mediator.end_turn()
         except Exception:
             self.rlog.log(log, logging.ERROR, "instance sync: cannot apply an event", exc_info=True)
         self.server.deliver()
@@ -201,5 +203,6 @@ class InstanceSync:
             del self.remote[key]
             if key not in self.server.sessions:
                 m.disconnect(key, time.time())
+        m.end_turn()
         self.store.flush_soon()
         self.server.deliver()

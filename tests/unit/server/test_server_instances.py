@@ -10,6 +10,7 @@ left, a late instance learning who is online, and an instance vanishing.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from polling import wait_async
@@ -204,6 +205,9 @@ class FakeConn:
     def send(self, msg: dict) -> None:
         self.sent.append(msg)
 
+    def send_encoded(self, data: bytes) -> None:   # events batched per loop turn (server/fanout.py)
+        self.sent.append(json.loads(data))
+
     def flush(self) -> None:
         pass
 
@@ -225,6 +229,7 @@ def test_events_during_a_hello_being_stored_reach_the_node_after_its_snapshot(tm
         async def req(n, t, **f):
             r = await server.dispatch(conns[n], validate_request({"t": t, "id": next(rid), **f}))
             server.deliver()
+            await asyncio.sleep(0)   # delivered at the loop turn's end
             return r
         try:
             for n in ("alice", "carol"):
@@ -248,6 +253,7 @@ def test_events_during_a_hello_being_stored_reach_the_node_after_its_snapshot(tm
             gate.set()
             await hello
             server.deliver()
+            await asyncio.sleep(0)
             carol = [m for e in conns["alice"].sent if e["t"] == "members" for m in e["members"]
                      if m["name"] == "carol"]
             assert carol and carol[0]["online"] is True and carol[-1]["online"] is False, carol
