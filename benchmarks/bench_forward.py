@@ -267,6 +267,7 @@ class Lab:
             if "error" not in out:
                 end = out["end"]
                 return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
+                        "bytes": end["sum_received"].get("bytes", 0),
                         "retransmits": end.get("sum_sent", {}).get("retransmits")}
             last = out["error"]
             time.sleep(1)
@@ -396,13 +397,17 @@ def run(args: argparse.Namespace) -> None:
         gbps: dict[tuple[str, bool], list[float]] = collections.defaultdict(list)
         cpu: dict[tuple[str, bool], list[list[float]]] = collections.defaultdict(list)
         retrans: dict[tuple[str, bool], list] = collections.defaultdict(list)
+        cpu_per_gb: dict[tuple[str, bool], list[float]] = collections.defaultdict(list)
         for i in range(args.runs):
             for name, (tag, host, port, pids) in paths.items():
                 for reverse in (False, True):
                     before, t = [cpu_seconds(p) for p in pids], time.monotonic()
                     res = lb.iperf(tag, host, port, args.time, reverse)
                     dt = time.monotonic() - t
-                    cpu[(name, reverse)].append([100 * (cpu_seconds(p) - b) / dt for p, b in zip(pids, before)])
+                    spent = [cpu_seconds(p) - b for p, b in zip(pids, before)]
+                    cpu[(name, reverse)].append([100 * c / dt for c in spent])
+                    if pids and res["bytes"]:
+                        cpu_per_gb[(name, reverse)].append(sum(spent) / (res["bytes"] / 1e9))
                     gbps[(name, reverse)].append(res["gbps"])
                     retrans[(name, reverse)].append(res["retransmits"])
             print(f"throughput round {i + 1}/{args.runs} done ({time.monotonic() - t0:.0f} s)", flush=True)
@@ -441,6 +446,20 @@ def run(args: argparse.Namespace) -> None:
             added = "" if name == "veth" else f"   added per round trip {r['median_us'] - base:8.1f} us"
             print(f"  {name:18s} median {r['median_us']:8.1f} us   p90 {r['p90_us']:8.1f} us   "
                   f"min {r['min_us']:7.1f} us{added}")
+
+        print("\nSummary (medians): overlay forward against wireguard-go in this run")
+        print("  direction   forward Gbit/s  wg-go Gbit/s  ratio   CPU s/GB both tunnel processes (forward / wg-go)")
+        for reverse in (False, True):
+            d = "B->A" if reverse else "A->B"
+            ov = statistics.median(gbps[("overlay forward", reverse)])
+            wg = statistics.median(gbps[("wireguard-go", reverse)])
+            cg = [statistics.median(cpu_per_gb[(n, reverse)]) if cpu_per_gb[(n, reverse)] else float("nan")
+                  for n in ("overlay forward", "wireguard-go")]
+            print(f"  {d:10s} {ov:15.3f} {wg:13.3f} {ov / wg:6.2f}x   {cg[0]:.1f} / {cg[1]:.1f}")
+        add_ov = rtt["overlay forward"]["median_us"] - base
+        add_wg = rtt["wireguard-go"]["median_us"] - base
+        print(f"  added round trip (1-byte ping-pong): {add_ov:.0f} us / {add_wg:.0f} us = "
+              f"{add_ov / add_wg if add_wg > 0 else float('nan'):.2f}x wireguard-go's")
 
         if args.profile:
             if shutil.which("py-spy") is None:
