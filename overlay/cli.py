@@ -93,6 +93,11 @@ def server(listen: Optional[List[str]] = typer.Option(
                None, "--database", help="postgresql://USER@HOST:PORT/DB: keep networks, members and chat in "
                                         "PostgreSQL (needs overlay[postgres]; several servers may share it). "
                                         "Default: SQLite in --data."),
+           relay_address: Optional[str] = typer.Option(
+               None, "--relay-address", help="IP:PORT at which nodes reach this server's UDP port (relay), "
+                                             "announced to the other servers on the same --database: a pair "
+                                             "of nodes on two servers relays through one of them. Default: "
+                                             "the address each node's control connection reached."),
            migrate_from: Optional[str] = typer.Option(
                None, "--migrate-from", help="sqlite:PATH: copy that SQLite database (a server's overlay.db) into "
                                             "the empty --database, say what moved, and exit."),
@@ -113,6 +118,12 @@ def server(listen: Optional[List[str]] = typer.Option(
         fail("every --listen address takes the same port, each address once")
     if max_connections < 1 or max_per_address < 1:
         fail("--max-connections and --max-per-address must be at least 1")
+    if relay_address is not None:
+        from overlay.nat.candidate import format_addr, parse_addr
+        try:
+            relay_address = format_addr(parse_addr(relay_address))
+        except ValueError:
+            fail("--relay-address takes IP:PORT (an IPv6 address in brackets), as nodes reach this server")
     turn_settings = None
     if turn or turn_secret:
         from overlay.server.turn_credentials import TurnSettings
@@ -158,7 +169,8 @@ def server(listen: Optional[List[str]] = typer.Option(
         return
     try:
         asyncio.run(run_server(data, hosts, port, pool, relay_rate * 1024, stun_alt_ip, max_connections,
-                               max_per_address, identity_work, new_nodes_per_hour, turn_settings, database))
+                               max_per_address, identity_work, new_nodes_per_hour, turn_settings, database,
+                               relay_address))
     except OSError as e:
         fail(f"cannot listen on {', '.join(listen)}: {e.strerror or e}")
     except KeyboardInterrupt:

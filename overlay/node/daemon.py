@@ -684,7 +684,7 @@ class Daemon:
                     "nat": self.dataplane.nat_summary(), "birthday": self.dataplane.birthday_stats(),
                     "sequential": self.dataplane.sequential_stats(), "ipv6": self.dataplane.ipv6_summary(),
                     "port_mapping": self.dataplane.port_mapping_summary(),
-                    "turn": self.dataplane.turn_summary(),
+                    "turn": self.dataplane.turn_summary(), "relays": self.dataplane.relays_summary(),
                     "tunnel_guard": self.dataplane.guard.summary()},
         }
 

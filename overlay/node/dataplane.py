@@ -249,6 +249,8 @@ class DataPlane:
             self.hardnat.forget(entry.key)
             self.turn.forget_peer(entry.key)
             self._dirty_paths.discard(entry)
+        # peers on another instance of the server's deployment: the relay their pair uses
+        self.server.set_peer_relays({k: p.relay for k, p in peers.items() if p.relay is not None and p.online})
         self._paths_stale = True
         self._schedule_flush()
 
@@ -549,6 +551,10 @@ class DataPlane:
         if path == "relay" and self.turn.active(key):
             return f"turn {self.turn.label}", rtt
         return path, rtt
+
+    def relays_summary(self) -> list[dict]:
+        """Other server instances' relays this node registers at, for peers there (``server_path``)."""
+        return self.server.foreign_summary()
 
     def turn_summary(self) -> dict | None:
         return self.turn.summary()

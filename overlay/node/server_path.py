@@ -6,6 +6,15 @@ the relay go over UDP in relay frames; otherwise over the control connection (TC
 (``nat.classify.NatProbe``) against the server's STUN ports learns our server-reflexive address
 and the NAT's mapping behaviour, again every ``REPROBE_INTERVAL``.
 
+A peer online on another instance of our server's deployment (several servers on one PostgreSQL)
+comes with that instance's relay address (its member record's ``relay``). Each such pair relays
+through one instance, by a rule both ends apply alike: the instance of the node with the smaller
+public key. The node with the smaller key sends as always, to its own server; the other registers
+at the peer's instance too (a second registration, with the same token: the relay secret derives
+from the deployment's key; kept alive like the first, only while a peer needs it) and sends its
+relay frames for that peer there (``via``). Registration there needs UDP; relay over the control
+connection stays with one's own server, so the smaller-key node may be the one without UDP.
+
 Sans-I/O apart from the callables it is given: datagrams go to ``out`` (the data plane's queue),
 relay-over-TCP messages to ``send_control``; ``on_public`` runs when our public address changed.
 """
@@ -28,6 +37,30 @@ log = logging.getLogger("overlay.dataplane")
 REGISTER_INTERVAL = 10.0      # relay registration doubles as the NAT keepalive toward the server
 REGISTER_TIMEOUT = 3.0        # no REGISTERED after this: UDP to the server looks blocked
 REPROBE_INTERVAL = 120.0      # refresh the server-reflexive address and NAT classification
+MAX_FOREIGN = 16              # other instances' relays registered at, at most
+
+
+def relays_through_peer(own_key: bytes, peer_key: bytes) -> bool:
+    """The pair rule for two nodes on different server instances: they relay through the instance
+    of the node with the smaller public key; True when that is the peer's (we are the larger)."""
+    return own_key > peer_key
+
+
+class ForeignRelay:
+    """Our registration at another instance's relay (its nonce, acknowledgement, keepalive)."""
+
+    __slots__ = ("addr", "nonce", "ok", "sent", "acked", "challenged")
+
+    def __init__(self, addr: tuple[str, int]):
+        self.addr = addr
+        self.nonce = frames.NO_NONCE
+        self.ok = False               # the relay acknowledged our registration
+        self.sent = float("-inf")
+        self.acked = float("-inf")
+        self.challenged = float("-inf")
+
+    def next_register(self) -> float:
+        return self.sent + (REGISTER_INTERVAL if self.ok else 1.0)
 
 
 class ServerPath:
@@ -52,6 +85,8 @@ class ServerPath:
         self.nat: NatReport | None = None
         self.server_rtt: float | None = None
         self.probe_waiters: list[asyncio.Future] = []
+        self.foreign: dict[tuple[str, int], ForeignRelay] = {}   # other instances' relays we register at
+        self.via: dict[bytes, tuple[str, int]] = {}              # peer key -> the foreign relay for it
 
     # ------------------------------------------------------------------ configuration
     def resolve(self, host: str, udp_port: int) -> str | None:
@@ -73,6 +108,29 @@ class ServerPath:
         self.udp_token = token
         self.relay_nonce = frames.NO_NONCE
         self.register_sent = float("-inf")
+        for f in self.foreign.values():
+            f.nonce, f.sent = frames.NO_NONCE, float("-inf")
+
+    def set_peer_relays(self, relays: dict[bytes, tuple[str, int]]) -> None:
+        """``relays``: peer key -> the relay of the other instance that peer is online on. Keeps
+        ``via`` (the peers whose pair relays through their instance: ``relays_through_peer``) and a
+        registration at each relay some peer needs, and drops the others."""
+        via: dict[bytes, tuple[str, int]] = {}
+        needed: set[tuple[str, int]] = set()
+        for key, addr in relays.items():
+            if addr == self.server_udp or not relays_through_peer(self.public_key, key):
+                continue
+            if addr not in needed and len(needed) >= MAX_FOREIGN:
+                continue
+            needed.add(addr)
+            via[key] = addr
+        for addr in [a for a in self.foreign if a not in needed]:
+            del self.foreign[addr]
+        for addr in needed:
+            if addr not in self.foreign:
+                self.foreign[addr] = ForeignRelay(addr)
+                log.info("a peer is on another server instance: registering at its relay %s", format_addr(addr))
+        self.via = via
 
     def set_probe_servers(self, ip: str, udp_port: int, stun_ports: list[int] | None,
                           stun_alt_ip: str | None) -> None:
@@ -149,11 +207,14 @@ class ServerPath:
 
     # ------------------------------------------------------------------ relay
     def relay_receive(self, data: bytes, addr) -> tuple[bytes, bytes] | None:
-        """A relay frame from the server: (peer key, WireGuard packet) for relayed data, else None
-        (registration and challenges are handled here)."""
+        """A relay frame from the server (or another instance's relay we registered at): (peer key,
+        WireGuard packet) for relayed data, else None (registration and challenges are handled here)."""
         if (addr[0], addr[1]) != self.server_udp:
-            self.stats["not_ours"] += 1
-            return None
+            f = self.foreign.get((addr[0], addr[1]))
+            if f is None:
+                self.stats["not_ours"] += 1
+                return None
+            return self._foreign_receive(f, data)
         try:
             t, key, rest = frames.parse(data)
         except frames.FrameError:
@@ -178,9 +239,34 @@ class ServerPath:
                 self.schedule_flush()
         return None
 
+    def _foreign_receive(self, f: ForeignRelay, data: bytes) -> tuple[bytes, bytes] | None:
+        try:
+            t, key, rest = frames.parse(data)
+        except frames.FrameError:
+            self.stats["not_ours"] += 1
+            return None
+        if t == frames.DATA:
+            return key, rest
+        if t == frames.REGISTERED:
+            if not f.ok:
+                log.info("registered at the relay of another server instance, %s", format_addr(f.addr))
+            f.ok, f.acked = True, self.now()
+        elif t == frames.CHALLENGE and self.udp_token is not None:
+            f.nonce = rest
+            now = self.now()
+            if now - f.challenged >= 1.0:           # answered at once, but at most once a second
+                f.challenged = f.sent = now
+                self.out.append((frames.register(self.public_key, self.udp_token, rest), f.addr))
+                self.schedule_flush()
+        return None
+
     def relay_send(self, key: bytes, data: bytes, batch: list) -> None:
         """A WireGuard packet for the peer ``key`` on the relay: framed into ``batch`` (UDP to the
-        server) while registered, else over the control connection."""
+        server) while registered, else over the control connection; for a peer whose pair relays
+        through its own instance (``via``), to that instance's relay once registered there."""
+        if self.via and (addr := self.via.get(key)) is not None and self.foreign[addr].ok:
+            batch.append((frames.data(key, data), addr))
+            return
         if self.udp_ok and self.server_udp:
             batch.append((frames.data(key, data), self.server_udp))
         else:
@@ -200,13 +286,29 @@ class ServerPath:
     def next_register(self) -> float | None:
         if self.server_udp is None or self.udp_token is None:
             return None
-        return self.register_sent + (REGISTER_INTERVAL if self.udp_ok else 1.0)
+        at = self.register_sent + (REGISTER_INTERVAL if self.udp_ok else 1.0)
+        for f in self.foreign.values():
+            at = min(at, f.next_register())
+        return at
 
     def register_tick(self, now: float) -> None:
-        nr = self.next_register()
-        if nr is not None and nr <= now:
+        if self.server_udp is None or self.udp_token is None:
+            return
+        if self.register_sent + (REGISTER_INTERVAL if self.udp_ok else 1.0) <= now:
             if self.udp_ok and now - self.registered_at > REGISTER_INTERVAL + REGISTER_TIMEOUT:
                 log.warning("relay registration unanswered: using the control connection for relay")
                 self.udp_ok = False
             self.register_sent = now
             self.out.append((frames.register(self.public_key, self.udp_token, self.relay_nonce), self.server_udp))
+        for f in self.foreign.values():
+            if f.next_register() <= now:
+                if f.ok and now - f.acked > REGISTER_INTERVAL + REGISTER_TIMEOUT:
+                    log.warning("registration at the relay %s unanswered", format_addr(f.addr))
+                    f.ok = False
+                f.sent = now
+                self.out.append((frames.register(self.public_key, self.udp_token, f.nonce), f.addr))
+
+    def foreign_summary(self) -> list[dict]:
+        """Other instances' relays we register at (``status``: ``udp.relays``)."""
+        return [{"address": format_addr(f.addr), "registered": f.ok,
+                 "peers": sum(1 for a in self.via.values() if a == f.addr)} for f in self.foreign.values()]

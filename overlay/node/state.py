@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from overlay.control.messages import CHAT_HISTORY, MAX_ROUTES, parse_caps, parse_route
+from overlay.nat.candidate import parse_addr
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Member:
     routes: tuple = ()         # approved gateway routes (LAN subnets reached through this member)
     withdrawn: tuple = ()      # approved routes it no longer advertises (online without them)
     caps: tuple = ()           # capabilities the node stated in its hello (only while online)
+    relay: tuple | None = None  # online on another server instance: that instance's relay (IP, port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ class Peer:
     encrypted: bool = True
     static: bool = False
     caps: tuple[str, ...] = ()        # capabilities (control.messages CAP_*); none for a static peer
+    relay: tuple[str, int] | None = None  # the relay of the other server instance it is on (server_path)
 
     def to_json(self) -> dict:
         """The peer as status and the API show it (docs/json.md); a static peer has no iface."""
@@ -65,6 +68,17 @@ def _routes(raw) -> tuple:
         except ValueError:
             continue
     return tuple(out)
+
+
+def _relay(raw) -> tuple[str, int] | None:
+    """A member record's ``relay`` (the relay of the other server instance the member is on):
+    an IP:PORT, else None."""
+    if not isinstance(raw, str) or len(raw) > 64:
+        return None
+    try:
+        return parse_addr(raw)
+    except ValueError:
+        return None
 
 
 def reaches(net_type: str | None, mine: str | None, theirs: str | None) -> bool:
@@ -142,7 +156,8 @@ class NodeState:
                 new = Member(m["name"], m["key"], m["ip"], bool(m["online"]), m["role"],
                              m.get("iface") if m.get("iface") in ("tun", "tap") else None,
                              m.get("kind") if m.get("kind") in ("hub", "spoke", "gateway", "member") else None,
-                             _routes(m.get("routes")), _routes(m.get("withdrawn")), parse_caps(m.get("caps")))
+                             _routes(m.get("routes")), _routes(m.get("withdrawn")), parse_caps(m.get("caps")),
+                             _relay(m.get("relay")))
                 view.members[m["key"]] = new
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
@@ -189,6 +204,7 @@ class NodeState:
         """raw key -> ``Peer`` for every node sharing a network with us."""
         merged: dict[str, tuple[Member, list[str], list[str], list[str], list[bool]]] = {}
         caps: dict[str, tuple] = {}   # key -> capabilities every record of it states (in case one is stale)
+        relays: dict[str, tuple | None] = {}
         mine = self.me.get("key")
         for view in self.networks.values():
             if view.name in self.away:
@@ -201,6 +217,7 @@ class NodeState:
                 _, networks, routes, withdrawn, encrypted = merged.setdefault(m.key, (m, [], [], [], [False]))
                 networks.append(view.name)
                 caps[m.key] = tuple(c for c in caps.get(m.key, m.caps) if c in m.caps)
+                relays[m.key] = relays.get(m.key) or m.relay
                 # encryption drops only when every network shared with this peer is unencrypted
                 encrypted[0] = encrypted[0] or view.info.get("encrypted", True) is not False
                 routes.extend(r for r in m.routes if r not in routes)
@@ -209,7 +226,7 @@ class NodeState:
         for text, (m, networks, routes, withdrawn, encrypted) in merged.items():
             key = base64.b64decode(text)
             out[key] = Peer(m.name, key, text, m.ip, m.online, m.iface, tuple(networks), tuple(routes),
-                            tuple(withdrawn), encrypted[0], caps=caps[text])
+                            tuple(withdrawn), encrypted[0], caps=caps[text], relay=relays[text])
         return out
 
     def own_routes(self) -> list[tuple[str, set[str]]]:

@@ -7,6 +7,11 @@ is stored); see frames.py. A replayed REGISTER from another address only earns a
 DATA is forwarded only between registered nodes that share a network (``may_relay``), within a
 per-source token bucket (bytes/s). Registrations expire unless refreshed (nodes re-register every
 few seconds, which also keeps their NAT mapping toward the server alive).
+
+The secret derives from the server's long-term key (``relay_secret``), which every instance of one
+deployment shares: a node's token and the nonces are valid on each of them, so a node registers at
+another instance's relay with the token its own instance gave it (a pair of nodes on two instances
+relays through one of them; overlay/node/server_path.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ REGISTRATION_TTL = 90.0
 NONCE_PERIOD = 60.0      # a nonce is good for the minute it was made in and the next
 DEFAULT_RATE = 2 * 1024 * 1024  # bytes per second per node
 MAX_REGISTRATIONS = 100_000
+
+
+def relay_secret(server_private_key: bytes) -> bytes:
+    """The relay secret of a server key: the same on every instance of one deployment (they share
+    the key), and across restarts; a one-way function of the key, never the key itself."""
+    return hmac.digest(server_private_key, b"overlay relay secret", "blake2s")
 
 
 class RelayServer:

@@ -28,7 +28,7 @@ from overlay.nat import stun
 from overlay.nat.candidate import format_addr
 from overlay.ratelog import LogLimiter
 from overlay.relay import frames
-from overlay.relay.server import DEFAULT_RATE, RelayServer
+from overlay.relay.server import DEFAULT_RATE, RelayServer, relay_secret
 from overlay.server import datadir, fanout
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
@@ -217,8 +217,12 @@ class MediationServer:
                  relay_rate: float = DEFAULT_RATE, stun_alt_ip: str | None = None,
                  max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
                  identity_bits: int = DEFAULT_IDENTITY_BITS, new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR,
-                 turn: TurnSettings | None = None, store: StoreHooks | None = None):
+                 turn: TurnSettings | None = None, store: StoreHooks | None = None,
+                 relay_address: str | None = None):
         self.data_dir = Path(data_dir)
+        # this instance's relay as nodes reach it (``--relay-address``; default: the address each
+        # node's control connection reached): other instances hand it to their nodes (``pg_sync``)
+        self.relay_addr = relay_address
         self.turn = turn        # a TURN server whose credentials the nodes get (``turn_credentials``)
         datadir.secure(self.data_dir)
         self.private_key = load_or_create_key(self.data_dir / "server.key")
@@ -231,8 +235,8 @@ class MediationServer:
         self.sync = None                    # with PostgreSQL: the other instances (overlay/server/pg_sync.py)
         self.mediator = Mediator(self.store, pool, identity_bits=identity_bits, new_nodes_per_hour=new_nodes_per_hour)
         self._peer_cache: dict[bytes, tuple[float, set[bytes]]] = {}
-        self.relay = RelayServer(self._may_relay, rate=relay_rate)
-        self.mediator.udp_addr_of = self.relay.udp_address
+        self.relay = RelayServer(self._may_relay, rate=relay_rate, secret=relay_secret(self.private_key))
+        self.mediator.udp_addr_of = self._udp_addr_of
         # one or more listen addresses (e.g. 0.0.0.0 and ::), all on one port; IPv6 sockets are
         # IPv6 only, so an IPv4 and an IPv6 address (wildcards included) can both be given
         self.hosts = [host] if isinstance(host, str) else list(host)
@@ -309,6 +313,15 @@ class MediationServer:
         if here and (text := format_addr((here[0], self.port))) not in out:
             out.append(text)
         return out
+
+    def relay_address(self, conn: "ControlConnection") -> str | None:
+        """This instance's relay (UDP) as ``conn``'s node reaches it: ``--relay-address``, else the
+        address its control connection reached, on the UDP port (announced with its hello to the
+        other instances, which hand it to their nodes in its member record)."""
+        if self.relay_addr:
+            return self.relay_addr
+        here = conn.transport.get_extra_info("sockname") if conn.transport is not None else None
+        return format_addr((here[0], self.port)) if here else None
 
     def send_udp(self, data: bytes, addr: tuple) -> None:
         """A relay datagram out of the socket of ``addr``'s family (a node may be on either)."""
@@ -497,7 +510,8 @@ class MediationServer:
             await self.store.undo(claim)
             raise
         if self.sync is not None:
-            self.sync.accepted(conn.key, msg, now, reply, password_hash, conn.source)
+            self.sync.accepted(conn.key, msg, now, reply, password_hash, conn.source,
+                               relay=self.relay_address(conn) if msg["t"] == "hello" else None)
         # the events this request caused wait for its flush: nobody hears of a change before it is
         # stored, and the requester gets its reply first (as when nothing yields here, with SQLite)
         caused = [out.pop() for _ in range(len(out) - before)][::-1]
@@ -535,9 +549,22 @@ class MediationServer:
             self.deliver()
 
     # ------------------------------------------------------------ relay
+    def _udp_addr_of(self, key: bytes) -> tuple | None:
+        """The address a node registered at our relay from (its server-reflexive address, for its
+        candidates); not for a node online on another instance (its registration here, for a pair
+        relayed through us, shows its mapping toward us, not toward its own server)."""
+        if self.sync is not None and self.sync.online_elsewhere(key):
+            return None
+        return self.relay.udp_address(key)
+
     def _may_relay(self, src: bytes, dst: bytes) -> bool:
         """Relay only between nodes that may reach each other (network types); cached for a few seconds per
-        source, and forgotten at every membership or network-type change (``dispatch``)."""
+        source, and forgotten at every membership or network-type change (``dispatch``). With several
+        instances, only pairs with at least one end connected here: a node of another instance
+        registers here for its peers on this instance (overlay/node/server_path.py), and this relay
+        serves no pair of other instances' nodes."""
+        if self.sync is not None and src not in self.sessions and dst not in self.sessions:
+            return False
         now = time.monotonic()
         hit = self._peer_cache.get(src)
         if hit is None or now - hit[0] > 5.0:
@@ -692,7 +719,7 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
                      max_conns: int = DEFAULT_MAX_CONNS, per_source: int = DEFAULT_PER_SOURCE,
                      identity_bits: int = DEFAULT_IDENTITY_BITS,
                      new_nodes_per_hour: int = DEFAULT_NEW_NODES_PER_HOUR, turn: TurnSettings | None = None,
-                     database: str | None = None) -> None:
+                     database: str | None = None, relay_address: str | None = None) -> None:
     nofile = raise_nofile_limit()
     cap = max_conns_for(nofile, max_conns)
     if cap < max_conns:
@@ -716,7 +743,7 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
         log.info("database %s (schema version %d)", redact_url(database), store.schema_version)
     try:
         server = MediationServer(data_dir, host, port, pool, relay_rate, stun_alt_ip, cap, per_source,
-                                 identity_bits, new_nodes_per_hour, turn, store=store)
+                                 identity_bits, new_nodes_per_hour, turn, store=store, relay_address=relay_address)
     except BaseException:
         if store is not None:
             await store.aclose()
@@ -724,6 +751,7 @@ async def run_server(data_dir: Path, host: str | list[str], port: int, pool: str
     if store is not None:
         from overlay.server.pg_sync import InstanceSync
         server.sync = InstanceSync(server, store)
+        server.mediator.relay_of = server.sync.relay_of   # peers on other instances: their relay
         await server.sync.start()
     await server.start()
     print(f"overlay server listening on {server.listening()} (tcp+udp)", flush=True)

@@ -119,6 +119,9 @@ class Mediator:
         self.caps: dict[bytes, list[str]] = {}   # online node -> capabilities from its hello (passed to peers)
         # the relay tells us which UDP address a node registered from (its server-reflexive address)
         self.udp_addr_of: Callable[[bytes], tuple | None] = lambda key: None
+        # several instances (overlay/server/pg_sync.py): the relay address of the other instance a
+        # node is online on (None: it is here, or offline); handed to members in its record
+        self.relay_of: Callable[[bytes], str | None] = lambda key: None
         self._fail_node: dict[bytes, _Window] = {}
         self._fail_src: dict[str, _Window] = {}      # source address (IPv6: /64) -> failed joins
         self._fail_net: dict[str, _Window] = {}
@@ -256,6 +259,8 @@ class Mediator:
         caps = self.caps.get(key)
         if caps:
             rec["caps"] = caps     # only while online (a node may come back in another mode)
+        if rec["online"] and (relay := self.relay_of(key)):
+            rec["relay"] = relay   # online on another instance: its relay (overlay/node/server_path.py)
         return rec
 
     def _network_info(self, network, key: bytes, count: int | None = None, owner=None) -> dict:

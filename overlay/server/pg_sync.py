@@ -16,6 +16,11 @@ A node is online on one instance at a time: a hello on another instance replaces
 listening connection; the others see that in ``pg_stat_activity`` (the connection is named after
 the instance) and take its nodes offline. A starting instance asks the others (``sync``) to
 announce their online nodes again.
+
+A hello's announcement carries the relay address of the instance the node is on (``r``: where that
+node reaches it, or ``--relay-address``); the others put it in the node's member record
+(``relay``) for their own nodes, so a pair of nodes on two instances relays through one of them
+(the rule is the nodes': overlay/node/server_path.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ CHANNEL = "overlay_events"
 MAX_PAYLOAD = 7900             # NOTIFY's limit is 8000 bytes
 APP_PREFIX = "overlay-server "
 LIVENESS_INTERVAL = 2.0        # how often instances look for departed ones
+MAX_RELAY_ADDRESS = 64         # "[IPv6]:port" fits
 
 # requests that change nothing: not announced
 READ_ONLY = {"ping", "history", "members"}
@@ -46,12 +52,14 @@ class InstanceSync:
         self.store = store
         self.id = os.urandom(6).hex()
         self.remote: dict[bytes, str] = {}       # node online on another instance -> that instance
+        self.relay_at: dict[bytes, str] = {}     # such a node -> its instance's relay address (hello's "r")
         self.conn = None
         self.rlog = LogLimiter()
         self.replayed = 0
         self.diverged = 0                         # replays this instance's mediator refused
         self._last_liveness = 0.0
-        self.local: dict[bytes, tuple[dict, str | None]] = {}   # our online nodes: their hello, source
+        # our online nodes: their hello, source address, our relay address as they reach it
+        self.local: dict[bytes, tuple[dict, str | None, str | None]] = {}
 
     async def start(self) -> None:
         import asyncpg
@@ -80,21 +88,34 @@ class InstanceSync:
     def online_elsewhere(self, key: bytes) -> bool:
         return key in self.remote
 
-    def hello(self, key: bytes, msg: dict, now: float, source: str | None) -> None:
+    def relay_of(self, key: bytes) -> str | None:
+        """The relay address of the instance ``key`` is online on, if that is another instance."""
+        return self.relay_at.get(key) if key in self.remote else None
+
+    def _gone(self, key: bytes) -> None:
+        del self.remote[key]
+        self.relay_at.pop(key, None)
+
+    def hello(self, key: bytes, msg: dict, now: float, source: str | None, relay: str | None = None) -> None:
         self.remote.pop(key, None)
-        self.local[key] = (msg, source)
-        self._send({"k": "hello", "key": key_to_text(key), "m": msg, "now": now})
+        self.relay_at.pop(key, None)
+        self.local[key] = (msg, source, relay)
+        ev = {"k": "hello", "key": key_to_text(key), "m": msg, "now": now}
+        if relay:
+            ev["r"] = relay
+        self._send(ev)
 
     def bye(self, key: bytes, now: float) -> None:
         self.local.pop(key, None)
         self._send({"k": "bye", "key": key_to_text(key), "now": now})
 
     def accepted(self, key: bytes, msg: dict, now: float, reply: dict, password_hash: bytes | None,
-                 source: str | None) -> None:
-        """The mediator accepted ``msg`` from a node connected here: tell the other instances."""
+                 source: str | None, relay: str | None = None) -> None:
+        """The mediator accepted ``msg`` from a node connected here: tell the other instances
+        (``relay``: for a hello, our relay address as that node reaches us)."""
         t = msg["t"]
         if t == "hello":
-            self.hello(key, msg, now, source)
+            self.hello(key, msg, now, source, relay)
             return
         if t in READ_ONLY or (t == "admin" and msg["action"] in READ_ONLY_ADMIN):
             return
@@ -129,7 +150,7 @@ class InstanceSync:
             for key in list(server.sessions):
                 hello = self.local.get(key)
                 if hello is not None:
-                    self.hello(key, hello[0], time.time(), hello[1])
+                    self.hello(key, hello[0], time.time(), hello[1], hello[2])
                     if key in m.endpoints:
                         self._send({"k": "req", "key": key_to_text(key), "now": time.time(),
                                     "m": {"t": "endpoints", "id": 0, **m.endpoints[key]}})
@@ -145,6 +166,11 @@ class InstanceSync:
         try:
             if kind == "hello":
                 self.remote[key] = origin
+                relay = ev.get("r")
+                if isinstance(relay, str) and 0 < len(relay) <= MAX_RELAY_ADDRESS:
+                    self.relay_at[key] = relay
+                else:
+                    self.relay_at.pop(key, None)
                 local = server.sessions.get(key)
                 if local is not None:    # the node moved here -> there: the newer session wins
                     local.close(error(None, "replaced", "this node connected again from elsewhere"))
@@ -153,7 +179,7 @@ class InstanceSync:
                 m.hello(key, ev["m"], now, source=None)
             elif kind == "bye":
                 if self.remote.get(key) == origin:
-                    del self.remote[key]
+                    self._gone(key)
                     if key not in server.sessions:
                         m.disconnect(key, now)
             elif kind == "req":
@@ -186,9 +212,9 @@ class InstanceSync:
         if self.conn is None or self.conn.is_closed():
             log.warning("instance sync: the listening connection was lost; listening again")
             await self.start()
-            for key, (msg, source) in list(self.local.items()):
+            for key, (msg, source, relay) in list(self.local.items()):
                 if key in self.server.sessions:
-                    self.hello(key, msg, time.time(), source)
+                    self.hello(key, msg, time.time(), source, relay)
             await self.store.flush()
         if not self.remote:
             return
@@ -200,7 +226,7 @@ class InstanceSync:
             return
         m = self.server.mediator
         for key in gone:
-            del self.remote[key]
+            self._gone(key)
             if key not in self.server.sessions:
                 m.disconnect(key, time.time())
         m.end_turn()

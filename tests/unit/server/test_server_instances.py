@@ -37,12 +37,14 @@ class Session:
 class Glue:
     """What InstanceSync needs of app.MediationServer, plus the glue's request sequence."""
 
-    def __init__(self, store: PgStore):
+    def __init__(self, store: PgStore, relay: str | None = None):
         self.store = store
         self.mediator = Mediator(store, identity_bits=0)
         self.sessions: dict[bytes, Session] = {}
         self.delivered: list[tuple[bytes, dict]] = []
         self.sync = InstanceSync(self, store)
+        self.mediator.relay_of = self.sync.relay_of      # as app.run_server wires it
+        self.relay = relay                                # this instance's relay address (app.relay_address)
         self.rid = 0
 
     def deliver(self) -> None:
@@ -71,7 +73,7 @@ class Glue:
         except RequestError:
             await self.store.undo(claim)
             raise
-        self.sync.accepted(k, msg, now, reply, h, None)
+        self.sync.accepted(k, msg, now, reply, h, None, relay=self.relay if t == "hello" else None)
         await self.store.flush()
         self.deliver()
         return reply
@@ -85,6 +87,10 @@ class Glue:
             self.sync.bye(k, time.time())
         await self.store.flush()
         self.deliver()
+
+    def record(self, who: str, network: str = "lan") -> dict:
+        net = self.store.network(network)
+        return self.mediator._member_record(net, key(who))
 
     def online(self, who: str, network: str = "lan") -> bool | None:
         """Whether this instance's mediator shows ``who`` online in ``network``."""
@@ -174,6 +180,50 @@ def test_a_late_instance_learns_who_is_online_and_a_dead_one_is_noticed(pg_url):
             await _close(a)
             if c is not None:
                 await c.store.aclose()
+    asyncio.run(main())
+
+
+def test_a_member_record_names_the_relay_of_the_instance_the_member_is_on(pg_url):
+    """Each instance's hello announcement carries its relay address; the others hand it to their
+    nodes in that member's record (``relay``), and only while the member is on another instance."""
+    RA, RB = "198.51.100.1:7777", "198.51.100.2:7777"
+
+    async def main():
+        a = Glue(await PgStore.open(pg_url), RA)
+        await a.sync.start()
+        b = Glue(await PgStore.open(pg_url), RB)
+        await b.sync.start()
+        c = None
+        try:
+            await a.request("alice", "hello", name="alice", version=1)
+            await a.request("alice", "create", network="lan", password=PW)
+            await b.request("bob", "hello", name="bob", version=1)
+            await wait_async(lambda: b.store.network("lan"), 5, "B learns of lan")
+            await b.request("bob", "join", network="lan", password=PW)
+            await wait_async(lambda: a.online("bob"), 5, "A sees bob online")
+            assert a.record("bob").get("relay") == RB and "relay" not in a.record("alice")
+            assert b.record("alice").get("relay") == RA and "relay" not in b.record("bob")
+            told = [m for k, e in a.delivered if k == key("alice") and e["t"] == "members"
+                    for m in e["members"] if m["name"] == "bob"]
+            assert told and told[-1].get("relay") == RB, told
+            # a late instance learns it from the announcements made again for it
+            c = Glue(await PgStore.open(pg_url), "198.51.100.3:7777")
+            await c.sync.start()
+            await wait_async(lambda: c.online("alice") and c.online("bob"), 5, "C sees both online")
+            assert c.record("alice").get("relay") == RA and c.record("bob").get("relay") == RB
+            # bob moves to A: A now carries him itself, B names A's relay
+            await a.request("bob", "hello", name="bob", version=1)
+            await wait_async(lambda: b.record("bob").get("relay") == RA, 5, "B names A's relay for bob")
+            assert "relay" not in a.record("bob")
+            await b.leave_node("bob")
+            # bob leaves for good: offline, no relay anywhere
+            await a.leave_node("bob")
+            await wait_async(lambda: b.online("bob") is False, 5, "B sees bob offline")
+            assert "relay" not in b.record("bob") and b.sync.relay_of(key("bob")) is None
+        finally:
+            await _close(a, b)
+            if c is not None:
+                await _close(c)
     asyncio.run(main())
 
 
