@@ -2,7 +2,8 @@
 
 Instance A runs in ``pub`` (198.51.100.10), instance B on a public host of its own; both share one
 throw-away PostgreSQL database (a Unix socket, reachable from every namespace) and one server key
-(one deployment). Node a is behind a random-port symmetric NAT and connects to A, node b behind
+(one deployment); B names its relay address (``--relay-address``), A announces the address its
+nodes reached it at (the default). Node a is behind a random-port symmetric NAT and connects to A, node b behind
 another one and connects to B: no direct path can form (both ports unpredictable, both routers
 drop unsolicited packets), and before this each instance's relay knew only its own nodes, so the
 pair had no path at all. Now the pair relays through the instance of the node with the smaller
@@ -43,6 +44,7 @@ def test_symmetric_pair_on_two_instances_relays_through_one(pg_url):
         shutil.copy2(ol.tmp / "server" / "server.key", bdata / "server.key")      # one deployment, one key
         server_b = nl.popen(bhost.name, [*OVERLAY, "server", "--listen", f"0.0.0.0:{SERVER_PORT}", "--data",
                                          str(bdata), "--database", pg_url, "--relay-rate", RATE,
+                                         "--relay-address", f"{bhost.ip}:{SERVER_PORT}",   # A: the default
                                          "--log-level", "info"], label="server-b")
         ol.servers.append(server_b)
         server_b.wait_for("listening", timeout=15)

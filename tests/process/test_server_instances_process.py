@@ -109,6 +109,13 @@ def test_migrate_from_cli_says_what_moved_and_refuses_a_non_empty_target(tmp_pat
         assert "bob@lan: kept" in a.ok("chat", "lan", "--history")
 
 
+def test_relay_address_must_be_an_ip_and_port(tmp_path):
+    for bad in ("relay.example:7777", "198.51.100.2", "198.51.100.2:0"):
+        r = subprocess.run([*OVERLAY, "server", "--data", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
+                            "--relay-address", bad], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "--relay-address takes IP:PORT" in r.stderr and "Traceback" not in r.stderr, r
+
+
 def test_database_errors_are_one_line(tmp_path, pg_cluster):
     r = subprocess.run([*OVERLAY, "server", "--data", str(tmp_path / "d"), "--database", "mysql://x/y"],
                        capture_output=True, text=True, timeout=30)
