@@ -120,6 +120,8 @@ class ServerPath:
         for key, addr in relays.items():
             if addr == self.server_udp or not relays_through_peer(self.public_key, key):
                 continue
+            if not self.server_is_loopback and ipaddress.ip_address(addr[0]).is_loopback:
+                continue    # where that node reached its server (on the server's machine), not for us
             if addr not in needed and len(needed) >= MAX_FOREIGN:
                 continue
             needed.add(addr)

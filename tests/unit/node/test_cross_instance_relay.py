@@ -198,6 +198,13 @@ def test_frames_from_an_unknown_relay_are_not_ours_and_the_foreign_ones_are_boun
     w.b.path.set_peer_relays({**keys, w.a.key: RELAY_B})        # our own server: never "foreign"
     assert len(w.b.path.foreign) == min(len(keys), MAX_FOREIGN)
     assert RELAY_B not in w.b.path.foreign
+    # a loopback relay address (a node on the other server's own machine reached it there) is no
+    # relay for a node whose server is not on loopback
+    w.b.path.set_peer_relays({w.a.key: ("127.0.0.1", 7777)})
+    assert w.b.path.foreign == {} and w.b.path.via == {}
+    w.b.path.server_is_loopback = True
+    w.b.path.set_peer_relays({w.a.key: ("127.0.0.1", 7777)})
+    assert w.b.path.via == {w.a.key: ("127.0.0.1", 7777)}
 
 
 def test_a_stranger_registered_at_the_carrier_is_refused():
