@@ -144,7 +144,9 @@ class StackDriver:
         """
         if self.closed:
             raise RuntimeError("driver is closed")
-        conn = self.stack.connect(ip, port, self._loop.time())
+        # the handshake's last ACK waits for the timer: what the caller writes once connected
+        # (a forward's client spoke first) carries it, one packet fewer
+        conn = self.stack.connect(ip, port, self._loop.time(), defer_ack=True)
         fut: asyncio.Future[None] = self._loop.create_future()
         self._connecting[conn] = fut
         self._kick()
@@ -640,6 +642,24 @@ class NetstackStreamWriter:
         if n < len(data):
             self._pending += memoryview(data)[n:]
         self._s.driver._kick()
+
+    def write_with_eof(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`write` then :meth:`write_eof` in one flush: the FIN rides on the last data
+        segment instead of following in a segment of its own."""
+        if self._exc is not None:
+            raise self._exc
+        if self._eof_requested:
+            raise RuntimeError("write after write_eof()/close()")
+        if data:
+            if self._pending:
+                self._pending += data
+            else:
+                n = self._s.conn.send(data)
+                if n < len(data):
+                    self._pending += memoryview(data)[n:]
+        self.write_eof()  # flushes unless bytes wait for room
+        if self._pending:
+            self._s.driver._kick()
 
     def writelines(self, data: list[bytes]) -> None:
         self.write(b"".join(data))  # one write: one flush, the pieces share segments

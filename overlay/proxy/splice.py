@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
+import socket
 from typing import Any
 
 from overlay.netstack.asyncio_glue import NetstackStreamReader, NetstackStreamWriter
 
 CHUNK = 256 * 1024
+# a kernel read shorter than this may have the peer's EOF right behind it: one more recv() looks,
+# so that the FIN leaves with the data (one segment, one packet through the tunnel) rather than
+# a loop turn later in a segment of its own
+READ_AHEAD = 64 * 1024
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _SOCKET_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
 
 
@@ -38,6 +44,7 @@ class Splice(asyncio.Protocol):
         self._kreader = kreader
         self._kwriter = kwriter
         self._tr: Any = kwriter.transport
+        self._sock: socket.socket = self._tr._sock
         self._old: Any = self._tr.get_protocol()
         self._nr = nreader
         self._nw = nwriter
@@ -66,20 +73,20 @@ class Splice(asyncio.Protocol):
     async def run(self, idle_timeout: float | None, first: bytes = b"") -> None:
         """Relay until both directions end, one fails or the pair is idle for ``idle_timeout``
         seconds; ``first``: bytes already read from relay()'s "a" side."""
-        from overlay.proxy.relay import close_now, close_writer
+        from overlay.proxy.relay import _IdleTimer, close_writers
 
+        idle = None
         try:
             self._start(first)
-            while not self.done.done():
-                timeout = None if idle_timeout is None else self.last + idle_timeout - self._loop.time()
-                if timeout is not None and timeout <= 0:
-                    break
-                await asyncio.wait((self.done,), timeout=timeout)
+            if not self.done.done():
+                if idle_timeout is not None:
+                    idle = _IdleTimer(self._loop, self, idle_timeout, self.done)  # type: ignore[arg-type]
+                await self.done
         finally:
+            if idle is not None:
+                idle.cancel()
             self._finish(None)
-            close_now(self._kwriter)
-            close_now(self._nw)
-            await asyncio.gather(close_writer(self._kwriter), close_writer(self._nw))
+            await close_writers(self._kwriter, self._nw)  # (one timer, no task per writer)
 
     def _start(self, first: bytes) -> None:
         kr = self._kreader
@@ -88,16 +95,14 @@ class Splice(asyncio.Protocol):
         eof = kr._eof
         self._tr.set_protocol(self)
         self._nr.set_data_callback(self._from_netstack)
-        if first:
-            if self._kernel_first:
-                self.data_received(first)
-            else:
-                self._tr.write(first)
-        if buffered:
-            self.data_received(buffered)
+        if first and not self._kernel_first:
+            self._tr.write(first)
+        kdata = first + buffered if first and self._kernel_first else buffered  # in the order read
+        if kdata:
+            self.data_received(kdata)
         if eof:
             self.eof_received()
-        elif not self._tr.is_reading() and not self._nw.pending:
+        elif not self._k2n_done and not self._tr.is_reading() and not self._nw.pending:
             self._tr.resume_reading()  # the StreamReader had paused it (its buffer was full)
         self._from_netstack()  # what arrived before
 
@@ -115,7 +120,24 @@ class Splice(asyncio.Protocol):
         if self._k2n_done or self.done.done():
             return
         self.last = self._loop.time()
+        eof = False
+        if len(data) < READ_AHEAD:
+            try:
+                more = self._sock.recv(CHUNK)
+            except OSError:  # nothing more yet (or an error the transport's next read reports)
+                more = None
+            if more is not None:
+                if more:
+                    data += more
+                else:
+                    eof = True
         try:
+            if eof:
+                self._k2n_done = True
+                self._tr.pause_reading()  # (the transport would only read the EOF again)
+                self._nw.write_with_eof(data)
+                self._check()
+                return
             self._nw.write(data)  # flushes: the segments leave before this returns
             if self._nw.pending:
                 self._tr.pause_reading()
@@ -184,7 +206,20 @@ class Splice(asyncio.Protocol):
                 self._check()
                 break
             moved = True
-            tr.write(data)
+            if _MSG_MORE and nr.at_eof() and not tr.get_write_buffer_size():
+                self._write_before_eof(data)
+            else:
+                tr.write(data)
         if moved:
             self.last = self._loop.time()
             self._driver._kick_if_pending()  # the read may have made a window update due
+
+    def _write_before_eof(self, data: bytes) -> None:
+        """The last bytes before the half-close: sent corked (MSG_MORE), so that the FIN which
+        ``write_eof`` adds next leaves in the same segment, one loopback segment instead of two."""
+        try:
+            n = self._sock.send(data, _MSG_MORE)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n < len(data):
+            self._tr.write(memoryview(data)[n:])
