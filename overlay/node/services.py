@@ -31,6 +31,7 @@ from overlay.node.state import Peer
 from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
                                   OsDialer, PeerUnreachable, PortNotShared)
 from overlay.proxy.relay import relay
+from overlay.proxy.splice import Splice
 from overlay.node.share_source import loopback_for, mappable
 from overlay.ratelog import LogLimiter
 
@@ -340,12 +341,22 @@ class Shares:
                                       getattr(e, "strerror", None) or "timed out")
                 return None
 
-        async def handle(reader, writer, pair) -> None:
+        async def handle(reader, writer, sock: socket.socket) -> None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
-            await relay(reader, writer, pair[0], pair[1], TCP_IDLE)
+            sp = Splice.for_socket(sock, reader, writer)
+            if sp is not None:
+                await sp.run(TCP_IDLE)
+                return
+            try:  # (not a netstack stream: asyncio streams and the task relay)
+                kr, kw = await asyncio.open_connection(sock=sock)
+            except BaseException:
+                sock.close()
+                writer.close()
+                raise
+            await relay(reader, writer, kr, kw, TCP_IDLE)
 
-        self._driver.listen(port, handle, prepare=local, discard=lambda pair: pair[1].close())
+        self._driver.listen(port, handle, prepare=local, discard=lambda sock: sock.close())
 
     def _start_udp(self, port: int) -> None:
         ep = self._driver.udp_bind(port)
@@ -393,8 +404,9 @@ class Shares:
                 tr.close()
             ep.close()
 
-    async def _connect_local(self, remote_ip: str, port: int):
-        """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1)."""
+    async def _connect_local(self, remote_ip: str, port: int) -> socket.socket:
+        """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1):
+        the connected non-blocking socket (a Splice relays it, no asyncio transport made)."""
         src = self.source(remote_ip)
         async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):   # (wait_for would add a task per connection)
             try:
@@ -423,13 +435,14 @@ class Shares:
         return tr
 
 
-async def _open_local(src: str, port: int):
-    """A TCP connection to 127.0.0.1:``port`` from ``src`` (127.0.0.1: not bound, as any client). The
-    port is chosen at connect, not at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in
-    TIME_WAIT toward another 4-tuple as it does for unbound sockets: short connections in a burst
-    do not run out of ports."""
+async def _open_local(src: str, port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:``port`` from ``src`` (127.0.0.1: not bound, as any client),
+    connected, non-blocking, TCP_NODELAY. The port is chosen at connect, not at bind
+    (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in TIME_WAIT toward another 4-tuple as it
+    does for unbound sockets: short connections in a burst do not run out of ports."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if src != LOCALHOST:
             if hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
@@ -440,7 +453,7 @@ async def _open_local(src: str, port: int):
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_connection(sock=sock)
+    return sock
 
 
 def _connect_at_once(sock: socket.socket, addr: tuple[str, int]) -> bool:

@@ -26,6 +26,7 @@ import socket
 from typing import Any
 
 from overlay.netstack.asyncio_glue import NetstackStreamReader, NetstackStreamWriter
+from overlay.proxy.socket_end import SocketEnd
 
 CHUNK = 256 * 1024
 # a kernel read shorter than this may have the peer's EOF right behind it: one more recv() looks,
@@ -39,13 +40,13 @@ _SOCKET_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransp
 class Splice(asyncio.Protocol):
     """One relayed pair; :meth:`prepare` checks that the pair qualifies."""
 
-    def __init__(self, kreader: asyncio.StreamReader, kwriter: asyncio.StreamWriter,
+    def __init__(self, kreader: asyncio.StreamReader | None, kwriter: Any,
                  nreader: NetstackStreamReader, nwriter: NetstackStreamWriter, kernel_first: bool):
-        self._kreader = kreader
-        self._kwriter = kwriter
+        self._kreader = kreader  # None: a SocketEnd, nothing read before
+        self._kwriter = kwriter  # what closes the kernel end (a StreamWriter, or the SocketEnd)
         self._tr: Any = kwriter.transport
-        self._sock: socket.socket = self._tr._sock
-        self._old: Any = self._tr.get_protocol()
+        self._sock: socket.socket = self._tr._sock if kreader is not None else self._tr.sock
+        self._old: Any = self._tr.get_protocol()  # (None for a SocketEnd)
         self._nr = nreader
         self._nw = nwriter
         self._driver = nwriter._s.driver
@@ -69,6 +70,16 @@ class Splice(asyncio.Protocol):
                 return cls(kr, kw, nr, nw, kernel_first)
         return None
 
+    @classmethod
+    def for_socket(cls, sock: socket.socket, nreader: Any, nwriter: Any) -> Splice | None:
+        """A pair of a connected non-blocking kernel socket (no asyncio transport made for it:
+        :class:`overlay.proxy.socket_end.SocketEnd`) and a netstack stream; None if the stream
+        is another kind (then wrap the socket in asyncio streams and use relay())."""
+        if (type(nreader) is NetstackStreamReader and type(nwriter) is NetstackStreamWriter
+                and nreader._on_data is None and nreader._s is nwriter._s and nwriter.pending == 0):
+            return cls(None, SocketEnd(sock, nwriter._s.driver._loop), nreader, nwriter, True)
+        return None
+
     # ------------------------------------------------------------------ running
     async def run(self, idle_timeout: float | None, first: bytes = b"") -> None:
         """Relay until both directions end, one fails or the pair is idle for ``idle_timeout``
@@ -90,9 +101,11 @@ class Splice(asyncio.Protocol):
 
     def _start(self, first: bytes) -> None:
         kr = self._kreader
-        buffered = bytes(kr._buffer)  # read by the StreamReaderProtocol before we took over
-        kr._buffer.clear()
-        eof = kr._eof
+        buffered, eof = b"", False
+        if kr is not None:
+            buffered = bytes(kr._buffer)  # read by the StreamReaderProtocol before we took over
+            kr._buffer.clear()
+            eof = kr._eof
         self._tr.set_protocol(self)
         self._nr.set_data_callback(self._from_netstack)
         if first and not self._kernel_first:
@@ -104,6 +117,8 @@ class Splice(asyncio.Protocol):
             self.eof_received()
         elif not self._k2n_done and not self._tr.is_reading() and not self._nw.pending:
             self._tr.resume_reading()  # the StreamReader had paused it (its buffer was full)
+            if kr is None:
+                self._tr.read_now()  # a SocketEnd: what the client sent so far goes out now
         self._from_netstack()  # what arrived before
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -166,7 +181,8 @@ class Splice(asyncio.Protocol):
         return True  # keep the transport: the other direction may go on (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._old.connection_lost(exc)  # the StreamWriter's wait_closed() learns of it
+        if self._old is not None:
+            self._old.connection_lost(exc)  # the StreamWriter's wait_closed() learns of it
         self._finish(exc)
 
     # ------------------------------------------------------------------ netstack -> kernel
