@@ -11,6 +11,13 @@ netstack stream, the bytes can move in the callback that received them instead:
 - netstack -> kernel: the netstack reader calls back from the flush that received the segment
   (``NetstackStreamReader.set_data_callback``) and the bytes go to ``transport.write``.
 
+A forward's accepted socket and a share's socket toward its service come without an asyncio
+transport at all (:meth:`Splice.for_socket` wraps them in a
+:class:`~overlay.proxy.socket_end.SocketEnd`): per connection no transport, streams or their
+system calls. Short connections also lose packets here: a short kernel read looks for the EOF
+right behind it, so the FIN rides on the data; data followed by the netstack side's EOF goes to
+the kernel corked (``MSG_MORE``) so that ``shutdown`` sends both in one loopback segment.
+
 A round trip through a forward crosses four such hops (two per node), each a loop turn and a
 task switch less. The contract is relay()'s: backpressure both ways (a full netstack send buffer
 pauses reading the kernel socket; a full kernel write buffer stops taking bytes from the netstack
