@@ -757,6 +757,11 @@ class NetstackStreamWriter:
         self._s.driver._closing_writers.add(self)
         await fut
 
+    def is_closed(self) -> bool:
+        """Closing and done (our FIN acknowledged, or the connection ended): :meth:`wait_closed`
+        returns at once."""
+        return (self._eof_requested or self._exc is not None) and self._finished()
+
     def _finished(self) -> bool:
         st = self._s.conn.state
         return self._exc is not None or st in (TcpState.CLOSED, TcpState.TIME_WAIT, TcpState.FIN_WAIT_2) or (

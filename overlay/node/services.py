@@ -408,14 +408,12 @@ class Shares:
         """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1):
         the connected non-blocking socket (a Splice relays it, no asyncio transport made)."""
         src = self.source(remote_ip)
-        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):   # (wait_for would add a task per connection)
-            try:
-                return await _open_local(src, port)
-            except OSError as e:
-                if not self._bind_failed(e, src):
-                    raise
-        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
-            return await _open_local(LOCALHOST, port)
+        try:
+            return await _open_local(src, port)
+        except OSError as e:
+            if not self._bind_failed(e, src):
+                raise
+        return await _open_local(LOCALHOST, port)
 
     async def _udp_flow(self, loop, protocol, remote_ip: str, port: int) -> asyncio.DatagramTransport | None:
         """A socket toward 127.0.0.1:port from the peer's loopback address (None: none could be made)."""
@@ -449,7 +447,9 @@ async def _open_local(src: str, port: int) -> socket.socket:
             sock.bind((src, 0))
         sock.setblocking(False)
         if not _connect_at_once(sock, (LOCALHOST, port)):
-            await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
+            # (a timer only when the kernel did not connect at once; wait_for would add a task)
+            async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
     except BaseException:
         sock.close()
         raise

@@ -133,6 +133,10 @@ class SocketEnd:
         self._buf.clear()
         self._finish(None)
 
+    def is_closed(self) -> bool:
+        """Closed (the socket too): :meth:`wait_closed` returns at once."""
+        return self._closed
+
     async def wait_closed(self) -> None:
         if self._closed:
             return
