@@ -391,7 +391,7 @@ class StackDriver:
             self._spawn(res)
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(aw)
+        task = self._loop.create_task(aw) if inspect.iscoroutine(aw) else asyncio.ensure_future(aw, loop=self._loop)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

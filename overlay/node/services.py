@@ -344,7 +344,7 @@ class Shares:
         async def handle(reader, writer, sock: socket.socket) -> None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
-            sp = Splice.for_socket(sock, reader, writer)
+            sp = Splice.for_socket(sock, reader, writer, read_ahead=True)  # (services often answer and close)
             if sp is not None:
                 await sp.run(TCP_IDLE)
                 return

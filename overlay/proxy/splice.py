@@ -36,9 +36,9 @@ from overlay.netstack.asyncio_glue import NetstackStreamReader, NetstackStreamWr
 from overlay.proxy.socket_end import SocketEnd
 
 CHUNK = 256 * 1024
-# a kernel read shorter than this may have the peer's EOF right behind it: one more recv() looks,
-# so that the FIN leaves with the data (one segment, one packet through the tunnel) rather than
-# a loop turn later in a segment of its own
+# with read_ahead, a kernel read shorter than this may have the peer's EOF right behind it: one
+# more recv() looks, so that the FIN leaves with the data (one segment, one packet through the
+# tunnel) rather than a loop turn later in a segment of its own
 READ_AHEAD = 64 * 1024
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _SOCKET_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
@@ -48,7 +48,8 @@ class Splice(asyncio.Protocol):
     """One relayed pair; :meth:`prepare` checks that the pair qualifies."""
 
     def __init__(self, kreader: asyncio.StreamReader | None, kwriter: Any,
-                 nreader: NetstackStreamReader, nwriter: NetstackStreamWriter, kernel_first: bool):
+                 nreader: NetstackStreamReader, nwriter: NetstackStreamWriter, kernel_first: bool,
+                 read_ahead: bool = False):
         self._kreader = kreader  # None: a SocketEnd, nothing read before
         self._kwriter = kwriter  # what closes the kernel end (a StreamWriter, or the SocketEnd)
         self._tr: Any = kwriter.transport
@@ -59,6 +60,7 @@ class Splice(asyncio.Protocol):
         self._driver = nwriter._s.driver
         self._loop = self._driver._loop
         self._kernel_first = kernel_first  # relay()'s "a" side is the kernel one
+        self._read_ahead = read_ahead  # look for the EOF behind a short kernel read
         self.last = self._loop.time()  # last bytes moved, for the idle timeout
         self._k2n_done = False  # the kernel side's EOF was passed on as a FIN
         self._n2k_done = False  # the netstack side's EOF was passed on as a half-close
@@ -78,13 +80,19 @@ class Splice(asyncio.Protocol):
         return None
 
     @classmethod
-    def for_socket(cls, sock: socket.socket, nreader: Any, nwriter: Any) -> Splice | None:
+    def for_socket(cls, sock: socket.socket, nreader: Any, nwriter: Any, *,
+                   read_ahead: bool = False) -> Splice | None:
         """A pair of a connected non-blocking kernel socket (no asyncio transport made for it:
         :class:`overlay.proxy.socket_end.SocketEnd`) and a netstack stream; None if the stream
-        is another kind (then wrap the socket in asyncio streams and use relay())."""
+        is another kind (then wrap the socket in asyncio streams and use relay()).
+
+        ``read_ahead``: after a short read, one more recv() looks for the EOF behind it, so that
+        the FIN leaves with the data. Worth it toward a service, which often answers and closes;
+        a client seldom shuts down right after its request, and the look would cost a system
+        call per read."""
         if (type(nreader) is NetstackStreamReader and type(nwriter) is NetstackStreamWriter
                 and nreader._on_data is None and nreader._s is nwriter._s and nwriter.pending == 0):
-            return cls(None, SocketEnd(sock, nwriter._s.driver._loop), nreader, nwriter, True)
+            return cls(None, SocketEnd(sock, nwriter._s.driver._loop), nreader, nwriter, True, read_ahead)
         return None
 
     # ------------------------------------------------------------------ running
@@ -143,7 +151,7 @@ class Splice(asyncio.Protocol):
             return
         self.last = self._loop.time()
         eof = False
-        if len(data) < READ_AHEAD:
+        if self._read_ahead and len(data) < READ_AHEAD:
             try:
                 more = self._sock.recv(CHUNK)
             except OSError:  # nothing more yet (or an error the transport's next read reports)
@@ -225,11 +233,16 @@ class Splice(asyncio.Protocol):
                 return
             if not data:
                 self._n2k_done = True
-                tr.write_eof()
-                self._check()
+                if self._k2n_done:
+                    # both ways done: the close that follows sends the FIN (no shutdown before it;
+                    # the kernel side's EOF was read, so nothing unread turns the close into a reset)
+                    self._finish(None)
+                else:
+                    tr.write_eof()
+                    self._check()
                 break
             moved = True
-            if _MSG_MORE and nr.at_eof() and not tr.get_write_buffer_size():
+            if _MSG_MORE and not self._k2n_done and nr.at_eof() and not tr.get_write_buffer_size():
                 self._write_before_eof(data)
             else:
                 tr.write(data)
