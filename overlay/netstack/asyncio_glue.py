@@ -166,7 +166,7 @@ class StackDriver:
         return self._attach(conn)
 
     def listen(self, port: int, client_connected_cb: Callable[..., Awaitable[None] | None], *,
-               prepare: Callable[[tuple[str, int]], Awaitable[Any]] | None = None,
+               prepare: Callable[[tuple[str, int]], Any] | None = None,
                discard: Callable[[Any], None] | None = None) -> None:
         """Accept connections to ``port``; ``client_connected_cb(reader, writer)`` runs for each
         (a coroutine function becomes a task, like ``asyncio.start_server``).
@@ -175,7 +175,8 @@ class StackDriver:
         the connection (the peer sees "port unreachable"), a :class:`Refuse` with that ICMP error
         instead, anything else is passed on as
         ``client_connected_cb(reader, writer, prepared)``, or to ``discard`` if the handshake then
-        fails."""
+        fails. ``prepare`` may be a coroutine function, or a plain function that answers at once
+        or returns an awaitable when it must wait (then the SYN is answered from a task)."""
         self.stack.listen(port, defer=prepare is not None)
         self._servers[port] = client_connected_cb
         if prepare is not None:
@@ -184,7 +185,7 @@ class StackDriver:
                 self._discard[port] = discard
 
     def listen_any(self, client_connected_cb: Callable[..., Awaitable[None] | None], *,
-                   prepare: Callable[[tuple[str, int], int], Awaitable[Any]],
+                   prepare: Callable[[tuple[str, int], int], Any],
                    discard: Callable[[Any], None] | None = None) -> None:
         """Accept connections to every port (a gateway's stack for one LAN host):
         ``prepare(remote, port)`` runs for each SYN, as for :meth:`listen`."""
@@ -348,7 +349,7 @@ class StackDriver:
                         f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection "
                         "(nothing listens there, or the peer does not share that port)"))
             elif t is ev.ConnectionRequest:
-                self._spawn(self._on_request(e))
+                self._on_request_now(e)
             elif t is ev.TimedOut:
                 self._fail(e.conn, TimeoutError(e.conn.error or "connection timed out"))
             elif t is ev.Reset:
@@ -395,16 +396,33 @@ class StackDriver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _on_request(self, req: ev.ConnectionRequest) -> None:
+    def _on_request_now(self, req: ev.ConnectionRequest) -> None:
+        """A SYN to a port with a ``prepare``: answered at once when ``prepare`` returns a value
+        (a plain function that had what it needed: no task, no loop turn), else once the
+        awaitable it returned (a coroutine function's) gives one, in a task."""
         prepare = self._prepare.get(req.port)
         try:
             if prepare is None and 0 in self._prepare:   # listen_any
-                prepared = await self._prepare[0](req.remote, req.port)
+                res = self._prepare[0](req.remote, req.port)
             else:
-                prepared = await prepare(req.remote) if prepare is not None else None
+                res = prepare(req.remote) if prepare is not None else None
+        except Exception:  # a bug in prepare must not leave the SYN unanswered
+            log.exception("preparing a connection to port %d failed", req.port)
+            res = None
+        if inspect.isawaitable(res):
+            self._spawn(self._on_request(req, res))
+        else:
+            self._answer_request(req, res)
+
+    async def _on_request(self, req: ev.ConnectionRequest, pending: Awaitable[Any]) -> None:
+        try:
+            prepared = await pending
         except Exception:  # a bug in prepare must not leave the SYN unanswered or the task failed
             log.exception("preparing a connection to port %d failed", req.port)
             prepared = None
+        self._answer_request(req, prepared)
+
+    def _answer_request(self, req: ev.ConnectionRequest, prepared: Any) -> None:
         if self.closed:
             if prepared is not None:
                 self._discard_value(req.port, prepared)

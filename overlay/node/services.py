@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Callable
+from typing import Awaitable, Callable
 
 from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
 from overlay.node.state import Peer
@@ -330,25 +330,42 @@ class Shares:
                 + [{"port": p, "proto": "udp"} for p in sorted(self.udp)])
 
     def _listen(self, port: int) -> None:
-        async def local(remote: tuple[str, int]):
+        def refused(remote: tuple[str, int], e: BaseException) -> None:
+            self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
+                                  "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
+                                  getattr(e, "strerror", None) or "timed out")
+
+        def local(remote: tuple[str, int]):
             """Reach 127.0.0.1:port, from the peer's loopback address, before the overlay handshake
-            completes (None: refuse it)."""
+            completes: the socket (None: refuse it), or, when the kernel did not connect at once,
+            a coroutine giving that (the driver then waits in a task)."""
             try:
-                return await self._connect_local(remote[0], port)
+                res = self._connect_local_now(remote[0], port)
+            except OSError as e:
+                refused(remote, e)
+                return None
+            return res if isinstance(res, socket.socket) else waiting(remote, res)
+
+        async def waiting(remote: tuple[str, int], connecting: Awaitable[socket.socket]):
+            try:
+                return await connecting
             except (OSError, asyncio.TimeoutError) as e:
-                self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
-                                      "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
-                                      getattr(e, "strerror", None) or "timed out")
+                refused(remote, e)
                 return None
 
-        async def handle(reader, writer, sock: socket.socket) -> None:
+        def handle(reader, writer, sock: socket.socket):
+            """Relay the peer's connection and the service's from callbacks (no task); a coroutine
+            to run in a task for streams of another kind."""
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
             sp = Splice.for_socket(sock, reader, writer, read_ahead=True)  # (services often answer and close)
             if sp is not None:
-                await sp.run(TCP_IDLE)
-                return
-            try:  # (not a netstack stream: asyncio streams and the task relay)
+                sp.start(TCP_IDLE)
+                return None
+            return relay_streams(reader, writer, sock)
+
+        async def relay_streams(reader, writer, sock: socket.socket) -> None:
+            try:
                 kr, kw = await asyncio.open_connection(sock=sock)
             except BaseException:
                 sock.close()
@@ -407,13 +424,19 @@ class Shares:
     async def _connect_local(self, remote_ip: str, port: int) -> socket.socket:
         """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1):
         the connected non-blocking socket (a Splice relays it, no asyncio transport made)."""
+        res = self._connect_local_now(remote_ip, port)
+        return res if isinstance(res, socket.socket) else await res
+
+    def _connect_local_now(self, remote_ip: str, port: int) -> socket.socket | Awaitable[socket.socket]:
+        """:meth:`_connect_local` without a wait when the kernel connects at once (over loopback
+        it usually does): the socket, else a coroutine that waits for it. Raises OSError."""
         src = self.source(remote_ip)
         try:
-            return await _open_local(src, port)
+            return _open_local(src, port)
         except OSError as e:
             if not self._bind_failed(e, src):
                 raise
-        return await _open_local(LOCALHOST, port)
+        return _open_local(LOCALHOST, port)
 
     async def _udp_flow(self, loop, protocol, remote_ip: str, port: int) -> asyncio.DatagramTransport | None:
         """A socket toward 127.0.0.1:port from the peer's loopback address (None: none could be made)."""
@@ -433,11 +456,13 @@ class Shares:
         return tr
 
 
-async def _open_local(src: str, port: int) -> socket.socket:
+def _open_local(src: str, port: int) -> socket.socket | Awaitable[socket.socket]:
     """A TCP connection to 127.0.0.1:``port`` from ``src`` (127.0.0.1: not bound, as any client),
-    connected, non-blocking, TCP_NODELAY. The port is chosen at connect, not at bind
-    (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in TIME_WAIT toward another 4-tuple as it
-    does for unbound sockets: short connections in a burst do not run out of ports."""
+    connected, non-blocking, TCP_NODELAY: the socket when the kernel connected at once, else a
+    coroutine that waits for it (at most LOCAL_DIAL_TIMEOUT). The port is chosen at connect, not
+    at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in TIME_WAIT toward another
+    4-tuple as it does for unbound sockets: short connections in a burst do not run out of ports.
+    Raises OSError (ECONNREFUSED...)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -446,10 +471,19 @@ async def _open_local(src: str, port: int) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((src, 0))
         sock.setblocking(False)
-        if not _connect_at_once(sock, (LOCALHOST, port)):
-            # (a timer only when the kernel did not connect at once; wait_for would add a task)
-            async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
-                await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
+        if _connect_at_once(sock, (LOCALHOST, port)):
+            return sock
+    except BaseException:
+        sock.close()
+        raise
+    return _wait_connected(sock, port)
+
+
+async def _wait_connected(sock: socket.socket, port: int) -> socket.socket:
+    try:
+        # (a timer only when the kernel did not connect at once; wait_for would add a task)
+        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
+            await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
     except BaseException:
         sock.close()
         raise

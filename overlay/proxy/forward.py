@@ -108,7 +108,9 @@ class Forward:
         self._errors = LogLimiter()
         self._udp: _UdpForward | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._clients: set[asyncio.Task[Any]] = set()  # connections dialling (or relayed by tasks)
+        self._splices: set[Splice] = set()  # connections relayed from callbacks
+        self._all_ended: asyncio.Future[None] | None = None
 
     @classmethod
     def from_spec(cls, dialer: Dialer, spec: str, listen_host: str = "127.0.0.1") -> Forward:
@@ -153,7 +155,7 @@ class Forward:
     @property
     def active(self) -> int:
         """Open TCP connections, or UDP client flows (for status displays)."""
-        return self._udp.flows if self._udp is not None else len(self._clients)
+        return self._udp.flows if self._udp is not None else len(self._clients) + len(self._splices)
 
     def close(self) -> None:
         """Stop listening and drop every connection / flow."""
@@ -164,6 +166,8 @@ class Forward:
         self._paused.clear()
         for task in self._clients:
             task.cancel()
+        for sp in list(self._splices):
+            sp.abort()
         if self._udp is not None:
             self._udp.close()
 
@@ -171,6 +175,14 @@ class Forward:
         """Wait until every connection task has finished after :meth:`close`."""
         if self._clients:
             await asyncio.gather(*self._clients, return_exceptions=True)
+        if self._splices:
+            self._all_ended = asyncio.get_running_loop().create_future()
+            await self._all_ended
+
+    def _splice_ended(self, sp: Splice) -> None:
+        self._splices.discard(sp)
+        if not self._splices and self._all_ended is not None and not self._all_ended.done():
+            self._all_ended.set_result(None)
 
     def _on_acceptable(self, ls: socket.socket) -> None:
         loop = self._loop
@@ -215,7 +227,9 @@ class Forward:
             sp = Splice.for_socket(conn, up_reader, up_writer)
             owned = None
             if sp is not None:
-                await sp.run(self.idle_timeout)  # closes both ends and waits for them
+                # relayed from callbacks from now on: this task ends here
+                self._splices.add(sp)
+                sp.start(self.idle_timeout, lambda: self._splice_ended(sp))
             else:  # not a netstack stream (a TUN node's kernel socket): asyncio streams and tasks
                 try:
                     reader, writer = await asyncio.open_connection(sock=conn)

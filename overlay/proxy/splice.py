@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from overlay.netstack.asyncio_glue import NetstackStreamReader, NetstackStreamWriter
@@ -66,6 +67,8 @@ class Splice(asyncio.Protocol):
         self._n2k_done = False  # the netstack side's EOF was passed on as a half-close
         self._write_paused = False  # the kernel socket's write buffer is over its high-water mark
         self.done: asyncio.Future[BaseException | None] = self._loop.create_future()
+        self._idle: Any = None  # start(): the idle timer
+        self._on_end: Callable[[], None] | None = None
 
     @classmethod
     def prepare(cls, a_reader: Any, a_writer: Any, b_reader: Any, b_writer: Any) -> Splice | None:
@@ -113,6 +116,46 @@ class Splice(asyncio.Protocol):
                 idle.cancel()
             self._finish(None)
             await close_writers(self._kwriter, self._nw)  # (one timer, no task per writer)
+
+    def start(self, idle_timeout: float | None, on_end: Callable[[], None] | None = None) -> None:
+        """Relay as :meth:`run` does, from callbacks alone: no task waits for the pair. Once it
+        ends (both directions, a failure, idle, :meth:`abort`), both ends are closed from a loop
+        callback, and ``on_end()`` runs once they are (a task only if a close must wait for a
+        flush). For a :meth:`for_socket` pair."""
+        from overlay.proxy.relay import _IdleTimer
+
+        self._on_end = on_end
+        self.done.add_done_callback(self._close_both)
+        if idle_timeout is not None:
+            self._idle = _IdleTimer(self._loop, self, idle_timeout, self.done)  # type: ignore[arg-type]
+        try:
+            self._start(b"")
+        except Exception as e:  # (the ends close all the same)
+            self._finish(e)
+
+    def abort(self) -> None:
+        """End the pair now (both ends are closed as at its end)."""
+        self._finish(ConnectionAbortedError("relay closed"))
+
+    def _close_both(self, _: object = None) -> None:
+        from overlay.proxy.relay import _closed_at_once, close_now, close_writers
+
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._nr.set_data_callback(None)
+        close_now(self._kwriter)
+        close_now(self._nw)
+        if _closed_at_once(self._kwriter) and _closed_at_once(self._nw):
+            self._ended()
+        else:
+            task = self._loop.create_task(close_writers(self._kwriter, self._nw))
+            task.add_done_callback(self._ended)
+
+    def _ended(self, _: object = None) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
 
     def _start(self, first: bytes) -> None:
         kr = self._kreader
