@@ -209,6 +209,7 @@ def nothing_listens(port: int, udp: bool) -> bool:
 
 
 LOCALHOST = "127.0.0.1"
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 PROBE_SOURCE = "127.128.0.1"   # any loopback address but 127.0.0.1: bindable on Linux only
 
 
@@ -463,14 +464,15 @@ def _open_local(src: str, port: int) -> socket.socket | Awaitable[socket.socket]
     at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in TIME_WAIT toward another
     4-tuple as it does for unbound sockets: short connections in a burst do not run out of ports.
     Raises OSError (ECONNREFUSED...)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | _NONBLOCK)  # (no ioctl to make it so)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if src != LOCALHOST:
             if hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((src, 0))
-        sock.setblocking(False)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         if _connect_at_once(sock, (LOCALHOST, port)):
             return sock
     except BaseException:
