@@ -107,7 +107,7 @@ class StackDriver:
         # callbacks take (reader, writer) or, after a prepare, (reader, writer, prepared); prepare
         # takes (remote) or, for listen_any (port 0), (remote, port)
         self._servers: dict[int, Callable[..., Awaitable[None] | None]] = {}
-        self._prepare: dict[int, Callable[..., Awaitable[Any]]] = {}
+        self._prepare: dict[int, Callable[..., Any]] = {}  # (a value, or an awaitable of one)
         self._discard: dict[int, Callable[[Any], None]] = {}
         self._prepared: dict[TcpConnection, Any] = {}
         self._udp: dict[UdpSocket, NetstackDatagramEndpoint] = {}
