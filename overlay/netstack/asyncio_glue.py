@@ -103,7 +103,7 @@ class StackDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._streams: dict[TcpConnection, _Stream] = {}
-        self._connecting: dict[TcpConnection, asyncio.Future[None]] = {}
+        self._connecting: dict[TcpConnection, Any] = {}  # the future open_connection waits on, or a Dial
         # callbacks take (reader, writer) or, after a prepare, (reader, writer, prepared); prepare
         # takes (remote) or, for listen_any (port 0), (remote, port)
         self._servers: dict[int, Callable[..., Awaitable[None] | None]] = {}
@@ -164,6 +164,25 @@ class StackDriver:
                 fut.cancel()
             raise
         return self._attach(conn)
+
+    def open_connection_cb(
+        self, ip: str, port: int,
+        done: Callable[[NetstackStreamReader | None, NetstackStreamWriter | None, Exception | None], None],
+        *, timeout: float | None = None,
+    ) -> Dial:
+        """:meth:`open_connection` answered by callback, no task: ``done(reader, writer, None)``
+        from the flush that received the SYN-ACK (what ``done`` writes leaves in that flush,
+        with the handshake's last ACK), or ``done(None, None, error)`` with the exceptions
+        open_connection raises. :meth:`Dial.cancel` abandons it (no call then)."""
+        if self.closed:
+            raise RuntimeError("driver is closed")
+        conn = self.stack.connect(ip, port, self._loop.time(), defer_ack=True)
+        dial = Dial(self, conn, done)
+        if timeout is not None:
+            dial._timer = self._loop.call_later(timeout, dial._timed_out)
+        self._connecting[conn] = dial
+        self._kick()
+        return dial
 
     def listen(self, port: int, client_connected_cb: Callable[..., Awaitable[None] | None], *,
                prepare: Callable[[tuple[str, int]], Any] | None = None,
@@ -450,6 +469,79 @@ class StackDriver:
             prepared = self._prepared.pop(conn, None)
             if prepared is not None:
                 self._discard_value(conn.local_port, prepared)
+
+
+class Dial:
+    """A connection being opened by :meth:`StackDriver.open_connection_cb`; to the driver it
+    looks like the future :meth:`StackDriver.open_connection` waits on."""
+
+    __slots__ = ("_driver", "_conn", "_done", "_timer", "_finished")
+
+    def __init__(self, driver: StackDriver, conn: TcpConnection,
+                 done: Callable[[Any, Any, Exception | None], None]):
+        self._driver = driver
+        self._conn = conn
+        self._done: Callable[[Any, Any, Exception | None], None] | None = done
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished = False
+
+    def done(self) -> bool:
+        return self._finished
+
+    def _end(self) -> Callable[[Any, Any, Exception | None], None] | None:
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done, self._done = self._done, None
+        return done
+
+    def set_result(self, _: object) -> None:
+        if self._finished:
+            return
+        done = self._end()
+        reader, writer = self._driver._attach(self._conn)
+        if done is not None:
+            self._call(done, reader, writer, None)
+
+    def set_exception(self, exc: Exception) -> None:
+        if self._finished:
+            return
+        done = self._end()
+        if done is not None:
+            self._call(done, None, None, exc)
+
+    def _call(self, done: Callable[[Any, Any, Exception | None], None], reader: Any, writer: Any,
+              exc: Exception | None) -> None:
+        try:
+            done(reader, writer, exc)
+        except Exception:  # (from inside a flush: the dialler's bug must not break it)
+            log.exception("a dial's callback failed")
+            if writer is not None:
+                writer.abort()
+
+    def cancel(self) -> None:
+        """Abandon the dial (the connection is reset if it got through); ``done`` is not called."""
+        if self._finished:
+            return
+        self._end()
+        self._abort()
+
+    def _abort(self) -> None:
+        d = self._driver
+        d._connecting.pop(self._conn, None)
+        self._conn.abort()
+        d._kick()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        done = self._end()
+        self._abort()
+        if done is not None:
+            self._call(done, None, None, TimeoutError(f"connecting to {self._conn.remote_ip}:"
+                                                      f"{self._conn.remote_port} timed out"))
 
 
 class _Link:

@@ -24,9 +24,9 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
-from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
+from overlay.netstack.asyncio_glue import Dial, HostUnreachableError, NothingListensError, StackDriver
 from overlay.node.state import Peer
 from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
                                   OsDialer, PeerUnreachable, PortNotShared)
@@ -136,6 +136,34 @@ class OverlayDialer:
             raise PortNotShared(p.name, port) from None
         except (asyncio.TimeoutError, TimeoutError):
             raise self._timeout(p, port) from None
+
+    def dial_now(self, host: str, port: int,
+                 done: Callable[[Any, Any, BaseException | None], None]) -> Dial | None:
+        """:meth:`open_connection` to a peer on the userspace stack without a task:
+        ``done(reader, writer, None)`` from the flush that completed the handshake, or
+        ``done(None, None, error)`` with the errors open_connection raises; the :class:`Dial`
+        (its ``cancel()`` abandons it). None: this dial needs :meth:`open_connection` (a TUN
+        node's kernel socket, a host behind a gateway member). Raises DialError at once when the
+        peer is unknown, offline or not connected."""
+        if self._os is not None:
+            return None
+        p, ns, lan = self._target(host)
+        if lan is not None:
+            return None
+
+        def finished(reader: Any, writer: Any, exc: Exception | None) -> None:
+            if exc is None:
+                done(reader, writer, None)
+            elif isinstance(exc, NothingListensError):
+                done(None, None, NothingListens(p.name, port))
+            elif isinstance(exc, ConnectionRefusedError):
+                done(None, None, PortNotShared(p.name, port))
+            elif isinstance(exc, TimeoutError):
+                done(None, None, self._timeout(p, port))
+            else:
+                done(None, None, exc)
+
+        return ns.open_connection_cb(p.ip, port, finished, timeout=DIAL_TIMEOUT)
 
     def _timeout(self, p: Peer, port: int) -> DialError:
         """No answer in time: the peer did not answer (a path exists), or no path to it formed."""

@@ -110,6 +110,7 @@ class Forward:
         self._udp_transport: asyncio.DatagramTransport | None = None
         self._clients: set[asyncio.Task[Any]] = set()  # connections dialling (or relayed by tasks)
         self._splices: set[Splice] = set()  # connections relayed from callbacks
+        self._dialling: dict[socket.socket, Any] = {}  # accepted, dialled by callback (the dial)
         self._all_ended: asyncio.Future[None] | None = None
 
     @classmethod
@@ -155,7 +156,9 @@ class Forward:
     @property
     def active(self) -> int:
         """Open TCP connections, or UDP client flows (for status displays)."""
-        return self._udp.flows if self._udp is not None else len(self._clients) + len(self._splices)
+        if self._udp is not None:
+            return self._udp.flows
+        return len(self._clients) + len(self._dialling) + len(self._splices)
 
     def close(self) -> None:
         """Stop listening and drop every connection / flow."""
@@ -166,6 +169,10 @@ class Forward:
         self._paused.clear()
         for task in self._clients:
             task.cancel()
+        for conn, dial in list(self._dialling.items()):
+            dial.cancel()
+            conn.close()
+        self._dialling.clear()
         for sp in list(self._splices):
             sp.abort()
         if self._udp is not None:
@@ -203,9 +210,62 @@ class Forward:
             except OSError:
                 conn.close()
                 continue
+            if self._dial_now(conn):
+                continue
             task = loop.create_task(self._serve(conn))
             self._clients.add(task)
             task.add_done_callback(self._clients.discard)
+
+    def _dial_now(self, conn: socket.socket) -> bool:
+        """Dial by callback when the dialer can (a peer on the userspace stack): no task, and the
+        client's first bytes leave in the flush that completed the handshake. False: use a task."""
+        dial_now = getattr(self.dialer, "dial_now", None)
+        if dial_now is None:
+            return False
+        try:
+            dial = dial_now(self.peer, self.peer_port, lambda r, w, e: self._dialled(conn, r, w, e))
+        except (DialError, OSError) as e:
+            log.warning("forward %s: %s", self, getattr(e, "message", None) or e)
+            _reset(conn)
+            return True
+        except Exception:
+            log.exception("forward %s: unexpected error", self)
+            conn.close()
+            return True
+        if dial is None:
+            return False
+        if not dial.done():
+            self._dialling[conn] = dial
+        return True
+
+    def _dialled(self, conn: socket.socket, reader: Any, writer: Any, exc: BaseException | None) -> None:
+        self._dialling.pop(conn, None)
+        if exc is not None:
+            log.warning("forward %s: %s", self, getattr(exc, "message", None) or exc)
+            _reset(conn)   # the application sees a failed connection, not an empty one
+            return
+        sp = Splice.for_socket(conn, reader, writer)
+        if sp is None:  # (not a netstack stream after all: streams and tasks)
+            task = asyncio.get_running_loop().create_task(self._relay_streams(conn, reader, writer))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+            return
+        self._splices.add(sp)
+        sp.start(self.idle_timeout, lambda: self._splice_ended(sp))
+
+    async def _relay_streams(self, conn: socket.socket, up_reader: Any, up_writer: Any) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except BaseException:
+                conn.close()
+                close_now(up_writer)
+                raise
+            await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
+        except OSError as e:
+            log.debug("forward %s: %s", self, e)
+        except asyncio.CancelledError:
+            pass
 
     def _resume_accepting(self, ls: socket.socket) -> None:
         if ls in self._paused and self._loop is not None:

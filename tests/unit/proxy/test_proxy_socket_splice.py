@@ -15,7 +15,9 @@ from polling import wait_async
 
 from overlay.netstack import TcpConfig
 from overlay.netstack.asyncio_glue import NothingListensError
-from overlay.node.services import Shares
+from overlay.node import services
+from overlay.node.services import OverlayDialer, Shares
+from overlay.node.state import Peer
 from overlay.proxy import splice
 from overlay.proxy.dialer import DialError
 from overlay.proxy.forward import Forward
@@ -23,6 +25,7 @@ from overlay.proxy.socket_end import HIGH_WATER, SocketEnd
 from tests.unit.netstack.test_netstack_asyncio import B_IP, Link, run
 
 SMALL = TcpConfig(send_buffer=32 * 1024, recv_buffer=32 * 1024)
+DIALERS = pytest.mark.parametrize("dialer", ["callback", "task"])
 
 
 class _Dialer:
@@ -37,14 +40,18 @@ class _Dialer:
 
 
 class Chain:
-    """client -> Forward (A) -> link -> Shares (B) -> ``service(reader, writer)`` on 127.0.0.1."""
+    """client -> Forward (A) -> link -> Shares (B) -> ``service(reader, writer)`` on 127.0.0.1.
+
+    ``dialer``: "callback" is the node's OverlayDialer (the forward dials by callback, no task),
+    "task" a plain async dialer (the forward's task path)."""
 
     def __init__(self, service, cfg: TcpConfig | None = None, idle: float | None = None,
-                 listening: bool = True):
+                 listening: bool = True, dialer: str = "callback"):
         self.service = service
         self.cfg = cfg
         self.idle = idle
         self.listening = listening
+        self.dialer = dialer
 
     async def __aenter__(self) -> Chain:
         self.link = Link(self.cfg)
@@ -56,7 +63,12 @@ class Chain:
         self.shares = Shares()
         self.shares.attach(self.link.b)
         self.shares.add(svc_port, udp=False)
-        self.fwd = Forward(_Dialer(self.link), 0, "bravo", svc_port, idle_timeout=self.idle)
+        if self.dialer == "callback":
+            peer = Peer("bravo", b"k" * 32, "azMy", B_IP, True)
+            dialer: object = OverlayDialer(lambda h: peer if h in ("bravo", B_IP) else None, lambda: self.link.a)
+        else:
+            dialer = _Dialer(self.link)
+        self.fwd = Forward(dialer, 0, "bravo", svc_port, idle_timeout=self.idle)  # type: ignore[arg-type]
         await self.fwd.start()
         self.port = self.fwd.address[1]
         return self
@@ -86,7 +98,8 @@ def socket_splices(monkeypatch):
     return made
 
 
-def test_round_trips_and_half_close(socket_splices):
+@DIALERS
+def test_round_trips_and_half_close(socket_splices, dialer):
     async def service(r, w):
         while line := await r.readline():
             w.write(line.upper())
@@ -95,7 +108,7 @@ def test_round_trips_and_half_close(socket_splices):
         w.close()
 
     async def main():
-        async with Chain(service) as c:
+        async with Chain(service, dialer=dialer) as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
             for i in range(20):
                 w.write(b"ping %d\n" % i)
@@ -110,7 +123,8 @@ def test_round_trips_and_half_close(socket_splices):
     run(main())
 
 
-def test_a_client_that_sends_and_shuts_down_at_once_still_gets_the_answer(socket_splices):
+@DIALERS
+def test_a_client_that_sends_and_shuts_down_at_once_still_gets_the_answer(socket_splices, dialer):
     """Bytes and EOF from the client before the dial completed reach the service in order, and
     the answer written after that EOF comes back."""
     async def service(r, w):
@@ -120,7 +134,7 @@ def test_a_client_that_sends_and_shuts_down_at_once_still_gets_the_answer(socket
         w.close()
 
     async def main():
-        async with Chain(service) as c:
+        async with Chain(service, dialer=dialer) as c:
             s = socket.create_connection(("127.0.0.1", c.port))
             s.setblocking(False)
             loop = asyncio.get_running_loop()
@@ -136,7 +150,8 @@ def test_a_client_that_sends_and_shuts_down_at_once_still_gets_the_answer(socket
     run(main())
 
 
-def test_bulk_both_ways_with_small_buffers_is_intact(socket_splices):
+@DIALERS
+def test_bulk_both_ways_with_small_buffers_is_intact(socket_splices, dialer):
     up, down = os.urandom(3 << 20), os.urandom(2 << 20)
 
     async def service(r, w):
@@ -146,7 +161,7 @@ def test_bulk_both_ways_with_small_buffers_is_intact(socket_splices):
         w.close()
 
     async def main():
-        async with Chain(service, SMALL) as c:
+        async with Chain(service, SMALL, dialer=dialer) as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
             w.write(up)
             await w.drain()
@@ -161,7 +176,8 @@ def test_bulk_both_ways_with_small_buffers_is_intact(socket_splices):
     run(main())
 
 
-def test_a_slow_reader_holds_the_stream_back_without_unbounded_buffers(socket_splices):
+@DIALERS
+def test_a_slow_reader_holds_the_stream_back_without_unbounded_buffers(socket_splices, dialer):
     big = os.urandom(16 << 20)  # more than the kernel's socket buffers hold
 
     async def service(r, w):
@@ -170,7 +186,7 @@ def test_a_slow_reader_holds_the_stream_back_without_unbounded_buffers(socket_sp
         w.close()
 
     async def main():
-        async with Chain(service, SMALL) as c:
+        async with Chain(service, SMALL, dialer=dialer) as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
             await wait_async(lambda: len(socket_splices) == 2 and socket_splices[0]._write_paused,
                              timeout=10, what="the forward's socket end stops taking bytes")
@@ -192,13 +208,14 @@ def test_a_slow_reader_holds_the_stream_back_without_unbounded_buffers(socket_sp
     run(main())
 
 
-def test_a_service_reset_ends_both_relays(socket_splices):
+@DIALERS
+def test_a_service_reset_ends_both_relays(socket_splices, dialer):
     async def service(r, w):
         await r.readline()
         w.transport.abort()  # RST toward B's relay
 
     async def main():
-        async with Chain(service) as c:
+        async with Chain(service, dialer=dialer) as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
             w.write(b"hello\n")
             await w.drain()
@@ -215,12 +232,13 @@ def test_a_service_reset_ends_both_relays(socket_splices):
     run(main())
 
 
-def test_nothing_listening_behind_the_share_resets_the_client():
+@DIALERS
+def test_nothing_listening_behind_the_share_resets_the_client(dialer):
     async def service(r, w):
         w.close()
 
     async def main():
-        async with Chain(service, listening=False) as c:
+        async with Chain(service, listening=False, dialer=dialer) as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(r.read(), 10)
@@ -230,13 +248,14 @@ def test_nothing_listening_behind_the_share_resets_the_client():
     run(main())
 
 
-def test_idle_pairs_are_closed(socket_splices):
+@DIALERS
+def test_idle_pairs_are_closed(socket_splices, dialer):
     async def service(r, w):
         await r.read()
         w.close()
 
     async def main():
-        async with Chain(service, idle=0.3) as c:
+        async with Chain(service, idle=0.3, dialer=dialer) as c:
             r, w = await asyncio.open_connection("127.0.0.1", c.port)
             w.write(b"x")
             await w.drain()
@@ -322,5 +341,31 @@ def test_socket_end_buffers_pauses_and_flushes_before_closing():
         assert a.fileno() == -1
         await asyncio.wait_for(end.wait_closed(), 1)
         b.close()
+
+    run(main())
+
+
+def test_a_dial_that_times_out_or_a_closed_forward_resets_the_client(monkeypatch):
+    """The callback dial: no answer within the dial timeout resets the client; a forward closed
+    while a dial is pending closes its client too and counts no connection left."""
+    monkeypatch.setattr(services, "DIAL_TIMEOUT", 0.3)
+
+    async def service(r, w):
+        w.close()
+
+    async def main():
+        async with Chain(service) as c:
+            c.link.blocked = True  # nothing crosses: the SYN is never answered
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(r.read(), 10)
+            w.close()
+            await c.forward_idle()
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            await wait_async(lambda: c.fwd.active == 1, timeout=10, what="the dial pending")
+            c.fwd.close()
+            assert c.fwd.active == 0
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
 
     run(main())
