@@ -20,7 +20,8 @@ time, the slowest connect() (for the forward that is only the local kernel hands
 connections took 1 s or more (a SYN inside the tunnel waiting out a retransmission timeout) and
 failures, and the CPU time each tunnel process (the two overlay daemons, the two wireguard-go)
 spent per connection: on a machine shared with other jobs the rate follows their load, the CPU
-per connection much less. wireguard-go runs first, then the overlay, in the same run. With
+per connection much less; and, in the summary, the packets each path sent through its tunnel
+per connection. wireguard-go runs first, then the overlay, in the same run. With
 ``--long`` the RSS of both overlay daemons is printed after every round (it must stay flat once
 TIME-WAIT tables are full). With ``--profile DIR``, py-spy (``pip install py-spy``) samples both
 daemons during the overlay rounds: the share of time idle in epoll, then the functions with the
