@@ -287,21 +287,22 @@ class StackDriver:
             self._again = True
             return
         stack = self.stack
-        now = self._loop.time()
+        now = stack.now = self._loop.time()
         self._flushing = True
         try:
             for _ in range(8):  # events may make more output (a read opens the window) and so on
                 self._again = False
-                self._dispatch_events()
-                packets = stack.packets_to_send(now)
-                if packets:
+                if stack.has_events:
+                    self._dispatch_events()
+                if stack.has_output and (packets := stack.packets_to_send(now)):
                     if self._send_packets is not None:
                         self._send_packets(packets)
                     else:
                         send = self._send_packet
                         for p in packets:
                             send(p)
-                elif not stack.has_events and not self._again:
+                # another round only for what handlers or the sending added (no empty round)
+                if not (stack.has_events or stack.has_output or self._again):
                     break
             else:
                 self._schedule_flush()  # still busy after several rounds: continue next loop turn
