@@ -20,7 +20,8 @@ time, the slowest connect() (for the forward that is only the local kernel hands
 connections took 1 s or more (a SYN inside the tunnel waiting out a retransmission timeout) and
 failures, and the CPU time each tunnel process (the two overlay daemons, the two wireguard-go)
 spent per connection: on a machine shared with other jobs the rate follows their load, the CPU
-per connection much less. wireguard-go runs first, then the overlay, in the same run. With
+per connection much less; and, in the summary, the packets each path sent through its tunnel
+per connection. wireguard-go runs first, then the overlay, in the same run. With
 ``--long`` the RSS of both overlay daemons is printed after every round (it must stay flat once
 TIME-WAIT tables are full). With ``--profile DIR``, py-spy (``pip install py-spy``) samples both
 daemons during the overlay rounds: the share of time idle in epoll, then the functions with the
@@ -55,6 +56,22 @@ def rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def netstack_packets(lb: Lab, node: str) -> int:
+    """Packets a node's userspace stack sent plus received (its status counters)."""
+    ns = lb.status(node).get("netstack") or {}
+    return int(ns.get("tx_packets", 0)) + int(ns.get("rx_packets", 0))
+
+
+def veth_packets(lb: Lab, tag: str, ifname: str) -> int:
+    """Packets sent plus received on a namespace's veth (the tunnel's UDP datagrams; a GSO
+    batch of datagrams counts once, so only for senders without GSO: wireguard-go here)."""
+    try:
+        st = json.loads(lb.ns[tag].run("ip", "-j", "-s", "link", "show", "dev", ifname).stdout)[0]["stats64"]
+        return int(st["tx"]["packets"]) + int(st["rx"]["packets"])
+    except (OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError):
+        return 0
 
 
 def rounds_of(lb: Lab, tag: str, host: str, port: int, args, rss_pids: dict[str, int] | None,
@@ -162,24 +179,32 @@ def run(args: argparse.Namespace) -> None:
               f"{time.monotonic() - t0:.1f} s; {total} connections per path in rounds of {args.round_size}, "
               f"{args.clients} concurrent clients (connect, 1 byte, 100 bytes back, close)", flush=True)
         results = {}
+        packets: dict[str, float] = {}  # tunnel datagrams per connection, both ways (the veth's count)
         if not args.skip_wireguard:
             print("  wireguard-go (kernel TCP through TUN):", flush=True)
+            before = veth_packets(lb, "wgA", "wa")
             results["wireguard-go"] = rounds_of(lb, "wgA", WG_B, SHORT_PORT, args, None,
                                                 dict(zip(("wg-a", "wg-b"), lb.wg_pids)))
+            packets["wireguard-go"] = (veth_packets(lb, "wgA", "wa") - before) / total
         print("  overlay forward (127.0.0.1:%d on alpha -> bravo:%d):" % (FWD_SHORT, SHORT_PORT), flush=True)
         rss = lb.node_pids if args.long else None
         if rss:
             print("    RSS before: " + ", ".join(f"{n} {rss_kib(p) / 1024:.1f} MiB" for n, p in rss.items()))
         spies = start_profile(lb, args.profile) if args.profile else []
+        before = netstack_packets(lb, "alpha")
         try:
             results["overlay forward"] = rounds_of(lb, "ovA", "127.0.0.1", FWD_SHORT, args, rss, lb.node_pids)
         finally:
             stop_profile(spies)
+        packets["overlay forward"] = (netstack_packets(lb, "alpha") - before) / total
         if args.profile:
             print("\n".join(profile_report(lb, args.profile)))
         print("\nSummary")
         for name, res in results.items():
             print(summary(name, res))
+        print("  packets through the tunnel per connection, both ways (wireguard-go: its veth's count, "
+              "with a few keepalives; overlay: alpha's userspace stack): "
+              + ", ".join(f"{name} {n:.2f}" for name, n in packets.items()))
         if "wireguard-go" in results:
             ov = statistics.median(r["rate"] for r in results["overlay forward"])
             wg = statistics.median(r["rate"] for r in results["wireguard-go"])

@@ -60,7 +60,8 @@ async def run(n: int, clients: int, mode: str) -> dict:
 
     service = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = service.sockets[0].getsockname()[1]
-    shares = Shares(pool=lambda: ipaddress.ip_network("100.64.0.0/10"))
+    pool = ipaddress.ip_network("100.64.0.0/10")  # one object, as the daemon's pool (a new one empties the source memo)
+    shares = Shares(pool=lambda: pool)
     shares.attach(b)
     shares.add(port, udp=False)
     peer = Peer("bravo", b"k" * 32, "azMy", B_IP, True)

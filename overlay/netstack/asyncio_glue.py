@@ -103,11 +103,11 @@ class StackDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._streams: dict[TcpConnection, _Stream] = {}
-        self._connecting: dict[TcpConnection, asyncio.Future[None]] = {}
+        self._connecting: dict[TcpConnection, Any] = {}  # the future open_connection waits on, or a Dial
         # callbacks take (reader, writer) or, after a prepare, (reader, writer, prepared); prepare
         # takes (remote) or, for listen_any (port 0), (remote, port)
         self._servers: dict[int, Callable[..., Awaitable[None] | None]] = {}
-        self._prepare: dict[int, Callable[..., Awaitable[Any]]] = {}
+        self._prepare: dict[int, Callable[..., Any]] = {}  # (a value, or an awaitable of one)
         self._discard: dict[int, Callable[[Any], None]] = {}
         self._prepared: dict[TcpConnection, Any] = {}
         self._udp: dict[UdpSocket, NetstackDatagramEndpoint] = {}
@@ -144,7 +144,9 @@ class StackDriver:
         """
         if self.closed:
             raise RuntimeError("driver is closed")
-        conn = self.stack.connect(ip, port, self._loop.time())
+        # the handshake's last ACK waits for the timer: what the caller writes once connected
+        # (a forward's client spoke first) carries it, one packet fewer
+        conn = self.stack.connect(ip, port, self._loop.time(), defer_ack=True)
         fut: asyncio.Future[None] = self._loop.create_future()
         self._connecting[conn] = fut
         self._kick()
@@ -163,8 +165,27 @@ class StackDriver:
             raise
         return self._attach(conn)
 
+    def open_connection_cb(
+        self, ip: str, port: int,
+        done: Callable[[NetstackStreamReader | None, NetstackStreamWriter | None, Exception | None], None],
+        *, timeout: float | None = None,
+    ) -> Dial:
+        """:meth:`open_connection` answered by callback, no task: ``done(reader, writer, None)``
+        from the flush that received the SYN-ACK (what ``done`` writes leaves in that flush,
+        with the handshake's last ACK), or ``done(None, None, error)`` with the exceptions
+        open_connection raises. :meth:`Dial.cancel` abandons it (no call then)."""
+        if self.closed:
+            raise RuntimeError("driver is closed")
+        conn = self.stack.connect(ip, port, self._loop.time(), defer_ack=True)
+        dial = Dial(self, conn, done)
+        if timeout is not None:
+            dial._timer = self._loop.call_later(timeout, dial._timed_out)
+        self._connecting[conn] = dial
+        self._kick()
+        return dial
+
     def listen(self, port: int, client_connected_cb: Callable[..., Awaitable[None] | None], *,
-               prepare: Callable[[tuple[str, int]], Awaitable[Any]] | None = None,
+               prepare: Callable[[tuple[str, int]], Any] | None = None,
                discard: Callable[[Any], None] | None = None) -> None:
         """Accept connections to ``port``; ``client_connected_cb(reader, writer)`` runs for each
         (a coroutine function becomes a task, like ``asyncio.start_server``).
@@ -173,7 +194,8 @@ class StackDriver:
         the connection (the peer sees "port unreachable"), a :class:`Refuse` with that ICMP error
         instead, anything else is passed on as
         ``client_connected_cb(reader, writer, prepared)``, or to ``discard`` if the handshake then
-        fails."""
+        fails. ``prepare`` may be a coroutine function, or a plain function that answers at once
+        or returns an awaitable when it must wait (then the SYN is answered from a task)."""
         self.stack.listen(port, defer=prepare is not None)
         self._servers[port] = client_connected_cb
         if prepare is not None:
@@ -182,7 +204,7 @@ class StackDriver:
                 self._discard[port] = discard
 
     def listen_any(self, client_connected_cb: Callable[..., Awaitable[None] | None], *,
-                   prepare: Callable[[tuple[str, int], int], Awaitable[Any]],
+                   prepare: Callable[[tuple[str, int], int], Any],
                    discard: Callable[[Any], None] | None = None) -> None:
         """Accept connections to every port (a gateway's stack for one LAN host):
         ``prepare(remote, port)`` runs for each SYN, as for :meth:`listen`."""
@@ -265,21 +287,22 @@ class StackDriver:
             self._again = True
             return
         stack = self.stack
-        now = self._loop.time()
+        now = stack.now = self._loop.time()
         self._flushing = True
         try:
             for _ in range(8):  # events may make more output (a read opens the window) and so on
                 self._again = False
-                self._dispatch_events()
-                packets = stack.packets_to_send(now)
-                if packets:
+                if stack.has_events:
+                    self._dispatch_events()
+                if stack.has_output and (packets := stack.packets_to_send(now)):
                     if self._send_packets is not None:
                         self._send_packets(packets)
                     else:
                         send = self._send_packet
                         for p in packets:
                             send(p)
-                elif not stack.has_events and not self._again:
+                # another round only for what handlers or the sending added (no empty round)
+                if not (stack.has_events or stack.has_output or self._again):
                     break
             else:
                 self._schedule_flush()  # still busy after several rounds: continue next loop turn
@@ -346,7 +369,7 @@ class StackDriver:
                         f"{e.conn.remote_ip}:{e.conn.remote_port} refused the connection "
                         "(nothing listens there, or the peer does not share that port)"))
             elif t is ev.ConnectionRequest:
-                self._spawn(self._on_request(e))
+                self._on_request_now(e)
             elif t is ev.TimedOut:
                 self._fail(e.conn, TimeoutError(e.conn.error or "connection timed out"))
             elif t is ev.Reset:
@@ -389,20 +412,37 @@ class StackDriver:
             self._spawn(res)
 
     def _spawn(self, aw: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(aw)
+        task = self._loop.create_task(aw) if inspect.iscoroutine(aw) else asyncio.ensure_future(aw, loop=self._loop)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _on_request(self, req: ev.ConnectionRequest) -> None:
+    def _on_request_now(self, req: ev.ConnectionRequest) -> None:
+        """A SYN to a port with a ``prepare``: answered at once when ``prepare`` returns a value
+        (a plain function that had what it needed: no task, no loop turn), else once the
+        awaitable it returned (a coroutine function's) gives one, in a task."""
         prepare = self._prepare.get(req.port)
         try:
             if prepare is None and 0 in self._prepare:   # listen_any
-                prepared = await self._prepare[0](req.remote, req.port)
+                res = self._prepare[0](req.remote, req.port)
             else:
-                prepared = await prepare(req.remote) if prepare is not None else None
+                res = prepare(req.remote) if prepare is not None else None
+        except Exception:  # a bug in prepare must not leave the SYN unanswered
+            log.exception("preparing a connection to port %d failed", req.port)
+            res = None
+        if inspect.isawaitable(res):
+            self._spawn(self._on_request(req, res))
+        else:
+            self._answer_request(req, res)
+
+    async def _on_request(self, req: ev.ConnectionRequest, pending: Awaitable[Any]) -> None:
+        try:
+            prepared = await pending
         except Exception:  # a bug in prepare must not leave the SYN unanswered or the task failed
             log.exception("preparing a connection to port %d failed", req.port)
             prepared = None
+        self._answer_request(req, prepared)
+
+    def _answer_request(self, req: ev.ConnectionRequest, prepared: Any) -> None:
         if self.closed:
             if prepared is not None:
                 self._discard_value(req.port, prepared)
@@ -430,6 +470,79 @@ class StackDriver:
             prepared = self._prepared.pop(conn, None)
             if prepared is not None:
                 self._discard_value(conn.local_port, prepared)
+
+
+class Dial:
+    """A connection being opened by :meth:`StackDriver.open_connection_cb`; to the driver it
+    looks like the future :meth:`StackDriver.open_connection` waits on."""
+
+    __slots__ = ("_driver", "_conn", "_done", "_timer", "_finished")
+
+    def __init__(self, driver: StackDriver, conn: TcpConnection,
+                 done: Callable[[Any, Any, Exception | None], None]):
+        self._driver = driver
+        self._conn = conn
+        self._done: Callable[[Any, Any, Exception | None], None] | None = done
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished = False
+
+    def done(self) -> bool:
+        return self._finished
+
+    def _end(self) -> Callable[[Any, Any, Exception | None], None] | None:
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done, self._done = self._done, None
+        return done
+
+    def set_result(self, _: object) -> None:
+        if self._finished:
+            return
+        done = self._end()
+        reader, writer = self._driver._attach(self._conn)
+        if done is not None:
+            self._call(done, reader, writer, None)
+
+    def set_exception(self, exc: Exception) -> None:
+        if self._finished:
+            return
+        done = self._end()
+        if done is not None:
+            self._call(done, None, None, exc)
+
+    def _call(self, done: Callable[[Any, Any, Exception | None], None], reader: Any, writer: Any,
+              exc: Exception | None) -> None:
+        try:
+            done(reader, writer, exc)
+        except Exception:  # (from inside a flush: the dialler's bug must not break it)
+            log.exception("a dial's callback failed")
+            if writer is not None:
+                writer.abort()
+
+    def cancel(self) -> None:
+        """Abandon the dial (the connection is reset if it got through); ``done`` is not called."""
+        if self._finished:
+            return
+        self._end()
+        self._abort()
+
+    def _abort(self) -> None:
+        d = self._driver
+        d._connecting.pop(self._conn, None)
+        self._conn.abort()
+        d._kick()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        done = self._end()
+        self._abort()
+        if done is not None:
+            self._call(done, None, None, TimeoutError(f"connecting to {self._conn.remote_ip}:"
+                                                      f"{self._conn.remote_port} timed out"))
 
 
 class _Link:
@@ -641,6 +754,24 @@ class NetstackStreamWriter:
             self._pending += memoryview(data)[n:]
         self._s.driver._kick()
 
+    def write_with_eof(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`write` then :meth:`write_eof` in one flush: the FIN rides on the last data
+        segment instead of following in a segment of its own."""
+        if self._exc is not None:
+            raise self._exc
+        if self._eof_requested:
+            raise RuntimeError("write after write_eof()/close()")
+        if data:
+            if self._pending:
+                self._pending += data
+            else:
+                n = self._s.conn.send(data)
+                if n < len(data):
+                    self._pending += memoryview(data)[n:]
+        self.write_eof()  # flushes unless bytes wait for room
+        if self._pending:
+            self._s.driver._kick()
+
     def writelines(self, data: list[bytes]) -> None:
         self.write(b"".join(data))  # one write: one flush, the pieces share segments
 
@@ -736,6 +867,11 @@ class NetstackStreamWriter:
         self._close_waiters.append(fut)
         self._s.driver._closing_writers.add(self)
         await fut
+
+    def is_closed(self) -> bool:
+        """Closing and done (our FIN acknowledged, or the connection ended): :meth:`wait_closed`
+        returns at once."""
+        return (self._eof_requested or self._exc is not None) and self._finished()
 
     def _finished(self) -> bool:
         st = self._s.conn.state

@@ -217,9 +217,14 @@ class Stack:
         else:
             self._send_rst_for(self._addr, src, seg)
 
-    def connect(self, dst_ip: str, dst_port: int, now: float, *, src_port: int | None = None) -> TcpConnection:
+    def connect(self, dst_ip: str, dst_port: int, now: float, *, src_port: int | None = None,
+                defer_ack: bool = False) -> TcpConnection:
         """Active open. Returns at once in SYN-SENT; ``Connected`` or ``ConnectionRefused`` /
-        ``TimedOut`` follows as an event."""
+        ``TimedOut`` follows as an event.
+
+        ``defer_ack``: the ACK completing the handshake is not sent with the ``Connected`` event
+        but is due at once as a timer (``get_timer``), so data written in answer to the event,
+        before that timer runs, carries it."""
         _check_port(dst_port)
         self.now = now
         dst = ip_to_bytes(dst_ip)
@@ -231,6 +236,7 @@ class Stack:
         if key in self._conns or key in self._time_wait:
             raise OSError(f"connection {ip_to_str(dst)}:{dst_port} from port {src_port} already exists")
         conn = self._new_conn(dst, dst_port, src_port, now, passive=False)
+        conn.defer_handshake_ack = defer_ack
         self._conns[key] = conn
         conn._start_active(now)
         return conn

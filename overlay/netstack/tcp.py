@@ -129,6 +129,10 @@ class TcpConnection:
         self.passive = passive
         self.half_open_slot = False  # counts against its listener's backlog while SYN-RECEIVED
         self.orphan = False  # closed with orphan=True: the application reads no more
+        # active open: the ACK of the SYN-ACK waits for the next timer run, so that data the
+        # application writes as soon as it is connected carries it (Linux does so with a write
+        # pending): one packet fewer per connection whose dialler speaks first
+        self.defer_handshake_ack = False
         self.state = S.CLOSED
         self.error: str | None = None  # why the connection ended abnormally
         self._syn_seen: TcpSegment | None = None  # the peer's SYN (its options shape our SYN-ACK)
@@ -453,7 +457,10 @@ class TcpConnection:
             if self._rtt_seq is not None and ack >= self._rtt_seq:
                 self._rtt_sample(now - self._rtt_time)
                 self._rtt_seq = None
-            self._ack_now = True
+            if self.defer_handshake_ack:
+                self._delack_at = now  # due at once, but sent by the timer (after the Connected event)
+            else:
+                self._ack_now = True
             self._establish(now)
         else:  # simultaneous open (RFC 9293 §3.5 figure 7)
             self.state = S.SYN_RECEIVED

@@ -24,13 +24,14 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
-from overlay.netstack.asyncio_glue import HostUnreachableError, NothingListensError, StackDriver
+from overlay.netstack.asyncio_glue import Dial, HostUnreachableError, NothingListensError, StackDriver
 from overlay.node.state import Peer
 from overlay.proxy.dialer import (ConnectionRefused, DialError, DialTimeout, NothingListens, NotOverlayAddress,
                                   OsDialer, PeerUnreachable, PortNotShared)
 from overlay.proxy.relay import relay
+from overlay.proxy.splice import Splice
 from overlay.node.share_source import loopback_for, mappable
 from overlay.ratelog import LogLimiter
 
@@ -136,6 +137,34 @@ class OverlayDialer:
         except (asyncio.TimeoutError, TimeoutError):
             raise self._timeout(p, port) from None
 
+    def dial_now(self, host: str, port: int,
+                 done: Callable[[Any, Any, BaseException | None], None]) -> Dial | None:
+        """:meth:`open_connection` to a peer on the userspace stack without a task:
+        ``done(reader, writer, None)`` from the flush that completed the handshake, or
+        ``done(None, None, error)`` with the errors open_connection raises; the :class:`Dial`
+        (its ``cancel()`` abandons it). None: this dial needs :meth:`open_connection` (a TUN
+        node's kernel socket, a host behind a gateway member). Raises DialError at once when the
+        peer is unknown, offline or not connected."""
+        if self._os is not None:
+            return None
+        p, ns, lan = self._target(host)
+        if lan is not None:
+            return None
+
+        def finished(reader: Any, writer: Any, exc: Exception | None) -> None:
+            if exc is None:
+                done(reader, writer, None)
+            elif isinstance(exc, NothingListensError):
+                done(None, None, NothingListens(p.name, port))
+            elif isinstance(exc, ConnectionRefusedError):
+                done(None, None, PortNotShared(p.name, port))
+            elif isinstance(exc, TimeoutError):
+                done(None, None, self._timeout(p, port))
+            else:
+                done(None, None, exc)
+
+        return ns.open_connection_cb(p.ip, port, finished, timeout=DIAL_TIMEOUT)
+
     def _timeout(self, p: Peer, port: int) -> DialError:
         """No answer in time: the peer did not answer (a path exists), or no path to it formed."""
         if self._path(p.key) is None:
@@ -208,6 +237,7 @@ def nothing_listens(port: int, udp: bool) -> bool:
 
 
 LOCALHOST = "127.0.0.1"
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 PROBE_SOURCE = "127.128.0.1"   # any loopback address but 127.0.0.1: bindable on Linux only
 
 
@@ -329,23 +359,50 @@ class Shares:
                 + [{"port": p, "proto": "udp"} for p in sorted(self.udp)])
 
     def _listen(self, port: int) -> None:
-        async def local(remote: tuple[str, int]):
+        def refused(remote: tuple[str, int], e: BaseException) -> None:
+            self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
+                                  "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
+                                  getattr(e, "strerror", None) or "timed out")
+
+        def local(remote: tuple[str, int]):
             """Reach 127.0.0.1:port, from the peer's loopback address, before the overlay handshake
-            completes (None: refuse it)."""
+            completes: the socket (None: refuse it), or, when the kernel did not connect at once,
+            a coroutine giving that (the driver then waits in a task)."""
             try:
-                return await self._connect_local(remote[0], port)
+                res = self._connect_local_now(remote[0], port)
+            except OSError as e:
+                refused(remote, e)
+                return None
+            return res if isinstance(res, socket.socket) else waiting(remote, res)
+
+        async def waiting(remote: tuple[str, int], connecting: Awaitable[socket.socket]):
+            try:
+                return await connecting
             except (OSError, asyncio.TimeoutError) as e:
-                self._rlog.log(log, logging.INFO, "refused %s:%d -> shared port %d: nothing listens on "
-                                      "127.0.0.1:%d (%s)", remote[0], remote[1], port, port,
-                                      getattr(e, "strerror", None) or "timed out")
+                refused(remote, e)
                 return None
 
-        async def handle(reader, writer, pair) -> None:
+        def handle(reader, writer, sock: socket.socket):
+            """Relay the peer's connection and the service's from callbacks (no task); a coroutine
+            to run in a task for streams of another kind."""
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("shared port %d: connection from %s", port, writer.get_extra_info("peername"))
-            await relay(reader, writer, pair[0], pair[1], TCP_IDLE)
+            sp = Splice.for_socket(sock, reader, writer, read_ahead=True)  # (services often answer and close)
+            if sp is not None:
+                sp.start(TCP_IDLE)
+                return None
+            return relay_streams(reader, writer, sock)
 
-        self._driver.listen(port, handle, prepare=local, discard=lambda pair: pair[1].close())
+        async def relay_streams(reader, writer, sock: socket.socket) -> None:
+            try:
+                kr, kw = await asyncio.open_connection(sock=sock)
+            except BaseException:
+                sock.close()
+                writer.close()
+                raise
+            await relay(reader, writer, kr, kw, TCP_IDLE)
+
+        self._driver.listen(port, handle, prepare=local, discard=lambda sock: sock.close())
 
     def _start_udp(self, port: int) -> None:
         ep = self._driver.udp_bind(port)
@@ -393,17 +450,22 @@ class Shares:
                 tr.close()
             ep.close()
 
-    async def _connect_local(self, remote_ip: str, port: int):
-        """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1)."""
+    async def _connect_local(self, remote_ip: str, port: int) -> socket.socket:
+        """A TCP connection to 127.0.0.1:port from the peer's loopback address (else from 127.0.0.1):
+        the connected non-blocking socket (a Splice relays it, no asyncio transport made)."""
+        res = self._connect_local_now(remote_ip, port)
+        return res if isinstance(res, socket.socket) else await res
+
+    def _connect_local_now(self, remote_ip: str, port: int) -> socket.socket | Awaitable[socket.socket]:
+        """:meth:`_connect_local` without a wait when the kernel connects at once (over loopback
+        it usually does): the socket, else a coroutine that waits for it. Raises OSError."""
         src = self.source(remote_ip)
-        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):   # (wait_for would add a task per connection)
-            try:
-                return await _open_local(src, port)
-            except OSError as e:
-                if not self._bind_failed(e, src):
-                    raise
-        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
-            return await _open_local(LOCALHOST, port)
+        try:
+            return _open_local(src, port)
+        except OSError as e:
+            if not self._bind_failed(e, src):
+                raise
+        return _open_local(LOCALHOST, port)
 
     async def _udp_flow(self, loop, protocol, remote_ip: str, port: int) -> asyncio.DatagramTransport | None:
         """A socket toward 127.0.0.1:port from the peer's loopback address (None: none could be made)."""
@@ -423,24 +485,39 @@ class Shares:
         return tr
 
 
-async def _open_local(src: str, port: int):
-    """A TCP connection to 127.0.0.1:``port`` from ``src`` (127.0.0.1: not bound, as any client). The
-    port is chosen at connect, not at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in
-    TIME_WAIT toward another 4-tuple as it does for unbound sockets: short connections in a burst
-    do not run out of ports."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _open_local(src: str, port: int) -> socket.socket | Awaitable[socket.socket]:
+    """A TCP connection to 127.0.0.1:``port`` from ``src`` (127.0.0.1: not bound, as any client),
+    connected, non-blocking, TCP_NODELAY: the socket when the kernel connected at once, else a
+    coroutine that waits for it (at most LOCAL_DIAL_TIMEOUT). The port is chosen at connect, not
+    at bind (IP_BIND_ADDRESS_NO_PORT), so Linux may reuse a port in TIME_WAIT toward another
+    4-tuple as it does for unbound sockets: short connections in a burst do not run out of ports.
+    Raises OSError (ECONNREFUSED...)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | _NONBLOCK)  # (no ioctl to make it so)
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if src != LOCALHOST:
             if hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((src, 0))
-        sock.setblocking(False)
-        if not _connect_at_once(sock, (LOCALHOST, port)):
+        if not _NONBLOCK:
+            sock.setblocking(False)
+        if _connect_at_once(sock, (LOCALHOST, port)):
+            return sock
+    except BaseException:
+        sock.close()
+        raise
+    return _wait_connected(sock, port)
+
+
+async def _wait_connected(sock: socket.socket, port: int) -> socket.socket:
+    try:
+        # (a timer only when the kernel did not connect at once; wait_for would add a task)
+        async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
             await asyncio.get_running_loop().sock_connect(sock, (LOCALHOST, port))
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_connection(sock=sock)
+    return sock
 
 
 def _connect_at_once(sock: socket.socket, addr: tuple[str, int]) -> bool:

@@ -11,18 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from overlay.proxy.dialer import Dialer, DialError
-from overlay.proxy.listen import bound_address, create_udp_endpoint, format_address, is_loopback, start_tcp_server
-from overlay.proxy.relay import close_now, close_writer, relay, reset_now
+from overlay.proxy.listen import bound_address, create_udp_endpoint, format_address, is_loopback, open_tcp_listeners
+from overlay.proxy.relay import close_now, relay
+from overlay.proxy.splice import Splice
 from overlay.proxy.udpflows import UdpFlows
+from overlay.ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 
 TCP_IDLE_TIMEOUT = 600.0
+ACCEPT_BATCH = 32  # connections accepted per readiness of a listening socket
+ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like (as asyncio)
 UDP_IDLE_TIMEOUT = 120.0
 MAX_UDP_CLIENTS = 256
 
@@ -96,10 +102,16 @@ class Forward:
         self.listen_host = listen_host
         self.idle_timeout = idle_timeout if idle_timeout is not None else (UDP_IDLE_TIMEOUT if udp else TCP_IDLE_TIMEOUT)
         self.max_udp_clients = max_udp_clients
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._paused: set[socket.socket] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._errors = LogLimiter()
         self._udp: _UdpForward | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._clients: set[asyncio.Task[Any]] = set()  # connections dialling (or relayed by tasks)
+        self._splices: set[Splice] = set()  # connections relayed from callbacks
+        self._dialling: dict[socket.socket, Any] = {}  # accepted, dialled by callback (the dial)
+        self._all_ended: asyncio.Future[None] | None = None
 
     @classmethod
     def from_spec(cls, dialer: Dialer, spec: str, listen_host: str = "127.0.0.1") -> Forward:
@@ -124,14 +136,19 @@ class Forward:
             self._udp = _UdpForward(self)
             self._udp_transport, _ = await create_udp_endpoint(lambda: self._udp, self.listen_host, self.listen_port)
         else:
-            self._server = await start_tcp_server(self._accept, self.listen_host, self.listen_port)
+            # accepted from our own reader callback: a connection costs its socket and one task,
+            # no asyncio transport or streams (overlay/proxy/socket_end.py)
+            self._loop = asyncio.get_running_loop()
+            self._listeners = open_tcp_listeners(self.listen_host, self.listen_port)
+            for ls in self._listeners:
+                self._loop.add_reader(ls.fileno(), self._on_acceptable, ls)
         log.info("forward %s started", self)
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port)."""
-        if self._server is not None:
-            return bound_address(self._server.sockets)
+        if self._listeners:
+            return bound_address(self._listeners)
         if self._udp_transport is not None:
             return self._udp_transport.get_extra_info("sockname")[:2]
         raise RuntimeError("forward not started")
@@ -139,14 +156,25 @@ class Forward:
     @property
     def active(self) -> int:
         """Open TCP connections, or UDP client flows (for status displays)."""
-        return self._udp.flows if self._udp is not None else len(self._clients)
+        if self._udp is not None:
+            return self._udp.flows
+        return len(self._clients) + len(self._dialling) + len(self._splices)
 
     def close(self) -> None:
         """Stop listening and drop every connection / flow."""
-        if self._server is not None:
-            self._server.close()
+        for ls in self._listeners:
+            if self._loop is not None and ls not in self._paused and ls.fileno() >= 0:
+                self._loop.remove_reader(ls.fileno())
+            ls.close()
+        self._paused.clear()
         for task in self._clients:
             task.cancel()
+        for conn, dial in list(self._dialling.items()):
+            dial.cancel()
+            conn.close()
+        self._dialling.clear()
+        for sp in list(self._splices):
+            sp.abort()
         if self._udp is not None:
             self._udp.close()
 
@@ -154,23 +182,122 @@ class Forward:
         """Wait until every connection task has finished after :meth:`close`."""
         if self._clients:
             await asyncio.gather(*self._clients, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._splices:
+            self._all_ended = asyncio.get_running_loop().create_future()
+            await self._all_ended
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        relayed = False
+    def _splice_ended(self, sp: Splice) -> None:
+        self._splices.discard(sp)
+        if not self._splices and self._all_ended is not None and not self._all_ended.done():
+            self._all_ended.set_result(None)
+
+    def _on_acceptable(self, ls: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = ls.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of descriptors or memory: stop accepting for a while
+                self._errors.log(log, logging.ERROR, "forward %s: cannot accept: %s", self, e)
+                loop.remove_reader(ls.fileno())
+                self._paused.add(ls)
+                loop.call_later(ACCEPT_PAUSE, self._resume_accepting, ls)
+                return
+            try:
+                conn.setblocking(False)
+            except OSError:
+                conn.close()
+                continue
+            if self._dial_now(conn):
+                continue
+            task = loop.create_task(self._serve(conn))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    def _dial_now(self, conn: socket.socket) -> bool:
+        """Dial by callback when the dialer can (a peer on the userspace stack): no task, and the
+        client's first bytes leave in the flush that completed the handshake. False: use a task."""
+        dial_now = getattr(self.dialer, "dial_now", None)
+        if dial_now is None:
+            return False
+        try:
+            dial = dial_now(self.peer, self.peer_port, lambda r, w, e: self._dialled(conn, r, w, e))
+        except (DialError, OSError) as e:
+            log.warning("forward %s: %s", self, getattr(e, "message", None) or e)
+            _reset(conn)
+            return True
+        except Exception:
+            log.exception("forward %s: unexpected error", self)
+            conn.close()
+            return True
+        if dial is None:
+            return False
+        if not dial.done():
+            self._dialling[conn] = dial
+        return True
+
+    def _dialled(self, conn: socket.socket, reader: Any, writer: Any, exc: BaseException | None) -> None:
+        self._dialling.pop(conn, None)
+        if exc is not None:
+            log.warning("forward %s: %s", self, getattr(exc, "message", None) or exc)
+            _reset(conn)   # the application sees a failed connection, not an empty one
+            return
+        sp = Splice.for_socket(conn, reader, writer)
+        if sp is None:  # (not a netstack stream after all: streams and tasks)
+            task = asyncio.get_running_loop().create_task(self._relay_streams(conn, reader, writer))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+            return
+        self._splices.add(sp)
+        sp.start(self.idle_timeout, lambda: self._splice_ended(sp))
+
+    async def _relay_streams(self, conn: socket.socket, up_reader: Any, up_writer: Any) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except BaseException:
+                conn.close()
+                close_now(up_writer)
+                raise
+            await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
+        except OSError as e:
+            log.debug("forward %s: %s", self, e)
+        except asyncio.CancelledError:
+            pass
+
+    def _resume_accepting(self, ls: socket.socket) -> None:
+        if ls in self._paused and self._loop is not None:
+            self._paused.discard(ls)
+            self._loop.add_reader(ls.fileno(), self._on_acceptable, ls)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        """One accepted connection: dial, then relay (the socket is closed however it ends)."""
+        owned: socket.socket | None = conn  # still ours to close
+        up_writer = None
         try:
             try:
                 up_reader, up_writer = await self.dialer.open_connection(self.peer, self.peer_port)
             except (DialError, OSError) as e:
                 log.warning("forward %s: %s", self, getattr(e, "message", None) or e)
-                reset_now(writer)   # the application sees a failed connection, not an empty one
+                _reset(conn)   # the application sees a failed connection, not an empty one
+                owned = None
                 return
-            await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
-            relayed = True   # relay() closed both ends and waited for them
+            sp = Splice.for_socket(conn, up_reader, up_writer)
+            owned = None
+            if sp is not None:
+                # relayed from callbacks from now on: this task ends here
+                self._splices.add(sp)
+                sp.start(self.idle_timeout, lambda: self._splice_ended(sp))
+            else:  # not a netstack stream (a TUN node's kernel socket): asyncio streams and tasks
+                try:
+                    reader, writer = await asyncio.open_connection(sock=conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                await relay(reader, writer, up_reader, up_writer, self.idle_timeout)
+            up_writer = None
         except OSError as e:
             log.debug("forward %s: %s", self, e)
         except asyncio.CancelledError:
@@ -178,12 +305,17 @@ class Forward:
         except Exception:
             log.exception("forward %s: unexpected error", self)
         finally:
-            self._clients.discard(task)
-            if not relayed:
-                close_now(writer)
-        if not relayed:
-            with contextlib.suppress(asyncio.CancelledError):
-                await close_writer(writer)
+            if owned is not None:
+                owned.close()
+            if up_writer is not None:
+                close_now(up_writer)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0): the client sees ECONNRESET, not a clean end of file."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 class _UdpForward(asyncio.DatagramProtocol):

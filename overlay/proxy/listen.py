@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,43 @@ async def start_tcp_server(
         return await asyncio.start_server(handler, host, port)
     except OSError as e:
         raise _listen_error(e, host, port) from None
+
+
+def open_tcp_listeners(host: str, port: int, backlog: int = 100) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address ``host`` resolves to, as
+    ``asyncio.start_server`` binds them (SO_REUSEADDR, IPv6 sockets IPv6-only), with
+    ``TCP_NODELAY`` set for the connections they accept (Linux passes it on to them). Raises
+    :class:`ListenError` with a clear message."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on {format_address(host, port)}: {e.strerror or e}") from None
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise _listen_error(e, host, port) from None
+            s.listen(backlog)
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    if not socks:
+        raise ListenError(f"cannot listen on {format_address(host, port)}: no address")
+    return socks
 
 
 async def create_udp_endpoint(

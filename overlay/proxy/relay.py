@@ -172,6 +172,8 @@ async def close_writers(*writers: StreamWriterLike) -> None:
     cancellable)."""
     for w in writers:
         close_now(w)
+    if all(_closed_at_once(w) for w in writers):
+        return  # (no timer: a short connection's ends are usually closed by now)
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT):
             for w in writers:
@@ -182,6 +184,12 @@ async def close_writers(*writers: StreamWriterLike) -> None:
     except TimeoutError:
         for w in writers:
             _abort(w)   # (a transport already closed ignores it)
+
+
+def _closed_at_once(writer: StreamWriterLike) -> bool:
+    """Whether ``writer.wait_closed()`` would return without waiting (writers that can tell)."""
+    is_closed = getattr(writer, "is_closed", None)
+    return is_closed is not None and is_closed()
 
 
 def _abort(writer: StreamWriterLike) -> None:

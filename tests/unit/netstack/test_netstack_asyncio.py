@@ -13,6 +13,7 @@ from polling import wait_async
 
 from overlay.netstack import Stack, TcpConfig, TcpState
 from overlay.netstack.asyncio_glue import StackDriver
+from overlay.netstack.wire import ACK, FIN, parse_ipv4, parse_tcp
 
 A_IP, B_IP = "10.1.0.1", "10.1.0.2"
 
@@ -323,9 +324,10 @@ def test_output_leaves_in_the_callback_that_made_it():
         b.receive_packet(sent_a.pop())  # answered (SYN-ACK) before receive_packet returns
         assert len(sent_b) == 1
         a.receive_packet(sent_b.pop())
-        assert len(sent_a) == 1  # the handshake's ACK
-        b.receive_packets([sent_a.pop()])
+        assert not sent_a  # the handshake's ACK waits for data written at once (a timer due now)
         reader, writer = await task
+        assert len(sent_a) == 1  # none was: the timer sent the ACK alone
+        b.receive_packets([sent_a.pop()])
         (_, b_writer), = accepted
         writer.write(b"ping")
         assert len(sent_a) == 1  # the segment left inside write()
@@ -334,6 +336,47 @@ def test_output_leaves_in_the_callback_that_made_it():
         assert len(sent_b) == 1
         a.receive_packet(sent_b.pop())
         assert await reader.read(10) == b"pong"
+        a.close()
+        b.close()
+
+    run(main())
+
+
+def test_data_written_once_connected_carries_the_handshake_ack():
+    """A dialler that writes as soon as it is connected (a forward whose client spoke first)
+    sends its data with the handshake's last ACK: one packet, and the server has the connection
+    and the bytes at once; a stream end written with the data rides on the same segment."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sent_a: list[bytes] = []
+        sent_b: list[bytes] = []
+        a = StackDriver(Stack(A_IP, now=loop.time()), sent_a.append)
+        b = StackDriver(Stack(B_IP, now=loop.time()), sent_b.append)
+        accepted = []
+        b.listen(7, lambda r, w: accepted.append((r, w)))
+
+        async def dial():
+            reader, writer = await a.open_connection(B_IP, 7)
+            writer.write_with_eof(b"ping")
+            return reader, writer
+
+        task = asyncio.ensure_future(dial())
+        await asyncio.sleep(0)
+        b.receive_packet(sent_a.pop())  # SYN
+        a.receive_packet(sent_b.pop())  # SYN-ACK
+        reader, writer = await task
+        assert len(sent_a) == 1  # ACK, data and FIN in one segment
+        seg = parse_tcp(parse_ipv4(sent_a[0]))
+        assert seg.flags & (ACK | FIN) == ACK | FIN and seg.data == b"ping"
+        b.receive_packets([sent_a.pop()])
+        (b_reader, b_writer), = accepted
+        assert await b_reader.read() == b"ping"
+        b_writer.write_with_eof(b"pong")
+        assert len(sent_b) == 1
+        a.receive_packet(sent_b.pop())
+        assert await reader.read() == b"pong"
+        assert len(sent_a) == 1  # only the ACK of B's FIN (the handshake's went with the data)
         a.close()
         b.close()
 

@@ -158,7 +158,7 @@ def test_a_bind_refused_later_falls_back_for_tcp_and_udp(monkeypatch):
         srv.listen(1)
         srv.setblocking(False)
         monkeypatch.setattr(services.socket, "socket", _NoBind)
-        _, w = await sh._connect_local("100.64.0.7", srv.getsockname()[1])
+        w = await sh._connect_local("100.64.0.7", srv.getsockname()[1])
         conn, addr = await loop.sock_accept(srv)
         assert addr[0] == "127.0.0.1" and sh.source_info()["mode"] == "localhost"
         w.close()
@@ -175,7 +175,7 @@ def test_tcp_and_udp_come_from_the_peers_address():
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         srv.setblocking(False)
-        _, w = await sh._connect_local("100.64.3.9", srv.getsockname()[1])
+        w = await sh._connect_local("100.64.3.9", srv.getsockname()[1])
         conn, addr = await loop.sock_accept(srv)
         assert addr[0] == "127.64.3.9"
         w.close()
@@ -206,7 +206,8 @@ def test_the_source_follows_a_new_pool():
 
 def test_a_local_service_that_refuses_or_accepts_at_once():
     """The connection toward the service: refused is ConnectionRefusedError (the peer then gets
-    port unreachable), accepted gives streams that carry bytes, from the peer's address."""
+    port unreachable), accepted gives a connected non-blocking socket that carries bytes, from
+    the peer's address."""
     async def main():
         loop = asyncio.get_running_loop()
         sh = Shares(pool=lambda: net("100.64.0.0/10"))
@@ -220,11 +221,12 @@ def test_a_local_service_that_refuses_or_accepts_at_once():
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         srv.setblocking(False)
-        r, w = await sh._connect_local("100.64.3.9", srv.getsockname()[1])
+        w = await sh._connect_local("100.64.3.9", srv.getsockname()[1])
         conn, addr = await loop.sock_accept(srv)
         assert addr[0] == "127.64.3.9"
+        assert w.gettimeout() == 0.0 and w.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await loop.sock_sendall(conn, b"hi")
-        assert await asyncio.wait_for(r.readexactly(2), 5) == b"hi"
+        assert await asyncio.wait_for(loop.sock_recv(w, 2), 5) == b"hi"
         w.close()
         conn.close()
         srv.close()
