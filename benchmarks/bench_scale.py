@@ -90,7 +90,7 @@ class _NoHome:
     """The node's home only pins the server key (trust on first use); the simulation has none."""
     path = Path("/nonexistent")
 
-    def check_server_key(self, server: str, key: bytes) -> bool:
+    def check_server_key(self, server: str, key: bytes, group=None) -> bool:
         return False
 
 
