@@ -359,10 +359,11 @@ class Mediator:
         self._digests[name] = hit
         return hit
 
-    def _presence_event(self, name: str, ctx: tuple) -> dict | None:
-        """The ``presence`` event of a mesh network as it is now (None: too many distinct
-        interface kinds and capabilities among its online members; records are sent instead)."""
-        dig, keys, _routed = self._digest(name, ctx)
+    def _presence_event(self, name: str, digest: tuple[str, list[bytes], list[bytes]]) -> dict | None:
+        """The ``presence`` event of a mesh network as it is now (``digest``: ``_digest``'s); None
+        if there are too many distinct interface kinds and capabilities among its online members
+        (records are sent instead)."""
+        dig, keys, _routed = digest
         online, away, iface, caps = self.online, self.away, self.iface, self.caps
         bits = bytearray((len(keys) + 7) // 8)
         groups: dict[tuple, bytearray] = {}
@@ -402,10 +403,11 @@ class Mediator:
         net, topo, everyone = ctx[0], ctx[1], ctx[2]
         if topo[0] != "mesh":
             return False
-        dig, _keys, routed = self._digest(name, ctx)
-        if digest != dig:
+        hit = self._digest(name, ctx)
+        routed = hit[2]
+        if digest != hit[0]:
             return False
-        ev = self._presence_event(name, ctx)
+        ev = self._presence_event(name, hit)
         if ev is None:
             return False
         self._push(key, {"t": "network", "network": self._network_info(net, key, len(everyone))})
@@ -415,10 +417,30 @@ class Mediator:
         self.synced += 1
         return True
 
-    def _presence_changed(self, name: str, key: bytes, now: float, ctx: tuple | None = None) -> None:
+    def _send_sync_cached(self, key: bytes, name: str, digest: str, now: float) -> bool:
+        """``_send_sync`` from the cached digest, without reading the network's members (False:
+        not cached, another digest, members with routes, or not a mesh)."""
+        hit = self._digests.get(name)
+        if hit is None or hit[0] != digest or hit[2]:
+            return False
+        net = self.store.network(name)
+        if net is None or net.type != "mesh":
+            return False
+        ev = self._presence_event(name, hit)
+        if ev is None:
+            return False
+        self._push(key, {"t": "network", "network": self._network_info(net, key, len(hit[1]))})
+        self._push(key, ev)
+        self.synced += 1
+        self._presence_changed(name, key, now, size=len(hit[1]))
+        return True
+
+    def _presence_changed(self, name: str, key: bytes, now: float, ctx: tuple | None = None,
+                          size: int | None = None) -> None:
         """``key`` came, went, or went away / back in ``name``: its members hear of it at once,
         or, in a big network's storm, when the network's window ends (``flush_presence``)."""
-        size = len(ctx[2]) if ctx is not None else self.store.member_count(name)
+        if size is None:
+            size = len(ctx[2]) if ctx is not None else self.store.member_count(name)
         if self.presence.change(name, key, size, now):
             self._announce_member(name, key, ctx)
 
@@ -437,7 +459,7 @@ class Mediator:
                 continue
             recs = dict(zip(keys, self._records(name, ctx, keys)))
             everything = {"t": "members", "network": name, "members": list(recs.values())}
-            ev = self._presence_event(name, ctx) if topo[0] == "mesh" and len(keys) > 1 else None
+            ev = self._presence_event(name, self._digest(name, ctx)) if topo[0] == "mesh" and len(keys) > 1 else None
             routed = None
             if ev is not None:
                 routed_keys = [k for k in keys if k in set(self._digest(name, ctx)[2])]
@@ -601,8 +623,11 @@ class Mediator:
             self.resync_ok.add(key)
         networks = self.store.networks_of(key)
         for net in networks:
+            want = sync.get(net) if sync else None
+            if isinstance(want, str) and self._send_sync_cached(key, net, want, now):
+                continue                  # a storm of returning nodes: nothing read but the network's row
             ctx = self._snapshot_ctx(net)
-            if not (sync and isinstance(sync.get(net), str) and self._send_sync(key, net, ctx, sync[net])):
+            if not (isinstance(want, str) and self._send_sync(key, net, ctx, want)):
                 self._send_network(key, net, ctx)
             self._presence_changed(net, key, now, ctx)
         for net in self.store.owned_networks(key):

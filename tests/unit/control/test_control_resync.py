@@ -116,6 +116,30 @@ def test_digest_match_sends_no_records_only_presence(w, nodes):
     assert online == {"ann": True, "bob": True, "cat": False, "dan": True}
 
 
+def test_returning_nodes_of_a_storm_read_no_member_lists(w, nodes, monkeypatch):
+    """Once a network's digest is known, a matching hello reads nothing of its members from the
+    store (a restart: every node of a big network comes back with the same digest)."""
+    monkeypatch.setattr(presence_mod, "COALESCE_ABOVE", 2)    # a big network in a storm: changes held
+    monkeypatch.setattr(presence_mod, "BURST", 0)
+    _lan(w, nodes, "ann", "bob", "cat", "dan")
+    w.disconnect("bob")
+    nodes.hello("bob")                       # computes the digest
+    for n in ("cat", "dan"):
+        w.disconnect(n)
+    reads: list[str] = []
+    for name in ("members", "nodes", "routes", "member_count"):
+        real = getattr(w.store, name)
+        monkeypatch.setattr(w.store, name, lambda *a, real=real, name=name: reads.append(name) or real(*a))
+    for n in ("cat", "dan"):
+        assert [e["t"] for e in nodes.hello(n)] == ["network", "presence"]
+    assert reads == [] and w.m.synced == 3
+    monkeypatch.undo()
+    w.m.flush_presence(w.now + 10)
+    nodes.feed()
+    for n in ("ann", "bob", "cat", "dan"):
+        assert view(nodes.of(n), "lan") == truth(w, n, "lan"), n
+
+
 def test_digest_mismatch_gets_the_full_snapshot(w, nodes):
     _lan(w, nodes, "ann", "bob", "cat")
     w.disconnect("bob")
@@ -309,6 +333,19 @@ def test_a_storm_is_coalesced_and_every_final_state_arrives(w, nodes, small_stor
 def deque_empty():
     from collections import deque
     return deque()
+
+
+def test_after_a_storm_quiet_time_changes_go_out_at_once_again():
+    c = presence_mod.PresenceCoalescer()
+    now = 1000.0
+    sent = [c.change("big", bytes([i]), 500, now + i * 0.01) for i in range(100)]   # a storm
+    assert sent[:presence_mod.BURST] == [True] * presence_mod.BURST and not any(sent[presence_mod.BURST:])
+    due = c.due()
+    assert due is not None and due <= now + 1 + presence_mod.window_for(500)
+    assert [n for n, _keys in c.take_due(due)] == ["big"]
+    later = now + 1 + presence_mod.QUIET
+    assert all(c.change("big", bytes([i]), 500, later + i * 0.05) for i in range(presence_mod.BURST))
+    assert c.change("small", b"x", presence_mod.COALESCE_ABOVE, later) is True     # small networks: always
 
 
 def test_a_flush_sees_departures_and_deleted_networks(w, nodes, small_storms):
