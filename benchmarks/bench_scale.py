@@ -529,6 +529,7 @@ class Bench:
         r["restart_all_back_s"] = t_back - t_stop
         r["restart_synced_s"] = max(t_quiet, t_back) - t_stop
         r["restart_server_cpu_s"] = proc_cpu(pid)
+        r["restart_rss_mib"] = rss_mib(pid)
         r["restart_client_cpu_s"] = await self.client_cpu() - ccpu0
         st = await self.all_status()
         r["restart_events"] = dict(sum((Counter(s["types"]) for s in st), Counter()) - types0)
@@ -566,7 +567,7 @@ def show(n: int, m: int, r: dict) -> None:
     print(f"  punch introduction -> the other side: p50 {f('punch_p50_ms')} ms, p99 {f('punch_p99_ms')} ms")
     print(f"  restart: down {f('restart_down_s', '{:.2f}')} s; all back {f('restart_all_back_s', '{:.2f}')} s after the "
           f"stop, all synchronised {f('restart_synced_s', '{:.2f}')} s; server CPU {f('restart_server_cpu_s')} s, "
-          f"clients {f('restart_client_cpu_s')} s", flush=True)
+          f"clients {f('restart_client_cpu_s')} s; server RSS then {f('restart_rss_mib')} MiB", flush=True)
     print(f"  restart: events the nodes got: {r.get('restart_events')}", flush=True)
 
 

@@ -5,7 +5,11 @@ request (overlay/control/messages.py) and calls ``hello`` / ``handle`` / ``disco
 node's public key and ``now``. Replies are returned; events for other nodes are appended to
 ``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online: it does so
 once per event-loop turn (batched per member: overlay/server/fanout.py) and then calls
-``end_turn``. A change is pushed only to the members it concerns, as a delta (one record).
+``end_turn``. A change is pushed only to the members it concerns, as a delta (one record); in a
+big network's storm, presence changes are held for a window (overlay/server/presence.py: the glue
+calls ``flush_presence`` when ``presence.due()`` comes). A returning node whose hello names the
+digest of the member records it holds gets a presence bitmap instead of them
+(overlay/control/resync.py).
 
 Argon2id hashing is slow on purpose, so the glue does it off the event loop: it calls
 ``join_precheck`` (rate limits, existence) to get the stored hash, verifies the password in a
