@@ -18,7 +18,6 @@ import os
 import resource
 import socket
 import time
-from collections import deque
 from pathlib import Path
 
 from overlay import crypto
@@ -30,8 +29,7 @@ from overlay.nat.candidate import format_addr
 from overlay.ratelog import LogLimiter
 from overlay.relay import frames
 from overlay.relay.server import DEFAULT_RATE, RelayServer
-from overlay.server import backlog, datadir, fanout
-from overlay.server.backlog import OutputBacklog
+from overlay.server import datadir, fanout
 from overlay.server.admission import DEFAULT_MAX_CONNS, DEFAULT_PER_SOURCE, Admission, max_conns_for
 from overlay.server.mediator import DEFAULT_IDENTITY_BITS, DEFAULT_NEW_NODES_PER_HOUR, DEFAULT_POOL, Mediator
 from overlay.server.store import Store, StoreHooks
@@ -125,18 +123,8 @@ class ControlConnection(asyncio.Protocol):
             return
         self.flush()
 
-    def pause_writing(self):
-        """Our output is over the transport's high-water mark (the node reads slower than we write)."""
-        self.server.backlog.paused(self, time.monotonic())
-
-    def resume_writing(self):
-        self.server.backlog.resumed(self)
-        self.server.wake_hello()
-
     def connection_lost(self, exc):
         self.closed = True
-        self.server.backlog.resumed(self)
-        self.server.wake_hello()
         self.server.socket_closed()
         self.server.admission.closed(self)
         self.server.connections.discard(self)
@@ -270,8 +258,6 @@ class MediationServer:
         self._dirty: set[ControlConnection] = set()   # written to at the end of this loop turn
         self._turn_end: asyncio.Handle | None = None
         self._presence_timer: asyncio.TimerHandle | None = None   # held presence changes (presence.py)
-        self.backlog = OutputBacklog()       # connections whose output piles up (backlog.py)
-        self._hello_waiters: deque[asyncio.Future] = deque()
         self._presence_at = 0.0
 
     async def start(self) -> None:
@@ -436,7 +422,6 @@ class MediationServer:
             if old is not None and old is not conn:
                 old.close(error(None, "replaced", "this node connected again from elsewhere"))
                 self.unregister(old)
-            await self._hello_slot(conn)
             # events for this node while its hello is being stored (other requests, departures,
             # other instances) wait for its session, after what the hello itself caused
             self._arriving[conn.key] = []
@@ -470,33 +455,6 @@ class MediationServer:
             if t in ("create", "join", "leave"):
                 self.admission.registered(conn, not self.still_stranger(conn))
             self.membership_changed(t)
-
-    async def _hello_slot(self, conn: ControlConnection) -> None:
-        """Wait (in arrival order, at most backlog.MAX_WAIT s) while too many connections have
-        output piling up: a storm's snapshots then go out as fast as the nodes read them, not
-        into memory (overlay/server/backlog.py)."""
-        loop = asyncio.get_running_loop()
-        if not self.backlog.busy(time.monotonic()):
-            return
-        self.backlog.waited += 1
-        end = loop.time() + backlog.MAX_WAIT
-        while self.backlog.busy(time.monotonic()) and loop.time() < end:
-            fut = loop.create_future()
-            self._hello_waiters.append(fut)
-            try:
-                await asyncio.wait_for(fut, end - loop.time())
-            except asyncio.TimeoutError:
-                break
-        if conn.closed:       # the node gave up meanwhile: no work for it
-            raise RequestError("busy", "connection closed")
-
-    def wake_hello(self) -> None:
-        """A backlogged connection drained or closed: the first waiting hello may go."""
-        while self._hello_waiters:
-            fut = self._hello_waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
 
     def still_stranger(self, conn: ControlConnection) -> bool:
         """Said hello (or not even that) but belongs to no network and waits to join none."""
