@@ -441,7 +441,7 @@ class Mediator:
 
     def _presence_changed(self, name: str, key: bytes, now: float, ctx: tuple | None = None,
                           size: int | None = None) -> None:
-        """``key`` came, went, or went away / back in ``name``: its members hear of it at once,
+        """``key`` came or went in ``name``: its members hear of it at once,
         or, in a big network's storm, when the network's window ends (``flush_presence``)."""
         if size is None:
             size = len(ctx[2]) if ctx is not None else self.store.member_count(name)
@@ -700,7 +700,7 @@ class Mediator:
         if t == "rename":
             return self._rename(key, msg, now)
         if t == "presence":
-            return self._presence(key, msg, now)
+            return self._presence(key, msg)
         if t == "endpoints":
             self.endpoints[key] = {"candidates": msg["candidates"], "nat": msg.get("nat", {})}
             return ok(msg["id"])
@@ -854,7 +854,7 @@ class Mediator:
         """Refuse a password change by a non-owner before the (slow) hashing."""
         self._network_for(key, msg["network"], owner=True)
 
-    def _presence(self, key: bytes, msg: dict, now: float) -> dict:
+    def _presence(self, key: bytes, msg: dict) -> dict:
         """Go offline (or back online) in one network without leaving it: its members see the node
         offline there; the node stays a member. Forgotten when the node disconnects (the node
         sends it again after hello)."""
@@ -867,7 +867,10 @@ class Mediator:
         if not away:
             del self.away[key]
         self._forget_records(key)
-        self._presence_changed(net.name, key, now)
+        # the node's own request (rate limited per connection) goes out at once; a storm is made
+        # of hellos and departures (``_presence_changed``), and a held change of this node is
+        # sent again, as it is then, when its window ends
+        self._announce_member(net.name, key)
         return ok(msg["id"], network=net.name, online=msg["online"])
 
     def _rename(self, key: bytes, msg: dict, now: float) -> dict:

@@ -1,6 +1,6 @@
 """Presence changes of a big network in a storm, coalesced per window (sans-I/O: ``now`` is passed).
 
-A presence change (a member's hello, departure or ``presence`` request) is normally pushed to the
+A presence change (a member's hello or departure) is normally pushed to the
 network's members at once, one record each. When every node comes back after a server restart,
 that is every member's record to every member: O(members) messages per member. So for networks of
 more than ``COALESCE_ABOVE`` members, a token bucket per network (``BURST`` changes at once, then
@@ -8,7 +8,8 @@ more than ``COALESCE_ABOVE`` members, a token bucket per network (``BURST`` chan
 changes through at once, and beyond it the changes are held:
 the network's members get them together when its window (``window_for``: 0.2 s for 100 members,
 growing to 0.5 s from 1,000) ends, built from the state at that moment (the last state wins,
-nothing is lost). ``Mediator.flush_presence`` sends them: one ``presence`` event (a bitmap,
+nothing is lost). A node's own ``presence`` request (going away in one network) is not held: it is
+rate limited per connection, and no storm is made of it. ``Mediator.flush_presence`` sends them: one ``presence`` event (a bitmap,
 overlay/control/resync.py) to members that understand it, the changed records to the others.
 """
 

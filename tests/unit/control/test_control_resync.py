@@ -309,12 +309,15 @@ def test_a_storm_is_coalesced_and_every_final_state_arrives(w, nodes, small_stor
         w.disconnect(n)
     for n in ("cat", "eve"):
         nodes.hello(n)
-    w.req("cat", "presence", network="lan", online=False)
     nodes.feed()
     due = w.m.presence.due()
     assert due is not None and due <= w.now + presence_mod.window_for(8)
     held = {n: len(nodes.got.pop(n, [])) for n in ("ann", "hal")}
     assert held == {"ann": 2, "hal": 2}      # the first two changes went out at once, the rest wait
+    w.req("cat", "presence", network="lan", online=False)    # a node's own request: never held
+    nodes.feed()
+    assert [[(m["name"], m["online"]) for m in e["members"]] for e in nodes.got.pop("ann")] == [[("cat", False)]]
+    nodes.got.pop("hal")
     w.m.flush_presence(due - 0.01)
     assert w.m.outgoing == deque_empty()
     w.m.flush_presence(due)
