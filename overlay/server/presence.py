@@ -1,16 +1,16 @@
 """Presence changes of a big network in a storm, coalesced per window (sans-I/O: ``now`` is passed).
 
-A presence change (a member's hello or departure) is normally pushed to the
-network's members at once, one record each. When every node comes back after a server restart,
+A presence change (a member's hello or departure) is normally pushed to the network's members
+at once, one record each. When every node comes back after a server restart,
 that is every member's record to every member: O(members) messages per member. So for networks of
 more than ``COALESCE_ABOVE`` members, a token bucket per network (``BURST`` changes at once, then
-``RATE`` a second, refilled at once after ``QUIET`` s without a change) lets quiet-time
-changes through at once, and beyond it the changes are held:
+``RATE`` a second) lets quiet-time changes through at once, and beyond it the changes are held:
 the network's members get them together when its window (``window_for``: 0.2 s for 100 members,
 growing to 0.5 s from 1,000) ends, built from the state at that moment (the last state wins,
-nothing is lost). A node's own ``presence`` request (going away in one network) is not held: it is
-rate limited per connection, and no storm is made of it. ``Mediator.flush_presence`` sends them: one ``presence`` event (a bitmap,
-overlay/control/resync.py) to members that understand it, the changed records to the others.
+nothing is lost). A node's own ``presence`` request (going away in one network) is not held: it
+is rate limited per connection, and no storm is made of it. ``Mediator.flush_presence`` sends the
+held changes: one ``presence`` event (a bitmap, overlay/control/resync.py) to members that
+understand it, the changed records to the others.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from overlay.tokenbucket import TokenBucket
 
 COALESCE_ABOVE = 100      # networks up to this many members get every change at once
 BURST = 20                # changes per network sent at once before coalescing starts ...
-RATE = 2.0                # ... and per second after, ...
-QUIET = 1.0               # ... and all of BURST again after this long without a change
+RATE = 2.0                # ... and per second after
 
 
 def window_for(size: int) -> float:
@@ -35,7 +34,6 @@ class _Network:
     bucket: TokenBucket
     pending: dict[bytes, None] = field(default_factory=dict)   # members whose change waits (in order)
     due: float = 0.0
-    last: float = 0.0          # the last change
 
 
 class PresenceCoalescer:
@@ -54,9 +52,6 @@ class PresenceCoalescer:
             if len(self._nets) > 10_000:     # bounded: idle networks are forgotten
                 self._nets = {n: s for n, s in self._nets.items() if s.pending or not s.bucket.full(now)}
             st = self._nets[network] = _Network(TokenBucket(RATE, BURST, now))
-        if now - st.last >= QUIET:
-            st.bucket.tokens = st.bucket.burst      # the storm is over: quiet-time changes go at once
-        st.last = now
         if not st.pending:
             if st.bucket.take(now):
                 return True
