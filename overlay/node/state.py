@@ -116,7 +116,8 @@ class NodeState:
 
     def sync_digests(self) -> dict[str, str]:
         """For the hello (``sync``): per network, the digest of the member records held."""
-        return {name: view.digest()[0] for name, view in self.networks.items() if view.members}
+        held = [(name, view) for name, view in self.networks.items() if view.members]
+        return {name: view.digest()[0] for name, view in held[:resync.MAX_SYNC_NETWORKS]}   # the hello's bound
 
     def begin_resync(self) -> None:
         """A new session with the server (the same or another of its deployment): it re-sends every

@@ -271,6 +271,16 @@ def test_hello_sync_is_validated():
             validate_request({**ok, "sync": bad})
 
 
+def test_a_hello_never_names_more_networks_than_the_server_accepts():
+    st = NodeState()
+    for i in range(resync.MAX_SYNC_NETWORKS + 5):
+        st.apply({"t": "members", "network": f"n{i}", "members": [
+            {"name": "a", "key": "QQ==", "ip": "100.64.0.1", "online": True, "role": "owner"}]})
+    sync = st.sync_digests()
+    assert len(sync) == resync.MAX_SYNC_NETWORKS
+    validate_request({"t": "hello", "id": 1, "name": "a", "version": 1, "sync": sync})
+
+
 def test_bitmaps_round_trip():
     for n in (0, 1, 7, 8, 9, 1000):
         flags = [i % 3 == 0 for i in range(n)]
