@@ -53,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from overlay import crypto  # noqa: E402
+from overlay.control import resync  # noqa: E402
 from overlay.control.messages import key_to_text  # noqa: E402
 
 OVERLAY = [sys.executable, "-m", "overlay"]
@@ -90,7 +91,7 @@ class _NoHome:
     """The node's home only pins the server key (trust on first use); the simulation has none."""
     path = Path("/nonexistent")
 
-    def check_server_key(self, server: str, key: bytes) -> bool:
+    def check_server_key(self, server: str, key: bytes, group=None) -> bool:
         return False
 
 
@@ -111,23 +112,59 @@ class Worker:
         self.tasks: list[asyncio.Task] = []
         self.last_event = 0.0
         self.events = 0
+        self.types: Counter = Counter()     # events received, by type
         self.watches: dict[str, tuple] = {}        # key text -> (kind, online, times)
         self.started: set[int] = set()
+        # what the nodes hold of their networks, for the hello's ``sync`` (overlay/control/resync.py):
+        # one view per network shared by the worker's nodes (their records are the same; the
+        # simulated networks' members never change name or address), not one per node
+        self.views: dict[str, dict[str, str]] = {}
+        self.digests: dict[str, tuple[str, dict[str, int]]] = {}
         server = f"127.0.0.1:{cfg['port']}"
         for i in cfg["indices"]:
             c = BenchClient(_NoHome(), server, f"n{i}", priv_of(cfg["seed"], i))
             c.src = source_of(i, cfg["per_address"])
+            if cfg.get("sync", True):
+                c.hello_sync = lambda net=net_of(i, cfg["members"]): self.sync(net)
             c.on_event = lambda ev, c=c: self.on_event(c, ev)
             self.clients[i] = c
+
+    def digest(self, net: str) -> tuple[str, dict[str, int]]:
+        hit = self.digests.get(net)
+        if hit is None:
+            view = self.views.get(net, {})
+            hit = self.digests[net] = (resync.digest(view.items()), {k: i for i, k in enumerate(sorted(view))})
+        return hit
+
+    def sync(self, net: str) -> dict:
+        return {net: self.digest(net)[0]} if self.views.get(net) else {}
 
     def on_event(self, client, ev: dict) -> None:
         now = time.monotonic()
         self.last_event = now
         self.events += 1
+        t = ev.get("t")
+        self.types[t] += 1
+        if t == "members":
+            view = self.views.setdefault(ev["network"], {})
+            for m in ev["members"]:
+                if m["key"] not in view:
+                    view[m["key"]] = resync.record_line(m)
+                    self.digests.pop(ev["network"], None)
+        elif t == "member_left":
+            if self.views.get(ev["network"], {}).pop(ev["key"], None) is not None:
+                self.digests.pop(ev["network"], None)
         if not self.watches:
             return
-        t = ev.get("t")
-        if t == "members":
+        if t == "presence":
+            order = self.digest(ev["network"])[1]
+            bits = None
+            for key, w in self.watches.items():
+                if w[0] == "presence" and w[3] == ev["network"] and key in order:
+                    bits = bits or resync.decode_bits(ev["online"], len(order))
+                    if bits is not None and bits[order[key]] == w[1]:
+                        w[2].append(now)
+        elif t == "members":
             for m in ev["members"]:
                 w = self.watches.get(m["key"])
                 if w is not None and w[0] == "presence" and w[1] == m["online"] and w[3] == ev["network"]:
@@ -155,7 +192,8 @@ class Worker:
             return {"connected": self.connected(self.clients), "total": len(self.clients),
                     "errors": errors.most_common(3),
                     "connects": sum(c.connects for c in self.clients.values()),
-                    "last_event": self.last_event, "events": self.events, "cpu": ru.ru_utime + ru.ru_stime,
+                    "last_event": self.last_event, "events": self.events, "types": self.types,
+                    "cpu": ru.ru_utime + ru.ru_stime,
                     "now": time.monotonic()}
         if op == "join":
             joiners = [self.clients[i] for i in self.cfg["joiners"]]
@@ -394,7 +432,7 @@ class Bench:
         shares = [list(range(w, a.n, a.workers)) for w in range(a.workers)]
         for share in shares:
             cfg = {"port": self.port, "seed": a.seed, "indices": share, "per_address": a.per_address,
-                   "members": a.m, "joiners": [i for i in share if i in set(joiners)]}
+                   "members": a.m, "joiners": [i for i in share if i in set(joiners)], "sync": not a.no_sync}
             cfg_path = self.tmp / f"worker{len(self.workers)}.json"
             cfg_path.write_text(json.dumps(cfg))
             proc = await asyncio.create_subprocess_exec(
@@ -475,6 +513,7 @@ class Bench:
         # 5. restart
         st = await self.all_status()
         connects = sum(s["connects"] for s in st)
+        types0 = sum((Counter(s["types"]) for s in st), Counter())
         ccpu0 = await self.client_cpu()
         t_stop = time.monotonic()
         self.server.send_signal(signal.SIGTERM)
@@ -490,7 +529,10 @@ class Bench:
         r["restart_all_back_s"] = t_back - t_stop
         r["restart_synced_s"] = max(t_quiet, t_back) - t_stop
         r["restart_server_cpu_s"] = proc_cpu(pid)
+        r["restart_rss_mib"] = rss_mib(pid)
         r["restart_client_cpu_s"] = await self.client_cpu() - ccpu0
+        st = await self.all_status()
+        r["restart_events"] = dict(sum((Counter(s["types"]) for s in st), Counter()) - types0)
         return r
 
     async def close(self) -> None:
@@ -525,7 +567,8 @@ def show(n: int, m: int, r: dict) -> None:
     print(f"  punch introduction -> the other side: p50 {f('punch_p50_ms')} ms, p99 {f('punch_p99_ms')} ms")
     print(f"  restart: down {f('restart_down_s', '{:.2f}')} s; all back {f('restart_all_back_s', '{:.2f}')} s after the "
           f"stop, all synchronised {f('restart_synced_s', '{:.2f}')} s; server CPU {f('restart_server_cpu_s')} s, "
-          f"clients {f('restart_client_cpu_s')} s", flush=True)
+          f"clients {f('restart_client_cpu_s')} s; server RSS then {f('restart_rss_mib')} MiB", flush=True)
+    print(f"  restart: events the nodes got: {r.get('restart_events')}", flush=True)
 
 
 def main() -> None:
@@ -541,6 +584,8 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=15.0, help="seconds of idle CPU measurement (15)")
     ap.add_argument("--per-address", type=int, default=50, help="nodes per loopback source address (50)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-sync", action="store_true",
+                    help="nodes send no member digests in their hello (as nodes from before resynchronisation)")
     ap.add_argument("--verbose", action="store_true", help="print the server's pid (for py-spy) as it starts")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
     ap.add_argument("--json", action="store_true", help="print every figure as JSON too")

@@ -14,6 +14,8 @@ import ipaddress
 import json
 import re
 
+from overlay.control.resync import MAX_SYNC_NETWORKS, valid_sync
+
 PROTOCOL_VERSION = 1
 
 MAX_NAME = 32
@@ -67,7 +69,8 @@ _STR, _INT, _BOOL = str, int, bool
 REQUEST_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"name": (_STR, True), "version": (_INT, True), "iface": (_STR, False),
               "routes": (list, False),   # subnets this node offers as a gateway (--advertise-routes)
-              "caps": (list, False)},    # what its data plane accepts (CAP_* below)
+              "caps": (list, False),     # what its data plane accepts (CAP_* below)
+              "sync": (dict, False)},    # network -> digest of the members it holds (overlay/control/resync.py)
     "ping": {},
     # proof: of work on a new node's key, when the hello reply asks one (overlay/control/identity_proof.py)
     "create": {"network": (_STR, True), "password": (_STR, True),
@@ -219,6 +222,8 @@ def validate_request(msg: dict) -> dict:
                 raise RequestError("bad_request", str(e)) from None
     if t == "hello" and "caps" in msg and (len(msg["caps"]) > MAX_CAPS or len(parse_caps(msg["caps"])) != len(msg["caps"])):
         raise RequestError("bad_request", f"caps: at most {MAX_CAPS} distinct names of 1-32 letters, digits or '-'")
+    if t == "hello" and "sync" in msg and not valid_sync(msg["sync"]):
+        raise RequestError("bad_request", f"sync: at most {MAX_SYNC_NETWORKS} network names to digests")
     if t == "endpoints":
         cands = msg["candidates"]
         if len(cands) > MAX_CANDIDATES:

@@ -60,6 +60,9 @@ class ControlClient:
         self.server_ip: str | None = None
         self.name = name
         self.hello_extra: dict = {}   # more hello fields (the kernel interface kind)
+        # the member lists this node holds, per network (hello ``sync``: overlay/control/resync.py);
+        # None: the node asks for full snapshots, as a node from before resynchronisation
+        self.hello_sync: Callable[[], dict] | None = None
         self.private_key = private_key
         self.via_proxy = via_proxy
         self.on_event = on_event
@@ -251,17 +254,22 @@ class ControlClient:
 
     async def _hello(self) -> dict:
         msg = {"t": "hello", "name": self.name, "version": PROTOCOL_VERSION, **self.hello_extra}
-        try:
-            return await self._request(msg, REQUEST_TIMEOUT)
-        except RequestError as e:
-            # a server older than capabilities refuses the field: hello again without it (its
-            # peers then treat this node as one without capabilities, which every node handles)
-            if "caps" not in msg or e.code != "bad_request" or "unexpected field" not in e.message \
-                    or "caps" not in e.message:
-                raise
-        log.info("server %s does not know node capabilities: hello without them", self.server)
-        del msg["caps"]
-        return await self._request(msg, REQUEST_TIMEOUT)
+        if self.hello_sync is not None:
+            msg["sync"] = self.hello_sync()
+        while True:
+            try:
+                return await self._request(msg, REQUEST_TIMEOUT)
+            except RequestError as e:
+                # a server older than capabilities or resynchronisation refuses the field: hello
+                # again without it (its peers then treat this node as one without capabilities,
+                # which every node handles; it sends full snapshots)
+                unknown = [f for f in ("caps", "sync") if f in msg and f"'{f}'" in e.message]
+                if e.code != "bad_request" or "unexpected field" not in e.message or not unknown:
+                    raise
+            for f in unknown:
+                log.info("server %s does not know %s: hello without them", self.server,
+                         {"caps": "node capabilities", "sync": "resynchronisation"}[f])
+                del msg[f]
 
     def _prove(self, hello: dict) -> None:
         """Start the proof of work the server asks of a node it has not stored (once per key and

@@ -66,6 +66,8 @@ class Daemon:
         self.client = ControlClient(home, s.server, self.name, self.private_key, via_proxy=s.via_proxy,
                                     on_event=self._on_event, on_reset=self.state.begin_resync,
                                     on_session=self._on_session, on_synced=self._on_synced) if s.server else None
+        if self.client:   # the hello names the member lists held: unchanged ones are not sent again
+            self.client.hello_sync = self.state.sync_digests
         self.dataplane = DataPlane(self.private_key, port=s.port, keepalive=s.keepalive, hard_nat=s.hard_nat,
                                    port_mapping=s.port_mapping,
                                    send_control=self.client.post if self.client else lambda msg: None)
@@ -641,8 +643,10 @@ class Daemon:
             self._attach_stack(self.address or ev["ip"])
             return
         change = self.state.apply(ev)
-        if t in ("members", "member_left", "removed", "network"):   # network: type, encryption
+        if t in ("members", "member_left", "removed", "network", "presence"):   # network: type, encryption
             self.sync_peers()
+        while self.state.needs_snapshot:  # a presence event over other members than ours: the full list
+            self.client.post({"t": "members", "network": self.state.needs_snapshot.pop()})
         if change:
             log.info("%s", change)
         if ev.get("t") in ("chat", "removed", "join_request", "join_approved", "join_rejected", "members",

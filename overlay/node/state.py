@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from overlay.control import resync
 from overlay.control.messages import CHAT_HISTORY, MAX_ROUTES, parse_caps, parse_route
 from overlay.nat.candidate import parse_addr
 
@@ -98,6 +99,20 @@ class NetworkView:
     members: dict[str, Member] = field(default_factory=dict)   # key -> member
     chat: deque = field(default_factory=lambda: deque(maxlen=CHAT_HISTORY))
     pending: dict[str, str] = field(default_factory=dict)  # join requests (owners only): key -> name
+    # (digest, keys sorted) of the members' stable records (overlay/control/resync.py); None:
+    # computed again when asked (a member came, left or changed other than in presence)
+    synced: tuple[str, list[str]] | None = None
+
+    def digest(self) -> tuple[str, list[str]]:
+        if self.synced is None:
+            lines = [(k, resync.stable_line(k, m.name, m.ip, m.role, m.kind, m.routes + m.withdrawn))
+                     for k, m in self.members.items()]
+            self.synced = (resync.digest(lines), sorted(self.members))
+        return self.synced
+
+
+def _stable(m: Member) -> tuple:
+    return (m.name, m.ip, m.role, m.kind, frozenset(m.routes + m.withdrawn))
 
 
 class NodeState:
@@ -109,6 +124,14 @@ class NodeState:
         # resync); networks re-announced so far
         self._unconfirmed: dict[str, set[str]] | None = None
         self._reannounced: set[str] = set()
+        # networks whose presence event did not match what this node holds: the daemon asks the
+        # server for their full snapshot (a ``members`` request)
+        self.needs_snapshot: set[str] = set()
+
+    def sync_digests(self) -> dict[str, str]:
+        """For the hello (``sync``): per network, the digest of the member records held."""
+        held = [(name, view) for name, view in self.networks.items() if view.members]
+        return {name: view.digest()[0] for name, view in held[:resync.MAX_SYNC_NETWORKS]}   # the hello's bound
 
     def begin_resync(self) -> None:
         """A new session with the server (the same or another of its deployment): it re-sends every
@@ -133,7 +156,9 @@ class NodeState:
                 changed = True
                 continue
             for k in keys:
-                changed = view.members.pop(k, None) is not None or changed
+                if view.members.pop(k, None) is not None:
+                    changed = True
+                    view.synced = None
         self._reannounced = set()
         return changed
 
@@ -159,6 +184,8 @@ class NodeState:
                              _routes(m.get("routes")), _routes(m.get("withdrawn")), parse_caps(m.get("caps")),
                              _relay(m.get("relay")))
                 view.members[m["key"]] = new
+                if old is None or _stable(old) != _stable(new):
+                    view.synced = None
                 if old is None:
                     changes.append(f"{new.name} ({new.ip}) is a member of {view.name}")
                 elif old.online != new.online:
@@ -171,10 +198,13 @@ class NodeState:
             if view is not None:
                 m = view.members.pop(ev["key"], None)
                 if m is not None:
+                    view.synced = None
                     if ev.get("reason") == "out of reach":
                         return f"{m.name} is out of reach in {view.name} (network type)"
                     return f"{m.name} {ev.get('reason', 'left')} {view.name}"
             return None
+        if t == "presence":
+            return self._presence(ev)
         if t == "removed":
             self.networks.pop(ev["network"], None)
             return f"removed from {ev['network']} ({ev.get('reason')})"
@@ -193,6 +223,42 @@ class NodeState:
         if t in ("join_approved", "join_rejected"):
             return f"join request for {ev['network']} {t.split('_')[1]}"
         return None
+
+    def _presence(self, ev: dict) -> str | None:
+        """The server's ``presence`` event (overlay/control/resync.py): every member's presence,
+        interface and capabilities, over the members this node holds. If they are not what the
+        server has (the digests differ), the network goes to ``needs_snapshot``."""
+        view = self.networks.get(ev.get("network"))   # type: ignore[arg-type]
+        if view is None:
+            return None
+        digest, keys = view.digest()
+        online = resync.decode_bits(ev.get("online"), len(keys))
+        groups = ev.get("groups") if isinstance(ev.get("groups"), list) else None
+        if digest != ev.get("digest") or online is None or groups is None or len(groups) > resync.MAX_PRESENCE_GROUPS:
+            self.needs_snapshot.add(view.name)
+            return None
+        attrs: dict[int, tuple] = {}
+        for g in groups:
+            bits = resync.decode_bits(g.get("members") if isinstance(g, dict) else None, len(keys))
+            if bits is None:
+                self.needs_snapshot.add(view.name)
+                return None
+            iface = g.get("iface") if g.get("iface") in ("tun", "tap") else None
+            caps = parse_caps(g.get("caps"))
+            for i, b in enumerate(bits):
+                if b:
+                    attrs[i] = (iface, caps)
+        if self._unconfirmed is not None and view.name in self._unconfirmed:
+            self._unconfirmed[view.name].clear()     # the server has every member this node holds
+        changes = []
+        for i, k in enumerate(keys):
+            m = view.members[k]
+            iface, caps = attrs.get(i, (None, ())) if online[i] else (None, ())
+            if m.online != online[i]:
+                changes.append(f"{m.name} is {'online' if online[i] else 'offline'}")
+            if (m.online, m.iface, m.caps) != (online[i], iface, caps):
+                view.members[k] = replace(m, online=online[i], iface=iface, caps=caps)
+        return "; ".join(changes[:5]) + (f" (and {len(changes) - 5} more)" if len(changes) > 5 else "") or None
 
     def forget_pending(self, network: str, name: str) -> None:
         """A join request this node (the owner) answered or whose requester it banned."""

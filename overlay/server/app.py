@@ -261,6 +261,8 @@ class MediationServer:
         self._reaper: asyncio.Task | None = None
         self._dirty: set[ControlConnection] = set()   # written to at the end of this loop turn
         self._turn_end: asyncio.Handle | None = None
+        self._presence_timer: asyncio.TimerHandle | None = None   # held presence changes (presence.py)
+        self._presence_at = 0.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -333,6 +335,8 @@ class MediationServer:
         if self._reaper:
             self._reaper.cancel()
         self.closing = True
+        if self._presence_timer is not None:
+            self._presence_timer.cancel()
         if self._listener:
             self._pause_accept()
             for listener in self._listeners:
@@ -606,6 +610,24 @@ class MediationServer:
         self._turn_end = None
         self._deliver_now()
         self.mediator.end_turn()
+        self._schedule_presence()
+
+    def _schedule_presence(self) -> None:
+        """Wake up when the mediator's held presence changes are due (overlay/server/presence.py)."""
+        due = self.mediator.presence.due()
+        if due is None or self.closing or (self._presence_timer is not None and self._presence_at <= due):
+            return
+        if self._presence_timer is not None:
+            self._presence_timer.cancel()
+        self._presence_at = due
+        self._presence_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.time()),
+                                                                    self._flush_presence)
+
+    def _flush_presence(self) -> None:
+        self._presence_timer = None
+        self.mediator.flush_presence(time.time())
+        self.deliver()
+        self._schedule_presence()
 
     def _deliver_now(self) -> None:
         out = self.mediator.outgoing

@@ -5,7 +5,11 @@ request (overlay/control/messages.py) and calls ``hello`` / ``handle`` / ``disco
 node's public key and ``now``. Replies are returned; events for other nodes are appended to
 ``outgoing`` as ``(node_key, message)`` for the glue to deliver to whoever is online: it does so
 once per event-loop turn (batched per member: overlay/server/fanout.py) and then calls
-``end_turn``. A change is pushed only to the members it concerns, as a delta (one record).
+``end_turn``. A change is pushed only to the members it concerns, as a delta (one record); in a
+big network's storm, presence changes are held for a window (overlay/server/presence.py: the glue
+calls ``flush_presence`` when ``presence.due()`` comes). A returning node whose hello names the
+digest of the member records it holds gets a presence bitmap instead of them
+(overlay/control/resync.py).
 
 Argon2id hashing is slow on purpose, so the glue does it off the event loop: it calls
 ``join_precheck`` (rate limits, existence) to get the stored hash, verifies the password in a
@@ -31,6 +35,7 @@ introductions (punch) and relaying happen only between such pairs.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,7 +46,9 @@ from overlay.control.messages import (
 )
 from overlay.control.messages import parse_caps
 from overlay.control.identity_proof import DEFAULT_BITS as DEFAULT_IDENTITY_BITS
+from overlay.control import resync
 from overlay.nat.candidate import format_addr
+from overlay.server.presence import PresenceCoalescer
 from overlay.server.store import Store
 from overlay.server.vips import PoolExhausted, VipAllocator
 
@@ -137,11 +144,23 @@ class Mediator:
         # overlay/server/fanout.py). A member's records are dropped when its state changes
         # (hello, disconnect, presence), everything on any request that writes to the store.
         self._turn: dict[str, tuple[tuple, dict[bytes, dict]]] = {}
+        # Resynchronisation (overlay/control/resync.py): per network, the digest of its members'
+        # stable records, their keys sorted as the presence bitmap orders them, and the members
+        # with approved routes; kept across turns, dropped on any request that writes to the store
+        self._digests: dict[str, tuple[str, list[bytes], list[bytes]]] = {}
+        self.resync_ok: set[bytes] = set()           # online nodes whose hello had ``sync``
+        self.presence = PresenceCoalescer()          # a big network's presence changes in a storm
+        self.synced = 0                              # snapshots skipped (digest matched)
 
     # ------------------------------------------------------------------ the turn's snapshot cache
     def end_turn(self) -> None:
         """The glue delivered this turn's events: what was read from the store is read again."""
         self._turn.clear()
+
+    def _store_changed(self) -> None:
+        """Something was written to the store: no read of it is reused."""
+        self._turn.clear()
+        self._digests.clear()
 
     def _forget_records(self, key: bytes) -> None:
         for _ctx, records in self._turn.values():
@@ -328,6 +347,148 @@ class Mediator:
             if k != key and self._sees(topo, k, key):
                 self._push(k, msg)
 
+    # ------------------------------------------------------------------ resynchronisation, presence storms
+    def _digest(self, name: str, ctx: tuple) -> tuple[str, list[bytes], list[bytes]]:
+        """(digest, members sorted by key text, members with approved routes) of a mesh network's
+        full view (overlay/control/resync.py); cached until the store changes."""
+        hit = self._digests.get(name)
+        if hit is not None:
+            return hit
+        net, topo, members, _order, nodes, routes = ctx
+        lines = []
+        for k in members:
+            text, node = key_to_text(k), nodes[k]
+            lines.append((text, k, resync.stable_line(text, node.name, node.vip, "owner" if k == net.owner else "member",
+                                                      self._kind(topo, k), routes.get(k, ()))))
+        lines.sort()
+        hit = (resync.digest((t, line) for t, _k, line in lines), [k for _t, k, _l in lines],
+               [k for k in members if routes.get(k)])
+        if len(self._digests) > 10_000:
+            self._digests.clear()
+        self._digests[name] = hit
+        return hit
+
+    def _presence_event(self, name: str, digest: tuple[str, list[bytes], list[bytes]]) -> dict | None:
+        """The ``presence`` event of a mesh network as it is now (``digest``: ``_digest``'s); None
+        if there are too many distinct interface kinds and capabilities among its online members
+        (records are sent instead)."""
+        dig, keys, _routed = digest
+        online, away, iface, caps = self.online, self.away, self.iface, self.caps
+        bits = bytearray((len(keys) + 7) // 8)
+        groups: dict[tuple, bytearray] = {}
+        for i, k in enumerate(keys):
+            if k not in online or (away and name in away.get(k, ())):
+                continue
+            bits[i >> 3] |= 0x80 >> (i & 7)
+            g = (iface.get(k), tuple(caps.get(k, ())))
+            if g != (None, ()):
+                b = groups.get(g)
+                if b is None:
+                    if len(groups) >= resync.MAX_PRESENCE_GROUPS:
+                        return None
+                    b = groups[g] = bytearray(len(bits))
+                b[i >> 3] |= 0x80 >> (i & 7)
+        b64 = base64.b64encode
+        return {"t": "presence", "network": name, "digest": dig, "count": len(keys), "online": b64(bits).decode(),
+                "groups": [{"iface": g[0], "caps": list(g[1]), "members": b64(b).decode()} for g, b in groups.items()]}
+
+    def _records(self, name: str, ctx: tuple, keys) -> list[dict]:
+        """Member records of ``keys`` (members of ``name``), shared for the turn."""
+        net, topo, _members, _order, nodes, routes = ctx
+        hit = self._turn.get(name)
+        records = hit[1] if hit is not None and hit[0] is ctx else {}
+        out = []
+        for k in keys:
+            rec = records.get(k)
+            if rec is None:
+                rec = records[k] = self._member_record(net, k, nodes[k], topo, routes)
+            out.append(rec)
+        return out
+
+    def _send_sync(self, key: bytes, name: str, ctx: tuple, digest: str) -> bool:
+        """The node holds the records of ``name`` (its ``digest`` matches ours): send the info,
+        the presence event and the records of members with approved routes (what they advertise
+        is not in the digest). False if a full snapshot is needed."""
+        net, topo, everyone = ctx[0], ctx[1], ctx[2]
+        if topo[0] != "mesh":
+            return False
+        hit = self._digest(name, ctx)
+        routed = hit[2]
+        if digest != hit[0]:
+            return False
+        ev = self._presence_event(name, hit)
+        if ev is None:
+            return False
+        self._push(key, {"t": "network", "network": self._network_info(net, key, len(everyone))})
+        self._push(key, ev)
+        if routed:
+            self._push(key, {"t": "members", "network": name, "members": self._records(name, ctx, routed)})
+        self.synced += 1
+        return True
+
+    def _send_sync_cached(self, key: bytes, name: str, digest: str, now: float) -> bool:
+        """``_send_sync`` from the cached digest, without reading the network's members (False:
+        not cached, another digest, members with routes, or not a mesh)."""
+        hit = self._digests.get(name)
+        if hit is None or hit[0] != digest or hit[2]:
+            return False
+        net = self.store.network(name)
+        if net is None or net.type != "mesh":
+            return False
+        ev = self._presence_event(name, hit)
+        if ev is None:
+            return False
+        self._push(key, {"t": "network", "network": self._network_info(net, key, len(hit[1]))})
+        self._push(key, ev)
+        self.synced += 1
+        self._presence_changed(name, key, now, size=len(hit[1]))
+        return True
+
+    def _presence_changed(self, name: str, key: bytes, now: float, ctx: tuple | None = None,
+                          size: int | None = None) -> None:
+        """``key`` came or went in ``name``: its members hear of it at once,
+        or, in a big network's storm, when the network's window ends (``flush_presence``)."""
+        if size is None:
+            size = len(ctx[2]) if ctx is not None else self.store.member_count(name)
+        if self.presence.change(name, key, size, now):
+            self._announce_member(name, key, ctx)
+
+    def flush_presence(self, now: float) -> None:
+        """Send the presence changes held for the networks whose window ended: to each online
+        member, one ``presence`` event (a node that sent ``sync``, in a mesh, for more than a few
+        changes) or the changed records in one ``members`` event."""
+        for name, held in self.presence.take_due(now):
+            if self.store.network(name) is None:
+                self.presence.forget(name)
+                continue
+            ctx = self._snapshot_ctx(name)
+            topo, members, order = ctx[1], ctx[2], ctx[3]
+            keys = [k for k in held if k in order]
+            if not keys:
+                continue
+            recs = dict(zip(keys, self._records(name, ctx, keys)))
+            everything = {"t": "members", "network": name, "members": list(recs.values())}
+            ev = self._presence_event(name, self._digest(name, ctx)) if topo[0] == "mesh" and len(keys) > 1 else None
+            routed = None
+            if ev is not None:
+                routed_keys = [k for k in keys if k in set(self._digest(name, ctx)[2])]
+                if routed_keys:
+                    routed = {"t": "members", "network": name, "members": [recs[k] for k in routed_keys]}
+            for r in members:
+                if r not in self.online:
+                    continue
+                if ev is not None and r in self.resync_ok:
+                    self._push(r, ev)
+                    if routed is not None:
+                        self._push(r, routed)
+                    continue
+                if topo[0] == "mesh" and r not in recs:
+                    self._push(r, everything)
+                    continue
+                mine = [rec for k, rec in recs.items() if k != r and self._sees(topo, r, k)]
+                if mine:
+                    self._push(r, {"t": "members", "network": name, "members": mine})
+
     def _network_for(self, key: bytes, raw_name: str, *, member: bool = True, owner: bool = False):
         name = normalize_name(raw_name, "network name")
         net = self.store.network(name)
@@ -419,7 +580,7 @@ class Mediator:
         if now < self._next_expiry:
             return []
         self._next_expiry = now + EXPIRY_INTERVAL
-        self._turn.clear()
+        self._store_changed()
         gone = []
         for key, vip in self.store.expirable_nodes(now - NODE_TTL):
             if key in self.online:
@@ -440,7 +601,7 @@ class Mediator:
             self._guests[key] = name      # stored only when it first joins a network
         else:
             if node.name != name:
-                self._turn.clear()        # snapshots read this turn hold the old name
+                self._store_changed()      # snapshots read this turn hold the old name
                 for net in self.store.networks_of(key) + self.store.pending_networks_of(key):
                     if self._name_clash(net, key, name):
                         raise RequestError("name_taken",
@@ -464,11 +625,20 @@ class Mediator:
             self.caps.pop(key, None)
         if source is not None:
             self._source[key] = source
+        sync = msg.get("sync")
+        if sync is None:
+            self.resync_ok.discard(key)   # a node from before resynchronisation: full snapshots
+        else:
+            self.resync_ok.add(key)
         networks = self.store.networks_of(key)
         for net in networks:
+            want = sync.get(net) if sync else None
+            if isinstance(want, str) and self._send_sync_cached(key, net, want, now):
+                continue                  # a storm of returning nodes: nothing read but the network's row
             ctx = self._snapshot_ctx(net)
-            self._send_network(key, net, ctx)
-            self._announce_member(net, key, ctx)
+            if not (isinstance(want, str) and self._send_sync(key, net, ctx, want)):
+                self._send_network(key, net, ctx)
+            self._presence_changed(net, key, now, ctx)
         for net in self.store.owned_networks(key):
             for k in self.store.pending(net):
                 self._push(key, self._join_request_event(net, k))
@@ -487,21 +657,22 @@ class Mediator:
         self.advertised.pop(key, None)
         self._source.pop(key, None)
         self._proven.discard(key)
+        self.resync_ok.discard(key)
         if self._guests.pop(key, None) is not None:
             return
         self.store.update_node(key, self.store.node(key).name, now)
         for net in self.store.networks_of(key):
-            self._announce_member(net, key)
+            self._presence_changed(net, key, now)
 
     # ------------------------------------------------------------------ requests
     def handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
                password_hash: bytes | None = None) -> dict:
         if msg["t"] in ("create", "join", "leave", "admin", "rename"):   # they write to the store
-            self._turn.clear()
+            self._store_changed()
             try:
                 return self._handle(key, msg, now, password_ok=password_ok, password_hash=password_hash)
             finally:
-                self._turn.clear()
+                self._store_changed()
         return self._handle(key, msg, now, password_ok=password_ok, password_hash=password_hash)
 
     def _handle(self, key: bytes, msg: dict, now: float, *, password_ok: bool | None = None,
@@ -701,6 +872,9 @@ class Mediator:
         if not away:
             del self.away[key]
         self._forget_records(key)
+        # the node's own request (rate limited per connection) goes out at once; a storm is made
+        # of hellos and departures (``_presence_changed``), and a held change of this node is
+        # sent again, as it is then, when its window ends
         self._announce_member(net.name, key)
         return ok(msg["id"], network=net.name, online=msg["online"])
 
