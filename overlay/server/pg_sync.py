@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 from overlay.control.messages import RequestError, error, key_from_text, key_to_text
 from overlay.ratelog import LogLimiter
@@ -63,7 +64,7 @@ class InstanceSync:
         self.id = os.urandom(6).hex()
         self.remote: dict[bytes, str] = {}       # node online on another instance -> that instance
         self.relay_at: dict[bytes, str] = {}     # such a node -> its instance's relay address (hello's "r")
-        self.conn = None
+        self.conn: Any = None
         self.rlog = LogLimiter()
         self.replayed = 0
         self.diverged = 0                         # replays this instance's mediator refused
