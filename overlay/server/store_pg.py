@@ -71,6 +71,7 @@ class PgStore(Model):
         self.schema_version = 0
         self.write_errors = 0
         self.writes = 0              # changes made by this instance (``load_fresh`` watches it)
+        self._gate: asyncio.Event | None = None   # set while ``load_fresh`` runs
         self.rlog = LogLimiter()
         self._retry: asyncio.Task | None = None
 
@@ -93,25 +94,35 @@ class PgStore(Model):
 
     async def load_fresh(self, attempts: int = 5) -> tuple[Model, str]:
         """The whole database loaded again into a new ``Model``, and the snapshot it was read in
-        (``pg_current_snapshot()``: which transactions it shows, for ``visible_in``). Our queued
-        writes are flushed first; should this instance write meanwhile (its model then holds a
-        change the load may lack), it loads again."""
-        for _ in range(attempts):
-            await self.flush()
-            writes = self.writes
-            model = Model()
-            async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
-                await load_model(model, conn)
-            if self.writes == writes and not self._queue:
-                return model, snapshot
-        log.warning("instance sync: this instance kept writing while its model was reloaded")
+        (``pg_current_snapshot()``: which transactions it shows, for ``visible_in``). Requests wait
+        in ``prepare`` until the caller has taken the model (it must not yield before); our queued
+        writes are flushed first; should this instance write meanwhile all the same (a node's
+        departure: its last-seen time does not count), it loads again."""
+        gate = self._gate = asyncio.Event()      # requests wait in ``prepare`` meanwhile
+        try:
+            for _ in range(attempts):
+                await self.flush()
+                writes = self.writes
+                model = Model()
+                async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                                         readonly=True):
+                    snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+                    await load_model(model, conn)
+                if self.writes == writes and not self._queue:
+                    break
+            else:
+                log.warning("instance sync: this instance kept writing while its model was reloaded")
+        finally:
+            # the waiters run once the caller yields: it takes the model first
+            self._gate = None
+            gate.set()
         return model, snapshot
 
     # ---------------------------------------------------------------- writes
     def _write(self, sql: str, *args) -> None:
         if not self.replaying:
-            self.writes += 1
+            if not sql.startswith("UPDATE nodes SET name=$1, last_seen="):
+                self.writes += 1
             self._queue.append((sql, args))
             self.flush_soon()
 
@@ -207,6 +218,8 @@ class PgStore(Model):
         return max((m[-1][0] for m in self._chat.values() if m), default=0) + 1
 
     async def prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None = None):
+        while self._gate is not None:
+            await self._gate.wait()
         try:
             return await self._prepare(mediator, key, msg, now, password_hash)
         except _unreachable() as e:

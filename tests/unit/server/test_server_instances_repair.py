@@ -12,6 +12,7 @@ import asyncio
 
 from polling import wait_async
 
+from overlay.server import store_pg
 from overlay.server.pg_sync import APP_PREFIX
 from overlay.server.store_pg import PgStore, visible_in
 from tests.unit.server.test_server_instances import Glue, _close, key
@@ -99,7 +100,7 @@ def test_changes_made_while_an_instance_was_not_listening_reach_its_nodes(pg_url
     asyncio.run(main())
 
 
-def test_events_held_during_the_reload_are_applied_once(pg_url):
+def test_events_held_during_the_reload_are_applied_once(pg_url, monkeypatch):
     """A change B makes while A reloads: applied after the reload unless the load showed it
     (each NOTIFY carries its transaction id; the load, its snapshot)."""
     async def main():
@@ -116,19 +117,38 @@ def test_events_held_during_the_reload_are_applied_once(pg_url):
             await _drop_listener(a)
             real = a.store.load_fresh
 
-            async def load_with_changes_around():
-                await b.request("bob", "chat", network="lan", text="before the load")
-                got = await real()
+            local = []
+            loading_started, go_on = asyncio.Event(), asyncio.Event()
+            real_load_model = store_pg.load_model
+
+            async def held_load_model(model, conn):
+                loading_started.set()
+                await go_on.wait()
+                await real_load_model(model, conn)
+                # after the load's snapshot: its NOTIFY is held until the reload is in
                 await b.request("bob", "chat", network="lan", text="after the load")
                 await wait_async(lambda: any(ev.get("m", {}).get("text") == "after the load"
                                              for _, ev in a.sync._held or ()), 5, "its NOTIFY is held")
-                return got
+            monkeypatch.setattr(store_pg, "load_model", held_load_model)
+
+            async def load_with_changes_around():
+                await b.request("bob", "chat", network="lan", text="before the load")
+                loading = asyncio.create_task(real())
+                await asyncio.wait_for(loading_started.wait(), 5)
+                # a request of A's own node meanwhile waits for the new model (not lost with the old)
+                local.append(asyncio.create_task(a.request("alice", "chat", network="lan", text="mine")))
+                go_on.set()
+                got = await loading
+                assert not local[0].done()
+                return got      # no yield before the caller takes the model (load_fresh's contract)
             a.store.load_fresh = load_with_changes_around
             await _liveness_until(a, lambda: a.sync.repairs >= 1, "A reloads")
-            await wait_async(lambda: len(a.store.chat_history("lan")) == 2, 5, "both lines in A's model")
+            await local[0]
+            await wait_async(lambda: len(b.store.chat_history("lan")) == 3, 5, "alice's line reaches B")
+            assert [c[3] for c in a.store.chat_history("lan")] == ["before the load", "after the load", "mine"]
             assert a.store.chat_history("lan") == b.store.chat_history("lan")
             texts = [c["text"] for c in _events(a, "alice", "chat")]
-            assert sorted(texts) == ["after the load", "before the load"], texts
+            assert sorted(texts) == ["after the load", "before the load", "mine"], texts
             assert a.sync.diverged == 0
         finally:
             await _close(a, b)
