@@ -577,7 +577,26 @@ class InstancesBench(Bench):
         return [s.pid for s in self.servers if s is not None and s.poll() is None]
 
     def cpu(self) -> list[float]:
-        return [proc_cpu(s.pid) if s is not None and s.poll() is None else float("nan") for s in self.servers]
+        """Each instance's CPU seconds, then PostgreSQL's (the postmaster, its backends, reaped ones)."""
+        return [proc_cpu(s.pid) if s is not None and s.poll() is None else float("nan")
+                for s in self.servers] + [self.pg_cpu()]
+
+    def pg_cpu(self) -> float:
+        try:
+            master = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+            total = 0.0
+            for d in Path("/proc").iterdir():
+                if d.name.isdigit():
+                    try:
+                        stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                    except OSError:
+                        continue
+                    if int(stat[1]) == master:
+                        total += proc_cpu(int(d.name))
+            fields = Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()
+            return total + sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
 
     async def probe_split(self, kind: str, subject: int, msg: dict, expect: int, **kw) -> tuple[list, list]:
         """``Bench.probe``, its latencies split: recipients on the subject's instance, on another."""
@@ -740,7 +759,7 @@ class InstancesBench(Bench):
             r["failover_moved"] = moved
             r["failover_all_back_s"] = t_back - t_stop
             r["failover_synced_s"] = max(t_quiet, t_back) - t_stop
-            r["failover_server_cpu_s"] = [x - y for x, y in zip(after[1:], cpu0[1:])]
+            r["failover_server_cpu_s"] = [x - y for x, y in zip(after[1:], cpu0[1:])]   # survivors, PostgreSQL
             r["failover_rss_mib"] = [rss_mib(p) for p in self.pids()]
         else:
             self.start_instance(0)
@@ -750,7 +769,8 @@ class InstancesBench(Bench):
             r["restart_down_s"] = t_up - t_stop
             r["restart_all_back_s"] = t_back - t_stop
             r["restart_synced_s"] = max(t_quiet, t_back) - t_stop
-            r["restart_server_cpu_s"] = self.cpu()
+            after = self.cpu()     # the new process's CPU since it started; PostgreSQL's since the stop
+            r["restart_server_cpu_s"] = after[:k] + [after[k] - cpu0[k]]
         r["restart_client_cpu_s"] = await self.client_cpu() - ccpu0
         return r
 
@@ -770,7 +790,8 @@ def show_instances(n: int, m: int, k: int, r: dict) -> None:
             return "-"
         return " / ".join(fmt.format(x) for x in v) if isinstance(v, list) else fmt.format(v)
     print(f"{n} nodes in networks of {m}, {k} instance{'s' * (k > 1)} on PostgreSQL "
-          f"(moved in by --migrate-from in {f('migrate_s')} s); figures per instance separated by /:")
+          f"(moved in by --migrate-from in {f('migrate_s')} s); figures per instance separated by /, "
+          f"PostgreSQL's CPU last:")
     print(f"  server RSS {f('rss_idle_mib')} MiB idle -> {f('rss_loaded_mib')} MiB: {f('kib_per_node')} KiB per node "
           f"(of all {n})")
     print(f"  connect all at once: {f('connect_all_s', '{:.2f}')} s to hello, {f('connect_synced_s', '{:.2f}')} s "
