@@ -22,7 +22,8 @@ node reaches it, or ``--relay-address``); the others put it in the node's member
 (``relay``) for their own nodes, so a pair of nodes on two instances relays through one of them
 (the rule is the nodes': overlay/node/server_path.py).
 
-NOTIFYs sent while an instance's listening connection is down are lost. When it listens again,
+NOTIFYs sent while an instance's listening connection is down (or before it first listens, after
+the store's load) are lost. When it listens again (or first),
 the instance holds the events that arrive, loads the database again and tells its nodes what
 changed (overlay/server/pg_repair.py), then applies the held events that the load did not show
 (each NOTIFY carries its transaction's id; the load, its snapshot). It asks the others to
@@ -81,10 +82,22 @@ class InstanceSync:
 
     async def start(self) -> None:
         import asyncpg
-        self.conn = await asyncpg.connect(self.store.url, server_settings={"application_name": APP_PREFIX + self.id})
-        await self.conn.add_listener(CHANNEL, self._on_notify)
+        first = self.conn is None
+        if first:       # what changed between the store's load and now: caught up below
+            self._held = []
+        try:
+            self.conn = await asyncpg.connect(self.store.url,
+                                              server_settings={"application_name": APP_PREFIX + self.id})
+            await self.conn.add_listener(CHANNEL, self._on_notify)
+        except BaseException:
+            if first:
+                self._held = None
+            raise
         self._send({"k": "sync"})
         await self.store.flush()
+        if first:
+            self._repair_needed = True
+            await self._repair(after_gap=False)
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -238,9 +251,10 @@ class InstanceSync:
                     self._send({"k": "req", "key": key_to_text(key), "now": time.time(),
                                 "m": {"t": "presence", "id": 0, "network": net, "online": False}})
 
-    async def _repair(self) -> None:
-        """Listening again after a gap: reload the model, tell our nodes what changed meanwhile
-        (pg_repair.py), then apply the events held during the reload that it did not show."""
+    async def _repair(self, after_gap: bool = True) -> None:
+        """Listening again after a gap (or for the first time, after the store's load): reload
+        the model, tell our nodes what changed meanwhile (pg_repair.py), then apply the events held
+        during the reload that it did not show."""
         from overlay.server.pg_repair import reconcile
         from overlay.server.store_pg import visible_in
         if self._held is None:
@@ -251,11 +265,12 @@ class InstanceSync:
             m = self.server.mediator
             old = self.store.adopt(fresh)
             changed = reconcile(m, old, self.store)
-            self.repairs += 1
-            self.repaired_networks += changed
             self._repair_needed = False
             self.server.membership_changed("admin")     # who may relay to whom may have changed
-            log.warning("instance sync: reloaded after listening again; %d networks had changed", changed)
+            if after_gap:
+                self.repairs += 1
+                self.repaired_networks += changed
+                log.warning("instance sync: reloaded after listening again; %d networks had changed", changed)
         finally:
             held, self._held = self._held, None
             for xid, ev in held:
