@@ -29,6 +29,9 @@ with Argon2id, as always): that gives the join throughput. Then, printed per siz
 - restart: the server is stopped (SIGTERM) and started again on the same data; the time until
   every node has said hello again, and until the last snapshot or delta has arrived (quiet 1 s).
 
+With ``--database postgresql`` the server is one or more (``--instances``) `overlay server`
+processes on a throw-away PostgreSQL cluster, the nodes split across them (``InstancesBench``).
+
 Times across processes are CLOCK_MONOTONIC, which Linux shares between processes.
 """
 
