@@ -171,6 +171,7 @@ class Worker:
             return {"connected": self.connected(self.clients), "total": len(self.clients),
                     "errors": errors.most_common(3),
                     "connects": sum(c.connects for c in self.clients.values()),
+                    "on": Counter(c.server for c in self.clients.values() if c.connected),
                     "last_event": self.last_event, "events": self.events, "cpu": ru.ru_utime + ru.ru_stime,
                     "now": time.monotonic()}
         if op == "join":
@@ -748,6 +749,11 @@ class InstancesBench(Bench):
         # 5. one instance goes: with others, its nodes move to them; alone, it is restarted
         st = await self.all_status()
         connects = sum(s["connects"] for s in st)
+        on = Counter()
+        for s in st:
+            on.update(s["on"])
+        # a node whose attempts timed out during the storms moved on to another instance already
+        r["nodes_on"] = [on.get(f"127.0.0.1:{p}", 0) for p in self.ports]
         cpu0, ccpu0 = self.cpu(), await self.client_cpu()
         t_stop = time.monotonic()
         gone = self.servers[0]
@@ -755,7 +761,7 @@ class InstancesBench(Bench):
         gone.send_signal(signal.SIGTERM)
         gone.wait(60)
         if k > 1:
-            moved = len(range(0, a.n, k))
+            moved = r["nodes_on"][0]
             t_back = await self.wait_moved(moved, connects, 600)
             t_quiet = await self.wait_quiet(600)
             after = self.cpu()
@@ -811,6 +817,7 @@ def show_instances(n: int, m: int, k: int, r: dict) -> None:
     print(f"  punch introduction -> the other side{' (on the other instance)' * (k > 1)}: "
           f"p50 {f('punch_p50_ms')} ms, p99 {f('punch_p99_ms')} ms")
     if k > 1:
+        print(f"  nodes on each instance before the stop: {f('nodes_on', '{:d}')}")
         print(f"  instance 0 stopped: its {r['failover_moved']} nodes all back on the others "
               f"{f('failover_all_back_s', '{:.2f}')} s after the stop, all synchronised "
               f"{f('failover_synced_s', '{:.2f}')} s; survivors' CPU {f('failover_server_cpu_s')} s, "
