@@ -4,6 +4,7 @@
     python benchmarks/bench_scale.py                       # quick: 1,000 nodes in networks of 100
     python benchmarks/bench_scale.py --nodes 10000 --members 100,1000 --workers 2
     python benchmarks/bench_scale.py --nodes 100,1000,10000 --members 10,100,1000   # the table
+    python benchmarks/bench_scale.py --database postgresql --instances 2   # two instances, one PostgreSQL
 
 What runs:
 
@@ -28,12 +29,16 @@ with Argon2id, as always): that gives the join throughput. Then, printed per siz
 - restart: the server is stopped (SIGTERM) and started again on the same data; the time until
   every node has said hello again, and until the last snapshot or delta has arrived (quiet 1 s).
 
+With ``--database postgresql`` the server is one or more (``--instances``) `overlay server`
+processes on a throw-away PostgreSQL cluster, the nodes split across them (``InstancesBench``).
+
 Times across processes are CLOCK_MONOTONIC, which Linux shares between processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import hashlib
 import json
@@ -87,11 +92,20 @@ def is_joiner(i: int, nodes: int, members: int, joins: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- workers
+def server_list_of(cfg: dict, i: int) -> str:
+    """Node ``i``'s servers, as `overlay up --server A,B` takes them: with several instances
+    (``cfg["ports"]``) its own first (``i`` mod their number: half of every network on each of
+    two), then the others, which it moves to when its own goes away."""
+    ports = cfg.get("ports") or [cfg["port"]]
+    k = i % len(ports)
+    return ",".join(f"127.0.0.1:{p}" for p in ports[k:] + ports[:k])
+
+
 class _NoHome:
     """The node's home only pins the server key (trust on first use); the simulation has none."""
     path = Path("/nonexistent")
 
-    def check_server_key(self, server: str, key: bytes, group=None) -> bool:
+    def check_server_key(self, server: str, key: bytes, *servers, **kw) -> bool:
         return False
 
 
@@ -113,20 +127,20 @@ class Worker:
         self.last_event = 0.0
         self.events = 0
         self.types: Counter = Counter()     # events received, by type
-        self.watches: dict[str, tuple] = {}        # key text -> (kind, online, times)
+        self.watches: dict[str, tuple] = {}        # key text -> (kind, online, times, network, who)
         self.started: set[int] = set()
         # what the nodes hold of their networks, for the hello's ``sync`` (overlay/control/resync.py):
         # one view per network shared by the worker's nodes (their records are the same; the
         # simulated networks' members never change name or address), not one per node
         self.views: dict[str, dict[str, str]] = {}
         self.digests: dict[str, tuple[str, dict[str, int]]] = {}
-        server = f"127.0.0.1:{cfg['port']}"
         for i in cfg["indices"]:
-            c = BenchClient(_NoHome(), server, f"n{i}", priv_of(cfg["seed"], i))
+            c = BenchClient(_NoHome(), server_list_of(cfg, i), f"n{i}", priv_of(cfg["seed"], i))
             c.src = source_of(i, cfg["per_address"])
             if cfg.get("sync", True):
                 c.hello_sync = lambda net=net_of(i, cfg["members"]): self.sync(net)
             c.on_event = lambda ev, c=c: self.on_event(c, ev)
+            c.index = i
             self.clients[i] = c
 
     def digest(self, net: str) -> tuple[str, dict[str, int]]:
@@ -169,10 +183,12 @@ class Worker:
                 w = self.watches.get(m["key"])
                 if w is not None and w[0] == "presence" and w[1] == m["online"] and w[3] == ev["network"]:
                     w[2].append(now)
+                    w[4].append(client.index)
         elif t == "punch":
             w = self.watches.get(ev["peer"])
             if w is not None and w[0] == "punch":
                 w[2].append(now)
+                w[4].append(client.index)
 
     def connected(self, indices) -> int:
         return sum(1 for i in indices if self.clients[i].connected)
@@ -192,6 +208,7 @@ class Worker:
             return {"connected": self.connected(self.clients), "total": len(self.clients),
                     "errors": errors.most_common(3),
                     "connects": sum(c.connects for c in self.clients.values()),
+                    "on": Counter(c.server for c in self.clients.values() if c.connected),
                     "last_event": self.last_event, "events": self.events, "types": self.types,
                     "cpu": ru.ru_utime + ru.ru_stime,
                     "now": time.monotonic()}
@@ -209,7 +226,7 @@ class Worker:
             errors = sorted({repr(r) for r in res if not isinstance(r, tuple)})[:3]
             return {"times": ok, "errors": errors}
         if op == "watch":
-            self.watches[cmd["key"]] = (cmd["kind"], cmd.get("online"), [], cmd.get("network"))
+            self.watches[cmd["key"]] = (cmd["kind"], cmd.get("online"), [], cmd.get("network"), [])
             return {}
         if op == "act":
             c = self.clients[cmd["node"]]
@@ -219,9 +236,10 @@ class Worker:
         if op == "collect":
             w = self.watches.get(cmd["key"])
             times = list(w[2]) if w else []
+            who = list(w[4]) if w else []
             if cmd.get("clear"):
                 self.watches.pop(cmd["key"], None)
-            return {"times": times}
+            return {"times": times, "who": who}
         if op == "stop":
             for t in self.tasks:
                 t.cancel()
@@ -571,6 +589,298 @@ def show(n: int, m: int, r: dict) -> None:
     print(f"  restart: events the nodes got: {r.get('restart_events')}", flush=True)
 
 
+# ---------------------------------------------------------------------------------------- instances on PostgreSQL
+class InstancesBench(Bench):
+    """``--database postgresql [--instances K]``: K `overlay server` processes on one database of
+    a throw-away PostgreSQL cluster (tests/support/postgres.py: Debian's binaries, a temporary data
+    directory, a Unix socket, fsync off), sharing one server key (one deployment), node ``i`` on
+    instance ``i`` mod K with the others as its next servers (``--server A,B``). The seeded SQLite
+    database is moved in with ``overlay server --migrate-from``. Same phases as ``Bench.run``;
+    with two instances or more, instead of a restart, instance 0 is stopped (SIGTERM) and its
+    nodes move to the others: the time until all are back, and the survivors' CPU."""
+
+    def __init__(self, args, cluster):
+        super().__init__(args)
+        self.cluster = cluster
+        self.url = cluster.create_database()
+        self.k = args.instances
+        self.servers: list[subprocess.Popen | None] = [None] * self.k
+        self.ports: list[int] = []
+
+    def start_instance(self, j: int) -> None:
+        a = self.args
+        log = open(self.tmp / f"server{j}.log", "ab")
+        self.servers[j] = subprocess.Popen(
+            [*OVERLAY, "server", "--listen", f"127.0.0.1:{self.ports[j]}", "--data", str(self.tmp / f"data{j}"),
+             "--database", self.url, "--identity-work", "0", "--new-nodes-per-hour", "1000000",
+             "--max-connections", str(a.n + 1000), "--log-level", "warning"] + a.server_args,
+            stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_instance(self, j: int, timeout: float = 60.0) -> float:
+        self.server, self.port = self.servers[j], self.ports[j]
+        return self.wait_listening(timeout)
+
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.servers if s is not None and s.poll() is None]
+
+    def cpu(self) -> list[float]:
+        """Each instance's CPU seconds, then PostgreSQL's (the postmaster, its backends, reaped ones)."""
+        return [proc_cpu(s.pid) if s is not None and s.poll() is None else float("nan")
+                for s in self.servers] + [self.pg_cpu()]
+
+    def pg_cpu(self) -> float:
+        try:
+            master = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+            total = 0.0
+            for d in Path("/proc").iterdir():
+                if d.name.isdigit():
+                    try:
+                        stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                    except OSError:
+                        continue
+                    if int(stat[1]) == master:
+                        total += proc_cpu(int(d.name))
+            fields = Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()
+            return total + sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
+    async def probe_split(self, kind: str, subject: int, msg: dict, expect: int, **kw) -> tuple[list, list]:
+        """``Bench.probe``, its latencies split: recipients on the subject's instance, on another."""
+        key = key_to_text(crypto.public_key(priv_of(self.args.seed, subject)))
+        await asyncio.gather(*(w.call(op="watch", key=key, kind=kind, **kw) for w in self.workers))
+        t0 = (await self.owner[subject].call(op="act", node=subject, msg=msg))["t0"]
+        end = time.monotonic() + 30
+        got: list[dict] = []
+        while time.monotonic() < end:
+            got = await asyncio.gather(*(w.call(op="collect", key=key) for w in self.workers))
+            if sum(len(g["times"]) for g in got) >= expect:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(w.call(op="collect", key=key, clear=True) for w in self.workers))
+        pairs = [(t - t0, i) for g in got for t, i in zip(g["times"], g["who"])]
+        if len(pairs) < expect:
+            print(f"  ! {kind}: {len(pairs)} of {expect} recipients within 30 s")
+        same = [t for t, i in pairs if i % self.k == subject % self.k]
+        return same, [t for t, i in pairs if i % self.k != subject % self.k]
+
+    async def wait_moved(self, moved: int, connects: int, timeout: float) -> float:
+        """Until every node is connected and ``moved`` connections were made since ``connects``."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            st = await self.all_status()
+            if sum(s["connected"] for s in st) >= self.args.n and sum(s["connects"] for s in st) >= connects + moved:
+                return time.monotonic()
+            await asyncio.sleep(0.05)
+        st = await self.all_status()
+        raise RuntimeError(f"only {sum(s['connected'] for s in st)} of {self.args.n} nodes back after {timeout:.0f} s")
+
+    async def run(self) -> dict:
+        a, k, r = self.args, self.k, self.rows
+        pubs = [crypto.public_key(priv_of(a.seed, i)) for i in range(a.n)]
+        seed_db(self.tmp / "seed", a, pubs)
+        t0 = time.monotonic()
+        for j in range(k):
+            (self.tmp / f"data{j}").mkdir(mode=0o700)
+        mig = subprocess.run([*OVERLAY, "server", "--data", str(self.tmp / "data0"), "--database", self.url,
+                              "--migrate-from", f"sqlite:{self.tmp / 'seed' / 'overlay.db'}"],
+                             capture_output=True, text=True, timeout=600)
+        if mig.returncode != 0:
+            raise RuntimeError(f"--migrate-from failed: {mig.stderr.strip()[-300:]}")
+        r["migrate_s"] = time.monotonic() - t0
+        for _ in range(k):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.ports.append(sock.getsockname()[1])
+        for j in range(k):
+            if j > 0:   # one deployment: one server key
+                shutil.copy2(self.tmp / "data0" / "server.key", self.tmp / f"data{j}" / "server.key")
+            self.start_instance(j)
+            self.wait_instance(j)
+        if a.verbose:
+            print(f"  server pids {self.pids()}", flush=True)
+        await asyncio.sleep(1.0)
+        rss_idle = [rss_mib(p) for p in self.pids()]
+        joiners = [i for i in range(a.n) if is_joiner(i, a.n, a.m, a.j)]
+        for share in [list(range(w, a.n, a.workers)) for w in range(a.workers)]:
+            cfg = {"ports": self.ports, "seed": a.seed, "indices": share, "per_address": a.per_address,
+                   "members": a.m, "joiners": [i for i in share if i in set(joiners)]}
+            cfg_path = self.tmp / f"worker{len(self.workers)}.json"
+            cfg_path.write_text(json.dumps(cfg))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--worker", str(cfg_path),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 24)
+            wp = WorkerProc(proc)
+            self.workers.append(wp)
+            for i in share:
+                self.owner[i] = wp
+        seeded = a.n - len(joiners)
+
+        def spent(before: list[float]) -> list[float]:
+            return [x - y for x, y in zip(self.cpu(), before)]
+
+        # 1. every seeded node connects at once, each to its own instance
+        cpu0, ccpu0, t0 = self.cpu(), await self.client_cpu(), time.monotonic()
+        await asyncio.gather(*(w.call(op="start", joiners=False) for w in self.workers))
+        t_conn = await self.wait_connected(seeded, None, 600)
+        t_quiet = await self.wait_quiet(600)
+        r["connect_all_s"] = t_conn - t0
+        r["connect_synced_s"] = max(t_quiet, t_conn) - t0
+        r["connect_server_cpu_s"] = spent(cpu0)
+        r["connect_client_cpu_s"] = await self.client_cpu() - ccpu0
+
+        # 2. joins over the protocol, spread over the instances
+        if joiners:
+            cpu0, t0 = self.cpu(), time.monotonic()
+            await asyncio.gather(*(w.call(op="start", joiners=True) for w in self.workers))
+            await self.wait_connected(a.n, None, 600)
+            got = await asyncio.gather(*(w.call(op="join") for w in self.workers))
+            times = [t for g in got for t in g["times"]]
+            errors = [e for g in got for e in g["errors"]]
+            if errors:
+                print(f"  ! joins refused: {errors}")
+            if times:
+                span = max(e for _, e in times) - min(s for s, _ in times)
+                r["joins"] = len(times)
+                r["joins_per_s"] = len(times) / span if span > 0 else float("nan")
+                r["join_p50_ms"] = pct([(e - s) * 1000 for s, e in times], 50)
+            await self.wait_quiet(600)
+            r["join_server_cpu_s"] = spent(cpu0)
+
+        await asyncio.sleep(2.0)
+        r["rss_idle_mib"] = rss_idle
+        r["rss_loaded_mib"] = [rss_mib(p) for p in self.pids()]
+        # each instance holds the whole model and its share of the connections
+        r["kib_per_node"] = [(x - y) * 1024 / a.n for x, y in zip(r["rss_loaded_mib"], rss_idle)]
+
+        # 3. idle: pings only
+        cpu0, ccpu0, t0 = self.cpu(), await self.client_cpu(), time.monotonic()
+        await asyncio.sleep(a.idle)
+        dt = time.monotonic() - t0
+        r["idle_server_cpu_pct"] = [x / dt * 100 for x in spent(cpu0)]
+        r["idle_client_cpu_pct"] = (await self.client_cpu() - ccpu0) / dt * 100
+
+        # 4. presence and punch; with several instances the punch peer is on another instance
+        rng = random.Random(a.seed)
+        pres_same, pres_other, punch_same, punch_other = [], [], [], []
+        cpu0 = self.cpu()
+        for _ in range(a.samples):
+            s = rng.randrange(a.n)
+            net = net_of(s, a.m)
+            first = s - s % a.m
+            size = len(range(first, min(a.n, first + a.m)))
+            for online in (False, True):
+                same, other = await self.probe_split("presence", s, {"t": "presence", "network": net,
+                                                                     "online": online},
+                                                     size - 1, online=online, network=net)
+                pres_same += same
+                pres_other += other
+            peers = [p for p in range(first, first + size) if p != s and (k == 1 or p % k != s % k)]
+            peer = rng.choice(peers)
+            same, other = await self.probe_split("punch", s, {"t": "punch", "peer": key_to_text(pubs[peer])}, 1)
+            punch_same += same
+            punch_other += other
+        r["probe_server_cpu_s"] = spent(cpu0)
+        pres, punch = pres_same + pres_other, punch_same + punch_other
+        r["presence_p50_ms"], r["presence_p99_ms"] = pct(pres, 50) * 1000, pct(pres, 99) * 1000
+        if k > 1:
+            r["presence_same_p50_ms"], r["presence_same_p99_ms"] = pct(pres_same, 50) * 1000, pct(pres_same, 99) * 1000
+            r["presence_other_p50_ms"] = pct(pres_other, 50) * 1000
+            r["presence_other_p99_ms"] = pct(pres_other, 99) * 1000
+        r["punch_p50_ms"], r["punch_p99_ms"] = pct(punch, 50) * 1000, pct(punch, 99) * 1000
+
+        # 5. one instance goes: with others, its nodes move to them; alone, it is restarted
+        st = await self.all_status()
+        connects = sum(s["connects"] for s in st)
+        on = Counter()
+        for s in st:
+            on.update(s["on"])
+        # a node whose attempts timed out during the storms moved on to another instance already
+        r["nodes_on"] = [on.get(f"127.0.0.1:{p}", 0) for p in self.ports]
+        cpu0, ccpu0 = self.cpu(), await self.client_cpu()
+        t_stop = time.monotonic()
+        gone = self.servers[0]
+        assert gone is not None
+        gone.send_signal(signal.SIGTERM)
+        gone.wait(60)
+        if k > 1:
+            moved = r["nodes_on"][0]
+            t_back = await self.wait_moved(moved, connects, 600)
+            t_quiet = await self.wait_quiet(600)
+            after = self.cpu()
+            r["failover_moved"] = moved
+            r["failover_all_back_s"] = t_back - t_stop
+            r["failover_synced_s"] = max(t_quiet, t_back) - t_stop
+            r["failover_server_cpu_s"] = [x - y for x, y in zip(after[1:], cpu0[1:])]   # survivors, PostgreSQL
+            r["failover_rss_mib"] = [rss_mib(p) for p in self.pids()]
+        else:
+            self.start_instance(0)
+            t_up = self.wait_instance(0, 120)
+            t_back = await self.wait_connected(a.n, connects, 600)
+            t_quiet = await self.wait_quiet(600)
+            r["restart_down_s"] = t_up - t_stop
+            r["restart_all_back_s"] = t_back - t_stop
+            r["restart_synced_s"] = max(t_quiet, t_back) - t_stop
+            after = self.cpu()     # the new process's CPU since it started; PostgreSQL's since the stop
+            r["restart_server_cpu_s"] = after[:k] + [after[k] - cpu0[k]]
+        r["restart_client_cpu_s"] = await self.client_cpu() - ccpu0
+        return r
+
+    async def close(self) -> None:
+        for s in self.servers:
+            if s is not None and s.poll() is None:
+                s.terminate()
+                s.wait(30)
+        self.server = None
+        await super().close()
+
+
+def show_instances(n: int, m: int, k: int, r: dict) -> None:
+    def f(key, fmt="{:.1f}"):
+        v = r.get(key)
+        if v is None:
+            return "-"
+        return " / ".join(fmt.format(x) for x in v) if isinstance(v, list) else fmt.format(v)
+    print(f"{n} nodes in networks of {m}, {k} instance{'s' * (k > 1)} on PostgreSQL "
+          f"(moved in by --migrate-from in {f('migrate_s')} s); figures per instance separated by /, "
+          f"PostgreSQL's CPU last:")
+    print(f"  server RSS {f('rss_idle_mib')} MiB idle -> {f('rss_loaded_mib')} MiB: {f('kib_per_node')} KiB per node "
+          f"(of all {n})")
+    print(f"  connect all at once: {f('connect_all_s', '{:.2f}')} s to hello, {f('connect_synced_s', '{:.2f}')} s "
+          f"until every snapshot arrived; server CPU {f('connect_server_cpu_s')} s, clients {f('connect_client_cpu_s')} s")
+    if "joins" in r:
+        print(f"  joins over the protocol: {r['joins']} at {f('joins_per_s')} joins/s (one join {f('join_p50_ms', '{:.0f}')} "
+              f"ms p50 under that load); server CPU {f('join_server_cpu_s')} s")
+    print(f"  idle (pings every 15 s): server {f('idle_server_cpu_pct')} % of a core, clients {f('idle_client_cpu_pct')} %")
+    print(f"  presence change -> each member: p50 {f('presence_p50_ms')} ms, p99 {f('presence_p99_ms')} ms", end="")
+    if k > 1:
+        print(f" (same instance {f('presence_same_p50_ms')} / {f('presence_same_p99_ms')} ms, "
+              f"the other {f('presence_other_p50_ms')} / {f('presence_other_p99_ms')} ms)", end="")
+    print()
+    print(f"  punch introduction -> the other side{' (on the other instance)' * (k > 1)}: "
+          f"p50 {f('punch_p50_ms')} ms, p99 {f('punch_p99_ms')} ms")
+    if k > 1:
+        print(f"  nodes on each instance before the stop: {f('nodes_on', '{:d}')}")
+        print(f"  instance 0 stopped: its {r['failover_moved']} nodes all back on the others "
+              f"{f('failover_all_back_s', '{:.2f}')} s after the stop, all synchronised "
+              f"{f('failover_synced_s', '{:.2f}')} s; survivors' CPU {f('failover_server_cpu_s')} s, "
+              f"RSS {f('failover_rss_mib')} MiB; clients {f('restart_client_cpu_s')} s", flush=True)
+    else:
+        print(f"  restart: down {f('restart_down_s', '{:.2f}')} s; all back {f('restart_all_back_s', '{:.2f}')} s after "
+              f"the stop, all synchronised {f('restart_synced_s', '{:.2f}')} s; server CPU {f('restart_server_cpu_s')} s, "
+              f"clients {f('restart_client_cpu_s')} s", flush=True)
+
+
+def start_postgres():
+    """A throw-away cluster for ``--database postgresql`` (stopped by the caller)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+    import postgres
+    bindir = postgres.find_bin()
+    if bindir is None:
+        raise SystemExit("--database postgresql needs Debian's postgresql (apt-get install postgresql)")
+    return postgres.Cluster(bindir).start()
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2])
@@ -591,7 +901,17 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print every figure as JSON too")
     ap.add_argument("--server-arg", action="append", default=[], dest="server_args",
                     help="extra `overlay server` argument (repeatable)")
+    ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="the servers' store: SQLite in the data directory (default), or a throw-away "
+                         "PostgreSQL cluster (Debian's postgresql)")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="server instances on that PostgreSQL database, the nodes split across them (1)")
     args = ap.parse_args()
+    if args.instances > 1 and args.database != "postgresql":
+        ap.error("--instances needs --database postgresql")
+    cluster = start_postgres() if args.database == "postgresql" else None
+    if cluster is not None:
+        atexit.register(cluster.stop)
     hard = raise_nofile()
     print(f"RLIMIT_NOFILE {hard}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
           f"{args.workers} client processes", flush=True)
@@ -604,14 +924,17 @@ def main() -> None:
             if n + 1000 > hard:
                 print(f"{n} nodes: the descriptor limit {hard} is too low; skipped")
                 continue
-            bench = Bench(args)
+            bench = Bench(args) if cluster is None else InstancesBench(args, cluster)
             try:
                 r = asyncio.run(_run(bench))
             except RuntimeError as e:
                 print(f"{n} nodes in networks of {m}: failed: {e}", flush=True)
                 continue
-            show(n, m, r)
-            results.append({"nodes": n, "members": m, **r})
+            if cluster is None:
+                show(n, m, r)
+            else:
+                show_instances(n, m, args.instances, r)
+            results.append({"nodes": n, "members": m, "instances": args.instances, "database": args.database, **r})
     if args.json:
         print(json.dumps(results, indent=1))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -51,6 +51,15 @@ class Model(StoreHooks):
     def _write(self, sql: str, *args) -> None:
         """A change the database must get too (nothing for a model alone)."""
 
+    def adopt(self, fresh: "Model") -> "Model":
+        """Take every table of ``fresh`` (a model loaded again from the database); returns a
+        model holding the tables this one had, to compare with (overlay/server/pg_repair.py)."""
+        old = Model()
+        for attr in TABLES:
+            setattr(old, attr, getattr(self, attr))
+            setattr(self, attr, getattr(fresh, attr))
+        return old
+
     def close(self) -> None:
         pass
 
@@ -326,3 +335,6 @@ class Model(StoreHooks):
 
     def chat_history(self, network: str) -> list[tuple[int, bytes, str, str, float]]:
         return list(self._chat.get(network, ()))
+
+
+TABLES = tuple(vars(Model()))      # the attributes that hold the tables

@@ -70,6 +70,8 @@ class PgStore(Model):
         self._chat_ids: list[int] = []
         self.schema_version = 0
         self.write_errors = 0
+        self.writes = 0              # changes made by this instance (``load_fresh`` watches it)
+        self._gate: asyncio.Event | None = None   # set while ``load_fresh`` runs
         self.rlog = LogLimiter()
         self._retry: asyncio.Task | None = None
 
@@ -88,36 +90,46 @@ class PgStore(Model):
         return store
 
     async def _load(self, conn) -> None:
-        for r in await conn.fetch("SELECT key, name, vip, created, last_seen FROM nodes"):
-            self._nodes[bytes(r[0])] = _node_row(r)
-        for r in await conn.fetch("SELECT name, pw_hash, owner, locked, approval, max_members, created, type, "
-                                  "gateway, encrypted FROM networks ORDER BY created, name"):
-            self._load_network(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5], r[6], r[7],
-                               bytes(r[8]) if r[8] is not None else None, r[9])
-        for r in await conn.fetch("SELECT network, key, joined FROM members ORDER BY joined, seq"):
-            self._load_member(r[0], bytes(r[1]), r[2])
-        for r in await conn.fetch("SELECT network, key, requested FROM pending ORDER BY requested, seq"):
-            self._load_pending(r[0], bytes(r[1]), r[2])
-        for r in await conn.fetch("SELECT network, key FROM former ORDER BY seq"):
-            self._former[r[0]][bytes(r[1])] = None
-        for r in await conn.fetch("SELECT network, key FROM bans"):
-            self._load_ban(r[0], bytes(r[1]))
-        for r in await conn.fetch("SELECT network, key, prefix FROM routes ORDER BY prefix"):
-            self._routes[r[0]].setdefault(bytes(r[1]), []).append(r[2])
-        for r in await conn.fetch("SELECT network, key FROM hubs"):
-            self._hubs[r[0]].add(bytes(r[1]))
-        for r in await conn.fetch("SELECT id, network, sender, name, text, ts FROM chat ORDER BY id"):
-            self._chat[r[1]].append((r[0], bytes(r[2]), r[3], r[4], r[5]))
+        await load_model(self, conn)
+
+    async def load_fresh(self, attempts: int = 5) -> tuple[Model, str]:
+        """The whole database loaded again into a new ``Model``, and the snapshot it was read in
+        (``pg_current_snapshot()``: which transactions it shows, for ``visible_in``). Requests wait
+        in ``prepare`` until the caller has taken the model (it must not yield before); our queued
+        writes are flushed first; should this instance write meanwhile all the same (a node's
+        departure: its last-seen time does not count), it loads again."""
+        gate = self._gate = asyncio.Event()      # requests wait in ``prepare`` meanwhile
+        try:
+            for _ in range(attempts):
+                await self.flush()
+                writes = self.writes
+                model = Model()
+                async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                                         readonly=True):
+                    snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+                    await load_model(model, conn)
+                if self.writes == writes and not self._queue:
+                    break
+            else:
+                log.warning("instance sync: this instance kept writing while its model was reloaded")
+        finally:
+            # the waiters run once the caller yields: it takes the model first
+            self._gate = None
+            gate.set()
+        return model, snapshot
 
     # ---------------------------------------------------------------- writes
     def _write(self, sql: str, *args) -> None:
         if not self.replaying:
+            if not sql.startswith("UPDATE nodes SET name=$1, last_seen="):
+                self.writes += 1
             self._queue.append((sql, args))
             self.flush_soon()
 
     def notify(self, channel: str, payload: str) -> None:
-        """NOTIFY other instances, in order with the writes queued before (same transaction)."""
-        self._queue.append(("SELECT pg_notify($1, $2)", (channel, payload)))
+        """NOTIFY other instances, in order with the writes queued before (same transaction). The
+        payload goes out behind the transaction's id and a space (see ``visible_in``)."""
+        self._queue.append(("SELECT pg_notify($1, pg_current_xact_id()::text || ' ' || $2)", (channel, payload)))
         self.flush_soon()
 
     def flush_soon(self) -> None:
@@ -206,6 +218,8 @@ class PgStore(Model):
         return max((m[-1][0] for m in self._chat.values() if m), default=0) + 1
 
     async def prepare(self, mediator, key: bytes, msg: dict, now: float, password_hash: bytes | None = None):
+        while self._gate is not None:
+            await self._gate.wait()
         try:
             return await self._prepare(mediator, key, msg, now, password_hash)
         except _unreachable() as e:
@@ -346,6 +360,39 @@ class PgStore(Model):
         else:
             await conn.execute("INSERT INTO members (network, key, joined) VALUES ($1,$2,$3)", network, key, now)
             claim.undo.append(("DELETE FROM members WHERE network=$1 AND key=$2", (network, key)))
+
+
+async def load_model(model: Model, conn) -> None:
+    """Every table of the database into ``model``."""
+    for r in await conn.fetch("SELECT key, name, vip, created, last_seen FROM nodes"):
+        model._nodes[bytes(r[0])] = _node_row(r)
+    for r in await conn.fetch("SELECT name, pw_hash, owner, locked, approval, max_members, created, type, "
+                              "gateway, encrypted FROM networks ORDER BY created, name"):
+        model._load_network(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5], r[6], r[7],
+                            bytes(r[8]) if r[8] is not None else None, r[9])
+    for r in await conn.fetch("SELECT network, key, joined FROM members ORDER BY joined, seq"):
+        model._load_member(r[0], bytes(r[1]), r[2])
+    for r in await conn.fetch("SELECT network, key, requested FROM pending ORDER BY requested, seq"):
+        model._load_pending(r[0], bytes(r[1]), r[2])
+    for r in await conn.fetch("SELECT network, key FROM former ORDER BY seq"):
+        model._former[r[0]][bytes(r[1])] = None
+    for r in await conn.fetch("SELECT network, key FROM bans"):
+        model._load_ban(r[0], bytes(r[1]))
+    for r in await conn.fetch("SELECT network, key, prefix FROM routes ORDER BY prefix"):
+        model._routes[r[0]].setdefault(bytes(r[1]), []).append(r[2])
+    for r in await conn.fetch("SELECT network, key FROM hubs"):
+        model._hubs[r[0]].add(bytes(r[1]))
+    for r in await conn.fetch("SELECT id, network, sender, name, text, ts FROM chat ORDER BY id"):
+        model._chat[r[1]].append((r[0], bytes(r[2]), r[3], r[4], r[5]))
+
+
+def visible_in(snapshot: str, xid: int) -> bool:
+    """Whether transaction ``xid`` (committed: its NOTIFY arrived) is visible in ``snapshot``
+    (``xmin:xmax:xip,...``, PostgreSQL's text form of pg_snapshot)."""
+    xmin, xmax, xip = snapshot.split(":")
+    if xid < int(xmin):
+        return True
+    return xid < int(xmax) and str(xid) not in xip.split(",")
 
 
 def _unreachable() -> tuple:
