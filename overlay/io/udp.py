@@ -53,6 +53,11 @@ def bind_udp(host: str, port: int, *, rcvbuf: int = 4 << 20, sndbuf: int = 4 << 
     return sock
 
 
+# a first datagram up to this size is handed on (``on_batch``) before the socket is read again:
+# interactive traffic is small, and bulk data (full-size datagrams, GRO batches) keeps its batches
+PROMPT_MAX = 256
+
+
 class UdpSocket:
     """Batched, non-blocking I/O for one UDP socket (the node's only socket).
 
@@ -126,6 +131,7 @@ class UdpSocket:
         sock, view, deliver = self.sock, self._view, self._on_datagram
         stats = self.stats
         syscalls = 0
+        unflushed = 0   # datagrams delivered since on_batch last ran
         try:
             while syscalls < self._max_per_wakeup:
                 try:
@@ -150,13 +156,23 @@ class UdpSocket:
                 if segment >= n:
                     stats["rx"] += 1
                     deliver(view[:n], addr)
+                    unflushed += 1
+                    if syscalls == 1 and n <= PROMPT_MAX and self._on_batch is not None:
+                        # a lone small datagram first in a wakeup (a keystroke, a request, an
+                        # ACK): answered before we look for more, so that the look (a system
+                        # call that usually finds nothing) is not on the round trip's path
+                        unflushed = 0
+                        self._on_batch()
+                        if self._closed:
+                            return
                 else:
                     for off in range(0, n, segment):
                         stats["rx"] += 1
                         deliver(view[off:min(off + segment, n)], addr)
+                    unflushed += 1
         finally:
             stats["rx_syscalls"] += syscalls
-            if self._on_batch is not None and not self._closed:
+            if unflushed and self._on_batch is not None and not self._closed:
                 self._on_batch()
 
     # ------------------------------------------------------------------ send

@@ -41,6 +41,10 @@ CHUNK = 256 * 1024
 # more recv() looks, so that the FIN leaves with the data (one segment, one packet through the
 # tunnel) rather than a loop turn later in a segment of its own
 READ_AHEAD = 64 * 1024
+# ... but only for a connection's first few short reads: a service that answers and closes does so
+# at once, and on a long-lived connection (ssh, a game, a 1-byte ping-pong) each look is a system
+# call and an exception on the round trip's critical path
+READ_AHEAD_LOOKS = 4
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _SOCKET_TRANSPORT: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
 
@@ -61,7 +65,7 @@ class Splice(asyncio.Protocol):
         self._driver = nwriter._s.driver
         self._loop = self._driver._loop
         self._kernel_first = kernel_first  # relay()'s "a" side is the kernel one
-        self._read_ahead = read_ahead  # look for the EOF behind a short kernel read
+        self._read_ahead = READ_AHEAD_LOOKS if read_ahead else 0  # looks left for an EOF behind a short read
         self.last = self._loop.time()  # last bytes moved, for the idle timeout
         self._k2n_done = False  # the kernel side's EOF was passed on as a FIN
         self._n2k_done = False  # the netstack side's EOF was passed on as a half-close
@@ -199,6 +203,7 @@ class Splice(asyncio.Protocol):
                 more = self._sock.recv(CHUNK)
             except OSError:  # nothing more yet (or an error the transport's next read reports)
                 more = None
+                self._read_ahead -= 1
             if more is not None:
                 if more:
                     data += more

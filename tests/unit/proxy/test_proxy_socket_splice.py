@@ -123,6 +123,42 @@ def test_round_trips_and_half_close(socket_splices, dialer):
     run(main())
 
 
+def test_the_share_stops_looking_for_an_eof_behind_short_reads_on_a_long_conversation(socket_splices, monkeypatch):
+    """A service that answers and closes gets its FIN sent with the answer (the share looks for
+    the EOF behind a short read), but only for a connection's first few reads: on a long
+    conversation each look would be a system call on every round trip."""
+    looks: list[int] = []
+    real_recv = splice.Splice.data_received
+
+    def counted(self, data):
+        before = self._read_ahead
+        real_recv(self, data)
+        if before:
+            looks.append(before - self._read_ahead)
+    monkeypatch.setattr(splice.Splice, "data_received", counted)
+
+    async def service(r, w):
+        while line := await r.readline():
+            w.write(line.upper())
+            await w.drain()
+        w.close()
+
+    async def main():
+        async with Chain(service) as c:
+            r, w = await asyncio.open_connection("127.0.0.1", c.port)
+            for i in range(30):
+                w.write(b"ping %d\n" % i)
+                assert await r.readline() == b"PING %d\n" % i
+            w.close()
+            await c.forward_idle()
+        assert len(socket_splices) == 2
+        # the share's splice looked behind its first short reads, found nothing, and stopped:
+        # no look for the other answers
+        assert len(looks) == sum(looks) == splice.READ_AHEAD_LOOKS
+
+    run(main())
+
+
 @DIALERS
 def test_a_client_that_sends_and_shuts_down_at_once_still_gets_the_answer(socket_splices, dialer):
     """Bytes and EOF from the client before the dial completed reach the service in order, and

@@ -62,6 +62,34 @@ def test_reads_are_drained_in_bounded_batches():
     run(main())
 
 
+def test_a_small_first_datagram_is_handed_on_before_the_socket_is_read_again():
+    """Latency: the read that would find the socket empty comes after the batch handler, not
+    before it; bulk (full-size) datagrams keep their whole batch."""
+    async def main():
+        got: list[int] = []
+        batches: list[int] = []   # datagrams delivered so far, at each on_batch
+        u = UdpSocket(bind_udp("127.0.0.1", 0), lambda v, a: got.append(len(v)),
+                      on_batch=lambda: batches.append(len(got)), gro=False)
+        sender = plain_socket()
+        try:
+            sender.sendto(b"x" * 41, u.local_address)        # a lone small one: one read, then the handler
+            await until(lambda: len(batches) >= 1)
+            await asyncio.sleep(0.05)
+            assert batches == [1] and u.stats["rx_syscalls"] == 2  # the empty read came after the handler
+            batches.clear()
+            for _ in range(8):                                 # small ones queued: the first alone, then the rest
+                sender.sendto(b"y" * 41, u.local_address)
+            for _ in range(8):                                 # full-size ones: one batch
+                sender.sendto(b"z" * 1400, u.local_address)
+            await until(lambda: len(got) == 17)
+            await asyncio.sleep(0.05)
+            assert batches == [2, 17]
+        finally:
+            u.close()
+            sender.close()
+    run(main())
+
+
 def test_gso_batch_arrives_as_separate_datagrams():
     async def main():
         u = UdpSocket(bind_udp("127.0.0.1", 0), lambda v, a: None)
