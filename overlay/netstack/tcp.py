@@ -44,7 +44,7 @@ from . import events
 from .congestion import CONGESTION_CONTROLS
 from .reassembly import ReassemblyBuffer
 from .sack import SackScoreboard
-from .wire import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment, ip_to_str, tcp_options
+from .wire import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment, TcpTemplate, ip_to_str, tcp_options
 
 if TYPE_CHECKING:
     from .stack import Stack
@@ -54,6 +54,8 @@ HALF32 = 0x80000000
 DEFAULT_PEER_MSS = 536  # RFC 9293 §3.7.1 when the SYN carries no MSS option
 MIN_PEER_MSS = 64  # refuse to be driven into absurdly small segments by a hostile MSS option
 MAX_PROBES = 5  # loss probes (PTO doubling each time) before leaving it to the RTO
+# header prediction (``TcpConnection._fast_segment``); tests turn it off to compare both paths
+FAST_PATH = True
 
 
 def unwrap(value: int, reference: int) -> int:
@@ -72,6 +74,10 @@ class TcpState(enum.Enum):
     CLOSING = "CLOSING"
     LAST_ACK = "LAST-ACK"
     TIME_WAIT = "TIME-WAIT"
+
+    # members are singletons: hash them by identity, in C (Enum's own __hash__ is Python code
+    # hashing the name, and states are looked up in the sets below for every segment)
+    __hash__ = object.__hash__
 
 
 S = TcpState
@@ -210,6 +216,9 @@ class TcpConnection:
         self._probe_count = 0
 
         self.stats = {"retransmits": 0, "timeouts": 0, "fast_recoveries": 0, "probes": 0}
+        # the per-segment fast paths (header prediction, new data only, header template)
+        self._fast = FAST_PATH
+        self._tmpl = TcpTemplate(local_ip, remote_ip, local_port, remote_port)
 
     # ------------------------------------------------------------------ application API
 
@@ -414,6 +423,90 @@ class TcpConnection:
         self._stack._event(ev)
 
     # ------------------------------------------------------------------ segment arrival
+
+    def _fast_segment(self, seq: int, ack: int, flags: int, window: int, data: bytes, now: float) -> bool:
+        """Header prediction (Van Jacobson's fast path, Linux's tcp_rcv_established): the common
+        segment of an established connection, handled in one go with exactly the effect the full
+        path (``_on_segment``) would have. ``seq`` and ``ack`` are the 32-bit fields, ``window``
+        the raw field, ``flags`` masked to the six classic bits; the segment has no options.
+
+        It qualifies when: ESTABLISHED; flags ACK (PSH allowed) and nothing else; seq == rcv_nxt;
+        the window unchanged; snd_una <= ack <= snd_max, and either new data acknowledged or data
+        carried (a bare ACK of nothing new may be a duplicate ACK); the data fits the window;
+        nothing held out of order, no FIN seen, no SACK scoreboard, not in recovery, no
+        retransmission being watched. Returns False, having changed nothing, otherwise: the
+        caller takes the full path."""
+        rcv_nxt = self.rcv_nxt
+        una = self.snd_una
+        acked = (ack - una) & MASK32  # ack - snd_una, unwrapped
+        n = len(data)
+        if (
+            self.state is not S.ESTABLISHED
+            or flags & ~PSH != ACK
+            or seq != rcv_nxt & MASK32
+            or acked > self.snd_max - una
+            or not (acked or n)
+            or window << self._snd_wscale != self.snd_wnd
+            or n > self._rcv_adv - rcv_nxt
+            or self._in_recovery
+            or self._ooo._starts
+            or self._peer_fin_seq is not None
+            or self._sb.ranges
+            or self._rexmit_marks
+            or self.orphan
+            or not self._fast
+        ):
+            return False
+        ack = una + acked
+        idle = self._cfg.keepalive_idle
+        if idle is not None:
+            self._keepalive_at = now + idle
+            self._keepalive_probes = 0
+        # the window is unchanged: only its update point moves (RFC 9293 §3.10.7.4)
+        wl1 = self._snd_wl1
+        if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
+            self._snd_wl1 = rcv_nxt
+            self._snd_wl2 = ack
+            if self.snd_wnd > self._max_snd_wnd:
+                self._max_snd_wnd = self.snd_wnd
+        if acked:  # _on_new_ack outside recovery, with no SACK scoreboard
+            self._probe_count = 0
+            self._probe_at = None
+            self.snd_una = ack
+            if self.snd_nxt < ack:
+                self.snd_nxt = ack
+            buf = self._sndbuf
+            buf_seq = self._buf_seq
+            k = min(ack, buf_seq + len(buf)) - buf_seq
+            if k > 0:
+                del buf[:k]
+                self._buf_seq = buf_seq + k
+            rtt_seq = self._rtt_seq
+            if rtt_seq is not None and ack >= rtt_seq:
+                self._rtt_sample(now - self._rtt_time)
+                self._rtt_seq = None
+            self._retries = self._backoff = self._persist_backoff = self._dupacks = 0
+            snd_max = self.snd_max
+            if una >= self.iss + 1 and self._cwnd_limited(snd_max - una):
+                self.cc.on_ack(acked, now, self._srtt)
+            self._rto_at = now + min(self._rto, self._cfg.max_rto) if snd_max > ack else None
+            # (no FIN of ours is queued in ESTABLISHED)
+            if self._send_blocked and self._cfg.send_buffer - len(buf) >= self._cfg.send_buffer // 4:
+                self._send_blocked = False
+                self._stack._event(events.Writable(self))
+        if n:  # _receive_data in order, nothing held out of order
+            self._rcvbuf += data
+            self.rcv_nxt = rcv_nxt + n
+            if not self._data_event_pending:
+                self._data_event_pending = True
+                self._stack._event(events.DataReceived(self))
+            self._delack_bytes += n
+            if self._delack_bytes >= 2 * self.our_mss or n < self.mss and self._delack_bytes >= self.mss:
+                self._ack_now = True
+            elif self._delack_at is None:
+                self._delack_at = now + self._cfg.delayed_ack
+        self._stack._dirty[self] = None  # output at the end of the batch, as _on_segment
+        return True
 
     def _on_segment(self, seg: TcpSegment, now: float) -> None:
         st = self.state
@@ -1016,10 +1109,22 @@ class TcpConnection:
             self._keepalive_probes = 0
 
     def _update_deadline(self) -> None:
-        d = None
-        for t in (self._rto_at, self._probe_at, self._delack_at, self._persist_at, self._keepalive_at, self._close_at):
-            if t is not None and (d is None or t < d):
-                d = t
+        d = self._rto_at
+        t = self._probe_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._delack_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._persist_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._keepalive_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._close_at
+        if t is not None and (d is None or t < d):
+            d = t
         self.deadline = d
 
     def _on_timer(self, now: float) -> None:
