@@ -431,7 +431,7 @@ class TcpConnection:
         the raw field, ``flags`` masked to the six classic bits; the segment has no options.
 
         It qualifies when: ESTABLISHED; flags ACK (PSH allowed) and nothing else; seq == rcv_nxt;
-        the window unchanged; snd_una <= ack <= snd_max, and either new data acknowledged or data
+        the window unchanged and not zero; snd_una <= ack <= snd_max, and either new data acknowledged or data
         carried (a bare ACK of nothing new may be a duplicate ACK); the data fits the window;
         nothing held out of order, no FIN seen, no SACK scoreboard, not in recovery, no
         retransmission being watched. Returns False, having changed nothing, otherwise: the
@@ -447,15 +447,14 @@ class TcpConnection:
             or acked > self.snd_max - una
             or not (acked or n)
             or window << self._snd_wscale != self.snd_wnd
+            or not window  # a zero window: the persist timer's business
             or n > self._rcv_adv - rcv_nxt
             or self._in_recovery
             or self._ooo._starts
             or self._peer_fin_seq is not None
             or self._sb.ranges
             or self._rexmit_marks
-            or self.orphan
-            or not self._fast
-        ):
+        ):  # (ESTABLISHED is never orphaned: close(orphan=True) leaves it)
             return False
         ack = una + acked
         idle = self._cfg.keepalive_idle
@@ -920,12 +919,13 @@ class TcpConnection:
     ) -> None:
         if window is None:
             window = self._window_field()
-        ack = self.rcv_nxt if flags & ACK else 0
-        self._stack._emit_tcp(self, seq, ack, flags, window, data, options)
         if flags & ACK:
+            self._stack._emit_tcp(self, seq, self.rcv_nxt, flags, window, data, options)
             self._ack_now = False
             self._delack_at = None
             self._delack_bytes = 0
+        else:
+            self._stack._emit_tcp(self, seq, 0, flags, window, data, options)
 
     def _window_field(self) -> int:
         """The window to advertise, never moving the right edge left, avoiding silly windows."""
@@ -946,14 +946,14 @@ class TcpConnection:
         return field
 
     def _sack_option(self) -> bytes:
-        if not self.sack_ok or not len(self._ooo):
+        if not self.sack_ok or not self._ooo._starts:
             return b""
         return tcp_options(sack=self._ooo.sack_blocks(MAX_SACK_BLOCKS))
 
     def _output(self, now: float) -> None:
         """Send whatever the state, windows and timers allow; always ends with pending ACKs sent."""
         st = self.state
-        if st in _CAN_SEND:
+        if st is S.ESTABLISHED or st in _CAN_SEND:
             self._send_data(now)
         if self._ack_now and st in _SYNCHRONIZED:
             # snd_max, not a rewound snd_nxt: Linux drops bare ACKs below its window
@@ -974,6 +974,94 @@ class TcpConnection:
 
     def _send_data(self, now: float) -> None:
         data_end = self._buf_seq + len(self._sndbuf)
+        if self.snd_nxt == self.snd_max and not (self._in_recovery or self._rexmit_una or self._tail_probe) and self._fast:
+            self._send_new_data(now, data_end)  # the common case: nothing to retransmit
+        else:
+            self._send_any_data(now, data_end)
+        if self.snd_max > self.snd_una:
+            if self._probe_at is None and self._probe_count < MAX_PROBES and self.snd_nxt == self.snd_max:
+                self._probe_at = now + self._pto()
+        else:
+            self._probe_at = None
+        # data waiting, nothing in flight, window too small: probe it (persist timer)
+        fin_end = data_end + self._fin_queued
+        if self.snd_max == self.snd_una and self.snd_nxt < fin_end:
+            if self._persist_at is None:
+                self._persist_at = now + min(self._current_rto() * (1 << self._persist_backoff), self._cfg.max_rto)
+        else:
+            self._persist_at = None
+
+    def _send_new_data(self, now: float, data_end: int) -> None:
+        """``_send_any_data`` when nothing is due for retransmission (snd_nxt == snd_max, not in
+        recovery, no retransmission or tail probe pending): only new data goes out, which
+        ``_next_segment`` would choose by ``_new_segment``, in one loop. What the loop reads stays
+        the same while it runs (no ACK arrives), so it is read once."""
+        mss = self.mss
+        una = self.snd_una
+        wnd_edge = una + self.snd_wnd
+        # the room cwnd leaves, plus limited transmit (RFC 3042), less what is in flight
+        limit = self.cc.cwnd + self._sb.sacked_bytes + una
+        if self._dupacks:
+            limit += min(self._dupacks, 2) * mss
+        fin_queued = self._fin_queued
+        window = -1
+        sack = b""
+        stack = self._stack
+        while True:
+            seq = self.snd_max
+            room = limit - seq
+            if room <= 0:
+                return
+            if seq >= data_end:
+                if not (fin_queued and seq == data_end):
+                    return
+                end = seq  # a bare FIN needs no window
+                fin = True
+                payload: bytes | bytearray = b""
+                flags = ACK | FIN
+            else:
+                end = seq + mss
+                if end > data_end:
+                    end = data_end
+                if end > wnd_edge:
+                    end = wnd_edge
+                if end > seq + room:
+                    end = seq + room
+                length = end - seq
+                if length <= 0:
+                    return
+                if self._window_probe:
+                    self._window_probe = False
+                elif length < mss and end < data_end:
+                    if end == seq + room and seq > una:
+                        return  # cwnd-limited: wait for ACKs rather than send a runt
+                    if end == wnd_edge and length * 2 < self._max_snd_wnd:
+                        return  # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
+                fin = fin_queued and end == data_end
+                off = seq - self._buf_seq
+                payload = self._sndbuf[off : off + length]  # one copy (the packet is another)
+                if fin:
+                    flags = ACK | FIN
+                elif end == data_end:
+                    flags = ACK | PSH
+                else:
+                    flags = ACK
+            if window < 0:
+                window = self._window_field()
+                if self.sack_ok and self._ooo._starts:
+                    sack = self._sack_option()
+            stack._emit_tcp(self, seq, self.rcv_nxt, flags, window, payload, sack)
+            self._ack_now = False
+            self._delack_at = None
+            self._delack_bytes = 0
+            self.snd_nxt = self.snd_max = seg_end = end + fin
+            if self._rtt_seq is None:
+                self._rtt_seq = seg_end
+                self._rtt_time = now
+            if self._rto_at is None:
+                self._rto_at = now + self._current_rto()
+
+    def _send_any_data(self, now: float, data_end: int) -> None:
         # nothing arrives while a burst goes out: its window and SACK blocks are the same for all
         window = sack = None
         while (nxt := self._next_segment(data_end)) is not None:
@@ -1009,18 +1097,6 @@ class TcpConnection:
                     self._rtt_time = now
             if self._rto_at is None:
                 self._rto_at = now + self._current_rto()
-        if self.snd_max > self.snd_una:
-            if self._probe_at is None and self._probe_count < MAX_PROBES and self.snd_nxt == self.snd_max:
-                self._probe_at = now + self._pto()
-        else:
-            self._probe_at = None
-        # data waiting, nothing in flight, window too small: probe it (persist timer)
-        fin_end = data_end + self._fin_queued
-        if self.snd_max == self.snd_una and self.snd_nxt < fin_end:
-            if self._persist_at is None:
-                self._persist_at = now + min(self._current_rto() * (1 << self._persist_backoff), self._cfg.max_rto)
-        else:
-            self._persist_at = None
 
     def _next_segment(self, data_end: int) -> tuple[int, int, bool, bool] | None:
         """The next segment to transmit as (seq, data end, FIN?, retransmission?), or None.
