@@ -86,10 +86,10 @@ MAX_MTU = 65535
 # network, host unreachable; network, host unknown; network, host, administratively prohibited
 UNREACHABLE_CODES = frozenset((0, 1, 6, 7, 9, 10, 13))
 _ISN_TICKS = 250_000  # RFC 6528: the clock component advances every 4 microseconds
-# the fields of an IPv4 header without options followed by a TCP header: version and header
-# length, total length, flags and fragment offset, protocol, addresses, ports, sequence and
+# the fields of an IPv4 header without options followed by a TCP header (after the version and
+# header length byte): total length, flags and fragment offset, protocol, addresses, ports, sequence and
 # acknowledgment numbers, data offset, flags, window (TTL, identification, checksums skipped)
-_IPV4_TCP_FIELDS = struct.Struct("!BxH2xHxB2x4s4sHHIIBBH")
+_IPV4_TCP_FIELDS = struct.Struct("!xxH2xHxB2x4s4sHHIIBBH")
 
 
 class Stack:
@@ -271,10 +271,11 @@ class Stack:
         one ACK per connection (duplicate ACKs for out-of-order data still go out per segment)."""
         self.now = now
         self.stats["rx_packets"] += 1
-        # the common case first: an unfragmented TCP segment without IP or TCP options on an
-        # established connection, which its header prediction takes (else the full path below)
+        # the common case first: an unfragmented TCP segment without IP or TCP options, parsed
+        # here in one go (what parse_ipv4 and parse_tcp accept, they would parse the same), then
+        # taken by its connection's header prediction if it can; else the full path below
         if self._fast_path and len(ip_packet) >= 40 and ip_packet[0] == 0x45:
-            vihl, total, frag, proto, src, dst, sport, dport, seq, ack, off, flags, window = \
+            total, frag, proto, src, dst, sport, dport, seq, ack, off, flags, window = \
                 _IPV4_TCP_FIELDS.unpack_from(ip_packet)
             if (
                 proto == PROTO_TCP
@@ -282,11 +283,19 @@ class Stack:
                 and not frag & 0x3FFF
                 and 40 <= total <= len(ip_packet)
                 and dst == self._addr
-                and (conn := self._conns.get((src, sport, dport))) is not None
                 and 0 < src[0] < 224 and src[0] != 127 and src != dst  # (no martian source)
+                and sport and dport
                 and (not self.verify_checksums or _checksums_ok(ip_packet, total, src, dst))
-                and conn._fast_segment(seq, ack, flags & 0x3F, window, ip_packet[40:total], now)
             ):
+                data = ip_packet[40:total]
+                flags &= 0x3F
+                conn = self._conns.get((src, sport, dport))
+                if conn is not None and conn._fast_segment(seq, ack, flags, window, data, now):
+                    return
+                try:
+                    self._receive_tcp(src, TcpSegment(sport, dport, seq, ack, flags, window, data), now)
+                except WireError:
+                    self.stats["malformed"] += 1
                 return
         try:
             ip = parse_ipv4(ip_packet, self.verify_checksums)

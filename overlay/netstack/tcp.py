@@ -481,24 +481,40 @@ class TcpConnection:
                 del buf[:k]
                 self._buf_seq = buf_seq + k
             rtt_seq = self._rtt_seq
+            cfg = self._cfg
             if rtt_seq is not None and ack >= rtt_seq:
-                self._rtt_sample(now - self._rtt_time)
+                r = now - self._rtt_time
+                if r >= 0:  # _rtt_sample, inlined
+                    srtt = self._srtt
+                    if srtt is None:
+                        srtt = r
+                        rttvar = r / 2
+                    else:
+                        rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - r)
+                        srtt = 0.875 * srtt + 0.125 * r
+                    self._srtt = srtt
+                    self._rttvar = rttvar
+                    self._rto = min(max(srtt + max(0.001, 4 * rttvar), cfg.min_rto), cfg.max_rto)
                 self._rtt_seq = None
             self._retries = self._backoff = self._persist_backoff = self._dupacks = 0
             snd_max = self.snd_max
-            if una >= self.iss + 1 and self._cwnd_limited(snd_max - una):
-                self.cc.on_ack(acked, now, self._srtt)
-            self._rto_at = now + min(self._rto, self._cfg.max_rto) if snd_max > ack else None
+            if una > self.iss:  # _cwnd_limited, inlined
+                cc = self.cc
+                flight = snd_max - una
+                cwnd = cc.cwnd
+                if 2 * flight >= cwnd if cwnd < cc.ssthresh else flight + self.mss >= cwnd:
+                    cc.on_ack(acked, now, self._srtt)
+            self._rto_at = now + min(self._rto, cfg.max_rto) if snd_max > ack else None
             # (no FIN of ours is queued in ESTABLISHED)
-            if self._send_blocked and self._cfg.send_buffer - len(buf) >= self._cfg.send_buffer // 4:
+            if self._send_blocked and cfg.send_buffer - len(buf) >= cfg.send_buffer // 4:
                 self._send_blocked = False
-                self._stack._event(events.Writable(self))
+                self._stack._events.append(events.Writable(self))
         if n:  # _receive_data in order, nothing held out of order
             self._rcvbuf += data
             self.rcv_nxt = rcv_nxt + n
             if not self._data_event_pending:
                 self._data_event_pending = True
-                self._stack._event(events.DataReceived(self))
+                self._stack._events.append(events.DataReceived(self))
             self._delack_bytes += n
             if self._delack_bytes >= 2 * self.our_mss or n < self.mss and self._delack_bytes >= self.mss:
                 self._ack_now = True
@@ -975,7 +991,79 @@ class TcpConnection:
     def _send_data(self, now: float) -> None:
         data_end = self._buf_seq + len(self._sndbuf)
         if self.snd_nxt == self.snd_max and not (self._in_recovery or self._rexmit_una or self._tail_probe) and self._fast:
-            self._send_new_data(now, data_end)  # the common case: nothing to retransmit
+            # the common case, nothing due for retransmission: only new data goes out, which
+            # _next_segment would choose by _new_segment, in one loop; what the loop reads stays
+            # the same while it runs (no ACK arrives), so it is read once
+            mss = self.mss
+            una = self.snd_una
+            wnd_edge = una + self.snd_wnd
+            # the room cwnd leaves, plus limited transmit (RFC 3042), less what is in flight
+            limit = self.cc.cwnd + self._sb.sacked_bytes + una
+            if self._dupacks:
+                limit += min(self._dupacks, 2) * mss
+            fin_queued = self._fin_queued
+            window = -1
+            sack = b""
+            stack = self._stack
+            while True:
+                seq = self.snd_max
+                room = limit - seq
+                if room <= 0:
+                    break
+                if seq >= data_end:
+                    if not (fin_queued and seq == data_end):
+                        break
+                    end = seq  # a bare FIN needs no window
+                    fin = True
+                    payload: bytes | bytearray = b""
+                    flags = ACK | FIN
+                else:
+                    end = seq + mss
+                    if end > data_end:
+                        end = data_end
+                    if end > wnd_edge:
+                        end = wnd_edge
+                    if end > seq + room:
+                        end = seq + room
+                    length = end - seq
+                    if length <= 0:
+                        break
+                    if self._window_probe:
+                        self._window_probe = False
+                    elif length < mss and end < data_end:
+                        if end == seq + room and seq > una:
+                            break  # cwnd-limited: wait for ACKs rather than send a runt
+                        if end == wnd_edge and length * 2 < self._max_snd_wnd:
+                            break  # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
+                    fin = fin_queued and end == data_end
+                    off = seq - self._buf_seq
+                    payload = self._sndbuf[off : off + length]  # one copy (the packet is another)
+                    if fin:
+                        flags = ACK | FIN
+                    elif end == data_end:
+                        flags = ACK | PSH
+                    else:
+                        flags = ACK
+                if window < 0:
+                    window = self._window_field()
+                    if self.sack_ok and self._ooo._starts:
+                        sack = self._sack_option()
+                # Stack._emit_tcp, inlined
+                stack._ident = ident = (stack._ident + 1) & 0xFFFF
+                if self.remote_ip_bytes in stack.checksum_free:
+                    stack.stats["tx_no_checksum"] += 1
+                    stack._out.append(self._tmpl.build(ident, seq, self.rcv_nxt, flags, window, payload, sack, False))
+                else:
+                    stack._out.append(self._tmpl.build(ident, seq, self.rcv_nxt, flags, window, payload, sack))
+                self._ack_now = False
+                self._delack_at = None
+                self._delack_bytes = 0
+                self.snd_nxt = self.snd_max = seg_end = end + fin
+                if self._rtt_seq is None:
+                    self._rtt_seq = seg_end
+                    self._rtt_time = now
+                if self._rto_at is None:
+                    self._rto_at = now + self._current_rto()
         else:
             self._send_any_data(now, data_end)
         if self.snd_max > self.snd_una:
@@ -991,77 +1079,8 @@ class TcpConnection:
         else:
             self._persist_at = None
 
-    def _send_new_data(self, now: float, data_end: int) -> None:
-        """``_send_any_data`` when nothing is due for retransmission (snd_nxt == snd_max, not in
-        recovery, no retransmission or tail probe pending): only new data goes out, which
-        ``_next_segment`` would choose by ``_new_segment``, in one loop. What the loop reads stays
-        the same while it runs (no ACK arrives), so it is read once."""
-        mss = self.mss
-        una = self.snd_una
-        wnd_edge = una + self.snd_wnd
-        # the room cwnd leaves, plus limited transmit (RFC 3042), less what is in flight
-        limit = self.cc.cwnd + self._sb.sacked_bytes + una
-        if self._dupacks:
-            limit += min(self._dupacks, 2) * mss
-        fin_queued = self._fin_queued
-        window = -1
-        sack = b""
-        stack = self._stack
-        while True:
-            seq = self.snd_max
-            room = limit - seq
-            if room <= 0:
-                return
-            if seq >= data_end:
-                if not (fin_queued and seq == data_end):
-                    return
-                end = seq  # a bare FIN needs no window
-                fin = True
-                payload: bytes | bytearray = b""
-                flags = ACK | FIN
-            else:
-                end = seq + mss
-                if end > data_end:
-                    end = data_end
-                if end > wnd_edge:
-                    end = wnd_edge
-                if end > seq + room:
-                    end = seq + room
-                length = end - seq
-                if length <= 0:
-                    return
-                if self._window_probe:
-                    self._window_probe = False
-                elif length < mss and end < data_end:
-                    if end == seq + room and seq > una:
-                        return  # cwnd-limited: wait for ACKs rather than send a runt
-                    if end == wnd_edge and length * 2 < self._max_snd_wnd:
-                        return  # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
-                fin = fin_queued and end == data_end
-                off = seq - self._buf_seq
-                payload = self._sndbuf[off : off + length]  # one copy (the packet is another)
-                if fin:
-                    flags = ACK | FIN
-                elif end == data_end:
-                    flags = ACK | PSH
-                else:
-                    flags = ACK
-            if window < 0:
-                window = self._window_field()
-                if self.sack_ok and self._ooo._starts:
-                    sack = self._sack_option()
-            stack._emit_tcp(self, seq, self.rcv_nxt, flags, window, payload, sack)
-            self._ack_now = False
-            self._delack_at = None
-            self._delack_bytes = 0
-            self.snd_nxt = self.snd_max = seg_end = end + fin
-            if self._rtt_seq is None:
-                self._rtt_seq = seg_end
-                self._rtt_time = now
-            if self._rto_at is None:
-                self._rto_at = now + self._current_rto()
-
     def _send_any_data(self, now: float, data_end: int) -> None:
+        """What ``_next_segment`` chooses, one segment after the other (retransmissions too)."""
         # nothing arrives while a burst goes out: its window and SACK blocks are the same for all
         window = sack = None
         while (nxt := self._next_segment(data_end)) is not None:
