@@ -42,15 +42,26 @@ def _digest(v: object) -> object:
     return v
 
 
+def _attrs(obj: object) -> list[tuple[str, object]]:
+    """An object's data attributes and properties (no ``vars()``: compiled classes have no __dict__)."""
+    out = []
+    for k in dir(obj):
+        if k.startswith("__") or k in _SKIP:
+            continue
+        v = getattr(obj, k)
+        if not callable(v):
+            out.append((k, _digest(v)))
+    return out
+
+
 def conn_state(c: TcpConnection | None) -> object:
     """Everything a connection holds, buffers as (length, CRC)."""
     if c is None:
         return None
-    own = sorted((k, _digest(v)) for k, v in vars(c).items() if k not in _SKIP)
     ooo = c._ooo
     return (
-        repr(own),
-        repr(sorted(vars(c.cc).items())),
+        repr(_attrs(c)),
+        repr(_attrs(c.cc)),
         repr([list(r) for r in c._sb.ranges]), c._sb.sacked_bytes,
         list(ooo._starts), [_digest(b) for b in ooo._blocks], ooo.bytes, list(ooo._recent),
     )
@@ -60,12 +71,19 @@ def stack_state(s: Stack) -> object:
     return (sorted(s.stats.items()), s._ident, len(s._out), s.get_timer(), sorted(k for k in s._conns))
 
 
+# compiled (mypyc, ``make compiled``) classes are native: their methods cannot be replaced, so
+# there the traces are compared without checking which path each segment took
+PATCHABLE = tcp_mod.__file__ is not None and tcp_mod.__file__.endswith(".py")
+
+
 class FastPathSpy:
     """Counts what ``TcpConnection._fast_segment`` answered (installed on the class)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.taken = 0
         self.declined = 0
+        if not PATCHABLE:
+            return
         real = TcpConnection._fast_segment
 
         def spy(conn, *args):
@@ -137,6 +155,14 @@ class ScriptedPeer:
         if advance and seq is None:
             self.b_nxt += len(payload) + bool(flags & wire.FIN)
 
+    def timer(self) -> None:
+        t = self.a.get_timer()
+        if t is not None:
+            self.now = max(self.now, t)
+            self.a.handle_timer(self.now)
+        self.out()
+        self.snapshot()
+
     def app_send(self, n: int) -> None:
         self.conn.send(bytes(range(256)) * (n // 256) + bytes(n % 256))
         self.out()
@@ -189,18 +215,6 @@ def _script() -> list[tuple[str, Callable[[ScriptedPeer], None], bool]]:
     ]
 
 
-def _timer(p: ScriptedPeer) -> None:
-    t = p.a.get_timer()
-    if t is not None:
-        p.now = max(p.now, t)
-        p.a.handle_timer(p.now)
-    p.out()
-    p.snapshot()
-
-
-ScriptedPeer.timer = _timer  # type: ignore[attr-defined]
-
-
 def _run_script(monkeypatch: pytest.MonkeyPatch, fast: bool, checksums: bool) -> tuple[list, list]:
     monkeypatch.setattr(tcp_mod, "FAST_PATH", fast)
     spy = FastPathSpy(monkeypatch)
@@ -222,7 +236,7 @@ def test_scripted_segments_same_with_and_without_fast_path(monkeypatch, checksum
     fast_trace, fast_taken = _run_script(monkeypatch, True, checksums)
     assert all(n == 0 for _, n in slow_taken)
     for (name, _, expect), (_, n) in zip(_script(), fast_taken, strict=True):
-        if expect is not None:
+        if expect is not None and PATCHABLE:
             assert n == int(expect), f"{name}: fast path taken {n} times, expected {int(expect)}"
     assert len(fast_trace) == len(slow_trace)
     for i, (f, s) in enumerate(zip(fast_trace, slow_trace, strict=True)):
@@ -340,13 +354,13 @@ def _compare(monkeypatch, *args) -> tuple[list, int]:
 
 def test_clean_transfer_takes_the_fast_path_and_matches(monkeypatch):
     trace, taken = _compare(monkeypatch, 1, 200_000, 30_000, 0.0, 0.0, 64 * 1024, False)
-    assert taken > 30  # (the side that closes first leaves ESTABLISHED, and the fast path with it)
+    assert taken > 30 or not PATCHABLE  # (the side that closes first leaves ESTABLISHED, and the fast path with it)
     assert trace[-1][:3] == ("end", TcpState.CLOSED, TcpState.CLOSED)  # (TIME-WAIT ended too)
 
 
 def test_lossy_transfer_with_a_slow_reader_matches(monkeypatch):
     trace, taken = _compare(monkeypatch, 2, 150_000, 20_000, 0.05, 0.3, 16 * 1024, True)
-    assert taken > 0
+    assert taken > 0 or not PATCHABLE
     assert trace[-1][:3] == ("end", TcpState.CLOSED, TcpState.CLOSED)
 
 
@@ -410,7 +424,7 @@ def _pingpong(monkeypatch: pytest.MonkeyPatch, fast: bool) -> tuple[list, int]:
 def test_pingpong_same_with_and_without_fast_path(monkeypatch):
     slow, _ = _pingpong(monkeypatch, False)
     fast, taken = _pingpong(monkeypatch, True)
-    assert taken > 5000  # most of the 6000 segments (a window change now and then takes the full path)
+    assert taken > 5000 or not PATCHABLE  # most of the 6000 segments (a window change now and then takes the full path)
     assert len(fast) == len(slow)
     for i, (f, s) in enumerate(zip(fast, slow, strict=True)):
         assert f == s, f"trace entry {i} differs"
