@@ -425,13 +425,12 @@ class DataPlane:
         self._flush_scheduled = False
         dev = self.device
         peers = self.table.peers
-        now = self.now()
         while (ev := dev.next_event()) is not None:
             if type(ev) is PacketReceived:
                 entry = peers.get(ev.public_key)
                 pkt = ev.packet
                 if pkt[0] == L2_FRAME:
-                    if entry is not None and self.frame_sink is not None and entry.group_rx.take(now):
+                    if entry is not None and self.frame_sink is not None and entry.group_rx.take(self.now()):
                         self._frames.append((entry.key, pkt[1:]))
                     else:
                         self.stats["group_capped"] += 1
@@ -439,9 +438,8 @@ class DataPlane:
                 if entry is None or len(pkt) < 20 or not entry.allows(pkt[12:16]):
                     self.stats["spoofed"] += 1  # cryptokey routing: a peer speaks only for its own IP
                     continue
-                dst = pkt[16:20]
-                if dst[0] >= 224 or dst == self.table.pool_broadcast:
-                    if not self.table.is_group(dst) or not entry.group_rx.take(now):
+                if pkt[16] >= 224 or pkt[16:20] == self.table.pool_broadcast:
+                    if not self.table.is_group(pkt[16:20]) or not entry.group_rx.take(self.now()):
                         self.stats["group_capped"] += 1
                         continue
                 self._inner.append(pkt)
@@ -484,7 +482,17 @@ class DataPlane:
         out = self._out
         out.extend(dev.datagrams_to_send())
         if self._dirty_paths:
-            self._paths_stale = True
+            self._flush_paths(out)
+        if out:
+            self._send_all(out)
+            out.clear()
+        self._arm_timer()
+
+    def _flush_paths(self, out: list) -> None:
+        """Output and events of the peers' paths that had input or timers."""
+        dev = self.device
+        now = self.now()
+        self._paths_stale = True
         for entry in self._dirty_paths:
             path = entry.path
             out.extend(path.datagrams_to_send(now))
@@ -500,10 +508,6 @@ class DataPlane:
                 if pev.path is None and pev.reason == "lost":
                     self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
-        if out:
-            self._send_all(out)
-            out.clear()
-        self._arm_timer()
 
     def _send_all(self, items: list[tuple[bytes, object]]) -> None:
         batch: list = []
@@ -551,11 +555,13 @@ class DataPlane:
             at = others_at
         if at is None:
             return      # nothing to wake for; a timer still armed fires early, harmlessly
-        if at < (now := self.now()):
-            at = now    # the device may ask for "at once" (-inf)
         armed = self._timer_at
         if armed is not None and armed <= at:
             return
+        if at < (now := self.now()):
+            at = now    # the device may ask for "at once" (-inf)
+            if armed is not None and armed <= at:
+                return
         if self._timer:
             self._timer.cancel()
         self._timer_at = at
