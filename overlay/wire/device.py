@@ -26,6 +26,7 @@ from overlay.wire.constants import (
     MAX_TIMER_HANDSHAKES,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEY_MATERIAL_AFTER,
@@ -90,6 +91,8 @@ _IP_LENGTH = struct.Struct(">H")
 _new_tuple = tuple.__new__
 """Builds a NamedTuple event without its Python-level ``__new__`` (hot path only)."""
 _SENDER = struct.Struct("<I")
+_nonce_of = crypto.nonce_of
+_TagError = crypto.TagError
 
 STAT_NAMES = (
     "rx_datagrams", "malformed", "unknown_index", "expired_key", "auth_failed", "replayed", "plain_refused",
@@ -241,18 +244,39 @@ class Device:
         (capped at the MTU) as WireGuard does; other inner types go unpadded.
         """
         peer = self._peers[public_key]
-        if len(packet) > MAX_PACKET_SIZE:
-            raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_SIZE}")
+        n = len(packet)
+        if n > MAX_PACKET_SIZE:
+            raise ValueError(f"packet of {n} bytes exceeds {MAX_PACKET_SIZE}")
         kp = peer.keypairs.current
         if (
             not peer.staged and kp is not None
             and kp.send_counter < REJECT_AFTER_MESSAGES and now - kp.created < REJECT_AFTER_TIME
         ):
-            self._encrypt(peer, kp, packet)
-            if peer.send_keepalive_at is not None or peer.persistent_keepalive or not packet or kp.needs_rekey(now):
-                self._after_send(peer, kp, bool(packet), now)
-            elif peer.new_handshake_at is None:  # the common case of _after_send, inline
-                peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            if not n or peer.plaintext or peer.endpoint is None:
+                self._encrypt(peer, kp, packet)
+            else:
+                # the per-packet path: _encrypt and _emit inline
+                if packet[0] >> 4 in (4, 6):
+                    pad = -n & 15
+                    if n + pad > self.mtu:
+                        pad = max(0, self.mtu - n)
+                    if pad:
+                        packet = packet + _PAD[pad]
+                self.stats["packets_tx"] += 1
+                counter = kp.send_counter
+                kp.send_counter = counter + 1
+                datagram = (TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter)
+                            + kp.seal(_nonce_of(counter), packet, None))
+                peer.tx_bytes += len(datagram)
+                peer.tx_packets += 1
+                self._out.append((datagram, peer.endpoint))
+            if (not n or peer.persistent_keepalive or kp.send_counter >= REKEY_AFTER_MESSAGES
+                    or now >= kp.rekey_at):
+                self._after_send(peer, kp, bool(n), now)
+            else:  # the common case of _after_send, inline
+                peer.send_keepalive_at = None
+                if peer.new_handshake_at is None:
+                    peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
             return
         if len(peer.staged) == peer.staged.maxlen:
             self.stats["staged_dropped"] += 1
@@ -357,17 +381,21 @@ class Device:
         if now - kp.created >= REJECT_AFTER_TIME:
             self.stats["expired_key"] += 1
             return
-        try:
-            if plain:
-                if not kp.peer.plaintext:
-                    self.stats["plain_refused"] += 1   # encryption is on for this peer: never downgrade
-                    return
+        if plain:
+            if not kp.peer.plaintext:
+                self.stats["plain_refused"] += 1   # encryption is on for this peer: never downgrade
+                return
+            try:
                 packet = kp.receive.open_plain(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
-            else:
-                packet = kp.receive.decrypt(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
-        except crypto.DecryptError:
-            self.stats["auth_failed"] += 1
-            return
+            except crypto.DecryptError:
+                self.stats["auth_failed"] += 1
+                return
+        else:
+            try:
+                packet = kp.open(_nonce_of(counter), memoryview(datagram)[TRANSPORT_HEADER_SIZE:], None)
+            except _TagError:
+                self.stats["auth_failed"] += 1
+                return
         if not kp.replay.check_and_update(counter, REJECT_AFTER_MESSAGES):
             self.stats["replayed"] += 1
             return
