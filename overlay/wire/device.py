@@ -139,6 +139,9 @@ class Device:
         self._load_window_start = float("-inf")
         self._load_count = 0
         self._under_load_until = float("-inf")
+        # ``get_timer``'s answer, kept while only data traffic ran (see there)
+        self._timer_bound: float | None = None
+        self._timer_valid = False
 
     # ------------------------------------------------------------------ configuration
 
@@ -162,11 +165,13 @@ class Device:
         except crypto.DecryptError:
             raise ValueError("invalid (low-order) peer public key") from None
         self._peers[public_key] = peer
+        self._timer_valid = False
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
         peer = self._peers.pop(public_key)
         self._forget_keys(peer)
+        self._timer_valid = False
 
     def set_endpoint(self, public_key: bytes, addr: Hashable) -> None:
         """Move a peer to another path (the NAT-traversal layer found a better one)."""
@@ -180,6 +185,7 @@ class Device:
 
     def initiate_handshake(self, public_key: bytes, now: float) -> None:
         """Start a handshake now (rate-limited to one per REKEY_TIMEOUT, as every initiation)."""
+        self._timer_valid = False
         self._send_initiation(self._peers[public_key], now, retry=False)
 
     def peer_stats(self, public_key: bytes) -> dict:
@@ -206,15 +212,27 @@ class Device:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        """Earliest peer deadline (may already be past: call ``handle_timer`` at once)."""
+        """The earliest peer deadline, or earlier (may already be past: call ``handle_timer`` at once).
+
+        Exact after any call but data traffic. Data sent and received only move the peer's
+        deadlines, so the answer is kept across them (no pass over every peer after each packet):
+        a deadline they set earlier lowers it; one they clear or postpone (a keepalive made
+        unnecessary by an answer) leaves it early, and ``handle_timer`` then finds nothing due and
+        makes the next answer exact. Never later than a deadline, so no timer is missed.
+        """
+        if self._timer_valid:
+            return self._timer_bound
         best = None
         for peer in self._peers.values():
             t = peer.next_deadline()
             if t is not None and (best is None or t < best):
                 best = t
+        self._timer_bound = best
+        self._timer_valid = True
         return best
 
     def handle_timer(self, now: float) -> None:
+        self._timer_valid = False
         for peer in list(self._peers.values()):
             if peer.retransmit_at is not None and now >= peer.retransmit_at:
                 peer.retransmit_at = None
@@ -272,12 +290,16 @@ class Device:
                 self._out.append((datagram, peer.endpoint))
             if (not n or peer.persistent_keepalive or kp.send_counter >= REKEY_AFTER_MESSAGES
                     or now >= kp.rekey_at):
+                self._timer_valid = False
                 self._after_send(peer, kp, bool(n), now)
             else:  # the common case of _after_send, inline
                 peer.send_keepalive_at = None
                 if peer.new_handshake_at is None:
-                    peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+                    t = peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+                    if (bound := self._timer_bound) is None or t < bound:
+                        self._timer_bound = t
             return
+        self._timer_valid = False
         if len(peer.staged) == peer.staged.maxlen:
             self.stats["staged_dropped"] += 1
         peer.staged.append(packet)
@@ -299,6 +321,7 @@ class Device:
             if kind == MSG_TRANSPORT_PLAIN:
                 self._receive_transport(datagram, receiver, counter, addr, now, plain=True)
                 return
+        self._timer_valid = False
         t = message_type(datagram)
         try:
             if t == MSG_INITIATION:
@@ -404,6 +427,7 @@ class Device:
             self._roam(peer, addr)
         keypairs = peer.keypairs
         if keypairs.next is kp:
+            self._timer_valid = False
             for dropped in keypairs.confirm():
                 self._index.pop(dropped.local_index, None)
             self._handshake_complete(peer, now)
@@ -412,8 +436,10 @@ class Device:
         if cur is not None and now > cur.last_minute_at and not peer.sent_last_minute_handshake:
             # Our sending key expires soon and the peer (responder) will not rekey by time.
             peer.sent_last_minute_handshake = True
+            self._timer_valid = False
             self._send_initiation(peer, now, retry=False)
         if peer.persistent_keepalive:
+            self._timer_valid = False
             peer.persistent_keepalive_at = now + peer.persistent_keepalive
         peer.new_handshake_at = None
         peer.rx_bytes += len(datagram)
@@ -423,7 +449,9 @@ class Device:
             self.stats["keepalives_rx"] += 1
             return
         if peer.send_keepalive_at is None:
-            peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+            t = peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+            if (bound := self._timer_bound) is None or t < bound:
+                self._timer_bound = t     # (``get_timer``)
         else:
             peer.need_another_keepalive = True
         version = packet[0] >> 4
