@@ -9,9 +9,9 @@ per node. Two levels, each a ping-pong (A sends, B receives, B answers, A receiv
   ``receive`` + ``next_event`` (rx);
 - dataplane: two ``node.DataPlane`` (static peers of each other, no server) whose UDP socket is
   replaced by a list: ``send_packets`` through the fake ``send_batch`` (tx: route, encrypt, flush,
-  timer) and ``_on_datagram`` + the socket's batch flush to the inner sink (rx: classify, decrypt,
-  checks, timer),
-  as the socket's reader callback drives them.
+  timer) and ``_on_datagram`` + the flush the socket calls after a batch, to the inner sink (rx:
+  classify, decrypt, cryptokey routing, timer), as the socket's reader callback drives them;
+  and again with ``--idle-peers`` more peers that have no traffic.
 
 Each phase is timed on its own (perf_counter around it); the loop's own cost is not included.
 """
@@ -79,7 +79,7 @@ def bench_device(n: int) -> tuple[float, float]:
     return tx / (2 * n) * 1e6, rx / (2 * n) * 1e6
 
 
-async def _dataplane(n: int) -> tuple[float, float]:
+async def _dataplane(n: int, idle_peers: int = 0) -> tuple[float, float]:
     a, b = DataPlane(crypto.generate_private_key()), DataPlane(crypto.generate_private_key())
     a.start()
     b.start()
@@ -93,6 +93,11 @@ async def _dataplane(n: int) -> tuple[float, float]:
         b.inner_sink = got.extend
         a.add_static_peer(b.public_key, name="b", endpoint=B_ADDR, allowed_ips=["10.0.0.2/32"])
         b.add_static_peer(a.public_key, name="a", endpoint=A_ADDR, allowed_ips=["10.0.0.1/32"])
+        for i in range(idle_peers):     # more peers, no traffic: what a scan of them all costs
+            for dp in (a, b):
+                key = crypto.public_key(crypto.generate_private_key())
+                dp.add_static_peer(key, name=f"idle{i}", endpoint=("127.0.0.1", 50000 + i),
+                                   allowed_ips=[f"10.1.{i // 250}.{i % 250 + 1}/32"])
         by_addr = {A_ADDR: a, B_ADDR: b}
         # handshake (and the staged packet) through the fake wire
         a.send_packets([tcp_packet(A_IP, B_IP)])
@@ -130,8 +135,8 @@ async def _dataplane(n: int) -> tuple[float, float]:
         b.close()
 
 
-def bench_dataplane(n: int) -> tuple[float, float]:
-    return asyncio.run(_dataplane(n))
+def bench_dataplane(n: int, idle_peers: int = 0) -> tuple[float, float]:
+    return asyncio.run(_dataplane(n, idle_peers))
 
 
 def median_of(runs: int, fn, *args) -> tuple[float, ...]:
@@ -144,6 +149,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--runs", type=int, default=0, help="runs per figure (default 5, 3 with --quick)")
     parser.add_argument("--profile", action="store_true", help="cProfile the dataplane ping-pong instead")
+    parser.add_argument("--idle-peers", type=int, default=100,
+                        help="peers without traffic for the last figure (default 100)")
     args = parser.parse_args()
     runs = args.runs or (3 if args.quick else 5)
     n = 5000 if args.quick else 20000
@@ -154,11 +161,16 @@ def main() -> None:
         pstats.Stats("/tmp/bench_smallpkt.prof").sort_stats("tottime").print_stats(25)
         return
     import overlay
-    print(f"overlay from {Path(overlay.__file__).parent.parent}, {runs} runs of {n} round trips")
+    from overlay import compiled_hotpath
+    hot = f"{len(compiled_hotpath.active)} modules compiled" if compiled_hotpath.active else "pure Python"
+    print(f"overlay from {Path(overlay.__file__).parent.parent} ({hot}), {runs} runs of {n} round trips")
     tx, rx = median_of(runs, bench_device, n)
     print(f"device     41-byte packet: tx {tx:5.2f} us  rx {rx:5.2f} us  (send+drain / receive+event)")
     tx, rx = median_of(runs, bench_dataplane, n)
     print(f"dataplane  41-byte packet: tx {tx:5.2f} us  rx {rx:5.2f} us  (send_packets / datagram+flush)")
+    if args.idle_peers:
+        tx, rx = median_of(runs, bench_dataplane, n, args.idle_peers)
+        print(f"dataplane  41-byte packet: tx {tx:5.2f} us  rx {rx:5.2f} us  with {args.idle_peers} more peers, idle")
 
 
 if __name__ == "__main__":

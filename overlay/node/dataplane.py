@@ -427,8 +427,8 @@ class DataPlane:
         peers = self.table.peers
         while (ev := dev.next_event()) is not None:
             if type(ev) is PacketReceived:
-                entry = peers.get(ev.public_key)
-                pkt = ev.packet
+                key, pkt = ev
+                entry = peers.get(key)
                 if pkt[0] == L2_FRAME:
                     if entry is not None and self.frame_sink is not None and entry.group_rx.take(self.now()):
                         self._frames.append((entry.key, pkt[1:]))
