@@ -26,10 +26,16 @@ TAG_LEN = 16
 HASH_LEN = 32
 
 _NONCE = struct.Struct("<4xQ")
+nonce_of = _NONCE.pack
+"""The 12-byte nonce of a counter (``nonce``, without the call): for ``Aead.seal_nonce``/``open_nonce``."""
 
 
 class DecryptError(Exception):
     """Authentication of a ciphertext failed."""
+
+
+TagError = InvalidTag
+"""What ``Aead.open_nonce`` raises when authentication fails (``decrypt`` turns it into DecryptError)."""
 
 
 # ---------------------------------------------------------------- X25519
@@ -69,10 +75,14 @@ def nonce(counter: int) -> bytes:
 class Aead:
     """ChaCha20-Poly1305 bound to one key; reuse it for every packet under that key."""
 
-    __slots__ = ("_c",)
+    __slots__ = ("_c", "seal_nonce", "open_nonce")
 
     def __init__(self, key: bytes):
         self._c = ChaCha20Poly1305(key)
+        # the cipher's own methods, (nonce, data, associated data or None), for per-packet paths
+        # that save a call: the nonce from ``nonce_of``; ``open_nonce`` raises TagError
+        self.seal_nonce = self._c.encrypt
+        self.open_nonce = self._c.decrypt
 
     def encrypt(self, counter: int, plaintext: bytes, ad: bytes | None = b"") -> bytes:
         return self._c.encrypt(_NONCE.pack(counter), plaintext, ad or None)

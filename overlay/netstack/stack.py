@@ -39,6 +39,7 @@ from collections.abc import Container
 
 from .. import crypto
 from . import events
+from . import tcp as _tcp
 from .fragments import Reassembler
 from .tcp import MASK32, TcpConfig, TcpConnection, TcpState, unwrap
 from .udp import UdpSocket
@@ -65,12 +66,14 @@ from .wire import (
     build_port_unreachable,
     build_tcp,
     build_udp,
+    checksum_ok,
     ip_to_bytes,
     ip_to_str,
     parse_icmp,
     parse_ipv4,
     parse_tcp,
     parse_udp,
+    pseudo_header_sum,
 )
 
 EPHEMERAL_PORTS = range(49152, 65536)
@@ -83,6 +86,10 @@ MAX_MTU = 65535
 # network, host unreachable; network, host unknown; network, host, administratively prohibited
 UNREACHABLE_CODES = frozenset((0, 1, 6, 7, 9, 10, 13))
 _ISN_TICKS = 250_000  # RFC 6528: the clock component advances every 4 microseconds
+# the fields of an IPv4 header without options followed by a TCP header (after the version and
+# header length byte): total length, flags and fragment offset, protocol, addresses, ports, sequence and
+# acknowledgment numbers, data offset, flags, window (TTL, identification, checksums skipped)
+_IPV4_TCP_FIELDS = struct.Struct("!xxH2xHxB2x4s4sHHIIBBH")
 
 
 class Stack:
@@ -144,6 +151,7 @@ class Stack:
         self._icmp_rate = icmp_errors_per_second
         self._icmp_window = now
         self.fragments = reassembler or Reassembler()  # its own counters: ``fragments.stats``
+        self._fast_path = _tcp.FAST_PATH  # tests turn it off to compare with the full path
         self.stats = dict.fromkeys(
             ("rx_packets", "tx_packets", "malformed", "not_for_us", "unknown_proto", "rst_sent", "backlog_full",
              "udp_dropped", "icmp_echo", "rx_fragments", "tx_fragmented", "time_wait_reopened",
@@ -263,6 +271,32 @@ class Stack:
         one ACK per connection (duplicate ACKs for out-of-order data still go out per segment)."""
         self.now = now
         self.stats["rx_packets"] += 1
+        # the common case first: an unfragmented TCP segment without IP or TCP options, parsed
+        # here in one go (what parse_ipv4 and parse_tcp accept, they would parse the same), then
+        # taken by its connection's header prediction if it can; else the full path below
+        if self._fast_path and len(ip_packet) >= 40 and ip_packet[0] == 0x45:
+            total, frag, proto, src, dst, sport, dport, seq, ack, off, flags, window = \
+                _IPV4_TCP_FIELDS.unpack_from(ip_packet)
+            if (
+                proto == PROTO_TCP
+                and off >> 4 == 5
+                and not frag & 0x3FFF
+                and 40 <= total <= len(ip_packet)
+                and dst == self._addr
+                and 0 < src[0] < 224 and src[0] != 127 and src != dst  # (no martian source)
+                and sport and dport
+                and (not self.verify_checksums or _checksums_ok(ip_packet, total, src, dst))
+            ):
+                data = ip_packet[40:total]
+                flags &= 0x3F
+                conn = self._conns.get((src, sport, dport))
+                if conn is not None and conn._fast_segment(seq, ack, flags, window, data, now):
+                    return
+                try:
+                    self._receive_tcp(src, TcpSegment(sport, dport, seq, ack, flags, window, data), now)
+                except WireError:
+                    self.stats["malformed"] += 1
+                return
         try:
             ip = parse_ipv4(ip_packet, self.verify_checksums)
             if ip.dst != self._addr:
@@ -564,7 +598,13 @@ class Stack:
                   options: bytes) -> None:
         self._ident = ident = (self._ident + 1) & 0xFFFF
         dst = conn.remote_ip_bytes
-        if dst in self.checksum_free:
+        if self._fast_path:  # the connection's header template: the same bytes, built faster
+            if dst in self.checksum_free:
+                self.stats["tx_no_checksum"] += 1
+                self._out.append(conn._tmpl.build(ident, seq, ack, flags, window, data, options, False))
+            else:
+                self._out.append(conn._tmpl.build(ident, seq, ack, flags, window, data, options))
+        elif dst in self.checksum_free:
             self.stats["tx_no_checksum"] += 1
             self._out.append(build_ipv4_tcp(conn.local_ip_bytes, dst, ident, conn.local_port, conn.remote_port,
                                             seq, ack, flags, window, data, options, False))
@@ -604,6 +644,13 @@ class Stack:
     def _next_ident(self) -> int:
         self._ident = (self._ident + 1) & 0xFFFF
         return self._ident
+
+
+def _checksums_ok(packet: bytes, total: int, src: bytes, dst: bytes) -> bool:
+    """Both checksums of an IPv4 packet without options carrying TCP (``parse_ipv4`` and
+    ``parse_tcp`` check the same)."""
+    return checksum_ok(packet[:IPV4_HEADER_LEN]) and checksum_ok(
+        packet[IPV4_HEADER_LEN:total], pseudo_header_sum(src, dst, PROTO_TCP, total - IPV4_HEADER_LEN))
 
 
 def _check_port(port: int) -> None:

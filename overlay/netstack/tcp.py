@@ -44,7 +44,7 @@ from . import events
 from .congestion import CONGESTION_CONTROLS
 from .reassembly import ReassemblyBuffer
 from .sack import SackScoreboard
-from .wire import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment, ip_to_str, tcp_options
+from .wire import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment, TcpTemplate, ip_to_str, tcp_options
 
 if TYPE_CHECKING:
     from .stack import Stack
@@ -54,6 +54,8 @@ HALF32 = 0x80000000
 DEFAULT_PEER_MSS = 536  # RFC 9293 §3.7.1 when the SYN carries no MSS option
 MIN_PEER_MSS = 64  # refuse to be driven into absurdly small segments by a hostile MSS option
 MAX_PROBES = 5  # loss probes (PTO doubling each time) before leaving it to the RTO
+# header prediction (``TcpConnection._fast_segment``); tests turn it off to compare both paths
+FAST_PATH = True
 
 
 def unwrap(value: int, reference: int) -> int:
@@ -72,6 +74,10 @@ class TcpState(enum.Enum):
     CLOSING = "CLOSING"
     LAST_ACK = "LAST-ACK"
     TIME_WAIT = "TIME-WAIT"
+
+    # members are singletons: hash them by identity, in C (Enum's own __hash__ is Python code
+    # hashing the name, and states are looked up in the sets below for every segment)
+    __hash__ = object.__hash__
 
 
 S = TcpState
@@ -210,6 +216,9 @@ class TcpConnection:
         self._probe_count = 0
 
         self.stats = {"retransmits": 0, "timeouts": 0, "fast_recoveries": 0, "probes": 0}
+        # the per-segment fast paths (header prediction, new data only, header template)
+        self._fast = FAST_PATH
+        self._tmpl = TcpTemplate(local_ip, remote_ip, local_port, remote_port)
 
     # ------------------------------------------------------------------ application API
 
@@ -414,6 +423,105 @@ class TcpConnection:
         self._stack._event(ev)
 
     # ------------------------------------------------------------------ segment arrival
+
+    def _fast_segment(self, seq: int, ack: int, flags: int, window: int, data: bytes, now: float) -> bool:
+        """Header prediction (Van Jacobson's fast path, Linux's tcp_rcv_established): the common
+        segment of an established connection, handled in one go with exactly the effect the full
+        path (``_on_segment``) would have. ``seq`` and ``ack`` are the 32-bit fields, ``window``
+        the raw field, ``flags`` masked to the six classic bits; the segment has no options.
+
+        It qualifies when: ESTABLISHED; flags ACK (PSH allowed) and nothing else; seq == rcv_nxt;
+        the window unchanged and not zero; snd_una <= ack <= snd_max, and either new data acknowledged or data
+        carried (a bare ACK of nothing new may be a duplicate ACK); the data fits the window;
+        nothing held out of order, no FIN seen, no SACK scoreboard, not in recovery, no
+        retransmission being watched. Returns False, having changed nothing, otherwise: the
+        caller takes the full path."""
+        rcv_nxt = self.rcv_nxt
+        una = self.snd_una
+        acked = (ack - una) & MASK32  # ack - snd_una, unwrapped
+        n = len(data)
+        if (
+            self.state is not S.ESTABLISHED
+            or flags & ~PSH != ACK
+            or seq != rcv_nxt & MASK32
+            or acked > self.snd_max - una
+            or not (acked or n)
+            or window << self._snd_wscale != self.snd_wnd
+            or not window  # a zero window: the persist timer's business
+            or n > self._rcv_adv - rcv_nxt
+            or self._in_recovery
+            or self._ooo._starts
+            or self._peer_fin_seq is not None
+            or self._sb.ranges
+            or self._rexmit_marks
+        ):  # (ESTABLISHED is never orphaned: close(orphan=True) leaves it)
+            return False
+        ack = una + acked
+        idle = self._cfg.keepalive_idle
+        if idle is not None:
+            self._keepalive_at = now + idle
+            self._keepalive_probes = 0
+        # the window is unchanged: only its update point moves (RFC 9293 §3.10.7.4)
+        wl1 = self._snd_wl1
+        if wl1 < rcv_nxt or (wl1 == rcv_nxt and self._snd_wl2 <= ack):
+            self._snd_wl1 = rcv_nxt
+            self._snd_wl2 = ack
+            if self.snd_wnd > self._max_snd_wnd:
+                self._max_snd_wnd = self.snd_wnd
+        if acked:  # _on_new_ack outside recovery, with no SACK scoreboard
+            self._probe_count = 0
+            self._probe_at = None
+            self.snd_una = ack
+            if self.snd_nxt < ack:
+                self.snd_nxt = ack
+            buf = self._sndbuf
+            buf_seq = self._buf_seq
+            k = min(ack, buf_seq + len(buf)) - buf_seq
+            if k > 0:
+                del buf[:k]
+                self._buf_seq = buf_seq + k
+            rtt_seq = self._rtt_seq
+            cfg = self._cfg
+            if rtt_seq is not None and ack >= rtt_seq:
+                r = now - self._rtt_time
+                if r >= 0:  # _rtt_sample, inlined
+                    srtt = self._srtt
+                    if srtt is None:
+                        srtt = r
+                        rttvar = r / 2
+                    else:
+                        rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - r)
+                        srtt = 0.875 * srtt + 0.125 * r
+                    self._srtt = srtt
+                    self._rttvar = rttvar
+                    self._rto = min(max(srtt + max(0.001, 4 * rttvar), cfg.min_rto), cfg.max_rto)
+                self._rtt_seq = None
+            self._retries = self._backoff = self._persist_backoff = self._dupacks = 0
+            snd_max = self.snd_max
+            if una > self.iss:  # _cwnd_limited, inlined
+                cc = self.cc
+                flight = snd_max - una
+                cwnd = cc.cwnd
+                if 2 * flight >= cwnd if cwnd < cc.ssthresh else flight + self.mss >= cwnd:
+                    cc.on_ack(acked, now, self._srtt)
+            self._rto_at = now + min(self._rto, cfg.max_rto) if snd_max > ack else None
+            # (no FIN of ours is queued in ESTABLISHED)
+            if self._send_blocked and cfg.send_buffer - len(buf) >= cfg.send_buffer // 4:
+                self._send_blocked = False
+                self._stack._events.append(events.Writable(self))
+        if n:  # _receive_data in order, nothing held out of order
+            self._rcvbuf += data
+            self.rcv_nxt = rcv_nxt + n
+            if not self._data_event_pending:
+                self._data_event_pending = True
+                self._stack._events.append(events.DataReceived(self))
+            self._delack_bytes += n
+            if self._delack_bytes >= 2 * self.our_mss or n < self.mss and self._delack_bytes >= self.mss:
+                self._ack_now = True
+            elif self._delack_at is None:
+                self._delack_at = now + self._cfg.delayed_ack
+        self._stack._dirty[self] = None  # output at the end of the batch, as _on_segment
+        return True
 
     def _on_segment(self, seg: TcpSegment, now: float) -> None:
         st = self.state
@@ -827,12 +935,13 @@ class TcpConnection:
     ) -> None:
         if window is None:
             window = self._window_field()
-        ack = self.rcv_nxt if flags & ACK else 0
-        self._stack._emit_tcp(self, seq, ack, flags, window, data, options)
         if flags & ACK:
+            self._stack._emit_tcp(self, seq, self.rcv_nxt, flags, window, data, options)
             self._ack_now = False
             self._delack_at = None
             self._delack_bytes = 0
+        else:
+            self._stack._emit_tcp(self, seq, 0, flags, window, data, options)
 
     def _window_field(self) -> int:
         """The window to advertise, never moving the right edge left, avoiding silly windows."""
@@ -853,14 +962,14 @@ class TcpConnection:
         return field
 
     def _sack_option(self) -> bytes:
-        if not self.sack_ok or not len(self._ooo):
+        if not self.sack_ok or not self._ooo._starts:
             return b""
         return tcp_options(sack=self._ooo.sack_blocks(MAX_SACK_BLOCKS))
 
     def _output(self, now: float) -> None:
         """Send whatever the state, windows and timers allow; always ends with pending ACKs sent."""
         st = self.state
-        if st in _CAN_SEND:
+        if st is S.ESTABLISHED or st in _CAN_SEND:
             self._send_data(now)
         if self._ack_now and st in _SYNCHRONIZED:
             # snd_max, not a rewound snd_nxt: Linux drops bare ACKs below its window
@@ -881,6 +990,97 @@ class TcpConnection:
 
     def _send_data(self, now: float) -> None:
         data_end = self._buf_seq + len(self._sndbuf)
+        if self.snd_nxt == self.snd_max and not (self._in_recovery or self._rexmit_una or self._tail_probe) and self._fast:
+            # the common case, nothing due for retransmission: only new data goes out, which
+            # _next_segment would choose by _new_segment, in one loop; what the loop reads stays
+            # the same while it runs (no ACK arrives), so it is read once
+            mss = self.mss
+            una = self.snd_una
+            wnd_edge = una + self.snd_wnd
+            # the room cwnd leaves, plus limited transmit (RFC 3042), less what is in flight
+            limit = self.cc.cwnd + self._sb.sacked_bytes + una
+            if self._dupacks:
+                limit += min(self._dupacks, 2) * mss
+            fin_queued = self._fin_queued
+            window = -1
+            sack = b""
+            stack = self._stack
+            while True:
+                seq = self.snd_max
+                room = limit - seq
+                if room <= 0:
+                    break
+                if seq >= data_end:
+                    if not (fin_queued and seq == data_end):
+                        break
+                    end = seq  # a bare FIN needs no window
+                    fin = True
+                    payload: bytes | bytearray = b""
+                    flags = ACK | FIN
+                else:
+                    end = seq + mss
+                    if end > data_end:
+                        end = data_end
+                    if end > wnd_edge:
+                        end = wnd_edge
+                    if end > seq + room:
+                        end = seq + room
+                    length = end - seq
+                    if length <= 0:
+                        break
+                    if self._window_probe:
+                        self._window_probe = False
+                    elif length < mss and end < data_end:
+                        if end == seq + room and seq > una:
+                            break  # cwnd-limited: wait for ACKs rather than send a runt
+                        if end == wnd_edge and length * 2 < self._max_snd_wnd:
+                            break  # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
+                    fin = fin_queued and end == data_end
+                    off = seq - self._buf_seq
+                    payload = self._sndbuf[off : off + length]  # one copy (the packet is another)
+                    if fin:
+                        flags = ACK | FIN
+                    elif end == data_end:
+                        flags = ACK | PSH
+                    else:
+                        flags = ACK
+                if window < 0:
+                    window = self._window_field()
+                    if self.sack_ok and self._ooo._starts:
+                        sack = self._sack_option()
+                # Stack._emit_tcp, inlined
+                stack._ident = ident = (stack._ident + 1) & 0xFFFF
+                if self.remote_ip_bytes in stack.checksum_free:
+                    stack.stats["tx_no_checksum"] += 1
+                    stack._out.append(self._tmpl.build(ident, seq, self.rcv_nxt, flags, window, payload, sack, False))
+                else:
+                    stack._out.append(self._tmpl.build(ident, seq, self.rcv_nxt, flags, window, payload, sack))
+                self._ack_now = False
+                self._delack_at = None
+                self._delack_bytes = 0
+                self.snd_nxt = self.snd_max = seg_end = end + fin
+                if self._rtt_seq is None:
+                    self._rtt_seq = seg_end
+                    self._rtt_time = now
+                if self._rto_at is None:
+                    self._rto_at = now + self._current_rto()
+        else:
+            self._send_any_data(now, data_end)
+        if self.snd_max > self.snd_una:
+            if self._probe_at is None and self._probe_count < MAX_PROBES and self.snd_nxt == self.snd_max:
+                self._probe_at = now + self._pto()
+        else:
+            self._probe_at = None
+        # data waiting, nothing in flight, window too small: probe it (persist timer)
+        fin_end = data_end + self._fin_queued
+        if self.snd_max == self.snd_una and self.snd_nxt < fin_end:
+            if self._persist_at is None:
+                self._persist_at = now + min(self._current_rto() * (1 << self._persist_backoff), self._cfg.max_rto)
+        else:
+            self._persist_at = None
+
+    def _send_any_data(self, now: float, data_end: int) -> None:
+        """What ``_next_segment`` chooses, one segment after the other (retransmissions too)."""
         # nothing arrives while a burst goes out: its window and SACK blocks are the same for all
         window = sack = None
         while (nxt := self._next_segment(data_end)) is not None:
@@ -916,18 +1116,6 @@ class TcpConnection:
                     self._rtt_time = now
             if self._rto_at is None:
                 self._rto_at = now + self._current_rto()
-        if self.snd_max > self.snd_una:
-            if self._probe_at is None and self._probe_count < MAX_PROBES and self.snd_nxt == self.snd_max:
-                self._probe_at = now + self._pto()
-        else:
-            self._probe_at = None
-        # data waiting, nothing in flight, window too small: probe it (persist timer)
-        fin_end = data_end + self._fin_queued
-        if self.snd_max == self.snd_una and self.snd_nxt < fin_end:
-            if self._persist_at is None:
-                self._persist_at = now + min(self._current_rto() * (1 << self._persist_backoff), self._cfg.max_rto)
-        else:
-            self._persist_at = None
 
     def _next_segment(self, data_end: int) -> tuple[int, int, bool, bool] | None:
         """The next segment to transmit as (seq, data end, FIN?, retransmission?), or None.
@@ -1016,10 +1204,22 @@ class TcpConnection:
             self._keepalive_probes = 0
 
     def _update_deadline(self) -> None:
-        d = None
-        for t in (self._rto_at, self._probe_at, self._delack_at, self._persist_at, self._keepalive_at, self._close_at):
-            if t is not None and (d is None or t < d):
-                d = t
+        d = self._rto_at
+        t = self._probe_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._delack_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._persist_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._keepalive_at
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._close_at
+        if t is not None and (d is None or t < d):
+            d = t
         self.deadline = d
 
     def _on_timer(self, now: float) -> None:

@@ -85,6 +85,11 @@ class DataPlane:
         # recomputed then, not on every data packet
         self._paths_at: float | None = None
         self._paths_stale = True
+        # earliest timer of every part but the device (server, probes, paths, hard NAT, port
+        # mapping, IPv6, TURN): only recomputed after something other than WireGuard traffic ran
+        # (``_arm_timer``)
+        self._others_at: float | None = None
+        self._others_stale = True
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
@@ -133,9 +138,9 @@ class DataPlane:
         self.loop = asyncio.get_running_loop()
         sock = bind_udp("0.0.0.0", self.port)
         self.port = sock.getsockname()[1]
-        self.udp = UdpSocket(sock, self._on_datagram, on_batch=self._flush, loop=self.loop)
+        self.udp = UdpSocket(sock, self._on_datagram, on_batch=self._flush_wire, loop=self.loop)
         log.info("data plane on UDP port %d", self.port)
-        self.v6.open(self.port, self._on_datagram, self._flush, self.loop)
+        self.v6.open(self.port, self._on_datagram, self._flush_wire, self.loop)
 
     def close(self) -> None:
         if self._timer:
@@ -161,6 +166,7 @@ class DataPlane:
         ``udp_addrs``: the server's UDP endpoints it announced (one of the other address family is
         used for STUN: the node's public address in that family)."""
         server = self.server
+        self._others_stale = True     # the registration's and the probes' timers (``_arm_timer``)
         if (ip := server.resolve(host, udp_port)) is None:
             return
         self.v6.set_server(host, ip, udp_port, udp_addrs or [], server.server_is_loopback, self.own_ifaces)
@@ -173,6 +179,7 @@ class DataPlane:
 
     def start_probe(self) -> asyncio.Future:
         """(Re)learn our public address and NAT behaviour from the server's STUN ports."""
+        self._others_stale = True
         if out := self.v6.start_stun(self.now()):
             self._out.extend(out)
             self._schedule_flush()
@@ -227,6 +234,7 @@ class DataPlane:
 
     def set_turn(self, creds: dict | None) -> None:
         """The server's TURN server and our credentials for it (None: it names none)."""
+        self._others_stale = True
         self.turn.configure(creds)
 
     def ipv6_summary(self) -> dict:
@@ -344,7 +352,7 @@ class DataPlane:
         netstack's ACKs) go out with that flush's batch."""
         self.table.send_packets(packets, self.now())
         if not self._delivering:
-            self._flush()
+            self._flush_wire()
 
     def send_frames(self, frames: list[tuple[bytes | None, bytes]]) -> None:
         """Ethernet frames from our TAP device: (key, frame) to one TAP member, (None, frame) to all."""
@@ -353,7 +361,10 @@ class DataPlane:
 
     # ------------------------------------------------------------------ input
     def _on_datagram(self, view: memoryview, addr) -> None:
+        """One datagram of a batch (the socket calls ``_flush_wire`` after the batch): anything
+        but WireGuard may move a part's timer, so it marks them for ``_arm_timer``."""
         if self.turn.server is not None and self.turn.is_server(addr):
+            self._others_stale = True
             # before the classifier: ChannelData's first bytes look like other protocols' magic
             if (got := self.turn.receive(view, self.now())) is not None and got[0] in self.table.peers:
                 self.device.receive(got[1], RelayAddr(got[0]), self.now())
@@ -361,7 +372,9 @@ class DataPlane:
         kind = classify_datagram(view, addr, self.portmap.gateway)
         if kind is WIREGUARD:
             self.device.receive(view, addr, self.loop.time())
-        elif kind is RELAY:
+            return
+        self._others_stale = True
+        if kind is RELAY:
             if (got := self.server.relay_receive(bytes(view), addr)) is not None and got[0] in self.table.peers:
                 self.device.receive(got[1], RelayAddr(got[0]), self.now())
         elif kind is DISCO:
@@ -396,21 +409,28 @@ class DataPlane:
 
     # ------------------------------------------------------------------ output
     def _schedule_flush(self) -> None:
+        self._others_stale = True     # a part has output or a new timer (the parts call this)
         if not self._flush_scheduled and self.loop is not None:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Flush after anything (a part's input, a timer, configuration): every timer is recomputed."""
+        self._others_stale = True
+        self._flush_wire()
+
+    def _flush_wire(self) -> None:
+        """Flush after WireGuard traffic only (outbound inner packets; a batch of datagrams, whose
+        other kinds ``_on_datagram`` marked): the parts' timers are recomputed only when marked."""
         self._flush_scheduled = False
         dev = self.device
         peers = self.table.peers
-        now = self.now()
         while (ev := dev.next_event()) is not None:
             if type(ev) is PacketReceived:
-                entry = peers.get(ev.public_key)
-                pkt = ev.packet
+                key, pkt = ev
+                entry = peers.get(key)
                 if pkt[0] == L2_FRAME:
-                    if entry is not None and self.frame_sink is not None and entry.group_rx.take(now):
+                    if entry is not None and self.frame_sink is not None and entry.group_rx.take(self.now()):
                         self._frames.append((entry.key, pkt[1:]))
                     else:
                         self.stats["group_capped"] += 1
@@ -418,9 +438,8 @@ class DataPlane:
                 if entry is None or len(pkt) < 20 or not entry.allows(pkt[12:16]):
                     self.stats["spoofed"] += 1  # cryptokey routing: a peer speaks only for its own IP
                     continue
-                dst = pkt[16:20]
-                if dst[0] >= 224 or dst == self.table.pool_broadcast:
-                    if not self.table.is_group(dst) or not entry.group_rx.take(now):
+                if pkt[16] >= 224 or pkt[16:20] == self.table.pool_broadcast:
+                    if not self.table.is_group(pkt[16:20]) or not entry.group_rx.take(self.now()):
                         self.stats["group_capped"] += 1
                         continue
                 self._inner.append(pkt)
@@ -463,7 +482,17 @@ class DataPlane:
         out = self._out
         out.extend(dev.datagrams_to_send())
         if self._dirty_paths:
-            self._paths_stale = True
+            self._flush_paths(out)
+        if out:
+            self._send_all(out)
+            out.clear()
+        self._arm_timer()
+
+    def _flush_paths(self, out: list) -> None:
+        """Output and events of the peers' paths that had input or timers."""
+        dev = self.device
+        now = self.now()
+        self._paths_stale = True
         for entry in self._dirty_paths:
             path = entry.path
             out.extend(path.datagrams_to_send(now))
@@ -479,10 +508,6 @@ class DataPlane:
                 if pev.path is None and pev.reason == "lost":
                     self.loop.call_soon(self.start_probe)  # a rebinding NAT: our public address may have moved
         self._dirty_paths.clear()
-        if out:
-            self._send_all(out)
-            out.clear()
-        self._arm_timer()
 
     def _send_all(self, items: list[tuple[bytes, object]]) -> None:
         batch: list = []
@@ -502,22 +527,45 @@ class DataPlane:
 
     # ------------------------------------------------------------------ timers
     def _arm_timer(self) -> None:
-        if self._paths_stale:
-            pt = [t for e in self.table.peers.values() if e.path is not None and (t := e.path.get_timer()) is not None]
-            self._paths_at = min(pt) if pt else None
-            self._paths_stale = False
-        server = self.server
-        times = [t for t in (self.device.get_timer(), server.next_register(), server.next_probe, self._paths_at,
-                             server.probe.get_timer() if server.probe else None, self.hardnat.timer(),
-                             self.portmap.timer(), self.v6.timer(), self.turn.timer())
-                 if t is not None]
-        at = max(min(times), self.now()) if times else None  # the device may ask for "at once" (-inf)
-        if at == self._timer_at:
+        """(Re)arm the one timer at the earliest deadline of the device and the parts.
+
+        The parts' timers (everything but the device's) move only when a part runs: on a timer,
+        on input other than WireGuard, on configuration, or when a part asks for a flush
+        (``_schedule_flush``); all of these mark them stale, so WireGuard traffic alone reads only
+        the device's timer. An armed timer earlier than needed is kept: firing early costs one
+        ``_on_timer`` that finds nothing due (every part checks its own deadlines) and re-arms at
+        the right time, far cheaper than moving the loop's timer on every packet, as the device's
+        keepalive deadlines do."""
+        if self._others_stale or self._paths_stale:
+            if self._paths_stale:
+                pt = [t for e in self.table.peers.values()
+                      if e.path is not None and (t := e.path.get_timer()) is not None]
+                self._paths_at = min(pt) if pt else None
+                self._paths_stale = False
+            server = self.server
+            others = [t for t in (server.next_register(), server.next_probe, self._paths_at,
+                                  server.probe.get_timer() if server.probe else None, self.hardnat.timer(),
+                                  self.portmap.timer(), self.v6.timer(), self.turn.timer())
+                      if t is not None]
+            self._others_at = min(others) if others else None
+            self._others_stale = False
+        at = self.device.get_timer()
+        others_at = self._others_at
+        if at is None or (others_at is not None and others_at < at):
+            at = others_at
+        if at is None:
+            return      # nothing to wake for; a timer still armed fires early, harmlessly
+        armed = self._timer_at
+        if armed is not None and armed <= at:
             return
+        if at < (now := self.now()):
+            at = now    # the device may ask for "at once" (-inf)
+            if armed is not None and armed <= at:
+                return
         if self._timer:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = self.loop.call_at(at, self._on_timer) if at is not None else None
+        self._timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -43,7 +43,7 @@ def fmt_endpoint(addr) -> str:
 class PeerEntry:
     """A peer: an overlay member (``path`` drives discovery) or a static WireGuard peer (no path)."""
 
-    __slots__ = ("key", "name", "vip", "path", "endpoint", "online", "allowed", "iface", "group_rx")
+    __slots__ = ("key", "name", "vip", "path", "endpoint", "online", "_allowed", "_single", "iface", "group_rx")
 
     def __init__(self, key: bytes, name: str, vip: str, path: PeerPath | None,
                  allowed: list[ipaddress.IPv4Network] | None = None):
@@ -54,12 +54,23 @@ class PeerEntry:
         self.iface: str | None = None       # "tun" / "tap" for a member with a kernel interface
         self.group_rx = TokenBucket(GROUP_RATE, GROUP_BURST)   # broadcast / multicast / frames accepted from it
 
+    @property
+    def allowed(self) -> list[ipaddress.IPv4Network]:
+        """The prefixes this peer speaks for (its virtual IP first, for a member)."""
+        return self._allowed
+
+    @allowed.setter
+    def allowed(self, nets: list[ipaddress.IPv4Network]) -> None:
+        self._allowed = nets
+        # the usual case, one address: ``allows`` compares bytes (checked on every packet in)
+        self._single = nets[0].network_address.packed if len(nets) == 1 and nets[0].prefixlen == 32 else None
+
     def allows(self, src: bytes) -> bool:
         """Cryptokey routing: may this peer send packets from ``src``?"""
-        if len(self.allowed) == 1 and self.allowed[0].prefixlen == 32:
-            return src == self.allowed[0].network_address.packed
+        if self._single is not None:
+            return src == self._single
         a = ipaddress.IPv4Address(src)
-        return any(a in n for n in self.allowed)
+        return any(a in n for n in self._allowed)
 
 
 class PeerTable:

@@ -26,6 +26,7 @@ from overlay.wire.constants import (
     MAX_TIMER_HANDSHAKES,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEY_MATERIAL_AFTER,
@@ -90,6 +91,8 @@ _IP_LENGTH = struct.Struct(">H")
 _new_tuple = tuple.__new__
 """Builds a NamedTuple event without its Python-level ``__new__`` (hot path only)."""
 _SENDER = struct.Struct("<I")
+_nonce_of = crypto.nonce_of
+_TagError = crypto.TagError
 
 STAT_NAMES = (
     "rx_datagrams", "malformed", "unknown_index", "expired_key", "auth_failed", "replayed", "plain_refused",
@@ -136,6 +139,9 @@ class Device:
         self._load_window_start = float("-inf")
         self._load_count = 0
         self._under_load_until = float("-inf")
+        # ``get_timer``'s answer, kept while only data traffic ran (see there)
+        self._timer_bound: float | None = None
+        self._timer_valid = False
 
     # ------------------------------------------------------------------ configuration
 
@@ -159,11 +165,13 @@ class Device:
         except crypto.DecryptError:
             raise ValueError("invalid (low-order) peer public key") from None
         self._peers[public_key] = peer
+        self._timer_valid = False
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
         peer = self._peers.pop(public_key)
         self._forget_keys(peer)
+        self._timer_valid = False
 
     def set_endpoint(self, public_key: bytes, addr: Hashable) -> None:
         """Move a peer to another path (the NAT-traversal layer found a better one)."""
@@ -177,6 +185,7 @@ class Device:
 
     def initiate_handshake(self, public_key: bytes, now: float) -> None:
         """Start a handshake now (rate-limited to one per REKEY_TIMEOUT, as every initiation)."""
+        self._timer_valid = False
         self._send_initiation(self._peers[public_key], now, retry=False)
 
     def peer_stats(self, public_key: bytes) -> dict:
@@ -203,15 +212,27 @@ class Device:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
-        """Earliest peer deadline (may already be past: call ``handle_timer`` at once)."""
+        """The earliest peer deadline, or earlier (may already be past: call ``handle_timer`` at once).
+
+        Exact after any call but data traffic. Data sent and received only move the peer's
+        deadlines, so the answer is kept across them (no pass over every peer after each packet):
+        a deadline they set earlier lowers it; one they clear or postpone (a keepalive made
+        unnecessary by an answer) leaves it early, and ``handle_timer`` then finds nothing due and
+        makes the next answer exact. Never later than a deadline, so no timer is missed.
+        """
+        if self._timer_valid:
+            return self._timer_bound
         best = None
         for peer in self._peers.values():
             t = peer.next_deadline()
             if t is not None and (best is None or t < best):
                 best = t
+        self._timer_bound = best
+        self._timer_valid = True
         return best
 
     def handle_timer(self, now: float) -> None:
+        self._timer_valid = False
         for peer in list(self._peers.values()):
             if peer.retransmit_at is not None and now >= peer.retransmit_at:
                 peer.retransmit_at = None
@@ -241,19 +262,44 @@ class Device:
         (capped at the MTU) as WireGuard does; other inner types go unpadded.
         """
         peer = self._peers[public_key]
-        if len(packet) > MAX_PACKET_SIZE:
-            raise ValueError(f"packet of {len(packet)} bytes exceeds {MAX_PACKET_SIZE}")
+        n = len(packet)
+        if n > MAX_PACKET_SIZE:
+            raise ValueError(f"packet of {n} bytes exceeds {MAX_PACKET_SIZE}")
         kp = peer.keypairs.current
         if (
             not peer.staged and kp is not None
             and kp.send_counter < REJECT_AFTER_MESSAGES and now - kp.created < REJECT_AFTER_TIME
         ):
-            self._encrypt(peer, kp, packet)
-            if peer.send_keepalive_at is not None or peer.persistent_keepalive or not packet or kp.needs_rekey(now):
-                self._after_send(peer, kp, bool(packet), now)
-            elif peer.new_handshake_at is None:  # the common case of _after_send, inline
-                peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            if not n or peer.plaintext or peer.endpoint is None:
+                self._encrypt(peer, kp, packet)
+            else:
+                # the per-packet path: _encrypt and _emit inline
+                if packet[0] >> 4 in (4, 6):
+                    pad = -n & 15
+                    if n + pad > self.mtu:
+                        pad = max(0, self.mtu - n)
+                    if pad:
+                        packet = packet + _PAD[pad]
+                self.stats["packets_tx"] += 1
+                counter = kp.send_counter
+                kp.send_counter = counter + 1
+                datagram = (TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter)
+                            + kp.seal(_nonce_of(counter), packet, None))
+                peer.tx_bytes += len(datagram)
+                peer.tx_packets += 1
+                self._out.append((datagram, peer.endpoint))
+            if (not n or peer.persistent_keepalive or kp.send_counter >= REKEY_AFTER_MESSAGES
+                    or now >= kp.rekey_at):
+                self._timer_valid = False
+                self._after_send(peer, kp, bool(n), now)
+            else:  # the common case of _after_send, inline
+                peer.send_keepalive_at = None
+                if peer.new_handshake_at is None:
+                    t = peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+                    if (bound := self._timer_bound) is None or t < bound:
+                        self._timer_bound = t
             return
+        self._timer_valid = False
         if len(peer.staged) == peer.staged.maxlen:
             self.stats["staged_dropped"] += 1
         peer.staged.append(packet)
@@ -275,6 +321,7 @@ class Device:
             if kind == MSG_TRANSPORT_PLAIN:
                 self._receive_transport(datagram, receiver, counter, addr, now, plain=True)
                 return
+        self._timer_valid = False
         t = message_type(datagram)
         try:
             if t == MSG_INITIATION:
@@ -357,17 +404,21 @@ class Device:
         if now - kp.created >= REJECT_AFTER_TIME:
             self.stats["expired_key"] += 1
             return
-        try:
-            if plain:
-                if not kp.peer.plaintext:
-                    self.stats["plain_refused"] += 1   # encryption is on for this peer: never downgrade
-                    return
+        if plain:
+            if not kp.peer.plaintext:
+                self.stats["plain_refused"] += 1   # encryption is on for this peer: never downgrade
+                return
+            try:
                 packet = kp.receive.open_plain(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
-            else:
-                packet = kp.receive.decrypt(counter, memoryview(datagram)[TRANSPORT_HEADER_SIZE:])
-        except crypto.DecryptError:
-            self.stats["auth_failed"] += 1
-            return
+            except crypto.DecryptError:
+                self.stats["auth_failed"] += 1
+                return
+        else:
+            try:
+                packet = kp.open(_nonce_of(counter), memoryview(datagram)[TRANSPORT_HEADER_SIZE:], None)
+            except _TagError:
+                self.stats["auth_failed"] += 1
+                return
         if not kp.replay.check_and_update(counter, REJECT_AFTER_MESSAGES):
             self.stats["replayed"] += 1
             return
@@ -376,6 +427,7 @@ class Device:
             self._roam(peer, addr)
         keypairs = peer.keypairs
         if keypairs.next is kp:
+            self._timer_valid = False
             for dropped in keypairs.confirm():
                 self._index.pop(dropped.local_index, None)
             self._handshake_complete(peer, now)
@@ -384,8 +436,10 @@ class Device:
         if cur is not None and now > cur.last_minute_at and not peer.sent_last_minute_handshake:
             # Our sending key expires soon and the peer (responder) will not rekey by time.
             peer.sent_last_minute_handshake = True
+            self._timer_valid = False
             self._send_initiation(peer, now, retry=False)
         if peer.persistent_keepalive:
+            self._timer_valid = False
             peer.persistent_keepalive_at = now + peer.persistent_keepalive
         peer.new_handshake_at = None
         peer.rx_bytes += len(datagram)
@@ -395,7 +449,9 @@ class Device:
             self.stats["keepalives_rx"] += 1
             return
         if peer.send_keepalive_at is None:
-            peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+            t = peer.send_keepalive_at = now + KEEPALIVE_TIMEOUT
+            if (bound := self._timer_bound) is None or t < bound:
+                self._timer_bound = t     # (``get_timer``)
         else:
             peer.need_another_keepalive = True
         version = packet[0] >> 4

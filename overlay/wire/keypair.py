@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class Keypair:
     __slots__ = (
         "send", "receive", "send_counter", "replay", "created", "is_initiator", "local_index", "remote_index",
-        "peer", "rekey_at", "last_minute_at",
+        "peer", "rekey_at", "last_minute_at", "seal", "open",
     )
 
     def __init__(
@@ -37,6 +37,8 @@ class Keypair:
     ):
         self.send = crypto.Aead(send_key)
         self.receive = crypto.Aead(receive_key)
+        self.seal = self.send.seal_nonce     # per packet: (crypto.nonce_of(counter), packet, None)
+        self.open = self.receive.open_nonce  # raises crypto.TagError
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.created = now

@@ -34,20 +34,22 @@ class ReplayWindow:
         """
         if counter >= limit:
             return False
-        ring = self._ring
-        block = counter >> _BLOCK_BITS_LOG
         last = self._last
         if counter > last:
+            block = counter >> _BLOCK_BITS_LOG
             current = last >> _BLOCK_BITS_LOG
-            diff = block - current
-            if diff > _RING_BLOCKS:
-                diff = _RING_BLOCKS
-            for i in range(current + 1, current + diff + 1):
-                ring[i & _BLOCK_MASK] = 0
+            if block != current:    # in order within a block (the usual case) zeroes nothing
+                ring = self._ring
+                diff = block - current
+                if diff > _RING_BLOCKS:
+                    diff = _RING_BLOCKS
+                for i in range(current + 1, current + diff + 1):
+                    ring[i & _BLOCK_MASK] = 0
             self._last = counter
         elif last - counter > WINDOW_SIZE:
             return False
-        block &= _BLOCK_MASK
+        ring = self._ring
+        block = (counter >> _BLOCK_BITS_LOG) & _BLOCK_MASK
         bit = 1 << (counter & _BIT_MASK)
         old = ring[block]
         if old & bit:
