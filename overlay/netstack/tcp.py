@@ -26,6 +26,15 @@ What it implements, and where the rules come from:
   SACK blocks, for the sender's fast retransmit. Window updates after a read follow Linux: only
   when the window at least doubles over what the peer still has (``recv``).
 
+Fast paths, as Linux has them (header prediction, Van Jacobson's): the common segment of an
+established connection (ACK, maybe PSH, no options, the next in sequence, the window unchanged,
+acknowledging new data or carrying data that fits, nothing out of order or in recovery) is parsed
+by the stack in one go and handled by ``_fast_segment`` in one straight function; sending new
+data when nothing is due for retransmission is one loop in ``_send_data``, each packet built
+from the connection's header template (``wire.TcpTemplate``). Each has exactly the effect of
+the full path it shortcuts (same packets, events, timers and state: the tests run both and
+compare); anything else takes the full path.
+
 Sequence numbers are kept unwrapped (Python ints starting at the ISN that never wrap) and
 masked to 32 bits only on the wire; incoming numbers are unwrapped to the value nearest the
 reference point. That makes every comparison a plain integer comparison.
@@ -1063,7 +1072,7 @@ class TcpConnection:
                     self._rtt_seq = seg_end
                     self._rtt_time = now
                 if self._rto_at is None:
-                    self._rto_at = now + self._current_rto()
+                    self._rto_at = now + min(self._rto * (1 << self._backoff), self._cfg.max_rto)  # _current_rto
         else:
             self._send_any_data(now, data_end)
         if self.snd_max > self.snd_una:
