@@ -440,11 +440,11 @@ class TcpConnection:
         the raw field, ``flags`` masked to the six classic bits; the segment has no options.
 
         It qualifies when: ESTABLISHED; flags ACK (PSH allowed) and nothing else; seq == rcv_nxt;
-        the window unchanged and not zero; snd_una <= ack <= snd_max, and either new data acknowledged or data
-        carried (a bare ACK of nothing new may be a duplicate ACK); the data fits the window;
-        nothing held out of order, no FIN seen, no SACK scoreboard, not in recovery, no
-        retransmission being watched. Returns False, having changed nothing, otherwise: the
-        caller takes the full path."""
+        the window unchanged and not zero; snd_una <= ack <= snd_max, and either new data
+        acknowledged or data carried (a bare ACK of nothing new may be a duplicate ACK); the data
+        fits the window; nothing held out of order, no FIN seen, no SACK scoreboard, not in
+        recovery, no retransmission being watched. Returns False, having changed nothing,
+        otherwise: the caller takes the full path."""
         rcv_nxt = self.rcv_nxt
         una = self.snd_una
         acked = (ack - una) & MASK32  # ack - snd_una, unwrapped
