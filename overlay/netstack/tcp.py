@@ -316,11 +316,15 @@ class TcpConnection:
             # the peer still has plenty of room (the first small read of a connection, whose window
             # only looks grown from the SYN's 64 KiB cap): the next ACK carries it
             left = self._rcv_adv - self.rcv_nxt
-            new = min(self._rcv_cap - len(buf), 0xFFFF << self._rcv_wscale)
-            enough = min(self._rcv_cap // 2, 2 * self.our_mss)
-            if new >= 2 * left and new - left >= enough and (len(data) >= enough or left < 8 * enough):
-                self._ack_now = True
-                self._stack._mark_dirty(self)
+            new = self._rcv_cap - len(buf)
+            most = 0xFFFF << self._rcv_wscale
+            if new > most:
+                new = most
+            if new >= 2 * left:
+                enough = min(self._rcv_cap // 2, 2 * self.our_mss)
+                if new - left >= enough and (len(data) >= enough or left < 8 * enough):
+                    self._ack_now = True
+                    self._stack._mark_dirty(self)
         return data
 
     def close(self, *, orphan: bool = False) -> None:
@@ -485,7 +489,7 @@ class TcpConnection:
                 self.snd_nxt = ack
             buf = self._sndbuf
             buf_seq = self._buf_seq
-            k = min(ack, buf_seq + len(buf)) - buf_seq
+            k = (ack if ack < buf_seq + len(buf) else buf_seq + len(buf)) - buf_seq
             if k > 0:
                 del buf[:k]
                 self._buf_seq = buf_seq + k
@@ -513,7 +517,11 @@ class TcpConnection:
                 cwnd = cc.cwnd
                 if 2 * flight >= cwnd if cwnd < cc.ssthresh else flight + self.mss >= cwnd:
                     cc.on_ack(acked, now, self._srtt)
-            self._rto_at = now + min(self._rto, cfg.max_rto) if snd_max > ack else None
+            if snd_max > ack:
+                rto = self._rto  # _current_rto, the backoff being 0
+                self._rto_at = now + (rto if rto <= cfg.max_rto else cfg.max_rto)
+            else:
+                self._rto_at = None
             # (no FIN of ours is queued in ESTABLISHED)
             if self._send_blocked and cfg.send_buffer - len(buf) >= cfg.send_buffer // 4:
                 self._send_blocked = False
@@ -958,7 +966,8 @@ class TcpConnection:
         if free < 0:
             free = 0
         edge = self.rcv_nxt + free
-        if edge - self._rcv_adv >= min(self._rcv_cap // 2, self.our_mss):
+        half = self._rcv_cap // 2
+        if edge - self._rcv_adv >= (half if half < self.our_mss else self.our_mss):
             adv = edge
         else:
             adv = max(self._rcv_adv, self.rcv_nxt)
