@@ -172,8 +172,8 @@ def tcp_of(pkt: bytes) -> wire.TcpSegment:
     return wire.parse_tcp(wire.parse_ipv4(pkt, False), False)
 
 
-# (name, action, fast?) — fast: the fast path must take it; False: it must not
-def _script() -> list[tuple[str, Callable[[ScriptedPeer], None], bool]]:
+# (name, action, fast?): True, the fast path must take it; False, it must not; None, no segment arrives
+def _script() -> list[tuple[str, Callable[[ScriptedPeer], object], bool | None]]:
     W = wire.ACK
     return [
         # the SYN-ACK's window was not scaled, this one is: a window change
@@ -207,7 +207,7 @@ def _script() -> list[tuple[str, Callable[[ScriptedPeer], None], bool]]:
         ("window reopens", lambda p: (setattr(p, "window", 512), p.data(b"", flags=W))[1], False),
         ("data, window as before", lambda p: p.data(b"r", ack=p.una), True),
         ("a timer run", lambda p: p.timer(), None),
-        ("RST-less SYN", lambda p: p.data(b"", flags=wire.SYN | W), False),
+        ("SYN on the established connection (challenge ACK)", lambda p: p.data(b"", flags=wire.SYN | W), False),
         ("FIN", lambda p: p.data(b"bye", flags=W | wire.FIN), False),
         ("data after FIN", lambda p: p.data(b"more"), False),
         ("close", lambda p: (p.conn.close(), p.out())[1], None),
