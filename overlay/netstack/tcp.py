@@ -26,6 +26,15 @@ What it implements, and where the rules come from:
   SACK blocks, for the sender's fast retransmit. Window updates after a read follow Linux: only
   when the window at least doubles over what the peer still has (``recv``).
 
+Fast paths, as Linux has them (header prediction, Van Jacobson's): the common segment of an
+established connection (ACK, maybe PSH, no options, the next in sequence, the window unchanged,
+acknowledging new data or carrying data that fits, nothing out of order or in recovery) is parsed
+by the stack in one go and handled by ``_fast_segment`` in one straight function; sending new
+data when nothing is due for retransmission is one loop in ``_send_data``, each packet built
+from the connection's header template (``wire.TcpTemplate``). Each has exactly the effect of
+the full path it shortcuts (same packets, events, timers and state: the tests run both and
+compare); anything else takes the full path.
+
 Sequence numbers are kept unwrapped (Python ints starting at the ISN that never wrap) and
 masked to 32 bits only on the wire; incoming numbers are unwrapped to the value nearest the
 reference point. That makes every comparison a plain integer comparison.
@@ -307,11 +316,15 @@ class TcpConnection:
             # the peer still has plenty of room (the first small read of a connection, whose window
             # only looks grown from the SYN's 64 KiB cap): the next ACK carries it
             left = self._rcv_adv - self.rcv_nxt
-            new = min(self._rcv_cap - len(buf), 0xFFFF << self._rcv_wscale)
-            enough = min(self._rcv_cap // 2, 2 * self.our_mss)
-            if new >= 2 * left and new - left >= enough and (len(data) >= enough or left < 8 * enough):
-                self._ack_now = True
-                self._stack._mark_dirty(self)
+            new = self._rcv_cap - len(buf)
+            most = 0xFFFF << self._rcv_wscale
+            if new > most:
+                new = most
+            if new >= 2 * left:
+                enough = min(self._rcv_cap // 2, 2 * self.our_mss)
+                if new - left >= enough and (len(data) >= enough or left < 8 * enough):
+                    self._ack_now = True
+                    self._stack._mark_dirty(self)
         return data
 
     def close(self, *, orphan: bool = False) -> None:
@@ -431,11 +444,11 @@ class TcpConnection:
         the raw field, ``flags`` masked to the six classic bits; the segment has no options.
 
         It qualifies when: ESTABLISHED; flags ACK (PSH allowed) and nothing else; seq == rcv_nxt;
-        the window unchanged and not zero; snd_una <= ack <= snd_max, and either new data acknowledged or data
-        carried (a bare ACK of nothing new may be a duplicate ACK); the data fits the window;
-        nothing held out of order, no FIN seen, no SACK scoreboard, not in recovery, no
-        retransmission being watched. Returns False, having changed nothing, otherwise: the
-        caller takes the full path."""
+        the window unchanged and not zero; snd_una <= ack <= snd_max, and either new data
+        acknowledged or data carried (a bare ACK of nothing new may be a duplicate ACK); the data
+        fits the window; nothing held out of order, no FIN seen, no SACK scoreboard, not in
+        recovery, no retransmission being watched. Returns False, having changed nothing,
+        otherwise: the caller takes the full path."""
         rcv_nxt = self.rcv_nxt
         una = self.snd_una
         acked = (ack - una) & MASK32  # ack - snd_una, unwrapped
@@ -476,7 +489,7 @@ class TcpConnection:
                 self.snd_nxt = ack
             buf = self._sndbuf
             buf_seq = self._buf_seq
-            k = min(ack, buf_seq + len(buf)) - buf_seq
+            k = (ack if ack < buf_seq + len(buf) else buf_seq + len(buf)) - buf_seq
             if k > 0:
                 del buf[:k]
                 self._buf_seq = buf_seq + k
@@ -504,7 +517,11 @@ class TcpConnection:
                 cwnd = cc.cwnd
                 if 2 * flight >= cwnd if cwnd < cc.ssthresh else flight + self.mss >= cwnd:
                     cc.on_ack(acked, now, self._srtt)
-            self._rto_at = now + min(self._rto, cfg.max_rto) if snd_max > ack else None
+            if snd_max > ack:
+                rto = self._rto  # _current_rto, the backoff being 0
+                self._rto_at = now + (rto if rto <= cfg.max_rto else cfg.max_rto)
+            else:
+                self._rto_at = None
             # (no FIN of ours is queued in ESTABLISHED)
             if self._send_blocked and cfg.send_buffer - len(buf) >= cfg.send_buffer // 4:
                 self._send_blocked = False
@@ -949,7 +966,8 @@ class TcpConnection:
         if free < 0:
             free = 0
         edge = self.rcv_nxt + free
-        if edge - self._rcv_adv >= min(self._rcv_cap // 2, self.our_mss):
+        half = self._rcv_cap // 2
+        if edge - self._rcv_adv >= (half if half < self.our_mss else self.our_mss):
             adv = edge
         else:
             adv = max(self._rcv_adv, self.rcv_nxt)
@@ -1063,7 +1081,7 @@ class TcpConnection:
                     self._rtt_seq = seg_end
                     self._rtt_time = now
                 if self._rto_at is None:
-                    self._rto_at = now + self._current_rto()
+                    self._rto_at = now + min(self._rto * (1 << self._backoff), self._cfg.max_rto)  # _current_rto
         else:
             self._send_any_data(now, data_end)
         if self.snd_max > self.snd_una:

@@ -512,15 +512,21 @@ class DataPlane:
     def _send_all(self, items: list[tuple[bytes, object]]) -> None:
         batch: list = []
         via = self.hardnat.via
-        for data, addr in items:
+        v6 = False      # an IPv6 address in the batch (or one the relays put there)
+        v6_open = self.v6.udp is not None
+        for item in items:
+            addr = item[1]
             if isinstance(addr, RelayAddr):
-                if not self.turn.send(addr.key, data, batch):
-                    self.server.relay_send(addr.key, data, batch)
+                v6 = True
+                if not self.turn.send(addr.key, item[0], batch):
+                    self.server.relay_send(addr.key, item[0], batch)
             elif via and addr in via:
-                via[addr].send_batch([(data, addr)])
+                via[addr].send_batch([item])
             else:
-                batch.append((data, addr))
-        if batch:
+                if v6_open and not v6 and ":" in addr[0]:   # type: ignore[index]
+                    v6 = True
+                batch.append(item)
+        if v6 and batch:
             batch = self.v6.send_own(batch)     # IPv6 addresses leave through the IPv6 socket
         if batch and self.udp:
             self.udp.send_batch(batch)

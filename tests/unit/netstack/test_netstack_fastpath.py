@@ -172,8 +172,8 @@ def tcp_of(pkt: bytes) -> wire.TcpSegment:
     return wire.parse_tcp(wire.parse_ipv4(pkt, False), False)
 
 
-# (name, action, fast?) — fast: the fast path must take it; False: it must not
-def _script() -> list[tuple[str, Callable[[ScriptedPeer], None], bool]]:
+# (name, action, fast?): True, the fast path must take it; False, it must not; None, no segment arrives
+def _script() -> list[tuple[str, Callable[[ScriptedPeer], object], bool | None]]:
     W = wire.ACK
     return [
         # the SYN-ACK's window was not scaled, this one is: a window change
@@ -207,7 +207,7 @@ def _script() -> list[tuple[str, Callable[[ScriptedPeer], None], bool]]:
         ("window reopens", lambda p: (setattr(p, "window", 512), p.data(b"", flags=W))[1], False),
         ("data, window as before", lambda p: p.data(b"r", ack=p.una), True),
         ("a timer run", lambda p: p.timer(), None),
-        ("RST-less SYN", lambda p: p.data(b"", flags=wire.SYN | W), False),
+        ("SYN on the established connection (challenge ACK)", lambda p: p.data(b"", flags=wire.SYN | W), False),
         ("FIN", lambda p: p.data(b"bye", flags=W | wire.FIN), False),
         ("data after FIN", lambda p: p.data(b"more"), False),
         ("close", lambda p: (p.conn.close(), p.out())[1], None),
@@ -271,14 +271,16 @@ def test_template_property(src, dst, sport, dport, ident, seq, ack, flags, windo
 
 
 def simulate(monkeypatch: pytest.MonkeyPatch, fast: bool, seed: int, size_a: int, size_b: int, loss: float,
-             reorder: float, recv_buffer: int, slow_reader: bool) -> tuple[list, int]:
+             reorder: float, recv_buffer: int, slow_reader: bool, cc: str = "cubic",
+             keepalive: float | None = None) -> tuple[list, int]:
     """A and B exchange data both ways, then close (A verifies checksums and sends none, B the
     other way round); the whole trace: every packet, event, timer and connection state after
     every step, and how often the fast path was taken."""
     monkeypatch.setattr(tcp_mod, "FAST_PATH", fast)
     spy = FastPathSpy(monkeypatch)
     rng = random.Random(seed)
-    cfg = TcpConfig(send_buffer=64 * 1024, recv_buffer=recv_buffer, msl=1.0)
+    cfg = TcpConfig(send_buffer=64 * 1024, recv_buffer=recv_buffer, msl=1.0, congestion_control=cc,
+                    keepalive_idle=keepalive)
     now = 0.0
     a = deterministic_stack(A_IP, tcp=cfg, checksum_free={B})
     b = deterministic_stack(B_IP, tcp=cfg, verify_checksums=False)
@@ -374,10 +376,12 @@ def test_lossy_transfer_with_a_slow_reader_matches(monkeypatch):
     reorder=st.sampled_from([0.0, 0.3]),
     recv_buffer=st.sampled_from([8 * 1024, 64 * 1024]),
     slow_reader=st.booleans(),
+    cc=st.sampled_from(["cubic", "newreno"]),
+    keepalive=st.sampled_from([None, 0.05, 2.0]),
 )
 def test_property_fast_and_full_paths_agree(monkeypatch, seed, size_a, size_b, loss, reorder, recv_buffer,
-                                            slow_reader):
-    _compare(monkeypatch, seed, size_a, size_b, loss, reorder, recv_buffer, slow_reader)
+                                            slow_reader, cc, keepalive):
+    _compare(monkeypatch, seed, size_a, size_b, loss, reorder, recv_buffer, slow_reader, cc, keepalive)
 
 
 def _pingpong(monkeypatch: pytest.MonkeyPatch, fast: bool) -> tuple[list, int]:

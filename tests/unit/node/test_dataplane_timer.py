@@ -195,3 +195,34 @@ def test_the_armed_timer_is_never_late_whatever_happens():
         finally:
             p.close()
     asyncio.run(main())
+
+
+def test_send_all_sorts_ipv4_ipv6_and_relay():
+    """The flush's batch: IPv6 addresses through the IPv6 socket (also when only some are), the
+    rest through the IPv4 one, relayed peers framed for the server, order kept per socket."""
+    import pytest
+
+    from overlay.node.peers import RelayAddr
+
+    async def main():
+        dp = DataPlane(crypto.generate_private_key())
+        dp.start()
+        try:
+            if dp.v6.udp is None:
+                pytest.skip("no IPv6 socket on this machine")
+            v4: list = []
+            v6: list = []
+            dp.udp.send_batch = v4.extend
+            dp.v6.udp.send_batch = v6.extend
+            relayed: list = []
+            dp.server.relay_send = lambda key, data, batch: relayed.append((key, data))
+            dp._send_all([(b"1", ("192.0.2.1", 1)), (b"2", ("192.0.2.2", 2))])
+            assert v4 == [(b"1", ("192.0.2.1", 1)), (b"2", ("192.0.2.2", 2))] and v6 == []
+            v4.clear()
+            dp._send_all([(b"1", ("192.0.2.1", 1)), (b"2", ("2001:db8::2", 2)), (b"3", ("192.0.2.3", 3)),
+                          (b"4", RelayAddr(b"k" * 32))])
+            assert v4 == [(b"1", ("192.0.2.1", 1)), (b"3", ("192.0.2.3", 3))]
+            assert v6 == [(b"2", ("2001:db8::2", 2))] and relayed == [(b"k" * 32, b"4")]
+        finally:
+            dp.close()
+    asyncio.run(main())
