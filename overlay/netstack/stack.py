@@ -62,7 +62,6 @@ from .wire import (
     build_icmp,
     build_ipv4,
     build_ipv4_fragments,
-    build_ipv4_tcp,
     build_port_unreachable,
     build_tcp,
     build_udp,
@@ -596,21 +595,13 @@ class Stack:
 
     def _emit_tcp(self, conn: TcpConnection, seq: int, ack: int, flags: int, window: int, data: bytes | bytearray,
                   options: bytes) -> None:
+        """One segment of ``conn``, built from its header template (the bytes ``build_ipv4_tcp`` makes)."""
         self._ident = ident = (self._ident + 1) & 0xFFFF
-        dst = conn.remote_ip_bytes
-        if self._fast_path:  # the connection's header template: the same bytes, built faster
-            if dst in self.checksum_free:
-                self.stats["tx_no_checksum"] += 1
-                self._out.append(conn._tmpl.build(ident, seq, ack, flags, window, data, options, False))
-            else:
-                self._out.append(conn._tmpl.build(ident, seq, ack, flags, window, data, options))
-        elif dst in self.checksum_free:
+        if conn.remote_ip_bytes in self.checksum_free:
             self.stats["tx_no_checksum"] += 1
-            self._out.append(build_ipv4_tcp(conn.local_ip_bytes, dst, ident, conn.local_port, conn.remote_port,
-                                            seq, ack, flags, window, data, options, False))
+            self._out.append(conn._tmpl.build(ident, seq, ack, flags, window, data, options, False))
         else:
-            self._out.append(build_ipv4_tcp(conn.local_ip_bytes, dst, ident, conn.local_port, conn.remote_port,
-                                            seq, ack, flags, window, data, options))
+            self._out.append(conn._tmpl.build(ident, seq, ack, flags, window, data, options))
 
     def _event(self, ev: object) -> None:
         self._events.append(ev)

@@ -496,27 +496,12 @@ class TcpConnection:
             rtt_seq = self._rtt_seq
             cfg = self._cfg
             if rtt_seq is not None and ack >= rtt_seq:
-                r = now - self._rtt_time
-                if r >= 0:  # _rtt_sample, inlined
-                    srtt = self._srtt
-                    if srtt is None:
-                        srtt = r
-                        rttvar = r / 2
-                    else:
-                        rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - r)
-                        srtt = 0.875 * srtt + 0.125 * r
-                    self._srtt = srtt
-                    self._rttvar = rttvar
-                    self._rto = min(max(srtt + max(0.001, 4 * rttvar), cfg.min_rto), cfg.max_rto)
+                self._rtt_sample(now - self._rtt_time)
                 self._rtt_seq = None
             self._retries = self._backoff = self._persist_backoff = self._dupacks = 0
             snd_max = self.snd_max
-            if una > self.iss:  # _cwnd_limited, inlined
-                cc = self.cc
-                flight = snd_max - una
-                cwnd = cc.cwnd
-                if 2 * flight >= cwnd if cwnd < cc.ssthresh else flight + self.mss >= cwnd:
-                    cc.on_ack(acked, now, self._srtt)
+            if una > self.iss and self._cwnd_limited(snd_max - una):
+                self.cc.on_ack(acked, now, self._srtt)
             if snd_max > ack:
                 rto = self._rto  # _current_rto, the backoff being 0
                 self._rto_at = now + (rto if rto <= cfg.max_rto else cfg.max_rto)
@@ -1022,7 +1007,7 @@ class TcpConnection:
             fin_queued = self._fin_queued
             window = -1
             sack = b""
-            stack = self._stack
+            emit = self._stack._emit_tcp
             while True:
                 seq = self.snd_max
                 room = limit - seq
@@ -1066,13 +1051,7 @@ class TcpConnection:
                     window = self._window_field()
                     if self.sack_ok and self._ooo._starts:
                         sack = self._sack_option()
-                # Stack._emit_tcp, inlined
-                stack._ident = ident = (stack._ident + 1) & 0xFFFF
-                if self.remote_ip_bytes in stack.checksum_free:
-                    stack.stats["tx_no_checksum"] += 1
-                    stack._out.append(self._tmpl.build(ident, seq, self.rcv_nxt, flags, window, payload, sack, False))
-                else:
-                    stack._out.append(self._tmpl.build(ident, seq, self.rcv_nxt, flags, window, payload, sack))
+                emit(self, seq, self.rcv_nxt, flags, window, payload, sack)
                 self._ack_now = False
                 self._delack_at = None
                 self._delack_bytes = 0

@@ -26,7 +26,6 @@ from overlay.wire.constants import (
     MAX_TIMER_HANDSHAKES,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
-    REKEY_AFTER_MESSAGES,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEY_MATERIAL_AFTER,
@@ -270,26 +269,8 @@ class Device:
             not peer.staged and kp is not None
             and kp.send_counter < REJECT_AFTER_MESSAGES and now - kp.created < REJECT_AFTER_TIME
         ):
-            if not n or peer.plaintext or peer.endpoint is None:
-                self._encrypt(peer, kp, packet)
-            else:
-                # the per-packet path: _encrypt and _emit inline
-                if packet[0] >> 4 in (4, 6):
-                    pad = -n & 15
-                    if n + pad > self.mtu:
-                        pad = max(0, self.mtu - n)
-                    if pad:
-                        packet = packet + _PAD[pad]
-                self.stats["packets_tx"] += 1
-                counter = kp.send_counter
-                kp.send_counter = counter + 1
-                datagram = (TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter)
-                            + kp.seal(_nonce_of(counter), packet, None))
-                peer.tx_bytes += len(datagram)
-                peer.tx_packets += 1
-                self._out.append((datagram, peer.endpoint))
-            if (not n or peer.persistent_keepalive or kp.send_counter >= REKEY_AFTER_MESSAGES
-                    or now >= kp.rekey_at):
+            self._encrypt(peer, kp, packet)
+            if not n or peer.persistent_keepalive or kp.needs_rekey(now):
                 self._timer_valid = False
                 self._after_send(peer, kp, bool(n), now)
             else:  # the common case of _after_send, inline
@@ -357,7 +338,7 @@ class Device:
             datagram = TRANSPORT_HEADER.pack(MSG_TRANSPORT_PLAIN, kp.remote_index, counter) + kp.send.seal_plain(
                 counter, packet)
         else:
-            datagram = TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.send.encrypt(counter, packet)
+            datagram = TRANSPORT_HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.seal(_nonce_of(counter), packet, None)
         peer.tx_bytes += len(datagram)
         peer.tx_packets += 1
         self._emit(peer, datagram)

@@ -53,18 +53,9 @@ class Peer:
         self.plaintext = False   # unencrypted network: authenticated payloads, not encrypted
 
     def next_deadline(self) -> float | None:
-        # straight-line: the data plane asks after every flush, for every peer
-        best = self.retransmit_at
-        t = self.send_keepalive_at
-        if t is not None and (best is None or t < best):
-            best = t
-        t = self.new_handshake_at
-        if t is not None and (best is None or t < best):
-            best = t
-        t = self.zero_keys_at
-        if t is not None and (best is None or t < best):
-            best = t
-        t = self.persistent_keepalive_at
-        if t is not None and (best is None or t < best):
-            best = t
-        return best
+        deadlines = [
+            t for t in (self.retransmit_at, self.send_keepalive_at, self.new_handshake_at,
+                        self.zero_keys_at, self.persistent_keepalive_at)
+            if t is not None
+        ]
+        return min(deadlines) if deadlines else None
